@@ -1,0 +1,1 @@
+"""Converters: dense → MoE upcycling (Llama, Mistral, Qwen2, Qwen3) and MoE format import/export."""

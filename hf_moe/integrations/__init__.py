@@ -1,0 +1,1 @@
+"""Integrations with the transformers Trainer and PEFT."""

@@ -1,0 +1,366 @@
+"""The hf-moe decoder: a Llama/Mistral/Qwen2/Qwen3-compatible transformer whose MLPs may be mixtures of experts.
+
+Attention, RoPE, RMSNorm, masks and the KV cache come from transformers; the MoE block is
+`hf_moe.moe.layer.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+from .configuration_hf_moe import HfMoeConfig
+from .moe.experts import HfMoeExperts
+from .moe.layer import HfMoeMLP, HfMoeSparseMoeBlock
+from .moe.router import HfMoeRouter, RouterOutput
+
+
+class HfMoeRMSNorm(LlamaRMSNorm):
+    pass
+
+
+class HfMoeRotaryEmbedding(LlamaRotaryEmbedding):
+    pass
+
+
+@dataclass
+class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
+    """Base-model output plus each MoE layer's [`RouterOutput`] (`router_outputs`, one per MoE layer)."""
+
+    router_outputs: tuple[RouterOutput, ...] | None = None
+
+
+@dataclass
+class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
+    """Causal-LM output. `aux_loss` is the load-balancing loss and `z_loss` the router z-loss, each averaged
+    over MoE layers and unscaled; `loss` includes `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss`
+    when labels are given."""
+
+    z_loss: torch.FloatTensor | None = None
+    router_outputs: tuple[RouterOutput, ...] | None = None
+
+
+class HfMoeAttention(nn.Module):
+    """Grouped-query attention with RoPE, optional biases (Llama / Qwen2), q/k norm (Qwen3), sliding window."""
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        self.sliding_window = config.sliding_window
+        qkv_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(
+            config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
+        )
+        if config.qk_norm:
+            self.q_norm = HfMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = HfMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        key_states = self.k_proj(hidden_states).view(hidden_shape)
+        if self.config.qk_norm:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class HfMoeDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm decoder layer: attention, then a dense MLP or an MoE block."""
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = HfMoeAttention(config, layer_idx)
+        if layer_idx in config.moe_layer_indices:
+            self.mlp = HfMoeSparseMoeBlock(config)
+        else:
+            self.mlp = HfMoeMLP(config, config.intermediate_size)
+        self.input_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None]:
+        """Returns the new hidden states, the router's decisions (MoE layers only) and the attention weights."""
+        residual = hidden_states
+        hidden_states, attn_weights = self.self_attn(
+            self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        routing = None
+        if isinstance(self.mlp, HfMoeSparseMoeBlock):
+            hidden_states, routing = self.mlp(hidden_states, token_mask)
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, routing, attn_weights
+
+
+class HfMoePreTrainedModel(PreTrainedModel):
+    config_class = HfMoeConfig
+    config: HfMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["HfMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers looks for the decorator's text in the model's own module; ours lives in moe/experts.py.
+        return True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, HfMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, HfMoeRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+
+
+def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Flat `[B·S]` bool mask of real tokens of the current step from a 2D padding mask, else `None`."""
+    if attention_mask is None or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool().reshape(-1)
+
+
+class HfMoeModel(HfMoePreTrainedModel):
+    """The bare decoder: embeddings → layers → final norm."""
+
+    def __init__(self, config: HfMoeConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([HfMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = HfMoeRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs,
+    ) -> HfMoeModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        token_mask = _token_mask(attention_mask, inputs_embeds.shape[1])
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        router_outputs = []
+        for layer in self.layers:
+            hidden_states, routing, attn_weights = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                position_embeddings=position_embeddings,
+                token_mask=token_mask,
+                **kwargs,
+            )
+            if routing is not None:
+                router_outputs.append(routing)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            if output_attentions:
+                all_attentions += (attn_weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
+
+        return HfMoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+            router_logits=tuple(r.logits for r in router_outputs),
+            router_outputs=tuple(router_outputs),
+        )
+
+
+class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: HfMoeConfig) -> None:
+        super().__init__(config)
+        self.model = HfMoeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HfMoeCausalLMOutputWithPast | tuple:
+        output_router_logits = (
+            output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        aux_loss = z_loss = None
+        if outputs.router_outputs:
+            aux_loss = torch.stack([r.aux_loss for r in outputs.router_outputs]).mean()
+            z_loss = torch.stack([r.z_loss for r in outputs.router_outputs]).mean()
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            if aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+                loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+
+        output = HfMoeCausalLMOutputWithPast(
+            loss=loss,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            router_logits=outputs.router_logits if output_router_logits else None,
+            router_outputs=outputs.router_outputs if output_router_logits else None,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+
+class HfMoeForSequenceClassification(GenericForSequenceClassification, HfMoePreTrainedModel):
+    pass
+
+
+__all__ = [
+    "HfMoeForCausalLM",
+    "HfMoeForSequenceClassification",
+    "HfMoeModel",
+    "HfMoePreTrainedModel",
+]

@@ -1,0 +1,61 @@
+"""The MoE block: router → (dispatch) → experts → combine, plus optional shared experts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from ..configuration_hf_moe import HfMoeConfig
+from .experts import HfMoeExperts
+from .router import HfMoeRouter, RouterOutput
+
+
+class HfMoeMLP(nn.Module):
+    """Dense SwiGLU MLP (dense layers and shared experts)."""
+
+    def __init__(self, config: HfMoeConfig, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HfMoeSparseMoeBlock(nn.Module):
+    """One mixture-of-experts layer.
+
+    `expert_parallel` is `None` for a single process; `hf_moe.parallel` sets it to an all-to-all dispatcher
+    when the experts are sharded over an expert-parallel group.
+    """
+
+    def __init__(self, config: HfMoeConfig) -> None:
+        super().__init__()
+        self.router = HfMoeRouter(config)
+        self.experts = HfMoeExperts(config)
+        self.shared_experts = HfMoeMLP(config, config.shared_expert_size) if config.shared_expert_size else None
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        )
+        self.expert_parallel = None
+
+    def forward(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """`[B, S, H]` → `[B, S, H]` and the router's decisions; `token_mask` `[B·S]` marks real tokens."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        routing = self.router(x, token_mask)
+        if self.expert_parallel is None:
+            out = self.experts(x, routing.top_k_index, routing.top_k_weights)
+        else:
+            out = self.expert_parallel(x, routing, self.experts)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.view(shape), routing

@@ -1,0 +1,1 @@
+"""Expert parallelism over process groups that accelerate manages."""

@@ -1,0 +1,53 @@
+"""Shared helpers: tiny configs and a relative-error assertion. Tests never reach a hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import hf_moe  # noqa: E402,F401  (registers the Auto classes)
+from hf_moe import HfMoeConfig  # noqa: E402
+
+
+def tiny_config(**overrides) -> HfMoeConfig:
+    """A model small enough for CPU tests, with every MoE code path active."""
+    kwargs = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=6,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        router_z_loss_coef=0.001,
+    )
+    kwargs.update(overrides)
+    return HfMoeConfig(**kwargs)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a-b| / max|b|: one number that is small only when the tensors agree everywhere."""
+    a, b = a.detach().double(), b.detach().double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def assert_rel_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5, what: str = "") -> None:
+    assert a.shape == b.shape, f"{what}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.0e}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Fresh random inputs on every run; the seed is printed (shown on failure) so a failure can be replayed
+    with HF_MOE_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("HF_MOE_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    torch.manual_seed(seed)
+    print(f"HF_MOE_TEST_SEED={seed}")
+    yield

@@ -1,0 +1,63 @@
+"""Config validation: every bad field raises an error naming the field, the value and what is allowed."""
+
+import pytest
+
+from hf_moe import HfMoeConfig
+
+from .conftest import tiny_config
+
+BAD_FIELDS = [
+    (dict(num_experts_per_tok=7, num_experts=6), "num_experts_per_tok", "at most num_experts"),
+    (dict(num_attention_heads=5), "num_attention_heads", "divisor of hidden_size"),
+    (dict(num_key_value_heads=3), "num_key_value_heads", "divisor of num_attention_heads"),
+    (dict(hidden_size=-32), "hidden_size", "positive integer"),
+    (dict(intermediate_size=0), "intermediate_size", "positive integer"),
+    (dict(moe_intermediate_size=-1), "moe_intermediate_size", "positive integer"),
+    (dict(num_experts=0), "num_experts", "positive integer"),
+    (dict(num_hidden_layers=2.5), "num_hidden_layers", "positive integer"),
+    (dict(hidden_act="swishy"), "hidden_act", "activations"),
+    (dict(first_k_dense=-1), "first_k_dense", "integer >= 0"),
+    (dict(first_k_dense=9), "first_k_dense", "at most num_hidden_layers"),
+    (dict(moe_layer_freq=0), "moe_layer_freq", "positive integer"),
+    (dict(moe_layers=[0, 5]), "moe_layers", "distinct layer indices"),
+    (dict(moe_layers=[1, 1]), "moe_layers", "distinct layer indices"),
+    (dict(num_shared_experts=-2), "num_shared_experts", "integer >= 0"),
+    (dict(shared_expert_gate=True), "shared_expert_gate", "no shared expert"),
+    (dict(sliding_window=0), "sliding_window", "positive integer or None"),
+    (dict(head_dim=-8), "head_dim", "positive integer or None"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps", "positive number"),
+    (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef", ">= 0"),
+    (dict(router_z_loss_coef=-1), "router_z_loss_coef", ">= 0"),
+    (dict(attention_dropout=1.5), "attention_dropout", "probability"),
+    (dict(rope_parameters={"rope_type": "warp", "rope_theta": 1e4}), "rope_type", "'default' or one of"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,expected", BAD_FIELDS, ids=[b[1] for b in BAD_FIELDS])
+def test_bad_field_is_refused_with_a_clear_error(overrides, field, expected):
+    with pytest.raises(ValueError) as info:
+        tiny_config(**overrides)
+    message = str(info.value)
+    assert field in message and expected in message
+    assert repr(next(iter(overrides.values())))[:3] in message or field == "rope_type"
+
+
+def test_moe_layer_selection():
+    assert tiny_config(num_hidden_layers=6).moe_layer_indices == [0, 1, 2, 3, 4, 5]
+    assert tiny_config(num_hidden_layers=6, first_k_dense=1, moe_layer_freq=2).moe_layer_indices == [1, 3, 5]
+    assert tiny_config(num_hidden_layers=6, moe_layers=[4, 2]).moe_layer_indices == [2, 4]
+
+
+def test_defaults_and_round_trip(tmp_path):
+    cfg = tiny_config(num_key_value_heads=None, moe_intermediate_size=None, num_shared_experts=2)
+    assert cfg.num_key_value_heads == cfg.num_attention_heads
+    assert cfg.moe_intermediate_size == cfg.intermediate_size
+    assert cfg.shared_expert_size == 2 * cfg.intermediate_size
+    cfg.save_pretrained(tmp_path)
+    loaded = HfMoeConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == cfg.to_dict()
+
+
+def test_rope_scaling_types_are_accepted():
+    cfg = tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
+    assert cfg.rope_parameters["rope_type"] == "linear"

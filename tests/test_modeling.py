@@ -1,0 +1,173 @@
+"""The model: Auto round trip, cached generation, padding, experts implementations, checkpointing, training."""
+
+import os
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from hf_moe import HfMoeForCausalLM, HfMoeForSequenceClassification, HfMoeModel, load_balancing_loss
+
+from .conftest import assert_rel_close, tiny_config
+
+IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm", "hf_moe_grouped"]
+
+
+def make_model(**overrides) -> HfMoeForCausalLM:
+    return HfMoeForCausalLM(tiny_config(**overrides)).eval()
+
+
+def test_auto_classes_are_registered():
+    kwargs = {k: v for k, v in tiny_config().to_diff_dict().items() if k != "model_type"}
+    cfg = AutoConfig.for_model("hf_moe", **kwargs)
+    assert isinstance(AutoModelForCausalLM.from_config(cfg), HfMoeForCausalLM)
+    assert isinstance(AutoModel.from_config(cfg), HfMoeModel)
+    assert isinstance(AutoModelForSequenceClassification.from_config(cfg), HfMoeForSequenceClassification)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_and_reload_with_auto_gives_identical_logits(tmp_path, tie):
+    model = make_model(tie_word_embeddings=tie, num_shared_experts=1, shared_expert_gate=True, first_k_dense=1,
+                       num_hidden_layers=3)
+    ids = torch.randint(0, 97, (2, 9))
+    model.save_pretrained(tmp_path)
+    files = sorted(os.listdir(tmp_path))
+    assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is HfMoeForCausalLM
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 4}, {"qk_norm": True, "qkv_bias": True}])
+def test_greedy_generate_with_cache_equals_full_forward_without_cache(overrides):
+    model = make_model(**overrides)
+    ids = torch.randint(0, 97, (2, 5))
+    generated = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    expected = ids
+    with torch.no_grad():
+        for _ in range(8):
+            next_token = model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            expected = torch.cat([expected, next_token], dim=1)
+    assert torch.equal(generated, expected)
+
+
+def test_left_padding_leaves_real_tokens_unchanged_and_out_of_the_aux_loss():
+    model = make_model()
+    lengths = [7, 4]
+    seqs = [torch.randint(1, 97, (n,)) for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+        ids[i, : width - len(s)] = torch.randint(1, 97, (width - len(s),))  # garbage under the mask
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask, output_router_logits=True)
+        for i, s in enumerate(seqs):
+            alone = model(s[None]).logits[0]
+            assert_rel_close(padded.logits[i, width - len(s):], alone, 1e-5, f"row {i}")
+        # aux loss over the real tokens only equals the loss of the unpadded tokens, layer by layer
+        for layer, logits in enumerate(padded.router_logits):
+            real = logits[mask.reshape(-1).bool()]
+            probs = real.softmax(-1)
+            expected, _ = load_balancing_loss(probs, probs.topk(2, dim=-1).indices, 6)
+            assert_rel_close(padded.router_outputs[layer].aux_loss, expected, 1e-6, f"aux layer {layer}")
+        counts = padded.router_outputs[0].tokens_per_expert
+        assert counts.sum().item() == sum(lengths) * 2
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS[1:])
+def test_every_experts_implementation_matches_eager(impl):
+    model = make_model(num_experts=8, num_experts_per_tok=3).train()
+    ids = torch.randint(0, 97, (3, 11))
+    model.set_experts_implementation("eager")
+    ref_logits, ref_grads = _loss_and_grads(model, ids)
+    model.set_experts_implementation(impl)
+    assert model.config._experts_implementation == impl
+    logits, grads = _loss_and_grads(model, ids)
+    assert_rel_close(logits, ref_logits, 1e-5, "logits")
+    assert ref_grads.keys() == grads.keys()
+    for name in ref_grads:
+        assert_rel_close(grads[name], ref_grads[name], 1e-5, name)
+
+
+def test_experts_with_no_tokens_and_all_tokens_on_one_expert():
+    """Skewed routing: a router that sends every token to experts 0 and 1 leaves the rest empty."""
+    model = make_model(num_hidden_layers=1)
+    block = model.model.layers[0].mlp
+    with torch.no_grad():
+        block.router.weight.zero_()
+        block.router.weight[0] = 5.0
+        block.router.weight[1] = 4.0
+    x = torch.randn(1, 13, 32).abs()
+    outs = {}
+    for impl in IMPLEMENTATIONS:
+        model.set_experts_implementation(impl)
+        outs[impl], routing = block(x)
+    assert set(routing.top_k_index.unique().tolist()) == {0, 1}
+    for impl in IMPLEMENTATIONS[1:]:
+        assert_rel_close(outs[impl], outs["eager"], 1e-5, impl)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = make_model(num_shared_experts=1).train()
+    ids = torch.randint(0, 97, (2, 10))
+    _, ref = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable()
+    _, grads = _loss_and_grads(model, ids)
+    for name in ref:
+        assert_rel_close(grads[name], ref[name], 1e-5, name)
+    assert any("router" in n for n in grads), "router must receive gradient through the aux loss and combine"
+
+
+def test_a_few_optimizer_steps_reduce_the_loss():
+    model = make_model().train()
+    ids = torch.randint(0, 97, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_aux_terms_join_the_loss_only_with_labels():
+    model = make_model(router_aux_loss_coef=0.25, router_z_loss_coef=0.125)
+    ids = torch.randint(0, 97, (2, 8))
+    out = model(ids, labels=ids)
+    lm = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    assert_rel_close(out.loss, lm + 0.25 * out.aux_loss + 0.125 * out.z_loss, 1e-6, "loss")
+    no_labels = model(ids)
+    assert no_labels.loss is None and no_labels.router_logits is None
+    assert model(ids, output_router_logits=True).router_logits[0].shape == (16, 6)
+
+
+def test_dense_layers_and_shared_experts_are_built_where_configured():
+    model = make_model(num_hidden_layers=4, first_k_dense=1, moe_layer_freq=2, num_shared_experts=2)
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["HfMoeMLP", "HfMoeSparseMoeBlock", "HfMoeMLP", "HfMoeSparseMoeBlock"]
+    assert model.model.layers[1].mlp.shared_experts.gate_proj.out_features == 48
+
+
+def test_sequence_classification_runs_and_uses_the_last_real_token():
+    model = HfMoeForSequenceClassification(tiny_config(pad_token_id=0, num_labels=3)).eval()
+    ids = torch.randint(1, 97, (2, 6))
+    ids[1, 4:] = 0
+    out = model(ids)
+    assert out.logits.shape == (2, 3)
+    alone = model(ids[1:, :4]).logits
+    assert_rel_close(out.logits[1:], alone, 1e-5)
