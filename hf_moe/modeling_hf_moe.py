@@ -287,6 +287,26 @@ class HfMoeModel(HfMoePreTrainedModel):
         )
 
 
+def _aux_loss_scale(
+    labels: torch.Tensor, shift_labels: torch.Tensor | None, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor | float:
+    """Weight of this micro-batch's router losses when the LM loss is normalised by `num_items_in_batch`.
+
+    With `num_items_in_batch` (the Trainer's and accelerate's gradient-accumulation recipe), the LM loss of a
+    micro-batch is `sum / N` where N counts the target tokens of every micro-batch of the optimizer step on every
+    process; the Trainer then neither divides by the accumulation steps nor averages over processes (it multiplies
+    by the world size to undo DDP's mean). A router loss added unscaled would therefore be counted once per micro-batch
+    and per process (huggingface/transformers#48690). Weighting it by this micro-batch's share `n / N` of the target
+    tokens makes the router losses of one optimizer step a token-weighted mean with the configured coefficient.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(targets.device)
+    return targets.ne(-100).sum() / num_items_in_batch
+
+
 class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -336,8 +356,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             if aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-                loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+                scale = _aux_loss_scale(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
+                router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                loss = loss + router_loss.to(loss.device) * (scale.to(loss.device) if torch.is_tensor(scale) else scale)
 
         output = HfMoeCausalLMOutputWithPast(
             loss=loss,

@@ -1,0 +1,137 @@
+"""`MoETrainerCallback`: router metrics in the Trainer's logs, and MoE bookkeeping at the right step boundary."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import DefaultFlowCallback
+
+from ..moe.layer import HfMoeSparseMoeBlock
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass (e.g. a gradient-checkpointing recompute of the forward)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def moe_blocks(model: nn.Module) -> list[HfMoeSparseMoeBlock]:
+    """The MoE blocks of a model, in layer order; looks through DDP, PEFT and accelerate wrappers."""
+    return [module for module in model.modules() if isinstance(module, HfMoeSparseMoeBlock)]
+
+
+class _RouterStats:
+    """Router statistics of one MoE layer, summed on the device since the last log (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.calls = 0
+        self.tokens_per_expert = self.aux_loss = self.z_loss = self.entropy = None
+
+    def add(self, routing) -> None:
+        with torch.no_grad():
+            probs = routing.logits.softmax(dim=-1)
+            entropy = -(probs * probs.clamp(min=1e-20).log()).sum(dim=-1).mean()
+            values = (routing.tokens_per_expert, routing.aux_loss, routing.z_loss, entropy)
+            if self.calls == 0:
+                self.tokens_per_expert, self.aux_loss, self.z_loss, self.entropy = (v.detach().clone() for v in values)
+            else:
+                self.tokens_per_expert += values[0]
+                self.aux_loss += values[1]
+                self.z_loss += values[2]
+                self.entropy += values[3]
+        self.calls += 1
+
+
+class MoETrainerCallback(TrainerCallback):
+    """Logs router behaviour into the Trainer's logs, so `report_to` (tensorboard, wandb, ...) records it.
+
+    Per logging interval it adds, averaged over the training forwards since the last log:
+    `moe/aux_loss`, `moe/z_loss` (mean over MoE layers, unscaled), `moe/max_load` (the worst layer's
+    max/mean tokens per expert; 1.0 is perfect balance), `moe/worst_layer`, `moe/mean_max_load`,
+    `moe/routing_entropy`, `moe/experts_used` (fraction of experts that received any token), and with
+    `per_layer=True` the load of every layer (`moe/layer_<i>/max_load`).
+
+    Usage: `Trainer(..., callbacks=[MoETrainerCallback()])` or `trainer.add_callback(MoETrainerCallback())`.
+    transformers calls callbacks in order and puts its printer and reporters first; this callback moves itself
+    to the front at the start of training so the metrics it adds reach them.
+    """
+
+    def __init__(self, per_layer: bool = False) -> None:
+        self.per_layer = per_layer
+        self._stats: list[_RouterStats] = []
+        self._hooks: list = []
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, **kwargs) -> None:
+        self._run_first()
+        blocks = moe_blocks(model) if model is not None else []
+        self._stats = [_RouterStats() for _ in blocks]
+        self._hooks = [block.register_forward_hook(self._record(stats)) for block, stats in zip(blocks, self._stats)]
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict | None = None, **kwargs) -> None:
+        if logs is None or "loss" not in logs or not self._stats or self._stats[0].calls == 0:
+            return
+        metrics = self.metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        for stats in self._stats:
+            stats.reset()
+
+    def metrics(self) -> dict[str, float]:
+        """Router metrics since the last log, as plain floats (one host sync)."""
+        loads, used = [], []
+        for stats in self._stats:
+            counts = stats.tokens_per_expert.float()
+            loads.append(counts.max() / counts.mean().clamp(min=1e-9))
+            used.append((counts > 0).float().mean())
+        calls = torch.tensor([s.calls for s in self._stats], dtype=torch.float32)
+        device = loads[0].device
+        table = torch.stack([
+            torch.stack(loads),
+            torch.stack(used),
+            torch.stack([s.aux_loss for s in self._stats]).float() / calls.to(device),
+            torch.stack([s.z_loss for s in self._stats]).float() / calls.to(device),
+            torch.stack([s.entropy for s in self._stats]).float() / calls.to(device),
+        ]).cpu()
+        load, used_fraction, aux, z, entropy = table
+        worst = int(load.argmax())
+        metrics = {
+            "moe/aux_loss": aux.mean().item(),
+            "moe/z_loss": z.mean().item(),
+            "moe/max_load": load[worst].item(),
+            "moe/worst_layer": float(worst),
+            "moe/mean_max_load": load.mean().item(),
+            "moe/routing_entropy": entropy.mean().item(),
+            "moe/experts_used": used_fraction.mean().item(),
+        }
+        if self.per_layer:
+            metrics.update({f"moe/layer_{i}/max_load": value.item() for i, value in enumerate(load)})
+        return metrics
+
+    @staticmethod
+    def _record(stats: _RouterStats):
+        def hook(module: HfMoeSparseMoeBlock, inputs, output) -> None:
+            if module.training and not _in_backward():
+                stats.add(output[1])
+
+        return hook
+
+    def _run_first(self) -> None:
+        """Move this callback to the front of the Trainer's callback list (see the class docstring)."""
+        for referrer in gc.get_referrers(self):
+            if isinstance(referrer, list) and any(isinstance(c, DefaultFlowCallback) for c in referrer):
+                referrer.remove(self)
+                referrer.insert(0, self)
+                return

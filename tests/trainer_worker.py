@@ -1,0 +1,69 @@
+"""Runs one optimizer step of the transformers Trainer on a tiny hf-moe model and records what the aux-loss
+test needs: the micro-batches each process saw and the router-weight gradients with and without router losses.
+
+In-process: `run_step(...)`. Under torchrun: `python -m torch.distributed.run --nproc_per_node 2
+tests/trainer_worker.py OUT GA BATCH` writes OUT.<rank>.pt.
+"""
+
+import os
+import sys
+import tempfile
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_moe import HfMoeForCausalLM  # noqa: E402
+from tests.conftest import tiny_config  # noqa: E402
+
+AUX, Z = 0.5, 0.25
+SAMPLES, LENGTH = 8, 10
+
+
+def dataset(seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 97, (SAMPLES, LENGTH), generator=g)
+    return [{"input_ids": row, "labels": row.clone()} for row in ids]
+
+
+def model(seed: int, aux: float, z: float) -> HfMoeForCausalLM:
+    torch.manual_seed(seed)
+    return HfMoeForCausalLM(tiny_config(router_aux_loss_coef=aux, router_z_loss_coef=z))
+
+
+class _Capture(TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = [p.grad.detach().clone() for n, p in model.named_parameters() if n.endswith("router.weight")]
+
+
+def run_step(seed: int, grad_accum: int, batch_size: int, aux: float, z: float) -> tuple[list, list]:
+    """One Trainer optimizer step; returns (router grads, micro-batches this process saw)."""
+    net = model(seed, aux, z)
+    seen = []
+    net.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = _Capture()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+            max_steps=1, learning_rate=1e-3, max_grad_norm=0.0, report_to=[], save_strategy="no",
+            use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True,
+        )
+        Trainer(model=net, args=args, train_dataset=dataset(seed), callbacks=[capture]).train()
+    return capture.grads, seen
+
+
+def aux_gradient(seed: int, grad_accum: int, batch_size: int) -> tuple[list, list]:
+    """Router-weight gradient due to the router losses alone: a step with them minus a step without them."""
+    with_aux, seen = run_step(seed, grad_accum, batch_size, AUX, Z)
+    without, _ = run_step(seed, grad_accum, batch_size, 0.0, 0.0)
+    return [a - b for a, b in zip(with_aux, without)], seen
+
+
+if __name__ == "__main__":
+    out, grad_accum, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    grads, seen = aux_gradient(1234, grad_accum, batch_size)
+    torch.save({"grads": grads, "seen": seen}, f"{out}.{os.environ.get('RANK', '0')}.pt")
