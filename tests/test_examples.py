@@ -1,0 +1,62 @@
+"""Every example runs as a user would run it (subprocess, tiny settings) and does what it says."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import PreTrainedTokenizerFast
+
+from hf_moe import HfMoeForCausalLM
+
+from .conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_example(name: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "2"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "examples", name), *args], capture_output=True,
+                            text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    """A tiny hf-moe model saved with a byte-level BPE tokenizer trained on a few lines of text."""
+    path = tmp_path_factory.mktemp("tiny_moe")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["def add(a, b):\n    return a + b\n"] * 20, vocab_size=300, min_frequency=1,
+                            special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+    HfMoeForCausalLM(tiny_config(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)).save_pretrained(path)
+    return path
+
+
+def test_generate_streams_tokens(tiny_moe_dir):
+    out = run_example("generate.py", str(tiny_moe_dir), "--prompt", "def ", "--max-new-tokens", "8")
+    assert out.strip().startswith("def ") or "def " in out
+
+
+def test_trainer_lora_trains_and_saves_an_adapter(tiny_moe_dir, tmp_path):
+    text = tmp_path / "train.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 200)
+    out = run_example("trainer_lora.py", str(tiny_moe_dir), "--output-dir", str(tmp_path / "lora"),
+                      "--train-file", str(text), "--max-steps", "6", "--batch-size", "2", "--block-size", "16",
+                      "--lora-router")
+    assert "moe/max_load" in out, "router metrics must appear in the Trainer's logs"
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert "mlp.experts.gate_up_proj" in config["target_parameters"]
+    assert "mlp.router.weight" in config["target_parameters"]
+    from peft import PeftModel
+
+    base = HfMoeForCausalLM.from_pretrained(tiny_moe_dir)
+    ids = torch.randint(0, base.config.vocab_size, (1, 8))
+    before = base(ids).logits
+    adapted = PeftModel.from_pretrained(base, tmp_path / "lora")
+    assert not torch.allclose(adapted(ids).logits, before), "the trained adapter must change the model"
