@@ -66,7 +66,7 @@ def main() -> None:
     Trainer(model=model, args=training_args, train_dataset=data, callbacks=[MoETrainerCallback()]).train()
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
-    print(f"adapter saved to {args.output_dir}; load it with PeftModel.from_pretrained(base_model, '{args.output_dir}')")
+    print(f"adapter saved to {args.output_dir}; load it with PeftModel.from_pretrained(base, '{args.output_dir}')")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def run_step(seed: int, grad_accum: int, batch_size: int, aux: float, z: float) 
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
             max_steps=1, learning_rate=1e-3, max_grad_norm=0.0, report_to=[], save_strategy="no",
-            use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True,
+            use_cpu=True, ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, logging_strategy="no",
+            disable_tqdm=True, dataloader_drop_last=True,
         )
         Trainer(model=net, args=args, train_dataset=dataset(seed), callbacks=[capture]).train()
     return capture.grads, seen
