@@ -129,6 +129,7 @@ def save_plot(dense: LossCurve, moe: LossCurve, load: torch.Tensor, path: str) -
     width = 0.8 / layers
     for layer in range(layers):
         ax_load.bar([e + layer * width for e in range(experts)], load[layer].tolist(), width, label=f"layer {layer}")
+    ax_load.set_xticks([e + 0.4 - width / 2 for e in range(experts)], [str(e) for e in range(experts)])
     ax_load.axhline(1 / experts, color="grey", linestyle=":", label="perfect balance")
     ax_load.set(xlabel="expert", ylabel="share of routed tokens", title="Expert load on held-out text")
     ax_load.legend(fontsize="small")
@@ -146,8 +147,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--finetune-steps", type=int, default=150)
+    parser.add_argument("--pretrain-steps", type=int, default=400)
+    parser.add_argument("--finetune-steps", type=int, default=200)
     parser.add_argument("--num-experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
