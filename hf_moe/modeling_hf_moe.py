@@ -165,6 +165,11 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states, routing, attn_weights
 
 
+_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss"}
+_HUB_KWARGS = {"adapter_kwargs", "revision", "trust_remote_code", "cache_dir", "local_files_only", "token",
+               "force_download", "proxies", "subfolder", "_from_auto", "_commit_hash"}
+
+
 class HfMoePreTrainedModel(PreTrainedModel):
     config_class = HfMoeConfig
     config: HfMoeConfig
@@ -177,6 +182,27 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, expert_parallel_size: int | None = None,
+                        **kwargs):
+        """transformers' `from_pretrained`, plus `expert_parallel_size=P`: under a distributed launch, each rank
+        reads only its E/P experts from the checkpoint and tokens reach them through all-to-all (see
+        `hf_moe.parallel`)."""
+        config = kwargs.get("config")
+        if expert_parallel_size is None and config is not None:
+            expert_parallel_size = getattr(config, "expert_parallel_size", None)  # through AutoModel's config
+        if expert_parallel_size is None:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        from .parallel import load_expert_parallel
+
+        unsupported = sorted(set(kwargs) - _EP_LOAD_KWARGS - _HUB_KWARGS)
+        if model_args or unsupported:
+            raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported or model_args}; "
+                             f"it takes {sorted(_EP_LOAD_KWARGS)}.")
+        return load_expert_parallel(cls, pretrained_model_name_or_path, expert_parallel_size,
+                                    dtype=kwargs.get("dtype"), device=kwargs.get("device"),
+                                    global_aux_loss=kwargs.get("global_aux_loss", True))
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:

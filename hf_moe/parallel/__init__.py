@@ -1,1 +1,30 @@
-"""Expert parallelism over process groups that accelerate manages."""
+"""Expert parallelism over process groups that accelerate manages.
+
+    model = hf_moe.HfMoeForCausalLM.from_pretrained(path, expert_parallel_size=2)  # under accelerate launch
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)       # DDP for the rest
+    ...
+    accelerator.backward(loss)
+    hf_moe.parallel.finish_gradients(model, max_norm=1.0)   # expert-grad sync + EP-aware clipping
+    optimizer.step()
+"""
+
+from .checkpoint import gather_state_dict, load_expert_parallel, save_expert_parallel
+from .grads import clip_grad_norm_, expert_parallel_groups, finish_gradients, grad_norm, sync_expert_gradients
+from .groups import ExpertParallelGroups, init_expert_parallel
+from .sharding import expert_parallelize, is_expert_parameter, prepare_for_ddp
+
+__all__ = [
+    "ExpertParallelGroups",
+    "clip_grad_norm_",
+    "expert_parallel_groups",
+    "expert_parallelize",
+    "finish_gradients",
+    "gather_state_dict",
+    "grad_norm",
+    "init_expert_parallel",
+    "is_expert_parameter",
+    "load_expert_parallel",
+    "prepare_for_ddp",
+    "save_expert_parallel",
+    "sync_expert_gradients",
+]

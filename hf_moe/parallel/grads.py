@@ -1,0 +1,96 @@
+"""Gradients under expert parallelism: expert-gradient sync and a clip norm that is the same on every rank."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .groups import ExpertParallelGroups
+from .sharding import is_expert_parameter
+
+
+def expert_parallel_groups(model: nn.Module) -> ExpertParallelGroups | None:
+    """The groups `expert_parallelize` attached to `model` (looks through DDP / PEFT wrappers)."""
+    for module in model.modules():
+        groups = getattr(module, "_hf_moe_expert_parallel", None)
+        if groups is not None:
+            return groups
+    return None
+
+
+def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    expert, other = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (expert if is_expert_parameter(name.replace("module.", "", 1)) else other).append(p)
+    return expert, other
+
+
+@torch.no_grad()
+def sync_expert_gradients(model: nn.Module) -> None:
+    """Sum expert gradients over the expert-data-parallel group and divide by the world size W.
+
+    An expert's gradient on its owner already sums the contributions of the P ranks of its EP group (the
+    all-to-all backward brings them home); adding the D replicas and dividing by W gives the gradient of the
+    mean loss over all W ranks, which is what DDP gives the other parameters.
+    """
+    groups = expert_parallel_groups(model)
+    if groups is None:
+        return
+    expert, _ = _split_parameters(model)
+    for p in expert:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        if groups.edp_size > 1:
+            dist.all_reduce(p.grad, group=groups.edp_group)
+        p.grad.div_(groups.world_size)
+
+
+@torch.no_grad()
+def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
+    """Global gradient norm: √(Σ non-expert² + Σ over the EP group of expert²), identical on every rank.
+
+    Non-expert gradients are already identical on every rank (DDP); each expert is counted once, on its owner.
+    A per-rank norm would differ between ranks and let the replicas of the non-expert weights drift apart.
+    """
+    if norm_type != 2.0:
+        raise ValueError(f"norm_type={norm_type} is not supported under expert parallelism; expected 2.0.")
+    expert, other = _split_parameters(model)
+    device = next(model.parameters()).device
+
+    def squares(params: list[nn.Parameter]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for p in params:
+            if p.grad is not None:
+                total += p.grad.to(torch.promote_types(p.grad.dtype, torch.float32)).pow(2).sum()
+        return total
+
+    expert_sq = squares(expert)
+    groups = expert_parallel_groups(model)
+    if groups is not None:
+        dist.all_reduce(expert_sq, group=groups.ep_group)
+    return (squares(other) + expert_sq).sqrt().float()
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float | None = None) -> torch.Tensor:
+    """Returns the global gradient norm (`grad_norm`) and, with `max_norm`, scales every gradient by
+    `min(1, max_norm / norm)`, the same factor on every rank (as `torch.nn.utils.clip_grad_norm_` does)."""
+    norm = grad_norm(model)
+    if max_norm is not None and max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale.to(p.grad.device))
+    return norm
+
+
+def finish_gradients(model: nn.Module, max_norm: float | None = None) -> torch.Tensor:
+    """Call after `accelerator.backward(loss)` (after the last micro-batch) and before `optimizer.step()`.
+
+    Syncs expert gradients (no-op without expert parallelism), then returns the global gradient norm and, with
+    `max_norm`, clips every gradient by the same factor on every rank.
+    """
+    sync_expert_gradients(model)
+    return clip_grad_norm_(model, max_norm)

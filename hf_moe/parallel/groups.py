@@ -1,0 +1,79 @@
+"""Expert-parallel process groups, built from the distributed state that accelerate manages.
+
+W ranks = P (expert-parallel group size) × D (expert-data-parallel replicas). Expert-parallel groups are P
+contiguous ranks; rank r of an EP group owns experts [r·E/P, (r+1)·E/P). Expert-data-parallel groups are strided
+(ranks with the same EP rank), and hold replicas of the same experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ExpertParallelGroups:
+    """This rank's place in the W = P × D layout and the process groups it belongs to."""
+
+    ep_group: dist.ProcessGroup
+    edp_group: dist.ProcessGroup
+    ep_size: int
+    ep_rank: int
+    edp_size: int
+    edp_rank: int
+    world_size: int
+
+    def expert_range(self, num_experts: int) -> tuple[int, int]:
+        """[start, end) of the global expert indices this rank owns."""
+        local = num_experts // self.ep_size
+        return self.ep_rank * local, (self.ep_rank + 1) * local
+
+
+def init_expert_parallel(ep_size: int, num_experts: int | None = None) -> ExpertParallelGroups:
+    """Create the EP and expert-data-parallel groups (collective: every rank must call it with the same values).
+
+    Initialises torch.distributed from the launcher's environment through accelerate's `PartialState` when needed.
+    Raises the same clear error on every rank for an impossible layout, so nothing hangs.
+    """
+    from accelerate import PartialState
+
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"expert_parallel_size={ep_size!r} is invalid: expected a positive integer.")
+    state = PartialState(cpu=not torch.cuda.is_available())  # without a GPU, gloo over CPU processes
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"expert_parallel_size={ep_size} needs a distributed launch (accelerate launch or torchrun); this process "
+            f"has no distributed state (accelerate sees {state.num_processes} process)."
+        )
+    world, rank = dist.get_world_size(), dist.get_rank()
+    _check_same_on_every_rank(ep_size, num_experts)
+    if world % ep_size:
+        raise ValueError(f"expert_parallel_size={ep_size} is invalid: expected a divisor of the world size {world}.")
+    if num_experts is not None and num_experts % ep_size:
+        raise ValueError(f"expert_parallel_size={ep_size} is invalid: expected a divisor of num_experts={num_experts}.")
+    ep_group = edp_group = None
+    for start in range(0, world, ep_size):
+        group = dist.new_group(list(range(start, start + ep_size)))
+        if start <= rank < start + ep_size:
+            ep_group = group
+    for offset in range(ep_size):
+        group = dist.new_group(list(range(offset, world, ep_size)))
+        if rank % ep_size == offset:
+            edp_group = group
+    return ExpertParallelGroups(ep_group=ep_group, edp_group=edp_group, ep_size=ep_size, ep_rank=rank % ep_size,
+                                edp_size=world // ep_size, edp_rank=rank // ep_size, world_size=world)
+
+
+def _check_same_on_every_rank(ep_size: int, num_experts: int | None) -> None:
+    """All ranks must agree on the layout; a mismatch would hang the first all-to-all."""
+    mine = torch.tensor([ep_size, -1 if num_experts is None else num_experts], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        mine = mine.cuda()
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, mine)
+    values = {tuple(t.tolist()) for t in everyone}
+    if len(values) > 1:
+        raise ValueError(f"ranks disagree on (expert_parallel_size, num_experts): {sorted(values)}; every rank must "
+                         "load the same model with the same expert_parallel_size.")

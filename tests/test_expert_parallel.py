@@ -1,0 +1,139 @@
+"""Expert parallelism (CPU, gloo, 2 and 4 processes): forward, gradients and AdamW steps with clipping equal a
+single process on the concatenated batch; save/load across layouts; LoRA under EP; clear errors, no hangs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from hf_moe import HfMoeForCausalLM
+from hf_moe.integrations import lora_config
+from hf_moe.parallel import init_expert_parallel
+
+from . import ep_worker
+from .conftest import assert_rel_close, tiny_config
+
+WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
+
+
+def launch(world: int, *args: str, skewed: bool = False) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), WORKER,
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_MOE_TEST_SKEW": "1" if skewed else "0"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+
+
+def make_checkpoint(workdir, rows: int) -> tuple[HfMoeForCausalLM, torch.Tensor]:
+    model = HfMoeForCausalLM(tiny_config(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.05,
+                                         num_shared_experts=1, first_k_dense=1, num_hidden_layers=3))
+    model.save_pretrained(workdir / "model")
+    batch = torch.randint(1, 97, (rows, 12))
+    torch.save(batch, workdir / "batch.pt")
+    return model, batch
+
+
+@pytest.mark.parametrize("world,ep_size,skewed,impl", [(2, 2, False, "hf_moe_grouped"), (4, 4, True, "eager"),
+                                                       (4, 2, False, "hf_moe_grouped")],
+                         ids=["W2-P2", "W4-P4-skewed", "W4-P2-D2"])
+def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, world, ep_size, skewed, impl):
+    reference, batch = make_checkpoint(tmp_path, rows=2 * world)
+    launch(world, "train", str(tmp_path), str(ep_size), impl, skewed=skewed)
+    if skewed:
+        from hf_moe.moe.router import HfMoeRouter
+
+        monkeypatch.setattr(HfMoeRouter, "forward", HfMoeRouter.forward)  # restored after the test
+        ep_worker.skew_routing()
+    ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(world)]
+
+    reference.double().train()
+    reference.set_experts_implementation("eager")  # transformers' grouped_mm has no float64 kernel on CPU
+    out = reference(batch, labels=batch)
+    out.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    rows = batch.shape[0] // world
+    for r, result in enumerate(ranks):
+        assert_rel_close(result["logits"], out.logits[r * rows : (r + 1) * rows].detach(), 1e-5, f"logits rank {r}")
+    if skewed:
+        routed = reference.model.layers[1].mlp.router(torch.randn(50, 32)).top_k_index.unique().tolist()
+        assert routed == [0, 1], "the skewed router must leave ranks 1..3 without tokens"
+        assert all(r["grads"]["model.layers.1.mlp.experts.down_proj"].abs().sum() == 0 for r in ranks[1:])
+
+    def full(result_key, rank_results, step=None):
+        """Experts reassembled from the first EP group's shards; everything else from rank 0."""
+        first_group = sorted((r for r in rank_results if r["edp_rank"] == 0), key=lambda r: r["ep_rank"])
+        tensors = {}
+        for name, value in (rank_results[0][result_key] if step is None else rank_results[0][result_key][step]).items():
+            if ".mlp.experts." in name:
+                value = torch.cat([(r[result_key] if step is None else r[result_key][step])[name] for r in first_group])
+            tensors[name] = value
+        return tensors
+
+    grads = full("grads", ranks)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert_rel_close(grads[name], ref, 1e-5, f"grad {name}")
+    for r in ranks[1:]:  # replicas agree exactly: DDP for the rest, edp all-reduce for the experts
+        for name, value in r["grads"].items():
+            if ".mlp.experts." not in name:
+                assert torch.equal(value, ranks[0]["grads"][name]), name
+
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=ep_worker.LR)
+    for step in range(1, ep_worker.STEPS + 1):
+        if step > 1:
+            reference(batch, labels=batch).loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), ep_worker.MAX_NORM)
+        assert abs(norm.item() - ranks[0]["norms"][step - 1]) <= 1e-5 * norm.item(), f"grad norm at step {step}"
+        optimizer.step()
+        optimizer.zero_grad()
+        if step in (1, ep_worker.STEPS):
+            params = full("params", ranks, step)
+            for name, p in reference.named_parameters():
+                assert_rel_close(params[name], p.detach(), 1e-5, f"param {name} after step {step}")
+            for r in ranks[1:]:
+                for name, value in r["params"][step].items():
+                    if ".mlp.experts." not in name:
+                        assert torch.equal(value, ranks[0]["params"][step][name]), f"replicas drifted: {name}"
+
+    saved = HfMoeForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float64, experts_implementation="eager")
+    saved.eval()
+    with torch.no_grad():
+        logits = saved(batch).logits
+        assert_rel_close(logits, reference.eval()(batch).logits, 1e-5, "saved checkpoint vs reference")
+    for r, result in enumerate(ranks):
+        assert_rel_close(result["final_logits"], logits[r * rows : (r + 1) * rows], 1e-5, f"final logits rank {r}")
+
+
+def test_lora_on_attention_and_experts_under_expert_parallelism(tmp_path):
+    model, batch = make_checkpoint(tmp_path, rows=4)
+    launch(2, "lora", str(tmp_path), "2")
+    ranks = [torch.load(tmp_path / f"lora{r}.pt") for r in range(2)]
+    assert ranks[0]["losses"][-1] < ranks[0]["losses"][0], "LoRA under EP must train"
+    adapted = PeftModel.from_pretrained(model.eval(), tmp_path / "adapter").eval()
+    names = [n for n, _ in adapted.named_parameters() if "lora" in n]
+    assert any("experts" in n for n in names) and any("q_proj" in n for n in names)
+    with torch.no_grad():
+        logits = adapted(batch).logits
+    for r in range(2):
+        assert_rel_close(ranks[r]["logits"], logits[2 * r : 2 * r + 2], 1e-5, f"adapter on one process, rank {r}")
+    fresh = get_peft_model(HfMoeForCausalLM.from_pretrained(tmp_path / "model"), lora_config(r=4))
+    assert fresh is not None
+
+
+def test_bad_layouts_raise_the_same_clear_error_on_every_rank(tmp_path):
+    launch(2, "bad", str(tmp_path), "2")
+    texts = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
+    for lines in texts:
+        assert "expected a divisor of the world size 2" in lines[0]
+        assert "expected a divisor of num_experts=5" in lines[1]
+        assert "ranks disagree on (expert_parallel_size, num_experts)" in lines[2]
+
+
+def test_expert_parallel_needs_a_distributed_launch(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(RuntimeError, match="needs a distributed launch"):
+        init_expert_parallel(2, 8)
