@@ -30,7 +30,8 @@ def generate(path: str, args: argparse.Namespace) -> int:
     """A random bf16 Llama checkpoint written layer by layer (never the whole model in memory)."""
     config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
                          intermediate_size=args.intermediate_size, num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden_size // 128, num_key_value_heads=max(1, args.hidden_size // 512),
+                         num_attention_heads=args.hidden_size // 128,
+                         num_key_value_heads=max(1, args.hidden_size // 512),
                          tie_word_embeddings=False, dtype="bfloat16")
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(path)
@@ -124,7 +125,8 @@ def main() -> None:
         print(f"{mode:<10} {r['peak_rss'] / 2**30:>8.2f}GiB {r['seconds']:>7.1f}s {r['written'] / 1e9:>7.2f}GB "
               f"{r['written'] / 1e9 / r['seconds']:>6.2f}")
     s, n = results["streaming"], results["naive"]
-    print(f"\nstreaming / naive: peak RSS {s['peak_rss'] / n['peak_rss']:.2f}x, time {s['seconds'] / n['seconds']:.2f}x")
+    print(f"\nstreaming / naive: peak RSS {s['peak_rss'] / n['peak_rss']:.2f}x, "
+          f"time {s['seconds'] / n['seconds']:.2f}x")
     if not args.keep:
         shutil.rmtree(args.workdir)
 

@@ -74,3 +74,25 @@ def test_quickstart_runs_the_upcycling_journey_on_tiny_settings(tmp_path):
     assert config["model_type"] == "hf_moe" and config["num_experts"] == 4
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert "greedy sample" in out
+
+
+def test_finetune_ep_under_accelerate_launch_saves_and_resumes(tiny_moe_dir, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
+              os.path.join(ROOT, "examples", "finetune_ep.py"), str(tiny_moe_dir), "--expert-parallel-size", "2",
+              "--output-dir", str(tmp_path / "ep"), "--batch-size", "2", "--block-size", "16", "--max-bytes", "20000",
+              "--log-every", "2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(launch + ["--steps", "2"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "max/mean expert load" in first.stdout
+    saved = tmp_path / "ep" / "last"
+    assert (saved / "step.txt").read_text() == "2"
+    after_two = HfMoeForCausalLM.from_pretrained(saved)  # one process loads the gathered checkpoint
+    assert after_two.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
+    resumed = subprocess.run(launch + ["--steps", "4", "--resume", str(saved)], capture_output=True, text=True,
+                             timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert (saved / "step.txt").read_text() == "4" and "step 4:" in resumed.stdout and "step 2:" not in resumed.stdout
+    after_four = HfMoeForCausalLM.from_pretrained(saved)
+    experts_before, experts_after = after_two.model.layers[0].mlp.experts, after_four.model.layers[0].mlp.experts
+    assert not torch.equal(experts_after.down_proj, experts_before.down_proj)

@@ -102,3 +102,34 @@ def test_lora_on_attention_and_experts_round_trips(tmp_path):
 def test_lora_config_refuses_an_empty_target():
     with pytest.raises(ValueError, match="nothing to adapt"):
         lora_config(attention=False, experts=False, dense_mlp=False, shared_experts=False)
+
+
+def test_trainer_with_expert_parallelism_syncs_experts_and_clips_globally(tmp_path):
+    """A plain Trainer under a 2-process launch with experts sharded 2 ways: the callback's sync and global clip
+    give the single-process gradient (token-weighted, as the Trainer normalises) and identical replicas."""
+    model = worker.model(1234, worker.AUX, worker.Z)
+    model.save_pretrained(tmp_path / "ckpt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(os.path.dirname(__file__), "trainer_worker.py"), str(tmp_path / "ep"), "ep"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, timeout=300, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"ep.{r}.pt") for r in range(2)]
+    for name, value in ranks[0]["params"].items():
+        if ".mlp.experts." not in name:
+            assert torch.equal(value, ranks[1]["params"][name]), f"replicas drifted: {name}"
+    # reference: one process; each micro-step is both ranks' micro-batches together (the load-balancing loss is
+    # global over ranks), weighted by its share of the step's tokens; then clipped by the global norm
+    model.train()
+    micro_steps = list(zip(ranks[0]["seen"], ranks[1]["seen"]))
+    assert len(micro_steps) == 2
+    for rank0, rank1 in micro_steps:
+        batch = torch.cat([rank0, rank1])
+        (model(batch, labels=batch).loss / len(micro_steps)).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+    grads = dict(ranks[0]["grads"])
+    for name in grads:
+        if ".mlp.experts." in name:
+            grads[name] = torch.cat([ranks[0]["grads"][name], ranks[1]["grads"][name]])
+    for name, p in model.named_parameters():
+        assert_rel_close(grads[name], p.grad, 1e-4, f"grad {name}")

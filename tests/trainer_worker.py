@@ -64,7 +64,38 @@ def aux_gradient(seed: int, grad_accum: int, batch_size: int) -> tuple[list, lis
     return [a - b for a, b in zip(with_aux, without)], seen
 
 
+def expert_parallel_step(out: str) -> None:
+    """One Trainer step with experts sharded over 2 processes; records router and expert grads and new params."""
+    from hf_moe.integrations import MoETrainerCallback
+
+    path = os.path.join(os.path.dirname(out), "ckpt")
+    net = HfMoeForCausalLM.from_pretrained(path, expert_parallel_size=2)
+    seen = []
+    net.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].clone()), with_kwargs=True)
+    capture = _Capture()
+    grads = {}
+
+    class _Grads(TrainerCallback):  # after MoETrainerCallback's sync and clip (callbacks run in order)
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+            learning_rate=1e-3, max_grad_norm=0.05, report_to=[], save_strategy="no", use_cpu=True,
+            ddp_backend="gloo", logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True,
+        )
+        trainer = Trainer(model=net, args=args, train_dataset=dataset(1234),
+                          callbacks=[MoETrainerCallback(), capture, _Grads()])
+        trainer.train()
+    torch.save({"grads": grads, "seen": seen, "params": {n: p.detach().clone() for n, p in net.named_parameters()}},
+               f"{out}.{os.environ['RANK']}.pt")
+
+
 if __name__ == "__main__":
+    if sys.argv[2] == "ep":
+        expert_parallel_step(sys.argv[1])
+        sys.exit(0)
     out, grad_accum, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     grads, seen = aux_gradient(1234, grad_accum, batch_size)
     torch.save({"grads": grads, "seen": seen}, f"{out}.{os.environ.get('RANK', '0')}.pt")

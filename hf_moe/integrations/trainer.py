@@ -10,6 +10,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..moe.layer import HfMoeSparseMoeBlock
+from ..parallel import expert_parallel_groups, finish_gradients
 
 
 def _in_backward() -> bool:
@@ -59,24 +60,40 @@ class MoETrainerCallback(TrainerCallback):
     Usage: `Trainer(..., callbacks=[MoETrainerCallback()])` or `trainer.add_callback(MoETrainerCallback())`.
     transformers calls callbacks in order and puts its printer and reporters first; this callback moves itself
     to the front at the start of training so the metrics it adds reach them.
+
+    Expert parallelism: with a model loaded with `expert_parallel_size`, the Trainer's own clipping would use a
+    per-rank norm and would skip the expert-gradient sync. The callback then turns the Trainer's clipping off
+    (`max_grad_norm` → 0) and, before every optimizer step, syncs expert gradients and clips by the global norm
+    with the `max_grad_norm` you set (`hf_moe.parallel.finish_gradients`).
     """
 
     def __init__(self, per_layer: bool = False) -> None:
         self.per_layer = per_layer
         self._stats: list[_RouterStats] = []
         self._hooks: list = []
+        self._expert_parallel_max_norm: float | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, **kwargs) -> None:
         self._run_first()
         blocks = moe_blocks(model) if model is not None else []
+        if model is not None and expert_parallel_groups(model) is not None:
+            self._expert_parallel_max_norm = args.max_grad_norm
+            args.max_grad_norm = 0.0
         self._stats = [_RouterStats() for _ in blocks]
         self._hooks = [block.register_forward_hook(self._record(stats)) for block, stats in zip(blocks, self._stats)]
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              model: nn.Module | None = None, **kwargs) -> None:
+        if self._expert_parallel_max_norm is not None and model is not None:
+            finish_gradients(model, max_norm=self._expert_parallel_max_norm)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self._expert_parallel_max_norm is not None:
+            args.max_grad_norm = self._expert_parallel_max_norm
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict | None = None, **kwargs) -> None:

@@ -44,8 +44,9 @@ def init_expert_parallel(ep_size: int, num_experts: int | None = None) -> Expert
     state = PartialState(cpu=not torch.cuda.is_available())  # without a GPU, gloo over CPU processes
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
-            f"expert_parallel_size={ep_size} needs a distributed launch (accelerate launch or torchrun); this process "
-            f"has no distributed state (accelerate sees {state.num_processes} process)."
+            f"expert_parallel_size={ep_size} needs a distributed launch (accelerate launch --num_processes N, adding "
+            f"--multi_gpu on machines without GPUs, or torchrun --nproc_per_node N); this process has no distributed "
+            f"state (accelerate sees {state.num_processes} process)."
         )
     world, rank = dist.get_world_size(), dist.get_rank()
     _check_same_on_every_rank(ep_size, num_experts)

@@ -1,0 +1,124 @@
+"""Fine-tune an hf-moe model with expert parallelism and data parallelism under `accelerate launch`.
+
+    accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2
+    accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --resume out/ep/last
+
+On a machine without GPUs add `--multi_gpu` (accelerate's multi-process launcher; the processes then use gloo).
+
+W processes = P (expert-parallel size) × D replicas. Each process holds E/P experts and reads only those from the
+checkpoint; attention, norms, embeddings and routers are replicated and averaged by DDP; expert gradients are
+synced by `hf_moe.parallel.finish_gradients`, which also clips by the global gradient norm. Works on CPUs (gloo)
+and GPUs (NCCL) unchanged.
+"""
+
+import argparse
+import glob
+import os
+import sysconfig
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+import hf_moe
+from hf_moe.parallel import finish_gradients, save_expert_parallel
+
+
+def text_blocks(tokenizer, train_file: str | None, block_size: int, max_bytes: int) -> torch.Tensor:
+    """Token blocks from a text file, or from the standard library's sources (text every Python install has)."""
+    if train_file:
+        with open(train_file, encoding="utf-8") as f:
+            text = f.read()[:max_bytes]
+    else:
+        text = ""
+        for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text += f.read()
+            if len(text) >= max_bytes:
+                break
+    ids = torch.tensor(tokenizer(text[:max_bytes])["input_ids"])
+    return ids[: len(ids) // block_size * block_size].view(-1, block_size)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="hf-moe model folder (with tokenizer)")
+    parser.add_argument("--expert-parallel-size", type=int, default=1, help="P; must divide the number of processes")
+    parser.add_argument("--output-dir", default="out/ep")
+    parser.add_argument("--train-file", default=None)
+    parser.add_argument("--max-bytes", type=int, default=500_000)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4, help="per process")
+    parser.add_argument("--grad-accum", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=50, help="optimizer steps")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    parser.add_argument("--resume", default=None, help="checkpoint folder written by this script")
+    args = parser.parse_args()
+
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
+    start_step = 0
+    source = args.resume or args.model
+    if args.resume:
+        with open(os.path.join(args.resume, "step.txt")) as f:
+            start_step = int(f.read())
+    model = hf_moe.HfMoeForCausalLM.from_pretrained(source, expert_parallel_size=args.expert_parallel_size,
+                                                    device=accelerator.device)
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    blocks = text_blocks(tokenizer, args.train_file, args.block_size, args.max_bytes)
+    loader = torch.utils.data.DataLoader(blocks, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    ddp, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    optimizer_file = f"optimizer-rank{accelerator.process_index}.pt"
+    if args.resume and os.path.isfile(os.path.join(args.resume, optimizer_file)):
+        optimizer.load_state_dict(torch.load(os.path.join(args.resume, optimizer_file)))
+
+    def save(step: int, folder: str) -> None:
+        save_expert_parallel(model, folder)
+        torch.save(optimizer.state_dict(), os.path.join(folder, optimizer_file))
+        if accelerator.is_main_process:
+            tokenizer.save_pretrained(folder)
+            with open(os.path.join(folder, "step.txt"), "w") as f:
+                f.write(str(step))
+        accelerator.wait_for_everyone()
+
+    step, micro = start_step, 0
+    bar = tqdm(total=args.steps, initial=step, desc="ep fine-tune", disable=not accelerator.is_main_process)
+    while step < args.steps:
+        for batch in loader:
+            with accelerator.accumulate(ddp):
+                out = ddp(input_ids=batch, labels=batch, output_router_logits=True)
+                accelerator.backward(out.loss)
+                micro += 1
+                if accelerator.sync_gradients:
+                    norm = finish_gradients(ddp, max_norm=args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            bar.update()
+            if step % args.log_every == 0 or step == args.steps:
+                loads = torch.stack([r.tokens_per_expert for r in out.router_outputs])
+                max_load = (loads.max(dim=1).values / loads.mean(dim=1).clamp(min=1e-9)).max()
+                metrics = {"loss": out.loss.detach(), "aux_loss": out.aux_loss.detach(), "max_load": max_load}
+                metrics = {k: accelerator.reduce(v.float(), "mean").item() for k, v in metrics.items()}
+                accelerator.print(f"step {step}: loss {metrics['loss']:.4f}  aux {metrics['aux_loss']:.4f}  "
+                          f"max/mean expert load {metrics['max_load']:.2f}  grad norm {norm.item():.3f}")
+            if args.save_every and step % args.save_every == 0:
+                save(step, os.path.join(args.output_dir, "last"))
+            if step >= args.steps:
+                break
+    bar.close()
+    save(step, os.path.join(args.output_dir, "last"))
+    if accelerator.is_main_process:
+        print(f"saved {os.path.join(args.output_dir, 'last')} (loads on one process with from_pretrained)")
+
+
+if __name__ == "__main__":
+    main()
