@@ -38,7 +38,7 @@ def skew_routing() -> None:
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         logits = torch.nn.functional.linear(hidden_states.to(dtype), self.weight.to(dtype))
         probs = logits.softmax(dim=-1)
-        index = torch.tensor([0, 1]).expand(hidden_states.shape[0], 2)
+        index = torch.tensor([0, 1], device=hidden_states.device).expand(hidden_states.shape[0], 2)
         weights = probs[:, :2] / probs[:, :2].sum(dim=-1, keepdim=True)
         aux, counts = load_balancing_loss(probs, index, self.num_experts, token_mask, self.aux_loss_group)
         return RouterOutput(logits, index, weights.to(hidden_states.dtype), counts, aux,
@@ -48,8 +48,21 @@ def skew_routing() -> None:
 
 
 def local_rows(batch: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of the global batch, on this rank's device (the tests also run on GPUs with NCCL)."""
+    from accelerate import PartialState
+
     rows = batch.shape[0] // dist.get_world_size()
-    return batch[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
+    return batch[dist.get_rank() * rows : (dist.get_rank() + 1) * rows].to(PartialState().device)
+
+
+def to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_cpu(v) for v in value]
+    return value
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -140,5 +153,5 @@ if __name__ == "__main__":
             f.write(text)
     else:
         result = train(workdir, ep_size, impl) if mode == "train" else lora(workdir, ep_size)
-        torch.save(result, os.path.join(workdir, f"{mode}{dist.get_rank()}.pt"))
+        torch.save(to_cpu(result), os.path.join(workdir, f"{mode}{dist.get_rank()}.pt"))
     dist.destroy_process_group()

@@ -47,7 +47,9 @@ def load_expert_parallel(
     config = HfMoeConfig.from_pretrained(path, **config_kwargs)
     groups = init_expert_parallel(expert_parallel_size, config.num_experts)
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        from accelerate import PartialState
+
+        device = PartialState().device  # this process's GPU under a launcher (LOCAL_RANK), else the CPU
     if isinstance(dtype, str):
         dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
     dtype = dtype or torch.float32
