@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import hf_moe
 from hf_moe.moe import dispatch
+from hf_moe.parallel import expert_parallelize, init_expert_parallel
 
 
 def cuda_time(fn, reps: int = 10, warmup: int = 3) -> float:
@@ -61,10 +62,10 @@ def main() -> None:
     if world > 1:  # every rank draws the same weights and tokens; rank 0 keeps the unsharded layers to compare
         with torch.no_grad():
             reference = layers[0](x)[0].float()
-        groups = hf_moe.parallel.init_expert_parallel(world, config.num_experts)
+        groups = init_expert_parallel(world, config.num_experts)
         model = torch.nn.Module()
         model.layers = layers
-        hf_moe.parallel.expert_parallelize(model, groups, global_aux_loss=False)
+        expert_parallelize(model, groups, global_aux_loss=False)
         with torch.no_grad():
             sharded = layers[0](x)[0].float()
         error = ((sharded - reference).norm() / reference.norm()).item()

@@ -92,7 +92,9 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
         if step in (1, ep_worker.STEPS):
             params = full("params", ranks, step)
             for name, p in reference.named_parameters():
-                assert_rel_close(params[name], p.detach(), 1e-5, f"param {name} after step {step}")
+                # Adam divides by |g| + eps, which magnifies rounding differences of near-zero gradients (RMSNorm
+                # and RoPE compute in fp32 even in an fp64 model); the gradients themselves are checked at 1e-5.
+                assert_rel_close(params[name], p.detach(), 1e-4, f"param {name} after step {step}")
             for r in ranks[1:]:
                 for name, value in r["params"][step].items():
                     if ".mlp.experts." not in name:
