@@ -237,7 +237,9 @@ def sort_by_expert(
     each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`.
     """
     flat = top_k_index.reshape(-1)
-    sorted_expert, order = torch.sort(flat, stable=True)
+    # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
+    key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
+    sorted_expert, order = torch.sort(flat.to(key_dtype), stable=True)
     bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)
     offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
