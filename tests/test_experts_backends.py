@@ -194,9 +194,10 @@ def test_cuda_float32_matches_reference():
 
 @requires_cuda
 def test_cuda_no_host_sync_and_deterministic():
-    experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
-    index, weights = make_routing(500, 16, 4, "skewed", device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(500, 256, device="cuda", dtype=torch.bfloat16)
+    # 1024 tokens × 8 slots: past the 4096 rows where torch.sort switches from its in-place kernel to cub.
+    experts = make_experts(256, 384, 16, 8, dtype=torch.bfloat16, device="cuda")
+    index, weights = make_routing(1024, 16, 8, "skewed", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
     forward_and_grads(grouped_experts_forward, experts, x, index, weights)  # compile the kernels first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

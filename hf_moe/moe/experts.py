@@ -79,6 +79,8 @@ def _use_triton(tensor: torch.Tensor, fused_silu: bool = True) -> bool:
 
 
 def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
+    """Whether the GEMMs run as torch's grouped GEMM (CUDA bf16: no host sync, dropped rows left unwritten).
+    Other dtypes and devices use one `mm` per expert, which reads the offsets on the host."""
     return tensor.is_cuda and tensor.dtype == torch.bfloat16 and _torch_grouped_mm is not None
 
 
