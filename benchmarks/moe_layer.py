@@ -1,22 +1,38 @@
-"""MoE layer benchmark: hf-moe's experts and block next to transformers' Qwen3-MoE block and a dense GEMM, in one run.
+"""MoE layer benchmark: hf-moe's MoE block against transformers' `Qwen3MoeSparseMoeBlock`, in one run.
 
-Reports TFLOP/s of active expert FLOPs (2·T·k·3·H·I forward, ×3 forward+backward), peak memory per token, and
-hf-moe / peer ratios. Routing is controlled (the same top-k indices and weights go to every implementation):
-`uniform` (random logits), `balanced` (every expert gets exactly T·k/E slots), `skewed` (Zipf-like, s = 1.2).
+Both blocks share the same expert and router weights. For each shape, token count and routing it prints the
+time, the TFLOP/s of active expert FLOPs (2·T·k·3·H·I forward, three times that forward+backward), the
+activation memory the forward keeps for backward and the peak memory of forward+backward (per token), and the
+hf-moe / peer ratios; plus the dense-equivalent GEMM (one `[T·k, H] @ [H, 3I]` product) as the ceiling, and
+decode (T = 64, forward only) against the HBM floor = bytes of the experts touched / measured copy bandwidth.
 
-    python benchmarks/moe_layer.py                                    # GPU: Mixtral, Qwen3-30B-A3B, DeepSeek-V3-like
-    python benchmarks/moe_layer.py --device cpu                       # CPU: small shape, fp32
-    python benchmarks/moe_layer.py --shapes qwen3 --tokens 8192,32768 --routing uniform
+    python benchmarks/moe_layer.py                 # GPU: all shapes, T ∈ {4096, 8192, 16384}, three routings
+    python benchmarks/moe_layer.py --quick         # GPU: T = 8192, uniform routing, and decode
+    python benchmarks/moe_layer.py --device cpu    # CPU: small shape (H 512, I 1024, E 16, k 2), T 1024, fp32
+
+Routing: `uniform` is the router itself (random weights, close to uniform), `balanced` forces every expert to
+receive exactly T·k/E slots, `skewed` draws each token's experts from a Zipf(1.2) law over the experts. Forced
+routings replace only the chosen indices; the routing weights still come from each block's router.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
+import transformers
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+import hf_moe
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
+from hf_moe.moe.experts import grouped_experts_forward
+from transformers.integrations.moe import grouped_mm_experts_forward
 
 SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),
@@ -24,188 +40,339 @@ SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
     "dsv3": (7168, 2048, 256, 8),
     "small": (512, 1024, 16, 2),
 }
+HF_IMPL = "hf_moe_grouped"
+PEER_IMPLS = ("grouped_mm", "eager")
 
 
-def timeit(fn, device: str, reps: int, warmup: int = 3) -> float:
+def timeit(fn: Callable[[], object], device: str, reps: int, warmup: int = 3) -> tuple[float, float]:
+    """Median and minimum seconds per call (CUDA events on GPU)."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(reps):
-        if device == "cuda":
+    if device == "cuda":
+        torch.cuda.synchronize()
+        for _ in range(reps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def routing(kind: str, tokens: int, experts: int, top_k: int, device: str, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind == "uniform":
-        index = torch.rand(tokens, experts, device=device).topk(top_k, dim=-1).indices
-    elif kind == "balanced":
-        slots = torch.arange(tokens * top_k, device=device)
-        index = (slots % experts).view(tokens, top_k)
     else:
-        probs = 1.0 / torch.arange(1, experts + 1, device=device, dtype=torch.float32) ** 1.2
-        index = torch.multinomial(probs.expand(tokens, -1), top_k)
-    weights = torch.rand(tokens, top_k, device=device).softmax(dim=-1).to(dtype)
-    return index, weights
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times)
 
 
-def build(name: str, device: str, dtype, impl: str):
-    from transformers import Qwen3MoeConfig
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
-
-    import hf_moe
-
-    hidden, inter, experts, top_k = SHAPES[name]
-    peer_cfg = Qwen3MoeConfig(hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts,
-                              num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1)
-    peer = Qwen3MoeSparseMoeBlock(peer_cfg).to(device=device, dtype=dtype)
-    ours_cfg = hf_moe.HfMoeConfig(hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter,
-                                  num_experts=experts, num_experts_per_tok=top_k, num_attention_heads=8,
-                                  num_hidden_layers=1, vocab_size=8)
-    ours = hf_moe.HfMoeSparseMoeBlock(ours_cfg).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        for p in peer.parameters():
-            p.normal_(0, 0.02)
-        ours.experts.gate_up_proj.copy_(peer.experts.gate_up_proj)
-        ours.experts.down_proj.copy_(peer.experts.down_proj)
-        ours.router.weight.copy_(peer.gate.weight)
-    ours_cfg._experts_implementation = impl
-    return peer, peer_cfg, ours, ours_cfg
-
-
-def measure(fn_fwd, fn_bwd, device, reps, tokens) -> dict:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    with torch.no_grad():
-        fwd = timeit(fn_fwd, device, reps)
-    out = {"fwd_s": fwd}
-    if fn_bwd is not None:
-        out["fwdbwd_s"] = timeit(fn_bwd, device, reps)
-        if device == "cuda":
-            out["act_bytes_per_token"] = (torch.cuda.max_memory_allocated() - base) / tokens
+def ceilings(device: str, dtype: torch.dtype) -> dict:
+    """Dense 8192³ GEMM rate and device-to-device copy bandwidth (bytes read + written)."""
+    if device != "cuda":
+        return {}
+    n = 8192
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    t_mm, _ = timeit(lambda: a @ b, device, reps=10)
+    del a, b
+    src = torch.randn(2**30 // 2, device=device, dtype=dtype)  # 1 GiB
+    dst = torch.empty_like(src)
+    t_copy, _ = timeit(lambda: dst.copy_(src), device, reps=10)
+    out = {"dense_gemm_tflops": 2 * n**3 / t_mm / 1e12, "copy_gbps": 2 * src.numel() * src.element_size() / t_copy / 1e9}
+    del src, dst
+    torch.cuda.empty_cache()
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
-    parser.add_argument("--tokens", default=None, help="comma list of token counts")
-    parser.add_argument("--routing", default="uniform,balanced,skewed")
-    parser.add_argument("--impl", default="hf_moe_grouped", help="hf-moe experts implementation to measure")
-    parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--decode", action="store_true", help="also time T=64 forward against the HBM floor")
-    parser.add_argument("--json", default=None, help="append one JSON line per measurement to this file")
-    args = parser.parse_args()
-    import transformers
+def build_blocks(shape: tuple[int, int, int, int], device: str, dtype: torch.dtype):
+    """hf-moe's block and transformers' Qwen3-MoE block sharing one set of weights."""
+    hidden, inter, experts, top_k = shape
+    cfg = HfMoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
+        num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16,
+        num_key_value_heads=16, vocab_size=128,
+    )
+    cfg._experts_implementation = HF_IMPL
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf_block = HfMoeSparseMoeBlock(cfg).to(dtype)
+    with torch.no_grad():
+        for p in hf_block.parameters():
+            p.normal_(0, 0.02)
+    peer_cfg = Qwen3MoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k,
+        norm_topk_prob=True, num_hidden_layers=1,
+    )
+    with torch.device("meta"):
+        peer = Qwen3MoeSparseMoeBlock(peer_cfg)
+    peer.gate.weight = hf_block.router.weight
+    peer.experts.gate_up_proj = hf_block.experts.gate_up_proj
+    peer.experts.down_proj = hf_block.experts.down_proj
+    return hf_block, peer
 
-    device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    shapes = (args.shapes or ("mixtral,qwen3,dsv3" if device == "cuda" else "small")).split(",")
-    token_counts = [int(t) for t in (args.tokens or ("4096,8192,16384" if device == "cuda" else "1024")).split(",")]
-    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device {gpu}, torch {torch.__version__}, transformers {transformers.__version__}, dtype {dtype}")
-    if device == "cuda":
-        n = 8192
-        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-        print(f"dense GEMM {n}^3: {2 * n**3 / timeit(lambda: a @ b, device, 10) / 1e12:.0f} TFLOP/s")
-        src = torch.randn(2**28, device=device, dtype=dtype)
-        dst = torch.empty_like(src)
-        bandwidth = 2 * src.numel() * 2 / timeit(lambda: dst.copy_(src), device, 10)
-        print(f"device copy bandwidth: {bandwidth / 1e12:.2f} TB/s (read + write)")
-        del a, b, src, dst
+
+def forced_routing(kind: str, num_tokens: int, experts: int, top_k: int, device: str) -> torch.Tensor | None:
+    if kind == "uniform":
+        return None
+    if kind == "balanced":
+        slots = torch.arange(num_tokens * top_k, device=device)
+        return (slots % experts).view(num_tokens, top_k)
+    if kind == "skewed":
+        probs = 1.0 / torch.arange(1, experts + 1, device=device, dtype=torch.float32) ** 1.2
+        gen = torch.Generator(device=device).manual_seed(0)
+        return torch.multinomial(probs.expand(num_tokens, experts), top_k, replacement=False, generator=gen)
+    raise ValueError(f"routing must be uniform, balanced or skewed, got {kind!r}")
+
+
+def set_routing(hf_block, peer, index: torch.Tensor | None) -> None:
+    """Replace the experts each router picks by `index` (or restore the routers when `index` is None)."""
+    for mod in (hf_block.router, peer.gate):
+        mod.__dict__.pop("forward", None)
+    if index is None:
+        return
+    hf_router, peer_router = hf_block.router, peer.gate
+    hf_forward, peer_forward = type(hf_router).forward, type(peer_router).forward
+
+    def hf_forced(hidden_states, token_mask=None):
+        return dataclasses.replace(hf_forward(hf_router, hidden_states, token_mask), top_k_index=index)
+
+    def peer_forced(hidden_states):
+        logits, weights, _ = peer_forward(peer_router, hidden_states)
+        return logits, weights, index
+
+    hf_router.forward, peer_router.forward = hf_forced, peer_forced
+
+
+def run_block(block, impl: str, x: torch.Tensor) -> torch.Tensor:
+    block.experts.config._experts_implementation = impl
+    out = block(x)
+    return out[0] if isinstance(block, HfMoeSparseMoeBlock) else out
+
+
+def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops: float, num_tokens: int,
+            device: str, reps: int) -> dict:
+    """Forward (no grad) and forward+backward of `call`, and on GPU the memory it keeps and peaks at."""
+
+    def fwd():
+        with torch.no_grad():
+            call()
+
+    def fwd_bwd():
+        for p in leaves:
+            p.grad = None
+        call().float().pow(2).mean().backward()
+
+    row = {}
+    t_fwd, t_fwd_min = timeit(fwd, device, reps)
+    t_fb, t_fb_min = timeit(fwd_bwd, device, reps)
+    row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12, fwdbwd_ms=t_fb * 1e3,
+               fwdbwd_tflops=3 * flops / t_fb / 1e12)
+    if device == "cpu":
+        row.update(fwd_min_ms=t_fwd_min * 1e3, fwdbwd_min_ms=t_fb_min * 1e3)
+    else:
+        for p in leaves:
+            p.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = call()
+        saved = torch.cuda.memory_allocated() - base - out.numel() * out.element_size()
+        out.float().pow(2).mean().backward()
+        peak = torch.cuda.max_memory_allocated() - base
+        del out
+        for p in leaves:
+            p.grad = None
+        row.update(act_kb_per_token=saved / num_tokens / 1e3, peak_fwdbwd_gb=peak / 1e9)
+    return row
+
+
+def graph_time(fn: Callable[[], object], device: str, reps: int) -> float:
+    """Seconds per replay of `fn` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timeit(graph.replay, device, reps)[0]
+
+
+def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int) -> list[dict]:
+    """Forward of `tokens` tokens (block, and experts alone on the same routing), eager and replayed from a CUDA
+    graph, against the HBM floor. Paths that synchronise with the host (the eager loop) are not captured."""
+    hidden, inter, experts, top_k = shape
+    x = torch.randn(1, tokens, hidden, device=device, dtype=dtype)
+    x2d = x.view(-1, hidden)
+    with torch.no_grad():
+        routing = hf_block.router(x2d)
+    index, weights = routing.top_k_index, routing.top_k_weights
+    touched = index.unique().numel()
+    floor_s = touched * 3 * hidden * inter * torch.finfo(dtype).bits / 8 / (copy_gbps * 1e9)
+    cases = [
+        ("block_hf-moe", lambda: run_block(hf_block, HF_IMPL, x), True),
+        ("block_peer_grouped_mm", lambda: run_block(peer, "grouped_mm", x), True),
+        ("block_peer_eager", lambda: run_block(peer, "eager", x), False),
+        ("experts_hf-moe", lambda: grouped_experts_forward(hf_block.experts, x2d, index, weights), True),
+        ("experts_peer_grouped_mm", lambda: grouped_mm_experts_forward(peer.experts, x2d, index, weights), True),
+    ]
     rows = []
+    with torch.no_grad():
+        for name, fn, capturable in cases:
+            t, _ = timeit(fn, device, reps)
+            r = {"what": f"decode_{name}", "ms": t * 1e3, "floor_ms": floor_s * 1e3, "x_floor": t / floor_s}
+            if capturable:
+                try:
+                    tg = graph_time(fn, device, reps)
+                    r.update(graph_ms=tg * 1e3, graph_x_floor=tg / floor_s)
+                except Exception as e:  # noqa: BLE001 - report why a block cannot be captured
+                    r["graph_error"] = repr(e)[:100]
+                    torch.cuda.synchronize()
+            rows.append(r)
+    return rows
 
-    def emit(row: dict) -> None:
-        rows.append(row)
-        if args.json:
-            with open(args.json, "a") as f:
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shapes", default=None, help="comma list of " + ", ".join(SHAPES))
+    ap.add_argument("--tokens", default=None, help="comma list of token counts")
+    ap.add_argument("--routings", default=None, help="comma list of uniform, balanced, skewed")
+    ap.add_argument("--quick", action="store_true", help="T=8192, uniform routing, decode")
+    ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=None, help="append JSON lines here")
+    a = ap.parse_args()
+    device = a.device
+    cpu = device == "cpu"
+    dtype = torch.float32 if cpu else torch.bfloat16
+    shapes = (a.shapes or ("small" if cpu else "mixtral,qwen3,dsv3")).split(",")
+    routings = (a.routings or ("uniform" if a.quick or cpu else "uniform,balanced,skewed")).split(",")
+    reps = a.reps or (20 if cpu else 10)
+    env = {
+        "device": torch.cuda.get_device_name() if not cpu else f"cpu ({torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "transformers": transformers.__version__, "hf_moe": hf_moe.__version__,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
+    env.update(ceilings(device, dtype))
+    print(json.dumps(env))
+    rows = [dict(what="env", **env)]
+    summary = []
+    for name in shapes:
+        shape = SHAPES[name]
+        hidden, inter, experts, top_k = shape
+        hf_block, peer = build_blocks(shape, device, dtype)
+        if a.tokens:
+            token_list = [int(t) for t in a.tokens.split(",")]
+        elif cpu:
+            token_list = [1024]
+        elif a.quick:
+            token_list = [4096 if name == "dsv3" else 8192]
+        elif name == "dsv3":
+            token_list = [2048, 4096]
+        else:
+            token_list = [4096, 8192, 16384] + ([32768] if name == "qwen3" else [])
+        for tokens in token_list:
+            flops = 2 * tokens * top_k * 3 * hidden * inter
+            act = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
+            w = torch.randn(hidden, 3 * inter, device=device, dtype=dtype)
+            t_dense, _ = timeit(lambda: act @ w, device, reps)
+            dense = flops / t_dense / 1e12
+            del act, w
+            for routing_kind in routings:
+                index = forced_routing(routing_kind, tokens, experts, top_k, device)
+                set_routing(hf_block, peer, index)
+                x = torch.randn(1, tokens, hidden, device=device, dtype=dtype, requires_grad=True)
+                x2d = x.detach().view(-1, hidden).requires_grad_(True)
+                with torch.no_grad():
+                    routing = hf_block.router(x2d)
+                top_index = routing.top_k_index if index is None else index
+                top_weights = routing.top_k_weights.detach().requires_grad_(True)
+                key = f"{name}_T{tokens}_{routing_kind}"
+                hf_leaves = [x, *hf_block.parameters()]
+                expert_leaves = [x2d, top_weights, *hf_block.experts.parameters()]
+                res = {
+                    "hf-moe": measure(lambda: run_block(hf_block, HF_IMPL, x), hf_leaves, flops, tokens, device, reps),
+                    "experts_hf-moe": measure(
+                        lambda: grouped_experts_forward(hf_block.experts, x2d, top_index, top_weights),
+                        expert_leaves, flops, tokens, device, reps,
+                    ),
+                    "experts_peer_grouped_mm": measure(
+                        lambda: grouped_mm_experts_forward(peer.experts, x2d, top_index, top_weights),
+                        expert_leaves, flops, tokens, device, reps,
+                    ),
+                }
+                for impl in PEER_IMPLS:
+                    if impl == "eager" and (routing_kind != "uniform" or tokens > (1024 if cpu else 8192)):
+                        continue  # the eager loop is slow; one case per shape is enough
+                    try:
+                        res[f"peer_{impl}"] = measure(
+                            lambda: run_block(peer, impl, x), [x, *peer.parameters()], flops, tokens, device, reps
+                        )
+                    except torch.OutOfMemoryError:
+                        res[f"peer_{impl}"] = {"error": "out of memory"}
+                        torch.cuda.empty_cache()
+                for who, r in res.items():
+                    row = {"what": f"{key}_{who}", "dense_equiv_tflops": dense, **r}
+                    rows.append(row)
+                    print(json.dumps(row))
+                summary.append((key, dense, res))
+                del x, x2d
+        set_routing(hf_block, peer, None)
+        if not cpu and not a.no_decode and name != "small":
+            for r in decode(hf_block, peer, shape, 64, device, dtype, env["copy_gbps"], reps=max(reps, 20)):
+                r["what"] = f"{name}_{r['what']}"
+                rows.append(r)
+                print(json.dumps(r))
+                summary.append((r["what"], None, r))
+        del hf_block, peer
+        if not cpu:
+            torch.cuda.empty_cache()
+    print_summary(summary, cpu)
+    if a.out:
+        with open(a.out, "a") as f:
+            for row in rows:
                 f.write(json.dumps(row) + "\n")
 
-    for name in shapes:
-        hidden, inter, experts, top_k = SHAPES[name]
-        peer, peer_cfg, ours, ours_cfg = build(name, device, dtype, args.impl)
-        for tokens in token_counts:
-            flops = 2 * tokens * top_k * 3 * hidden * inter
-            if device == "cuda":
-                x_dense = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
-                w_dense = torch.randn(hidden, 3 * inter, device=device, dtype=dtype)
-                dense = timeit(lambda: x_dense @ w_dense, device, args.reps)
-                del x_dense, w_dense
-                print(f"\n{name} T={tokens}: dense-equivalent GEMM {flops / dense / 1e12:.0f} TFLOP/s")
-            else:
-                print(f"\n{name} T={tokens}")
-            for kind in args.routing.split(","):
-                index, weights = routing(kind, tokens, experts, top_k, device, dtype)
-                x = torch.randn(tokens, hidden, device=device, dtype=dtype, requires_grad=True)
-                results = {}
-                candidates = [("hf-moe " + args.impl, ours.experts, ours_cfg, args.impl),
-                              ("transformers grouped_mm", peer.experts, peer_cfg, "grouped_mm")]
-                if device == "cpu" or name == "mixtral":
-                    candidates.append(("transformers eager", peer.experts, peer_cfg, "eager"))
-                if device == "cpu":  # (transformers' batched_mm gathers one weight matrix per slot: ~30 s here)
-                    candidates.append(("hf-moe eager", ours.experts, ours_cfg, "eager"))
-                for label, experts_module, cfg, impl in candidates:
-                    cfg._experts_implementation = impl
-                    w = weights.detach().requires_grad_(True)
 
-                    def fwd(experts_module=experts_module, w=w):
-                        return experts_module(x, index, w)
+def print_summary(summary, cpu: bool) -> None:
+    """Markdown tables: one line per case with hf-moe, the peers and the ratios."""
+    key_ms = "fwdbwd_min_ms" if cpu else "fwdbwd_ms"
+    fmt = ".3f" if cpu else ".0f"
 
-                    def fwd_bwd(experts_module=experts_module, w=w):
-                        experts_module(x, index, w).float().pow(2).mean().backward()
-                        x.grad = None
-                        experts_module.zero_grad(set_to_none=True)
+    def tf(r: dict, k: str) -> str:
+        return f"{r[k]:{fmt}}" if k in r else "-"
 
-                    try:
-                        r = measure(fwd, fwd_bwd, device, args.reps, tokens)
-                    except Exception as e:  # a peer implementation that cannot run this case
-                        print(f"  {kind:<9} {label:<28} failed: {repr(e)[:120]}")
-                        continue
-                    r.update(fwd_tflops=flops / r["fwd_s"] / 1e12, fwdbwd_tflops=3 * flops / r["fwdbwd_s"] / 1e12)
-                    results[label] = r
-                    emit({"shape": name, "tokens": tokens, "routing": kind, "impl": label, **r})
-                    mem = f"  {r['act_bytes_per_token'] / 1024:.1f} KiB/token" if "act_bytes_per_token" in r else ""
-                    print(f"  {kind:<9} {label:<28} fwd {r['fwd_s'] * 1e3:8.2f} ms {r['fwd_tflops']:7.1f} TFLOP/s   "
-                          f"fwd+bwd {r['fwdbwd_s'] * 1e3:8.2f} ms {r['fwdbwd_tflops']:7.1f} TFLOP/s{mem}")
-                ours_label = "hf-moe " + args.impl
-                peers = [k for k in results if k.startswith("transformers")]
-                if ours_label in results and peers:
-                    best = min(peers, key=lambda k: results[k]["fwdbwd_s"])
-                    print(f"  {kind:<9} ratio hf-moe / best peer ({best}): fwd "
-                          f"{results[best]['fwd_s'] / results[ours_label]['fwd_s']:.2f}x faster, fwd+bwd "
-                          f"{results[best]['fwdbwd_s'] / results[ours_label]['fwdbwd_s']:.2f}x faster")
-            if device == "cuda" and args.decode and tokens == token_counts[0]:
-                decode_tokens = 64
-                index, weights = routing("uniform", decode_tokens, experts, top_k, device, dtype)
-                x = torch.randn(decode_tokens, hidden, device=device, dtype=dtype)
-                touched = index.unique().numel() * 3 * hidden * inter * 2
-                floor = touched / (bandwidth / 2)
-                for label, experts_module, cfg, impl in [("hf-moe " + args.impl, ours.experts, ours_cfg, args.impl),
-                                                         ("transformers grouped_mm", peer.experts, peer_cfg,
-                                                          "grouped_mm")]:
-                    cfg._experts_implementation = impl
-                    with torch.no_grad():
-                        t = timeit(lambda experts_module=experts_module: experts_module(x, index, weights), device,
-                                   args.reps * 3)
-                    emit({"shape": name, "tokens": decode_tokens, "routing": "decode", "impl": label, "fwd_s": t,
-                          "hbm_floor_s": floor})
-                    print(f"  decode T=64 {label:<28} {t * 1e3:.3f} ms = {t / floor:.2f}x the HBM floor "
-                          f"({floor * 1e3:.3f} ms for {touched / 1e9:.2f} GB of experts)")
-        del peer, ours
-        if device == "cuda":
-            torch.cuda.empty_cache()
+    def ratio(peer: dict, hf: dict) -> str:
+        return f"{peer[key_ms] / hf[key_ms]:.2f}×" if key_ms in peer and key_ms in hf else "-"
+
+    unit = "TFLOP/s" if not cpu else "TFLOP/s (CPU)"
+    print(f"\n| case | dense-equiv {unit} | hf-moe block fwd / fwd+bwd | peer grouped_mm block fwd / fwd+bwd | "
+          "peer eager block fwd+bwd | block ratio vs grouped_mm / vs eager (fwd+bwd) | experts only: hf-moe / peer "
+          "grouped_mm fwd+bwd | experts ratio | activations KB/token hf / peer | peak GB hf / peer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, dense, res in summary:
+        if dense is None:
+            continue
+        hf, gm, ea = res["hf-moe"], res.get("peer_grouped_mm", {}), res.get("peer_eager", {})
+        ehf, egm = res["experts_hf-moe"], res["experts_peer_grouped_mm"]
+        mem = lambda r, k, f: f"{r[k]:{f}}" if k in r else "-"  # noqa: E731
+        print(f"| {key} | {dense:{fmt}} | {tf(hf, 'fwd_tflops')} / {tf(hf, 'fwdbwd_tflops')} | "
+              f"{tf(gm, 'fwd_tflops')} / {tf(gm, 'fwdbwd_tflops')} | {tf(ea, 'fwdbwd_tflops')} | "
+              f"{ratio(gm, hf)} / {ratio(ea, hf)} | {tf(ehf, 'fwdbwd_tflops')} / {tf(egm, 'fwdbwd_tflops')} | "
+              f"{ratio(egm, ehf)} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
+              f"{mem(hf, 'peak_fwdbwd_gb', '.2f')} / {mem(gm, 'peak_fwdbwd_gb', '.2f')} |")
+    decode_rows = [r for key, dense, r in summary if dense is None]
+    if decode_rows:
+        print("\n| decode (T=64, fwd) | eager ms | × floor | CUDA graph ms | × floor | floor ms |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in decode_rows:
+            g = f"{r['graph_ms']:.3f} | {r['graph_x_floor']:.2f}" if "graph_ms" in r else f"{r.get('graph_error', '-')} | -"
+            print(f"| {r['what']} | {r['ms']:.3f} | {r['x_floor']:.2f} | {g} | {r['floor_ms']:.3f} |")
+    if cpu:
+        print("\nCPU: TFLOP/s from medians; ratios from the fastest repetition (noise on a shared machine only adds "
+              "time).")
 
 
 if __name__ == "__main__":

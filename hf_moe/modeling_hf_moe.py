@@ -209,6 +209,13 @@ class HfMoePreTrainedModel(PreTrainedModel):
         # transformers looks for the decorator's text in the model's own module; ours lives in moe/experts.py.
         return True
 
+    def get_correct_experts_implementation(self, requested_experts: str | None, *args, **kwargs) -> str:
+        # hf-moe's own experts implementation is the fastest on every device (benchmarks/RESULTS.md), so it is
+        # the default; any implementation registered with transformers can still be requested by name.
+        if requested_experts is None:
+            return "hf_moe_grouped"
+        return super().get_correct_experts_implementation(requested_experts, *args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -2,13 +2,17 @@
 
 `gate_up_proj [E, 2·I, H]` (gate rows first, then up) and `down_proj [E, H, I]`, so transformers'
 `ExpertsInterface` kernels (`eager`, `batched_mm`, `grouped_mm`, ...) and PEFT's `target_parameters` work on
-them unchanged. hf-moe registers its own implementation, `hf_moe_grouped`, in the same interface.
+them unchanged. hf-moe registers its own implementation, `hf_moe_grouped` (the default of hf-moe models), in
+the same interface; switch with `model.set_experts_implementation(name)`.
 
 Every implementation has the signature `(experts, hidden_states [T, H], top_k_index [T, k],
 top_k_weights [T, k]) -> [T, H]` and computes `out[t] = Σ_slots weight · down(act(gate(x)) ⊙ up(x))`.
+Slots whose expert index is `num_experts` or more (dropped slots) contribute nothing.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 from torch import nn
@@ -38,6 +42,8 @@ class HfMoeExperts(nn.Module):
         """Reference ("eager") path: one loop over the experts that received tokens."""
         out = torch.zeros_like(hidden_states)
         for expert in top_k_index.unique().tolist():
+            if expert >= self.num_experts:
+                continue
             token_idx, slot = torch.where(top_k_index == expert)
             gate, up = nn.functional.linear(hidden_states[token_idx], self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = nn.functional.linear(self.act_fn(gate) * up, self.down_proj[expert])
@@ -45,33 +51,228 @@ class HfMoeExperts(nn.Module):
         return out
 
 
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """`x [S, in]` sorted by expert, `weight [E, out, in]`, `counts [E]` → `[S, out]`."""
-    if x.is_cuda and hasattr(torch.nn.functional, "grouped_mm") and x.dtype == torch.bfloat16:
-        offsets = counts.cumsum(0).to(torch.int32)
-        return torch.nn.functional.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    pieces = x.split(counts.tolist())
-    return torch.cat([p @ w.T for p, w in zip(pieces, weight)], dim=0)
+# ---------------------------------------------------------------------------------------------------------------
+# Building blocks of `hf_moe_grouped`. Rows are (token, slot) pairs sorted by expert; `offsets[e]` is the end row
+# of expert e, so rows from `offsets[-1]` on are dropped slots. On CUDA the GEMMs are `torch.nn.functional.
+# grouped_mm` (no host sync; rows past `offsets[-1]` are left unwritten, so every consumer masks them) and the
+# memory-bound steps are fused Triton kernels; elsewhere the GEMMs are one `mm` per expert (host offsets are free
+# there) that zero the dropped rows, and the other steps are plain torch ops.
+
+_TRITON_KERNELS = None
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _triton_kernels():
+    """The Triton kernels module, imported on first use (only ever for CUDA tensors)."""
+    global _TRITON_KERNELS
+    if _TRITON_KERNELS is None:
+        from .kernels import triton_moe
+
+        _TRITON_KERNELS = triton_moe
+    return _TRITON_KERNELS
+
+
+def _use_triton(tensor: torch.Tensor, fused_silu: bool = True) -> bool:
+    """Triton kernels serve CUDA tensors; the SwiGLU kernels only the SiLU activation (`fused_silu`)."""
+    return fused_silu and _HAS_TRITON and tensor.is_cuda
+
+
+def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
+    """Whether the GEMMs run as torch's grouped GEMM (CUDA bf16: no host sync, dropped rows left unwritten).
+    Other dtypes and devices use one `mm` per expert, which reads the offsets on the host."""
+    return tensor.is_cuda and tensor.dtype == torch.bfloat16 and _torch_grouped_mm is not None
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`a [S, K]` sorted by expert, `b [E, K, N]` (any strides) → `[S, N]` with rows of expert e = `a_e @ b[e]`."""
+    if _grouped_mm_leaves_tail_unwritten(a):
+        return _torch_grouped_mm(a, b, offs=offsets)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end], b[expert], out=out[start:end])
+        start = end
+    out[start:].zero_()
+    return out
+
+
+def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]` with `out[e] = a_eᵀ @ b_e` (zero for idle experts)."""
+    if _grouped_mm_leaves_tail_unwritten(a):
+        return _torch_grouped_mm(a.t(), b, offs=offsets)
+    out = a.new_empty(offsets.numel(), a.shape[1], b.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end].t(), b[start:end], out=out[expert])
+        else:
+            out[expert].zero_()
+        start = end
+    return out
+
+
+def _gated_act(
+    gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, act_fn: nn.Module, fused_silu: bool
+) -> torch.Tensor:
+    """`weight · act(gate) ⊙ up` per row; the routing weight is applied here so the combine is a plain sum."""
+    if _use_triton(gate_up, fused_silu):
+        return _triton_kernels().swiglu_forward(gate_up, weight, offsets)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate).mul_(up).mul_(weight[:, None].to(gate_up.dtype))
+
+
+def _gated_act_backward(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    offsets: torch.Tensor,
+    act_fn: nn.Module,
+    fused_silu: bool,
+    recompute_out: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of [`_gated_act`] w.r.t. `gate_up` and `weight`, and its recomputed output if asked."""
+    if _use_triton(gate_up, fused_silu):
+        return _triton_kernels().swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out)
+    if not fused_silu:
+        with torch.enable_grad():
+            gate_up = gate_up.detach().requires_grad_(True)
+            weight = weight.detach().to(gate_up.dtype).requires_grad_(True)
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = act_fn(gate) * up * weight[:, None]
+            grad_gate_up, grad_weight = torch.autograd.grad(out, (gate_up, weight), grad_out)
+        return grad_gate_up, grad_weight, out.detach() if recompute_out else None
+    # SiLU written out so that each [S, I] pass is counted and no temporary is concatenated.
+    gate, up = gate_up.chunk(2, dim=-1)
+    weight = weight[:, None].to(gate_up.dtype)
+    grad_gate_up = torch.empty_like(gate_up)
+    grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate)
+    torch.mul(grad_out, act, out=grad_up).mul_(weight)
+    act.mul_(up)
+    grad_weight = torch.linalg.vecdot(grad_out, act)
+    torch.mul(grad_out, up, out=grad_gate).mul_(weight)
+    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    return grad_gate_up, grad_weight, act.mul_(weight) if recompute_out else None
+
+
+def _gather(src: torch.Tensor, token: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`src[token]`: the rows of each (token, slot) pair in expert order."""
+    if _use_triton(src):
+        return _triton_kernels().gather_rows(src, token, offsets)
+    return src.index_select(0, token)
+
+
+def _combine(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """`out[t] = Σ_j src[position[t·k + j]]` over slots of real experts, summed in a fixed order (deterministic)."""
+    if _use_triton(src):
+        return _triton_kernels().gather_sum(src, position, offsets, num_tokens)
+    rows = src.index_select(0, position)
+    if _grouped_mm_leaves_tail_unwritten(src):
+        rows.masked_fill_((position >= offsets[-1])[:, None], 0)
+    return rows.view(num_tokens, -1, src.shape[-1]).sum(dim=1)
+
+
+class _RoutedExpertsFunction(torch.autograd.Function):
+    """The routed experts as one autograd node. It keeps the gathered inputs `[S, H]`, the gate/up projection
+    `[S, 2I]` and the routing indices for backward; the activation is recomputed there (fused into the SwiGLU
+    backward kernel) rather than stored."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        token: torch.Tensor,
+        order: torch.Tensor,
+        position: torch.Tensor,
+        offsets: torch.Tensor,
+        act_fn: nn.Module,
+        fused_silu: bool,
+    ) -> torch.Tensor:
+        x_sorted = _gather(x, token, offsets)
+        gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets)
+        weight = top_k_weights.reshape(-1).index_select(0, order)
+        y = _grouped_mm(_gated_act(gate_up, weight, offsets, act_fn, fused_silu), down_proj.transpose(1, 2), offsets)
+        ctx.save_for_backward(x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets)
+        ctx.num_tokens = x.shape[0]
+        ctx.act_fn, ctx.fused_silu, ctx.weights_dtype = act_fn, fused_silu, top_k_weights.dtype
+        return _combine(y, position, offsets, x.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets = ctx.saved_tensors
+        need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
+        num_tokens = ctx.num_tokens
+        grad_y = _gather(grad_out.to(down_proj.dtype).contiguous(), token, offsets)
+        grad_act = _grouped_mm(grad_y, down_proj, offsets)
+        grad_gate_up, grad_weight, act = _gated_act_backward(
+            gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down
+        )
+        del grad_act
+        grad_x = grad_gate_up_proj = grad_down_proj = grad_top_k_weights = None
+        if need_down:
+            grad_down_proj = _grouped_mm_weight_grad(grad_y, act, offsets)
+        del grad_y, act
+        if need_x:
+            grad_x = _combine(_grouped_mm(grad_gate_up, gate_up_proj, offsets), position, offsets, num_tokens)
+        if need_gate_up:
+            grad_gate_up_proj = _grouped_mm_weight_grad(grad_gate_up, x_sorted, offsets)
+        if need_weights:
+            grad_top_k_weights = grad_weight.index_select(0, position)
+            if _grouped_mm_leaves_tail_unwritten(grad_weight) and not _use_triton(grad_weight, ctx.fused_silu):
+                grad_top_k_weights = grad_top_k_weights.masked_fill(position >= offsets[-1], 0)
+            grad_top_k_weights = grad_top_k_weights.view(num_tokens, -1).to(ctx.weights_dtype)
+        return grad_x, grad_gate_up_proj, grad_down_proj, grad_top_k_weights, None, None, None, None, None, None
+
+
+def sort_by_expert(
+    top_k_index: torch.Tensor, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the T·k (token, slot) pairs by expert without a host sync.
+
+    Returns `token [S]` (source token of each sorted row), `order [S]` (flat slot index of each sorted row),
+    `position [S]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
+    each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`.
+    """
+    flat = top_k_index.reshape(-1)
+    # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
+    key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
+    sorted_expert, order = torch.sort(flat.to(key_dtype), stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)
+    offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor")
+    return token, order, position, offsets
 
 
 def grouped_experts_forward(
     self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Sort (token, slot) pairs by expert, run each projection as one grouped GEMM, unsort and sum the k slots.
-
-    The combine is a reshape-and-sum over the k slots (no atomics), so it is deterministic.
+    """hf-moe's experts implementation (`hf_moe_grouped`): sort the (token, slot) pairs by expert, run the gate/up
+    and down projections as grouped GEMMs with SwiGLU and the routing weight fused between them, and sum each
+    token's k outputs in a fixed order (deterministic, no atomics). No host sync on CUDA.
     """
-    num_tokens, top_k = top_k_index.shape
-    flat_expert = top_k_index.reshape(-1)
-    order = flat_expert.argsort(stable=True)
-    counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat_expert.device)
-    counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))  # no device sync, unlike bincount
-    x = hidden_states[order // top_k]
-    gate, up = _grouped_linear(x, self.gate_up_proj, counts).chunk(2, dim=-1)
-    y = _grouped_linear(self.act_fn(gate) * up, self.down_proj, counts)
-    y = y * top_k_weights.reshape(-1)[order, None].to(y.dtype)
-    unsorted = torch.empty_like(y).index_copy_(0, order, y)
-    return unsorted.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
+    if hidden_states.shape[0] == 0:
+        return torch.zeros_like(hidden_states)
+    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts)
+    fused_silu = self.config.hidden_act in ("silu", "swish")
+    out = _RoutedExpertsFunction.apply(
+        hidden_states.to(self.gate_up_proj.dtype),
+        self.gate_up_proj,
+        self.down_proj,
+        top_k_weights,
+        token,
+        order,
+        position,
+        offsets,
+        self.act_fn,
+        fused_silu,
+    )
+    return out.to(hidden_states.dtype)
 
 
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)

@@ -1,0 +1,247 @@
+"""Every experts backend computes the function of the reference loop, with its gradients.
+
+CPU tests run in CI; the CUDA tests skip without a GPU and are run on the device machine
+(`python -m pytest tests/test_experts_backends.py`): bf16 against a float32 reference, skewed routing,
+experts that receive no token, dropped (sentinel) slots, no host sync, determinism.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from hf_moe import HfMoeConfig, HfMoeForCausalLM
+from hf_moe.moe.experts import HfMoeExperts, grouped_experts_forward, sort_by_expert
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_experts(hidden=32, inter=48, experts=8, top_k=2, act="silu", dtype=torch.float64, device="cpu"):
+    cfg = HfMoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64, hidden_act=act,
+    )
+    module = HfMoeExperts(cfg).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, hidden**-0.5)
+        module.down_proj.normal_(0, inter**-0.5)
+    return module
+
+
+def make_routing(num_tokens, experts, top_k, kind, device="cpu", dtype=torch.float64):
+    """Top-k expert indices and weights. `skewed`: Zipf-like choice, the last quarter of the experts never chosen,
+    and some slots dropped (index = `experts`, weight 0)."""
+    if kind == "uniform":
+        index = torch.rand(num_tokens, experts, device=device).argsort(dim=-1)[:, :top_k]
+    else:
+        live = max(top_k, experts - experts // 4)
+        probs = 1.0 / torch.arange(1, live + 1, device=device, dtype=torch.float32) ** 1.5
+        index = torch.multinomial(probs.expand(num_tokens, live), top_k, replacement=False)
+    weights = torch.rand(num_tokens, top_k, device=device, dtype=dtype)
+    if kind == "skewed":
+        dropped = torch.rand(num_tokens, top_k, device=device) < 0.1
+        index = index.masked_fill(dropped, experts)
+        weights = weights.masked_fill(dropped, 0.0)
+    return index, weights
+
+
+def reference(experts, x, index, weights):
+    """The reference loop ("eager"), run in float64 on CPU copies of everything."""
+    ref = make_experts(
+        experts.hidden_dim, experts.intermediate_dim, experts.num_experts, act=experts.config.hidden_act,
+        dtype=torch.float64,
+    )
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(experts.gate_up_proj)
+        ref.down_proj.copy_(experts.down_proj)
+    x = x.detach().cpu().double().requires_grad_(True)
+    weights = weights.detach().cpu().double().requires_grad_(True)
+    return forward_and_grads(HfMoeExperts.forward.__wrapped__, ref, x, index.cpu(), weights)
+
+
+def forward_and_grads(fn, experts, x, index, weights):
+    """Output and gradients of a fixed random projection of the output w.r.t. x, weights and both projections."""
+    x = x.detach().requires_grad_(True)
+    weights = weights.detach().requires_grad_(True)
+    experts.zero_grad(set_to_none=True)
+    out = fn(experts, x, index, weights)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out.double() * probe.to(out.device)).sum().backward()
+    return [t.detach().double().cpu() for t in (out, x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+NAMES = ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")
+
+
+@pytest.mark.parametrize("kind", ["uniform", "skewed"])
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_grouped_matches_reference_float64(kind, act):
+    experts = make_experts(act=act)
+    index, weights = make_routing(41, experts.num_experts, 2, kind)
+    x = torch.randn(41, experts.hidden_dim, dtype=torch.float64)
+    got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    want = reference(experts, x, index, weights)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-12, name
+    if kind == "skewed":
+        idle = torch.ones(experts.num_experts, dtype=torch.bool)
+        idle[index[index < experts.num_experts].unique()] = False
+        assert idle.any()
+        assert got[3][idle].abs().max() == 0 and got[4][idle].abs().max() == 0
+
+
+def test_grouped_float32_within_design_tolerance():
+    experts = make_experts(hidden=64, inter=96, experts=6, top_k=3, dtype=torch.float32)
+    index, weights = make_routing(64, 6, 3, "skewed", dtype=torch.float32)
+    x = torch.randn(64, 64)
+    got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    want = reference(experts, x, index, weights)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-5, name
+
+
+def test_every_slot_dropped_and_no_tokens():
+    experts = make_experts()
+    x = torch.randn(5, experts.hidden_dim, dtype=torch.float64)
+    index = torch.full((5, 2), experts.num_experts)
+    out = grouped_experts_forward(experts, x, index, torch.zeros(5, 2, dtype=torch.float64))
+    assert torch.equal(out, torch.zeros_like(out))
+    empty = grouped_experts_forward(experts, x[:0], index[:0], torch.zeros(0, 2, dtype=torch.float64))
+    assert empty.shape == (0, experts.hidden_dim)
+
+
+def test_sort_by_expert_is_a_permutation_grouped_by_expert():
+    num_experts, top_k = 7, 3
+    index, _ = make_routing(50, num_experts, top_k, "skewed")
+    token, order, position, offsets = sort_by_expert(index, num_experts)
+    flat = index.reshape(-1)
+    assert torch.equal(order[position], torch.arange(flat.numel()))
+    assert torch.equal(token, order // top_k)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    assert torch.equal(offsets.long(), counts.cumsum(0))
+    assert offsets.dtype == torch.int32
+    assert torch.equal(flat[order][: offsets[-1]], torch.repeat_interleave(torch.arange(num_experts), counts))
+
+
+def test_model_defaults_to_hf_moe_grouped_and_switches():
+    cfg = HfMoeConfig(
+        hidden_size=32, intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
+    )
+    model = HfMoeForCausalLM(cfg)
+    assert model.config._experts_implementation == "hf_moe_grouped"
+    assert "hf_moe_grouped" in ALL_EXPERTS_FUNCTIONS
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        fast = model(ids).logits
+        model.set_experts_implementation("grouped_mm")
+        assert model.config._experts_implementation == "grouped_mm"
+        peer = model(ids).logits
+    torch.testing.assert_close(fast, peer, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_path_never_imports_triton_kernels():
+    experts = make_experts()
+    index, weights = make_routing(9, experts.num_experts, 2, "uniform")
+    grouped_experts_forward(experts, torch.randn(9, experts.hidden_dim, dtype=torch.float64), index, weights)
+    assert "hf_moe.moe.kernels.triton_moe" not in sys.modules
+
+
+# ------------------------------------------------------------------ CUDA (run on the device machine)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape", [(256, 384, 16, 4), (512, 1024, 8, 2), (128, 200, 5, 2)])
+@pytest.mark.parametrize("kind", ["uniform", "skewed"])
+def test_cuda_bf16_matches_float32_reference(shape, kind):
+    """bf16 on the GPU against the float64 loop; the error must be bf16-sized and no larger than transformers'
+    own grouped_mm's error on the same inputs."""
+    hidden, inter, num_experts, top_k = shape
+    experts = make_experts(hidden, inter, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
+    index, weights = make_routing(333, num_experts, top_k, kind, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(333, hidden, device="cuda", dtype=torch.bfloat16)
+    want = reference(experts, x, index, weights)
+    got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    peer = forward_and_grads(ALL_EXPERTS_FUNCTIONS["grouped_mm"], experts, x, index, weights)
+    for name, g, p, w in zip(NAMES, got, peer, want):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < max(1e-2, 1.5 * rel_err(p, w)), (name, rel_err(g, w), rel_err(p, w))
+    if kind == "skewed":
+        idle = torch.ones(num_experts, dtype=torch.bool)
+        idle[index[index < num_experts].unique().cpu()] = False
+        assert idle.any()
+        assert got[3][idle].abs().max() == 0 and got[4][idle].abs().max() == 0
+
+
+@requires_cuda
+def test_cuda_float32_matches_reference():
+    experts = make_experts(64, 96, 6, 2, dtype=torch.float32, device="cuda")
+    index, weights = make_routing(100, 6, 2, "skewed", device="cuda", dtype=torch.float32)
+    x = torch.randn(100, 64, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    want = reference(experts, x, index, weights)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-5, name
+
+
+@requires_cuda
+def test_cuda_no_host_sync_and_deterministic():
+    # 1024 tokens × 8 slots: past the 4096 rows where torch.sort switches from its in-place kernel to cub.
+    experts = make_experts(256, 384, 16, 8, dtype=torch.bfloat16, device="cuda")
+    index, weights = make_routing(1024, 16, 8, "skewed", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    forward_and_grads(grouped_experts_forward, experts, x, index, weights)  # compile the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        xg, wg = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        out = grouped_experts_forward(experts, xg, index, wg)
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    first = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    second = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+@requires_cuda
+def test_cuda_triton_kernels_match_torch_fallbacks():
+    from hf_moe.moe import experts as backend
+    from hf_moe.moe.kernels import triton_moe
+
+    rows, inter, hidden = 300, 200, 96
+    offsets = torch.tensor([40, 40, 150, 260], device="cuda", dtype=torch.int32)  # rows 260.. are dropped
+    gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16)
+    weight = torch.rand(rows, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
+    act = torch.nn.SiLU()
+    valid = slice(0, 260)
+    ref_h = backend._gated_act(gate_up.float(), weight.float(), offsets, act, False)
+    torch.testing.assert_close(triton_moe.swiglu_forward(gate_up, weight, offsets)[valid].float(), ref_h[valid], rtol=2e-2, atol=1e-2)
+    d_gu, d_w, h = triton_moe.swiglu_backward(gate_up, weight, grad, offsets, True)
+    r_gu, r_w, r_h = backend._gated_act_backward(gate_up.float(), weight.float(), grad.float(), offsets, act, False, True)
+    torch.testing.assert_close(d_gu[valid].float(), r_gu[valid], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(d_w[valid], r_w[valid], rtol=1e-3, atol=1e-3)
+    assert torch.equal(d_w[260:], torch.zeros_like(d_w[260:]))
+    torch.testing.assert_close(h[valid].float(), r_h[valid], rtol=2e-2, atol=1e-2)
+    table = torch.randn(77, hidden, device="cuda", dtype=torch.bfloat16)
+    token = torch.randint(0, 77, (rows,), device="cuda")
+    assert torch.equal(triton_moe.gather_rows(table, token, offsets)[valid], table[token][valid])
+    num_tokens, top_k = 150, 2
+    src = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
+    src[260:] = float("nan")  # dropped rows must never be read
+    position = torch.randperm(rows, device="cuda")
+    out = triton_moe.gather_sum(src, position, offsets, num_tokens)
+    rows_ = src.float()[position].view(num_tokens, top_k, hidden)
+    want = torch.where((position < 260).view(num_tokens, top_k, 1), rows_, 0).sum(1)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
