@@ -1,138 +1,219 @@
-"""Peak memory and throughput of streaming upcycling vs a naive load-everything conversion.
+"""Peak memory and throughput of streaming upcycling vs. a naive load-everything converter, side by side.
 
-Generates a random Llama-shaped dense checkpoint (~1B parameters by default, bf16), then converts it twice, each
-in its own process so that peak RSS is measured cleanly:
-  * streaming: `conversions.upcycle` (one source tensor and one layer's expert stack at a time);
-  * naive: load the whole dense state dict, build the whole MoE state dict, save it (what a simple script does).
-Prints peak RSS, wall time and GB/s of output written for both, and their ratios.
+Generates a random Llama-shaped dense checkpoint (about 1B parameters in bf16 by default, sharded with an
+index), then converts it twice, each in a fresh process so peak RSS is measured cleanly:
 
-    python benchmarks/upcycle_memory.py --workdir /tmp/upcycle-bench            # ~1B parameters
-    python benchmarks/upcycle_memory.py --hidden-size 1024 --layers 8          # quicker
+- streaming: `conversions.upcycle` (reads one tensor at a time, writes expert rows straight into the shard);
+- naive: load every source tensor, build the whole MoE state dict in memory, save it shard by shard with
+  `safetensors.torch.save_file` (what a simple conversion script does).
+
+Both write the same tensors (checked), so the ratios compare like with like. CPU only:
+
+    python benchmarks/upcycle_memory.py                      # ~1B source, 4 experts on every other layer
+    python benchmarks/upcycle_memory.py --layers 4 --hidden 1024 --intermediate 2816   # quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 
-def generate(path: str, args: argparse.Namespace) -> int:
-    """A random bf16 Llama checkpoint written layer by layer (never the whole model in memory)."""
-    config = LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size,
-                         intermediate_size=args.intermediate_size, num_hidden_layers=args.layers,
-                         num_attention_heads=args.hidden_size // 128,
-                         num_key_value_heads=max(1, args.hidden_size // 512),
-                         tie_word_embeddings=False, dtype="bfloat16")
-    os.makedirs(path, exist_ok=True)
+def rss_now() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def generate(path: Path, args: argparse.Namespace) -> None:
+    """A random dense Llama checkpoint written layer by layer into ~1 GB shards with an index."""
+    import torch
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+                         num_key_value_heads=max(1, args.hidden // 512), tie_word_embeddings=False)
+    config.dtype = torch.bfloat16
+    path.mkdir(parents=True)
     config.save_pretrained(path)
-    h, i, kv = args.hidden_size, args.intermediate_size, config.num_key_value_heads * 128
-    shapes = {"model.embed_tokens.weight": (args.vocab_size, h), "model.norm.weight": (h,),
-              "lm_head.weight": (args.vocab_size, h)}
-    for layer in range(args.layers):
-        p = f"model.layers.{layer}."
-        shapes.update({p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-                       p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                       p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                       p + "post_attention_layernorm.weight": (h,)})
-    weight_map, shard, count, params = {}, {}, 0, 0
-    names = list(shapes)
-    for n, name in enumerate(names):
-        shard[name] = (torch.randn(shapes[name]) * 0.02).to(torch.bfloat16)
-        params += shard[name].numel()
-        if sum(t.numel() for t in shard.values()) > 250_000_000 or n == len(names) - 1:
-            file = f"model-{count:05d}.safetensors"
-            save_file(shard, os.path.join(path, file), metadata={"format": "pt"})
-            weight_map.update({k: file for k in shard})
-            shard, count = {}, count + 1
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    return params
+    H, I, kv = args.hidden, args.intermediate, config.num_key_value_heads * config.head_dim
+
+    def rand(*shape):
+        return (torch.randn(*shape) * 0.02).to(torch.bfloat16)
+
+    groups = [{"model.embed_tokens.weight": rand(args.vocab, H)}]
+    for i in range(args.layers):
+        p = f"model.layers.{i}."
+        groups.append({p + "self_attn.q_proj.weight": rand(H, H), p + "self_attn.k_proj.weight": rand(kv, H),
+                       p + "self_attn.v_proj.weight": rand(kv, H), p + "self_attn.o_proj.weight": rand(H, H),
+                       p + "mlp.gate_proj.weight": rand(I, H), p + "mlp.up_proj.weight": rand(I, H),
+                       p + "mlp.down_proj.weight": rand(H, I), p + "input_layernorm.weight": 1 + rand(H),
+                       p + "post_attention_layernorm.weight": 1 + rand(H)})
+        if sum(t.nbytes for g in groups for t in g.values()) >= 10**9:
+            _flush(path, groups)
+    groups.append({"model.norm.weight": 1 + rand(H), "lm_head.weight": rand(args.vocab, H)})
+    _flush(path, groups, last=True)
 
 
-def naive(source: str, output: str, num_experts: int) -> None:
-    """Load everything, build everything, save everything."""
-    with open(os.path.join(source, "model.safetensors.index.json")) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+_written: dict[str, str] = {}
+
+
+def _flush(path: Path, groups: list[dict], last: bool = False) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v for g in groups for k, v in g.items()}
+    name = f"part-{len(set(_written.values())):05d}.safetensors"
+    save_file(tensors, path / name, metadata={"format": "pt"})
+    _written.update({k: name for k in tensors})
+    groups.clear()
+    if last:
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": _written}))
+
+
+def naive(src: Path, out: Path, args: argparse.Namespace) -> None:
+    """Everything in memory: all source tensors, then the whole MoE state dict, then shard-by-shard save_file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from conversions.init_methods import router_normal
+    from conversions.safetensors_io import parse_size, shard_file_names
+    from conversions.sources import DenseSource, expected_shapes
+    from conversions.upcycling import UpcycleConfig, _output_config, _validate
+
+    source = DenseSource.open(src)
+    plan = _validate(UpcycleConfig(num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers), source)
+    config = _output_config(source, plan)
+    dense = {}
+    for file in sorted(src.glob("*.safetensors")):
+        dense.update(load_file(file))
     state = {}
-    for file in files:
-        state.update(load_file(os.path.join(source, file)))
-    moe = {}
+    for name in expected_shapes(config):
+        if ".mlp." not in name or int(name.split(".")[2]) not in plan.moe_layers:
+            state[name] = dense[name]
+            continue
+        layer, prefix = int(name.split(".")[2]), name.split(".mlp.")[0] + ".mlp."
+        if name.endswith("router.weight"):
+            state[name] = router_normal(args.experts, config.hidden_size, 1, config.initializer_range, 0,
+                                        layer).to(torch.bfloat16)
+        elif name.endswith("gate_up_proj"):
+            gate_up = torch.cat([dense[prefix + "gate_proj.weight"], dense[prefix + "up_proj.weight"]])
+            state[name] = torch.stack([gate_up] * args.experts)
+        elif name.endswith("down_proj"):
+            state[name] = torch.stack([dense[prefix + "down_proj.weight"]] * args.experts)
+    limit, shards, size = parse_size(args.max_shard_size), [{}], 0
     for name, tensor in state.items():
-        if ".mlp." not in name:
-            moe[name] = tensor
-    layers = {int(n.split(".")[2]) for n in state if ".mlp." in n}
-    for layer in layers:
-        p = f"model.layers.{layer}.mlp."
-        gate_up = torch.cat([state[p + "gate_proj.weight"], state[p + "up_proj.weight"]])
-        moe[p + "experts.gate_up_proj"] = gate_up.unsqueeze(0).repeat(num_experts, 1, 1)
-        moe[p + "experts.down_proj"] = state[p + "down_proj.weight"].unsqueeze(0).repeat(num_experts, 1, 1)
-        moe[p + "router.weight"] = torch.randn(num_experts, gate_up.shape[1]).to(gate_up.dtype) * 0.02
-    os.makedirs(output, exist_ok=True)
-    save_file(moe, os.path.join(output, "model.safetensors"), metadata={"format": "pt"})
+        if shards[-1] and size + tensor.nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += tensor.nbytes
+    out.mkdir()
+    config.save_pretrained(out)
+    files = shard_file_names(len(shards))
+    for file, shard in zip(files, shards):
+        save_file(shard, out / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
+        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-def child(mode: str, source: str, output: str, num_experts: int, max_shard_size: str) -> None:
-    start = time.time()
-    if mode == "streaming":
-        from conversions import UpcycleConfig, upcycle
+def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
+    from conversions import UpcycleConfig, upcycle
 
-        upcycle(source, output, UpcycleConfig(num_experts=num_experts, top_k=2, max_shard_size=max_shard_size,
-                                              overwrite=True))
-    else:
-        naive(source, output, num_experts)
-    seconds = time.time() - start
-    written = sum(os.path.getsize(os.path.join(output, f)) for f in os.listdir(output) if f.endswith(".safetensors"))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss": peak, "written": written}))
+    upcycle(src, out, UpcycleConfig(num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers,
+                                    max_shard_size=args.max_shard_size, progress=False))
+
+
+def child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> None:
+    import conversions  # noqa: F401  (imports torch and transformers before the baseline is taken)
+
+    baseline = rss_now()
+    start = time.perf_counter()
+    {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode](src, out, args)
+    seconds = time.perf_counter() - start
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(json.dumps({"mode": mode, "peak_rss": peak_rss(), "baseline_rss": baseline, "seconds": seconds,
+                      "bytes_written": written}))
+
+
+def run_child(mode: str, src: Path, out: Path, argv: list[str]) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--child", mode, str(src), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_tensors(a: Path, b: Path) -> int:
+    """Compare every tensor of two checkpoints one at a time; returns how many were compared."""
+    import torch
+
+    from conversions.safetensors_io import SafetensorsReader
+
+    ra, rb = SafetensorsReader(a), SafetensorsReader(b)
+    if set(ra.tensors) != set(rb.tensors):
+        raise SystemExit(f"outputs hold different tensors: {sorted(set(ra.tensors) ^ set(rb.tensors))[:5]}")
+    for name in ra.tensors:
+        if not torch.equal(ra.get(name), rb.get(name)):
+            raise SystemExit(f"outputs differ in {name}")
+    return len(ra.tensors)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="/tmp/hf-moe-upcycle-bench")
-    parser.add_argument("--hidden-size", type=int, default=2048)
-    parser.add_argument("--intermediate-size", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--vocab-size", type=int, default=32000)
-    parser.add_argument("--num-experts", type=int, default=4)
-    parser.add_argument("--max-shard-size", default="1GB", help="shard size of the streaming path's output")
-    parser.add_argument("--keep", action="store_true", help="keep the generated files")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--layers", type=int, default=20)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--moe-layers", default="every-other")
+    parser.add_argument("--max-shard-size", default="2GB")
+    parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    source = os.path.join(args.workdir, "dense")
-    params = generate(source, args)
-    print(f"dense checkpoint: {params / 1e9:.2f}B parameters (bf16), {args.layers} layers; upcycling to "
-          f"{args.num_experts} experts per layer; streaming output in shards of {args.max_shard_size}")
-    results = {}
-    for mode in ("streaming", "naive"):
-        out = os.path.join(args.workdir, mode)
-        proc = subprocess.run([sys.executable, __file__, "--child", mode, source, out, str(args.num_experts),
-                               args.max_shard_size],
-                              capture_output=True, text=True, check=True)
-        results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
-        shutil.rmtree(out)
-    print(f"\n{'path':<10} {'peak RSS':>10} {'time':>8} {'written':>9} {'GB/s':>6}")
-    for mode, r in results.items():
-        print(f"{mode:<10} {r['peak_rss'] / 2**30:>8.2f}GiB {r['seconds']:>7.1f}s {r['written'] / 1e9:>7.2f}GB "
-              f"{r['written'] / 1e9 / r['seconds']:>6.2f}")
-    s, n = results["streaming"], results["naive"]
-    print(f"\nstreaming / naive: peak RSS {s['peak_rss'] / n['peak_rss']:.2f}x, "
-          f"time {s['seconds'] / n['seconds']:.2f}x")
-    if not args.keep:
-        shutil.rmtree(args.workdir)
+    if args.child:
+        mode, src, out = args.child
+        child(mode, Path(src), Path(out), args)
+        return
+    argv = sys.argv[1:]
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        tmp = Path(tmp)
+        gen = run_child("generate", tmp, tmp / "dense", argv)
+        params = gen["bytes_written"] // 2
+        print(f"source: random Llama, {params / 1e9:.2f}B parameters, {gen['bytes_written'] / 1e9:.2f} GB bf16 "
+              f"(H={args.hidden}, I={args.intermediate}, {args.layers} layers); upcycling to {args.experts} experts, "
+              f"top-{args.top_k}, moe_layers={args.moe_layers}")
+        results = {}
+        for mode in ("streaming", "naive"):
+            results[mode] = run_child(mode, tmp / "dense", tmp / mode, argv)
+            print(json.dumps(results[mode]), flush=True)
+        compared = same_tensors(tmp / "streaming", tmp / "naive")
+        print(f"outputs identical: {compared} tensors compared")
+        s, n = results["streaming"], results["naive"]
+        print(f"{'path':<10} {'peak RSS':>10} {'above imports':>14} {'time':>8} {'write GB/s':>11}")
+        for mode, r in results.items():
+            print(f"{mode:<10} {r['peak_rss'] / 2**30:>8.2f}GiB {(r['peak_rss'] - r['baseline_rss']) / 2**30:>11.2f}GiB "
+                  f"{r['seconds']:>7.1f}s {r['bytes_written'] / r['seconds'] / 1e9:>11.3f}")
+        print(f"output {s['bytes_written'] / 1e9:.2f} GB; naive / streaming: peak RSS "
+              f"{n['peak_rss'] / s['peak_rss']:.1f}x (above imports "
+              f"{(n['peak_rss'] - n['baseline_rss']) / max(1, s['peak_rss'] - s['baseline_rss']):.1f}x), "
+              f"time {n['seconds'] / s['seconds']:.2f}x")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
-    else:
-        main()
+    main()

@@ -1,7 +1,24 @@
-"""Converters: dense → MoE upcycling of Llama, Mistral, Qwen2 and Qwen3 checkpoints (`upcycle`), with a CLI
-(`hf-moe upcycle` or `python -m conversions upcycle`)."""
+"""Converters: dense → MoE upcycling of Llama, Mistral, Qwen2 and Qwen3 checkpoints into hf-moe checkpoints.
 
-from .source import SUPPORTED_ARCHITECTURES, SourceError
-from .upcycle import UpcycleConfig, UpcycleReport, upcycle, verify
+    from conversions import UpcycleConfig, upcycle
+    upcycle("./llama-dense", "./llama-8x", UpcycleConfig(num_experts=8, top_k=2, verify=True))
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "SourceError", "UpcycleConfig", "UpcycleReport", "upcycle", "verify"]
+The same from the shell: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 --verify` (or `python -m conversions`).
+"""
+
+from .safetensors_io import CheckpointError
+from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
+from .upcycling import UpcycleConfig, UpcycleError, UpcycleResult, upcycle
+from .verification import VerifyResult, verify_upcycle
+
+__all__ = [
+    "SUPPORTED_SOURCES",
+    "CheckpointError",
+    "UnsupportedSourceError",
+    "UpcycleConfig",
+    "UpcycleError",
+    "UpcycleResult",
+    "VerifyResult",
+    "upcycle",
+    "verify_upcycle",
+]

@@ -1,67 +1,96 @@
-"""Run a causal LM one decoder layer at a time, loading each layer's weights just before it runs.
+"""Run a checkpoint one decoder layer at a time, straight from its safetensors files, in float32.
 
-Memory is one layer's weights plus the activations of the batch, whatever the model's size. Used to verify an
-upcycled model against its dense source and to collect the hidden states that k-means router init clusters.
+Only one layer's weights (plus the embedding / LM head at the ends) are in memory at once, so the dense
+model can be run for k-means calibration and dense and MoE models can be compared side by side on machines
+that could not hold either model whole.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from hf_moe import HfMoeConfig
+from hf_moe.modeling_hf_moe import HfMoeDecoderLayer, HfMoeRMSNorm, HfMoeRotaryEmbedding
+
+from .safetensors_io import SafetensorsReader
 
 
 class LayerwiseModel:
-    """A `model_class(config)` skeleton on the meta device whose parts are materialised on demand.
+    """An `HfMoeForCausalLM` whose weights stay on disk until the layer that needs them runs.
 
-    Args:
-        config: the model's config.
-        model_class: a transformers causal-LM class (`LlamaForCausalLM`, `HfMoeForCausalLM`, ...).
-        get_tensor: loads one tensor by its checkpoint name.
+    `weight_dtype` rounds every weight to that dtype before computing in float32 (so a dense source can be
+    compared with an upcycled copy stored in lower precision on equal terms).
     """
 
-    def __init__(self, config: PretrainedConfig, model_class: type, get_tensor: Callable[[str], torch.Tensor]):
+    def __init__(self, config: HfMoeConfig, reader: SafetensorsReader, weight_dtype: torch.dtype | None = None):
         self.config = config
-        self.get_tensor = get_tensor
-        with torch.device("meta"):
-            self.skeleton = model_class(config)
-        self.skeleton.config._attn_implementation = "eager"
-        self.backbone = self.skeleton.model
-        self.rotary = type(self.backbone.rotary_emb)(config=config)
+        self.config._attn_implementation = "sdpa"
+        self.config._experts_implementation = "eager"  # the reference loop over experts
+        self.reader = reader
+        self.weight_dtype = weight_dtype
+        self.rotary = HfMoeRotaryEmbedding(config=config)
 
-    def _load(self, module: nn.Module, prefix: str) -> nn.Module:
-        """A materialised copy of a skeleton part (the skeleton stays on meta, so memory is freed after use)."""
-        module = copy.deepcopy(module).to_empty(device="cpu")
-        state = {name: self.get_tensor(prefix + name).float() for name in module.state_dict()}
-        module.load_state_dict(state, strict=True)
-        return module.float()
+    def _tensor(self, name: str) -> torch.Tensor:
+        tensor = self.reader.get(name)
+        if self.weight_dtype is not None:
+            tensor = tensor.to(self.weight_dtype)
+        return tensor.float()
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self._tensor("model.embed_tokens.weight"))
+
+    def layer(self, index: int) -> HfMoeDecoderLayer:
+        """Decoder layer `index` with its weights loaded (float32)."""
+        with torch.device("meta"):
+            layer = HfMoeDecoderLayer(self.config, index)
+        prefix = f"model.layers.{index}."
+        state = {name: self._tensor(prefix + name) for name in layer.state_dict()}
+        layer.load_state_dict(state, strict=True, assign=True)
+        return layer.eval()
+
+    def positions(self, hidden_states: torch.Tensor) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+        """The causal mask and rotary embeddings every layer of an unpadded batch shares."""
+        position_ids = torch.arange(hidden_states.shape[1]).unsqueeze(0)
+        mask_function = (create_causal_mask if self.config.sliding_window is None
+                         else create_sliding_window_causal_mask)
+        mask = mask_function(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
+                             past_key_values=None, position_ids=position_ids)
+        return ({"attention_mask": mask, "position_ids": position_ids},
+                self.rotary(hidden_states, position_ids=position_ids))
+
+    def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        norm = HfMoeRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self._tensor("model.norm.weight")
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        return nn.functional.linear(norm(hidden_states), self._tensor(head))
 
     @torch.no_grad()
-    def logits(self, input_ids: torch.Tensor, on_mlp_input: Callable[[int, torch.Tensor], None] | None = None):
-        """fp32 logits of `input_ids`; `on_mlp_input(layer, x)` sees every layer's MLP input."""
-        embed = self._load(self.backbone.embed_tokens, "model.embed_tokens.")
-        hidden = embed(input_ids)
-        positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
-        position_embeddings = self.rotary(hidden, positions)
-        sliding = getattr(self.config, "sliding_window", None)
-        make_mask = create_sliding_window_causal_mask if sliding else create_causal_mask
-        mask = make_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                         position_ids=positions)
-        for i, skeleton_layer in enumerate(self.backbone.layers):
-            layer = self._load(skeleton_layer, f"model.layers.{i}.")
+    def run_layers(self, hidden_states: torch.Tensor, stop: int, collect: Collection[int] = (),
+                   on_mlp_inputs: Callable[[int, torch.Tensor], None] | None = None, sequences_per_step: int = 4,
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Hidden states `[B, S, H]` after layers `[0, stop)`, `sequences_per_step` sequences at a time.
+
+        For each layer in `collect`, `on_mlp_inputs(i, x [B·S, H])` receives its normalised MLP inputs.
+        """
+        for i in range(stop):
+            layer = self.layer(i)
+            inputs: list[torch.Tensor] = []
             hook = None
-            if on_mlp_input is not None:
-                hook = layer.mlp.register_forward_pre_hook(lambda m, args, i=i: on_mlp_input(i, args[0]))
-            out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=position_embeddings)
-            hidden = out[0] if isinstance(out, tuple) else out
+            if i in collect:
+                hook = layer.mlp.register_forward_pre_hook(
+                    lambda _m, args, inputs=inputs: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+            outputs = []
+            for chunk in hidden_states.split(sequences_per_step):
+                kwargs, position_embeddings = self.positions(chunk)
+                outputs.append(layer(chunk, position_embeddings=position_embeddings, **kwargs)[0])
+            hidden_states = torch.cat(outputs)
             if hook is not None:
                 hook.remove()
-            del layer
-        hidden = self._load(self.backbone.norm, "model.norm.")(hidden)
-        if self.config.tie_word_embeddings:
-            return hidden @ embed.weight.T
-        return self._load(self.skeleton.lm_head, "lm_head.")(hidden)
+                on_mlp_inputs(i, torch.cat(inputs))
+            if progress is not None:
+                progress(i)
+        return hidden_states

@@ -179,9 +179,9 @@ def main() -> None:
     start_loss = heldout_loss(dense, heldout_blocks, args.batch_size)
 
     print("3/5 upcycle to a mixture of experts (verified against the dense model)")
-    report = upcycle(dense_dir, moe_dir, UpcycleConfig(
+    result = upcycle(dense_dir, moe_dir, UpcycleConfig(
         num_experts=args.num_experts, top_k=args.top_k, verify=True, overwrite=True))
-    print(f"    {report}")
+    print("    " + result.summary().replace("\n", "\n    "))
 
     print("4/5 fine-tune the MoE and, for comparison, continue the dense model on the same tokens")
     finetune_blocks = train_blocks[pretrain_tokens:][: args.finetune_steps * args.batch_size]

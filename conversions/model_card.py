@@ -1,0 +1,116 @@
+"""The README.md model card of an upcycled checkpoint, rendered from `model_cards/upcycled.md`."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .init_methods import InitMethod
+
+if TYPE_CHECKING:
+    from .sources import DenseSource
+    from .upcycling import UpcycleConfig, UpcycleResult
+
+# In a source checkout the templates sit next to the package; an installed wheel puts them in the same place
+# (pyproject package data `../model_cards/*.md`).
+TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "upcycled.md"
+
+INIT_DESCRIPTIONS = {
+    "copy": "`copy` — every routed expert is an exact copy of (its slice of) the dense MLP: Sparse Upcycling, "
+            "Komatsuzaki et al. 2023, [arXiv:2212.05055](https://arxiv.org/abs/2212.05055). Preserves function.",
+    "noise": "`noise:{value:g}` — copies of the dense MLP plus independent Gaussian noise N(0, {value:g}²) on every "
+             "routed expert weight, so experts start apart. Changes the function.",
+    "drop": "`drop:{value:g}` — Drop-Upcycling, Nakamura et al. 2025, "
+            "[arXiv:2502.19261](https://arxiv.org/abs/2502.19261): in each expert a random {value:.0%} of the "
+            "intermediate neurons (their gate/up rows and down_proj columns) are re-initialised from a normal "
+            "distribution with the mean and std of the weights they replace. Changes the function when the "
+            "fraction is > 0.",
+}
+ROUTER_DESCRIPTIONS = {
+    "normal": "rows drawn from N(0, initializer_range²), one per virtual group.",
+    "zeros": "all zeros (uniform routing at the start of training).",
+    "kmeans": "k-means (cosine) centroids of the dense model's MLP inputs at each MoE layer over a calibration "
+              "text, scaled to the norm of a N(0, initializer_range²) row.",
+}
+
+
+def _command(source: DenseSource, config: UpcycleConfig, output: Path) -> str:
+    args = ["hf-moe", "upcycle", str(source.path), str(output), "--num-experts", str(config.num_experts),
+            "--top-k", str(config.top_k)]
+    layers = config.moe_layers if isinstance(config.moe_layers, str) else ",".join(map(str, config.moe_layers))
+    args += ["--moe-layers", layers, "--granularity", str(config.granularity), "--shared-experts",
+             str(config.shared_experts), "--init", str(config.init), "--router-init", config.router_init]
+    if config.shared_expert_gate:
+        args.append("--shared-expert-gate")
+    if config.calibration_file is not None:
+        args += ["--calibration-file", str(config.calibration_file)]
+    args += ["--dtype", str(config.dtype), "--seed", str(config.seed)]
+    return shlex.join(args)
+
+
+def _hub_url(base_model: str) -> str | None:
+    return f"https://huggingface.co/{base_model}" if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) else None
+
+
+def render_model_card(source: DenseSource, config: UpcycleConfig, init: InitMethod, result: UpcycleResult) -> ModelCard:
+    """Fill the template: hub metadata (base_model, library, tags), parameters, conversion and verification."""
+    base_model = config.base_model or source.path.resolve().name
+    existing = source.path / "README.md"
+    inherited = {}
+    if existing.is_file():  # keep the source's license and languages
+        data = ModelCard.load(existing).data
+        inherited = {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+    card_data = ModelCardData(
+        base_model=base_model,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["moe", "upcycled", "hf-moe", source.model_type],
+        **inherited,
+    )
+    cfg = result.config
+    conversion = [
+        ("source architecture", source.model_type),
+        ("num_experts", cfg.num_experts),
+        ("top_k", cfg.num_experts_per_tok),
+        ("moe_layers", cfg.moe_layer_indices),
+        ("granularity", config.granularity),
+        ("expert width (moe_intermediate_size)", cfg.moe_intermediate_size),
+        ("shared_experts", config.shared_experts),
+        ("shared_expert_gate", config.shared_expert_gate),
+        ("init", str(init)),
+        ("router_init", config.router_init),
+        ("dtype", str(cfg.dtype).replace("torch.", "")),
+        ("seed", config.seed),
+    ]
+    if result.verification is not None:
+        verification = "```\n" + result.verification.summary() + "\n```"
+    else:
+        verification = "Not run at conversion time (`hf-moe upcycle ... --verify` compares dense and MoE logits)."
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        model_name=result.output.name,
+        model_path=str(result.output),
+        source_type=source.model_type,
+        base_model_url=_hub_url(base_model),
+        num_experts=cfg.num_experts,
+        moe_layers=cfg.moe_layer_indices,
+        top_k=cfg.num_experts_per_tok,
+        shared_experts=config.shared_experts,
+        shared_expert_gate=config.shared_expert_gate,
+        granularity=config.granularity,
+        expert_width=cfg.moe_intermediate_size,
+        function_preserving=result.function_preserving,
+        change_reason=result.change_reason,
+        total_parameters=f"{result.total_parameters:,}",
+        active_parameters=f"{result.active_parameters:,}",
+        conversion=conversion,
+        init_description=INIT_DESCRIPTIONS[init.kind].format(value=init.value),
+        router_description=ROUTER_DESCRIPTIONS[config.router_init],
+        command=_command(source, config, result.output),
+        verification=verification,
+    )

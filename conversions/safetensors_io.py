@@ -1,0 +1,224 @@
+"""Streaming safetensors I/O: read one tensor at a time, write shards whose tensors are produced piece by piece.
+
+Reading opens the shard with `safe_open` for each tensor, so no file stays memory-mapped (mapped pages count
+towards the process's resident memory). Writing lays out each shard's header up front from the planned
+names, dtypes and shapes, then streams every tensor's bytes in row blocks as they are produced: peak memory
+is one block, never a shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+_DTYPE_CODES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
+_DTYPES_BY_NAME = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                   "I64": torch.int64, "I32": torch.int32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint on disk is missing, incomplete or unreadable."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class SafetensorsReader:
+    """Index of the tensors in a folder's `model.safetensors` or sharded `model.safetensors.index.json`.
+
+    Every shard named by the index must exist and parse; `get` reads one tensor and releases the file.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        index_path = self.folder / SAFE_WEIGHTS_INDEX_NAME
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise CheckpointError(f"{index_path} is not a valid safetensors index ({err}).") from err
+            files = sorted(set(weight_map.values()))
+        elif (self.folder / SAFE_WEIGHTS_NAME).is_file():
+            weight_map, files = None, [SAFE_WEIGHTS_NAME]
+        else:
+            raise CheckpointError(_no_safetensors_message(self.folder))
+        missing = [f for f in files if not (self.folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"shard(s) {', '.join(missing)} listed in {index_path.name} are missing from "
+                                  f"{self.folder}.")
+        self.tensors: dict[str, TensorInfo] = {}
+        for name in files:
+            path = self.folder / name
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
+                        piece = f.get_slice(key)
+                        self.tensors[key] = TensorInfo(path, tuple(piece.get_shape()), _DTYPES_BY_NAME.get(
+                            piece.get_dtype(), piece.get_dtype()))
+            except SafetensorError as err:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
+                                      f"corrupt — re-download it.") from err
+        if weight_map is not None:
+            wrong = [k for k, f in weight_map.items() if k not in self.tensors or self.tensors[k].file.name != f]
+            if wrong:
+                raise CheckpointError(f"{index_path.name} maps {len(wrong)} tensor(s) to shards that do not hold them "
+                                      f"(first: {wrong[:5]}); the checkpoint is incomplete or corrupt.")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory (a private copy, not a view of a mapped file)."""
+        info = self.tensors[name]
+        with safe_open(info.file, framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def _no_safetensors_message(folder: Path) -> str:
+    if not folder.is_dir():
+        return f"source folder {folder} does not exist."
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+    if pickles:
+        return (f"{folder} holds only pickle weights ({', '.join(pickles)}), which hf-moe never loads because "
+                f"unpickling can run arbitrary code. Convert them to safetensors first (for example "
+                f"`model = AutoModelForCausalLM.from_pretrained(src); model.save_pretrained(dst)` in an environment "
+                f"you trust), then upcycle the safetensors copy.")
+    return (f"{folder} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}; expected a transformers "
+            f"checkpoint folder saved with safetensors.")
+
+
+def parse_size(size: int | str) -> int:
+    """`5GB` → 5·10⁹ bytes, `2GiB` → 2·2³⁰ (as in transformers' `max_shard_size`); ints pass through."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"max_shard_size={size!r} is invalid: expected bytes as an integer or a size such as "
+                             f"'500MB', '5GB' or '2GiB'.")
+        unit = (match.group(2) or "B").upper()
+        scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+                 "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+        value = int(float(match.group(1)) * scale)
+    if value <= 0:
+        raise ValueError(f"max_shard_size={size!r} is invalid: expected a positive size.")
+    return value
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: its name, shape, dtype and a producer yielding row blocks (along dim 0) in order."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    produce: Callable[[], Iterable[torch.Tensor]]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_size: int) -> list[list[PlannedTensor]]:
+    """Greedy sharding in order; a tensor larger than the limit gets a shard of its own (as in transformers)."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_file_names(num_shards: int) -> list[str]:
+    if num_shards == 1:
+        return [SAFE_WEIGHTS_NAME]
+    return [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)]
+
+
+def _header(tensors: list[PlannedTensor]) -> bytes:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data buffer 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _write_tensor(f, planned: PlannedTensor) -> None:
+    written = 0
+    for block in planned.produce():
+        if block.dtype != planned.dtype or tuple(block.shape[1:]) != planned.shape[1:]:
+            raise RuntimeError(f"internal error: {planned.name} produced a {block.dtype} block of shape "
+                               f"{tuple(block.shape)}, planned {planned.dtype} {planned.shape}")
+        data = block.detach().contiguous().view(torch.uint8).numpy()
+        f.write(data.data)
+        written += data.nbytes
+    if written != planned.nbytes:
+        raise RuntimeError(f"internal error: {planned.name} produced {written} bytes, planned {planned.nbytes}")
+
+
+def write_shards(folder: Path, shards: list[list[PlannedTensor]],
+                 progress: Callable[[str, PlannedTensor], None]) -> None:
+    """Write the planned shards (and an index when there are several) into `folder`, tensor by tensor;
+    `progress(shard_name, tensor)` is called after each tensor."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; writing them from a big-endian host is unsupported.")
+    names = shard_file_names(len(shards))
+    for name, tensors in zip(names, shards):
+        with open(folder / name, "wb") as f:
+            f.write(_header(tensors))
+            for t in tensors:
+                _write_tensor(f, t)
+                progress(name, t)
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(t.nbytes for s in shards for t in s),
+                         "total_parameters": sum(t.numel for s in shards for t in s)},
+            "weight_map": {t.name: name for name, tensors in zip(names, shards) for t in tensors},
+        }
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def whole(tensor_fn: Callable[[], torch.Tensor]) -> Callable[[], Iterator[torch.Tensor]]:
+    """A producer that yields one tensor computed on demand."""
+
+    def produce() -> Iterator[torch.Tensor]:
+        yield tensor_fn()
+
+    return produce

@@ -1,1 +1,0 @@
-"""Model-card templates that hf-moe's converters fill (rendered with huggingface_hub's `ModelCard`)."""
