@@ -27,12 +27,12 @@ from collections.abc import Callable
 import torch
 import transformers
 from transformers import Qwen3MoeConfig
+from transformers.integrations.moe import grouped_mm_experts_forward
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import hf_moe
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
 from hf_moe.moe.experts import grouped_experts_forward
-from transformers.integrations.moe import grouped_mm_experts_forward
 
 SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),

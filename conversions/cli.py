@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_experts=args.num_experts, top_k=args.top_k, moe_layers=args.moe_layers, granularity=args.granularity,
         shared_experts=args.shared_experts, shared_expert_gate=args.shared_expert_gate, init=args.init,
         router_init=args.router_init, calibration_file=args.calibration_file,
-        calibration_tokens=args.calibration_tokens, calibration_seq_len=args.calibration_seq_len, dtype=args.dtype, max_shard_size=args.max_shard_size,
+        calibration_tokens=args.calibration_tokens, calibration_seq_len=args.calibration_seq_len, dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
         verify=args.verify, overwrite=args.overwrite, seed=args.seed, base_model=args.base_model,
         progress=not args.no_progress,
     )

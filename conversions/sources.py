@@ -25,7 +25,8 @@ SUPPORTED_SOURCES: dict[str, type[PretrainedConfig]] = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
 }
-SUPPORTED_TEXT = "llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), qwen3 (Qwen3ForCausalLM)"
+SUPPORTED_TEXT = ("llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), "
+                  "qwen3 (Qwen3ForCausalLM)")
 
 # Fields copied unchanged from the source config.
 _COMMON_FIELDS = (

@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -360,12 +361,12 @@ def _planned_tensors(source: DenseSource, plan: _Plan, out_config: HfMoeConfig,
         elif part == "router.weight":
             produce = router(layer)
         elif part == "experts.gate_up_proj":
-            produce = lambda layer=layer: gate_up(layer)
+            produce = partial(gate_up, layer)
         elif part == "experts.down_proj":
-            produce = lambda layer=layer: down(layer)
+            produce = partial(down, layer)
         elif part in ("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight"):
             dense_name = f"model.layers.{layer}.mlp.{part.split('.')[1]}.weight"
-            produce = lambda dense_name=dense_name: shared_rows(dense_name)
+            produce = partial(shared_rows, dense_name)
         elif part == "shared_experts.down_proj.weight":
             produce = whole(lambda layer=layer: shared_down(f"model.layers.{layer}.mlp.down_proj.weight"))
         elif part == "shared_expert_gate.weight":

@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
 from hf_moe.moe.experts import HfMoeExperts, grouped_experts_forward, sort_by_expert
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
