@@ -19,10 +19,10 @@ from .modeling_hf_moe import (
     HfMoeModel,
     HfMoePreTrainedModel,
 )
-from .moe.experts import HfMoeExperts, grouped_experts_forward
-from .moe.layer import HfMoeSparseMoeBlock
 from .moe.balancing import update_expert_bias
 from .moe.capacity import capacity_padded_experts_forward, expert_capacity
+from .moe.experts import HfMoeExperts, grouped_experts_forward
+from .moe.layer import HfMoeSparseMoeBlock
 from .moe.metrics import router_metrics
 from .moe.router import (
     ROUTER_CLASSES,

@@ -39,8 +39,11 @@ class HfMoeConfig(PretrainedConfig):
         router_z_loss_coef (`float`): weight of the router z-loss added to `loss` when labels are given.
         output_router_logits (`bool`): return each MoE layer's router logits on the model output.
         output_router_metrics (`bool`): return per-layer router metrics (see `hf_moe.router_metrics`) on the output.
+        qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
+        qk_norm (`bool`): RMSNorm over each head of q and k before RoPE (Qwen3).
+        sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
 
-    Routing fields (see docs/routing.md; the defaults are plain softmax top-k, dropless, switch aux loss):
+    Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
     Args:
         router_type (`str`): a name in the router registry: `"topk"` (token-choice top-k), `"switch"` (top-1),
@@ -69,9 +72,6 @@ class HfMoeConfig(PretrainedConfig):
         expert_bias_update_rate (`float`): default step of `update_expert_bias`.
         fake_gate_noise (`float`): `"fake_balanced"` only: 0 = perfectly balanced, 1 = random experts/weights.
         hash_seed (`int`): `"hash"` only: seed of the fixed token-id → expert table.
-        qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
-        qk_norm (`bool`): RMSNorm over each head of q and k before RoPE (Qwen3).
-        sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
     """
 
     model_type = "hf_moe"
@@ -231,9 +231,9 @@ class HfMoeConfig(PretrainedConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 fail(field, value, "a positive finite number")
-        if isinstance(self.expert_bias_update_rate, bool) or not isinstance(self.expert_bias_update_rate, (int, float)) \
-                or not 0 <= self.expert_bias_update_rate < float("inf"):
-            fail("expert_bias_update_rate", self.expert_bias_update_rate, "a finite number >= 0")
+        rate = self.expert_bias_update_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < float("inf"):
+            fail("expert_bias_update_rate", rate, "a finite number >= 0")
         for field in ("min_capacity", "hash_seed"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

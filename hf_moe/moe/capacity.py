@@ -93,8 +93,8 @@ def capacity_padded_experts_forward(
     x = buffer[:trash].view(num_experts, capacity, -1)
     gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
     y = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2)).reshape(trash, -1)
-    y = torch.cat([y, y.new_zeros(1, y.shape[-1])])[dest]
-    y = y * top_k_weights.reshape(-1, 1).masked_fill(~keep.reshape(-1, 1), 0.0).to(y.dtype)
+    y = torch.cat([y, y.new_zeros(1, y.shape[-1])])[dest]  # sentinel slots read the zero row
+    y = y * top_k_weights.reshape(-1, 1).to(y.dtype)
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
 

@@ -33,7 +33,8 @@ class RouterOutput:
     """What one MoE layer's router decided for a flat batch of T tokens.
 
     Attributes:
-        logits: `[T, E]` float32 router logits (zeros for routers without a learned gate: hash, fake_balanced).
+        logits: `[T, E]` float32 (float64 in a float64 model) router logits; zeros for routers without a
+            learned gate (hash, fake_balanced).
         top_k_index: `[T, k]` chosen experts; `num_experts` marks a dropped / unassigned slot
             (for expert choice k = E: column e is e where expert e took the token).
         top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
@@ -70,25 +71,41 @@ def _expert_counts(index: torch.Tensor, num_experts: int, token_mask: torch.Tens
 
 
 def load_balancing_loss(
-    probs: torch.Tensor, top_k_index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None = None
+    probs: torch.Tensor,
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    token_mask: torch.Tensor | None = None,
+    group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Switch/GShard load-balancing loss `E · Σᵢ fᵢ · Pᵢ` for one layer, and the per-expert slot counts.
 
     `fᵢ` is the number of (token, slot) pairs routed to expert i divided by the number of tokens, `Pᵢ` the
     mean router probability of expert i; padding tokens (`token_mask == False`) count in neither. Under
     perfect balance the loss equals k (the number of experts per token); divide by k for a value of 1.
-    This equals transformers' `load_balancing_loss_func` applied to this layer alone.
+    This equals transformers' `load_balancing_loss_func` applied to this layer alone. Sentinel slots
+    (`num_experts`) count for no expert.
+
+    With a process `group`, fᵢ and Pᵢ are taken over the tokens of every rank in it (the loss of the concatenated
+    batch), through a differentiable all-reduce; under DDP this gives exactly the single-process gradient.
+    The returned counts stay local.
     """
-    counts = _expert_counts(top_k_index, num_experts, token_mask)
+    counts = local_counts = _expert_counts(top_k_index, num_experts, token_mask).to(probs.dtype)
     if token_mask is None:
         num_tokens = probs.new_tensor(float(probs.shape[0]))
         prob_sum = probs.sum(dim=0)
     else:
-        mask = token_mask.to(torch.float32)
-        num_tokens = mask.sum().clamp(min=1.0)
+        mask = token_mask.to(probs.dtype)
+        num_tokens = mask.sum()
         prob_sum = (probs * mask[:, None]).sum(dim=0)
+    if group is not None:
+        from .dispatch import all_reduce_sum
+
+        counts = all_reduce_sum(counts.detach(), group)
+        num_tokens = all_reduce_sum(num_tokens.detach(), group)
+        prob_sum = all_reduce_sum(prob_sum, group)
+    num_tokens = num_tokens.clamp(min=1.0)
     loss = num_experts * torch.sum((counts / num_tokens) * (prob_sum / num_tokens))
-    return loss, counts
+    return loss, local_counts.float()
 
 
 def sequence_load_balancing_loss(
@@ -191,6 +208,7 @@ class HfMoeRouter(nn.Module):
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         else:
             self.expert_bias = None
+        self.aux_loss_group = None  # a process group: load-balancing loss over all its ranks' tokens
         self.expert_load: torch.Tensor | None = None
         """Selections per expert since the last `update_expert_bias` (training only; not a buffer, so DDP's
         buffer broadcast leaves each rank's own counts alone)."""
@@ -203,11 +221,12 @@ class HfMoeRouter(nn.Module):
             init.zeros_(self.expert_bias)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        x = hidden_states.float()
+        """`x·Wᵣᵀ` in float32 (float64 for a float64 model), after jitter in training."""
+        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
         if self.training and self.config.router_jitter_noise > 0:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x, self.weight.float())
+        return F.linear(x, self.weight.to(x.dtype))
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(dim=-1)
@@ -322,7 +341,7 @@ class HfMoeRouter(nn.Module):
     ) -> torch.Tensor:
         kind = self.config.router_aux_loss_type
         if kind == "switch":
-            return load_balancing_loss(probs, top_k_index, self.num_experts, token_mask)[0]
+            return load_balancing_loss(probs, top_k_index, self.num_experts, token_mask, self.aux_loss_group)[0]
         if kind == "sequence":
             length = sequence_length or top_k_index.shape[0]
             return sequence_load_balancing_loss(probs, top_k_index, self.num_experts, length, token_mask)
