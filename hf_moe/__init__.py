@@ -19,9 +19,24 @@ from .modeling_hf_moe import (
     HfMoeModel,
     HfMoePreTrainedModel,
 )
+from .moe.balancing import update_expert_bias
+from .moe.capacity import capacity_padded_experts_forward, expert_capacity
 from .moe.experts import HfMoeExperts, grouped_experts_forward
 from .moe.layer import HfMoeSparseMoeBlock
-from .moe.router import HfMoeRouter, RouterOutput, load_balancing_loss, router_z_loss
+from .moe.metrics import router_metrics
+from .moe.router import (
+    ROUTER_CLASSES,
+    ExpertChoiceRouter,
+    FakeBalancedRouter,
+    HashRouter,
+    HfMoeRouter,
+    RouterOutput,
+    SwitchRouter,
+    load_balancing_loss,
+    register_router,
+    router_z_loss,
+    sequence_load_balancing_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +46,10 @@ AutoModelForCausalLM.register(HfMoeConfig, HfMoeForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HfMoeConfig, HfMoeForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "ROUTER_CLASSES",
+    "ExpertChoiceRouter",
+    "FakeBalancedRouter",
+    "HashRouter",
     "HfMoeCausalLMOutputWithPast",
     "HfMoeConfig",
     "HfMoeExperts",
@@ -41,7 +60,14 @@ __all__ = [
     "HfMoeRouter",
     "HfMoeSparseMoeBlock",
     "RouterOutput",
+    "SwitchRouter",
+    "capacity_padded_experts_forward",
+    "expert_capacity",
     "grouped_experts_forward",
     "load_balancing_loss",
+    "register_router",
+    "router_metrics",
     "router_z_loss",
+    "sequence_load_balancing_loss",
+    "update_expert_bias",
 ]

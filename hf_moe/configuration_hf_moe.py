@@ -14,6 +14,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
+LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
 
 
 class HfMoeConfig(PretrainedConfig):
@@ -36,9 +38,40 @@ class HfMoeConfig(PretrainedConfig):
         router_aux_loss_coef (`float`): weight of the load-balancing loss added to `loss` when labels are given.
         router_z_loss_coef (`float`): weight of the router z-loss added to `loss` when labels are given.
         output_router_logits (`bool`): return each MoE layer's router logits on the model output.
+        output_router_metrics (`bool`): return per-layer router metrics (see `hf_moe.router_metrics`) on the output.
         qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
         qk_norm (`bool`): RMSNorm over each head of q and k before RoPE (Qwen3).
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
+
+    Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
+
+    Args:
+        router_type (`str`): a name in the router registry: `"topk"` (token-choice top-k), `"switch"` (top-1),
+            `"expert_choice"`, `"hash"`, `"fake_balanced"`, or one added with `hf_moe.register_router`.
+        scoring_func (`str`): `"softmax"` or `"sigmoid"` (DeepSeek-V3) router scores.
+        topk_before_softmax (`bool`): pick the k largest logits, then softmax over those k (Mixtral order);
+            `False` = softmax over all experts, then top-k (renormalised when `norm_topk_prob`).
+        routed_scaling_factor (`float`): multiplies the k combine weights (DeepSeek-V3).
+        n_group (`int`, *optional*), topk_group (`int`, *optional*): group-limited routing: experts are split
+            into `n_group` groups, the `topk_group` groups with the largest sum of their top-2 scores are kept
+            and the top-k experts are chosen inside them.
+        router_jitter_noise (`float`): training only: multiply the router input by `U(1-ε, 1+ε)` (ε this value).
+        router_gumbel_noise (`bool`): training only: add Gumbel(0, 1) noise to the logits used for *selection*
+            (the combine weights stay the clean scores), as DeepSpeed's RSample policy.
+        drop_tokens (`bool`): cap each expert at `capacity` (token, expert) slots and drop the overflow;
+            `False` (default) is dropless.
+        capacity_factor (`float`), eval_capacity_factor (`float`), min_capacity (`int`): capacity
+            `= min(T, max(min_capacity, ceil(T·k·factor / E)))` for T tokens in the batch, the factor depending on
+            training/eval mode. Also the per-expert token count of `"expert_choice"`.
+        use_rts (`bool`): in training, drop at random (random token selection) instead of by routing priority;
+            evaluation always drops by priority, so it stays deterministic.
+        router_aux_loss_type (`str`): `"switch"` (batch-level `E·Σ fᵢ·Pᵢ`), `"sequence"` (the same per
+            sequence, averaged; DeepSeek) or `"none"`.
+        use_expert_bias (`bool`): aux-loss-free balancing (DeepSeek-V3): a per-layer `expert_bias` added to the
+            scores for selection only, moved by `hf_moe.update_expert_bias`.
+        expert_bias_update_rate (`float`): default step of `update_expert_bias`.
+        fake_gate_noise (`float`): `"fake_balanced"` only: 0 = perfectly balanced, 1 = random experts/weights.
+        hash_seed (`int`): `"hash"` only: seed of the fixed token-id → expert table.
     """
 
     model_type = "hf_moe"
@@ -76,6 +109,25 @@ class HfMoeConfig(PretrainedConfig):
     router_aux_loss_coef: float = 0.001
     router_z_loss_coef: float = 0.0
     output_router_logits: bool = False
+    output_router_metrics: bool = False
+    router_type: str = "topk"
+    scoring_func: str = "softmax"
+    topk_before_softmax: bool = False
+    routed_scaling_factor: float = 1.0
+    n_group: int | None = None
+    topk_group: int | None = None
+    router_jitter_noise: float = 0.0
+    router_gumbel_noise: bool = False
+    drop_tokens: bool = False
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    use_rts: bool = False
+    router_aux_loss_type: str = "switch"
+    use_expert_bias: bool = False
+    expert_bias_update_rate: float = 0.001
+    fake_gate_noise: float = 0.0
+    hash_seed: int = 0
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -151,12 +203,82 @@ class HfMoeConfig(PretrainedConfig):
                      f"distinct layer indices in [0, {self.num_hidden_layers}) (bad: {bad or 'duplicates'})")
         if self.shared_expert_gate and self.shared_expert_size == 0:
             fail("shared_expert_gate", True, "False when there is no shared expert (num_shared_experts=0)")
+        self._validate_routing(fail)
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
             fail("rope_parameters['rope_type']", rope_type,
                  f"'default' or one of {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
+
+
+    def _validate_routing(self, fail) -> None:
+        from .moe.router import ROUTER_CLASSES
+
+        if self.router_type not in ROUTER_CLASSES:
+            fail("router_type", self.router_type,
+                 f"one of {', '.join(sorted(ROUTER_CLASSES))} (add your own with hf_moe.register_router "
+                 "before building or loading the config)")
+        for field in ("topk_before_softmax", "router_gumbel_noise", "drop_tokens", "use_rts", "use_expert_bias",
+                      "norm_topk_prob", "output_router_metrics"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, getattr(self, field), "True or False")
+        if self.scoring_func not in ROUTER_SCORE_FUNCTIONS:
+            fail("scoring_func", self.scoring_func, f"one of {ROUTER_SCORE_FUNCTIONS}")
+        if self.router_aux_loss_type not in ROUTER_AUX_LOSS_TYPES:
+            fail("router_aux_loss_type", self.router_aux_loss_type, f"one of {ROUTER_AUX_LOSS_TYPES}")
+        for field in ("routed_scaling_factor", "capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                fail(field, value, "a positive finite number")
+        rate = self.expert_bias_update_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < float("inf"):
+            fail("expert_bias_update_rate", rate, "a finite number >= 0")
+        for field in ("min_capacity", "hash_seed"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(field, value, "an integer >= 0")
+        if not isinstance(self.router_jitter_noise, (int, float)) or not 0.0 <= self.router_jitter_noise < 1.0:
+            fail("router_jitter_noise", self.router_jitter_noise, "a number in [0, 1)")
+        if not isinstance(self.fake_gate_noise, (int, float)) or not 0.0 <= self.fake_gate_noise <= 1.0:
+            fail("fake_gate_noise", self.fake_gate_noise, "a number in [0, 1]")
+
+        learned_token_choice = self.router_type in LEARNED_TOKEN_CHOICE_ROUTERS
+        if self.router_type == "switch" and self.num_experts_per_tok != 1:
+            fail("num_experts_per_tok", self.num_experts_per_tok, "1 with router_type='switch' (top-1 routing)")
+        if self.topk_before_softmax and (self.scoring_func != "softmax" or not learned_token_choice):
+            fail("topk_before_softmax", True,
+                 "False unless scoring_func='softmax' and router_type is 'topk' or 'switch'")
+        if (self.n_group is None) != (self.topk_group is None):
+            fail("n_group" if self.n_group is None else "topk_group", None,
+                 "set together with " + ("topk_group" if self.n_group is None else "n_group"))
+        if self.n_group is not None:
+            for field in ("n_group", "topk_group"):
+                value = getattr(self, field)
+                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                    fail(field, value, "a positive integer or None")
+            if self.router_type != "topk" or self.topk_before_softmax:
+                fail("n_group", self.n_group, "None unless router_type='topk' and topk_before_softmax=False")
+            if self.num_experts % self.n_group != 0:
+                fail("n_group", self.n_group, f"a divisor of num_experts={self.num_experts}")
+            if self.topk_group > self.n_group:
+                fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
+            reachable = self.topk_group * (self.num_experts // self.n_group)
+            if self.num_experts_per_tok > reachable:
+                fail("topk_group", self.topk_group,
+                     f"enough groups to hold num_experts_per_tok={self.num_experts_per_tok} experts "
+                     f"(topk_group·num_experts/n_group = {reachable})")
+        if self.router_type in ("hash", "fake_balanced"):
+            for field in ("router_gumbel_noise", "router_jitter_noise"):
+                if getattr(self, field):
+                    fail(field, getattr(self, field), f"off: router_type={self.router_type!r} has no learned router")
+        if self.drop_tokens and self.router_type == "expert_choice":
+            fail("drop_tokens", True, "False with router_type='expert_choice' (it always fills each expert to "
+                 "capacity; set capacity_factor instead)")
+        if self.use_rts and not self.drop_tokens:
+            fail("use_rts", True, "False unless drop_tokens=True (random token selection decides what to drop)")
+        if self.use_expert_bias and not learned_token_choice:
+            fail("use_expert_bias", True, "False unless router_type is 'topk' or 'switch'")
 
 
 __all__ = ["HfMoeConfig"]

@@ -28,6 +28,7 @@ from transformers.models.llama.modeling_llama import (
 from .configuration_hf_moe import HfMoeConfig
 from .moe.experts import HfMoeExperts
 from .moe.layer import HfMoeMLP, HfMoeSparseMoeBlock
+from .moe.metrics import compute_router_metrics
 from .moe.router import HfMoeRouter, RouterOutput
 
 
@@ -50,10 +51,12 @@ class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
 class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """Causal-LM output. `aux_loss` is the load-balancing loss and `z_loss` the router z-loss, each averaged
     over MoE layers and unscaled; `loss` includes `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss`
-    when labels are given."""
+    when labels are given. `router_metrics` (with `output_router_metrics=True`) holds one dict of 0-dim / [E]
+    tensors per MoE layer, still on the device (see `hf_moe.router_metrics`)."""
 
     z_loss: torch.FloatTensor | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
+    router_metrics: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
 class HfMoeAttention(nn.Module):
@@ -127,7 +130,7 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.self_attn = HfMoeAttention(config, layer_idx)
         if layer_idx in config.moe_layer_indices:
-            self.mlp = HfMoeSparseMoeBlock(config)
+            self.mlp = HfMoeSparseMoeBlock(config, layer_idx)
         else:
             self.mlp = HfMoeMLP(config, config.intermediate_size)
         self.input_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -141,6 +144,7 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         past_key_values: Cache | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         token_mask: torch.Tensor | None = None,
+        input_ids: torch.LongTensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None]:
         """Returns the new hidden states, the router's decisions (MoE layers only) and the attention weights."""
@@ -159,7 +163,7 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.post_attention_layernorm(hidden_states)
         routing = None
         if isinstance(self.mlp, HfMoeSparseMoeBlock):
-            hidden_states, routing = self.mlp(hidden_states, token_mask)
+            hidden_states, routing = self.mlp(hidden_states, token_mask, input_ids)
         else:
             hidden_states = self.mlp(hidden_states)
         return residual + hidden_states, routing, attn_weights
@@ -224,7 +228,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HfMoeRouter):
-            init.normal_(module.weight, mean=0.0, std=std)
+            module.initialize(std)
 
 
 def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
@@ -298,6 +302,7 @@ class HfMoeModel(HfMoePreTrainedModel):
                 past_key_values=past_key_values,
                 position_embeddings=position_embeddings,
                 token_mask=token_mask,
+                input_ids=input_ids,
                 **kwargs,
             )
             if routing is not None:
@@ -360,12 +365,16 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_metrics: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         **kwargs,
     ) -> HfMoeCausalLMOutputWithPast | tuple:
         output_router_logits = (
             output_router_logits if output_router_logits is not None else self.config.output_router_logits
+        )
+        output_router_metrics = (
+            output_router_metrics if output_router_metrics is not None else self.config.output_router_metrics
         )
         outputs = self.model(
             input_ids=input_ids,
@@ -403,9 +412,25 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             router_logits=outputs.router_logits if output_router_logits else None,
             router_outputs=outputs.router_outputs if output_router_logits else None,
+            router_metrics=(
+                tuple(compute_router_metrics(r) for r in outputs.router_outputs) if output_router_metrics else None
+            ),
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def generate(self, *args, **kwargs):
+        """transformers' `generate`, refused for routers that are not causal (expert choice): they pick tokens
+        across the whole batch and sequence, which incremental decoding cannot reproduce."""
+        acausal = sorted({type(m).__name__ for m in self.modules() if isinstance(m, HfMoeRouter) and not m.is_causal})
+        if acausal:
+            raise ValueError(
+                f"generate() is not supported with router_type={self.config.router_type!r} ({', '.join(acausal)}): "
+                "each expert picks its tokens across the whole batch, so routing is not causal and cached decoding "
+                "would compute a different function than training. Use a token-choice router_type (e.g. 'topk') "
+                "for models meant to generate."
+            )
+        return super().generate(*args, **kwargs)
 
 
 class HfMoeForSequenceClassification(GenericForSequenceClassification, HfMoePreTrainedModel):

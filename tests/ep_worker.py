@@ -34,7 +34,7 @@ def skew_routing() -> None:
     and under P=4 whole ranks, receive no tokens. Patched identically in the worker and the test's reference."""
     from hf_moe.moe.router import HfMoeRouter, RouterOutput, load_balancing_loss, router_z_loss
 
-    def forward(self, hidden_states, token_mask=None):
+    def forward(self, hidden_states, token_mask=None, **kwargs):
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
         logits = torch.nn.functional.linear(hidden_states.to(dtype), self.weight.to(dtype))
         probs = logits.softmax(dim=-1)

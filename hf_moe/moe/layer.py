@@ -7,8 +7,9 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration_hf_moe import HfMoeConfig
+from .capacity import SENTINEL_SAFE_IMPLEMENTATIONS
 from .experts import HfMoeExperts
-from .router import HfMoeRouter, RouterOutput
+from .router import RouterOutput, build_router
 
 
 class HfMoeMLP(nn.Module):
@@ -32,9 +33,9 @@ class HfMoeSparseMoeBlock(nn.Module):
     when the experts are sharded over an expert-parallel group.
     """
 
-    def __init__(self, config: HfMoeConfig) -> None:
+    def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__()
-        self.router = HfMoeRouter(config)
+        self.router = build_router(config, layer_idx)
         self.experts = HfMoeExperts(config)
         self.shared_experts = HfMoeMLP(config, config.shared_expert_size) if config.shared_expert_size else None
         self.shared_expert_gate = (
@@ -43,14 +44,23 @@ class HfMoeSparseMoeBlock(nn.Module):
         self.expert_parallel = None
 
     def forward(
-        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, RouterOutput]:
-        """`[B, S, H]` → `[B, S, H]` and the router's decisions; `token_mask` `[B·S]` marks real tokens."""
+        """`[B, S, H]` → `[B, S, H]` and the router's decisions; `token_mask` `[B·S]` marks real tokens,
+        `input_ids` `[B, S]` (or `[B·S]`) are the token ids (hash routing needs them)."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        routing = self.router(x, token_mask)
+        routing = self.router(
+            x,
+            token_mask,
+            input_ids=None if input_ids is None else input_ids.reshape(-1),
+            sequence_length=shape[1] if hidden_states.dim() == 3 else None,
+        )
         if self.expert_parallel is None:
-            out = self.experts(x, routing.top_k_index, routing.top_k_weights)
+            out = self._run_experts(x, routing)
         else:
             out = self.expert_parallel(x, routing, self.experts)
         if self.shared_experts is not None:
@@ -59,3 +69,16 @@ class HfMoeSparseMoeBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out.view(shape), routing
+
+    def _run_experts(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Run the experts; slots marked with the sentinel (dropped / unassigned) never reach an expert.
+
+        Implementations that skip sentinels themselves get the routing as is; for the others only the real
+        (token, expert) slots are gathered (one host sync), run as top-1 slots and summed back per token.
+        """
+        index, weights = routing.top_k_index, routing.top_k_weights
+        if routing.capacity is None or self.experts.config._experts_implementation in SENTINEL_SAFE_IMPLEMENTATIONS:
+            return self.experts(x, index, weights)
+        token_idx, slot = torch.nonzero(index < self.experts.num_experts, as_tuple=True)
+        y = self.experts(x[token_idx], index[token_idx, slot, None], weights[token_idx, slot, None])
+        return torch.zeros_like(x).index_add_(0, token_idx, y)

@@ -1,7 +1,18 @@
-"""The router: token → expert choice, and the auxiliary losses that keep experts balanced.
+"""Routers: token → expert choice, and the auxiliary losses that keep experts balanced.
 
-The router returns one small [`RouterOutput`] so that richer routing and expert-parallel dispatch can
-slot in without the MoE block or the model changing.
+Every router returns one small [`RouterOutput`], so routing strategies and expert-parallel dispatch can change
+without the MoE block or the model changing. Routers are looked up by `config.router_type` in one registry;
+add your own with [`register_router`]:
+
+```python
+@hf_moe.register_router("my_router")
+class MyRouter(hf_moe.HfMoeRouter):
+    def select(self, logits, scores, input_ids=None):  # -> (top_k_index [T, k], top_k_weights [T, k])
+        ...
+```
+
+Slots a router leaves unassigned (capacity dropping, expert choice) carry the sentinel expert index
+`num_experts` and weight 0.
 """
 
 from __future__ import annotations
@@ -11,8 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 
 from ..configuration_hf_moe import HfMoeConfig
+from .capacity import drop_over_capacity, expert_capacity
 
 
 @dataclass
@@ -20,12 +33,20 @@ class RouterOutput:
     """What one MoE layer's router decided for a flat batch of T tokens.
 
     Attributes:
-        logits: `[T, E]` float32 router logits.
-        top_k_index: `[T, k]` chosen experts.
-        top_k_weights: `[T, k]` combine weights (dtype of the hidden states).
-        tokens_per_expert: `[E]` routed (token, slot) pairs per expert, padding excluded.
+        logits: `[T, E]` float32 (float64 in a float64 model) router logits; zeros for routers without a
+            learned gate (hash, fake_balanced).
+        top_k_index: `[T, k]` chosen experts; `num_experts` marks a dropped / unassigned slot
+            (for expert choice k = E: column e is e where expert e took the token).
+        top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
+        tokens_per_expert: `[E]` (token, slot) pairs each expert processes, padding and dropped slots excluded.
         aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]).
         z_loss: router z-loss of this layer (see [`router_z_loss`]).
+        probs: `[T, E]` float32 routing distribution (softmax, or sigmoid scores normalised per token) used by
+            the aux loss and the routing-entropy metric.
+        token_mask: `[T]` real (non-padding) tokens, or None when every token is real.
+        capacity: slots per expert when capacity applies (dropping, expert choice), else None.
+        drop_fraction: 0-dim float32: token choice: dropped real slots / real slots; expert choice: real tokens
+            no expert took / real tokens.
     """
 
     logits: torch.Tensor
@@ -34,6 +55,19 @@ class RouterOutput:
     tokens_per_expert: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
+    probs: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    capacity: int | None = None
+    drop_fraction: torch.Tensor | None = None
+
+
+def _expert_counts(index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """`[E]` float32 count of the real (token, slot) pairs per expert; sentinel slots are ignored."""
+    weights = torch.ones_like(index, dtype=torch.float32)
+    if token_mask is not None:
+        weights = weights * token_mask.to(torch.float32)[:, None]
+    counts = torch.zeros(num_experts + 1, dtype=torch.float32, device=index.device)
+    return counts.scatter_add_(0, index.reshape(-1), weights.reshape(-1))[:num_experts]
 
 
 def load_balancing_loss(
@@ -48,23 +82,22 @@ def load_balancing_loss(
     `fᵢ` is the number of (token, slot) pairs routed to expert i divided by the number of tokens, `Pᵢ` the
     mean router probability of expert i; padding tokens (`token_mask == False`) count in neither. Under
     perfect balance the loss equals k (the number of experts per token); divide by k for a value of 1.
-    This equals transformers' `load_balancing_loss_func` applied to this layer alone.
+    This equals transformers' `load_balancing_loss_func` applied to this layer alone. Sentinel slots
+    (`num_experts`) count for no expert.
 
     With a process `group`, fᵢ and Pᵢ are taken over the tokens of every rank in it (the loss of the concatenated
     batch), through a differentiable all-reduce; under DDP this gives exactly the single-process gradient.
     The returned counts stay local.
     """
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=probs.device)
+    counts = local_counts = _expert_counts(top_k_index, num_experts, token_mask).to(probs.dtype)
     if token_mask is None:
-        counts.scatter_add_(0, top_k_index.reshape(-1), torch.ones_like(top_k_index, dtype=torch.float32).reshape(-1))
-        num_tokens = probs.new_tensor(float(probs.shape[0]))
+        # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
+        num_tokens = torch.full((), probs.shape[0], dtype=probs.dtype, device=probs.device)
         prob_sum = probs.sum(dim=0)
     else:
-        mask = token_mask.to(torch.float32)
-        counts.scatter_add_(0, top_k_index.reshape(-1), mask[:, None].expand_as(top_k_index).reshape(-1))
+        mask = token_mask.to(probs.dtype)
         num_tokens = mask.sum()
         prob_sum = (probs * mask[:, None]).sum(dim=0)
-    local_counts = counts
     if group is not None:
         from .dispatch import all_reduce_sum
 
@@ -73,7 +106,36 @@ def load_balancing_loss(
         prob_sum = all_reduce_sum(prob_sum, group)
     num_tokens = num_tokens.clamp(min=1.0)
     loss = num_experts * torch.sum((counts / num_tokens) * (prob_sum / num_tokens))
-    return loss, local_counts
+    return loss, local_counts.float()
+
+
+def sequence_load_balancing_loss(
+    probs: torch.Tensor,
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    sequence_length: int,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sequence-level balance loss (DeepSeek-V2/V3): `E · Σᵢ fᵢ · Pᵢ` computed inside each sequence, then
+    averaged over the sequences that hold at least one real token.
+
+    Like the switch loss it equals k under perfect balance within every sequence; DeepSeek's normalisation
+    (`fᵢ` scaled by E/k) is this value divided by k. With one sequence it equals [`load_balancing_loss`].
+    """
+    num_tokens = top_k_index.shape[0]
+    batch = num_tokens // sequence_length
+    mask = torch.ones(num_tokens, device=probs.device) if token_mask is None else token_mask.to(torch.float32)
+    mask = mask.view(batch, sequence_length)
+    one_hot = torch.zeros(num_tokens, top_k_index.shape[1], num_experts + 1, device=probs.device)
+    one_hot.scatter_(2, top_k_index[..., None], 1.0)
+    counts = one_hot[..., :num_experts].sum(1).view(batch, sequence_length, num_experts)
+    real = mask.sum(1)
+    denom = real.clamp(min=1.0)[:, None]
+    f = (counts * mask[..., None]).sum(1) / denom
+    p = (probs.view(batch, sequence_length, num_experts) * mask[..., None]).sum(1) / denom
+    per_sequence = num_experts * (f * p).sum(-1)
+    has_tokens = (real > 0).to(per_sequence.dtype)
+    return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1.0)
 
 
 def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -85,31 +147,340 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
     return (z * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-class HfMoeRouter(nn.Module):
-    """Token-choice top-k router: `logits = x·Wᵣᵀ` in float32 (at least) → softmax → top-k (→ renormalise)."""
+ROUTER_CLASSES: dict[str, type[nn.Module]] = {}
+"""`config.router_type` → router class. Fill it with [`register_router`]."""
 
-    def __init__(self, config: HfMoeConfig) -> None:
+
+def register_router(name: str):
+    """Class decorator: make a router selectable with `HfMoeConfig(router_type=name)`.
+
+    The class is built as `cls(config, layer_idx)` and its `forward(hidden_states [T, H], token_mask [T] | None,
+    *, input_ids [T] | None, sequence_length: int)` returns a [`RouterOutput`]. Subclassing [`HfMoeRouter`] and
+    overriding `select` is the short way. Register before building or loading a config that names it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_router(name={name!r}): expected a non-empty string.")
+
+    def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in ROUTER_CLASSES and ROUTER_CLASSES[name] is not cls:
+            raise ValueError(f"register_router: router_type {name!r} is already taken by {ROUTER_CLASSES[name]}.")
+        ROUTER_CLASSES[name] = cls
+        return cls
+
+    return decorator
+
+
+def build_router(config: HfMoeConfig, layer_idx: int | None = None) -> nn.Module:
+    """The router `config.router_type` names, for MoE layer `layer_idx`."""
+    return ROUTER_CLASSES[config.router_type](config, layer_idx)
+
+
+@register_router("topk")
+class HfMoeRouter(nn.Module):
+    """Token-choice top-k router (`router_type="topk"`), and the base class of the other routers.
+
+    `logits = x·Wᵣᵀ` in float32 → scores (softmax, or sigmoid) → selection → combine weights:
+
+    - softmax, top-k of the probabilities, weights renormalised to sum to 1 when `norm_topk_prob`
+      (Mixtral/Qwen); `topk_before_softmax` picks the k largest logits and softmaxes those k instead;
+    - sigmoid scores, weights renormalised when `norm_topk_prob` (DeepSeek-V3);
+    - `n_group`/`topk_group`: only experts of the `topk_group` groups with the largest top-2 score sums;
+    - weights times `routed_scaling_factor`.
+
+    Selection (never the weights) adds `expert_bias` (aux-loss-free balancing) and, in training, Gumbel noise;
+    jitter multiplies the router input in training. With `drop_tokens`, slots beyond each expert's capacity
+    become sentinels.
+    """
+
+    is_causal = True
+    """A token's experts depend on that token alone, so cached generation routes as the full forward does."""
+    learned = True
+    """Has a trainable gate `weight [E, H]`."""
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size)) if self.learned else None
+        if config.use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
         self.aux_loss_group = None  # a process group: load-balancing loss over all its ranks' tokens
+        self.expert_load: torch.Tensor | None = None
+        """Selections per expert since the last `update_expert_bias` (training only; not a buffer, so DDP's
+        buffer broadcast leaves each rank's own counts alone)."""
 
-    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> RouterOutput:
-        """Route `[T, H]` tokens; `token_mask` `[T]` marks real (non-padding) tokens for the statistics."""
-        dtype = torch.promote_types(hidden_states.dtype, torch.float32)  # fp32, or fp64 for an fp64 model
-        logits = F.linear(hidden_states.to(dtype), self.weight.to(dtype))
-        probs = logits.softmax(dim=-1)
-        top_k_probs, top_k_index = probs.topk(self.top_k, dim=-1)
-        if self.norm_topk_prob:
-            top_k_probs = top_k_probs / top_k_probs.sum(dim=-1, keepdim=True)
-        aux_loss, counts = load_balancing_loss(probs, top_k_index, self.num_experts, token_mask, self.aux_loss_group)
+    def initialize(self, std: float) -> None:
+        """Initial weights (called from the model's `_init_weights`; skips what a checkpoint loaded)."""
+        if self.weight is not None:
+            init.normal_(self.weight, mean=0.0, std=std)
+        if self.expert_bias is not None:
+            init.zeros_(self.expert_bias)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`x·Wᵣᵀ` in float32 (float64 for a float64 model), after jitter in training."""
+        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        if self.training and self.config.router_jitter_noise > 0:
+            eps = self.config.router_jitter_noise
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+
+    def selection_scores(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """What top-k ranks: the scores, plus Gumbel noise in training and the aux-loss-free bias."""
+        if self.training and self.config.router_gumbel_noise:
+            gumbel = -torch.empty_like(logits).exponential_().log()
+            scores = self.score(logits + gumbel)
+        if self.expert_bias is not None:
+            scores = scores + self.expert_bias
+        return scores
+
+    def select(
+        self, logits: torch.Tensor, scores: torch.Tensor, input_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(top_k_index [T, k], top_k_weights [T, k] float32)` for every token."""
+        selection = self.selection_scores(logits, scores)
+        if self.config.n_group is not None:
+            selection = self.limit_to_groups(selection)
+        top_k_index = selection.topk(self.top_k, dim=-1).indices
+        if self.config.topk_before_softmax:  # softmax over the k chosen logits only
+            weights = logits.gather(1, top_k_index).softmax(dim=-1)
+        else:
+            weights = scores.gather(1, top_k_index)
+            if self.norm_topk_prob:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return top_k_index, weights * self.config.routed_scaling_factor
+
+    def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
+        """Keep the `topk_group` groups with the largest sum of their top-2 scores; the rest get -inf."""
+        num_tokens = selection.shape[0]
+        groups = selection.view(num_tokens, self.config.n_group, -1)
+        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept = group_scores.topk(self.config.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        return groups.masked_fill(~group_mask[..., None], float("-inf")).view(num_tokens, -1)
+
+    def routing_probs(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-token distribution over experts for the aux loss and metrics."""
+        if self.config.scoring_func == "sigmoid":
+            return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
+        return scores
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        sequence_length: int | None = None,
+    ) -> RouterOutput:
+        """Route `[T, H]` tokens; `token_mask` `[T]` marks real (non-padding) tokens for the statistics,
+        `sequence_length` splits the T tokens into sequences (sequence-level aux loss), `input_ids` `[T]`
+        are the token ids (hash routing)."""
+        logits = self.compute_logits(hidden_states)
+        scores = self.score(logits)
+        top_k_index, weights = self.select(logits, scores, input_ids)
+        probs = self.routing_probs(scores)
+        return self.finish(logits, probs, top_k_index, weights, hidden_states.dtype, token_mask, sequence_length)
+
+    def finish(
+        self,
+        logits: torch.Tensor,
+        probs: torch.Tensor,
+        top_k_index: torch.Tensor,
+        weights: torch.Tensor,
+        dtype: torch.dtype,
+        token_mask: torch.Tensor | None,
+        sequence_length: int | None,
+    ) -> RouterOutput:
+        """Losses and counts from the selection, then capacity dropping: the parts every token-choice router
+        shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed)."""
+        aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length)
+        if self.training and self.expert_bias is not None:
+            with torch.no_grad():
+                selected = _expert_counts(top_k_index, self.num_experts, token_mask)
+                self.expert_load = selected if self.expert_load is None else self.expert_load + selected
+        capacity = drop_fraction = None
+        if self.config.drop_tokens:
+            if token_mask is not None:  # padding never takes capacity from real tokens
+                top_k_index = top_k_index.masked_fill(~token_mask[:, None], self.num_experts)
+            capacity = expert_capacity(self.config, top_k_index.shape[0], self.training)
+            requested = (top_k_index < self.num_experts).sum()
+            top_k_index, weights = drop_over_capacity(
+                top_k_index, weights, self.num_experts, capacity,
+                random_priority=self.config.use_rts and self.training,
+            )
+            kept = (top_k_index < self.num_experts).sum()
+            drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
+        else:
+            drop_fraction = logits.new_zeros(())
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
-            top_k_weights=top_k_probs.to(hidden_states.dtype),
-            tokens_per_expert=counts,
+            top_k_weights=weights.to(dtype),
+            tokens_per_expert=_expert_counts(top_k_index, self.num_experts, token_mask),
             aux_loss=aux_loss,
             z_loss=router_z_loss(logits, token_mask),
+            probs=probs,
+            token_mask=token_mask,
+            capacity=capacity,
+            drop_fraction=drop_fraction,
         )
+
+    def aux_loss(
+        self,
+        probs: torch.Tensor,
+        top_k_index: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        sequence_length: int | None,
+    ) -> torch.Tensor:
+        kind = self.config.router_aux_loss_type
+        if kind == "switch":
+            return load_balancing_loss(probs, top_k_index, self.num_experts, token_mask, self.aux_loss_group)[0]
+        if kind == "sequence":
+            length = sequence_length or top_k_index.shape[0]
+            return sequence_load_balancing_loss(probs, top_k_index, self.num_experts, length, token_mask)
+        return probs.new_zeros(())
+
+
+@register_router("switch")
+class SwitchRouter(HfMoeRouter):
+    """Switch Transformer top-1 router (`router_type="switch"`, `num_experts_per_tok=1`).
+
+    The combine weight is the expert's probability (`norm_topk_prob=False`, as in the Switch Transformer) or a
+    hard 1.0 (`norm_topk_prob=True`: the one selected weight renormalised). With `router_gumbel_noise` this is
+    DeepSpeed's RSample top-1 gate.
+    """
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(HfMoeRouter):
+    """Expert-choice routing (Zhou et al. 2022, `router_type="expert_choice"`): every expert takes the
+    `capacity` tokens that score it highest, so a token gets 0..E experts and the load is balanced by
+    construction (the aux loss is 0).
+
+    `top_k_index` is `[T, E]`: column e holds e where expert e took the token, else the sentinel. The weight is
+    the token's score for that expert (times `routed_scaling_factor`; `norm_topk_prob` does not apply).
+
+    Not causal: which tokens an expert takes depends on every other token of the batch, including later
+    positions of the same sequence. `generate` therefore refuses models with this router (there is no
+    token-choice fallback, which would silently change the function the model was trained as).
+    """
+
+    is_causal = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        sequence_length: int | None = None,
+    ) -> RouterOutput:
+        logits = self.compute_logits(hidden_states)
+        scores = self.score(logits)
+        num_tokens = logits.shape[0]
+        capacity = expert_capacity(self.config, num_tokens, self.training)
+        selection = self.selection_scores(logits, scores)
+        if token_mask is not None:
+            selection = selection.masked_fill(~token_mask[:, None], float("-inf"))
+        chosen = selection.topk(capacity, dim=0).indices  # [capacity, E] token ids per expert
+        taken = torch.ones_like(chosen, dtype=torch.bool) if token_mask is None else token_mask[chosen]
+        expert_ids = torch.arange(self.num_experts, device=logits.device).expand_as(chosen)
+        top_k_index = torch.full_like(logits, self.num_experts, dtype=torch.long)
+        top_k_index.scatter_(0, chosen, expert_ids.masked_fill(~taken, self.num_experts))
+        weights = torch.zeros_like(scores).scatter(0, chosen, scores.gather(0, chosen) * taken)
+        weights = weights * self.config.routed_scaling_factor
+        real = (torch.ones(num_tokens, device=logits.device) if token_mask is None else token_mask.float())
+        untouched = ((top_k_index < self.num_experts).sum(1) == 0).float() * real
+        return RouterOutput(
+            logits=logits,
+            top_k_index=top_k_index,
+            top_k_weights=weights.to(hidden_states.dtype),
+            tokens_per_expert=_expert_counts(top_k_index, self.num_experts, token_mask),
+            aux_loss=logits.new_zeros(()),
+            z_loss=router_z_loss(logits, token_mask),
+            probs=self.routing_probs(scores),
+            token_mask=token_mask,
+            capacity=capacity,
+            drop_fraction=untouched.sum() / real.sum().clamp(min=1.0),
+        )
+
+
+class _UnlearnedRouter(HfMoeRouter):
+    """Base of routers without a learned gate: no `weight` (so no parameter that never gets a gradient), zero
+    logits and zero losses."""
+
+    learned = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        sequence_length: int | None = None,
+    ) -> RouterOutput:
+        logits = hidden_states.new_zeros(hidden_states.shape[0], self.num_experts, dtype=torch.float32)
+        top_k_index, weights = self.select(logits, logits, input_ids)
+        output = self.finish(logits, logits.softmax(-1), top_k_index, weights, hidden_states.dtype, token_mask,
+                             sequence_length)
+        output.aux_loss = output.z_loss = logits.new_zeros(())
+        return output
+
+
+@register_router("hash")
+class HashRouter(_UnlearnedRouter):
+    """Hash routing (Roller et al. 2021, `router_type="hash"`): each token id goes to a fixed set of k distinct
+    experts drawn once from `hash_seed` (and the layer index), with weights 1/k. Deterministic, causal, no
+    learned gate; needs the input ids (it refuses `inputs_embeds`-only calls). The table is a buffer saved with
+    the model, so a checkpoint routes identically whatever torch's random generator does in the future.
+    """
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
+        super().__init__(config, layer_idx)
+        self.register_buffer("hash_table", self._draw_table())
+
+    def _draw_table(self) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.config.hash_seed * 100_003 + (self.layer_idx or 0))
+        keys = torch.rand(self.config.vocab_size, self.num_experts, generator=generator, device="cpu")
+        return keys.argsort(dim=-1)[:, : self.top_k].contiguous()
+
+    def initialize(self, std: float) -> None:
+        init.copy_(self.hash_table, self._draw_table().to(self.hash_table.device))
+
+    def select(self, logits, scores, input_ids=None):
+        if input_ids is None:
+            raise ValueError("router_type='hash' routes by token id: call the model with input_ids, not only "
+                             "inputs_embeds.")
+        top_k_index = self.hash_table.to(input_ids.device)[input_ids.reshape(-1)]
+        return top_k_index, torch.full_like(top_k_index, 1.0 / self.top_k, dtype=torch.float32)
+
+
+@register_router("fake_balanced")
+class FakeBalancedRouter(_UnlearnedRouter):
+    """Perfectly balanced routing for performance experiments (`router_type="fake_balanced"`, as NeMo
+    AutoModel's FakeBalancedGate): slot j of token t goes to expert `(t·k + j) mod E` with weight 1/k.
+    `fake_gate_noise` ∈ [0, 1] moves towards random: each token is rerouted to k random distinct experts with
+    that probability, and the weights are blended that far towards random ones (still summing to 1).
+    The output ignores the content of the tokens: measure speed with it, never quality.
+    """
+
+    def select(self, logits, scores, input_ids=None):
+        num_tokens, device = logits.shape[0], logits.device
+        slots = torch.arange(num_tokens, device=device)[:, None] * self.top_k + torch.arange(self.top_k, device=device)
+        top_k_index = slots % self.num_experts
+        weights = torch.full((num_tokens, self.top_k), 1.0 / self.top_k, device=device)
+        noise = self.config.fake_gate_noise
+        if noise > 0:
+            random_experts = torch.rand(num_tokens, self.num_experts, device=device).argsort(-1)[:, : self.top_k]
+            rerouted = torch.rand(num_tokens, 1, device=device) < noise
+            top_k_index = torch.where(rerouted, random_experts, top_k_index)
+            weights = (1 - noise) * weights + noise * torch.randn(num_tokens, self.top_k, device=device).softmax(-1)
+        return top_k_index, weights

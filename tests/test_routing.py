@@ -1,0 +1,616 @@
+"""Routing strategies, capacity and dropping, noise, losses, aux-loss-free balancing and router metrics, each
+checked against a straightforward float64 reference written here (or transformers' own loss function)."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+import hf_moe
+from hf_moe import (
+    HfMoeConfig,
+    HfMoeForCausalLM,
+    HfMoeRouter,
+    load_balancing_loss,
+    register_router,
+    router_metrics,
+    router_z_loss,
+    sequence_load_balancing_loss,
+    update_expert_bias,
+)
+from hf_moe.moe.capacity import drop_over_capacity
+from hf_moe.moe.router import ROUTER_CLASSES, build_router
+
+from .conftest import assert_rel_close, tiny_config
+
+H = 32
+
+
+def make_router(**overrides) -> HfMoeRouter:
+    router = build_router(tiny_config(**overrides), layer_idx=0)
+    if router.weight is not None:
+        with torch.no_grad():
+            router.weight.normal_()
+    return router.eval()
+
+
+def ref_logits(router: HfMoeRouter, x: torch.Tensor) -> torch.Tensor:
+    return x.double() @ router.weight.detach().double().T
+
+
+def ref_softmax(row: list[float]) -> list[float]:
+    top = max(row)
+    exps = [math.exp(v - top) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def descending(values: list[float], allowed=None) -> list[int]:
+    candidates = range(len(values)) if allowed is None else allowed
+    return sorted(candidates, key=lambda e: -values[e])
+
+
+def assert_routing(out, index: list[list[int]], weights: list[list[float]], tol: float = 1e-5) -> None:
+    assert out.top_k_index.tolist() == index
+    assert_rel_close(out.top_k_weights, torch.tensor(weights, dtype=torch.float64), tol, "weights")
+
+
+# --------------------------------------------------------------------------------------- strategies
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("topk_before_softmax", [False, True])
+def test_softmax_topk_matches_reference(norm, topk_before_softmax):
+    router = make_router(num_experts=7, num_experts_per_tok=3, norm_topk_prob=norm,
+                         topk_before_softmax=topk_before_softmax)
+    x = torch.randn(13, H)
+    index, weights = [], []
+    for row in ref_logits(router, x).tolist():
+        probs = ref_softmax(row)
+        chosen = descending(probs)[:3]
+        if topk_before_softmax:
+            w = ref_softmax([row[e] for e in chosen])
+        else:
+            w = [probs[e] for e in chosen]
+            if norm:
+                w = [v / sum(w) for v in w]
+        index.append(chosen)
+        weights.append(w)
+    assert_routing(router(x), index, weights)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_sigmoid_scores_with_renormalisation_and_scaling(norm):
+    router = make_router(num_experts=8, num_experts_per_tok=2, scoring_func="sigmoid", norm_topk_prob=norm,
+                         routed_scaling_factor=2.5)
+    x = torch.randn(11, H)
+    index, weights = [], []
+    for row in ref_logits(router, x).tolist():
+        scores = [1 / (1 + math.exp(-v)) for v in row]
+        chosen = descending(scores)[:2]
+        w = [scores[e] for e in chosen]
+        if norm:
+            w = [v / sum(w) for v in w]
+        index.append(chosen)
+        weights.append([2.5 * v for v in w])
+    assert_routing(router(x), index, weights)
+
+
+def test_group_limited_routing_picks_groups_by_top2_sum_and_never_leaves_them():
+    router = make_router(num_experts=16, num_experts_per_tok=4, scoring_func="sigmoid", n_group=4, topk_group=2)
+    x = torch.randn(40, H)
+    out = router(x)
+    index, weights, differs_from_plain_topk = [], [], False
+    for row in ref_logits(router, x).tolist():
+        scores = [1 / (1 + math.exp(-v)) for v in row]
+        group_score = [sum(sorted(scores[4 * g: 4 * g + 4], reverse=True)[:2]) for g in range(4)]
+        groups = descending(group_score)[:2]
+        allowed = [e for g in groups for e in range(4 * g, 4 * g + 4)]
+        chosen = descending(scores, allowed)[:4]
+        w = [scores[e] for e in chosen]
+        index.append(chosen)
+        weights.append([v / sum(w) for v in w])
+        differs_from_plain_topk |= set(chosen) != set(descending(scores)[:4])
+    assert_routing(out, index, weights)
+    picked_groups = out.top_k_index // 4
+    assert all(len(set(row)) <= 2 for row in picked_groups.tolist())
+    assert differs_from_plain_topk, "the group limit never mattered: the test could not have failed"
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_switch_top1_weight_is_the_probability_or_one(norm):
+    router = make_router(router_type="switch", num_experts_per_tok=1, norm_topk_prob=norm)
+    assert type(router).__name__ == "SwitchRouter"
+    x = torch.randn(10, H)
+    index, weights = [], []
+    for row in ref_logits(router, x).tolist():
+        probs = ref_softmax(row)
+        best = descending(probs)[0]
+        index.append([best])
+        weights.append([1.0 if norm else probs[best]])
+    assert_routing(router(x), index, weights)
+
+
+def test_expert_choice_gives_every_expert_exactly_capacity_tokens():
+    router = make_router(router_type="expert_choice", num_experts=6, num_experts_per_tok=2, capacity_factor=1.5)
+    router.train()  # training uses capacity_factor (eval: eval_capacity_factor)
+    x = torch.randn(16, H)
+    out = router(x)
+    capacity = math.ceil(16 * 2 * 1.5 / 6)
+    assert out.capacity == capacity
+    assert out.top_k_index.shape == (16, 6)
+    assert out.tokens_per_expert.tolist() == [capacity] * 6
+    probs = [ref_softmax(row) for row in ref_logits(router, x).tolist()]
+    expected_index = [[6] * 6 for _ in range(16)]
+    expected_weights = [[0.0] * 6 for _ in range(16)]
+    for e in range(6):
+        for t in sorted(range(16), key=lambda t: -probs[t][e])[:capacity]:
+            expected_index[t][e] = e
+            expected_weights[t][e] = probs[t][e]
+    assert_routing(out, expected_index, expected_weights)
+
+
+def test_expert_choice_skips_padding_and_refuses_generate():
+    router = make_router(router_type="expert_choice", num_experts=4, num_experts_per_tok=2, eval_capacity_factor=2.0)
+    mask = torch.tensor([True] * 3 + [False] * 5)
+    out = router(torch.randn(8, H), mask)
+    assert out.capacity == 8  # more than the 3 real tokens: the rest of every column stays unassigned
+    assert (out.top_k_index[~mask] == 4).all() and (out.top_k_weights[~mask] == 0).all()
+    assert (out.top_k_index[mask] < 4).all()
+    model = HfMoeForCausalLM(tiny_config(router_type="expert_choice")).eval()
+    with pytest.raises(ValueError, match="expert_choice.*not causal"):
+        model.generate(torch.randint(0, 97, (1, 4)), max_new_tokens=2)
+
+
+def test_hash_routing_is_deterministic_and_depends_on_the_token_id():
+    config = tiny_config(router_type="hash", num_experts=8, num_experts_per_tok=2, hash_seed=3)
+    a, b = build_router(config, 0), build_router(config, 0)
+    ids = torch.randint(0, 97, (30,))
+    out = a(torch.randn(30, H), input_ids=ids)
+    assert torch.equal(out.top_k_index, b(torch.randn(30, H), input_ids=ids).top_k_index)
+    assert torch.equal(out.top_k_index, a.hash_table[ids])
+    assert (out.top_k_weights == 0.5).all()
+    assert all(len(set(row)) == 2 for row in a.hash_table.tolist())  # k distinct experts per id
+    assert len({tuple(row) for row in a.hash_table.tolist()}) > 10  # different ids, different experts
+    assert not torch.equal(a.hash_table, build_router(config, 1).hash_table)  # layers differ
+    other_seed = build_router(tiny_config(router_type="hash", num_experts=8, hash_seed=4), 0)
+    assert not torch.equal(a.hash_table, other_seed.hash_table)
+    with pytest.raises(ValueError, match="input_ids"):
+        a(torch.randn(3, H))
+
+
+def test_fake_balanced_gate_is_uniform_without_noise_and_random_with_it():
+    balanced = make_router(router_type="fake_balanced", num_experts=6, num_experts_per_tok=2)
+    out = balanced(torch.randn(12, H))
+    assert out.tokens_per_expert.tolist() == [4.0] * 6
+    assert (out.top_k_weights == 0.5).all()
+    noisy = make_router(router_type="fake_balanced", num_experts=6, num_experts_per_tok=2, fake_gate_noise=1.0)
+    first, second = noisy(torch.randn(64, H)), noisy(torch.randn(64, H))
+    assert not torch.equal(first.top_k_index, second.top_k_index)
+    assert_rel_close(first.top_k_weights.sum(-1), torch.ones(64), 1e-6, "weights sum to 1")
+    assert (first.top_k_index[:, 0] != first.top_k_index[:, 1]).all()
+
+
+def test_custom_router_plugs_in_by_name(tmp_path):
+    @register_router("test_reverse_topk")
+    class ReverseTopK(HfMoeRouter):
+        def select(self, logits, scores, input_ids=None):
+            index = (-scores).topk(self.top_k, dim=-1).indices  # the least likely experts
+            return index, scores.gather(1, index)
+
+    try:
+        model = HfMoeForCausalLM(tiny_config(router_type="test_reverse_topk")).eval()
+        assert isinstance(model.model.layers[0].mlp.router, ReverseTopK)
+        ids = torch.randint(0, 97, (2, 5))
+        out = model(ids, output_router_logits=True)
+        worst = out.router_logits[0].topk(2, dim=-1, largest=False).indices
+        assert torch.equal(out.router_outputs[0].top_k_index, worst)
+        model.save_pretrained(tmp_path)
+        assert type(HfMoeForCausalLM.from_pretrained(tmp_path).model.layers[0].mlp.router) is ReverseTopK
+    finally:
+        ROUTER_CLASSES.pop("test_reverse_topk")
+    with pytest.raises(ValueError, match="router_type.*register_router"):
+        tiny_config(router_type="test_reverse_topk")
+
+
+# --------------------------------------------------------------------------------------- capacity, dropping
+
+
+def ref_priority_keep(index: list[list[int]], capacity: int, num_experts: int) -> list[list[bool]]:
+    """DeepSpeed order: every token's first choice, then every token's second choice, ..."""
+    load = [0] * num_experts
+    keep = [[False] * len(index[0]) for _ in index]
+    for j in range(len(index[0])):
+        for t, row in enumerate(index):
+            if row[j] < num_experts and load[row[j]] < capacity:
+                load[row[j]] += 1
+                keep[t][j] = True
+    return keep
+
+
+def test_capacity_formula():
+    config = tiny_config(num_experts=6, num_experts_per_tok=2, capacity_factor=1.25, eval_capacity_factor=2.0,
+                         min_capacity=3)
+    assert hf_moe.expert_capacity(config, 20, training=True) == math.ceil(20 * 2 * 1.25 / 6)
+    assert hf_moe.expert_capacity(config, 20, training=False) == math.ceil(20 * 2 * 2.0 / 6)
+    assert hf_moe.expert_capacity(config, 4, training=True) == 3  # min_capacity
+    assert hf_moe.expert_capacity(config, 2, training=True) == 2  # never more than the tokens
+
+
+def test_priority_dropping_matches_the_reference_and_respects_capacity():
+    router = make_router(num_experts=4, num_experts_per_tok=2, drop_tokens=True, eval_capacity_factor=0.6,
+                         min_capacity=0)
+    x = torch.randn(24, H)
+    dropless = make_router(num_experts=4, num_experts_per_tok=2)
+    dropless.load_state_dict(router.state_dict())
+    full = dropless(x)
+    out = router(x)
+    capacity = math.ceil(24 * 2 * 0.6 / 4)
+    assert out.capacity == capacity
+    keep = ref_priority_keep(full.top_k_index.tolist(), capacity, 4)
+    keep_t = torch.tensor(keep)
+    assert not keep_t.all(), "nothing dropped: the test could not have failed"
+    assert torch.equal(out.top_k_index, full.top_k_index.masked_fill(~keep_t, 4))
+    assert torch.equal(out.top_k_weights, full.top_k_weights.masked_fill(~keep_t, 0.0))
+    counts = torch.bincount(out.top_k_index.reshape(-1), minlength=5)[:4]
+    assert (counts <= capacity).all() and torch.equal(counts.float(), out.tokens_per_expert)
+    assert_rel_close(out.drop_fraction, torch.tensor(1 - keep_t.float().mean().item()), 1e-6, "drop fraction")
+    assert_rel_close(out.aux_loss, full.aux_loss, 1e-6, "aux loss sees the selection before dropping")
+
+
+def test_padding_takes_no_capacity():
+    index = torch.tensor([[0], [0], [0], [1]])
+    weights = torch.rand(4, 1)
+    mask = torch.tensor([False, True, True, True])
+    router = make_router(num_experts=2, num_experts_per_tok=1, drop_tokens=True, capacity_factor=1.0,
+                         min_capacity=0)
+    logits = torch.tensor([[5.0, 0.0]] * 3 + [[0.0, 5.0]])
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(2, H))
+    out = router(torch.nn.functional.pad(logits, (0, H - 2)), mask)
+    assert out.capacity == 2
+    assert out.top_k_index[:, 0].tolist() == [2, 0, 0, 1]
+    assert torch.equal(drop_over_capacity(index, weights, 2, 2)[0][:, 0], torch.tensor([0, 0, 2, 1]))
+
+
+def test_random_token_selection_drops_at_random_within_capacity():
+    index = torch.randint(0, 3, (60, 2))
+    index[:, 1] = (index[:, 0] + 1) % 3
+    weights = torch.rand(60, 2)
+    kept_sets = set()
+    for _ in range(4):
+        new_index, new_weights = drop_over_capacity(index, weights, 3, capacity=25, random_priority=True)
+        counts = torch.bincount(new_index.reshape(-1), minlength=4)[:3]
+        assert (counts <= 25).all()
+        kept = new_index < 3
+        assert torch.equal(new_index[kept], index[kept]) and (new_weights[~kept] == 0).all()
+        assert kept.sum() == torch.minimum(torch.bincount(index.reshape(-1), minlength=3), torch.tensor(25)).sum()
+        kept_sets.add(tuple(kept.reshape(-1).tolist()))
+    assert len(kept_sets) > 1, "random token selection dropped the same slots four times"
+
+
+def test_dropless_keeps_every_slot():
+    out = make_router(num_experts=4, num_experts_per_tok=2)(torch.randn(50, H))
+    assert out.capacity is None and (out.top_k_index < 4).all()
+    assert out.tokens_per_expert.sum() == 100 and out.drop_fraction == 0
+
+
+def ref_moe(block, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = Σ over kept slots of weight · expert(x[t]) in float64; sentinel slots add nothing."""
+    experts = block.experts
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for e, w in zip(index[t].tolist(), weights[t].tolist()):
+            if e == experts.num_experts:
+                continue
+            gate, up = (experts.gate_up_proj[e].double() @ x[t].double()).chunk(2)
+            out[t] += w * (experts.down_proj[e].double() @ (torch.nn.functional.silu(gate) * up))
+    return out
+
+
+@pytest.mark.parametrize("impl", ["eager", "hf_moe_grouped", "grouped_mm", "hf_moe_capacity"])
+@pytest.mark.parametrize("router_type", ["topk", "expert_choice"])
+def test_dropped_slots_contribute_nothing(impl, router_type):
+    extra = dict(drop_tokens=True, capacity_factor=0.5) if router_type == "topk" else dict(capacity_factor=0.5)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, router_type=router_type, min_capacity=0, **extra))
+    model.set_experts_implementation(impl)
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 7, H)
+    with torch.no_grad():
+        out, routing = block(x)
+    assert (routing.top_k_index == 6).any()
+    expected = ref_moe(block, x.view(-1, H), routing.top_k_index, routing.top_k_weights)
+    assert_rel_close(out.view(-1, H), expected, 1e-5, impl)
+
+
+def _logits_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("drop_tokens", [True, False])
+def test_capacity_padded_path_equals_the_dropless_path_when_nothing_drops(drop_tokens):
+    # capacity_factor = E/k makes the capacity the number of tokens: nothing can drop
+    model = HfMoeForCausalLM(tiny_config(num_experts=6, num_experts_per_tok=2, drop_tokens=drop_tokens,
+                                         capacity_factor=3.0)).train()
+    ids = torch.randint(0, 97, (3, 8))
+    model.set_experts_implementation("hf_moe_grouped")
+    ref_logits_, ref_grads = _logits_and_grads(model, ids)
+    model.set_experts_implementation("hf_moe_capacity")
+    logits, grads = _logits_and_grads(model, ids)
+    assert_rel_close(logits, ref_logits_, 1e-5, "logits")
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        assert_rel_close(grads[name], ref_grads[name], 1e-5, name)
+
+
+# --------------------------------------------------------------------------------------- noise
+
+
+@pytest.mark.parametrize("noise", [dict(router_jitter_noise=0.2), dict(router_gumbel_noise=True)])
+def test_noise_only_in_training(noise):
+    noisy = make_router(num_experts=8, num_experts_per_tok=2, **noise)
+    clean = make_router(num_experts=8, num_experts_per_tok=2)
+    clean.load_state_dict(noisy.state_dict())
+    x = torch.randn(64, H)
+    eval_a, eval_b, ref = noisy(x), noisy(x), clean(x)
+    assert torch.equal(eval_a.top_k_index, ref.top_k_index) and torch.equal(eval_b.top_k_index, ref.top_k_index)
+    assert torch.equal(eval_a.top_k_weights, ref.top_k_weights)
+    noisy.train()
+    train_a, train_b = noisy(x), noisy(x)
+    assert not torch.equal(train_a.top_k_index, train_b.top_k_index)
+    if "router_gumbel_noise" in noise:  # Gumbel changes the selection only: weights are the clean scores
+        probs = ref.probs
+        expected = probs.gather(1, train_a.top_k_index)
+        assert_rel_close(train_a.top_k_weights, expected / expected.sum(-1, keepdim=True), 1e-6, "weights")
+    else:
+        assert not torch.equal(train_a.logits, ref.logits)
+
+
+# --------------------------------------------------------------------------------------- losses
+
+
+def ref_switch_loss(probs, index, num_experts, mask=None) -> float:
+    rows = [t for t in range(len(probs)) if mask is None or mask[t]]
+    f = [sum(row.count(e) for row in (index[t] for t in rows)) / len(rows) for e in range(num_experts)]
+    p = [sum(probs[t][e] for t in rows) / len(rows) for e in range(num_experts)]
+    return num_experts * sum(fi * pi for fi, pi in zip(f, p))
+
+
+def test_switch_loss_equals_the_formula_and_transformers():
+    router = make_router(num_experts=5, num_experts_per_tok=2)
+    x = torch.randn(3 * 7, H)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, :3] = 0
+    out = router(x, mask.reshape(-1).bool())
+    probs = [ref_softmax(row) for row in ref_logits(router, x).tolist()]
+    expected = ref_switch_loss(probs, out.top_k_index.tolist(), 5, mask.reshape(-1).tolist())
+    assert_rel_close(out.aux_loss, torch.tensor(expected), 1e-5, "switch loss")
+    theirs = load_balancing_loss_func((out.logits,), 5, 2, mask)
+    assert_rel_close(out.aux_loss, theirs, 1e-5, "transformers")
+    logsumexp = [math.log(sum(math.exp(v) for v in row)) for row in ref_logits(router, x).tolist()]
+    real = [z * z for z, m in zip(logsumexp, mask.reshape(-1).tolist()) if m]
+    assert_rel_close(out.z_loss, torch.tensor(sum(real) / len(real)), 1e-5, "z loss")
+
+
+def test_sequence_loss_equals_the_per_sequence_formula():
+    router = make_router(num_experts=5, num_experts_per_tok=2, router_aux_loss_type="sequence",
+                         scoring_func="sigmoid")
+    x = torch.randn(4 * 6, H)
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    mask[3] = False  # an all-padding sequence counts for nothing
+    out = router(x, mask.reshape(-1), sequence_length=6)
+    scores = (1 / (1 + (-ref_logits(router, x)).exp())).tolist()
+    probs = [[s / sum(row) for s in row] for row in scores]
+    index = out.top_k_index.tolist()
+    per_sequence = []
+    for b in range(3):
+        rows = range(6 * b, 6 * b + 6)
+        per_sequence.append(ref_switch_loss([probs[t] for t in rows], [index[t] for t in rows], 5,
+                                            mask[b].tolist()))
+    assert_rel_close(out.aux_loss, torch.tensor(sum(per_sequence) / 3), 1e-5, "sequence loss")
+    one_sequence = sequence_load_balancing_loss(out.probs[:6], out.top_k_index[:6], 5, 6)
+    assert_rel_close(one_sequence, load_balancing_loss(out.probs[:6], out.top_k_index[:6], 5)[0], 1e-6, "B=1")
+    assert make_router(router_aux_loss_type="none")(x).aux_loss == 0
+
+
+def test_losses_under_perfect_balance_equal_k():
+    num_tokens, num_experts, top_k = 12, 6, 2
+    probs = torch.full((num_tokens, num_experts), 1 / num_experts)
+    index = (torch.arange(num_tokens)[:, None] * top_k + torch.arange(top_k)) % num_experts
+    assert_rel_close(load_balancing_loss(probs, index, num_experts)[0], torch.tensor(2.0), 1e-6, "switch")
+    assert_rel_close(sequence_load_balancing_loss(probs, index, num_experts, 6), torch.tensor(2.0), 1e-6, "seq")
+    assert_rel_close(router_z_loss(torch.zeros(3, num_experts)), torch.tensor(math.log(6) ** 2), 1e-6, "z")
+
+
+# --------------------------------------------------------------------------------------- aux-loss-free balancing
+
+
+def skewed_bias_router(**overrides) -> HfMoeRouter:
+    router = make_router(num_experts=8, num_experts_per_tok=2, scoring_func="sigmoid", use_expert_bias=True,
+                         **overrides).train()
+    with torch.no_grad():
+        router.weight.mul_(0.3)
+        router.weight[:, 0] = torch.linspace(2.0, -2.0, 8)  # inputs with x[0] > 0 prefer the low experts
+    return router
+
+
+def skewed_batch() -> torch.Tensor:
+    x = torch.randn(256, H)
+    x[:, 0] = x[:, 0].abs() + 1.0
+    return x
+
+
+def test_bias_balancing_reaches_balance_without_touching_the_weights():
+    router = skewed_bias_router()
+    x = skewed_batch()
+    start = router(x).tokens_per_expert
+    assert start.max() / start.mean() > 2.0, "the router was not skewed: the test could not have failed"
+    router.expert_load = None
+    loads = []
+    for _ in range(60):
+        for _ in range(2):  # two micro-batches per optimizer step
+            out = router(skewed_batch())
+        loads.append(update_expert_bias(router, rate=0.02)[0])
+        if loads[-1].max() / loads[-1].mean() < 1.2:
+            break
+    assert loads[-1].max() / loads[-1].mean() < 1.2, f"not balanced after {len(loads)} updates: {loads[-1]}"
+    assert loads[0].sum() == 2 * 256 * 2  # counts from both micro-batches
+    assert router.expert_bias.abs().max() > 0
+    out = router(x)
+    scores = out.logits.sigmoid()
+    expected = scores.gather(1, out.top_k_index)
+    assert_rel_close(out.top_k_weights, expected / expected.sum(-1, keepdim=True), 1e-6, "weights from clean scores")
+    assert (out.logits.sigmoid() + router.expert_bias).topk(2).indices.tolist() == out.top_k_index.tolist()
+
+
+def test_bias_update_direction_and_eval_does_not_count():
+    router = skewed_bias_router()
+    x = skewed_batch()
+    router.eval()
+    router(x)
+    assert router.expert_load is None
+    router.train()
+    counts = router(x).tokens_per_expert
+    update_expert_bias(router, rate=0.5)
+    expected = 0.5 * torch.sign(counts.mean() - counts)
+    assert torch.equal(router.expert_bias, expected)
+    assert router.expert_load is None
+    update_expert_bias(router, rate=0.5)  # nothing routed since: no change
+    assert torch.equal(router.expert_bias, expected)
+    with pytest.raises(ValueError, match="rate=-1"):
+        update_expert_bias(router, rate=-1)
+    with pytest.raises(ValueError, match="use_expert_bias"):
+        update_expert_bias(make_router())
+
+
+# --------------------------------------------------------------------------------------- full model
+
+
+MODEL_CASES = {
+    "sigmoid_groups_bias": dict(scoring_func="sigmoid", routed_scaling_factor=2.0, n_group=3, topk_group=2,
+                                use_expert_bias=True, router_aux_loss_type="sequence"),
+    "switch_gumbel_drop": dict(router_type="switch", num_experts_per_tok=1, norm_topk_prob=False,
+                               router_gumbel_noise=True, drop_tokens=True, capacity_factor=0.7, use_rts=True),
+    "expert_choice": dict(router_type="expert_choice", router_jitter_noise=0.1),
+    "hash": dict(router_type="hash", router_aux_loss_type="none"),
+    "fake_balanced": dict(router_type="fake_balanced", fake_gate_noise=0.5),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=list(MODEL_CASES))
+def test_full_model_trains_reports_metrics_and_survives_save_load(case, tmp_path):
+    config = tiny_config(**MODEL_CASES[case])
+    model = HfMoeForCausalLM(config).train()
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    out = model(ids, attention_mask=mask, labels=ids, output_router_metrics=True)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    router = model.model.layers[0].mlp.router
+    if router.weight is not None:
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    metrics = router_metrics(out)
+    assert len(metrics) == 2 and len(metrics[0]["tokens_per_expert"]) == 6
+    for layer in metrics:
+        counts = torch.tensor(layer["tokens_per_expert"])
+        assert layer["experts_used_fraction"] == pytest.approx((counts > 0).float().mean().item())
+        assert layer["max_over_mean_load"] == pytest.approx((counts.max() / counts.mean()).item(), rel=1e-6)
+        assert 0 <= layer["drop_fraction"] <= 1 and 0 <= layer["routing_entropy"] <= math.log(6) + 1e-5
+    if case == "sigmoid_groups_bias":
+        update_expert_bias(model)
+        assert model.model.layers[0].mlp.router.expert_bias.abs().max() == pytest.approx(0.001)
+
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = HfMoeForCausalLM.from_pretrained(tmp_path).eval()
+    assert {k: v for k, v in loaded.config.to_dict().items() if k != "_name_or_path"} == {
+        k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    for name in state:
+        assert torch.equal(state[name], loaded_state[name]), name
+    if case != "fake_balanced":  # the fake gate is random on purpose
+        with torch.no_grad():
+            assert torch.equal(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_router_metrics_equal_a_direct_computation():
+    model = HfMoeForCausalLM(tiny_config()).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_router_logits=True)
+    metrics = router_metrics(out)
+    assert metrics == router_metrics(out.router_outputs)
+    real = mask.reshape(-1).bool()
+    for layer, logits in zip(metrics, out.router_logits):
+        probs = logits[real].double().softmax(-1)
+        entropy = -(probs * probs.log()).sum(-1).mean().item()
+        assert layer["routing_entropy"] == pytest.approx(entropy, rel=1e-5)
+        counts = torch.bincount(probs.topk(2).indices.reshape(-1), minlength=6).double()
+        assert layer["tokens_per_expert"] == counts.tolist()
+        assert sum(layer["tokens_per_expert"]) == 2 * real.sum().item()
+    with pytest.raises(ValueError, match="output_router_metrics"):
+        router_metrics(model(ids))
+    assert model(ids).router_metrics is None
+
+
+def test_cached_generation_still_matches_the_full_forward_for_causal_routers():
+    model = HfMoeForCausalLM(tiny_config(router_type="hash", scoring_func="sigmoid")).eval()
+    ids = torch.randint(0, 97, (2, 4))
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    with torch.no_grad():
+        expected = ids
+        for _ in range(5):
+            expected = torch.cat([expected, model(expected, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, expected)
+
+
+# --------------------------------------------------------------------------------------- config
+
+
+BAD_ROUTING = [
+    (dict(router_type="nope"), "router_type", "register_router"),
+    (dict(scoring_func="relu"), "scoring_func", "softmax"),
+    (dict(router_aux_loss_type="gshard"), "router_aux_loss_type", "switch"),
+    (dict(routed_scaling_factor=0.0), "routed_scaling_factor", "positive finite"),
+    (dict(capacity_factor=-1.0), "capacity_factor", "positive finite"),
+    (dict(eval_capacity_factor=float("inf")), "eval_capacity_factor", "positive finite"),
+    (dict(min_capacity=-1), "min_capacity", "integer >= 0"),
+    (dict(router_jitter_noise=1.5), "router_jitter_noise", "[0, 1)"),
+    (dict(fake_gate_noise=2.0), "fake_gate_noise", "[0, 1]"),
+    (dict(hash_seed=-3), "hash_seed", "integer >= 0"),
+    (dict(expert_bias_update_rate=-0.1), "expert_bias_update_rate", ">= 0"),
+    (dict(drop_tokens="yes"), "drop_tokens", "True or False"),
+    (dict(router_type="switch"), "num_experts_per_tok", "router_type='switch'"),
+    (dict(topk_before_softmax=True, scoring_func="sigmoid"), "topk_before_softmax", "softmax"),
+    (dict(n_group=2), "topk_group", "set together with n_group"),
+    (dict(n_group=4, topk_group=2), "n_group", "divisor of num_experts"),
+    (dict(n_group=3, topk_group=4), "topk_group", "at most n_group"),
+    (dict(n_group=6, topk_group=1), "topk_group", "enough groups"),
+    (dict(n_group=3, topk_group=1, router_type="expert_choice"), "n_group", "router_type='topk'"),
+    (dict(router_type="hash", router_gumbel_noise=True), "router_gumbel_noise", "no learned router"),
+    (dict(router_type="expert_choice", drop_tokens=True), "drop_tokens", "expert_choice"),
+    (dict(use_rts=True), "use_rts", "drop_tokens=True"),
+    (dict(router_type="hash", use_expert_bias=True), "use_expert_bias", "'topk' or 'switch'"),
+]
+
+
+@pytest.mark.parametrize("overrides,field,expected", BAD_ROUTING, ids=[b[1] + "-" + b[2][:12] for b in BAD_ROUTING])
+def test_bad_routing_field_is_refused_with_a_clear_error(overrides, field, expected):
+    with pytest.raises(ValueError) as info:
+        tiny_config(**overrides)
+    assert f"HfMoeConfig.{field}=" in str(info.value) and expected in str(info.value)
+
+
+def test_routing_defaults_are_the_foundation_behaviour():
+    config = HfMoeConfig()
+    assert (config.router_type, config.scoring_func, config.drop_tokens, config.router_aux_loss_type) == (
+        "topk", "softmax", False, "switch")
+    assert not config.use_expert_bias and config.router_jitter_noise == 0 and not config.router_gumbel_noise
