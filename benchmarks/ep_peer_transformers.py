@@ -71,7 +71,8 @@ def run(path: str) -> None:
         result = {"peer": f"transformers {__version__} native EP", "P": world, "step_ms": seconds * 1e3,
                   "tokens_per_s_per_gpu": TOKENS / seconds}
         print("RESULT " + json.dumps(result), flush=True)
-        print(f"transformers EP P={world}: {seconds * 1e3:.1f} ms/step, {TOKENS / seconds:,.0f} tokens/s/GPU", flush=True)
+        print(f"transformers EP P={world}: {seconds * 1e3:.1f} ms/step, {TOKENS / seconds:,.0f} tokens/s/GPU",
+              flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
