@@ -1,46 +1,84 @@
-"""Peak memory of loading a checkpoint under expert parallelism vs loading the full model, per rank.
+"""Peak host memory of loading a checkpoint under expert parallelism vs the whole model in one process (CPU).
 
-    python benchmarks/ep_load_memory.py build /tmp/ep-mem          # writes a ~1.6 GB fp32 MoE checkpoint
-    python benchmarks/ep_load_memory.py full /tmp/ep-mem            # one process loads everything
-    torchrun --nproc_per_node 4 benchmarks/ep_load_memory.py ep /tmp/ep-mem   # each rank reads E/4 experts
+Writes a checkpoint whose weights are mostly experts (4 MoE layers x 32 experts, H 512, I 1024: 0.8 GB in fp32),
+then measures, in fresh processes, the growth of peak RSS while loading it and reading every weight once
+(transformers may leave weights memory-mapped, resident only once touched): one process with
+`from_pretrained(path)`, and P = 2 and 4 processes (torchrun, gloo) with `from_pretrained(path,
+expert_parallel_size=P)`, where each rank reads only its E/P experts' slices.
+
+    python benchmarks/ep_load_memory.py
 """
 
+from __future__ import annotations
+
+import json
 import os
-import resource
+import subprocess
 import sys
+import tempfile
 
 import torch
 
-import hf_moe
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not `ru_maxrss`: that one starts at the parent's peak at fork."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-def main(mode: str, path: str) -> None:
-    if mode == "build":
-        config = hf_moe.HfMoeConfig(vocab_size=8192, hidden_size=512, intermediate_size=1024, moe_intermediate_size=512,
-                                    num_hidden_layers=4, num_attention_heads=8, num_experts=64, num_experts_per_tok=4)
-        with torch.device("meta"):
-            model = hf_moe.HfMoeForCausalLM(config)
-        model = model.to_empty(device="cpu")
+def measure(path: str, ep_size: int) -> None:
+    """Child process: print this rank's peak-RSS growth (MiB) over the load as one JSON line."""
+    import hf_moe
+
+    if ep_size > 1:
+        from hf_moe.parallel import init_expert_parallel
+
+        init_expert_parallel(ep_size)  # process groups first, so that their cost is not counted as loading
+    before = peak_rss_mib()
+    kwargs = {"expert_parallel_size": ep_size} if ep_size > 1 else {}
+    model = hf_moe.HfMoeForCausalLM.from_pretrained(path, **kwargs)
+    with torch.no_grad():  # touch every weight: a memory-mapped tensor is resident only once read
         for p in model.parameters():
-            torch.nn.init.normal_(p, 0, 0.02)
-        model.save_pretrained(path)
-        return
-    before = rss_gib()
-    if mode == "full":
-        model = hf_moe.HfMoeForCausalLM.from_pretrained(path)
-    else:
-        model = hf_moe.HfMoeForCausalLM.from_pretrained(path, expert_parallel_size=int(os.environ["WORLD_SIZE"]))
-    params = sum(p.numel() for p in model.parameters())
-    touched = sum(float(p.float().sum()) for p in model.parameters())  # page in memory-mapped weights
-    assert touched == touched, "weights must be finite"
-    rank = os.environ.get("RANK", "0")
-    print(f"{mode} rank {rank}: {params / 1e6:.0f}M parameters held, peak RSS {rss_gib():.2f} GiB "
-          f"({rss_gib() - before:.2f} GiB above imports)", flush=True)
+            p.sum()
+    after = peak_rss_mib()
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    rank = int(os.environ.get("RANK", "0"))
+    print("MEM " + json.dumps({"P": ep_size, "rank": rank, "peak_rss_growth_mib": after - before,
+                               "weights_held_mib": params}), flush=True)
+
+
+def main() -> None:
+    import hf_moe
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = hf_moe.HfMoeConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
+                                    num_attention_heads=8, num_experts=32, num_experts_per_tok=4)
+        model = hf_moe.HfMoeForCausalLM(config)
+        total = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+        model.save_pretrained(tmp)
+        del model
+        print(f"checkpoint: {total:.0f} MiB of fp32 weights", flush=True)
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+        rows = []
+        for ep_size in (1, 2, 4):
+            launcher = [sys.executable] if ep_size == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ep_size)]
+            out = subprocess.run([*launcher, __file__, "measure", tmp, str(ep_size)], env=env, capture_output=True,
+                                 text=True, timeout=600)
+            found = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("MEM ")]
+            if out.returncode or not found:
+                raise RuntimeError(out.stderr[-3000:])
+            rows.append((ep_size, max(r["peak_rss_growth_mib"] for r in found), found[0]["weights_held_mib"]))
+        print(f"{'P':>3} {'peak RSS growth / rank (MiB)':>30} {'weights held / rank (MiB)':>27} {'vs P=1':>8}")
+        for ep_size, peak, held in rows:
+            print(f"{ep_size:>3} {peak:>30.0f} {held:>27.0f} {peak / rows[0][1]:>8.2f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    if len(sys.argv) > 1 and sys.argv[1] == "measure":
+        torch.set_num_threads(1)
+        measure(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()

@@ -1,19 +1,32 @@
-"""Expert-parallel scaling on GPUs: tokens/s/GPU of a stack of Qwen3-30B-A3B-shaped MoE layers at P = 1, 2, 4.
+"""Expert-parallel scaling on GPUs: tokens/s/GPU of Qwen3-30B-A3B-shaped MoE layers at P = 1, 2, 4.
 
-Each GPU processes T tokens (default 8192) through L MoE layers (H 2048, I 768, E 128, k 8, bf16), forward and
-backward. P = 1 is one GPU holding all experts; P > 1 shards experts over P GPUs (hf-moe all-to-all dispatch,
-NCCL). Also times NCCL's raw `all_to_all_single` at the size of one dispatch in the same run, and the share of the
-step the dispatch all-to-alls take (measured by timing the same all-to-alls alone).
+Each GPU processes T tokens (default 8192) forward and backward, bf16, through either a stack of MoE blocks
+(`--mode layers`: H 2048, I 768, E 128, k 8) or the whole hf-moe causal LM at the shape of transformers' peer script
+(`--mode model`: 2 decoder layers with attention, vocabulary 2048, sequences of 2048), so its numbers sit next to
+`peer_ep.py` (transformers' native EP). P = 1 is one GPU with all experts; P > 1 shards experts over P GPUs with the
+hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
+
+* the time the dispatcher's own all-to-alls take inside one training step (CUDA events around every
+  `all_to_all_single` it issues, forward and backward, counts exchange included) and their share of the step;
+* the bandwidth those token all-to-alls reach (bytes that leave the GPU / time), next to NCCL's raw
+  `all_to_all_single` with equal splits at the same per-rank size;
+* for P > 1, the relative L2 error of the sharded first layer's bf16 output against the unsharded layer.
 
     python benchmarks/ep_scaling.py                                   # P = 1
-    torchrun --nproc_per_node 2 benchmarks/ep_scaling.py              # P = 2 (and 4 with 4 GPUs)
+    torchrun --nproc_per_node 2 benchmarks/ep_scaling.py              # P = 2 (4 with 4 GPUs)
+    torchrun --nproc_per_node 2 benchmarks/ep_scaling.py --hidden 64 --expert-size 32 --experts 8 --top-k 2 \
+        --tokens 256 --seq 64 --vocab 128                              # CPU smoke run (gloo; times meaningless)
+
+Prints one `RESULT {json}` line per run (rank 0) and a readable summary line.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import time
 
 import torch
 import torch.distributed as dist
@@ -22,92 +35,200 @@ import hf_moe
 from hf_moe.moe import dispatch
 from hf_moe.parallel import expert_parallelize, init_expert_parallel
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-def cuda_time(fn, reps: int = 10, warmup: int = 3) -> float:
+
+class _HostEvent:
+    """`torch.cuda.Event`'s timing interface on the host clock, for CPU smoke runs."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, end: _HostEvent) -> float:
+        return (end.t - self.t) * 1e3
+
+
+def event():
+    return torch.cuda.Event(enable_timing=True) if DEVICE == "cuda" else _HostEvent()
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_time(fn, reps: int, warmup: int = 3) -> float:
+    """Median seconds of `fn` over `reps` runs (CUDA events), ranks aligned by a barrier before each."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
         if dist.is_initialized():
             dist.barrier()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
+        synchronize()
+        start, end = event(), event()
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
+        synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--impl", default="hf_moe_grouped")
-    args = parser.parse_args()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    config = hf_moe.HfMoeConfig(hidden_size=2048, moe_intermediate_size=768, intermediate_size=768, num_experts=128,
-                                num_experts_per_tok=8, num_attention_heads=16, num_hidden_layers=1, vocab_size=8)
-    config._experts_implementation = args.impl
+class AllToAllTimer:
+    """Wraps `all_to_all_single` as the dispatcher sees it and records CUDA events and bytes of every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.original = dispatch.dist.all_to_all_single
+
+    def __enter__(self) -> AllToAllTimer:
+        def timed(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+            start, end = event(), event()
+            start.record()
+            work = self.original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+            end.record()
+            row_bytes = input[0].numel() * input.element_size() if input.dim() > 1 and len(input) else 0
+            me = dist.get_rank(group)
+            off_rank = sum(s for i, s in enumerate(input_split_sizes or []) if i != me) * row_bytes
+            self.calls.append((start, end, off_rank, input.dim()))
+            return work
+
+        dispatch.dist.all_to_all_single = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dispatch.dist.all_to_all_single = self.original
+
+    def summary(self) -> tuple[float, float, float]:
+        """(seconds in all token and count all-to-alls, seconds in token all-to-alls, bytes sent off-rank)."""
+        synchronize()
+        every = sum(s.elapsed_time(e) for s, e, _, _ in self.calls) / 1e3
+        tokens = sum(s.elapsed_time(e) for s, e, _, dim in self.calls if dim > 1) / 1e3
+        return every, tokens, sum(b for _, _, b, _ in self.calls)
+
+
+def build(mode: str, layers: int, impl: str) -> torch.nn.Module:
+    """The model, built on the GPU with the same weights on every rank (seed 0)."""
     torch.manual_seed(0)
-    layers = torch.nn.ModuleList([hf_moe.HfMoeSparseMoeBlock(config) for _ in range(args.layers)])
-    for p in layers.parameters():
-        torch.nn.init.normal_(p, 0, 0.02)
-    layers = layers.cuda().to(torch.bfloat16)
-    x = torch.randn(1, args.tokens, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    reference = None
-    if world > 1:  # every rank draws the same weights and tokens; rank 0 keeps the unsharded layers to compare
-        with torch.no_grad():
-            reference = layers[0](x)[0].float()
-        groups = init_expert_parallel(world, config.num_experts)
+    if mode == "layers":
+        config = hf_moe.HfMoeConfig(hidden_size=ARGS.hidden, moe_intermediate_size=ARGS.expert_size,
+                                    intermediate_size=ARGS.expert_size, num_experts=ARGS.experts,
+                                    num_experts_per_tok=ARGS.top_k, num_attention_heads=16, num_hidden_layers=1,
+                                    vocab_size=8)
+        config._experts_implementation = impl
         model = torch.nn.Module()
-        model.layers = layers
-        expert_parallelize(model, groups, global_aux_loss=False)
-        with torch.no_grad():
-            sharded = layers[0](x)[0].float()
-        error = ((sharded - reference).norm() / reference.norm()).item()
-        if rank == 0:
-            print(f"P={world}: bf16 EP vs unsharded layer output, relative L2 error {error:.2e}", flush=True)
+        with torch.device(DEVICE):
+            model.layers = torch.nn.ModuleList([hf_moe.HfMoeSparseMoeBlock(config) for _ in range(layers)])
+        for p in model.parameters():
+            torch.nn.init.normal_(p, 0, 0.02)
+        return model.to(torch.bfloat16)
+    config = hf_moe.HfMoeConfig(hidden_size=ARGS.hidden, moe_intermediate_size=ARGS.expert_size,
+                                intermediate_size=3 * ARGS.hidden, num_experts=ARGS.experts,
+                                num_experts_per_tok=ARGS.top_k, num_hidden_layers=layers, num_attention_heads=32,
+                                num_key_value_heads=4, head_dim=128, vocab_size=ARGS.vocab, qk_norm=True)
+    config._attn_implementation = "sdpa"
+    config._experts_implementation = impl
+    with torch.device(DEVICE):
+        model = hf_moe.HfMoeForCausalLM(config)
+    return model.to(torch.bfloat16).train()
+
+
+def training_step(model: torch.nn.Module, rank: int):
+    """fwd+bwd on this rank's own tokens (different on every rank, so routing differs as in training)."""
+    g = torch.Generator(DEVICE).manual_seed(1000 + rank)
+    if ARGS.mode == "layers":
+        x = torch.randn(1, ARGS.tokens, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16, generator=g,
+                        requires_grad=True)
+
+        def step():
+            h = x
+            for layer in model.layers:
+                h = h + layer(h)[0]
+            h.float().pow(2).mean().backward()
+
+        return step
+    ids = torch.randint(0, ARGS.vocab, (ARGS.tokens // ARGS.seq, ARGS.seq), device=DEVICE, generator=g)
 
     def step():
-        h = x
-        for layer in layers:
-            h = h + layer(h)[0]
-        h.float().pow(2).mean().backward()
+        model(input_ids=ids, labels=ids).loss.backward()
 
-    seconds = cuda_time(step)
-    flops = 3 * 2 * args.tokens * 8 * 3 * 2048 * 768 * args.layers
-    line = (f"P={world}: fwd+bwd {seconds * 1e3:.1f} ms/step for {args.tokens} tokens/GPU x {args.layers} layers, "
-            f"{args.tokens / seconds:,.0f} tokens/s/GPU, expert TFLOP/s/GPU {flops / seconds / 1e12:.0f}")
+    return step
+
+
+def main() -> None:
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    model = build(ARGS.mode, ARGS.layers, ARGS.impl)
+    result = {"mode": ARGS.mode, "P": world, "tokens_per_gpu": ARGS.tokens, "layers": ARGS.layers,
+              "shape": [ARGS.hidden, ARGS.expert_size, ARGS.experts, ARGS.top_k], "impl": ARGS.impl,
+              "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
     if world > 1:
-        # the dispatch moves T·k rows of H bf16 values each way, twice per layer forward and twice backward
-        rows = args.tokens * 8
-        send = torch.randn(rows, 2048, device="cuda", dtype=torch.bfloat16)
+        first = model.layers[0] if ARGS.mode == "layers" else model.model.layers[0].mlp
+        probe = torch.randn(1, ARGS.tokens, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16)
+        with torch.no_grad():
+            reference = first(probe)[0].float()
+        groups = init_expert_parallel(world, ARGS.experts)
+        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model")
+        with torch.no_grad():
+            sharded = first(probe)[0].float()
+        result["bf16_rel_l2_vs_unsharded"] = ((sharded - reference).norm() / reference.norm()).item()
+        if ARGS.mode == "model":  # as in training: DDP averages the replicated weights' gradients
+            model = torch.nn.parallel.DistributedDataParallel(model)
+    step = training_step(model, rank)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = device_time(step, ARGS.reps)
+    # fwd + 2x bwd, gate/up/down of the k active experts of every token
+    expert_flops = 3 * 2 * ARGS.tokens * ARGS.top_k * 3 * ARGS.hidden * ARGS.expert_size * ARGS.layers
+    result.update(step_ms=seconds * 1e3, tokens_per_s_per_gpu=ARGS.tokens / seconds,
+                  expert_tflops_per_gpu=expert_flops / seconds / 1e12,
+                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0)
+    if world > 1:
+        with AllToAllTimer() as timer:
+            step()
+        a2a_all, a2a_tokens, off_rank = timer.summary()
+        # raw NCCL at the mean size of one token all-to-all of this step (T·k rows of H bf16 values, equal splits)
+        rows = ARGS.tokens * ARGS.top_k
+        send = torch.randn(rows, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16)
         recv = torch.empty_like(send)
-        raw = cuda_time(lambda: dist.all_to_all_single(recv, send))
-        bytes_out = rows * 2048 * 2 * (world - 1) / world
-        a2a_share = 4 * args.layers * raw / seconds
-        line += (f"; raw NCCL all_to_all_single of {rows * 2048 * 2 / 2**20:.0f} MiB/rank: {raw * 1e3:.2f} ms, "
-                 f"{bytes_out / raw / 1e9:.0f} GB/s per GPU; dispatch all-to-alls ~{a2a_share:.0%} of the step")
-        calls = []
-        original = dispatch._AllToAll.forward
-
-        def counted(ctx, tensor, output_splits, input_splits, group):
-            calls.append(sum(input_splits))
-            return original(ctx, tensor, output_splits, input_splits, group)
-
-        dispatch._AllToAll.forward = staticmethod(counted)
-        step()
-        dispatch._AllToAll.forward = staticmethod(original)
-        line += f"; rows sent per dispatch (rank 0, first layer): {calls[0]}"
+        raw = device_time(lambda: dist.all_to_all_single(recv, send), ARGS.reps)
+        token_calls = sum(1 for *_, dim in timer.calls if dim > 1)
+        result.update(
+            a2a_ms=a2a_all * 1e3, a2a_share=a2a_all / seconds, token_a2a_calls=token_calls,
+            dispatch_a2a_gbps=off_rank / a2a_tokens / 1e9,
+            raw_nccl_mib_per_rank=rows * ARGS.hidden * 2 / 2**20, raw_nccl_ms=raw * 1e3,
+            raw_nccl_gbps=rows * ARGS.hidden * 2 * (world - 1) / world / raw / 1e9,
+            raw_equivalent_ms=raw * token_calls * 1e3,
+        )
     if rank == 0:
+        print("RESULT " + json.dumps(result), flush=True)
+        line = (f"{ARGS.mode} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
+                f"tokens/s/GPU, expert TFLOP/s/GPU {result['expert_tflops_per_gpu']:.0f}, "
+                f"peak {result['peak_gib']:.1f} GiB")
+        if world > 1:
+            line += (f"; dispatcher all-to-alls {result['a2a_ms']:.1f} ms = {result['a2a_share']:.0%} of the step, "
+                     f"{result['dispatch_a2a_gbps']:.0f} GB/s per GPU vs raw NCCL {result['raw_nccl_gbps']:.0f} GB/s "
+                     f"at {result['raw_nccl_mib_per_rank']:.0f} MiB/rank; bf16 vs unsharded "
+                     f"{result['bf16_rel_l2_vs_unsharded']:.1e}")
         print(line, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["layers", "model"], default="layers")
+    parser.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--impl", default="hf_moe_grouped", help="experts implementation")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--hidden", type=int, default=2048, help="Qwen3-30B-A3B: 2048")
+    parser.add_argument("--expert-size", type=int, default=768, help="Qwen3-30B-A3B: 768")
+    parser.add_argument("--experts", type=int, default=128, help="Qwen3-30B-A3B: 128")
+    parser.add_argument("--top-k", type=int, default=8, help="Qwen3-30B-A3B: 8")
+    parser.add_argument("--vocab", type=int, default=2048, help="--mode model (as transformers' peer script)")
+    parser.add_argument("--seq", type=int, default=2048, help="--mode model: sequence length")
+    ARGS = parser.parse_args()
     main()

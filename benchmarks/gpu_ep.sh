@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
-# Expert parallelism on a multi-GPU machine (NCCL): the CPU test suite's equivalence tests, a bf16 check and the
-# scaling benchmark. Usage (repository root): bash benchmarks/gpu_ep.sh   (writes logs under ${OUT:-/tmp})
+# Expert parallelism on one multi-GPU machine (NCCL), in one go: equivalence with one process (fp32 and bf16), the
+# scaling benchmark at P = 1, 2 (, 4) for MoE layers and for the whole model, and transformers' native EP on the same
+# model when its wheels were carried in .whl (transformers >= 5.21). Every step has its own time limit, so one failure
+# costs only its own step. Usage (repository root): bash benchmarks/gpu_ep.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-OUT=${OUT:-/tmp}
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -8
 python3 -c 'import torch, transformers, accelerate; print("torch", torch.__version__, "transformers", transformers.__version__, "accelerate", accelerate.__version__)'
-echo "== equivalence tests over NCCL (fp64 on GPUs, reference on CPU)"
-python3 -m pytest -q -p no:cacheprovider tests/test_expert_parallel.py 2>&1 | tee "$OUT/ep_tests.log" | tail -15
-echo "== scaling (Qwen3-30B-A3B MoE layers, 8192 tokens/GPU, bf16)"
-python3 benchmarks/ep_scaling.py 2>&1 | tee "$OUT/ep_scaling.log" | grep "P="
-for P in 2 4; do
-  [ "$P" -le "$GPUS" ] && torchrun --standalone --nproc_per_node "$P" benchmarks/ep_scaling.py 2>&1 | tee -a "$OUT/ep_scaling.log" | grep "P="
+LOG=${OUT:-/tmp}/gpu_ep_full.log
+run() {  # run LIMIT CMD...: full output to $LOG, the result lines (or the error) to stdout
+  local limit=$1; shift; timeout "$limit" "$@" >/tmp/step.log 2>&1; local rc=$?
+  { echo "### $*"; cat /tmp/step.log; } >>"$LOG"
+  grep -E "^(P=|EQUIV|RESULT|layers |model |transformers EP)" /tmp/step.log
+  [ "$rc" -ne 0 ] && { echo "!! rc=$rc: $*"; grep -E "Error|error" /tmp/step.log | tail -4; }
+  return 0
+}
+TORCHRUN="python3 -m torch.distributed.run --standalone --nproc_per_node"
+echo "== equivalence with one process over NCCL, P=$GPUS"
+run 120 $TORCHRUN "$GPUS" benchmarks/ep_equivalence.py
+for MODE in layers model; do
+  echo "== scaling, $MODE, 8192 tokens/GPU, bf16"
+  run 90 python3 benchmarks/ep_scaling.py --mode "$MODE"
+  for P in 2 4; do
+    [ "$P" -le "$GPUS" ] && run 120 $TORCHRUN "$P" benchmarks/ep_scaling.py --mode "$MODE"
+  done
 done
+if ls .whl/*.whl >/dev/null 2>&1; then
+  echo "== transformers native EP (peer), same model"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  PEER="env PYTHONPATH=/tmp/site:$PYTHONPATH"
+  run 120 $PEER python3 benchmarks/ep_peer_transformers.py build /tmp/peer_model
+  run 90 $PEER python3 benchmarks/ep_peer_transformers.py run /tmp/peer_model
+  for P in 2 4; do
+    [ "$P" -le "$GPUS" ] && run 120 $PEER $TORCHRUN "$P" benchmarks/ep_peer_transformers.py run /tmp/peer_model
+  done
+fi

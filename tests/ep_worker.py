@@ -2,11 +2,14 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node W tests/ep_worker.py MODE WORKDIR P [IMPL]
 
-MODE `train`: loads WORKDIR/model under expert parallelism (P ranks per EP group), takes this rank's rows of
-WORKDIR/batch.pt, records logits and synced gradients, runs five AdamW steps with clipping (recording parameters
-after steps 1 and 5), saves one checkpoint to WORKDIR/saved, and writes WORKDIR/rank<r>.pt.
+MODE `train`: checks the all-to-all dispatcher alone against one process on skewed routings (`dispatcher_checks`),
+then loads WORKDIR/model under expert parallelism (P ranks per EP group), takes this rank's rows of
+WORKDIR/batch.pt, records the gradients with the per-rank load-balancing loss, then logits and synced gradients with
+the global one, runs five AdamW steps with clipping (recording parameters after steps 1 and 5), saves one checkpoint
+to WORKDIR/saved, and writes WORKDIR/train<r>.pt.
 MODE `bad`: tries impossible layouts and writes the error each rank raised to WORKDIR/rank<r>.txt.
-MODE `lora`: LoRA on attention and experts under EP, a few steps, adapter gathered and saved to WORKDIR/adapter.
+MODE `lora`: checks that forgetting `prepare_for_ddp` after `get_peft_model` raises; then LoRA on attention and
+experts under EP, a few steps, adapter gathered and saved to WORKDIR/adapter.
 """
 
 import os
@@ -18,6 +21,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_moe import HfMoeForCausalLM  # noqa: E402
+from hf_moe.moe.dispatch import AllToAllDispatcher  # noqa: E402
 from hf_moe.parallel import (  # noqa: E402
     clip_grad_norm_,
     expert_parallel_groups,
@@ -69,9 +73,95 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {n.removeprefix("module."): p.detach().clone() for n, p in model.named_parameters()}
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a-b| / max|b| (as tests/conftest.py), 0 for two empty tensors."""
+    if b.numel() == 0:
+        return 0.0 if a.numel() == 0 else float("inf")
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def dispatcher_checks(groups, impl: str) -> dict[str, float]:
+    """The all-to-all dispatcher alone against one process holding all experts, in float32.
+
+    Every rank draws the same global batch, routing and loss weights; rank r feeds its own rows through the
+    expert-parallel path and compares outputs, input and routing-weight gradients with the single-process ones, and
+    expert gradients (summed over the expert-data-parallel group) with the matching slice of the full experts'.
+    Cases: random top-2 routing with dropped slots (sentinel index E, weight 0) where rank 1 has no tokens at all;
+    top-1 routing that sends every token to the last expert, so every other expert and rank receives nothing.
+    Returns relative errors by name.
+    """
+    from hf_moe import HfMoeConfig
+    from hf_moe.moe.experts import HfMoeExperts
+    from hf_moe.moe.router import RouterOutput
+
+    world, rank, num_experts = dist.get_world_size(), dist.get_rank(), 8
+    errors = {}
+    for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1)):
+        config = HfMoeConfig(hidden_size=16, intermediate_size=12, num_experts=num_experts, num_experts_per_tok=top_k,
+                             num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
+        config._experts_implementation = impl
+        g = torch.Generator().manual_seed(7)
+        full = HfMoeExperts(config)
+        with torch.no_grad():
+            for p in full.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        rows = [5, 0, 7, 3][:world] if case.startswith("random") else [4] * world
+        total = sum(rows)
+        x = torch.randn(total, 16, generator=g)
+        if case.startswith("random"):
+            index = torch.stack([torch.randperm(num_experts, generator=g)[:top_k] for _ in range(total)])
+            dropped = torch.rand(total, top_k, generator=g) < 0.2
+            index[dropped] = num_experts  # the sentinel: never sent anywhere
+            weights = torch.rand(total, top_k, generator=g).masked_fill(dropped, 0.0)
+        else:
+            index = torch.full((total, 1), num_experts - 1)
+            dropped = torch.zeros(total, 1, dtype=torch.bool)
+            weights = torch.rand(total, 1, generator=g)
+        out_grad = torch.randn(total, 16, generator=g)
+
+        # one process: every expert, the whole batch (dropped slots sent to expert 0 with weight 0)
+        ref_x, ref_w = x.clone().requires_grad_(), weights.clone().requires_grad_()
+        ref_out = full(ref_x, index.masked_fill(dropped, 0), ref_w)
+        (ref_out * out_grad).sum().backward()
+
+        # expert parallel: this rank's rows and experts
+        first = sum(rows[:rank])
+        mine = slice(first, first + rows[rank])
+        start, end = groups.expert_range(num_experts)
+        local = HfMoeExperts(config, num_experts=end - start)
+        with torch.no_grad():
+            local.gate_up_proj.copy_(full.gate_up_proj[start:end])
+            local.down_proj.copy_(full.down_proj[start:end])
+        ep_x, ep_w = x[mine].clone().requires_grad_(), weights[mine].clone().requires_grad_()
+        routing = RouterOutput(logits=torch.zeros(rows[rank], num_experts), top_k_index=index[mine], top_k_weights=ep_w,
+                               tokens_per_expert=torch.zeros(num_experts), aux_loss=torch.zeros(()),
+                               z_loss=torch.zeros(()))
+        out = AllToAllDispatcher(groups.ep_group, num_experts)(ep_x, routing, local)
+        (out * out_grad[mine]).sum().backward()
+        expert_grads = [torch.zeros_like(p) if p.grad is None else p.grad  # None: no token reached this rank
+                        for p in (local.gate_up_proj, local.down_proj)]
+        for grad in expert_grads:
+            dist.all_reduce(grad, group=groups.edp_group)
+        kept = ~dropped[mine]
+        errors[f"{case}: output"] = rel_err(out, ref_out[mine])
+        errors[f"{case}: input grad"] = rel_err(ep_x.grad, ref_x.grad[mine])
+        errors[f"{case}: routing-weight grad"] = rel_err(ep_w.grad[kept], ref_w.grad[mine][kept])
+        errors[f"{case}: dropped-slot weight grad is zero"] = ep_w.grad[~kept].abs().sum().item()
+        errors[f"{case}: gate_up_proj grad"] = rel_err(expert_grads[0], full.gate_up_proj.grad[start:end])
+        errors[f"{case}: down_proj grad"] = rel_err(expert_grads[1], full.down_proj.grad[start:end])
+    return errors
+
+
+def moe_routers(model):
+    return [m for n, m in model.named_modules() if n.endswith("mlp.router")]
+
+
 def train(workdir: str, ep_size: int, impl: str) -> dict:
     from accelerate import Accelerator
 
+    groups = init_expert_parallel(ep_size, 8)
+    result = {"dispatcher_errors": dispatcher_checks(groups, impl)}
     model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=ep_size,
                                              dtype=torch.float64)  # fp64: Adam amplifies fp32 rounding
     model.set_experts_implementation(impl)
@@ -81,7 +171,18 @@ def train(workdir: str, ep_size: int, impl: str) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
     ddp, optimizer = accelerator.prepare(model, optimizer)
     ids = local_rows(torch.load(os.path.join(workdir, "batch.pt")))
-    result = {"ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "params": {}}
+    result.update({"ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "params": {}})
+
+    # per-rank load-balancing loss: W ranks = one process averaging the W per-rank losses
+    global_group = moe_routers(model)[0].aux_loss_group
+    for router in moe_routers(model):
+        router.aux_loss_group = None
+    accelerator.backward(ddp(input_ids=ids, labels=ids).loss)
+    sync_expert_gradients(ddp)
+    result["local_aux_grads"] = {n.removeprefix("module."): p.grad.clone() for n, p in ddp.named_parameters()}
+    optimizer.zero_grad()
+    for router in moe_routers(model):
+        router.aux_loss_group = global_group
     for step in range(1, STEPS + 1):
         out = ddp(input_ids=ids, labels=ids)
         accelerator.backward(out.loss)
@@ -102,8 +203,17 @@ def train(workdir: str, ep_size: int, impl: str) -> dict:
 
 
 def bad(workdir: str) -> str:
+    from accelerate import PartialState
+
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ["RANK"])
     errors = []
+    try:  # torchrun on CPUs: accelerate's state sees one process unless told cpu=True, so it would skip DDP
+        PartialState()
+        init_expert_parallel(2, 6)
+        errors.append("no error")
+    except RuntimeError as e:
+        errors.append(str(e))
+    PartialState._reset_state()
     for ep_size, num_experts in [(3, 6), (2, 5), (2 if rank == 0 else 1, 6)]:
         try:
             init_expert_parallel(ep_size, num_experts)
@@ -120,9 +230,17 @@ def lora(workdir: str, ep_size: int) -> dict:
     from hf_moe.integrations import lora_config, save_adapter_expert_parallel
     from hf_moe.parallel import finish_gradients, prepare_for_ddp
 
-    model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=ep_size)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # created first: must see every process
+    path = os.path.join(workdir, "model")
+    forgot = get_peft_model(HfMoeForCausalLM.from_pretrained(path, expert_parallel_size=ep_size), lora_config(r=4))
+    try:
+        finish_gradients(accelerator.prepare(forgot))  # experts inside DDP: must refuse, not silently average
+        guard = "no error"
+    except RuntimeError as e:
+        guard = str(e)
+
+    model = HfMoeForCausalLM.from_pretrained(path, expert_parallel_size=ep_size)
     model = prepare_for_ddp(get_peft_model(model, lora_config(r=4, init_lora_weights=False)))
-    accelerator = Accelerator()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ddp, optimizer = accelerator.prepare(model, optimizer)
     ids = local_rows(torch.load(os.path.join(workdir, "batch.pt")))
@@ -138,7 +256,8 @@ def lora(workdir: str, ep_size: int) -> dict:
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     save_adapter_expert_parallel(model, os.path.join(workdir, "adapter"))
-    return {"losses": losses, "logits": logits}
+    experts = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" in n and "experts" in n}
+    return {"losses": losses, "logits": logits, "guard": guard, "expert_lora": experts}
 
 
 if __name__ == "__main__":
@@ -147,7 +266,6 @@ if __name__ == "__main__":
     if os.environ.get("HF_MOE_TEST_SKEW") == "1":
         skew_routing()
     if mode == "bad":
-        torch.distributed.init_process_group("gloo")
         text = bad(workdir)
         with open(os.path.join(workdir, f"rank{dist.get_rank()}.txt"), "w") as f:
             f.write(text)

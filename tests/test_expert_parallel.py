@@ -48,13 +48,23 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
         monkeypatch.setattr(HfMoeRouter, "forward", HfMoeRouter.forward)  # restored after the test
         ep_worker.skew_routing()
     ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(world)]
+    for r, result in enumerate(ranks):  # the dispatcher alone, fp32, skewed routings, a rank without tokens
+        for what, err in result["dispatcher_errors"].items():
+            assert err <= 1e-5, f"dispatcher vs one process, rank {r}, {what}: relative error {err:.2e}"
 
     reference.double().train()
     reference.set_experts_implementation("eager")  # transformers' grouped_mm has no float64 kernel on CPU
+    rows = batch.shape[0] // world
+    # per-rank load-balancing loss: the W ranks compute one process's mean of the W per-rank losses
+    per_rank = sum(reference(batch[r * rows : (r + 1) * rows], labels=batch[r * rows : (r + 1) * rows]).loss
+                   for r in range(world)) / world
+    per_rank.backward()
+    ref_local_aux = {n: p.grad.clone() for n, p in reference.named_parameters()}
+    reference.zero_grad()
+
     out = reference(batch, labels=batch)
     out.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
-    rows = batch.shape[0] // world
     for r, result in enumerate(ranks):
         assert_rel_close(result["logits"], out.logits[r * rows : (r + 1) * rows].detach(), 1e-5, f"logits rank {r}")
     if skewed:
@@ -72,6 +82,9 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
             tensors[name] = value
         return tensors
 
+    local_aux = full("local_aux_grads", ranks)
+    for name, ref in ref_local_aux.items():
+        assert_rel_close(local_aux[name], ref, 1e-5, f"grad with per-rank aux loss {name}")
     grads = full("grads", ranks)
     assert grads.keys() == ref_grads.keys()
     for name, ref in ref_grads.items():
@@ -110,17 +123,24 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
 
 
 def test_lora_on_attention_and_experts_under_expert_parallelism(tmp_path):
+    """W = 4 = P 2 × D 2: the expert adapters of the two replicas of each expert shard must start and stay equal."""
     model, batch = make_checkpoint(tmp_path, rows=4)
-    launch(2, "lora", str(tmp_path), "2")
-    ranks = [torch.load(tmp_path / f"lora{r}.pt") for r in range(2)]
+    launch(4, "lora", str(tmp_path), "2")
+    ranks = [torch.load(tmp_path / f"lora{r}.pt") for r in range(4)]
+    for r in ranks:
+        assert "Call hf_moe.parallel.prepare_for_ddp(model)" in r["guard"], r["guard"]
     assert ranks[0]["losses"][-1] < ranks[0]["losses"][0], "LoRA under EP must train"
+    for r in (0, 1):  # rank r and r + 2 hold the same experts
+        assert ranks[r]["expert_lora"].keys() == ranks[r + 2]["expert_lora"].keys() and ranks[r]["expert_lora"]
+        for name, value in ranks[r]["expert_lora"].items():
+            assert torch.equal(value, ranks[r + 2]["expert_lora"][name]), f"expert replicas drifted: {name}"
     adapted = PeftModel.from_pretrained(model.eval(), tmp_path / "adapter").eval()
     names = [n for n, _ in adapted.named_parameters() if "lora" in n]
     assert any("experts" in n for n in names) and any("q_proj" in n for n in names)
     with torch.no_grad():
         logits = adapted(batch).logits
-    for r in range(2):
-        assert_rel_close(ranks[r]["logits"], logits[2 * r : 2 * r + 2], 1e-5, f"adapter on one process, rank {r}")
+    for r in range(4):
+        assert_rel_close(ranks[r]["logits"], logits[r : r + 1], 1e-5, f"adapter on one process, rank {r}")
     fresh = get_peft_model(HfMoeForCausalLM.from_pretrained(tmp_path / "model"), lora_config(r=4))
     assert fresh is not None
 
@@ -129,9 +149,10 @@ def test_bad_layouts_raise_the_same_clear_error_on_every_rank(tmp_path):
     launch(2, "bad", str(tmp_path), "2")
     texts = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
     for lines in texts:
-        assert "expected a divisor of the world size 2" in lines[0]
-        assert "expected a divisor of num_experts=5" in lines[1]
-        assert "ranks disagree on (expert_parallel_size, num_experts)" in lines[2]
+        assert "accelerate's state sees 1 process(es) but torch.distributed has 2" in lines[0]
+        assert "expected a divisor of the world size 2" in lines[1]
+        assert "expected a divisor of num_experts=5" in lines[2]
+        assert "ranks disagree on (expert_parallel_size, num_experts)" in lines[3]
 
 
 def test_expert_parallel_needs_a_distributed_launch(monkeypatch):

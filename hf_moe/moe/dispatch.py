@@ -67,27 +67,34 @@ class AllToAllDispatcher:
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
         num_tokens, top_k = routing.top_k_index.shape
         flat_expert = routing.top_k_index.reshape(-1)
-        order = flat_expert.argsort(stable=True)  # sentinel slots (index == num_experts) sort last
-        counts = torch.bincount(flat_expert, minlength=self.num_experts + 1)[: self.num_experts]
-        kept = order[: int(counts.sum())] if counts.numel() else order[:0]
+        order = flat_expert.argsort(stable=True)  # sentinel slots (index == num_experts) sort last and stay home
+        counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=x.device)
+        counts = counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))[: self.num_experts]
 
-        received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=self.group)
-        send = counts.view(self.ep_size, self.num_local)
-        received = received_counts.view(self.ep_size, self.num_local)
-        input_splits, output_splits = send.sum(dim=1).tolist(), received.sum(dim=1).tolist()
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=self.group)
+        send, received = counts.view(self.ep_size, self.num_local), received.view(self.ep_size, self.num_local)
+        input_splits, output_splits = torch.stack([send.sum(dim=1), received.sum(dim=1)]).tolist()  # the one sync
+        kept = order[: sum(input_splits)]
 
         tokens = _AllToAll.apply(x[kept // top_k], output_splits, input_splits, self.group)
         local_ids = torch.arange(self.num_local, device=x.device).repeat(self.ep_size)
-        local_ids = local_ids.repeat_interleave(received.reshape(-1))
-        ones = torch.ones(len(local_ids), 1, dtype=x.dtype, device=x.device)
-        y = experts(tokens, local_ids[:, None], ones)
-        if tokens.requires_grad and not y.requires_grad:
-            # No token reached this rank and the experts returned a constant: keep the graph connected, or this
-            # rank would skip the backward all-to-all that the other ranks wait in.
-            y = y + tokens.sum() * 0
+        local_ids = local_ids.repeat_interleave(received.reshape(-1), output_size=sum(output_splits))
+        if len(tokens):
+            y = experts(tokens, local_ids[:, None], torch.ones(len(tokens), 1, dtype=x.dtype, device=x.device))
+        else:  # not every experts implementation accepts an empty batch
+            y = tokens * 0
+        if torch.is_grad_enabled() and not y.requires_grad and _needs_grad(x, experts):
+            # No token reached this rank and the experts returned a constant. Every rank must still run both
+            # backward all-to-alls (the others wait in them), so keep this rank's graph connected.
+            y = y + tokens.sum() * 0 if tokens.requires_grad else y.requires_grad_()
         y = _AllToAll.apply(y, input_splits, output_splits, self.group)
 
         weights = routing.top_k_weights.reshape(-1)[kept, None].to(y.dtype)
         slots = y.new_zeros((num_tokens * top_k, y.shape[-1])).index_copy(0, kept, y * weights)
-        return slots.view(num_tokens, top_k, -1).sum(dim=1).to(x.dtype)
+        return slots.view(num_tokens, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
+
+
+def _needs_grad(x: torch.Tensor, experts: nn.Module) -> bool:
+    """Whether the backward pass will reach this layer's all-to-alls; the same answer on every rank."""
+    return x.requires_grad or any(p.requires_grad for p in experts.parameters())

@@ -9,9 +9,9 @@
 """
 
 from .checkpoint import gather_state_dict, load_expert_parallel, save_expert_parallel
-from .grads import clip_grad_norm_, expert_parallel_groups, finish_gradients, grad_norm, sync_expert_gradients
+from .grads import clip_grad_norm_, finish_gradients, grad_norm, sync_expert_gradients
 from .groups import ExpertParallelGroups, init_expert_parallel
-from .sharding import expert_parallelize, is_expert_parameter, prepare_for_ddp
+from .sharding import expert_parallel_groups, expert_parallelize, is_expert_parameter, prepare_for_ddp
 
 __all__ = [
     "ExpertParallelGroups",

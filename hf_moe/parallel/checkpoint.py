@@ -12,7 +12,7 @@ from torch import nn
 
 from ..configuration_hf_moe import HfMoeConfig
 from .groups import ExpertParallelGroups, init_expert_parallel
-from .sharding import expert_parallelize, is_expert_parameter
+from .sharding import expert_parallel_groups, expert_parallelize, is_expert_parameter
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -84,24 +84,28 @@ def load_expert_parallel(
 
 
 def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor] | None:
-    """The full (unsharded) state dict on global rank 0, `None` elsewhere. Collective within the first EP group."""
+    """The full (unsharded) state dict on global rank 0, `None` elsewhere. Collective within the first EP group.
+
+    Experts are gathered one tensor at a time and only rank 0 keeps them (on the CPU), so the other ranks never hold
+    more than one layer's full expert stack.
+    """
     state = model.state_dict()
     if groups.edp_rank != 0:
         return None
+    keep = dist.get_rank() == 0
     full = {}
     for name, tensor in state.items():
         if is_expert_parameter(name) and groups.ep_size > 1:
             parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
             dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
-            tensor = torch.cat(parts)
-        full[name] = tensor.detach().cpu()
-    return full if dist.get_rank() == 0 else None
+            tensor = torch.cat(parts) if keep else None
+        if keep:
+            full[name] = tensor.detach().cpu()
+    return full if keep else None
 
 
 def save_expert_parallel(model: nn.Module, path: str, **save_kwargs) -> None:
     """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes."""
-    from .grads import expert_parallel_groups
-
     groups = expert_parallel_groups(model)
     state = gather_state_dict(model, groups)
     if state is not None:

@@ -5,18 +5,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from .groups import ExpertParallelGroups
-from .sharding import is_expert_parameter
-
-
-def expert_parallel_groups(model: nn.Module) -> ExpertParallelGroups | None:
-    """The groups `expert_parallelize` attached to `model` (looks through DDP / PEFT wrappers)."""
-    for module in model.modules():
-        groups = getattr(module, "_hf_moe_expert_parallel", None)
-        if groups is not None:
-            return groups
-    return None
+from .sharding import expert_parallel_groups, expert_parameter_names, is_expert_parameter
 
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -38,6 +29,7 @@ def sync_expert_gradients(model: nn.Module) -> None:
     groups = expert_parallel_groups(model)
     if groups is None:
         return
+    _check_experts_outside_ddp(model)
     expert, _ = _split_parameters(model)
     for p in expert:
         if p.grad is None:
@@ -45,6 +37,19 @@ def sync_expert_gradients(model: nn.Module) -> None:
         if groups.edp_size > 1:
             dist.all_reduce(p.grad, group=groups.edp_group)
         p.grad.div_(groups.world_size)
+
+
+def _check_experts_outside_ddp(model: nn.Module) -> None:
+    """DDP would average each rank's different experts into one (and broadcast rank 0's at wrapping time)."""
+    if not isinstance(model, DistributedDataParallel):
+        return
+    synced = [n for n in expert_parameter_names(model.module) if n not in model.parameters_to_ignore]
+    if synced:
+        raise RuntimeError(
+            f"DDP synchronises {len(synced)} expert parameters (e.g. {synced[0]!r}), which hold different experts on "
+            "each rank of an expert-parallel group. Call hf_moe.parallel.prepare_for_ddp(model) on the model you pass "
+            "to accelerator.prepare, after any wrapping such as get_peft_model, and prepare it again."
+        )
 
 
 @torch.no_grad()

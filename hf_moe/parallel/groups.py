@@ -49,6 +49,14 @@ def init_expert_parallel(ep_size: int, num_experts: int | None = None) -> Expert
             f"state (accelerate sees {state.num_processes} process)."
         )
     world, rank = dist.get_world_size(), dist.get_rank()
+    if state.num_processes != world:
+        # accelerate would then skip DDP in `prepare`, and the replicated weights would silently drift apart
+        raise RuntimeError(
+            f"accelerate's state sees {state.num_processes} process(es) but torch.distributed has {world}: an "
+            "Accelerator or PartialState was created before expert parallelism in a mode that does not match the "
+            "launch. Without GPUs, create it with Accelerator(cpu=True) (or launch with `accelerate launch "
+            "--multi_gpu`), or load the model before creating it."
+        )
     _check_same_on_every_rank(ep_size, num_experts)
     if world % ep_size:
         raise ValueError(f"expert_parallel_size={ep_size} is invalid: expected a divisor of the world size {world}.")

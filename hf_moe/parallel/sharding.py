@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
@@ -39,8 +40,35 @@ def expert_parallelize(model: nn.Module, groups: ExpertParallelGroups, global_au
     return prepare_for_ddp(model)
 
 
+def expert_parallel_groups(model: nn.Module) -> ExpertParallelGroups | None:
+    """The groups `expert_parallelize` attached to `model` (looks through DDP / PEFT wrappers)."""
+    for module in model.modules():
+        groups = getattr(module, "_hf_moe_expert_parallel", None)
+        if groups is not None:
+            return groups
+    return None
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names (relative to `model`) of the parameters that live on one EP rank only."""
+    return [n for n, _ in model.named_parameters() if is_expert_parameter(n)]
+
+
+@torch.no_grad()
 def prepare_for_ddp(model: nn.Module) -> nn.Module:
-    """Tell DDP to leave expert parameters alone (`finish_gradients` syncs them). Call again after wrapping the
-    model (e.g. with PEFT) and before `accelerator.prepare`, so the names match the wrapper's."""
-    model._ddp_params_and_buffers_to_ignore = [n for n, _ in model.named_parameters() if is_expert_parameter(n)]
+    """Tell DDP to leave expert parameters alone (`finish_gradients` syncs them) and make the expert replicas equal.
+
+    Call again after wrapping the model (e.g. `get_peft_model`) and before `accelerator.prepare`: DDP matches the
+    names against the wrapper's, and new expert weights (LoRA on experts) start equal on the D replicas only after
+    the broadcast this does from the first replica (DDP's own broadcast does that for the other weights).
+    Collective over the expert-data-parallel group.
+    """
+    model._ddp_params_and_buffers_to_ignore = expert_parameter_names(model)
+    groups = expert_parallel_groups(model)
+    if groups is not None and groups.edp_size > 1:
+        for name, p in model.named_parameters():
+            if is_expert_parameter(name):
+                # the first replica of this rank's experts is global rank ep_rank (expert-data-parallel groups
+                # are strided)
+                dist.broadcast(p.data, src=groups.ep_rank, group=groups.edp_group)
     return model
