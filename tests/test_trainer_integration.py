@@ -11,7 +11,7 @@ from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from hf_moe import HfMoeForCausalLM
-from hf_moe.integrations import MoETrainerCallback, lora_config
+from hf_moe.integrations import MoETrainerCallback, lora_config, moe_blocks
 
 from . import trainer_worker as worker
 from .conftest import assert_rel_close, tiny_config
@@ -133,3 +133,31 @@ def test_trainer_with_expert_parallelism_syncs_experts_and_clips_globally(tmp_pa
             grads[name] = torch.cat([ranks[0]["grads"][name], ranks[1]["grads"][name]])
     for name, p in model.named_parameters():
         assert_rel_close(grads[name], p.grad, 1e-4, f"grad {name}")
+
+
+def test_callback_updates_expert_bias_once_per_step_and_resume_restores_it(tmp_path):
+    """Aux-loss-free balancing through the Trainer: biases move once per optimizer step, and a run resumed from a
+    checkpoint ends with exactly the biases and router weights of the uninterrupted run."""
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 97, (24, 12))]
+
+    def run(out, steps, resume=None, save_steps=None):
+        torch.manual_seed(7)
+        model = HfMoeForCausalLM(tiny_config(use_expert_bias=True, expert_bias_update_rate=0.01))
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                                 max_steps=steps, report_to=[], use_cpu=True, disable_tqdm=True, seed=3,
+                                 save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+                                 logging_strategy="no")
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[MoETrainerCallback()])
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "a", 4)
+    biases = [b.router.expert_bias.clone() for b in moe_blocks(straight)]
+    for bias in biases:  # 4 steps of ±0.01: every entry is a multiple of 0.01 and at most 0.04 away from 0
+        assert bias.abs().max() > 0 and bias.abs().max() <= 0.04 + 1e-6
+        assert torch.allclose(bias / 0.01, (bias / 0.01).round(), atol=1e-4)
+    run(tmp_path / "b", 4, save_steps=2)
+    resumed = run(tmp_path / "c", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
+    for a, b in zip(moe_blocks(straight), moe_blocks(resumed)):
+        assert torch.equal(a.router.expert_bias, b.router.expert_bias)
+        assert_rel_close(b.router.weight, a.router.weight, 1e-6, "router weight after resume")

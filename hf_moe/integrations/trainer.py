@@ -9,6 +9,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
+from ..moe.balancing import update_expert_bias
 from ..moe.layer import HfMoeSparseMoeBlock
 from ..parallel import expert_parallel_groups, finish_gradients
 
@@ -61,14 +62,20 @@ class MoETrainerCallback(TrainerCallback):
     transformers calls callbacks in order and puts its printer and reporters first; this callback moves itself
     to the front at the start of training so the metrics it adds reach them.
 
+    Aux-loss-free balancing: when the routers have an `expert_bias` (`HfMoeConfig(use_expert_bias=True)`), the
+    callback calls `hf_moe.update_expert_bias` once per optimizer step (after it), so selection counts accumulate
+    over the step's micro-batches; `expert_bias_update_rate` overrides the config's rate. The biases are buffers,
+    so Trainer checkpoints save them and `resume_from_checkpoint` restores them exactly.
+
     Expert parallelism: with a model loaded with `expert_parallel_size`, the Trainer's own clipping would use a
     per-rank norm and would skip the expert-gradient sync. The callback then turns the Trainer's clipping off
     (`max_grad_norm` → 0) and, before every optimizer step, syncs expert gradients and clips by the global norm
     with the `max_grad_norm` you set (`hf_moe.parallel.finish_gradients`).
     """
 
-    def __init__(self, per_layer: bool = False) -> None:
+    def __init__(self, per_layer: bool = False, expert_bias_update_rate: float | None = None) -> None:
         self.per_layer = per_layer
+        self.expert_bias_update_rate = expert_bias_update_rate
         self._stats: list[_RouterStats] = []
         self._hooks: list = []
         self._expert_parallel_max_norm: float | None = None
@@ -87,6 +94,11 @@ class MoETrainerCallback(TrainerCallback):
                               model: nn.Module | None = None, **kwargs) -> None:
         if self._expert_parallel_max_norm is not None and model is not None:
             finish_gradients(model, max_norm=self._expert_parallel_max_norm)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    model: nn.Module | None = None, **kwargs) -> None:
+        if model is not None and any(getattr(b.router, "expert_bias", None) is not None for b in moe_blocks(model)):
+            update_expert_bias(model, self.expert_bias_update_rate)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         for hook in self._hooks:
