@@ -151,13 +151,13 @@ def test_callback_updates_expert_bias_once_per_step_and_resume_restores_it(tmp_p
         trainer.train(resume_from_checkpoint=resume)
         return model
 
-    straight = run(tmp_path / "a", 4)
+    straight = run(tmp_path / "a", 3)
     biases = [b.router.expert_bias.clone() for b in moe_blocks(straight)]
-    for bias in biases:  # 4 steps of ±0.01: every entry is a multiple of 0.01 and at most 0.04 away from 0
-        assert bias.abs().max() > 0 and bias.abs().max() <= 0.04 + 1e-6
-        assert torch.allclose(bias / 0.01, (bias / 0.01).round(), atol=1e-4)
-    run(tmp_path / "b", 4, save_steps=2)
-    resumed = run(tmp_path / "c", 4, resume=str(tmp_path / "b" / "checkpoint-2"))
+    for bias in biases:  # 3 steps of ±0.01 (an odd count, so an oscillating sign cannot return to 0)
+        assert bias.abs().max() > 0 and bias.abs().max() <= 0.03 + 1e-6
+        assert torch.allclose(bias / 0.01, (bias / 0.01).round(), atol=1e-4), "one update per optimizer step"
+    run(tmp_path / "b", 3, save_steps=2)
+    resumed = run(tmp_path / "c", 3, resume=str(tmp_path / "b" / "checkpoint-2"))
     for a, b in zip(moe_blocks(straight), moe_blocks(resumed)):
         assert torch.equal(a.router.expert_bias, b.router.expert_bias)
         assert_rel_close(b.router.weight, a.router.weight, 1e-6, "router weight after resume")
