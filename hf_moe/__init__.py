@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
+from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. after a plain `import hf_moe`)
 from .configuration_hf_moe import HfMoeConfig
 from .modeling_hf_moe import (
     HfMoeCausalLMOutputWithPast,
