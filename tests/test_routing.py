@@ -433,7 +433,6 @@ def skewed_bias_router(**overrides) -> HfMoeRouter:
     router = make_router(num_experts=8, num_experts_per_tok=2, scoring_func="sigmoid", use_expert_bias=True,
                          **overrides).train()
     with torch.no_grad():
-        router.weight.mul_(0.3)
         router.weight[:, 0] = torch.linspace(2.0, -2.0, 8)  # inputs with x[0] > 0 prefer the low experts
     return router
 
