@@ -12,6 +12,7 @@ MODE `lora`: checks that forgetting `prepare_for_ddp` after `get_peft_model` rai
 experts under EP, a few steps, adapter gathered and saved to WORKDIR/adapter.
 """
 
+import contextlib
 import os
 import sys
 
@@ -21,6 +22,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_moe import HfMoeForCausalLM  # noqa: E402
+from hf_moe.moe import dispatch  # noqa: E402
 from hf_moe.moe.dispatch import AllToAllDispatcher  # noqa: E402
 from hf_moe.parallel import (  # noqa: E402
     clip_grad_norm_,
@@ -88,8 +90,10 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
     expert-parallel path and compares outputs, input and routing-weight gradients with the single-process ones, and
     expert gradients (summed over the expert-data-parallel group) with the matching slice of the full experts'.
     Cases: random top-2 routing with dropped slots (sentinel index E, weight 0) where rank 1 has no tokens at all;
-    top-1 routing that sends every token to the last expert, so every other expert and rank receives nothing.
-    Returns relative errors by name.
+    top-1 routing that sends every token to the last expert, so every other expert and rank receives nothing. Each
+    runs with `impl` and with transformers' `grouped_mm` (which does not skip sentinel slots, so the dispatcher
+    compacts for it). Also checks that each token crosses to a rank once, however many of its experts live there:
+    the rows sent equal the distinct (token, owning rank) pairs. Returns errors by name.
     """
     from hf_moe import HfMoeConfig
     from hf_moe.moe.experts import HfMoeExperts
@@ -97,10 +101,12 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
 
     world, rank, num_experts = dist.get_world_size(), dist.get_rank(), 8
     errors = {}
-    for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1)):
+    cases = [(case, top_k, name) for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1))
+             for name in dict.fromkeys([impl, "grouped_mm"])]
+    for case, top_k, name in cases:
         config = HfMoeConfig(hidden_size=16, intermediate_size=12, num_experts=num_experts, num_experts_per_tok=top_k,
                              num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
-        config._experts_implementation = impl
+        config._experts_implementation = name
         g = torch.Generator().manual_seed(7)
         full = HfMoeExperts(config)
         with torch.no_grad():
@@ -137,20 +143,42 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
         routing = RouterOutput(logits=torch.zeros(rows[rank], num_experts), top_k_index=index[mine], top_k_weights=ep_w,
                                tokens_per_expert=torch.zeros(num_experts), aux_loss=torch.zeros(()),
                                z_loss=torch.zeros(()))
-        out = AllToAllDispatcher(groups.ep_group, num_experts)(ep_x, routing, local)
+        sent_rows = []
+        with record_sent_rows(sent_rows):
+            out = AllToAllDispatcher(groups.ep_group, num_experts)(ep_x, routing, local)
+        owners = {(t, e // (num_experts // groups.ep_size)) for t, row in enumerate(index[mine].tolist()) for e in row
+                  if e < num_experts}
+        errors[f"{name} {case}: token rows sent minus distinct (token, owner) pairs"] = abs(sent_rows[0] - len(owners))
         (out * out_grad[mine]).sum().backward()
         expert_grads = [torch.zeros_like(p) if p.grad is None else p.grad  # None: no token reached this rank
                         for p in (local.gate_up_proj, local.down_proj)]
         for grad in expert_grads:
             dist.all_reduce(grad, group=groups.edp_group)
         kept = ~dropped[mine]
-        errors[f"{case}: output"] = rel_err(out, ref_out[mine])
-        errors[f"{case}: input grad"] = rel_err(ep_x.grad, ref_x.grad[mine])
-        errors[f"{case}: routing-weight grad"] = rel_err(ep_w.grad[kept], ref_w.grad[mine][kept])
-        errors[f"{case}: dropped-slot weight grad is zero"] = ep_w.grad[~kept].abs().sum().item()
-        errors[f"{case}: gate_up_proj grad"] = rel_err(expert_grads[0], full.gate_up_proj.grad[start:end])
-        errors[f"{case}: down_proj grad"] = rel_err(expert_grads[1], full.down_proj.grad[start:end])
+        errors[f"{name} {case}: output"] = rel_err(out, ref_out[mine])
+        errors[f"{name} {case}: input grad"] = rel_err(ep_x.grad, ref_x.grad[mine])
+        errors[f"{name} {case}: routing-weight grad"] = rel_err(ep_w.grad[kept], ref_w.grad[mine][kept])
+        errors[f"{name} {case}: dropped-slot weight grad is zero"] = ep_w.grad[~kept].abs().sum().item()
+        errors[f"{name} {case}: gate_up_proj grad"] = rel_err(expert_grads[0], full.gate_up_proj.grad[start:end])
+        errors[f"{name} {case}: down_proj grad"] = rel_err(expert_grads[1], full.down_proj.grad[start:end])
     return errors
+
+
+@contextlib.contextmanager
+def record_sent_rows(rows: list[int]):
+    """Append the number of rows each `all_to_all_single` of the dispatcher sends (2-D inputs only)."""
+    original = dispatch.dist.all_to_all_single
+
+    def recording(output, input, *args, **kwargs):
+        if input.dim() == 2:
+            rows.append(input.shape[0])
+        return original(output, input, *args, **kwargs)
+
+    dispatch.dist.all_to_all_single = recording
+    try:
+        yield
+    finally:
+        dispatch.dist.all_to_all_single = original
 
 
 def moe_routers(model):

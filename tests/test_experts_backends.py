@@ -7,6 +7,7 @@ experts that receive no token, dropped (sentinel) slots, no host sync, determini
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pytest
@@ -130,6 +131,33 @@ def test_sort_by_expert_is_a_permutation_grouped_by_expert():
     assert torch.equal(flat[order][: offsets[-1]], torch.repeat_interleave(torch.arange(num_experts), counts))
 
 
+def mostly_elsewhere(num_tokens, experts, top_k, device="cpu", dtype=torch.float64):
+    """Routing as one rank of expert parallelism sees it: ~70 % of the slots are sentinels (another rank's experts)
+    and every token keeps at least one real slot. Returns the index, the weights and the number of real slots."""
+    index, weights = make_routing(num_tokens, experts, top_k, "uniform", device=device, dtype=dtype)
+    elsewhere = torch.rand(num_tokens, top_k, device=device) < 0.7
+    elsewhere[:, 0] = False
+    index, weights = index.masked_fill(elsewhere, experts), weights.masked_fill(elsewhere, 0.0)
+    return index, weights, int((~elsewhere).sum())
+
+
+def test_known_slot_count_sizes_buffers_to_the_real_slots():
+    """`num_slots` (known under expert parallelism) keeps real rows + one dropped row and changes no result."""
+    experts = make_experts(top_k=4)
+    index, weights, num_slots = mostly_elsewhere(37, experts.num_experts, 4)
+    token, order, position, offsets = sort_by_expert(index, experts.num_experts, num_slots)
+    assert token.numel() == order.numel() == num_slots + 1 and offsets[-1] == num_slots
+    real = index.reshape(-1) < experts.num_experts
+    assert torch.equal(order[position[real]], torch.arange(index.numel())[real])
+    assert (position[~real] == num_slots).all()
+    x = torch.randn(37, experts.hidden_dim, dtype=torch.float64)
+    got = forward_and_grads(functools.partial(grouped_experts_forward, num_slots=num_slots), experts, x, index, weights)
+    want = reference(experts, x, index, weights)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-12, name
+    assert got[2][~real.view(37, 4)].abs().max() == 0, "sentinel slots get no routing-weight gradient"
+
+
 def test_model_defaults_to_hf_moe_grouped_and_switches():
     cfg = HfMoeConfig(
         hidden_size=32, intermediate_size=64, moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2,
@@ -178,6 +206,19 @@ def test_cuda_bf16_matches_float32_reference(shape, kind):
         idle[index[index < num_experts].unique().cpu()] = False
         assert idle.any()
         assert got[3][idle].abs().max() == 0 and got[4][idle].abs().max() == 0
+
+
+@requires_cuda
+def test_cuda_known_slot_count_matches_reference():
+    experts = make_experts(256, 384, 16, 8, dtype=torch.bfloat16, device="cuda")
+    index, weights, num_slots = mostly_elsewhere(500, 16, 8, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(500, 256, device="cuda", dtype=torch.bfloat16)
+    want = reference(experts, x, index, weights)
+    full = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    got = forward_and_grads(functools.partial(grouped_experts_forward, num_slots=num_slots), experts, x, index, weights)
+    for name, g, f, w in zip(NAMES, got, full, want):
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, w) < max(1e-2, 1.5 * rel_err(f, w)), (name, rel_err(g, w), rel_err(f, w))
 
 
 @requires_cuda

@@ -100,5 +100,5 @@ def capacity_padded_experts_forward(
 
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_capacity", capacity_padded_experts_forward)
 
-SENTINEL_SAFE_IMPLEMENTATIONS = {"hf_moe_capacity"}
-"""Experts implementations that skip sentinel slots themselves; the MoE block compacts for the others."""
+SENTINEL_SAFE_IMPLEMENTATIONS = {"eager", "hf_moe_grouped", "hf_moe_capacity"}
+"""Experts implementations that skip sentinel slots themselves; `run_routed_experts` compacts for the others."""

@@ -1,8 +1,11 @@
 """Expert-parallel dispatch: the only place that talks to the network in the forward pass.
 
-Tokens go to the rank that owns their expert with one all-to-all of per-expert counts and one `all_to_all_single`
-with uneven splits; the owner runs its local experts with the same experts implementation as a single process;
-a second all-to-all brings the results back, where the k slots of each token are weighted and summed.
+Each token travels once to every rank that owns at least one of its experts (not once per expert: with E = 128,
+k = 8 and P = 2 that is ~1 copy instead of ~4), together with its routing restricted to that rank. The owner runs
+its local experts with the same experts implementation as a single process and returns one row per token, the
+weighted sum of its local experts' outputs; the source rank sums the rows of each token over ranks in a fixed
+order. Per MoE layer: one all-to-all of counts (the one host sync), then `all_to_all_single` with uneven splits
+for the tokens and their routing, and one for the results.
 """
 
 from __future__ import annotations
@@ -11,7 +14,54 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .experts import _HAS_TRITON, _triton_kernels, run_routed_experts
 from .router import RouterOutput
+
+
+def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`src[index]` (Triton row gather on CUDA)."""
+    if src.is_cuda and _HAS_TRITON and len(index):
+        offsets = torch.full((1,), len(index), dtype=torch.int32, device=src.device)
+        return _triton_kernels().gather_rows(src.contiguous(), index, offsets)
+    return src.index_select(0, index)
+
+
+def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+    """`out[t] = Σ_p src[row_of[t, p]]` over the entries below `len(src)`, in a fixed order (deterministic)."""
+    num_tokens = row_of.shape[0]
+    if src.is_cuda and _HAS_TRITON and num_tokens:
+        offsets = torch.full((1,), len(src), dtype=torch.int32, device=src.device)
+        return _triton_kernels().gather_sum(src.contiguous(), row_of.reshape(-1), offsets, num_tokens)
+    padded = torch.cat([src, src.new_zeros(1, src.shape[1])])  # row len(src): zeros for the unsent entries
+    return padded[row_of].sum(dim=1)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """`x[send_token]`: each token once per destination rank; its backward sums those rows (`_sum_rows`)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send_token: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(row_of)
+        return _gather_rows(x, send_token)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (row_of,) = ctx.saved_tensors
+        return _sum_rows(grad, row_of), None, None
+
+
+class _SumTokens(torch.autograd.Function):
+    """The adjoint of `_GatherTokens`: every token's rows summed over ranks; its backward copies the gradient."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, send_token: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(send_token)
+        return _sum_rows(rows, row_of)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (send_token,) = ctx.saved_tensors
+        return _gather_rows(grad, send_token), None, None
 
 
 class _AllToAll(torch.autograd.Function):
@@ -66,35 +116,48 @@ class AllToAllDispatcher:
 
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
         num_tokens, top_k = routing.top_k_index.shape
-        flat_expert = routing.top_k_index.reshape(-1)
-        order = flat_expert.argsort(stable=True)  # sentinel slots (index == num_experts) sort last and stay home
-        counts = torch.zeros(self.num_experts + 1, dtype=torch.int64, device=x.device)
-        counts = counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))[: self.num_experts]
+        ep_size, num_local, device = self.ep_size, self.num_local, x.device
+        rank_of_slot = torch.div(routing.top_k_index, num_local, rounding_mode="floor")  # sentinel slots: ep_size
+        slots = torch.zeros(num_tokens, ep_size + 1, dtype=torch.int64, device=device)
+        slots = slots.scatter_add_(1, rank_of_slot, torch.ones_like(rank_of_slot))[:, :ep_size]
+        goes = slots > 0  # [T, P]: token t travels to rank p (once, whatever its number of experts there)
+        counts = torch.stack([goes.sum(dim=0), slots.sum(dim=0)])  # [2, P]: tokens and slots for each rank
+        received = torch.empty(2 * ep_size, dtype=counts.dtype, device=device)
+        dist.all_to_all_single(received, counts.t().reshape(-1), group=self.group)  # two numbers to each rank
+        (input_splits, _), (output_splits, received_slots) = torch.stack([counts, received.view(-1, 2).t()]).tolist()
 
-        received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts, group=self.group)
-        send, received = counts.view(self.ep_size, self.num_local), received.view(self.ep_size, self.num_local)
-        input_splits, output_splits = torch.stack([send.sum(dim=1), received.sum(dim=1)]).tolist()  # the one sync
-        kept = order[: sum(input_splits)]
+        # Send buffer: rank-major, token order within a rank; row_of[t, p] is the row of (t, p), or num_sent.
+        num_sent = sum(input_splits)
+        pairs = goes.t().reshape(-1)
+        row = torch.where(pairs, pairs.cumsum(0) - 1, num_sent)
+        token_ids = torch.arange(num_tokens, device=device).repeat(ep_size)
+        send_token = torch.empty(num_sent + 1, dtype=torch.int64, device=device).scatter_(0, row, token_ids)
+        send_token, row_of = send_token[:num_sent], row.view(ep_size, num_tokens).t()
+        dest = torch.arange(ep_size, device=device).repeat_interleave(counts[0], output_size=num_sent)[:, None]
 
-        tokens = _AllToAll.apply(x[kept // top_k], output_splits, input_splits, self.group)
-        local_ids = torch.arange(self.num_local, device=x.device).repeat(self.ep_size)
-        local_ids = local_ids.repeat_interleave(received.reshape(-1), output_size=sum(output_splits))
+        # Each row's routing restricted to its destination: local expert ids (num_local elsewhere) and weights.
+        here = rank_of_slot[send_token] == dest
+        local_index = torch.where(here, routing.top_k_index[send_token] - dest * num_local, num_local)
+        weights = routing.top_k_weights[send_token].masked_fill(~here, 0.0)
+        meta = torch.cat([weights.float(), local_index.float()], dim=1)  # ids < 2**24 are exact in float32
+
+        tokens = _AllToAll.apply(_GatherTokens.apply(x, send_token, row_of), output_splits, input_splits, self.group)
+        meta = _AllToAll.apply(meta, output_splits, input_splits, self.group)
         if len(tokens):
-            y = experts(tokens, local_ids[:, None], torch.ones(len(tokens), 1, dtype=x.dtype, device=x.device))
-        else:  # not every experts implementation accepts an empty batch
-            y = tokens * 0
-        if torch.is_grad_enabled() and not y.requires_grad and _needs_grad(x, experts):
-            # No token reached this rank and the experts returned a constant. Every rank must still run both
-            # backward all-to-alls (the others wait in them), so keep this rank's graph connected.
-            y = y + tokens.sum() * 0 if tokens.requires_grad else y.requires_grad_()
-        y = _AllToAll.apply(y, input_splits, output_splits, self.group)
+            recv_weights = meta[:, :top_k].to(routing.top_k_weights.dtype)
+            y = run_routed_experts(experts, tokens, meta[:, top_k:].long(), recv_weights, sum(received_slots))
+        else:
+            y = self._idle(tokens, meta, experts)
+        y = _AllToAll.apply(y.to(x.dtype), input_splits, output_splits, self.group)
+        return _SumTokens.apply(y, send_token, row_of)
 
-        weights = routing.top_k_weights.reshape(-1)[kept, None].to(y.dtype)
-        slots = y.new_zeros((num_tokens * top_k, y.shape[-1])).index_copy(0, kept, y * weights)
-        return slots.view(num_tokens, top_k, x.shape[-1]).sum(dim=1).to(x.dtype)
-
-
-def _needs_grad(x: torch.Tensor, experts: nn.Module) -> bool:
-    """Whether the backward pass will reach this layer's all-to-alls; the same answer on every rank."""
-    return x.requires_grad or any(p.requires_grad for p in experts.parameters())
+    @staticmethod
+    def _idle(tokens: torch.Tensor, meta: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+        """The output of a rank that received no token. Every rank must still run the same backward all-to-alls
+        (the others wait in them), so it stays connected to whatever the busy ranks' outputs depend on."""
+        y = tokens * 0
+        if meta.requires_grad:
+            y = y + meta.sum() * 0
+        if torch.is_grad_enabled() and not y.requires_grad and any(p.requires_grad for p in experts.parameters()):
+            y.requires_grad_()
+        return y

@@ -21,6 +21,7 @@ from transformers.integrations import use_experts_implementation
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..configuration_hf_moe import HfMoeConfig
+from .capacity import SENTINEL_SAFE_IMPLEMENTATIONS
 
 
 @use_experts_implementation
@@ -230,13 +231,15 @@ class _RoutedExpertsFunction(torch.autograd.Function):
 
 
 def sort_by_expert(
-    top_k_index: torch.Tensor, num_experts: int
+    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T·k (token, slot) pairs by expert without a host sync.
 
     Returns `token [S]` (source token of each sorted row), `order [S]` (flat slot index of each sorted row),
-    `position [S]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
-    each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`.
+    `position [T·k]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
+    each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When the caller knows
+    the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong to other ranks),
+    only those rows and one dropped row are kept (S = num_slots + 1) and every dropped slot points at that row.
     """
     flat = top_k_index.reshape(-1)
     # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
@@ -245,20 +248,28 @@ def sort_by_expert(
     bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)
     offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)
     position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    if num_slots is not None and num_slots < flat.numel():
+        order = order[: num_slots + 1]
+        position = position.clamp_(max=num_slots)
     token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor")
     return token, order, position, offsets
 
 
 def grouped_experts_forward(
-    self: HfMoeExperts, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    self: HfMoeExperts,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_slots: int | None = None,
 ) -> torch.Tensor:
     """hf-moe's experts implementation (`hf_moe_grouped`): sort the (token, slot) pairs by expert, run the gate/up
     and down projections as grouped GEMMs with SwiGLU and the routing weight fused between them, and sum each
-    token's k outputs in a fixed order (deterministic, no atomics). No host sync on CUDA.
+    token's k outputs in a fixed order (deterministic, no atomics). No host sync on CUDA. `num_slots`, the number
+    of slots with a real expert when the caller knows it, sizes the buffers to those slots (see `sort_by_expert`).
     """
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
-    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts)
+    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
     fused_silu = self.config.hidden_act in ("silu", "swish")
     out = _RoutedExpertsFunction.apply(
         hidden_states.to(self.gate_up_proj.dtype),
@@ -276,3 +287,28 @@ def grouped_experts_forward(
 
 
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)
+
+
+def run_routed_experts(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_slots: int | None = None,
+) -> torch.Tensor:
+    """Run `experts` (possibly wrapped by PEFT) on routing whose slots may be sentinels (index ≥ num_experts):
+    dropped by a capacity, or owned by another rank under expert parallelism.
+
+    Implementations that skip sentinels themselves get the routing as is (`hf_moe_grouped` also gets `num_slots`,
+    the number of real slots when the caller knows it). For the others only the real (token, expert) slots are
+    gathered (one host sync), run as top-1 slots and summed back per token.
+    """
+    base = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
+    implementation = base.config._experts_implementation
+    if implementation == "hf_moe_grouped" and num_slots is not None:
+        return experts(hidden_states, top_k_index, top_k_weights, num_slots=num_slots)
+    if implementation in SENTINEL_SAFE_IMPLEMENTATIONS:
+        return experts(hidden_states, top_k_index, top_k_weights)
+    token_idx, slot = torch.nonzero(top_k_index < base.num_experts, as_tuple=True)
+    y = experts(hidden_states[token_idx], top_k_index[token_idx, slot, None], top_k_weights[token_idx, slot, None])
+    return torch.zeros_like(hidden_states).index_add_(0, token_idx, y.to(hidden_states.dtype))

@@ -7,8 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration_hf_moe import HfMoeConfig
-from .capacity import SENTINEL_SAFE_IMPLEMENTATIONS
-from .experts import HfMoeExperts
+from .experts import HfMoeExperts, run_routed_experts
 from .router import RouterOutput, build_router
 
 
@@ -59,26 +58,15 @@ class HfMoeSparseMoeBlock(nn.Module):
             input_ids=None if input_ids is None else input_ids.reshape(-1),
             sequence_length=shape[1] if hidden_states.dim() == 3 else None,
         )
-        if self.expert_parallel is None:
-            out = self._run_experts(x, routing)
-        else:
+        if self.expert_parallel is not None:
             out = self.expert_parallel(x, routing, self.experts)
+        elif routing.capacity is None:  # no sentinel slots
+            out = self.experts(x, routing.top_k_index, routing.top_k_weights)
+        else:
+            out = run_routed_experts(self.experts, x, routing.top_k_index, routing.top_k_weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out.view(shape), routing
-
-    def _run_experts(self, x: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
-        """Run the experts; slots marked with the sentinel (dropped / unassigned) never reach an expert.
-
-        Implementations that skip sentinels themselves get the routing as is; for the others only the real
-        (token, expert) slots are gathered (one host sync), run as top-1 slots and summed back per token.
-        """
-        index, weights = routing.top_k_index, routing.top_k_weights
-        if routing.capacity is None or self.experts.config._experts_implementation in SENTINEL_SAFE_IMPLEMENTATIONS:
-            return self.experts(x, index, weights)
-        token_idx, slot = torch.nonzero(index < self.experts.num_experts, as_tuple=True)
-        y = self.experts(x[token_idx], index[token_idx, slot, None], weights[token_idx, slot, None])
-        return torch.zeros_like(x).index_add_(0, token_idx, y)
