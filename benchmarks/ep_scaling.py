@@ -7,9 +7,10 @@ Each GPU processes T tokens (default 8192) forward and backward, bf16, through e
 hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
 
 * the time the dispatcher's own all-to-alls take inside one training step (CUDA events around every
-  `all_to_all_single` it issues, forward and backward, counts exchange included) and their share of the step;
+  `all_to_all_single` it issues, forward and backward, counts and routing exchanges included) and their share of
+  the step, and the rows each token all-to-all moves per token (1 would mean every token to one other rank);
 * the bandwidth those token all-to-alls reach (bytes that leave the GPU / time), next to NCCL's raw
-  `all_to_all_single` with equal splits at the same per-rank size;
+  `all_to_all_single` with equal splits at their mean per-rank size;
 * for P > 1, the relative L2 error of the sharded first layer's bf16 output against the unsharded layer.
 
     python benchmarks/ep_scaling.py                                   # P = 1
@@ -76,7 +77,8 @@ def device_time(fn, reps: int, warmup: int = 3) -> float:
 
 
 class AllToAllTimer:
-    """Wraps `all_to_all_single` as the dispatcher sees it and records CUDA events and bytes of every call."""
+    """Wraps `all_to_all_single` as the dispatcher sees it and records CUDA events and bytes of every call. Token
+    all-to-alls are the calls whose rows are hidden-size wide; the others carry counts and routing."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -91,7 +93,8 @@ class AllToAllTimer:
             row_bytes = input[0].numel() * input.element_size() if input.dim() > 1 and len(input) else 0
             me = dist.get_rank(group)
             off_rank = sum(s for i, s in enumerate(input_split_sizes or []) if i != me) * row_bytes
-            self.calls.append((start, end, off_rank, input.dim()))
+            is_token = input.dim() > 1 and input.shape[-1] == ARGS.hidden
+            self.calls.append((start, end, off_rank, is_token, input.shape[0]))
             return work
 
         dispatch.dist.all_to_all_single = timed
@@ -100,12 +103,15 @@ class AllToAllTimer:
     def __exit__(self, *exc) -> None:
         dispatch.dist.all_to_all_single = self.original
 
-    def summary(self) -> tuple[float, float, float]:
-        """(seconds in all token and count all-to-alls, seconds in token all-to-alls, bytes sent off-rank)."""
+    def summary(self) -> tuple[float, float, float, int, int]:
+        """(seconds in all all-to-alls, seconds in token all-to-alls, bytes of tokens sent off-rank, number of token
+        all-to-alls, their mean rows per rank)."""
         synchronize()
-        every = sum(s.elapsed_time(e) for s, e, _, _ in self.calls) / 1e3
-        tokens = sum(s.elapsed_time(e) for s, e, _, dim in self.calls if dim > 1) / 1e3
-        return every, tokens, sum(b for _, _, b, _ in self.calls)
+        every = sum(s.elapsed_time(e) for s, e, *_ in self.calls) / 1e3
+        token_calls = [c for c in self.calls if c[3]]
+        tokens = sum(s.elapsed_time(e) for s, e, *_ in token_calls) / 1e3
+        mean_rows = round(statistics.mean(c[4] for c in token_calls)) if token_calls else 0
+        return every, tokens, sum(c[2] for c in token_calls), len(token_calls), mean_rows
 
 
 def build(mode: str, layers: int, impl: str) -> torch.nn.Module:
@@ -188,15 +194,17 @@ def main() -> None:
     if world > 1:
         with AllToAllTimer() as timer:
             step()
-        a2a_all, a2a_tokens, off_rank = timer.summary()
-        # raw NCCL at the mean size of one token all-to-all of this step (T·k rows of H bf16 values, equal splits)
-        rows = ARGS.tokens * ARGS.top_k
+        a2a_all, a2a_tokens, off_rank, token_calls, rows = timer.summary()
+        # raw NCCL with equal splits at the mean size of one token all-to-all of this step (H bf16 values per row)
+        agreed = torch.tensor([rows], device=DEVICE)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)  # every rank must send the same size
+        rows = max(world, int(agreed) // world * world)
         send = torch.randn(rows, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16)
         recv = torch.empty_like(send)
         raw = device_time(lambda: dist.all_to_all_single(recv, send), ARGS.reps)
-        token_calls = sum(1 for *_, dim in timer.calls if dim > 1)
         result.update(
-            a2a_ms=a2a_all * 1e3, a2a_share=a2a_all / seconds, token_a2a_calls=token_calls,
+            a2a_ms=a2a_all * 1e3, a2a_share=a2a_all / seconds, token_a2a_ms=a2a_tokens * 1e3,
+            token_a2a_calls=token_calls, token_rows_per_call=rows, token_rows_per_token=rows / ARGS.tokens,
             dispatch_a2a_gbps=off_rank / a2a_tokens / 1e9,
             raw_nccl_mib_per_rank=rows * ARGS.hidden * 2 / 2**20, raw_nccl_ms=raw * 1e3,
             raw_nccl_gbps=rows * ARGS.hidden * 2 * (world - 1) / world / raw / 1e9,
@@ -209,6 +217,7 @@ def main() -> None:
                 f"peak {result['peak_gib']:.1f} GiB")
         if world > 1:
             line += (f"; dispatcher all-to-alls {result['a2a_ms']:.1f} ms = {result['a2a_share']:.0%} of the step, "
+                     f"{result['token_rows_per_token']:.2f} rows/token, "
                      f"{result['dispatch_a2a_gbps']:.0f} GB/s per GPU vs raw NCCL {result['raw_nccl_gbps']:.0f} GB/s "
                      f"at {result['raw_nccl_mib_per_rank']:.0f} MiB/rank; bf16 vs unsharded "
                      f"{result['bf16_rel_l2_vs_unsharded']:.1e}")

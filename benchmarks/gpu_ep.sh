@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Expert parallelism on one multi-GPU machine (NCCL), in one go: equivalence with one process (fp32 and bf16), the
 # scaling benchmark at P = 1, 2 (, 4) for MoE layers and for the whole model, and transformers' native EP on the same
-# model when its wheels were carried in .whl (transformers >= 5.21). Every step has its own time limit, so one failure
-# costs only its own step. Usage (repository root): bash benchmarks/gpu_ep.sh
+# model when its wheels were carried in $PEER_WHEELS (default .whl; transformers >= 5.21). Every step has its own time
+# limit, so one failure costs only its own step. Usage (repository root): bash benchmarks/gpu_ep.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 GPUS=$(python3 -c 'import torch; print(torch.cuda.device_count())')
@@ -26,9 +26,10 @@ for MODE in layers model; do
     [ "$P" -le "$GPUS" ] && run 120 $TORCHRUN "$P" benchmarks/ep_scaling.py --mode "$MODE"
   done
 done
-if ls .whl/*.whl >/dev/null 2>&1; then
+PEER_WHEELS=${PEER_WHEELS:-.whl}
+if ls "$PEER_WHEELS"/*.whl >/dev/null 2>&1; then
   echo "== transformers native EP (peer), same model"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$PEER_WHEELS"/*.whl
   PEER="env PYTHONPATH=/tmp/site:$PYTHONPATH"
   run 120 $PEER python3 benchmarks/ep_peer_transformers.py build /tmp/peer_model
   run 90 $PEER python3 benchmarks/ep_peer_transformers.py run /tmp/peer_model

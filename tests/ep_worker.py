@@ -95,11 +95,13 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
     compacts for it). Also checks that each token crosses to a rank once, however many of its experts live there:
     the rows sent equal the distinct (token, owning rank) pairs. Returns errors by name.
     """
+    from accelerate import PartialState
+
     from hf_moe import HfMoeConfig
     from hf_moe.moe.experts import HfMoeExperts
     from hf_moe.moe.router import RouterOutput
 
-    world, rank, num_experts = dist.get_world_size(), dist.get_rank(), 8
+    world, rank, num_experts, device = dist.get_world_size(), dist.get_rank(), 8, PartialState().device
     errors = {}
     cases = [(case, top_k, name) for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1))
              for name in dict.fromkeys([impl, "grouped_mm"])]
@@ -139,26 +141,29 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
         with torch.no_grad():
             local.gate_up_proj.copy_(full.gate_up_proj[start:end])
             local.down_proj.copy_(full.down_proj[start:end])
-        ep_x, ep_w = x[mine].clone().requires_grad_(), weights[mine].clone().requires_grad_()
-        routing = RouterOutput(logits=torch.zeros(rows[rank], num_experts), top_k_index=index[mine], top_k_weights=ep_w,
-                               tokens_per_expert=torch.zeros(num_experts), aux_loss=torch.zeros(()),
-                               z_loss=torch.zeros(()))
+        local.to(device)  # NCCL moves only GPU tensors
+        ep_x, ep_w = x[mine].to(device).requires_grad_(), weights[mine].to(device).requires_grad_()
+        routing = RouterOutput(logits=torch.zeros(rows[rank], num_experts, device=device),
+                               top_k_index=index[mine].to(device), top_k_weights=ep_w,
+                               tokens_per_expert=torch.zeros(num_experts, device=device),
+                               aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device))
         sent_rows = []
         with record_sent_rows(sent_rows):
             out = AllToAllDispatcher(groups.ep_group, num_experts)(ep_x, routing, local)
         owners = {(t, e // (num_experts // groups.ep_size)) for t, row in enumerate(index[mine].tolist()) for e in row
                   if e < num_experts}
         errors[f"{name} {case}: token rows sent minus distinct (token, owner) pairs"] = abs(sent_rows[0] - len(owners))
-        (out * out_grad[mine]).sum().backward()
+        (out * out_grad[mine].to(device)).sum().backward()
         expert_grads = [torch.zeros_like(p) if p.grad is None else p.grad  # None: no token reached this rank
                         for p in (local.gate_up_proj, local.down_proj)]
         for grad in expert_grads:
             dist.all_reduce(grad, group=groups.edp_group)
         kept = ~dropped[mine]
+        ep_w_grad = ep_w.grad.cpu()
         errors[f"{name} {case}: output"] = rel_err(out, ref_out[mine])
         errors[f"{name} {case}: input grad"] = rel_err(ep_x.grad, ref_x.grad[mine])
-        errors[f"{name} {case}: routing-weight grad"] = rel_err(ep_w.grad[kept], ref_w.grad[mine][kept])
-        errors[f"{name} {case}: dropped-slot weight grad is zero"] = ep_w.grad[~kept].abs().sum().item()
+        errors[f"{name} {case}: routing-weight grad"] = rel_err(ep_w_grad[kept], ref_w.grad[mine][kept])
+        errors[f"{name} {case}: dropped-slot weight grad is zero"] = ep_w_grad[~kept].abs().sum().item()
         errors[f"{name} {case}: gate_up_proj grad"] = rel_err(expert_grads[0], full.gate_up_proj.grad[start:end])
         errors[f"{name} {case}: down_proj grad"] = rel_err(expert_grads[1], full.down_proj.grad[start:end])
     return errors
