@@ -6,10 +6,9 @@ Each GPU processes T tokens (default 8192) forward and backward, bf16, through e
 `peer_ep.py` (transformers' native EP). P = 1 is one GPU with all experts; P > 1 shards experts over P GPUs with the
 hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
 
-* the time the dispatcher's own all-to-alls take inside one training step run without overlap (CUDA events around
-  every `all_to_all_single` it issues, each waited for at once, forward and backward, counts and routing exchanges
-  included) and their share of the overlapped step, and the rows the token all-to-alls move per token (the local
-  rank's share included);
+* the time the dispatcher's own all-to-alls take inside one training step (CUDA events around every
+  `all_to_all_single` it issues, forward and backward, counts and routing exchanges included) and their share of
+  the step, and the rows each token all-to-all moves per token (1 would mean every token to one other rank);
 * the bandwidth those token all-to-alls reach (bytes that leave the GPU / time), next to NCCL's raw
   `all_to_all_single` with equal splits at their mean per-rank size;
 * for P > 1, the relative L2 error of the sharded first layer's bf16 output against the unsharded layer.
@@ -79,9 +78,7 @@ def device_time(fn, reps: int, warmup: int = 3) -> float:
 
 class AllToAllTimer:
     """Wraps `all_to_all_single` as the dispatcher sees it and records CUDA events and bytes of every call. Token
-    all-to-alls are the calls whose rows are hidden-size wide; the others carry counts and routing. Asynchronous
-    calls are waited for at once, so the step it times runs without overlap: it measures what the all-to-alls cost
-    when nothing hides them."""
+    all-to-alls are the calls whose rows are hidden-size wide; the others carry counts and routing."""
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
@@ -92,8 +89,6 @@ class AllToAllTimer:
             start, end = event(), event()
             start.record()
             work = self.original(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
-            if async_op:  # timed alone: this step runs without the overlap
-                work.wait()
             end.record()
             row_bytes = input[0].numel() * input.element_size() if input.dim() > 1 and len(input) else 0
             me = dist.get_rank(group)
@@ -174,7 +169,6 @@ def main() -> None:
     model = build(ARGS.mode, ARGS.layers, ARGS.impl)
     result = {"mode": ARGS.mode, "P": world, "tokens_per_gpu": ARGS.tokens, "layers": ARGS.layers,
               "shape": [ARGS.hidden, ARGS.expert_size, ARGS.experts, ARGS.top_k], "impl": ARGS.impl,
-              "chunks": ARGS.chunks,
               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
     if world > 1:
         first = model.layers[0] if ARGS.mode == "layers" else model.model.layers[0].mlp
@@ -182,7 +176,7 @@ def main() -> None:
         with torch.no_grad():
             reference = first(probe)[0].float()
         groups = init_expert_parallel(world, ARGS.experts)
-        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model", dispatch_chunks=ARGS.chunks)
+        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model")
         with torch.no_grad():
             sharded = first(probe)[0].float()
         result["bf16_rel_l2_vs_unsharded"] = ((sharded - reference).norm() / reference.norm()).item()
@@ -210,7 +204,7 @@ def main() -> None:
         raw = device_time(lambda: dist.all_to_all_single(recv, send), ARGS.reps)
         result.update(
             a2a_ms=a2a_all * 1e3, a2a_share=a2a_all / seconds, token_a2a_ms=a2a_tokens * 1e3,
-            token_a2a_calls=token_calls, token_rows_per_call=rows, token_rows_per_token=rows * ARGS.chunks / ARGS.tokens,
+            token_a2a_calls=token_calls, token_rows_per_call=rows, token_rows_per_token=rows / ARGS.tokens,
             dispatch_a2a_gbps=off_rank / a2a_tokens / 1e9,
             raw_nccl_mib_per_rank=rows * ARGS.hidden * 2 / 2**20, raw_nccl_ms=raw * 1e3,
             raw_nccl_gbps=rows * ARGS.hidden * 2 * (world - 1) / world / raw / 1e9,
@@ -218,7 +212,7 @@ def main() -> None:
         )
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
-        line = (f"{ARGS.mode} P={world} chunks={ARGS.chunks}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
+        line = (f"{ARGS.mode} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
                 f"tokens/s/GPU, expert TFLOP/s/GPU {result['expert_tflops_per_gpu']:.0f}, "
                 f"peak {result['peak_gib']:.1f} GiB")
         if world > 1:
@@ -239,7 +233,6 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--impl", default="hf_moe_grouped", help="experts implementation")
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--chunks", type=int, default=2, help="dispatch chunks (1: no overlap of all-to-all)")
     parser.add_argument("--hidden", type=int, default=2048, help="Qwen3-30B-A3B: 2048")
     parser.add_argument("--expert-size", type=int, default=768, help="Qwen3-30B-A3B: 768")
     parser.add_argument("--experts", type=int, default=128, help="Qwen3-30B-A3B: 128")

@@ -19,17 +19,11 @@ run() {  # run LIMIT CMD...: full output to $LOG, the result lines (or the error
 TORCHRUN="python3 -m torch.distributed.run --standalone --nproc_per_node"
 echo "== equivalence with one process over NCCL, P=$GPUS"
 run 120 $TORCHRUN "$GPUS" benchmarks/ep_equivalence.py
-# CHUNKS: dispatch chunk counts to compare (1 = no all-to-all overlap), e.g. CHUNKS="1 2 4"; the model runs the first
-# that is not 1 (or 1).
-CHUNKS=${CHUNKS:-2}
-MODEL_CHUNKS=$(for C in $CHUNKS; do [ "$C" != 1 ] && { echo "$C"; break; }; done); MODEL_CHUNKS=${MODEL_CHUNKS:-1}
 for MODE in layers model; do
   echo "== scaling, $MODE, 8192 tokens/GPU, bf16"
   run 90 python3 benchmarks/ep_scaling.py --mode "$MODE"
   for P in 2 4; do
-    for C in $([ "$MODE" = layers ] && echo "$CHUNKS" || echo "$MODEL_CHUNKS"); do
-      [ "$P" -le "$GPUS" ] && run 120 $TORCHRUN "$P" benchmarks/ep_scaling.py --mode "$MODE" --chunks "$C"
-    done
+    [ "$P" -le "$GPUS" ] && run 120 $TORCHRUN "$P" benchmarks/ep_scaling.py --mode "$MODE"
   done
 done
 PEER_WHEELS=${PEER_WHEELS:-.whl}
