@@ -228,7 +228,11 @@ def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, 
     rows = []
     with torch.no_grad():
         for name, fn, capturable in cases:
-            t, _ = timeit(fn, device, reps)
+            try:
+                t, _ = timeit(fn, device, reps)
+            except Exception as e:  # noqa: BLE001 - e.g. an optional dependency that fails to load
+                rows.append({"what": f"decode_{name}", "error": repr(e)[:300]})
+                continue
             r = {"what": f"decode_{name}", "ms": t * 1e3, "floor_ms": floor_s * 1e3, "x_floor": t / floor_s}
             if capturable:
                 try:
@@ -326,11 +330,17 @@ def main() -> None:
                     ),
                 }
                 if with_liger:
-                    res["liger"] = measure(lambda: run_block(hf_block, LIGER_IMPL, x), hf_leaves, flops, tokens, device, reps)
-                    res["experts_liger"] = measure(
-                        lambda: liger_fused_experts_forward(hf_block.experts, x2d, top_index, top_weights),
-                        expert_leaves, flops, tokens, device, reps,
-                    )
+                    try:  # an optional dependency: report its failure and go on with the rest
+                        res["liger"] = measure(
+                            lambda: run_block(hf_block, LIGER_IMPL, x), hf_leaves, flops, tokens, device, reps
+                        )
+                        res["experts_liger"] = measure(
+                            lambda: liger_fused_experts_forward(hf_block.experts, x2d, top_index, top_weights),
+                            expert_leaves, flops, tokens, device, reps,
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        res["liger"] = res["experts_liger"] = {"error": repr(e)[:300]}
+                        torch.cuda.synchronize()
                 for impl in PEER_IMPLS:
                     slow = routing_kind != "uniform" or tokens > (1024 if cpu else 8192)
                     if impl == "eager" and (slow or name not in a.eager_shapes.split(",")):
@@ -405,7 +415,7 @@ def print_summary(summary, cpu: bool) -> None:
     if decode_rows:
         print("\n| decode (T=64, fwd) | eager ms | × floor | CUDA graph ms | × floor | floor ms |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for r in decode_rows:
+        for r in (r for r in decode_rows if "ms" in r):
             g = f"{r['graph_ms']:.3f} | {r['graph_x_floor']:.2f}" if "graph_ms" in r else f"{r.get('graph_error', '-')} | -"
             print(f"| {r['what']} | {r['ms']:.3f} | {r['x_floor']:.2f} | {g} | {r['floor_ms']:.3f} |")
     if cpu:
