@@ -137,8 +137,8 @@ def set_routing(hf_block, peer, index: torch.Tensor | None) -> None:
     hf_router, peer_router = hf_block.router, peer.gate
     hf_forward, peer_forward = type(hf_router).forward, type(peer_router).forward
 
-    def hf_forced(hidden_states, token_mask=None):
-        return dataclasses.replace(hf_forward(hf_router, hidden_states, token_mask), top_k_index=index)
+    def hf_forced(hidden_states, token_mask=None, **kwargs):
+        return dataclasses.replace(hf_forward(hf_router, hidden_states, token_mask, **kwargs), top_k_index=index)
 
     def peer_forced(hidden_states):
         logits, weights, _ = peer_forward(peer_router, hidden_states)

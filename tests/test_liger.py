@@ -25,7 +25,12 @@ requires_liger_cuda = pytest.mark.skipif(
 
 
 def test_import_hf_moe_loads_no_gpu_only_package():
-    code = "import sys, hf_moe; print(sorted(m for m in ('liger_kernel', 'triton') if m in sys.modules))"
+    """`import hf_moe` adds neither liger_kernel nor Triton to what its dependencies load (on a GPU machine torch or
+    transformers may import Triton themselves)."""
+    code = (
+        "import sys, torch, transformers, transformers.integrations.moe, accelerate, peft; before = set(sys.modules); "
+        "import hf_moe; print(sorted(m for m in ('liger_kernel', 'triton') if m in sys.modules and m not in before))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]"
 
