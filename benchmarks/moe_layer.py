@@ -10,6 +10,9 @@ decode (T = 64, forward only) against the HBM floor = bytes of the experts touch
     python benchmarks/moe_layer.py --quick         # GPU: T = 8192, uniform routing, and decode
     python benchmarks/moe_layer.py --device cpu    # CPU: small shape (H 512, I 1024, E 16, k 2), T 1024, fp32
 
+With liger-kernel installed (`pip install "hf-moe[liger]"`), the GPU run adds Liger-Kernel's fused MoE
+(`liger_fused`, its first call per shape autotunes) as the experts of hf-moe's block and alone on the same routing.
+
 Routing: `uniform` is the router itself (random weights, close to uniform), `balanced` forces every expert to
 receive exactly T·k/E slots, `skewed` draws each token's experts from a Zipf(1.2) law over the experts. Forced
 routings replace only the chosen indices; the routing weights still come from each block's router.
@@ -33,6 +36,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 import hf_moe
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
 from hf_moe.moe.experts import grouped_experts_forward
+from hf_moe.moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 
 SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),
@@ -42,6 +46,7 @@ SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
 }
 HF_IMPL = "hf_moe_grouped"
 PEER_IMPLS = ("grouped_mm", "eager")
+LIGER_IMPL = "liger_fused"
 
 
 def timeit(fn: Callable[[], object], device: str, reps: int, warmup: int = 3) -> tuple[float, float]:
@@ -132,8 +137,8 @@ def set_routing(hf_block, peer, index: torch.Tensor | None) -> None:
     hf_router, peer_router = hf_block.router, peer.gate
     hf_forward, peer_forward = type(hf_router).forward, type(peer_router).forward
 
-    def hf_forced(hidden_states, token_mask=None):
-        return dataclasses.replace(hf_forward(hf_router, hidden_states, token_mask), top_k_index=index)
+    def hf_forced(hidden_states, token_mask=None, **kwargs):
+        return dataclasses.replace(hf_forward(hf_router, hidden_states, token_mask, **kwargs), top_k_index=index)
 
     def peer_forced(hidden_states):
         logits, weights, _ = peer_forward(peer_router, hidden_states)
@@ -199,7 +204,8 @@ def graph_time(fn: Callable[[], object], device: str, reps: int) -> float:
     return timeit(graph.replay, device, reps)[0]
 
 
-def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int) -> list[dict]:
+def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int,
+           liger: bool) -> list[dict]:
     """Forward of `tokens` tokens (block, and experts alone on the same routing), eager and replayed from a CUDA
     graph, against the HBM floor. Paths that synchronise with the host (the eager loop) are not captured."""
     hidden, inter, experts, top_k = shape
@@ -217,10 +223,16 @@ def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, 
         ("experts_hf-moe", lambda: grouped_experts_forward(hf_block.experts, x2d, index, weights), True),
         ("experts_peer_grouped_mm", lambda: grouped_mm_experts_forward(peer.experts, x2d, index, weights), True),
     ]
+    if liger:  # one host sync per call (its tile count): not capturable
+        cases.append(("experts_liger", lambda: liger_fused_experts_forward(hf_block.experts, x2d, index, weights), False))
     rows = []
     with torch.no_grad():
         for name, fn, capturable in cases:
-            t, _ = timeit(fn, device, reps)
+            try:
+                t, _ = timeit(fn, device, reps)
+            except Exception as e:  # noqa: BLE001 - e.g. an optional dependency that fails to load
+                rows.append({"what": f"decode_{name}", "error": repr(e)[:300]})
+                continue
             r = {"what": f"decode_{name}", "ms": t * 1e3, "floor_ms": floor_s * 1e3, "x_floor": t / floor_s}
             if capturable:
                 try:
@@ -241,6 +253,10 @@ def main() -> None:
     ap.add_argument("--routings", default=None, help="comma list of uniform, balanced, skewed")
     ap.add_argument("--quick", action="store_true", help="T=8192, uniform routing, decode")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--eager-shapes", default="mixtral,qwen3,small",
+                    help="shapes that also time transformers' eager loop (DSV3's takes minutes at ~1 TFLOP/s)")
+    ap.add_argument("--liger-shapes", default="mixtral,qwen3",
+                    help="shapes that also time liger_fused when liger-kernel is installed (GPU; autotunes per shape)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=None, help="append JSON lines here")
     a = ap.parse_args()
@@ -257,12 +273,22 @@ def main() -> None:
     }
     env.update(ceilings(device, dtype))
     print(json.dumps(env))
-    rows = [dict(what="env", **env)]
+    out_file = open(a.out, "a") if a.out else None  # rows are written as they are measured
+
+    def emit(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if out_file:
+            out_file.write(json.dumps(row) + "\n")
+            out_file.flush()
+
+    emit(dict(what="env", **env))
     summary = []
+    started = time.perf_counter()
     for name in shapes:
         shape = SHAPES[name]
         hidden, inter, experts, top_k = shape
         hf_block, peer = build_blocks(shape, device, dtype)
+        with_liger = not cpu and LIGER_AVAILABLE and name in a.liger_shapes.split(",")
         if a.tokens:
             token_list = [int(t) for t in a.tokens.split(",")]
         elif cpu:
@@ -303,8 +329,21 @@ def main() -> None:
                         expert_leaves, flops, tokens, device, reps,
                     ),
                 }
+                if with_liger:
+                    try:  # an optional dependency: report its failure and go on with the rest
+                        res["liger"] = measure(
+                            lambda: run_block(hf_block, LIGER_IMPL, x), hf_leaves, flops, tokens, device, reps
+                        )
+                        res["experts_liger"] = measure(
+                            lambda: liger_fused_experts_forward(hf_block.experts, x2d, top_index, top_weights),
+                            expert_leaves, flops, tokens, device, reps,
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        res["liger"] = res["experts_liger"] = {"error": repr(e)[:300]}
+                        torch.cuda.synchronize()
                 for impl in PEER_IMPLS:
-                    if impl == "eager" and (routing_kind != "uniform" or tokens > (1024 if cpu else 8192)):
+                    slow = routing_kind != "uniform" or tokens > (1024 if cpu else 8192)
+                    if impl == "eager" and (slow or name not in a.eager_shapes.split(",")):
                         continue  # the eager loop is slow; one case per shape is enough
                     try:
                         res[f"peer_{impl}"] = measure(
@@ -314,26 +353,22 @@ def main() -> None:
                         res[f"peer_{impl}"] = {"error": "out of memory"}
                         torch.cuda.empty_cache()
                 for who, r in res.items():
-                    row = {"what": f"{key}_{who}", "dense_equiv_tflops": dense, **r}
-                    rows.append(row)
-                    print(json.dumps(row))
+                    emit({"what": f"{key}_{who}", "dense_equiv_tflops": dense, **r})
                 summary.append((key, dense, res))
                 del x, x2d
         set_routing(hf_block, peer, None)
         if not cpu and not a.no_decode and name != "small":
-            for r in decode(hf_block, peer, shape, 64, device, dtype, env["copy_gbps"], reps=max(reps, 20)):
+            for r in decode(hf_block, peer, shape, 64, device, dtype, env["copy_gbps"], max(reps, 20), with_liger):
                 r["what"] = f"{name}_{r['what']}"
-                rows.append(r)
-                print(json.dumps(r))
+                emit(r)
                 summary.append((r["what"], None, r))
+        emit({"what": f"{name}_elapsed", "seconds": time.perf_counter() - started})
         del hf_block, peer
         if not cpu:
             torch.cuda.empty_cache()
+    if out_file:
+        out_file.close()
     print_summary(summary, cpu)
-    if a.out:
-        with open(a.out, "a") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
 
 
 def print_summary(summary, cpu: bool) -> None:
@@ -363,11 +398,24 @@ def print_summary(summary, cpu: bool) -> None:
               f"{ratio(gm, hf)} / {ratio(ea, hf)} | {tf(ehf, 'fwdbwd_tflops')} / {tf(egm, 'fwdbwd_tflops')} | "
               f"{ratio(egm, ehf)} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
               f"{mem(hf, 'peak_fwdbwd_gb', '.2f')} / {mem(gm, 'peak_fwdbwd_gb', '.2f')} |")
+    liger_rows = [(key, res) for key, dense, res in summary if dense is not None and "liger" in res]
+    if liger_rows:
+        print("\n| case | hf-moe block fwd / fwd+bwd | liger block fwd / fwd+bwd | block ratio | hf-moe experts fwd / "
+              "fwd+bwd | liger experts fwd / fwd+bwd | experts ratio | activations KB/token hf / liger | "
+              "peak GB hf / liger |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for key, res in liger_rows:
+            hf, lg, ehf, elg = res["hf-moe"], res["liger"], res["experts_hf-moe"], res["experts_liger"]
+            print(f"| {key} | {tf(hf, 'fwd_tflops')} / {tf(hf, 'fwdbwd_tflops')} | {tf(lg, 'fwd_tflops')} / "
+                  f"{tf(lg, 'fwdbwd_tflops')} | {ratio(lg, hf)} | {tf(ehf, 'fwd_tflops')} / {tf(ehf, 'fwdbwd_tflops')} | "
+                  f"{tf(elg, 'fwd_tflops')} / {tf(elg, 'fwdbwd_tflops')} | {ratio(elg, ehf)} | "
+                  f"{hf.get('act_kb_per_token', 0):.1f} / {lg.get('act_kb_per_token', 0):.1f} | "
+                  f"{hf.get('peak_fwdbwd_gb', 0):.2f} / {lg.get('peak_fwdbwd_gb', 0):.2f} |")
     decode_rows = [r for key, dense, r in summary if dense is None]
     if decode_rows:
         print("\n| decode (T=64, fwd) | eager ms | × floor | CUDA graph ms | × floor | floor ms |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for r in decode_rows:
+        for r in (r for r in decode_rows if "ms" in r):
             g = f"{r['graph_ms']:.3f} | {r['graph_x_floor']:.2f}" if "graph_ms" in r else f"{r.get('graph_error', '-')} | -"
             print(f"| {r['what']} | {r['ms']:.3f} | {r['x_floor']:.2f} | {g} | {r['floor_ms']:.3f} |")
     if cpu:

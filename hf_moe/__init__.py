@@ -24,6 +24,7 @@ from .moe.balancing import update_expert_bias
 from .moe.capacity import capacity_padded_experts_forward, expert_capacity
 from .moe.experts import HfMoeExperts, grouped_experts_forward
 from .moe.layer import HfMoeSparseMoeBlock
+from .moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 from .moe.metrics import router_metrics
 from .moe.router import (
     ROUTER_CLASSES,
@@ -60,11 +61,13 @@ __all__ = [
     "HfMoePreTrainedModel",
     "HfMoeRouter",
     "HfMoeSparseMoeBlock",
+    "LIGER_AVAILABLE",
     "RouterOutput",
     "SwitchRouter",
     "capacity_padded_experts_forward",
     "expert_capacity",
     "grouped_experts_forward",
+    "liger_fused_experts_forward",
     "load_balancing_loss",
     "register_router",
     "router_metrics",

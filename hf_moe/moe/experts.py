@@ -132,10 +132,12 @@ def _gated_act_backward(
     act_fn: nn.Module,
     fused_silu: bool,
     recompute_out: bool,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients of [`_gated_act`] w.r.t. `gate_up` and `weight`, and its recomputed output if asked."""
+    """Gradients of [`_gated_act`] w.r.t. `gate_up` and `weight`, and its recomputed output if asked.
+    `in_place` (Triton path only) overwrites `gate_up` and `grad_out` with those results."""
     if _use_triton(gate_up, fused_silu):
-        return _triton_kernels().swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out)
+        return _triton_kernels().swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out, in_place)
     if not fused_silu:
         with torch.enable_grad():
             gate_up = gate_up.detach().requires_grad_(True)
@@ -178,7 +180,15 @@ def _combine(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, n
 class _RoutedExpertsFunction(torch.autograd.Function):
     """The routed experts as one autograd node. It keeps the gathered inputs `[S, H]`, the gate/up projection
     `[S, 2I]` and the routing indices for backward; the activation is recomputed there (fused into the SwiGLU
-    backward kernel) rather than stored."""
+    backward kernel) rather than stored.
+
+    On the Triton path (CUDA, SiLU, eager mode) the SwiGLU backward writes the gate/up gradient over the saved
+    gate/up projection, which backward no longer needs (and the recomputed activation over its incoming gradient):
+    that `[S, 2I]` would otherwise stay allocated until backward returns, next to its gradient and the weight
+    gradients (+0.94 GB at peak for Mixtral at T = 8192). The price: a second backward through the same graph
+    (`retain_graph=True`) raises instead of running. torch.compile traces the out-of-place version and leaves
+    buffer reuse to its own memory planner.
+    """
 
     @staticmethod
     def forward(
@@ -200,20 +210,30 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         y = _grouped_mm(_gated_act(gate_up, weight, offsets, act_fn, fused_silu), down_proj.transpose(1, 2), offsets)
         ctx.save_for_backward(x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets)
         ctx.num_tokens = x.shape[0]
+        ctx.gate_up_consumed = False
         ctx.act_fn, ctx.fused_silu, ctx.weights_dtype = act_fn, fused_silu, top_k_weights.dtype
         return _combine(y, position, offsets, x.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        if ctx.gate_up_consumed:
+            raise RuntimeError(
+                "hf_moe_grouped: on CUDA the experts' backward reuses its saved gate/up projection as the gradient "
+                "buffer, so a second backward through the same graph (retain_graph=True) is not supported; run the "
+                "forward again instead."
+            )
         x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets = ctx.saved_tensors
         need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
         num_tokens = ctx.num_tokens
         grad_y = _gather(grad_out.to(down_proj.dtype).contiguous(), token, offsets)
         grad_act = _grouped_mm(grad_y, down_proj, offsets)
+        in_place = _use_triton(gate_up, ctx.fused_silu) and not torch.compiler.is_compiling()
         grad_gate_up, grad_weight, act = _gated_act_backward(
-            gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down
+            gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down, in_place=in_place
         )
-        del grad_act
+        if in_place:  # a second backward would read gradients as the gate/up projection
+            ctx.gate_up_consumed = True
+        del gate_up, grad_act
         grad_x = grad_gate_up_proj = grad_down_proj = grad_top_k_weights = None
         if need_down:
             grad_down_proj = _grouped_mm_weight_grad(grad_y, act, offsets)

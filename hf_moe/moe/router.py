@@ -147,6 +147,36 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
     return (z * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+class _Float32AccumulatedLinear(torch.autograd.Function):
+    """`x [T, H] @ weight [E, H]ᵀ` of half-precision operands → float32 `[T, E]`; gradients in the operands'
+    dtypes. Saves only the half operands (no float32 copy of x lives until backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        if x.is_cuda:  # cuBLAS: half operands, float32 accumulation and float32 output
+            return torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return torch.mm(x.float(), weight.float().t())  # no such kernel elsewhere: same values through float32
+
+    @staticmethod
+    def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad = grad_logits.to(x.dtype)  # as a half-precision linear layer followed by `.float()` would do
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = grad.t() @ x if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits `x·Wᵀ` in float32 from bf16/fp16 `x [..., H]` and `weight [E, H]`: the float32 GEMM's result
+    (up to summation order) at the cost of a half-precision GEMM; `x.grad` comes back in x's dtype."""
+    logits = _Float32AccumulatedLinear.apply(x.reshape(-1, x.shape[-1]), weight)
+    return logits.view(*x.shape[:-1], weight.shape[0])
+
+
 ROUTER_CLASSES: dict[str, type[nn.Module]] = {}
 """`config.router_type` → router class. Fill it with [`register_router`]."""
 
@@ -222,9 +252,17 @@ class HfMoeRouter(nn.Module):
             init.zeros_(self.expert_bias)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """`x·Wᵣᵀ` in float32 (float64 for a float64 model), after jitter in training."""
+        """`x·Wᵣᵀ` in float32 (float64 for a float64 model), after jitter in training.
+
+        In a bf16/fp16 model (x and the gate of the same half dtype, no jitter) the GEMM takes the half operands
+        as they are and accumulates and returns float32 ([`half_operands_float32_logits`]): the same logits as a
+        float32 GEMM of the upcast values, without a float32 copy of x or float32 GEMMs in backward.
+        """
+        jitter = self.training and self.config.router_jitter_noise > 0
+        if hidden_states.dtype in _HALF_DTYPES and self.weight.dtype == hidden_states.dtype and not jitter:
+            return half_operands_float32_logits(hidden_states, self.weight)
         x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
-        if self.training and self.config.router_jitter_noise > 0:
+        if jitter:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         return F.linear(x, self.weight.to(x.dtype))

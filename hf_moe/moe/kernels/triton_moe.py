@@ -133,14 +133,26 @@ def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.T
 
 
 def swiglu_backward(
-    gate_up: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor, recompute_out: bool
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    offsets: torch.Tensor,
+    recompute_out: bool,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of [`swiglu_forward`] w.r.t. `gate_up` and `weight` (float32, 0 on dropped rows), and the
-    recomputed forward output when `recompute_out` (the down projection's weight gradient needs it)."""
+    recomputed forward output when `recompute_out` (the down projection's weight gradient needs it).
+
+    `in_place` writes the `gate_up` gradient over `gate_up` and the recomputed output over `grad_out` (each element
+    is read before it is written, by the same program), so backward allocates neither `[S, 2I]` nor `[S, I]`.
+    """
     num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    grad_gate_up = torch.empty_like(gate_up)
+    grad_gate_up = gate_up if in_place else torch.empty_like(gate_up)
     grad_weight = torch.empty(num_rows, device=gate_up.device, dtype=torch.float32)
-    out = gate_up.new_empty(num_rows, inter) if recompute_out else grad_gate_up
+    if not recompute_out:
+        out = grad_gate_up  # not written (WRITE_OUT is off)
+    else:
+        out = grad_out if in_place else gate_up.new_empty(num_rows, inter)
     block_m, block_n = 16, 128
     grid = (triton.cdiv(num_rows, block_m),)
     _swiglu_bwd_kernel[grid](
