@@ -114,8 +114,10 @@ class DenseSource:
         have = self.reader.tensors
         missing = [k for k in expected if k not in have]
         if missing:
-            raise CheckpointError(f"{self.path} is missing {len(missing)} tensor(s) a {self.model_type} model with this "
-                                  f"config needs (first: {missing[:5]}); the checkpoint is incomplete.")
+            raise CheckpointError(
+                f"{self.path} is missing {len(missing)} tensor(s) a {self.model_type} model with this "
+                f"config needs (first: {missing[:5]}); the checkpoint is incomplete."
+            )
         wrong = [f"{k}: {have[k].shape} (expected {shape})" for k, shape in expected.items() if have[k].shape != shape]
         if wrong:
             raise CheckpointError(f"{self.path} has tensors whose shapes disagree with config.json: {wrong[:5]}.")

@@ -71,7 +71,8 @@ def forward_and_grads(fn, experts, x, index, weights):
     out = fn(experts, x, index, weights)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     (out.double() * probe.to(out.device)).sum().backward()
-    return [t.detach().double().cpu() for t in (out, x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)]
+    grads = (x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad)
+    return [t.detach().double().cpu() for t in (out, *grads)]
 
 
 def rel_err(a, b):
@@ -268,9 +269,12 @@ def test_cuda_triton_kernels_match_torch_fallbacks():
     act = torch.nn.SiLU()
     valid = slice(0, 260)
     ref_h = backend._gated_act(gate_up.float(), weight.float(), offsets, act, False)
-    torch.testing.assert_close(triton_moe.swiglu_forward(gate_up, weight, offsets)[valid].float(), ref_h[valid], rtol=2e-2, atol=1e-2)
+    fused = triton_moe.swiglu_forward(gate_up, weight, offsets)[valid].float()
+    torch.testing.assert_close(fused, ref_h[valid], rtol=2e-2, atol=1e-2)
     d_gu, d_w, h = triton_moe.swiglu_backward(gate_up, weight, grad, offsets, True)
-    r_gu, r_w, r_h = backend._gated_act_backward(gate_up.float(), weight.float(), grad.float(), offsets, act, False, True)
+    r_gu, r_w, r_h = backend._gated_act_backward(
+        gate_up.float(), weight.float(), grad.float(), offsets, act, False, True
+    )
     torch.testing.assert_close(d_gu[valid].float(), r_gu[valid], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(d_w[valid], r_w[valid], rtol=1e-3, atol=1e-3)
     assert torch.equal(d_w[260:], torch.zeros_like(d_w[260:]))

@@ -199,7 +199,7 @@ def test_drop_upcycling_reinitialises_the_requested_fraction_with_matched_statis
         for new, old in ((g[changed], gate[changed]), (u[changed], up[changed]),
                          (d[:, changed], dense_down[:, changed])):
             n = new.numel()  # sampling error: mean ± std/√n, std ± std/√(2n); allow 4 and 5 standard errors
-            assert abs(new.mean() - old.mean()) < 4 * old.std() / n**0.5, "re-initialised mean differs from the replaced"
+            assert abs(new.mean() - old.mean()) < 4 * old.std() / n**0.5, "re-initialised mean differs"
             assert abs(new.std() / old.std() - 1) < 5 / (2 * n) ** 0.5, "re-initialised std differs from the replaced"
     assert len(set(dropped_sets)) == experts, "each expert should drop its own random subset of neurons"
 

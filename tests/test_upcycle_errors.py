@@ -77,7 +77,8 @@ def test_sources_hf_moe_cannot_express_exactly_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("settings, match", [
-    ({"num_experts": 6, "top_k": 2, "granularity": 4}, r"num_experts=6 is invalid: expected a multiple of granularity=4"),
+    ({"num_experts": 6, "top_k": 2, "granularity": 4},
+     r"num_experts=6 is invalid: expected a multiple of granularity=4"),
     ({"num_experts": 8, "top_k": 3, "granularity": 2}, r"top_k=3 is invalid: expected a multiple of granularity=2"),
     ({"num_experts": 10, "top_k": 5, "granularity": 5}, r"granularity=5 is invalid: expected a divisor of .*=48"),
     ({"num_experts": 4, "top_k": 2, "granularity": 2, "shared_experts": 1}, r"shared_experts=1 is invalid"),

@@ -84,7 +84,8 @@ def _swiglu_bwd_kernel(
             grad_act = grad * weight[:, None]
             grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
             tl.store(grad_gate_up_ptr + gu_offs, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
-            tl.store(grad_gate_up_ptr + gu_offs + inter, (grad_act * silu).to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
+            grad_up = (grad_act * silu).to(grad_gate_up_ptr.dtype.element_ty)
+            tl.store(grad_gate_up_ptr + gu_offs + inter, grad_up, mask=mask)
             if WRITE_OUT:
                 tl.store(out_ptr + io_offs, (act * weight[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(grad_weight_ptr + rows, grad_weight, mask=rows < num_rows)
@@ -128,7 +129,9 @@ def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     out = gate_up.new_empty(num_rows, inter)
     block_m, block_n = 16, 128
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(inter, block_n))
-    _swiglu_fwd_kernel[grid](gate_up, weight, out, offsets, offsets.numel(), inter=inter, BLOCK_M=block_m, BLOCK_N=block_n)
+    _swiglu_fwd_kernel[grid](
+        gate_up, weight, out, offsets, offsets.numel(), inter=inter, BLOCK_M=block_m, BLOCK_N=block_n
+    )
     return out
 
 
