@@ -14,22 +14,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .experts import _HAS_TRITON, _triton_kernels, run_routed_experts
+from .experts import _gather, _triton_kernels, _use_triton, run_routed_experts
 from .router import RouterOutput
 
 
 def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`src[index]` (Triton row gather on CUDA)."""
-    if src.is_cuda and _HAS_TRITON and len(index):
-        offsets = torch.full((1,), len(index), dtype=torch.int32, device=src.device)
-        return _triton_kernels().gather_rows(src.contiguous(), index, offsets)
-    return src.index_select(0, index)
+    """`src[index]`: the experts' row gather (Triton on CUDA) with every row valid."""
+    if not len(index):
+        return src.new_empty(0, src.shape[1])
+    return _gather(src.contiguous(), index, torch.full((1,), len(index), dtype=torch.int32, device=src.device))
 
 
 def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
     """`out[t] = Σ_p src[row_of[t, p]]` over the entries below `len(src)`, in a fixed order (deterministic)."""
     num_tokens = row_of.shape[0]
-    if src.is_cuda and _HAS_TRITON and num_tokens:
+    if _use_triton(src) and num_tokens:
         offsets = torch.full((1,), len(src), dtype=torch.int32, device=src.device)
         return _triton_kernels().gather_sum(src.contiguous(), row_of.reshape(-1), offsets, num_tokens)
     padded = torch.cat([src, src.new_zeros(1, src.shape[1])])  # row len(src): zeros for the unsent entries

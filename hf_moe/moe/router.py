@@ -170,7 +170,7 @@ class _Float32AccumulatedLinear(torch.autograd.Function):
         return grad_x, grad_weight
 
 
-def half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits `x·Wᵀ` in float32 from bf16/fp16 `x [..., H]` and `weight [E, H]`: the float32 GEMM's result
     (up to summation order) at the cost of a half-precision GEMM; `x.grad` comes back in x's dtype."""
     logits = _Float32AccumulatedLinear.apply(x.reshape(-1, x.shape[-1]), weight)
@@ -255,12 +255,12 @@ class HfMoeRouter(nn.Module):
         """`x·Wᵣᵀ` in float32 (float64 for a float64 model), after jitter in training.
 
         In a bf16/fp16 model (x and the gate of the same half dtype, no jitter) the GEMM takes the half operands
-        as they are and accumulates and returns float32 ([`half_operands_float32_logits`]): the same logits as a
+        as they are and accumulates and returns float32 ([`_half_operands_float32_logits`]): the same logits as a
         float32 GEMM of the upcast values, without a float32 copy of x or float32 GEMMs in backward.
         """
         jitter = self.training and self.config.router_jitter_noise > 0
         if hidden_states.dtype in _HALF_DTYPES and self.weight.dtype == hidden_states.dtype and not jitter:
-            return half_operands_float32_logits(hidden_states, self.weight)
+            return _half_operands_float32_logits(hidden_states, self.weight)
         x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
         if jitter:
             eps = self.config.router_jitter_noise
