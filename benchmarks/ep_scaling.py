@@ -13,6 +13,9 @@ hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
   `all_to_all_single` with equal splits at their mean per-rank size;
 * for P > 1, the relative L2 error of the sharded first layer's bf16 output against the unsharded layer.
 
+The all-to-alls are timed in a separate step with the weight-gradient overlap off, so their times are theirs
+alone; `--no-overlap` also turns it off for the timed steps (compare the two runs for what the overlap hides).
+
     python benchmarks/ep_scaling.py                                   # P = 1
     torchrun --nproc_per_node 2 benchmarks/ep_scaling.py              # P = 2 (4 with 4 GPUs)
     torchrun --nproc_per_node 2 benchmarks/ep_scaling.py --hidden 64 --expert-size 32 --experts 8 --top-k 2 \
@@ -167,7 +170,7 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     model = build(ARGS.mode, ARGS.layers, ARGS.impl)
-    result = {"mode": ARGS.mode, "P": world, "tokens_per_gpu": ARGS.tokens, "layers": ARGS.layers,
+    result = {"mode": ARGS.mode, "P": world, "overlap_weight_grads": ARGS.overlap, "tokens_per_gpu": ARGS.tokens, "layers": ARGS.layers,
               "shape": [ARGS.hidden, ARGS.expert_size, ARGS.experts, ARGS.top_k], "impl": ARGS.impl,
               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
     if world > 1:
@@ -176,7 +179,7 @@ def main() -> None:
         with torch.no_grad():
             reference = first(probe)[0].float()
         groups = init_expert_parallel(world, ARGS.experts)
-        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model")
+        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model", overlap_weight_grads=ARGS.overlap)
         with torch.no_grad():
             sharded = first(probe)[0].float()
         result["bf16_rel_l2_vs_unsharded"] = ((sharded - reference).norm() / reference.norm()).item()
@@ -192,8 +195,14 @@ def main() -> None:
                   expert_tflops_per_gpu=expert_flops / seconds / 1e12,
                   peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0)
     if world > 1:
+        dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+        queues = [d.weight_grads for d in dispatchers]
+        for d in dispatchers:  # no GEMMs inside the backward all-to-alls' timing
+            d.weight_grads = None
         with AllToAllTimer() as timer:
             step()
+        for d, queue in zip(dispatchers, queues):
+            d.weight_grads = queue
         a2a_all, a2a_tokens, off_rank, token_calls, rows = timer.summary()
         # raw NCCL with equal splits at the mean size of one token all-to-all of this step (H bf16 values per row)
         agreed = torch.tensor([rows], device=DEVICE)
@@ -212,7 +221,7 @@ def main() -> None:
         )
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
-        line = (f"{ARGS.mode} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
+        line = (f"{ARGS.mode}{'' if ARGS.overlap else ' (no overlap)'} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
                 f"tokens/s/GPU, expert TFLOP/s/GPU {result['expert_tflops_per_gpu']:.0f}, "
                 f"peak {result['peak_gib']:.1f} GiB")
         if world > 1:
@@ -233,6 +242,8 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--impl", default="hf_moe_grouped", help="experts implementation")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="weight gradients inside autograd, not while the backward all-to-alls travel")
     parser.add_argument("--hidden", type=int, default=2048, help="Qwen3-30B-A3B: 2048")
     parser.add_argument("--expert-size", type=int, default=768, help="Qwen3-30B-A3B: 768")
     parser.add_argument("--experts", type=int, default=128, help="Qwen3-30B-A3B: 128")

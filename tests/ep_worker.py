@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hf_moe import HfMoeForCausalLM  # noqa: E402
 from hf_moe.moe import dispatch  # noqa: E402
 from hf_moe.moe.dispatch import AllToAllDispatcher  # noqa: E402
+from hf_moe.moe.overlap import WEIGHT_GRADS  # noqa: E402
 from hf_moe.parallel import (  # noqa: E402
     clip_grad_norm_,
     expert_parallel_groups,
@@ -103,9 +104,10 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
 
     world, rank, num_experts, device = dist.get_world_size(), dist.get_rank(), 8, PartialState().device
     errors = {}
-    cases = [(case, top_k, name) for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1))
-             for name in dict.fromkeys([impl, "grouped_mm"])]
-    for case, top_k, name in cases:
+    variants = [(impl, True), (impl, False), ("grouped_mm", True)] if impl != "grouped_mm" else [(impl, True)]
+    cases = [(case, top_k, name, overlap) for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1))
+             for name, overlap in variants]
+    for case, top_k, name, overlap in cases:
         config = HfMoeConfig(hidden_size=16, intermediate_size=12, num_experts=num_experts, num_experts_per_tok=top_k,
                              num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
         config._experts_implementation = name
@@ -149,24 +151,48 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
                                aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device))
         sent_rows = []
         with record_sent_rows(sent_rows):
-            out = AllToAllDispatcher(groups.ep_group, num_experts)(ep_x, routing, local)
+            out = AllToAllDispatcher(groups.ep_group, num_experts, overlap_weight_grads=overlap)(ep_x, routing, local)
         owners = {(t, e // (num_experts // groups.ep_size)) for t, row in enumerate(index[mine].tolist()) for e in row
                   if e < num_experts}
-        errors[f"{name} {case}: token rows sent minus distinct (token, owner) pairs"] = abs(sent_rows[0] - len(owners))
-        (out * out_grad[mine].to(device)).sum().backward()
+        label = f"{name}{'' if overlap else ' (no overlap)'} {case}"
+        errors[f"{label}: token rows sent minus distinct (token, owner) pairs"] = abs(sent_rows[0] - len(owners))
+        deferred = []
+        with count_deferred_weight_grads(deferred):
+            (out * out_grad[mine].to(device)).sum().backward()
+        # hf_moe_grouped defers both weight gradients of a rank that received tokens, and only with overlap on
+        defers = overlap and name == "hf_moe_grouped" and ((index >= start) & (index < end)).any()
+        expected = 2 if defers else 0
+        errors[f"{label}: deferred weight gradients minus expected"] = abs(len(deferred) - expected)
+        errors[f"{label}: weight gradients left pending after backward"] = len(WEIGHT_GRADS)
         expert_grads = [torch.zeros_like(p) if p.grad is None else p.grad  # None: no token reached this rank
                         for p in (local.gate_up_proj, local.down_proj)]
         for grad in expert_grads:
             dist.all_reduce(grad, group=groups.edp_group)
         kept = ~dropped[mine]
         ep_w_grad = ep_w.grad.cpu()
-        errors[f"{name} {case}: output"] = rel_err(out, ref_out[mine])
-        errors[f"{name} {case}: input grad"] = rel_err(ep_x.grad, ref_x.grad[mine])
-        errors[f"{name} {case}: routing-weight grad"] = rel_err(ep_w_grad[kept], ref_w.grad[mine][kept])
-        errors[f"{name} {case}: dropped-slot weight grad is zero"] = ep_w_grad[~kept].abs().sum().item()
-        errors[f"{name} {case}: gate_up_proj grad"] = rel_err(expert_grads[0], full.gate_up_proj.grad[start:end])
-        errors[f"{name} {case}: down_proj grad"] = rel_err(expert_grads[1], full.down_proj.grad[start:end])
+        errors[f"{label}: output"] = rel_err(out, ref_out[mine])
+        errors[f"{label}: input grad"] = rel_err(ep_x.grad, ref_x.grad[mine])
+        errors[f"{label}: routing-weight grad"] = rel_err(ep_w_grad[kept], ref_w.grad[mine][kept])
+        errors[f"{label}: dropped-slot weight grad is zero"] = ep_w_grad[~kept].abs().sum().item()
+        errors[f"{label}: gate_up_proj grad"] = rel_err(expert_grads[0], full.gate_up_proj.grad[start:end])
+        errors[f"{label}: down_proj grad"] = rel_err(expert_grads[1], full.down_proj.grad[start:end])
     return errors
+
+
+@contextlib.contextmanager
+def count_deferred_weight_grads(deferred: list):
+    """Record every weight gradient the experts hand to the process's `WeightGradQueue`."""
+    original = WEIGHT_GRADS.defer
+
+    def defer(work):
+        deferred.append(work)
+        original(work)
+
+    WEIGHT_GRADS.defer = defer
+    try:
+        yield
+    finally:
+        del WEIGHT_GRADS.defer
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
 from hf_moe.moe.experts import HfMoeExperts, grouped_experts_forward, sort_by_expert
+from hf_moe.moe.overlap import WeightGradQueue
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -157,6 +159,53 @@ def test_known_slot_count_sizes_buffers_to_the_real_slots():
     for name, g, w in zip(NAMES, got, want):
         assert rel_err(g, w) < 1e-12, name
     assert got[2][~real.view(37, 4)].abs().max() == 0, "sentinel slots get no routing-weight gradient"
+
+
+def test_deferred_weight_grads_run_by_the_end_of_backward_and_accumulate():
+    """With a `WeightGradQueue` (expert parallelism), the experts' backward leaves both weight gradients to the
+    queue: they are still pending when the gradient reaches the input, run when the backward pass ends at the
+    latest, equal the float64 reference, and accumulate over backward passes as autograd's would."""
+    experts = make_experts(top_k=2)
+    index, weights = make_routing(29, experts.num_experts, 2, "skewed")
+    x = torch.randn(29, experts.hidden_dim, dtype=torch.float64)
+    queue, pending_at_input = WeightGradQueue(), []
+
+    def deferred(experts, x, index, weights):
+        x.register_hook(lambda grad: pending_at_input.append((len(queue), experts.gate_up_proj.grad is None)))
+        return grouped_experts_forward(experts, x, index, weights, weight_grads=queue)
+
+    got = forward_and_grads(deferred, experts, x, index, weights)
+    assert pending_at_input == [(2, True)] and len(queue) == 0
+    for name, g, w in zip(NAMES, got, reference(experts, x, index, weights)):
+        assert rel_err(g, w) < 1e-12, name
+    first = [experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()]
+    out = grouped_experts_forward(experts, x, index, weights, weight_grads=queue)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (out * probe).sum().backward()  # no zero_grad: the second pass adds to the first
+    assert torch.equal(experts.gate_up_proj.grad, 2 * first[0]) and torch.equal(experts.down_proj.grad, 2 * first[1])
+
+
+def test_weights_that_are_not_leaves_keep_their_gradients_in_autograd():
+    """PEFT feeds the experts `base + ΔW`, not a parameter: nothing is deferred and the gradient reaches the
+    parameter behind it through autograd."""
+    experts = make_experts(top_k=2)
+    index, weights = make_routing(23, experts.num_experts, 2, "uniform")
+    x = torch.randn(23, experts.hidden_dim, dtype=torch.float64)
+    want = reference(experts, x, index, weights)
+    queue, pending_at_input = WeightGradQueue(), []
+
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+
+    def merged(experts, x, index, weights):  # the experts as PEFT's target_parameters wrapper presents them
+        x.register_hook(lambda grad: pending_at_input.append(len(queue)))
+        view = SimpleNamespace(num_experts=experts.num_experts, config=experts.config, act_fn=experts.act_fn,
+                               gate_up_proj=experts.gate_up_proj * scale, down_proj=experts.down_proj * scale)
+        return grouped_experts_forward(view, x, index, weights, weight_grads=queue)
+
+    got = forward_and_grads(merged, experts, x, index, weights)
+    assert pending_at_input == [0] and scale.grad is not None
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-12, name
 
 
 def test_model_defaults_to_hf_moe_grouped_and_switches():

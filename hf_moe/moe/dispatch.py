@@ -4,8 +4,9 @@ Each token travels once to every rank that owns at least one of its experts (not
 k = 8 and P = 2 that is ~1 copy instead of ~4), together with its routing restricted to that rank. The owner runs
 its local experts with the same experts implementation as a single process and returns one row per token, the
 weighted sum of its local experts' outputs; the source rank sums the rows of each token over ranks in a fixed
-order. Per MoE layer: one all-to-all of counts (the one host sync), then `all_to_all_single` with uneven splits
-for the tokens and their routing, and one for the results.
+order. Per MoE layer: one all-to-all of counts (the one host sync, taken after the send buffer is already
+queued), then `all_to_all_single` with uneven splits for the tokens and their routing, and one for the results.
+In backward the two token all-to-alls run while the experts' weight gradients compute (`hf_moe.moe.overlap`).
 """
 
 from __future__ import annotations
@@ -15,14 +16,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .experts import _gather, _triton_kernels, _use_triton, run_routed_experts
+from .overlap import WEIGHT_GRADS, WeightGradQueue
 from .router import RouterOutput
-
-
-def _gather_rows(src: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`src[index]`: the experts' row gather (Triton on CUDA) with every row valid."""
-    if not len(index):
-        return src.new_empty(0, src.shape[1])
-    return _gather(src.contiguous(), index, torch.full((1,), len(index), dtype=torch.int32, device=src.device))
 
 
 def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
@@ -32,21 +27,26 @@ def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
         offsets = torch.full((1,), len(src), dtype=torch.int32, device=src.device)
         return _triton_kernels().gather_sum(src.contiguous(), row_of.reshape(-1), offsets, num_tokens)
     padded = torch.cat([src, src.new_zeros(1, src.shape[1])])  # row len(src): zeros for the unsent entries
-    return padded[row_of].sum(dim=1)
+    return padded[row_of.clamp(max=len(src))].sum(dim=1)
 
 
 class _GatherTokens(torch.autograd.Function):
-    """`x[send_token]`: each token once per destination rank; its backward sums those rows (`_sum_rows`)."""
+    """`x[send_token]` into a send buffer whose rows from `num_sent` (a device tensor) on stay unwritten: each
+    token once per destination rank. Its backward sums those rows per token (`_sum_rows`)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, send_token: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, x: torch.Tensor, send_token: torch.Tensor, num_sent: torch.Tensor, row_of: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(row_of)
-        return _gather_rows(x, send_token)
+        if not len(send_token):
+            return x.new_empty(0, x.shape[1])
+        return _gather(x.contiguous(), send_token, num_sent)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (row_of,) = ctx.saved_tensors
-        return _sum_rows(grad, row_of), None, None
+        return _sum_rows(grad, row_of), None, None, None
 
 
 class _SumTokens(torch.autograd.Function):
@@ -60,23 +60,47 @@ class _SumTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (send_token,) = ctx.saved_tensors
-        return _gather_rows(grad, send_token), None, None
+        if not len(send_token):
+            return grad.new_empty(0, grad.shape[1]), None, None
+        num_sent = torch.full((1,), len(send_token), dtype=torch.int32, device=grad.device)
+        return _gather(grad.contiguous(), send_token, num_sent), None, None
 
 
 class _AllToAll(torch.autograd.Function):
-    """`all_to_all_single` with uneven splits; its backward is the all-to-all with the splits swapped."""
+    """`all_to_all_single` with uneven splits of the first `sum(input_splits)` rows of `x` (rows past them are
+    not sent, and get a zero gradient); its backward is the all-to-all with the splits swapped.
+
+    With a [`WeightGradQueue`], backward starts its all-to-all asynchronously and runs the oldest deferred weight
+    gradient while the bytes travel.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (output_splits, input_splits), group
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        output_splits: list[int],
+        input_splits: list[int],
+        group,
+        weight_grads: WeightGradQueue | None = None,
+    ) -> torch.Tensor:
+        ctx.splits, ctx.group, ctx.rows, ctx.weight_grads = (output_splits, input_splits), group, len(x), weight_grads
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        dist.all_to_all_single(out, x[: sum(input_splits)].contiguous(), output_splits, input_splits, group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         output_splits, input_splits = ctx.splits
-        return _AllToAll.apply(grad.contiguous(), input_splits, output_splits, ctx.group), None, None, None
+        grad_x = grad.new_empty((ctx.rows, *grad.shape[1:]))
+        sent = sum(input_splits)
+        grad_x[sent:].zero_()
+        work = dist.all_to_all_single(
+            grad_x[:sent], grad.contiguous(), input_splits, output_splits, group=ctx.group, async_op=True
+        )
+        if ctx.weight_grads is not None:
+            ctx.weight_grads.run_oldest()
+        work.wait()
+        return grad_x, None, None, None, None
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -105,13 +129,16 @@ class AllToAllDispatcher:
     Args:
         group: the expert-parallel process group (P ranks; rank r owns experts [r·E/P, (r+1)·E/P)).
         num_experts: E, the number of experts over the whole group.
+        overlap_weight_grads: in backward, compute the local experts' weight gradients while the token
+            all-to-alls are in flight (see `hf_moe.moe.overlap`); off, every gradient flows through autograd.
     """
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, num_experts: int, overlap_weight_grads: bool = True) -> None:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
+        self.weight_grads = WEIGHT_GRADS if overlap_weight_grads else None
 
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
         num_tokens, top_k = routing.top_k_index.shape
@@ -123,16 +150,19 @@ class AllToAllDispatcher:
         counts = torch.stack([goes.sum(dim=0), slots.sum(dim=0)])  # [2, P]: tokens and slots for each rank
         received = torch.empty(2 * ep_size, dtype=counts.dtype, device=device)
         dist.all_to_all_single(received, counts.t().reshape(-1), group=self.group)  # two numbers to each rank
-        (input_splits, _), (output_splits, received_slots) = torch.stack([counts, received.view(-1, 2).t()]).tolist()
 
-        # Send buffer: rank-major, token order within a rank; row_of[t, p] is the row of (t, p), or num_sent.
-        num_sent = sum(input_splits)
+        # Everything up to the host sync below is queued without it, so the GPU has work while the host waits.
+        # Send buffer: rank-major, token order within a rank, sized for the most a token can travel (to min(P, k)
+        # ranks); row_of[t, p] is the row of (t, p), or max_rows where t does not go to p.
+        max_rows = num_tokens * min(ep_size, top_k)
         pairs = goes.t().reshape(-1)
-        row = torch.where(pairs, pairs.cumsum(0) - 1, num_sent)
-        token_ids = torch.arange(num_tokens, device=device).repeat(ep_size)
-        send_token = torch.empty(num_sent + 1, dtype=torch.int64, device=device).scatter_(0, row, token_ids)
-        send_token, row_of = send_token[:num_sent], row.view(ep_size, num_tokens).t()
-        dest = torch.arange(ep_size, device=device).repeat_interleave(counts[0], output_size=num_sent)[:, None]
+        row = torch.where(pairs, pairs.cumsum(0) - 1, max_rows)
+        pair_ids = torch.arange(ep_size * num_tokens, device=device)
+        sent_pair = torch.zeros(max_rows + 1, dtype=torch.int64, device=device).scatter_(0, row, pair_ids)[:-1]
+        send_token, dest = sent_pair % num_tokens, torch.div(sent_pair, num_tokens, rounding_mode="floor")[:, None]
+        row_of = row.view(ep_size, num_tokens).t()
+        num_sent = counts[0].sum(dim=0, keepdim=True).int()
+        send = _GatherTokens.apply(x, send_token, num_sent, row_of)
 
         # Each row's routing restricted to its destination: local expert ids (num_local elsewhere) and weights.
         here = rank_of_slot[send_token] == dest
@@ -140,15 +170,18 @@ class AllToAllDispatcher:
         weights = routing.top_k_weights[send_token].masked_fill(~here, 0.0)
         meta = torch.cat([weights.float(), local_index.float()], dim=1)  # ids < 2**24 are exact in float32
 
-        tokens = _AllToAll.apply(_GatherTokens.apply(x, send_token, row_of), output_splits, input_splits, self.group)
+        (input_splits, _), (output_splits, received_slots) = torch.stack([counts, received.view(-1, 2).t()]).tolist()
+        tokens = _AllToAll.apply(send, output_splits, input_splits, self.group, self.weight_grads)
         meta = _AllToAll.apply(meta, output_splits, input_splits, self.group)
         if len(tokens):
             recv_weights = meta[:, :top_k].to(routing.top_k_weights.dtype)
-            y = run_routed_experts(experts, tokens, meta[:, top_k:].long(), recv_weights, sum(received_slots))
+            y = run_routed_experts(
+                experts, tokens, meta[:, top_k:].long(), recv_weights, sum(received_slots), self.weight_grads
+            )
         else:
             y = self._idle(tokens, meta, experts)
-        y = _AllToAll.apply(y.to(x.dtype), input_splits, output_splits, self.group)
-        return _SumTokens.apply(y, send_token, row_of)
+        y = _AllToAll.apply(y.to(x.dtype), input_splits, output_splits, self.group, self.weight_grads)
+        return _SumTokens.apply(y, send_token[: sum(input_splits)], row_of)
 
     @staticmethod
     def _idle(tokens: torch.Tensor, meta: torch.Tensor, experts: nn.Module) -> torch.Tensor:

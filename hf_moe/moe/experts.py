@@ -13,6 +13,7 @@ Slots whose expert index is `num_experts` or more (dropped slots) contribute not
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,6 +23,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..configuration_hf_moe import HfMoeConfig
 from .capacity import SENTINEL_SAFE_IMPLEMENTATIONS
+from .overlap import WeightGradQueue, accumulate_grad
 
 
 @use_experts_implementation
@@ -203,6 +205,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         offsets: torch.Tensor,
         act_fn: nn.Module,
         fused_silu: bool,
+        weight_grads: WeightGradQueue | None,
     ) -> torch.Tensor:
         x_sorted = _gather(x, token, offsets)
         gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets)
@@ -212,6 +215,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         ctx.num_tokens = x.shape[0]
         ctx.gate_up_consumed = False
         ctx.act_fn, ctx.fused_silu, ctx.weights_dtype = act_fn, fused_silu, top_k_weights.dtype
+        ctx.weight_grads = weight_grads
         return _combine(y, position, offsets, x.shape[0])
 
     @staticmethod
@@ -235,6 +239,18 @@ class _RoutedExpertsFunction(torch.autograd.Function):
             ctx.gate_up_consumed = True
         del gate_up, grad_act
         grad_x = grad_gate_up_proj = grad_down_proj = grad_top_k_weights = None
+        if need_weights:
+            grad_top_k_weights = grad_weight.index_select(0, position)
+            if _grouped_mm_leaves_tail_unwritten(grad_weight) and not _use_triton(grad_weight, ctx.fused_silu):
+                grad_top_k_weights = grad_top_k_weights.masked_fill(position >= offsets[-1], 0)
+            grad_top_k_weights = grad_top_k_weights.view(num_tokens, -1).to(ctx.weights_dtype)
+        if _defers_weight_grads(ctx.weight_grads, (gate_up_proj, down_proj), ctx.needs_input_grad[1:3]):
+            if need_x:
+                grad_x = _combine(_grouped_mm(grad_gate_up, gate_up_proj, offsets), position, offsets, num_tokens)
+            for param, a, b in ((down_proj, grad_y, act), (gate_up_proj, grad_gate_up, x_sorted)):
+                if param.requires_grad:
+                    ctx.weight_grads.defer(partial(_weight_grad_into, param, a, b, offsets))
+            return grad_x, None, None, grad_top_k_weights, None, None, None, None, None, None, None
         if need_down:
             grad_down_proj = _grouped_mm_weight_grad(grad_y, act, offsets)
         del grad_y, act
@@ -242,12 +258,26 @@ class _RoutedExpertsFunction(torch.autograd.Function):
             grad_x = _combine(_grouped_mm(grad_gate_up, gate_up_proj, offsets), position, offsets, num_tokens)
         if need_gate_up:
             grad_gate_up_proj = _grouped_mm_weight_grad(grad_gate_up, x_sorted, offsets)
-        if need_weights:
-            grad_top_k_weights = grad_weight.index_select(0, position)
-            if _grouped_mm_leaves_tail_unwritten(grad_weight) and not _use_triton(grad_weight, ctx.fused_silu):
-                grad_top_k_weights = grad_top_k_weights.masked_fill(position >= offsets[-1], 0)
-            grad_top_k_weights = grad_top_k_weights.view(num_tokens, -1).to(ctx.weights_dtype)
-        return grad_x, grad_gate_up_proj, grad_down_proj, grad_top_k_weights, None, None, None, None, None, None
+        return grad_x, grad_gate_up_proj, grad_down_proj, grad_top_k_weights, None, None, None, None, None, None, None
+
+
+def _defers_weight_grads(
+    weight_grads: WeightGradQueue | None, params: tuple[torch.Tensor, ...], needs_grad: tuple[bool, ...]
+) -> bool:
+    """Whether the experts' backward hands its weight gradients to `weight_grads` instead of returning them:
+    only for leaf parameters (not PEFT's merged weights, whose gradient must flow on through autograd) and never
+    while torch.compile traces."""
+    return (
+        weight_grads is not None
+        and any(needs_grad)
+        and all(p.is_leaf for p in params)
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _weight_grad_into(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> None:
+    """Deferred weight gradient: `param.grad += [a_eᵀ @ b_e]ₑ`."""
+    accumulate_grad(param, _grouped_mm_weight_grad(a, b, offsets))
 
 
 def sort_by_expert(
@@ -281,11 +311,13 @@ def grouped_experts_forward(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     num_slots: int | None = None,
+    weight_grads: WeightGradQueue | None = None,
 ) -> torch.Tensor:
     """hf-moe's experts implementation (`hf_moe_grouped`): sort the (token, slot) pairs by expert, run the gate/up
     and down projections as grouped GEMMs with SwiGLU and the routing weight fused between them, and sum each
     token's k outputs in a fixed order (deterministic, no atomics). No host sync on CUDA. `num_slots`, the number
     of slots with a real expert when the caller knows it, sizes the buffers to those slots (see `sort_by_expert`).
+    With `weight_grads`, backward defers the expert weights' gradients to that queue (see `hf_moe.moe.overlap`).
     """
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
@@ -302,6 +334,7 @@ def grouped_experts_forward(
         offsets,
         self.act_fn,
         fused_silu,
+        weight_grads,
     )
     return out.to(hidden_states.dtype)
 
@@ -315,18 +348,20 @@ def run_routed_experts(
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
     num_slots: int | None = None,
+    weight_grads: WeightGradQueue | None = None,
 ) -> torch.Tensor:
     """Run `experts` (possibly wrapped by PEFT) on routing whose slots may be sentinels (index ≥ num_experts):
     dropped by a capacity, or owned by another rank under expert parallelism.
 
     Implementations that skip sentinels themselves get the routing as is (`hf_moe_grouped` also gets `num_slots`,
-    the number of real slots when the caller knows it). For the others only the real (token, expert) slots are
-    gathered (one host sync), run as top-1 slots and summed back per token.
+    the number of real slots when the caller knows it, and `weight_grads`, a queue its backward may defer the
+    weight gradients to). For the others only the real (token, expert) slots are gathered (one host sync), run
+    as top-1 slots and summed back per token.
     """
     base = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
     implementation = base.config._experts_implementation
-    if implementation == "hf_moe_grouped" and num_slots is not None:
-        return experts(hidden_states, top_k_index, top_k_weights, num_slots=num_slots)
+    if implementation == "hf_moe_grouped" and (num_slots is not None or weight_grads is not None):
+        return experts(hidden_states, top_k_index, top_k_weights, num_slots=num_slots, weight_grads=weight_grads)
     if implementation in SENTINEL_SAFE_IMPLEMENTATIONS:
         return experts(hidden_states, top_k_index, top_k_weights)
     token_idx, slot = torch.nonzero(top_k_index < base.num_experts, as_tuple=True)

@@ -16,12 +16,16 @@ def is_expert_parameter(name: str) -> bool:
     return ".mlp.experts." in name or name.startswith("mlp.experts.")
 
 
-def expert_parallelize(model: nn.Module, groups: ExpertParallelGroups, global_aux_loss: bool = True) -> nn.Module:
+def expert_parallelize(
+    model: nn.Module, groups: ExpertParallelGroups, global_aux_loss: bool = True, overlap_weight_grads: bool = True
+) -> nn.Module:
     """Keep this rank's E/P experts in every MoE block and route tokens through all-to-all.
 
     Works on a model whose experts are full (sliced here) or already local-sized (sharded loading). Sets
     `model._ddp_params_and_buffers_to_ignore` so that DDP (accelerate's `prepare`) leaves the expert weights to
-    `finish_gradients`. With `global_aux_loss`, the load-balancing loss is taken over every rank's tokens.
+    `finish_gradients`. With `global_aux_loss`, the load-balancing loss is taken over every rank's tokens. With
+    `overlap_weight_grads`, backward computes the experts' weight gradients while the token all-to-alls travel
+    (they are accumulated into `.grad` outside autograd, so tensor hooks on expert weights do not fire).
     """
     for block in (m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)):
         experts = block.experts
@@ -34,7 +38,7 @@ def expert_parallelize(model: nn.Module, groups: ExpertParallelGroups, global_au
             raise ValueError(f"experts hold {experts.num_experts} experts; expected {num_experts} (full) or "
                              f"{end - start} (this rank's shard).")
         experts.num_experts = end - start
-        block.expert_parallel = AllToAllDispatcher(groups.ep_group, num_experts)
+        block.expert_parallel = AllToAllDispatcher(groups.ep_group, num_experts, overlap_weight_grads)
         block.router.aux_loss_group = dist.group.WORLD if global_aux_loss else None
     model._hf_moe_expert_parallel = groups
     return prepare_for_ddp(model)
