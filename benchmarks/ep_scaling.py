@@ -13,8 +13,11 @@ hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
   `all_to_all_single` with equal splits at their mean per-rank size;
 * for P > 1, the relative L2 error of the sharded first layer's bf16 output against the unsharded layer.
 
-The all-to-alls are timed in a separate step with the weight-gradient overlap off, so their times are theirs
-alone; `--no-overlap` also turns it off for the timed steps (compare the two runs for what the overlap hides).
+For P > 1 every rank also keeps an unsharded copy of the model and times it on its own tokens, interleaved step by
+step with the expert-parallel model, with and without the backward overlap of weight gradients and all-to-alls:
+the efficiency against one GPU then compares steps taken under the same conditions (launches of the same script
+vary by up to 20% between them on the host-bound steps). The all-to-alls are timed in a separate step with the
+overlap off, so their times are theirs alone.
 
     python benchmarks/ep_scaling.py                                   # P = 1
     torchrun --nproc_per_node 2 benchmarks/ep_scaling.py              # P = 2 (4 with 4 GPUs)
@@ -27,6 +30,7 @@ Prints one `RESULT {json}` line per run (rank 0) and a readable summary line.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -61,22 +65,29 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def device_time(fn, reps: int, warmup: int = 3) -> float:
-    """Median seconds of `fn` over `reps` runs (CUDA events), ranks aligned by a barrier before each."""
+def device_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each of `fns` over `reps` rounds that run them in turn (CUDA events), ranks aligned by a
+    barrier before each run."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        if dist.is_initialized():
-            dist.barrier()
-        synchronize()
-        start, end = event(), event()
-        start.record()
-        fn()
-        end.record()
-        synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if dist.is_initialized():
+                dist.barrier()
+            synchronize()
+            start, end = event(), event()
+            start.record()
+            fn()
+            end.record()
+            synchronize()
+            times[name].append(start.elapsed_time(end) / 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def device_time(fn, reps: int, warmup: int = 3) -> float:
+    return device_times({"": fn}, reps, warmup)[""]
 
 
 class AllToAllTimer:
@@ -143,6 +154,22 @@ def build(mode: str, layers: int, impl: str) -> torch.nn.Module:
     return model.to(torch.bfloat16).train()
 
 
+def without_overlap(dispatchers: list, step):
+    """`step` with the dispatchers' weight gradients computed inside autograd (not while all-to-alls travel)."""
+
+    def run():
+        queues = [d.weight_grads for d in dispatchers]
+        for d in dispatchers:
+            d.weight_grads = None
+        try:
+            step()
+        finally:
+            for d, queue in zip(dispatchers, queues):
+                d.weight_grads = queue
+
+    return run
+
+
 def training_step(model: torch.nn.Module, rank: int):
     """fwd+bwd on this rank's own tokens (different on every rank, so routing differs as in training)."""
     g = torch.Generator(DEVICE).manual_seed(1000 + rank)
@@ -170,39 +197,44 @@ def main() -> None:
     if DEVICE == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     model = build(ARGS.mode, ARGS.layers, ARGS.impl)
-    result = {"mode": ARGS.mode, "P": world, "overlap_weight_grads": ARGS.overlap, "tokens_per_gpu": ARGS.tokens, "layers": ARGS.layers,
+    result = {"mode": ARGS.mode, "P": world, "tokens_per_gpu": ARGS.tokens, "layers": ARGS.layers,
               "shape": [ARGS.hidden, ARGS.expert_size, ARGS.experts, ARGS.top_k], "impl": ARGS.impl,
               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
+    fns = {}
     if world > 1:
+        fns["one GPU"] = training_step(copy.deepcopy(model), rank)
         first = model.layers[0] if ARGS.mode == "layers" else model.model.layers[0].mlp
         probe = torch.randn(1, ARGS.tokens, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16)
         with torch.no_grad():
             reference = first(probe)[0].float()
         groups = init_expert_parallel(world, ARGS.experts)
-        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model", overlap_weight_grads=ARGS.overlap)
+        expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model")
         with torch.no_grad():
             sharded = first(probe)[0].float()
         result["bf16_rel_l2_vs_unsharded"] = ((sharded - reference).norm() / reference.norm()).item()
         if ARGS.mode == "model":  # as in training: DDP averages the replicated weights' gradients
             model = torch.nn.parallel.DistributedDataParallel(model)
-    step = training_step(model, rank)
+    step = fns["EP"] = training_step(model, rank)
+    dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+    if dispatchers:
+        fns["EP, no overlap"] = without_overlap(dispatchers, step)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = device_time(step, ARGS.reps)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
+    if world > 1:
+        same_run = device_times(fns, ARGS.reps)
+        result.update(same_run_ms={name: t * 1e3 for name, t in same_run.items()},
+                      same_run_efficiency=same_run["one GPU"] / same_run["EP"],
+                      same_run_efficiency_no_overlap=same_run["one GPU"] / same_run["EP, no overlap"])
     # fwd + 2x bwd, gate/up/down of the k active experts of every token
     expert_flops = 3 * 2 * ARGS.tokens * ARGS.top_k * 3 * ARGS.hidden * ARGS.expert_size * ARGS.layers
     result.update(step_ms=seconds * 1e3, tokens_per_s_per_gpu=ARGS.tokens / seconds,
                   expert_tflops_per_gpu=expert_flops / seconds / 1e12,
-                  peak_gib=torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0)
+                  peak_gib=peak)
     if world > 1:
-        dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
-        queues = [d.weight_grads for d in dispatchers]
-        for d in dispatchers:  # no GEMMs inside the backward all-to-alls' timing
-            d.weight_grads = None
         with AllToAllTimer() as timer:
-            step()
-        for d, queue in zip(dispatchers, queues):
-            d.weight_grads = queue
+            without_overlap(dispatchers, step)()  # no GEMMs inside the backward all-to-alls' timing
         a2a_all, a2a_tokens, off_rank, token_calls, rows = timer.summary()
         # raw NCCL with equal splits at the mean size of one token all-to-all of this step (H bf16 values per row)
         agreed = torch.tensor([rows], device=DEVICE)
@@ -219,9 +251,16 @@ def main() -> None:
             raw_nccl_gbps=rows * ARGS.hidden * 2 * (world - 1) / world / raw / 1e9,
             raw_equivalent_ms=raw * token_calls * 1e3,
         )
+    if ARGS.trace:  # one step under torch.profiler, a Chrome trace per rank (open in Perfetto / chrome://tracing)
+        os.makedirs(ARGS.trace, exist_ok=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            step()
+            synchronize()
+        prof.export_chrome_trace(os.path.join(ARGS.trace, f"{ARGS.mode}_P{world}_rank{rank}.json"))
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
-        line = (f"{ARGS.mode}{'' if ARGS.overlap else ' (no overlap)'} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
+        line = (f"{ARGS.mode} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
                 f"tokens/s/GPU, expert TFLOP/s/GPU {result['expert_tflops_per_gpu']:.0f}, "
                 f"peak {result['peak_gib']:.1f} GiB")
         if world > 1:
@@ -230,6 +269,10 @@ def main() -> None:
                      f"{result['dispatch_a2a_gbps']:.0f} GB/s per GPU vs raw NCCL {result['raw_nccl_gbps']:.0f} GB/s "
                      f"at {result['raw_nccl_mib_per_rank']:.0f} MiB/rank; bf16 vs unsharded "
                      f"{result['bf16_rel_l2_vs_unsharded']:.1e}")
+            ms = result["same_run_ms"]
+            line += (f"\n{ARGS.mode} P={world} same run, interleaved: one GPU {ms['one GPU']:.1f} ms, EP "
+                     f"{ms['EP']:.1f} ms = {result['same_run_efficiency']:.0%}, EP without overlap "
+                     f"{ms['EP, no overlap']:.1f} ms = {result['same_run_efficiency_no_overlap']:.0%}")
         print(line, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -242,12 +285,11 @@ if __name__ == "__main__":
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--impl", default="hf_moe_grouped", help="experts implementation")
     parser.add_argument("--reps", type=int, default=10)
-    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
-                        help="weight gradients inside autograd, not while the backward all-to-alls travel")
     parser.add_argument("--hidden", type=int, default=2048, help="Qwen3-30B-A3B: 2048")
     parser.add_argument("--expert-size", type=int, default=768, help="Qwen3-30B-A3B: 768")
     parser.add_argument("--experts", type=int, default=128, help="Qwen3-30B-A3B: 128")
     parser.add_argument("--top-k", type=int, default=8, help="Qwen3-30B-A3B: 8")
+    parser.add_argument("--trace", help="folder: also write a Chrome trace of one step per rank")
     parser.add_argument("--vocab", type=int, default=2048, help="--mode model (as transformers' peer script)")
     parser.add_argument("--seq", type=int, default=2048, help="--mode model: sequence length")
     ARGS = parser.parse_args()

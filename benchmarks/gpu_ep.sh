@@ -26,10 +26,6 @@ for MODE in layers model; do
     [ "$P" -le "$GPUS" ] && run 120 $TORCHRUN "$P" benchmarks/ep_scaling.py --mode "$MODE"
   done
 done
-echo "== the same layers without the backward overlap of weight gradients and all-to-alls"
-for P in 2 4; do
-  [ "$P" -le "$GPUS" ] && run 120 $TORCHRUN "$P" benchmarks/ep_scaling.py --mode layers --no-overlap
-done
 PEER_WHEELS=${PEER_WHEELS:-.whl}
 if ls "$PEER_WHEELS"/*.whl >/dev/null 2>&1; then
   echo "== transformers native EP (peer), same model"
