@@ -339,6 +339,14 @@ def test_cuda_triton_kernels_match_torch_fallbacks():
     rows_ = src.float()[position].view(num_tokens, top_k, hidden)
     want = torch.where((position < 260).view(num_tokens, top_k, 1), rows_, 0).sum(1)
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+    # strided rows (the expert-parallel dispatcher packs routing bytes after each token's H values)
+    wide = torch.randn(rows, hidden + 24, device="cuda", dtype=torch.bfloat16)
+    strided_out = torch.full((rows, hidden + 8), 7.0, device="cuda", dtype=torch.bfloat16)
+    triton_moe.gather_rows(wide[:77, :hidden], token, offsets, out=strided_out[:, :hidden])
+    assert torch.equal(strided_out[valid, :hidden], wide[:77, :hidden][token][valid])
+    assert (strided_out[:, hidden:] == 7).all() and (strided_out[260:] == 7).all(), "wrote outside its rows"
+    wide[:, :hidden] = src
+    assert torch.equal(triton_moe.gather_sum(wide[:, :hidden], position, offsets, num_tokens), out)
 
 
 @requires_cuda

@@ -5,7 +5,8 @@ k = 8 and P = 2 that is ~1 copy instead of ~4), together with its routing restri
 its local experts with the same experts implementation as a single process and returns one row per token, the
 weighted sum of its local experts' outputs; the source rank sums the rows of each token over ranks in a fixed
 order. Per MoE layer: one all-to-all of counts (the one host sync, taken after the send buffer is already
-queued), then `all_to_all_single` with uneven splits for the tokens and their routing, and one for the results.
+queued), then `all_to_all_single` with uneven splits for the tokens with their routing packed into the same rows,
+and one for the results.
 In backward the two token all-to-alls run while the experts' weight gradients compute (`hf_moe.moe.overlap`).
 """
 
@@ -30,23 +31,51 @@ def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
     return padded[row_of.clamp(max=len(src))].sum(dim=1)
 
 
-class _GatherTokens(torch.autograd.Function):
-    """`x[send_token]` into a send buffer whose rows from `num_sent` (a device tensor) on stay unwritten: each
-    token once per destination rank. Its backward sums those rows per token (`_sum_rows`)."""
+def _reinterpret(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The bytes of the rows of 2-D `t` read as `dtype` (a copy when `t` is not contiguous)."""
+    width = t.shape[1] * t.element_size() // dtype.itemsize
+    return t.contiguous().view(dtype) if t.numel() else t.new_empty(t.shape[0], width, dtype=dtype)
+
+
+class _PackRows(torch.autograd.Function):
+    """The send buffer: row r holds token `x[send_token[r]]` (rows from `num_sent`, a device tensor, on stay
+    unwritten) followed by the bytes of its float32 routing `meta[r]`, so one all-to-all carries both. Its backward
+    sums each token's rows (`_sum_rows`) and hands back the routing's gradient."""
 
     @staticmethod
     def forward(
-        ctx, x: torch.Tensor, send_token: torch.Tensor, num_sent: torch.Tensor, row_of: torch.Tensor
+        ctx, x: torch.Tensor, meta: torch.Tensor, send_token: torch.Tensor, num_sent: torch.Tensor,
+        row_of: torch.Tensor,
     ) -> torch.Tensor:
         ctx.save_for_backward(row_of)
-        if not len(send_token):
-            return x.new_empty(0, x.shape[1])
-        return _gather(x.contiguous(), send_token, num_sent)
+        ctx.hidden = hidden = x.shape[1]
+        packed = x.new_empty(len(send_token), hidden + meta.shape[1] * meta.element_size() // x.element_size())
+        packed[:, hidden:] = _reinterpret(meta, x.dtype)
+        if len(send_token):
+            _gather(x.contiguous(), send_token, num_sent, out=packed[:, :hidden])
+        return packed
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (row_of,) = ctx.saved_tensors
-        return _sum_rows(grad, row_of), None, None, None
+        grad_meta = _reinterpret(grad[:, ctx.hidden :], torch.float32)
+        return _sum_rows(grad[:, : ctx.hidden], row_of), grad_meta, None, None, None
+
+
+class _UnpackRows(torch.autograd.Function):
+    """Received rows → their tokens `[n, H]` (a view) and float32 routing; backward packs both gradients again."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.shape, ctx.hidden = rows.shape, hidden
+        return rows[:, :hidden], _reinterpret(rows[:, hidden:], torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad_tokens: torch.Tensor, grad_meta: torch.Tensor):
+        grad = grad_tokens.new_empty(ctx.shape)
+        grad[:, : ctx.hidden] = grad_tokens
+        grad[:, ctx.hidden :] = _reinterpret(grad_meta, grad.dtype)
+        return grad, None
 
 
 class _SumTokens(torch.autograd.Function):
@@ -161,18 +190,18 @@ class AllToAllDispatcher:
         sent_pair = torch.zeros(max_rows + 1, dtype=torch.int64, device=device).scatter_(0, row, pair_ids)[:-1]
         send_token, dest = sent_pair % num_tokens, torch.div(sent_pair, num_tokens, rounding_mode="floor")[:, None]
         row_of = row.view(ep_size, num_tokens).t()
-        num_sent = counts[0].sum(dim=0, keepdim=True).int()
-        send = _GatherTokens.apply(x, send_token, num_sent, row_of)
 
-        # Each row's routing restricted to its destination: local expert ids (num_local elsewhere) and weights.
+        # Each row's routing restricted to its destination: local expert ids (num_local elsewhere) and weights,
+        # sent in the same rows as the token.
         here = rank_of_slot[send_token] == dest
         local_index = torch.where(here, routing.top_k_index[send_token] - dest * num_local, num_local)
         weights = routing.top_k_weights[send_token].masked_fill(~here, 0.0)
         meta = torch.cat([weights.float(), local_index.float()], dim=1)  # ids < 2**24 are exact in float32
+        send = _PackRows.apply(x, meta, send_token, counts[0].sum(dim=0, keepdim=True).int(), row_of)
 
         (input_splits, _), (output_splits, received_slots) = torch.stack([counts, received.view(-1, 2).t()]).tolist()
-        tokens = _AllToAll.apply(send, output_splits, input_splits, self.group, self.weight_grads)
-        meta = _AllToAll.apply(meta, output_splits, input_splits, self.group)
+        received_rows = _AllToAll.apply(send, output_splits, input_splits, self.group, self.weight_grads)
+        tokens, meta = _UnpackRows.apply(received_rows, x.shape[1])
         if len(tokens):
             recv_weights = meta[:, :top_k].to(routing.top_k_weights.dtype)
             y = run_routed_experts(

@@ -162,11 +162,15 @@ def _gated_act_backward(
     return grad_gate_up, grad_weight, act.mul_(weight) if recompute_out else None
 
 
-def _gather(src: torch.Tensor, token: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`src[token]`: the rows of each (token, slot) pair in expert order."""
+def _gather(
+    src: torch.Tensor, token: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`src[token]`: the rows of each (token, slot) pair in expert order (into `out` when given)."""
     if _use_triton(src):
-        return _triton_kernels().gather_rows(src, token, offsets)
-    return src.index_select(0, token)
+        return _triton_kernels().gather_rows(src, token, offsets, out)
+    if out is None:
+        return src.index_select(0, token)
+    return out.copy_(src.index_select(0, token))
 
 
 def _combine(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import triton.language as tl
 
 @triton.jit
 def _gather_rows_kernel(
-    src_ptr, index_ptr, out_ptr, offsets_ptr, num_experts, hidden,
+    src_ptr, index_ptr, out_ptr, offsets_ptr, num_experts, hidden, src_stride, out_stride,
     BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_r = tl.program_id(0)
@@ -28,8 +28,8 @@ def _gather_rows_kernel(
     row_ok = rows < num_valid
     mask = row_ok[:, None] & (cols[None, :] < hidden)
     src_rows = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    vals = tl.load(src_ptr + src_rows[:, None] * hidden + cols[None, :], mask=mask)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * hidden + cols[None, :], vals, mask=mask)
+    vals = tl.load(src_ptr + src_rows[:, None] * src_stride + cols[None, :], mask=mask)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], vals, mask=mask)
 
 
 @triton.jit
@@ -93,7 +93,7 @@ def _swiglu_bwd_kernel(
 
 @triton.jit
 def _gather_sum_kernel(
-    src_ptr, position_ptr, out_ptr, offsets_ptr, num_experts, num_tokens, hidden,
+    src_ptr, position_ptr, out_ptr, offsets_ptr, num_experts, num_tokens, hidden, src_stride,
     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid_t = tl.program_id(0)
@@ -107,19 +107,28 @@ def _gather_sum_kernel(
     for slot in tl.static_range(TOP_K):
         pos = tl.load(position_ptr + tokens * TOP_K + slot, mask=token_ok, other=0)
         ok = token_ok & (pos < num_valid)
-        ptrs = src_ptr + pos.to(tl.int64)[:, None] * hidden + cols[None, :]
+        ptrs = src_ptr + pos.to(tl.int64)[:, None] * src_stride + cols[None, :]
         acc += tl.load(ptrs, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
     out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * hidden + cols[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
 
 
-def gather_rows(src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`out[s] = src[index[s]]` for the rows of real experts (`s < offsets[-1]`); dropped rows stay unwritten."""
+def gather_rows(
+    src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`out[s] = src[index[s]]` for the rows of real experts (`s < offsets[-1]`); dropped rows stay unwritten.
+    `src` and `out` (allocated when not given) may have any row stride; their columns must be contiguous."""
     hidden = src.shape[1]
-    out = src.new_empty(index.numel(), hidden)
+    if out is None:
+        out = src.new_empty(index.numel(), hidden)
+    if src.stride(1) != 1 or out.stride(1) != 1:
+        raise ValueError(f"gather_rows: columns must be contiguous; got strides {src.stride()} and {out.stride()}")
     block_r, block_h = 4, min(1024, triton.next_power_of_2(hidden))
     grid = (triton.cdiv(index.numel(), block_r), triton.cdiv(hidden, block_h))
-    _gather_rows_kernel[grid](src, index, out, offsets, offsets.numel(), hidden, BLOCK_R=block_r, BLOCK_H=block_h)
+    _gather_rows_kernel[grid](
+        src, index, out, offsets, offsets.numel(), hidden, src.stride(0), out.stride(0),
+        BLOCK_R=block_r, BLOCK_H=block_h,
+    )
     return out
 
 
@@ -167,14 +176,16 @@ def swiglu_backward(
 
 def gather_sum(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """`out[t] = Σ_j src[position[t·k + j]]` over the slots of real experts, accumulated in float32 in a fixed
-    order (deterministic, no atomics)."""
+    order (deterministic, no atomics). `src` may have any row stride; its columns must be contiguous."""
     hidden = src.shape[1]
+    if src.stride(1) != 1:
+        raise ValueError(f"gather_sum: the columns of src must be contiguous; got strides {src.stride()}")
     top_k = position.numel() // num_tokens
     out = src.new_empty(num_tokens, hidden)
     block_t, block_h = 4, min(1024, triton.next_power_of_2(hidden))
     grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
     _gather_sum_kernel[grid](
-        src, position, out, offsets, offsets.numel(), num_tokens, hidden,
+        src, position, out, offsets, offsets.numel(), num_tokens, hidden, src.stride(0),
         TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
     )
     return out
