@@ -270,6 +270,7 @@ def test_padding_takes_no_capacity():
     out = router(torch.nn.functional.pad(logits, (0, H - 2)), mask)
     assert out.capacity == 2
     assert out.top_k_index[:, 0].tolist() == [2, 0, 0, 1]
+    assert out.tokens_per_expert.tolist() == [2.0, 1.0]  # counted after dropping, padding excluded
     assert torch.equal(drop_over_capacity(index, weights, 2, 2)[0][:, 0], torch.tensor([0, 0, 2, 1]))
 
 

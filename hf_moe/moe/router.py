@@ -62,12 +62,16 @@ class RouterOutput:
 
 
 def _expert_counts(index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """`[E]` float32 count of the real (token, slot) pairs per expert; sentinel slots are ignored."""
-    weights = torch.ones_like(index, dtype=torch.float32)
+    """`[E]` float32 count of the real (token, slot) pairs per expert; sentinel slots are ignored.
+
+    Padding slots are sent to the sentinel bin, which is cut off. No host sync (unlike `torch.bincount` on CUDA);
+    sums of 1.0 are exact in any order."""
     if token_mask is not None:
-        weights = weights * token_mask.to(torch.float32)[:, None]
+        index = torch.where(token_mask[:, None], index, num_experts)
+    index = index.reshape(-1)
     counts = torch.zeros(num_experts + 1, dtype=torch.float32, device=index.device)
-    return counts.scatter_add_(0, index.reshape(-1), weights.reshape(-1))[:num_experts]
+    ones = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+    return counts.scatter_add_(0, index, ones)[:num_experts]
 
 
 def load_balancing_loss(
@@ -89,24 +93,34 @@ def load_balancing_loss(
     batch), through a differentiable all-reduce; under DDP this gives exactly the single-process gradient.
     The returned counts stay local.
     """
-    counts = local_counts = _expert_counts(top_k_index, num_experts, token_mask).to(probs.dtype)
+    counts = _expert_counts(top_k_index, num_experts, token_mask)
+    return _switch_loss(probs, counts, num_experts, token_mask, group), counts
+
+
+def _switch_loss(
+    probs: torch.Tensor, counts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None, group
+) -> torch.Tensor:
+    """[`load_balancing_loss`] from the `[E]` slot counts, as `E · (counts · prob_sum) / num_tokens²`."""
+    counts = counts.to(probs.dtype)
     if token_mask is None:
-        # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
-        num_tokens = torch.full((), probs.shape[0], dtype=probs.dtype, device=probs.device)
+        num_tokens = probs.shape[0]  # known on the host: no device scalar, no extra kernels
         prob_sum = probs.sum(dim=0)
     else:
         mask = token_mask.to(probs.dtype)
         num_tokens = mask.sum()
-        prob_sum = (probs * mask[:, None]).sum(dim=0)
+        prob_sum = mask @ probs
     if group is not None:
         from .dispatch import all_reduce_sum
 
-        counts = all_reduce_sum(counts.detach(), group)
+        if not torch.is_tensor(num_tokens):
+            # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
+            num_tokens = torch.full((), num_tokens, dtype=probs.dtype, device=probs.device)
+        counts = all_reduce_sum(counts, group)
         num_tokens = all_reduce_sum(num_tokens.detach(), group)
         prob_sum = all_reduce_sum(prob_sum, group)
-    num_tokens = num_tokens.clamp(min=1.0)
-    loss = num_experts * torch.sum((counts / num_tokens) * (prob_sum / num_tokens))
-    return loss, local_counts.float()
+    if torch.is_tensor(num_tokens):
+        return num_experts * torch.dot(counts, prob_sum) / num_tokens.clamp(min=1.0).square()
+    return torch.dot(counts, prob_sum) * (num_experts / max(num_tokens, 1) ** 2)
 
 
 def sequence_load_balancing_loss(
@@ -339,11 +353,10 @@ class HfMoeRouter(nn.Module):
     ) -> RouterOutput:
         """Losses and counts from the selection, then capacity dropping: the parts every token-choice router
         shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed)."""
-        aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length)
+        counts = _expert_counts(top_k_index, self.num_experts, token_mask)  # before dropping
+        aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length, counts)
         if self.training and self.expert_bias is not None:
-            with torch.no_grad():
-                selected = _expert_counts(top_k_index, self.num_experts, token_mask)
-                self.expert_load = selected if self.expert_load is None else self.expert_load + selected
+            self.expert_load = counts.clone() if self.expert_load is None else self.expert_load + counts
         capacity = drop_fraction = None
         if self.config.drop_tokens:
             if token_mask is not None:  # padding never takes capacity from real tokens
@@ -356,13 +369,14 @@ class HfMoeRouter(nn.Module):
             )
             kept = (top_k_index < self.num_experts).sum()
             drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
+            counts = _expert_counts(top_k_index, self.num_experts, token_mask)  # what is left after dropping
         else:
             drop_fraction = logits.new_zeros(())
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(dtype),
-            tokens_per_expert=_expert_counts(top_k_index, self.num_experts, token_mask),
+            tokens_per_expert=counts,
             aux_loss=aux_loss,
             z_loss=router_z_loss(logits, token_mask),
             probs=probs,
@@ -377,10 +391,12 @@ class HfMoeRouter(nn.Module):
         top_k_index: torch.Tensor,
         token_mask: torch.Tensor | None,
         sequence_length: int | None,
+        counts: torch.Tensor,
     ) -> torch.Tensor:
+        """This layer's load-balancing loss; `counts` `[E]` are the slots per expert of `top_k_index`."""
         kind = self.config.router_aux_loss_type
         if kind == "switch":
-            return load_balancing_loss(probs, top_k_index, self.num_experts, token_mask, self.aux_loss_group)[0]
+            return _switch_loss(probs, counts, self.num_experts, token_mask, self.aux_loss_group)
         if kind == "sequence":
             length = sequence_length or top_k_index.shape[0]
             return sequence_load_balancing_loss(probs, top_k_index, self.num_experts, length, token_mask)
