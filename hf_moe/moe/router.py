@@ -162,6 +162,7 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
 
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+_FULL_DTYPES = (torch.float32, torch.float64)
 
 
 class _Float32AccumulatedLinear(torch.autograd.Function):
@@ -275,7 +276,7 @@ class HfMoeRouter(nn.Module):
         jitter = self.training and self.config.router_jitter_noise > 0
         if hidden_states.dtype in _HALF_DTYPES and self.weight.dtype == hidden_states.dtype and not jitter:
             return _half_operands_float32_logits(hidden_states, self.weight)
-        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        x = hidden_states if hidden_states.dtype in _FULL_DTYPES else hidden_states.float()
         if jitter:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
@@ -300,14 +301,17 @@ class HfMoeRouter(nn.Module):
         selection = self.selection_scores(logits, scores)
         if self.config.n_group is not None:
             selection = self.limit_to_groups(selection)
-        top_k_index = selection.topk(self.top_k, dim=-1).indices
+        top_k_values, top_k_index = selection.topk(self.top_k, dim=-1)
         if self.config.topk_before_softmax:  # softmax over the k chosen logits only
             weights = logits.gather(1, top_k_index).softmax(dim=-1)
         else:
-            weights = scores.gather(1, top_k_index)
+            # the chosen scores themselves when nothing was added to them for the selection
+            weights = top_k_values if selection is scores else scores.gather(1, top_k_index)
             if self.norm_topk_prob:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return top_k_index, weights * self.config.routed_scaling_factor
+        if self.config.routed_scaling_factor != 1.0:
+            weights = weights * self.config.routed_scaling_factor
+        return top_k_index, weights
 
     def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
         """Keep the `topk_group` groups with the largest sum of their top-2 scores; the rest get -inf."""
