@@ -17,6 +17,7 @@ Slots a router leaves unassigned (capacity dropping, expert choice) carry the se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,33 @@ from transformers import initialization as init
 
 from ..configuration_hf_moe import HfMoeConfig
 from .capacity import drop_over_capacity, expert_capacity
+
+
+class _ComputedOnRead:
+    """Default of a [`RouterOutput`] field that is computed from the other fields on first read and then kept, so a
+    forward pays nothing (no kernel launch, no host time) for a statistic nobody reads. A value given to the
+    constructor or assigned later is kept as it is; `None` means "compute on read".
+
+    The value is computed with gradient tracking on, as the forward would have: a first read under `no_grad` (a
+    metrics hook) must not hand a detached value to the loss that reads it next."""
+
+    def __init__(self, compute: Callable[[RouterOutput], torch.Tensor]) -> None:
+        self.compute = compute
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, output: RouterOutput | None, owner: type | None = None) -> torch.Tensor | None:
+        if output is None:  # class access: the dataclass field's default
+            return None
+        value = output.__dict__.get(self.name)
+        if value is None:
+            with torch.enable_grad():
+                value = output.__dict__[self.name] = self.compute(output)
+        return value
+
+    def __set__(self, output: RouterOutput, value: torch.Tensor | None) -> None:
+        output.__dict__[self.name] = value
 
 
 @dataclass
@@ -40,13 +68,14 @@ class RouterOutput:
         top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
         tokens_per_expert: `[E]` (token, slot) pairs each expert processes, padding and dropped slots excluded.
         aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]).
-        z_loss: router z-loss of this layer (see [`router_z_loss`]).
+        z_loss: router z-loss of this layer (see [`router_z_loss`]); when not given, computed from `logits` and
+            `token_mask` on first read.
         probs: `[T, E]` float32 routing distribution (softmax, or sigmoid scores normalised per token) used by
             the aux loss and the routing-entropy metric.
         token_mask: `[T]` real (non-padding) tokens, or None when every token is real.
         capacity: slots per expert when capacity applies (dropping, expert choice), else None.
         drop_fraction: 0-dim float32: token choice: dropped real slots / real slots; expert choice: real tokens
-            no expert took / real tokens.
+            no expert took / real tokens. When not given (nothing can drop), 0 on first read.
     """
 
     logits: torch.Tensor
@@ -54,11 +83,11 @@ class RouterOutput:
     top_k_weights: torch.Tensor
     tokens_per_expert: torch.Tensor
     aux_loss: torch.Tensor
-    z_loss: torch.Tensor
+    z_loss: torch.Tensor | None = _ComputedOnRead(lambda output: router_z_loss(output.logits, output.token_mask))
     probs: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
-    drop_fraction: torch.Tensor | None = None
+    drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
 
 
 def _expert_counts(index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
@@ -356,7 +385,8 @@ class HfMoeRouter(nn.Module):
         sequence_length: int | None,
     ) -> RouterOutput:
         """Losses and counts from the selection, then capacity dropping: the parts every token-choice router
-        shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed)."""
+        shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed). The z-loss is left to
+        [`RouterOutput`], which computes it when read."""
         counts = _expert_counts(top_k_index, self.num_experts, token_mask)  # before dropping
         aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length, counts)
         if self.training and self.expert_bias is not None:
@@ -374,15 +404,12 @@ class HfMoeRouter(nn.Module):
             kept = (top_k_index < self.num_experts).sum()
             drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
             counts = _expert_counts(top_k_index, self.num_experts, token_mask)  # what is left after dropping
-        else:
-            drop_fraction = logits.new_zeros(())
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(dtype),
             tokens_per_expert=counts,
             aux_loss=aux_loss,
-            z_loss=router_z_loss(logits, token_mask),
             probs=probs,
             token_mask=token_mask,
             capacity=capacity,
@@ -463,7 +490,6 @@ class ExpertChoiceRouter(HfMoeRouter):
             top_k_weights=weights.to(hidden_states.dtype),
             tokens_per_expert=_expert_counts(top_k_index, self.num_experts, token_mask),
             aux_loss=logits.new_zeros(()),
-            z_loss=router_z_loss(logits, token_mask),
             probs=self.routing_probs(scores),
             token_mask=token_mask,
             capacity=capacity,
@@ -489,8 +515,18 @@ class _UnlearnedRouter(HfMoeRouter):
         top_k_index, weights = self.select(logits, logits, input_ids)
         output = self.finish(logits, logits.softmax(-1), top_k_index, weights, hidden_states.dtype, token_mask,
                              sequence_length)
-        output.aux_loss = output.z_loss = logits.new_zeros(())
+        output.z_loss = output.aux_loss
         return output
+
+    def aux_loss(
+        self,
+        probs: torch.Tensor,
+        top_k_index: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        sequence_length: int | None,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        return probs.new_zeros(())
 
 
 @register_router("hash")
