@@ -21,7 +21,6 @@ routings replace only the chosen indices; the routing weights still come from ea
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -138,7 +137,9 @@ def set_routing(hf_block, peer, index: torch.Tensor | None) -> None:
     hf_forward, peer_forward = type(hf_router).forward, type(peer_router).forward
 
     def hf_forced(hidden_states, token_mask=None, **kwargs):
-        return dataclasses.replace(hf_forward(hf_router, hidden_states, token_mask, **kwargs), top_k_index=index)
+        routing = hf_forward(hf_router, hidden_states, token_mask, **kwargs)
+        routing.top_k_index = index  # in place: dataclasses.replace would read (so compute) the lazy z-loss
+        return routing
 
     def peer_forced(hidden_states):
         logits, weights, _ = peer_forward(peer_router, hidden_states)

@@ -270,6 +270,7 @@ def test_padding_takes_no_capacity():
     out = router(torch.nn.functional.pad(logits, (0, H - 2)), mask)
     assert out.capacity == 2
     assert out.top_k_index[:, 0].tolist() == [2, 0, 0, 1]
+    assert out.tokens_per_expert.tolist() == [2.0, 1.0]  # counted after dropping, padding excluded
     assert torch.equal(drop_over_capacity(index, weights, 2, 2)[0][:, 0], torch.tensor([0, 0, 2, 1]))
 
 
@@ -461,6 +462,25 @@ def test_losses_under_perfect_balance_equal_k():
     assert_rel_close(load_balancing_loss(probs, index, num_experts)[0], torch.tensor(2.0), 1e-6, "switch")
     assert_rel_close(sequence_load_balancing_loss(probs, index, num_experts, 6), torch.tensor(2.0), 1e-6, "seq")
     assert_rel_close(router_z_loss(torch.zeros(3, num_experts)), torch.tensor(math.log(6) ** 2), 1e-6, "z")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_z_loss_and_drop_fraction_are_computed_on_read(masked):
+    router = make_router().train()
+    x = torch.randn(10, H)
+    mask = torch.tensor([False, True] * 5) if masked else None
+    out = router(x, mask)
+    assert vars(out).get("z_loss") is None, "the forward computed the z-loss nobody read"
+    with torch.no_grad():  # a metrics hook reads it first: the loss that reads it next still gets a gradient
+        z_loss = out.z_loss
+    assert out.z_loss is z_loss and torch.equal(z_loss, router_z_loss(out.logits, mask))
+    (grad,) = torch.autograd.grad(z_loss, router.weight, retain_graph=True)
+    (expected,) = torch.autograd.grad(router_z_loss(out.logits, mask), router.weight)
+    assert torch.equal(grad, expected)
+    assert out.drop_fraction.dtype == torch.float32 and out.drop_fraction == 0
+    given = torch.tensor(3.0)
+    assert hf_moe.RouterOutput(out.logits, out.top_k_index, out.top_k_weights, out.tokens_per_expert,
+                               out.aux_loss, given).z_loss is given
 
 
 # --------------------------------------------------------------------------------------- aux-loss-free balancing

@@ -17,6 +17,7 @@ Slots a router leaves unassigned (capacity dropping, expert choice) carry the se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,33 @@ from transformers import initialization as init
 
 from ..configuration_hf_moe import HfMoeConfig
 from .capacity import drop_over_capacity, expert_capacity
+
+
+class _ComputedOnRead:
+    """Default of a [`RouterOutput`] field that is computed from the other fields on first read and then kept, so a
+    forward pays nothing (no kernel launch, no host time) for a statistic nobody reads. A value given to the
+    constructor or assigned later is kept as it is; `None` means "compute on read".
+
+    The value is computed with gradient tracking on, as the forward would have: a first read under `no_grad` (a
+    metrics hook) must not hand a detached value to the loss that reads it next."""
+
+    def __init__(self, compute: Callable[[RouterOutput], torch.Tensor]) -> None:
+        self.compute = compute
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, output: RouterOutput | None, owner: type | None = None) -> torch.Tensor | None:
+        if output is None:  # class access: the dataclass field's default
+            return None
+        value = output.__dict__.get(self.name)
+        if value is None:
+            with torch.enable_grad():
+                value = output.__dict__[self.name] = self.compute(output)
+        return value
+
+    def __set__(self, output: RouterOutput, value: torch.Tensor | None) -> None:
+        output.__dict__[self.name] = value
 
 
 @dataclass
@@ -40,13 +68,14 @@ class RouterOutput:
         top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
         tokens_per_expert: `[E]` (token, slot) pairs each expert processes, padding and dropped slots excluded.
         aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]).
-        z_loss: router z-loss of this layer (see [`router_z_loss`]).
+        z_loss: router z-loss of this layer (see [`router_z_loss`]); when not given, computed from `logits` and
+            `token_mask` on first read.
         probs: `[T, E]` float32 routing distribution (softmax, or sigmoid scores normalised per token) used by
             the aux loss and the routing-entropy metric.
         token_mask: `[T]` real (non-padding) tokens, or None when every token is real.
         capacity: slots per expert when capacity applies (dropping, expert choice), else None.
         drop_fraction: 0-dim float32: token choice: dropped real slots / real slots; expert choice: real tokens
-            no expert took / real tokens.
+            no expert took / real tokens. When not given (nothing can drop), 0 on first read.
     """
 
     logits: torch.Tensor
@@ -54,20 +83,24 @@ class RouterOutput:
     top_k_weights: torch.Tensor
     tokens_per_expert: torch.Tensor
     aux_loss: torch.Tensor
-    z_loss: torch.Tensor
+    z_loss: torch.Tensor | None = _ComputedOnRead(lambda output: router_z_loss(output.logits, output.token_mask))
     probs: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
-    drop_fraction: torch.Tensor | None = None
+    drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
 
 
 def _expert_counts(index: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """`[E]` float32 count of the real (token, slot) pairs per expert; sentinel slots are ignored."""
-    weights = torch.ones_like(index, dtype=torch.float32)
+    """`[E]` float32 count of the real (token, slot) pairs per expert; sentinel slots are ignored.
+
+    Padding slots are sent to the sentinel bin, which is cut off. No host sync (unlike `torch.bincount` on CUDA);
+    sums of 1.0 are exact in any order."""
     if token_mask is not None:
-        weights = weights * token_mask.to(torch.float32)[:, None]
+        index = torch.where(token_mask[:, None], index, num_experts)
+    index = index.reshape(-1)
     counts = torch.zeros(num_experts + 1, dtype=torch.float32, device=index.device)
-    return counts.scatter_add_(0, index.reshape(-1), weights.reshape(-1))[:num_experts]
+    ones = torch.ones(index.shape, dtype=torch.float32, device=index.device)
+    return counts.scatter_add_(0, index, ones)[:num_experts]
 
 
 def load_balancing_loss(
@@ -89,24 +122,34 @@ def load_balancing_loss(
     batch), through a differentiable all-reduce; under DDP this gives exactly the single-process gradient.
     The returned counts stay local.
     """
-    counts = local_counts = _expert_counts(top_k_index, num_experts, token_mask).to(probs.dtype)
+    counts = _expert_counts(top_k_index, num_experts, token_mask)
+    return _switch_loss(probs, counts, num_experts, token_mask, group), counts
+
+
+def _switch_loss(
+    probs: torch.Tensor, counts: torch.Tensor, num_experts: int, token_mask: torch.Tensor | None, group
+) -> torch.Tensor:
+    """[`load_balancing_loss`] from the `[E]` slot counts, as `E · (counts · prob_sum) / num_tokens²`."""
+    counts = counts.to(probs.dtype)
     if token_mask is None:
-        # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
-        num_tokens = torch.full((), probs.shape[0], dtype=probs.dtype, device=probs.device)
+        num_tokens = probs.shape[0]  # known on the host: no device scalar, no extra kernels
         prob_sum = probs.sum(dim=0)
     else:
         mask = token_mask.to(probs.dtype)
         num_tokens = mask.sum()
-        prob_sum = (probs * mask[:, None]).sum(dim=0)
+        prob_sum = mask @ probs
     if group is not None:
         from .dispatch import all_reduce_sum
 
-        counts = all_reduce_sum(counts.detach(), group)
+        if not torch.is_tensor(num_tokens):
+            # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
+            num_tokens = torch.full((), num_tokens, dtype=probs.dtype, device=probs.device)
+        counts = all_reduce_sum(counts, group)
         num_tokens = all_reduce_sum(num_tokens.detach(), group)
         prob_sum = all_reduce_sum(prob_sum, group)
-    num_tokens = num_tokens.clamp(min=1.0)
-    loss = num_experts * torch.sum((counts / num_tokens) * (prob_sum / num_tokens))
-    return loss, local_counts.float()
+    if torch.is_tensor(num_tokens):
+        return num_experts * torch.dot(counts, prob_sum) / num_tokens.clamp(min=1.0).square()
+    return torch.dot(counts, prob_sum) * (num_experts / max(num_tokens, 1) ** 2)
 
 
 def sequence_load_balancing_loss(
@@ -148,6 +191,7 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
 
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+_FULL_DTYPES = (torch.float32, torch.float64)
 
 
 class _Float32AccumulatedLinear(torch.autograd.Function):
@@ -261,7 +305,7 @@ class HfMoeRouter(nn.Module):
         jitter = self.training and self.config.router_jitter_noise > 0
         if hidden_states.dtype in _HALF_DTYPES and self.weight.dtype == hidden_states.dtype and not jitter:
             return _half_operands_float32_logits(hidden_states, self.weight)
-        x = hidden_states.to(torch.promote_types(hidden_states.dtype, torch.float32))
+        x = hidden_states if hidden_states.dtype in _FULL_DTYPES else hidden_states.float()
         if jitter:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
@@ -286,14 +330,17 @@ class HfMoeRouter(nn.Module):
         selection = self.selection_scores(logits, scores)
         if self.config.n_group is not None:
             selection = self.limit_to_groups(selection)
-        top_k_index = selection.topk(self.top_k, dim=-1).indices
+        top_k_values, top_k_index = selection.topk(self.top_k, dim=-1)
         if self.config.topk_before_softmax:  # softmax over the k chosen logits only
             weights = logits.gather(1, top_k_index).softmax(dim=-1)
         else:
-            weights = scores.gather(1, top_k_index)
+            # the chosen scores themselves when nothing was added to them for the selection
+            weights = top_k_values if selection is scores else scores.gather(1, top_k_index)
             if self.norm_topk_prob:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return top_k_index, weights * self.config.routed_scaling_factor
+        if self.config.routed_scaling_factor != 1.0:
+            weights = weights * self.config.routed_scaling_factor
+        return top_k_index, weights
 
     def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
         """Keep the `topk_group` groups with the largest sum of their top-2 scores; the rest get -inf."""
@@ -338,12 +385,12 @@ class HfMoeRouter(nn.Module):
         sequence_length: int | None,
     ) -> RouterOutput:
         """Losses and counts from the selection, then capacity dropping: the parts every token-choice router
-        shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed)."""
-        aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length)
+        shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed). The z-loss is left to
+        [`RouterOutput`], which computes it when read."""
+        counts = _expert_counts(top_k_index, self.num_experts, token_mask)  # before dropping
+        aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length, counts)
         if self.training and self.expert_bias is not None:
-            with torch.no_grad():
-                selected = _expert_counts(top_k_index, self.num_experts, token_mask)
-                self.expert_load = selected if self.expert_load is None else self.expert_load + selected
+            self.expert_load = counts.clone() if self.expert_load is None else self.expert_load + counts
         capacity = drop_fraction = None
         if self.config.drop_tokens:
             if token_mask is not None:  # padding never takes capacity from real tokens
@@ -356,15 +403,13 @@ class HfMoeRouter(nn.Module):
             )
             kept = (top_k_index < self.num_experts).sum()
             drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
-        else:
-            drop_fraction = logits.new_zeros(())
+            counts = _expert_counts(top_k_index, self.num_experts, token_mask)  # what is left after dropping
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(dtype),
-            tokens_per_expert=_expert_counts(top_k_index, self.num_experts, token_mask),
+            tokens_per_expert=counts,
             aux_loss=aux_loss,
-            z_loss=router_z_loss(logits, token_mask),
             probs=probs,
             token_mask=token_mask,
             capacity=capacity,
@@ -377,10 +422,12 @@ class HfMoeRouter(nn.Module):
         top_k_index: torch.Tensor,
         token_mask: torch.Tensor | None,
         sequence_length: int | None,
+        counts: torch.Tensor,
     ) -> torch.Tensor:
+        """This layer's load-balancing loss; `counts` `[E]` are the slots per expert of `top_k_index`."""
         kind = self.config.router_aux_loss_type
         if kind == "switch":
-            return load_balancing_loss(probs, top_k_index, self.num_experts, token_mask, self.aux_loss_group)[0]
+            return _switch_loss(probs, counts, self.num_experts, token_mask, self.aux_loss_group)
         if kind == "sequence":
             length = sequence_length or top_k_index.shape[0]
             return sequence_load_balancing_loss(probs, top_k_index, self.num_experts, length, token_mask)
@@ -443,7 +490,6 @@ class ExpertChoiceRouter(HfMoeRouter):
             top_k_weights=weights.to(hidden_states.dtype),
             tokens_per_expert=_expert_counts(top_k_index, self.num_experts, token_mask),
             aux_loss=logits.new_zeros(()),
-            z_loss=router_z_loss(logits, token_mask),
             probs=self.routing_probs(scores),
             token_mask=token_mask,
             capacity=capacity,
@@ -469,8 +515,18 @@ class _UnlearnedRouter(HfMoeRouter):
         top_k_index, weights = self.select(logits, logits, input_ids)
         output = self.finish(logits, logits.softmax(-1), top_k_index, weights, hidden_states.dtype, token_mask,
                              sequence_length)
-        output.aux_loss = output.z_loss = logits.new_zeros(())
+        output.z_loss = output.aux_loss
         return output
+
+    def aux_loss(
+        self,
+        probs: torch.Tensor,
+        top_k_index: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        sequence_length: int | None,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        return probs.new_zeros(())
 
 
 @register_router("hash")
