@@ -183,18 +183,6 @@ def _plan(
     return counts, send_token, row.view(ep_size, num_tokens).t(), meta
 
 
-_COMPILED_PLAN = None
-
-
-def _compiled_plan():
-    """`_plan` compiled once per process (CUDA only): its ~30 small ops become a few fused kernels, so the host
-    issues them in a fraction of the time (the step is host-bound around each layer's one sync)."""
-    global _COMPILED_PLAN
-    if _COMPILED_PLAN is None:
-        _COMPILED_PLAN = torch.compile(_plan, dynamic=True)
-    return _COMPILED_PLAN
-
-
 class AllToAllDispatcher:
     """Routes tokens to the experts of an expert-parallel group and combines the results.
 
@@ -202,31 +190,21 @@ class AllToAllDispatcher:
         group: the expert-parallel process group (P ranks; rank r owns experts [r·E/P, (r+1)·E/P)).
         num_experts: E, the number of experts over the whole group.
         overlap_weight_grads: in backward, compute the local experts' weight gradients while the token
-            all-to-alls are in flight (see `hf_moe.moe.overlap`); off, every gradient flows through autograd.
-        compile_plan: on CUDA, run the send plan (`_plan`) through `torch.compile` (compiled on the first call;
-            inside a model that is itself being compiled it is traced as part of that graph instead).
+            all-to-alls are in flight (see `hf_moe.moe.overlap`). Off by default: on 2 H200s over NVLink the
+            all-to-alls are short and the overlap measured 0-6% slower; it is meant for slow links.
     """
 
-    def __init__(
-        self,
-        group: dist.ProcessGroup,
-        num_experts: int,
-        overlap_weight_grads: bool = True,
-        compile_plan: bool = True,
-    ) -> None:
+    def __init__(self, group: dist.ProcessGroup, num_experts: int, overlap_weight_grads: bool = False) -> None:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.weight_grads = WEIGHT_GRADS if overlap_weight_grads else None
-        self.compile_plan = compile_plan
 
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
         top_k = routing.top_k_index.shape[1]
-        compiled = self.compile_plan and x.is_cuda and not torch.compiler.is_compiling()
-        plan = _compiled_plan() if compiled else _plan
-        counts, send_token, row_of, meta = plan(routing.top_k_index, routing.top_k_weights, self.ep_size,
-                                                self.num_local)
+        counts, send_token, row_of, meta = _plan(routing.top_k_index, routing.top_k_weights, self.ep_size,
+                                                 self.num_local)
         received = torch.empty(2 * self.ep_size, dtype=counts.dtype, device=x.device)
         dist.all_to_all_single(received, counts.t().reshape(-1), group=self.group)  # two numbers to each rank
         # The send buffer is queued before the host sync below, so the GPU has work while the host waits.

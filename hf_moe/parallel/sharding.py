@@ -17,7 +17,7 @@ def is_expert_parameter(name: str) -> bool:
 
 
 def expert_parallelize(
-    model: nn.Module, groups: ExpertParallelGroups, global_aux_loss: bool = True, overlap_weight_grads: bool = True
+    model: nn.Module, groups: ExpertParallelGroups, global_aux_loss: bool = True, overlap_weight_grads: bool = False
 ) -> nn.Module:
     """Keep this rank's E/P experts in every MoE block and route tokens through all-to-all.
 
@@ -25,7 +25,8 @@ def expert_parallelize(
     `model._ddp_params_and_buffers_to_ignore` so that DDP (accelerate's `prepare`) leaves the expert weights to
     `finish_gradients`. With `global_aux_loss`, the load-balancing loss is taken over every rank's tokens. With
     `overlap_weight_grads`, backward computes the experts' weight gradients while the token all-to-alls travel
-    (they are accumulated into `.grad` outside autograd, so tensor hooks on expert weights do not fire).
+    (they are accumulated into `.grad` outside autograd, so tensor hooks on expert weights do not fire); off by
+    default, as it did not pay on NVLink-connected GPUs (see `AllToAllDispatcher`).
     """
     for block in (m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)):
         experts = block.experts
