@@ -14,9 +14,10 @@ hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
 * for P > 1, the relative L2 error of the sharded first layer's bf16 output against the unsharded layer.
 
 For P > 1 every rank also keeps an unsharded copy of the model and times it on its own tokens, interleaved step by
-step with the expert-parallel model, without and with the backward overlap of weight gradients and all-to-alls:
-the efficiency against one GPU then compares steps taken under the same conditions (launches of the same script
-vary by up to 20% between them on the host-bound steps). The all-to-alls are timed in a separate step with the
+step with the expert-parallel model in three variants (the default dispatcher, with the backward overlap of weight
+gradients and all-to-alls, and padded mode without host sync): the efficiency against one GPU then compares steps
+taken under the same conditions (launches of the same script vary by up to 20% between them on the host-bound
+steps). Each variant is then also timed alone, with the memory its step adds. The all-to-alls are timed in a separate step with the
 overlap off, so their times are theirs alone.
 
     python benchmarks/ep_scaling.py                                   # P = 1
@@ -220,15 +221,24 @@ def main() -> None:
     dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
     if dispatchers:
         fns["EP, overlap"] = with_dispatchers(dispatchers, step, weight_grads=WEIGHT_GRADS)
+        fns["EP, padded"] = with_dispatchers(dispatchers, step, padded=True)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = device_time(step, ARGS.reps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
     if world > 1:
         same_run = device_times(fns, ARGS.reps)
+        alone, activations = {}, {}
+        for name, fn in fns.items():  # each variant on its own, with the memory its step adds
+            if DEVICE == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
+            alone[name] = device_time(fn, ARGS.reps) * 1e3
+            activations[name] = (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else 0.0
         result.update(same_run_ms={name: t * 1e3 for name, t in same_run.items()},
-                      same_run_efficiency=same_run["one GPU"] / same_run["EP"],
-                      same_run_efficiency_overlap=same_run["one GPU"] / same_run["EP, overlap"])
+                      same_run_efficiency={name: same_run["one GPU"] / t for name, t in same_run.items()},
+                      alone_ms=alone, alone_efficiency={name: alone["one GPU"] / t for name, t in alone.items()},
+                      step_gib=activations)
     # fwd + 2x bwd, gate/up/down of the k active experts of every token
     expert_flops = 3 * 2 * ARGS.tokens * ARGS.top_k * 3 * ARGS.hidden * ARGS.expert_size * ARGS.layers
     result.update(step_ms=seconds * 1e3, tokens_per_s_per_gpu=ARGS.tokens / seconds,
@@ -271,10 +281,12 @@ def main() -> None:
                      f"{result['dispatch_a2a_gbps']:.0f} GB/s per GPU vs raw NCCL {result['raw_nccl_gbps']:.0f} GB/s "
                      f"at {result['raw_nccl_mib_per_rank']:.0f} MiB/rank; bf16 vs unsharded "
                      f"{result['bf16_rel_l2_vs_unsharded']:.1e}")
-            ms = result["same_run_ms"]
-            line += (f"\n{ARGS.mode} P={world} same run, interleaved: one GPU {ms['one GPU']:.1f} ms, EP "
-                     f"{ms['EP']:.1f} ms = {result['same_run_efficiency']:.0%}, EP with the backward overlap "
-                     f"{ms['EP, overlap']:.1f} ms = {result['same_run_efficiency_overlap']:.0%}")
+            for kind in ("same_run", "alone"):
+                ms, eff = result[f"{kind}_ms"], result[f"{kind}_efficiency"]
+                line += f"\n{ARGS.mode} P={world} {'interleaved' if kind == 'same_run' else 'each alone '}: " + ", ".join(
+                    f"{name} {ms[name]:.1f} ms = {eff[name]:.0%}" for name in ms)
+            line += "\nmemory a step adds (GiB): " + ", ".join(
+                f"{name} {gib:.2f}" for name, gib in result["step_gib"].items())
         print(line, flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()

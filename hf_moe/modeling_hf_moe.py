@@ -169,7 +169,7 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states, routing, attn_weights
 
 
-_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss"}
+_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch"}
 _HUB_KWARGS = {"adapter_kwargs", "revision", "trust_remote_code", "cache_dir", "local_files_only", "token",
                "force_download", "proxies", "subfolder", "_from_auto", "_commit_hash"}
 
@@ -192,7 +192,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
                         **kwargs):
         """transformers' `from_pretrained`, plus `expert_parallel_size=P`: under a distributed launch, each rank
         reads only its E/P experts from the checkpoint and tokens reach them through all-to-all (see
-        `hf_moe.parallel`)."""
+        `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`."""
         config = kwargs.get("config")
         if expert_parallel_size is None and config is not None:
             expert_parallel_size = getattr(config, "expert_parallel_size", None)  # through AutoModel's config
@@ -206,7 +206,8 @@ class HfMoePreTrainedModel(PreTrainedModel):
                              f"it takes {sorted(_EP_LOAD_KWARGS)}.")
         return load_expert_parallel(cls, pretrained_model_name_or_path, expert_parallel_size,
                                     dtype=kwargs.get("dtype"), device=kwargs.get("device"),
-                                    global_aux_loss=kwargs.get("global_aux_loss", True))
+                                    global_aux_loss=kwargs.get("global_aux_loss", True),
+                                    padded_dispatch=kwargs.get("padded_dispatch", False))
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:

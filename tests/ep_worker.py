@@ -6,7 +6,8 @@ MODE `train`: checks the all-to-all dispatcher alone against one process on skew
 then loads WORKDIR/model under expert parallelism (P ranks per EP group), takes this rank's rows of
 WORKDIR/batch.pt, records the gradients with the per-rank load-balancing loss, then logits and synced gradients with
 the global one, runs five AdamW steps with clipping (recording parameters after steps 1 and 5), saves one checkpoint
-to WORKDIR/saved, and writes WORKDIR/train<r>.pt.
+to WORKDIR/saved, loads the checkpoint once more with padded dispatch for its logits, and writes
+WORKDIR/train<r>.pt.
 MODE `bad`: tries impossible layouts and writes the error each rank raised to WORKDIR/rank<r>.txt.
 MODE `lora`: checks that forgetting `prepare_for_ddp` after `get_peft_model` raises; then LoRA on attention and
 experts under EP, a few steps, adapter gathered and saved to WORKDIR/adapter.
@@ -93,8 +94,9 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
     Cases: random top-2 routing with dropped slots (sentinel index E, weight 0) where rank 1 has no tokens at all;
     top-1 routing that sends every token to the last expert, so every other expert and rank receives nothing. Each
     runs with `impl` and with transformers' `grouped_mm` (which does not skip sentinel slots, so the dispatcher
-    compacts for it). Also checks that each token crosses to a rank once, however many of its experts live there:
-    the rows sent equal the distinct (token, owning rank) pairs. Returns errors by name.
+    compacts for it), with and without the backward overlap, and in padded mode (equal rows on every rank there).
+    Also checks that each token crosses to a rank once, however many of its experts live there: the rows sent
+    equal the distinct (token, owning rank) pairs (padded: every token to every rank). Returns errors by name.
     """
     from accelerate import PartialState
 
@@ -104,10 +106,13 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
 
     world, rank, num_experts, device = dist.get_world_size(), dist.get_rank(), 8, PartialState().device
     errors = {}
-    variants = [(impl, True), (impl, False), ("grouped_mm", True)] if impl != "grouped_mm" else [(impl, True)]
-    cases = [(case, top_k, name, overlap) for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1))
-             for name, overlap in variants]
-    for case, top_k, name, overlap in cases:
+    variants = [(impl, True, False), (impl, False, False), (impl, False, True), ("grouped_mm", True, False),
+                ("grouped_mm", False, True)]  # (experts implementation, overlap, padded)
+    if impl == "grouped_mm":
+        variants = variants[-2:]
+    cases = [(case, top_k, *variant) for case, top_k in (("random-with-empty-rank", 2), ("all-to-last-expert", 1))
+             for variant in variants]
+    for case, top_k, name, overlap, padded in cases:
         config = HfMoeConfig(hidden_size=16, intermediate_size=12, num_experts=num_experts, num_experts_per_tok=top_k,
                              num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
         config._experts_implementation = name
@@ -116,7 +121,8 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
         with torch.no_grad():
             for p in full.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        rows = [5, 0, 7, 3][:world] if case.startswith("random") else [4] * world
+        # padded mode needs the same number of tokens on every rank
+        rows = [5, 0, 7, 3][:world] if case.startswith("random") and not padded else [4] * world
         total = sum(rows)
         x = torch.randn(total, 16, generator=g)
         if case.startswith("random"):
@@ -151,11 +157,14 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
                                aux_loss=torch.zeros((), device=device), z_loss=torch.zeros((), device=device))
         sent_rows = []
         with record_sent_rows(sent_rows):
-            out = AllToAllDispatcher(groups.ep_group, num_experts, overlap_weight_grads=overlap)(ep_x, routing, local)
+            dispatcher = AllToAllDispatcher(groups.ep_group, num_experts, overlap_weight_grads=overlap, padded=padded)
+            out = dispatcher(ep_x, routing, local)
         owners = {(t, e // (num_experts // groups.ep_size)) for t, row in enumerate(index[mine].tolist()) for e in row
                   if e < num_experts}
-        label = f"{name}{'' if overlap else ' (no overlap)'} {case}"
-        errors[f"{label}: token rows sent minus distinct (token, owner) pairs"] = abs(sent_rows[0] - len(owners))
+        label = f"{name}{'' if overlap else ' (no overlap)'}{' padded' if padded else ''} {case}"
+        # each token crosses once to each rank that owns one of its experts; padded: once to every rank
+        expected_rows = rows[rank] * groups.ep_size if padded else len(owners)
+        errors[f"{label}: token rows sent minus expected"] = abs(sent_rows[0] - expected_rows)
         deferred = []
         with count_deferred_weight_grads(deferred):
             (out * out_grad[mine].to(device)).sum().backward()
@@ -258,6 +267,13 @@ def train(workdir: str, ep_size: int, impl: str) -> dict:
     with torch.no_grad():
         result["final_logits"] = model(ids).logits
     save_expert_parallel(model, os.path.join(workdir, "saved"))
+    # padded dispatch through from_pretrained: the untrained checkpoint's logits, compared with one process
+    padded = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=ep_size,
+                                              dtype=torch.float64, padded_dispatch=True)
+    padded.set_experts_implementation(impl)
+    result["padded_dispatchers"] = [m.expert_parallel.padded for m in padded.modules()
+                                    if getattr(m, "expert_parallel", None) is not None]
+    result["padded_logits"] = padded.train()(input_ids=ids).logits
     return result
 
 
@@ -279,6 +295,25 @@ def bad(workdir: str) -> str:
             errors.append("no error")
         except ValueError as e:
             errors.append(str(e))
+    # padded dispatch with a different number of tokens per rank: a clear error on every rank, not a hang
+    from hf_moe import HfMoeConfig
+    from hf_moe.moe.experts import HfMoeExperts
+    from hf_moe.moe.router import RouterOutput
+
+    groups = init_expert_parallel(2, 4)
+    config = HfMoeConfig(hidden_size=8, intermediate_size=4, num_experts=4, num_experts_per_tok=2,
+                         num_attention_heads=2, num_hidden_layers=1, vocab_size=8)
+    tokens, device = 3 + rank, PartialState().device
+    with torch.device(device):
+        routing = RouterOutput(logits=torch.randn(tokens, 4), top_k_index=torch.randint(0, 4, (tokens, 2)),
+                               top_k_weights=torch.rand(tokens, 2), tokens_per_expert=torch.zeros(4),
+                               aux_loss=torch.zeros(()), z_loss=torch.zeros(()))
+        experts, x = HfMoeExperts(config, 2), torch.randn(tokens, 8)
+    try:
+        AllToAllDispatcher(groups.ep_group, 4, padded=True)(x, routing, experts)
+        errors.append("no error")
+    except ValueError as e:
+        errors.append(str(e))
     return "\n".join(errors)
 
 

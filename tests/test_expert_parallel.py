@@ -69,6 +69,9 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
     for r, result in enumerate(ranks):
         assert_rel_close(result["logits"], out.logits[r * rows : (r + 1) * rows].detach(), 1e-5, f"logits rank {r}")
+        assert result["padded_dispatchers"] and all(result["padded_dispatchers"])
+        assert_rel_close(result["padded_logits"], out.logits[r * rows : (r + 1) * rows].detach(), 1e-5,
+                         f"padded dispatch logits rank {r}")
     if skewed:
         routed = reference.model.layers[1].mlp.router(torch.randn(50, 32)).top_k_index.unique().tolist()
         assert routed == [0, 1], "the skewed router must leave ranks 1..3 without tokens"
@@ -156,6 +159,8 @@ def test_bad_layouts_raise_the_same_clear_error_on_every_rank(tmp_path):
         assert "expected a divisor of the world size 2" in lines[1]
         assert "expected a divisor of num_experts=5" in lines[2]
         assert "ranks disagree on (expert_parallel_size, num_experts)" in lines[3]
+        assert "needs the same number of tokens (batch × sequence) on every rank" in lines[4]
+        assert "got [3, 4]" in lines[4]
 
 
 def test_expert_parallel_needs_a_distributed_launch(monkeypatch):

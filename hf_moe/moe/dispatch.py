@@ -7,7 +7,15 @@ weighted sum of its local experts' outputs; the source rank sums the rows of eac
 order. Per MoE layer: one all-to-all of counts (the one host sync, taken after the send buffer is already
 queued), then `all_to_all_single` with uneven splits for the tokens with their routing packed into the same rows,
 and one for the results.
-In backward the two token all-to-alls run while the experts' weight gradients compute (`hf_moe.moe.overlap`).
+
+Padded mode (`padded=True`) sends every token to every rank of the group, with equal splits, so no counts are
+exchanged and the forward pass has no host sync at all; rows for a rank that owns none of the token's experts carry
+no routing and come back as zeros. It suits many experts per token (E 128, k 8 and P ≤ 4: 1.99 of 2 and 3.64 of 4
+rows per token are needed anyway), needs the same number of tokens on every rank, and sizes the local experts'
+buffers for P·T·k slots instead of the slots received.
+
+With `overlap_weight_grads`, the two token all-to-alls of backward run while the experts' weight gradients compute
+(`hf_moe.moe.overlap`).
 """
 
 from __future__ import annotations
@@ -183,6 +191,24 @@ def _plan(
     return counts, send_token, row.view(ep_size, num_tokens).t(), meta
 
 
+def _padded_plan(
+    top_k_index: torch.Tensor, top_k_weights: torch.Tensor, ep_size: int, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[`_plan`] for padded mode: every token to every rank, rank-major (row p·T + t is token t for rank p).
+
+    Returns `send_token [P·T]`, `row_of [T, P]` and `meta [P·T, 2k]`, as `_plan` does.
+    """
+    num_tokens = top_k_index.shape[0]
+    device = top_k_index.device
+    dest = torch.arange(ep_size, device=device)[:, None, None]
+    here = torch.div(top_k_index, num_local, rounding_mode="floor")[None] == dest  # [P, T, k]
+    local_index = torch.where(here, top_k_index[None] - dest * num_local, num_local)
+    weights = top_k_weights[None].float().masked_fill(~here, 0.0)
+    meta = torch.cat([weights, local_index.float()], dim=2).view(ep_size * num_tokens, -1)
+    rows = torch.arange(ep_size * num_tokens, device=device)
+    return rows % num_tokens, rows.view(ep_size, num_tokens).t(), meta
+
+
 class AllToAllDispatcher:
     """Routes tokens to the experts of an expert-parallel group and combines the results.
 
@@ -192,43 +218,81 @@ class AllToAllDispatcher:
         overlap_weight_grads: in backward, compute the local experts' weight gradients while the token
             all-to-alls are in flight (see `hf_moe.moe.overlap`). Off by default: on 2 H200s over NVLink the
             all-to-alls are short and the overlap measured 0-6% slower; it is meant for slow links.
+        padded: send every token to every rank with equal splits: no host sync in the forward pass, at the cost
+            of expert buffers for P·T·k slots (see the module's docstring). Every rank of the group must then pass
+            the same number of tokens (fixed batch and sequence length); the first call checks that (one host
+            sync) and raises on every rank if not.
     """
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int, overlap_weight_grads: bool = False) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, num_experts: int, overlap_weight_grads: bool = False, padded: bool = False
+    ) -> None:
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.weight_grads = WEIGHT_GRADS if overlap_weight_grads else None
+        self.padded = padded
+        self._tokens_checked = False
 
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
-        top_k = routing.top_k_index.shape[1]
-        counts, send_token, row_of, meta = _plan(routing.top_k_index, routing.top_k_weights, self.ep_size,
-                                                 self.num_local)
-        received = torch.empty(2 * self.ep_size, dtype=counts.dtype, device=x.device)
-        dist.all_to_all_single(received, counts.t().reshape(-1), group=self.group)  # two numbers to each rank
-        # The send buffer is queued before the host sync below, so the GPU has work while the host waits.
-        send = _PackRows.apply(x, meta, send_token, counts[0].sum(dim=0, keepdim=True).int(), row_of)
-        (input_splits, _), (output_splits, received_slots) = torch.stack([counts, received.view(-1, 2).t()]).tolist()
+        num_tokens, top_k = routing.top_k_index.shape
+        if self.padded:
+            if not self._tokens_checked:
+                self._check_equal_tokens(num_tokens, x.device)
+            send_token, row_of, meta = _padded_plan(routing.top_k_index, routing.top_k_weights, self.ep_size,
+                                                    self.num_local)
+            num_sent = torch.full((1,), len(send_token), dtype=torch.int32, device=x.device)
+            send = _PackRows.apply(x, meta, send_token, num_sent, row_of)
+            input_splits = output_splits = [num_tokens] * self.ep_size
+            num_slots = None
+        else:
+            counts, send_token, row_of, meta = _plan(routing.top_k_index, routing.top_k_weights, self.ep_size,
+                                                     self.num_local)
+            received = torch.empty(2 * self.ep_size, dtype=counts.dtype, device=x.device)
+            dist.all_to_all_single(received, counts.t().reshape(-1), group=self.group)  # two numbers to each rank
+            # The send buffer is queued before the host sync below, so the GPU has work while the host waits.
+            send = _PackRows.apply(x, meta, send_token, counts[0].sum(dim=0, keepdim=True).int(), row_of)
+            (input_splits, _), (output_splits, received_slots) = (
+                torch.stack([counts, received.view(-1, 2).t()]).tolist()
+            )
+            num_slots = sum(received_slots)
         received_rows = _AllToAll.apply(send, output_splits, input_splits, self.group, self.weight_grads)
         tokens, meta = _UnpackRows.apply(received_rows, x.shape[1])
         if len(tokens):
             recv_weights = meta[:, :top_k].to(routing.top_k_weights.dtype)
-            y = run_routed_experts(
-                experts, tokens, meta[:, top_k:].long(), recv_weights, sum(received_slots), self.weight_grads
-            )
+            y = run_routed_experts(experts, tokens, meta[:, top_k:].long(), recv_weights, num_slots, self.weight_grads)
         else:
-            y = self._idle(tokens, meta, experts)
+            y = tokens * 0
+        y = self._stay_in_backward(y, tokens, meta, experts)
         y = _AllToAll.apply(y.to(x.dtype), input_splits, output_splits, self.group, self.weight_grads)
         return _SumTokens.apply(y, send_token[: sum(input_splits)], row_of)
 
+    def _check_equal_tokens(self, num_tokens: int, device: torch.device) -> None:
+        """Padded mode's equal splits need the same number of tokens on every rank: raise on all of them if not."""
+        gathered = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(self.ep_size)]
+        dist.all_gather(gathered, torch.tensor([num_tokens], device=device), group=self.group)
+        tokens = torch.cat(gathered).tolist()
+        if len(set(tokens)) > 1:
+            raise ValueError(
+                f"padded expert-parallel dispatch needs the same number of tokens (batch × sequence) on every rank "
+                f"of the expert-parallel group; got {tokens}. Give every rank batches of one shape (e.g. a fixed "
+                "max_length) or use the default dispatch (padded_dispatch=False)."
+            )
+        self._tokens_checked = True
+
     @staticmethod
-    def _idle(tokens: torch.Tensor, meta: torch.Tensor, experts: nn.Module) -> torch.Tensor:
-        """The output of a rank that received no token. Every rank must still run the same backward all-to-alls
-        (the others wait in them), so it stays connected to whatever the busy ranks' outputs depend on."""
-        y = tokens * 0
-        if meta.requires_grad:
-            y = y + meta.sum() * 0
-        if torch.is_grad_enabled() and not y.requires_grad and any(p.requires_grad for p in experts.parameters()):
+    def _stay_in_backward(
+        y: torch.Tensor, tokens: torch.Tensor, meta: torch.Tensor, experts: nn.Module
+    ) -> torch.Tensor:
+        """`y`, connected to autograd whenever training. Every rank must run the same backward all-to-alls (the
+        others wait in them), also a rank whose experts received no token or no slot of theirs (padded mode), so
+        its output stays connected to whatever the busy ranks' outputs depend on."""
+        if y.requires_grad or not torch.is_grad_enabled():
+            return y
+        for source in (tokens, meta):
+            if source.requires_grad:
+                y = y + source.sum() * 0
+        if not y.requires_grad and any(p.requires_grad for p in experts.parameters()):
             y.requires_grad_()
         return y

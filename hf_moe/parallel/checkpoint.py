@@ -34,12 +34,14 @@ def load_expert_parallel(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     global_aux_loss: bool = True,
+    padded_dispatch: bool = False,
     **config_kwargs,
 ) -> nn.Module:
     """Build `model_class` from the checkpoint in `path` with its experts sharded over `expert_parallel_size` ranks.
 
     Each rank reads only its own slice of each expert tensor (`safe_open(...).get_slice`); the full expert stack is
     never materialised. Non-expert weights are read whole (they are replicated). Collective: call on every rank.
+    `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`.
     """
     if not os.path.isdir(path):
         raise ValueError(f"expert-parallel loading reads a local checkpoint folder; {path!r} is not one (download it "
@@ -80,7 +82,7 @@ def load_expert_parallel(
             module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
     if config.tie_word_embeddings:
         model.tie_weights()
-    return expert_parallelize(model.eval(), groups, global_aux_loss)
+    return expert_parallelize(model.eval(), groups, global_aux_loss, padded_dispatch=padded_dispatch)
 
 
 def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor] | None:

@@ -17,7 +17,11 @@ def is_expert_parameter(name: str) -> bool:
 
 
 def expert_parallelize(
-    model: nn.Module, groups: ExpertParallelGroups, global_aux_loss: bool = True, overlap_weight_grads: bool = False
+    model: nn.Module,
+    groups: ExpertParallelGroups,
+    global_aux_loss: bool = True,
+    overlap_weight_grads: bool = False,
+    padded_dispatch: bool = False,
 ) -> nn.Module:
     """Keep this rank's E/P experts in every MoE block and route tokens through all-to-all.
 
@@ -26,7 +30,9 @@ def expert_parallelize(
     `finish_gradients`. With `global_aux_loss`, the load-balancing loss is taken over every rank's tokens. With
     `overlap_weight_grads`, backward computes the experts' weight gradients while the token all-to-alls travel
     (they are accumulated into `.grad` outside autograd, so tensor hooks on expert weights do not fire); off by
-    default, as it did not pay on NVLink-connected GPUs (see `AllToAllDispatcher`).
+    default, as it did not pay on NVLink-connected GPUs (see `AllToAllDispatcher`). With `padded_dispatch`, every
+    token goes to every rank of its group with equal splits, so the forward pass has no host sync; every rank must
+    then feed the same number of tokens (see `AllToAllDispatcher`).
     """
     for block in (m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)):
         experts = block.experts
@@ -39,7 +45,9 @@ def expert_parallelize(
             raise ValueError(f"experts hold {experts.num_experts} experts; expected {num_experts} (full) or "
                              f"{end - start} (this rank's shard).")
         experts.num_experts = end - start
-        block.expert_parallel = AllToAllDispatcher(groups.ep_group, num_experts, overlap_weight_grads)
+        block.expert_parallel = AllToAllDispatcher(
+            groups.ep_group, num_experts, overlap_weight_grads=overlap_weight_grads, padded=padded_dispatch
+        )
         block.router.aux_loss_group = dist.group.WORLD if global_aux_loss else None
     model._hf_moe_expert_parallel = groups
     return prepare_for_ddp(model)
