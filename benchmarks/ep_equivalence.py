@@ -4,8 +4,9 @@ Every rank builds the same model and global batch. The expert-parallel copy (exp
 DDP through accelerate for the rest, `finish_gradients` for the experts) runs this rank's rows; each rank also runs
 the unsharded model on the whole batch as the single-process reference, in the same dtype, and in float64 as the
 truth. Printed per dtype: the relative L2 error of the logits, of the loss and of the worst parameter gradient
-(the full model assembled from the shards), for expert parallel and for the single process, both against float64.
-fp32 must agree with one process to 1e-5; bf16 must be no worse than 2x the single process's own bf16 error.
+(the full model assembled from the shards), for expert parallel (default and padded dispatch) and for the single
+process, both against float64. fp32 must agree with one process to 1e-5; bf16 must be no worse than 2x the single
+process's own bf16 error.
 
     torchrun --nproc_per_node 2 benchmarks/ep_equivalence.py            # GPUs (NCCL) or CPUs (gloo)
 """
@@ -66,30 +67,34 @@ def main() -> None:
     failures = []
     for dtype in (torch.float32, torch.bfloat16):
         ref_logits, ref_loss, ref_grads = single(dtype)
-        model = expert_parallelize(copy.deepcopy(base).to(device, dtype).train(), groups)
-        ddp = accelerator.prepare(model)
-        out = ddp(input_ids=mine, labels=mine)
-        accelerator.backward(out.loss)
-        finish_gradients(ddp)
-        logits = accelerator.gather(out.logits.contiguous())
-        loss = accelerator.reduce(out.loss.detach(), "mean")
-        grads = {n.removeprefix("module."): gather_experts(n, p.grad, groups) for n, p in ddp.named_parameters()}
-        errors = {
-            "EP": (rel_l2(logits, truth[0]), rel_l2(loss, truth[1]),
-                   max(rel_l2(grads[n], g) for n, g in truth[2].items())),
-            "one process": (rel_l2(ref_logits, truth[0]), rel_l2(ref_loss, truth[1]),
-                            max(rel_l2(ref_grads[n], g) for n, g in truth[2].items())),
-            "EP vs one process": (rel_l2(logits, ref_logits), rel_l2(loss, ref_loss),
-                                  max(rel_l2(grads[n], g) for n, g in ref_grads.items())),
-        }
-        if rank == 0:
-            for who, (e_logits, e_loss, e_grad) in errors.items():
-                print(f"P={world} {str(dtype).removeprefix('torch.')} {who:>18}: rel L2 logits {e_logits:.2e}  "
-                      f"loss {e_loss:.2e}  worst grad {e_grad:.2e}", flush=True)
-        if dtype == torch.float32 and max(errors["EP vs one process"]) > 1e-5:
-            failures.append(f"fp32 EP differs from one process: {errors['EP vs one process']}")
-        if dtype == torch.bfloat16 and any(e > 2 * s + 1e-3 for e, s in zip(errors["EP"], errors["one process"])):
-            failures.append(f"bf16 EP error {errors['EP']} > 2x one process {errors['one process']}")
+        one = (rel_l2(ref_logits, truth[0]), rel_l2(ref_loss, truth[1]),
+               max(rel_l2(ref_grads[n], g) for n, g in truth[2].items()))
+        for padded in (False, True):
+            ep = "EP padded" if padded else "EP"
+            model = expert_parallelize(copy.deepcopy(base).to(device, dtype).train(), groups, padded_dispatch=padded)
+            ddp = accelerator.prepare(model)
+            out = ddp(input_ids=mine, labels=mine)
+            accelerator.backward(out.loss)
+            finish_gradients(ddp)
+            logits = accelerator.gather(out.logits.contiguous())
+            loss = accelerator.reduce(out.loss.detach(), "mean")
+            grads = {n.removeprefix("module."): gather_experts(n, p.grad, groups) for n, p in ddp.named_parameters()}
+            errors = {
+                ep: (rel_l2(logits, truth[0]), rel_l2(loss, truth[1]),
+                     max(rel_l2(grads[n], g) for n, g in truth[2].items())),
+                f"{ep} vs one process": (rel_l2(logits, ref_logits), rel_l2(loss, ref_loss),
+                                         max(rel_l2(grads[n], g) for n, g in ref_grads.items())),
+            }
+            if not padded:
+                errors["one process"] = one
+            if rank == 0:
+                for who, (e_logits, e_loss, e_grad) in errors.items():
+                    print(f"P={world} {str(dtype).removeprefix('torch.')} {who:>22}: rel L2 logits {e_logits:.2e}  "
+                          f"loss {e_loss:.2e}  worst grad {e_grad:.2e}", flush=True)
+            if dtype == torch.float32 and max(errors[f"{ep} vs one process"]) > 1e-5:
+                failures.append(f"fp32 {ep} differs from one process: {errors[f'{ep} vs one process']}")
+            if dtype == torch.bfloat16 and any(e > 2 * s + 1e-3 for e, s in zip(errors[ep], one)):
+                failures.append(f"bf16 {ep} error {errors[ep]} > 2x one process {one}")
     if rank == 0:
         print("EQUIVALENCE " + ("FAILED: " + "; ".join(failures) if failures else "OK"), flush=True)
     dist.destroy_process_group()

@@ -67,13 +67,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def device_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
+def device_times(fns: dict, reps: int, warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
     """Median seconds of each of `fns` over `reps` rounds that run them in turn (CUDA events), ranks aligned by a
-    barrier before each run."""
+    barrier before each run; and the median seconds the host took to issue each (until `fn` returned). A host time
+    close to the device time means the step is host-bound."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times = {name: [] for name in fns}
+    host = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             if dist.is_initialized():
@@ -81,15 +83,18 @@ def device_times(fns: dict, reps: int, warmup: int = 3) -> dict[str, float]:
             synchronize()
             start, end = event(), event()
             start.record()
+            issued = time.perf_counter()
             fn()
+            host[name].append(time.perf_counter() - issued)
             end.record()
             synchronize()
             times[name].append(start.elapsed_time(end) / 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return ({name: statistics.median(t) for name, t in times.items()},
+            {name: statistics.median(t) for name, t in host.items()})
 
 
 def device_time(fn, reps: int, warmup: int = 3) -> float:
-    return device_times({"": fn}, reps, warmup)[""]
+    return device_times({"": fn}, reps, warmup)[0][""]
 
 
 class AllToAllTimer:
@@ -227,18 +232,19 @@ def main() -> None:
     seconds = device_time(step, ARGS.reps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else 0.0
     if world > 1:
-        same_run = device_times(fns, ARGS.reps)
-        alone, activations = {}, {}
-        for name, fn in fns.items():  # each variant on its own, with the memory its step adds
+        same_run = device_times(fns, ARGS.reps)[0]
+        alone, host, activations = {}, {}, {}
+        for name, fn in fns.items():  # each variant on its own, with its host time and the memory its step adds
             if DEVICE == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated() if DEVICE == "cuda" else 0
-            alone[name] = device_time(fn, ARGS.reps) * 1e3
+            seconds_alone, seconds_host = device_times({name: fn}, ARGS.reps)
+            alone[name], host[name] = seconds_alone[name] * 1e3, seconds_host[name] * 1e3
             activations[name] = (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else 0.0
         result.update(same_run_ms={name: t * 1e3 for name, t in same_run.items()},
                       same_run_efficiency={name: same_run["one GPU"] / t for name, t in same_run.items()},
                       alone_ms=alone, alone_efficiency={name: alone["one GPU"] / t for name, t in alone.items()},
-                      step_gib=activations)
+                      alone_host_ms=host, step_gib=activations)
     # fwd + 2x bwd, gate/up/down of the k active experts of every token
     expert_flops = 3 * 2 * ARGS.tokens * ARGS.top_k * 3 * ARGS.hidden * ARGS.expert_size * ARGS.layers
     result.update(step_ms=seconds * 1e3, tokens_per_s_per_gpu=ARGS.tokens / seconds,
@@ -285,6 +291,8 @@ def main() -> None:
                 ms, eff = result[f"{kind}_ms"], result[f"{kind}_efficiency"]
                 line += f"\n{ARGS.mode} P={world} {'interleaved' if kind == 'same_run' else 'each alone '}: " + ", ".join(
                     f"{name} {ms[name]:.1f} ms = {eff[name]:.0%}" for name in ms)
+            line += "\nhost time to issue a step (ms): " + ", ".join(
+                f"{name} {ms:.1f}" for name, ms in result["alone_host_ms"].items())
             line += "\nmemory a step adds (GiB): " + ", ".join(
                 f"{name} {gib:.2f}" for name, gib in result["step_gib"].items())
         print(line, flush=True)

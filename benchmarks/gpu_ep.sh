@@ -12,7 +12,7 @@ LOG=${OUT:-/tmp}/gpu_ep_full.log
 run() {  # run LIMIT CMD...: full output to $LOG, the result lines (or the error) to stdout
   local limit=$1; shift; timeout "$limit" "$@" >/tmp/step.log 2>&1; local rc=$?
   { echo "### $*"; cat /tmp/step.log; } >>"$LOG"
-  grep -E "^(P=|EQUIV|RESULT|layers |model |memory |transformers EP)" /tmp/step.log
+  grep -E "^(P=|EQUIV|RESULT|layers |model |memory |host |transformers EP)" /tmp/step.log
   [ "$rc" -ne 0 ] && { echo "!! rc=$rc: $*"; grep -E "Error|error" /tmp/step.log | tail -4; }
   return 0
 }

@@ -335,7 +335,7 @@ def lora(workdir: str, ep_size: int) -> dict:
 
     model = HfMoeForCausalLM.from_pretrained(path, expert_parallel_size=ep_size)
     model = prepare_for_ddp(get_peft_model(model, lora_config(r=4, init_lora_weights=False)))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     ddp, optimizer = accelerator.prepare(model, optimizer)
     ids = local_rows(torch.load(os.path.join(workdir, "batch.pt")))
     losses = []
@@ -356,6 +356,7 @@ def lora(workdir: str, ep_size: int) -> dict:
 
 if __name__ == "__main__":
     mode, workdir, ep_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(int(os.environ.get("HF_MOE_TEST_SEED", "0")))  # e.g. LoRA's initialisation
     impl = sys.argv[4] if len(sys.argv) > 4 else "hf_moe_grouped"
     if os.environ.get("HF_MOE_TEST_SKEW") == "1":
         skew_routing()
