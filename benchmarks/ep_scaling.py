@@ -225,8 +225,8 @@ def main() -> None:
     step = fns["EP"] = training_step(model, rank)
     dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
     if dispatchers:
-        fns["EP, overlap"] = with_dispatchers(dispatchers, step, weight_grads=WEIGHT_GRADS)
-        fns["EP, padded"] = with_dispatchers(dispatchers, step, padded=True)
+        fns["EP overlap"] = with_dispatchers(dispatchers, step, weight_grads=WEIGHT_GRADS)
+        fns["EP padded"] = with_dispatchers(dispatchers, step, padded=True)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = device_time(step, ARGS.reps)
@@ -269,13 +269,17 @@ def main() -> None:
             raw_nccl_gbps=rows * ARGS.hidden * 2 * (world - 1) / world / raw / 1e9,
             raw_equivalent_ms=raw * token_calls * 1e3,
         )
-    if ARGS.trace:  # one step under torch.profiler, a Chrome trace per rank (open in Perfetto / chrome://tracing)
+    if ARGS.trace:  # one step of each variant under torch.profiler, a Chrome trace per rank (open in Perfetto)
         os.makedirs(ARGS.trace, exist_ok=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            step()
-            synchronize()
-        prof.export_chrome_trace(os.path.join(ARGS.trace, f"{ARGS.mode}_P{world}_rank{rank}.json"))
+        for name, fn in fns.items():
+            if ARGS.trace_variants and name not in ARGS.trace_variants.split(","):
+                continue
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn()
+                synchronize()
+            label = name.replace(" ", "_")
+            prof.export_chrome_trace(os.path.join(ARGS.trace, f"{ARGS.mode}_P{world}_{label}_rank{rank}.json.gz"))
     if rank == 0:
         print("RESULT " + json.dumps(result), flush=True)
         line = (f"{ARGS.mode} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
@@ -311,7 +315,8 @@ if __name__ == "__main__":
     parser.add_argument("--expert-size", type=int, default=768, help="Qwen3-30B-A3B: 768")
     parser.add_argument("--experts", type=int, default=128, help="Qwen3-30B-A3B: 128")
     parser.add_argument("--top-k", type=int, default=8, help="Qwen3-30B-A3B: 8")
-    parser.add_argument("--trace", help="folder: also write a Chrome trace of one step per rank")
+    parser.add_argument("--trace", help="folder: also write a Chrome trace of one step per variant and rank")
+    parser.add_argument("--trace-variants", default="", help="comma list of the variants to trace (default: all)")
     parser.add_argument("--vocab", type=int, default=2048, help="--mode model (as transformers' peer script)")
     parser.add_argument("--seq", type=int, default=2048, help="--mode model: sequence length")
     ARGS = parser.parse_args()
