@@ -2,6 +2,7 @@
 
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --resume out/ep/last
+    accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --padded-dispatch
 
 On a machine without GPUs add `--multi_gpu` (accelerate's multi-process launcher; the processes then use gloo).
 
@@ -57,6 +58,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", default=None, help="checkpoint folder written by this script")
+    parser.add_argument("--padded-dispatch", action="store_true",
+                        help="send every token to every rank of its EP group: no host sync per MoE layer (faster on "
+                             "GPUs at small P); fine here, since every batch is batch-size x block-size tokens")
     args = parser.parse_args()
 
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
@@ -66,7 +70,7 @@ def main() -> None:
         with open(os.path.join(args.resume, "step.txt")) as f:
             start_step = int(f.read())
     model = hf_moe.HfMoeForCausalLM.from_pretrained(source, expert_parallel_size=args.expert_parallel_size,
-                                                    device=accelerator.device)
+                                                    device=accelerator.device, padded_dispatch=args.padded_dispatch)
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     blocks = text_blocks(tokenizer, args.train_file, args.block_size, args.max_bytes)

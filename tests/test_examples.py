@@ -90,8 +90,8 @@ def test_finetune_ep_under_accelerate_launch_saves_and_resumes(tiny_moe_dir, tmp
     assert (saved / "step.txt").read_text() == "2"
     after_two = HfMoeForCausalLM.from_pretrained(saved)  # one process loads the gathered checkpoint
     assert after_two.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
-    resumed = subprocess.run(launch + ["--steps", "4", "--resume", str(saved)], capture_output=True, text=True,
-                             timeout=300, env=env)
+    resumed = subprocess.run(launch + ["--steps", "4", "--resume", str(saved), "--padded-dispatch"],
+                             capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (saved / "step.txt").read_text() == "4" and "step 4:" in resumed.stdout and "step 2:" not in resumed.stdout
     after_four = HfMoeForCausalLM.from_pretrained(saved)
