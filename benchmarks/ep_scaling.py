@@ -178,6 +178,27 @@ def with_dispatchers(dispatchers: list, step, **settings):
     return run
 
 
+def graphed(model: torch.nn.Module, step):
+    """`step` with the model's MoE blocks replayed from CUDA graphs (`hf_moe.capture_moe_cuda_graphs`, captured
+    here for this step's shape, then set aside so that the other variants run eagerly)."""
+    blocks = [m for m in model.modules() if isinstance(m, hf_moe.HfMoeSparseMoeBlock)]
+    hf_moe.capture_moe_cuda_graphs(model, 1, ARGS.tokens)
+    graphs = [b._cuda_graph for b in blocks]
+    for b in blocks:
+        b._cuda_graph = None
+
+    def run():
+        for b, g in zip(blocks, graphs):
+            b._cuda_graph = g
+        try:
+            step()
+        finally:
+            for b in blocks:
+                b._cuda_graph = None
+
+    return run
+
+
 def training_step(model: torch.nn.Module, rank: int):
     """fwd+bwd on this rank's own tokens (different on every rank, so routing differs as in training)."""
     g = torch.Generator(DEVICE).manual_seed(1000 + rank)
@@ -209,8 +230,10 @@ def main() -> None:
               "shape": [ARGS.hidden, ARGS.expert_size, ARGS.experts, ARGS.top_k], "impl": ARGS.impl,
               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
     fns = {}
+    graphs = ARGS.graphs and ARGS.mode == "layers" and DEVICE == "cuda"
     if world > 1:
-        fns["one GPU"] = training_step(copy.deepcopy(model), rank)
+        one_gpu = copy.deepcopy(model)
+        fns["one GPU"] = training_step(one_gpu, rank)
         first = model.layers[0] if ARGS.mode == "layers" else model.model.layers[0].mlp
         probe = torch.randn(1, ARGS.tokens, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16)
         with torch.no_grad():
@@ -227,6 +250,18 @@ def main() -> None:
     if dispatchers:
         fns["EP overlap"] = with_dispatchers(dispatchers, step, weight_grads=WEIGHT_GRADS)
         fns["EP padded"] = with_dispatchers(dispatchers, step, padded=True)
+    if graphs and world > 1:
+        try:
+            fns["one GPU graphed"] = graphed(one_gpu, fns["one GPU"])
+            for d in dispatchers:  # the graphs keep the padded dispatch they capture; the eager variants go on
+                d.padded = True
+            fns["EP padded graphed"] = graphed(model, step)
+        except Exception as e:  # report and go on with the eager variants
+            result["graphs_error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"rank {rank}: CUDA graphs failed: {result['graphs_error']}", flush=True)
+        finally:
+            for d in dispatchers:
+                d.padded = False
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = device_time(step, ARGS.reps)
@@ -300,8 +335,10 @@ def main() -> None:
             line += "\nmemory a step adds (GiB): " + ", ".join(
                 f"{name} {gib:.2f}" for name, gib in result["step_gib"].items())
         print(line, flush=True)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if dist.is_initialized() and not any(name.endswith("graphed") for name in fns):
+        dist.destroy_process_group()  # (with NCCL captured in CUDA graphs it can hang: the process exit cleans up)
+    elif dist.is_initialized():
+        os._exit(0)
 
 
 if __name__ == "__main__":
@@ -317,6 +354,9 @@ if __name__ == "__main__":
     parser.add_argument("--top-k", type=int, default=8, help="Qwen3-30B-A3B: 8")
     parser.add_argument("--trace", help="folder: also write a Chrome trace of one step per variant and rank")
     parser.add_argument("--trace-variants", default="", help="comma list of the variants to trace (default: all)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="layers mode on GPUs: also time one GPU and padded EP with the blocks in CUDA graphs "
+                             "(hf_moe.capture_moe_cuda_graphs)")
     parser.add_argument("--vocab", type=int, default=2048, help="--mode model (as transformers' peer script)")
     parser.add_argument("--seq", type=int, default=2048, help="--mode model: sequence length")
     ARGS = parser.parse_args()

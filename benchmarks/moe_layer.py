@@ -33,7 +33,7 @@ from transformers.integrations.moe import grouped_mm_experts_forward
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import hf_moe
-from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs
 from hf_moe.moe.experts import grouped_experts_forward
 from hf_moe.moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 
@@ -330,6 +330,16 @@ def main() -> None:
                         expert_leaves, flops, tokens, device, reps,
                     ),
                 }
+                if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs
+                    try:
+                        capture_moe_cuda_graphs(hf_block, 1, tokens)
+                        res["hf-moe_graphed"] = measure(
+                            lambda: run_block(hf_block, HF_IMPL, x), hf_leaves, flops, tokens, device, reps
+                        )
+                    except Exception as e:  # noqa: BLE001
+                        res["hf-moe_graphed"] = {"error": repr(e)[:300]}
+                    finally:
+                        hf_block._cuda_graph = None
                 if with_liger:
                     try:  # an optional dependency: report its failure and go on with the rest
                         res["liger"] = measure(
@@ -399,6 +409,18 @@ def print_summary(summary, cpu: bool) -> None:
               f"{ratio(gm, hf)} / {ratio(ea, hf)} | {tf(ehf, 'fwdbwd_tflops')} / {tf(egm, 'fwdbwd_tflops')} | "
               f"{ratio(egm, ehf)} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
               f"{mem(hf, 'peak_fwdbwd_gb', '.2f')} / {mem(gm, 'peak_fwdbwd_gb', '.2f')} |")
+    graphed_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_graphed" in res]
+    if graphed_rows:
+        print("\n| case | hf-moe block fwd+bwd, eager | in CUDA graphs (`capture_moe_cuda_graphs`) | graphed / eager | "
+              "graphed vs peer grouped_mm |")
+        print("| --- | --- | --- | --- | --- |")
+        for key, res in graphed_rows:
+            hf, gr, gm = res["hf-moe"], res["hf-moe_graphed"], res.get("peer_grouped_mm", {})
+            if "error" in gr:
+                print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} | {gr['error'][:80]} | - | - |")
+                continue
+            print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} | {tf(gr, 'fwdbwd_tflops')} | {ratio(hf, gr)} | "
+                  f"{ratio(gm, gr)} |")
     liger_rows = [(key, res) for key, dense, res in summary if dense is not None and "liger" in res]
     if liger_rows:
         print("\n| case | hf-moe block fwd / fwd+bwd | liger block fwd / fwd+bwd | block ratio | hf-moe experts fwd / "

@@ -29,7 +29,8 @@ class HfMoeSparseMoeBlock(nn.Module):
     """One mixture-of-experts layer.
 
     `expert_parallel` is `None` for a single process; `hf_moe.parallel` sets it to an all-to-all dispatcher
-    when the experts are sharded over an expert-parallel group.
+    when the experts are sharded over an expert-parallel group. `hf_moe.capture_moe_cuda_graphs` gives it CUDA
+    graphs that replace its forward and backward for the training shape they were captured at.
     """
 
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
@@ -41,6 +42,7 @@ class HfMoeSparseMoeBlock(nn.Module):
             nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
         )
         self.expert_parallel = None
+        self._cuda_graph = None
 
     def forward(
         self,
@@ -50,6 +52,16 @@ class HfMoeSparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, RouterOutput]:
         """`[B, S, H]` → `[B, S, H]` and the router's decisions; `token_mask` `[B·S]` marks real tokens,
         `input_ids` `[B, S]` (or `[B·S]`) are the token ids (hash routing needs them)."""
+        if self._cuda_graph is not None and self._cuda_graph.serves(hidden_states, token_mask, self.training):
+            return self._cuda_graph(hidden_states, token_mask)
+        return self._eager_forward(hidden_states, token_mask, input_ids)
+
+    def _eager_forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput]:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         routing = self.router(

@@ -1,0 +1,126 @@
+"""CUDA graphs for the MoE blocks of a model in training: each block's forward and backward replay as two graphs.
+
+In eager mode an MoE block issues ~60-100 small kernels per forward (router, sort, gathers, dispatch), and the host
+that issues them falls behind the GPU; under expert parallelism every all-to-all adds ~100-300 µs of host time on
+top. Captured in CUDA graphs (`torch.cuda.make_graphed_callables`), the blocks cost one launch per forward and one
+per backward. Needs: CUDA, fixed shapes (the batch size and sequence length given here), nothing in the block that
+waits for the GPU (under expert parallelism the padded dispatch, `padded_dispatch=True`), and blocks called in the
+same order every step (a decoder does). Calls that do not match what was captured (another shape, eval mode, no
+gradients, generation) run the block eagerly, as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layer import HfMoeSparseMoeBlock
+from .router import HashRouter, RouterOutput
+
+# RouterOutput tensors a graphed block returns next to its output; z_loss and drop_fraction follow when the router
+# set them, otherwise they are computed from these on first read, outside the graph.
+_ROUTING_TENSORS = ("logits", "top_k_index", "top_k_weights", "tokens_per_expert", "aux_loss")
+_OPTIONAL_TENSORS = ("probs", "z_loss", "drop_fraction")
+
+
+class _BlockTensors(nn.Module):
+    """One MoE block as a function of tensors only (what `make_graphed_callables` captures): `(hidden_states,
+    [token_mask]) -> (output, *routing tensors)`."""
+
+    def __init__(self, block: HfMoeSparseMoeBlock, optional: tuple[str, ...]) -> None:
+        super().__init__()
+        self.block = block
+        self.optional = optional
+
+    def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        out, routing = self.block._eager_forward(hidden_states, token_mask)
+        return (out, *(getattr(routing, name) for name in _ROUTING_TENSORS + self.optional))
+
+
+class _GraphedBlock:
+    """The captured graphs of one block and the calls they serve (plain object: not a submodule of the block)."""
+
+    def __init__(self, graphed: nn.Module, shape: torch.Size, dtype: torch.dtype, masked: bool,
+                 optional: tuple[str, ...], capacity: int | None) -> None:
+        self.graphed, self.shape, self.dtype, self.masked = graphed, shape, dtype, masked
+        self.optional, self.capacity = optional, capacity
+
+    def serves(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, training: bool) -> bool:
+        return (
+            training
+            and torch.is_grad_enabled()
+            and hidden_states.shape == self.shape
+            and hidden_states.dtype == self.dtype
+            and hidden_states.is_cuda
+            and (token_mask is not None) == self.masked
+        )
+
+    def __call__(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        out, *tensors = self.graphed(hidden_states, *([token_mask] if self.masked else []))
+        fields = dict(zip(_ROUTING_TENSORS + self.optional, tensors))
+        routing = RouterOutput(**fields, token_mask=token_mask, capacity=self.capacity)
+        return out, routing
+
+
+def capture_moe_cuda_graphs(
+    model: nn.Module, batch_size: int, sequence_length: int, attention_mask: bool = False, warmup_steps: int = 3
+) -> nn.Module:
+    """Capture every MoE block of `model` (on a CUDA device, in training mode, weights in their final place and
+    dtype) in CUDA graphs for batches of `batch_size × sequence_length` tokens (per process), with a 2-D
+    `attention_mask` passed to the model if `attention_mask`. Returns `model`; call after `expert_parallelize` /
+    `from_pretrained(..., expert_parallel_size=P, padded_dispatch=True)` and before wrapping it (DDP, PEFT wrappers
+    create no new expert weights afterwards). Collective under expert parallelism: call on every rank.
+
+    Moving the model or replacing its parameters afterwards invalidates the graphs (they read the weights in place;
+    in-place optimizer steps are fine).
+    """
+    blocks = [m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)]
+    if not blocks:
+        raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
+    first = next(blocks[0].parameters())
+    if not first.is_cuda:
+        raise ValueError(
+            f"capture_moe_cuda_graphs needs the model on a CUDA device; its weights are on {first.device}."
+        )
+    if not model.training:
+        raise ValueError("capture_moe_cuda_graphs captures training steps: call model.train() first.")
+    for block in blocks:
+        dispatcher = block.expert_parallel
+        if dispatcher is not None and not (dispatcher.padded and dispatcher.weight_grads is None):
+            raise ValueError(
+                "capture_moe_cuda_graphs under expert parallelism needs padded dispatch without the backward overlap "
+                "(padded_dispatch=True, overlap_weight_grads=False): the default dispatch waits for the GPU once per "
+                "layer, which a CUDA graph cannot contain."
+            )
+        if isinstance(block.router, HashRouter):
+            raise ValueError("capture_moe_cuda_graphs: hash routing reads token ids, which the graphs do not take.")
+    shape = torch.Size((batch_size, sequence_length, blocks[0].router.config.hidden_size))
+    dtype = first.dtype
+    functions, samples, probes = [], [], []
+    for block in blocks:
+        block._cuda_graph = None
+        x = torch.randn(shape, device=first.device, dtype=dtype, requires_grad=True)
+        mask = ()
+        if attention_mask:
+            mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=first.device),)
+        with torch.no_grad():  # which optional routing tensors this router sets
+            _, routing = block._eager_forward(x, *mask)
+        optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.__dict__.get(n), torch.Tensor))
+        functions.append(_BlockTensors(block, optional))
+        samples.append((x, *mask))
+        probes.append((optional, routing.capacity))
+    try:
+        graphed = torch.cuda.make_graphed_callables(
+            tuple(functions), tuple(samples), num_warmup_iters=warmup_steps, allow_unused_input=True
+        )
+    except RuntimeError as e:
+        raise RuntimeError(
+            "capture_moe_cuda_graphs: an MoE block could not be captured; something in its forward or backward waits "
+            f"for the GPU or copies to the host (router {type(blocks[0].router).__name__}, experts implementation "
+            f"{blocks[0].experts.config._experts_implementation!r}; hf_moe_grouped is capturable). Cause: {e}"
+        ) from e
+    for block, function, (optional, capacity) in zip(blocks, graphed, probes):
+        block._cuda_graph = _GraphedBlock(function, shape, dtype, attention_mask, optional, capacity)
+    return model

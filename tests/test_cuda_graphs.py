@@ -1,0 +1,74 @@
+"""`capture_moe_cuda_graphs`: training steps with the MoE blocks replayed from CUDA graphs equal eager ones.
+
+The GPU tests (skipped without CUDA) train two copies of one model, eager and graphed, on the same fresh batches and
+compare losses, logits and every gradient after each step; the graphed copy must also fall back to eager for
+another batch shape, in eval mode and in `generate`. CPU tests check the clear errors.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs
+
+from .conftest import assert_rel_close, tiny_config
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_refuses_a_model_that_cannot_be_captured():
+    model = HfMoeForCausalLM(tiny_config())
+    with pytest.raises(ValueError, match="needs the model on a CUDA device; its weights are on cpu"):
+        capture_moe_cuda_graphs(model.train(), batch_size=2, sequence_length=8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("attention_mask", [False, True])
+def test_graphed_training_steps_equal_eager_ones(attention_mask):
+    config = tiny_config(num_hidden_layers=3, first_k_dense=1, num_experts=8, num_experts_per_tok=2,
+                         router_aux_loss_coef=0.02, num_shared_experts=1)
+    eager = HfMoeForCausalLM(config).to("cuda", torch.bfloat16).train()
+    graphed = capture_moe_cuda_graphs(copy.deepcopy(eager), batch_size=2, sequence_length=16,
+                                      attention_mask=attention_mask)
+    assert all(block._cuda_graph is not None for block in graphed.modules() if hasattr(block, "_cuda_graph"))
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
+    for step in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
+        kwargs = {"attention_mask": torch.ones_like(ids)} if attention_mask else {}
+        outs = [m(input_ids=ids, labels=ids, **kwargs) for m in (eager, graphed)]
+        for out in outs:
+            out.loss.backward()
+        assert_rel_close(outs[1].logits, outs[0].logits, 1e-6, f"logits, step {step}")
+        assert_rel_close(outs[1].aux_loss, outs[0].aux_loss, 1e-6, f"aux loss, step {step}")
+        assert_rel_close(outs[1].z_loss, outs[0].z_loss, 1e-6, f"z loss, step {step}")
+        for (name, p), q in zip(eager.named_parameters(), graphed.parameters()):
+            assert_rel_close(q.grad, p.grad, 1e-6, f"grad {name}, step {step}")
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    # another shape, eval mode and generation run the blocks eagerly
+    ids = torch.randint(0, config.vocab_size, (3, 5), device="cuda")
+    assert_rel_close(graphed(input_ids=ids).logits, eager(input_ids=ids).logits, 1e-6, "another shape")
+    graphed.eval()
+    eager.eval()
+    with torch.no_grad():
+        assert_rel_close(graphed(input_ids=ids).logits, eager(input_ids=ids).logits, 1e-6, "eval")
+        assert torch.equal(graphed.generate(ids, max_new_tokens=4, do_sample=False),
+                           eager.generate(ids, max_new_tokens=4, do_sample=False))
+
+
+@requires_cuda
+def test_float32_experts_that_read_offsets_on_the_host_refuse_clearly():
+    model = HfMoeForCausalLM(tiny_config()).to("cuda").train()  # float32: one mm per expert, offsets on the host
+    with pytest.raises(RuntimeError, match="could not be captured"):
+        capture_moe_cuda_graphs(model, batch_size=2, sequence_length=8)
+
+
+def test_refuses_eval_mode_and_a_model_without_moe_blocks(monkeypatch):
+    model = HfMoeForCausalLM(tiny_config())
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check
+    with pytest.raises(ValueError, match="call model.train"):
+        capture_moe_cuda_graphs(model.eval(), batch_size=2, sequence_length=8)
+    with pytest.raises(ValueError, match="no MoE block"):
+        capture_moe_cuda_graphs(torch.nn.Linear(2, 2), batch_size=2, sequence_length=8)
