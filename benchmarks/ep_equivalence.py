@@ -4,8 +4,8 @@ Every rank builds the same model and global batch. The expert-parallel copy (exp
 DDP through accelerate for the rest, `finish_gradients` for the experts) runs this rank's rows; each rank also runs
 the unsharded model on the whole batch as the single-process reference, in the same dtype, and in float64 as the
 truth. Printed per dtype: the relative L2 error of the logits, of the loss and of the worst parameter gradient
-(the full model assembled from the shards), for expert parallel (default and padded dispatch) and for the single
-process, both against float64. fp32 must agree with one process to 1e-5; bf16 must be no worse than 2x the single
+(the full model assembled from the shards), for expert parallel (default and padded dispatch, and on GPUs in bf16
+padded with the MoE blocks in CUDA graphs) and for the single process, both against float64. fp32 must agree with one process to 1e-5; bf16 must be no worse than 2x the single
 process's own bf16 error.
 
     torchrun --nproc_per_node 2 benchmarks/ep_equivalence.py            # GPUs (NCCL) or CPUs (gloo)
@@ -69,9 +69,14 @@ def main() -> None:
         ref_logits, ref_loss, ref_grads = single(dtype)
         one = (rel_l2(ref_logits, truth[0]), rel_l2(ref_loss, truth[1]),
                max(rel_l2(ref_grads[n], g) for n, g in truth[2].items()))
-        for padded in (False, True):
-            ep = "EP padded" if padded else "EP"
+        variants = [(False, False), (True, False)]  # (padded, graphed)
+        if dtype == torch.bfloat16 and device.type == "cuda":  # CUDA graphs need the bf16 grouped GEMMs (no sync)
+            variants.append((True, True))
+        for padded, graphed in variants:
+            ep = "EP padded graphed" if graphed else "EP padded" if padded else "EP"
             model = expert_parallelize(copy.deepcopy(base).to(device, dtype).train(), groups, padded_dispatch=padded)
+            if graphed:
+                hf_moe.capture_moe_cuda_graphs(model, rows, batch.shape[1])
             ddp = accelerator.prepare(model)
             out = ddp(input_ids=mine, labels=mine)
             accelerator.backward(out.loss)
@@ -89,7 +94,7 @@ def main() -> None:
                 errors["one process"] = one
             if rank == 0:
                 for who, (e_logits, e_loss, e_grad) in errors.items():
-                    print(f"P={world} {str(dtype).removeprefix('torch.')} {who:>22}: rel L2 logits {e_logits:.2e}  "
+                    print(f"P={world} {str(dtype).removeprefix('torch.')} {who:>30}: rel L2 logits {e_logits:.2e}  "
                           f"loss {e_loss:.2e}  worst grad {e_grad:.2e}", flush=True)
             if dtype == torch.float32 and max(errors[f"{ep} vs one process"]) > 1e-5:
                 failures.append(f"fp32 {ep} differs from one process: {errors[f'{ep} vs one process']}")

@@ -178,22 +178,27 @@ def with_dispatchers(dispatchers: list, step, **settings):
     return run
 
 
-def graphed(model: torch.nn.Module, step):
-    """`step` with the model's MoE blocks replayed from CUDA graphs (`hf_moe.capture_moe_cuda_graphs`, captured
-    here for this step's shape, then set aside so that the other variants run eagerly)."""
+def capture_aside(model: torch.nn.Module) -> list:
+    """Capture the model's MoE blocks in CUDA graphs (`hf_moe.capture_moe_cuda_graphs`) for this run's step shape,
+    before any DDP wrapping, and set the graphs aside so that the other variants run eagerly; `with_graphs` puts
+    them back for one step."""
     blocks = [m for m in model.modules() if isinstance(m, hf_moe.HfMoeSparseMoeBlock)]
-    hf_moe.capture_moe_cuda_graphs(model, 1, ARGS.tokens)
-    graphs = [b._cuda_graph for b in blocks]
+    batch, seq = (1, ARGS.tokens) if ARGS.mode == "layers" else (ARGS.tokens // ARGS.seq, ARGS.seq)
+    hf_moe.capture_moe_cuda_graphs(model, batch, seq)
+    graphs = [(b, b._cuda_graph) for b in blocks]
     for b in blocks:
         b._cuda_graph = None
+    return graphs
 
+
+def with_graphs(graphs: list, step):
     def run():
-        for b, g in zip(blocks, graphs):
+        for b, g in graphs:
             b._cuda_graph = g
         try:
             step()
         finally:
-            for b in blocks:
+            for b, _ in graphs:
                 b._cuda_graph = None
 
     return run
@@ -230,7 +235,7 @@ def main() -> None:
               "shape": [ARGS.hidden, ARGS.expert_size, ARGS.experts, ARGS.top_k], "impl": ARGS.impl,
               "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"}
     fns = {}
-    graphs = ARGS.graphs and ARGS.mode == "layers" and DEVICE == "cuda"
+    graphs = ARGS.graphs and DEVICE == "cuda"
     if world > 1:
         one_gpu = copy.deepcopy(model)
         fns["one GPU"] = training_step(one_gpu, rank)
@@ -243,6 +248,20 @@ def main() -> None:
         with torch.no_grad():
             sharded = first(probe)[0].float()
         result["bf16_rel_l2_vs_unsharded"] = ((sharded - reference).norm() / reference.norm()).item()
+        if graphs:  # captured before DDP wraps the model (DDP keeps autograd nodes that capture must not meet)
+            dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+            try:
+                one_gpu_graphs = capture_aside(one_gpu)
+                for d in dispatchers:  # the graphs keep the padded dispatch they capture; the eager variants go on
+                    d.padded = True
+                ep_graphs = capture_aside(model)
+            except Exception as e:  # report and go on with the eager variants
+                result["graphs_error"] = f"{type(e).__name__}: {e}"[:500]
+                print(f"rank {rank}: CUDA graphs failed: {result['graphs_error']}", flush=True)
+                graphs = False
+            finally:
+                for d in dispatchers:
+                    d.padded = False
         if ARGS.mode == "model":  # as in training: DDP averages the replicated weights' gradients
             model = torch.nn.parallel.DistributedDataParallel(model)
     step = fns["EP"] = training_step(model, rank)
@@ -251,17 +270,8 @@ def main() -> None:
         fns["EP overlap"] = with_dispatchers(dispatchers, step, weight_grads=WEIGHT_GRADS)
         fns["EP padded"] = with_dispatchers(dispatchers, step, padded=True)
     if graphs and world > 1:
-        try:
-            fns["one GPU graphed"] = graphed(one_gpu, fns["one GPU"])
-            for d in dispatchers:  # the graphs keep the padded dispatch they capture; the eager variants go on
-                d.padded = True
-            fns["EP padded graphed"] = graphed(model, step)
-        except Exception as e:  # report and go on with the eager variants
-            result["graphs_error"] = f"{type(e).__name__}: {e}"[:500]
-            print(f"rank {rank}: CUDA graphs failed: {result['graphs_error']}", flush=True)
-        finally:
-            for d in dispatchers:
-                d.padded = False
+        fns["one GPU graphed"] = with_graphs(one_gpu_graphs, fns["one GPU"])
+        fns["EP padded graphed"] = with_graphs(ep_graphs, step)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = device_time(step, ARGS.reps)
@@ -355,7 +365,7 @@ if __name__ == "__main__":
     parser.add_argument("--trace", help="folder: also write a Chrome trace of one step per variant and rank")
     parser.add_argument("--trace-variants", default="", help="comma list of the variants to trace (default: all)")
     parser.add_argument("--graphs", action="store_true",
-                        help="layers mode on GPUs: also time one GPU and padded EP with the blocks in CUDA graphs "
+                        help="on GPUs: also time one GPU and padded EP with the MoE blocks in CUDA graphs "
                              "(hf_moe.capture_moe_cuda_graphs)")
     parser.add_argument("--vocab", type=int, default=2048, help="--mode model (as transformers' peer script)")
     parser.add_argument("--seq", type=int, default=2048, help="--mode model: sequence length")

@@ -11,6 +11,9 @@ gradients, generation) run the block eagerly, as before.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 from torch import nn
 
@@ -64,6 +67,18 @@ class _GraphedBlock:
         return out, routing
 
 
+@contextlib.contextmanager
+def _thread_local_capture():
+    """Captures in thread-local mode: `make_graphed_callables` captures in global mode, where a CUDA call from any
+    other thread (NCCL's watchdog querying its events, under torch.distributed) invalidates the capture."""
+    original = torch.cuda.graph
+    torch.cuda.graph = functools.partial(original, capture_error_mode="thread_local")
+    try:
+        yield
+    finally:
+        torch.cuda.graph = original
+
+
 def capture_moe_cuda_graphs(
     model: nn.Module, batch_size: int, sequence_length: int, attention_mask: bool = False, warmup_steps: int = 3
 ) -> nn.Module:
@@ -76,6 +91,11 @@ def capture_moe_cuda_graphs(
     Moving the model or replacing its parameters afterwards invalidates the graphs (they read the weights in place;
     in-place optimizer steps are fine).
     """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "capture_moe_cuda_graphs: capture before DDP wraps the model (before accelerator.prepare): DDP keeps "
+            "autograd nodes of the default stream that a capture must not reach."
+        )
     blocks = [m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)]
     if not blocks:
         raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
@@ -112,9 +132,10 @@ def capture_moe_cuda_graphs(
         samples.append((x, *mask))
         probes.append((optional, routing.capacity))
     try:
-        graphed = torch.cuda.make_graphed_callables(
-            tuple(functions), tuple(samples), num_warmup_iters=warmup_steps, allow_unused_input=True
-        )
+        with _thread_local_capture():
+            graphed = torch.cuda.make_graphed_callables(
+                tuple(functions), tuple(samples), num_warmup_iters=warmup_steps, allow_unused_input=True
+            )
     except RuntimeError as e:
         raise RuntimeError(
             "capture_moe_cuda_graphs: an MoE block could not be captured; something in its forward or backward waits "
