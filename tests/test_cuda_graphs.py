@@ -6,9 +6,11 @@ another batch shape, in eval mode and in `generate`. CPU tests check the clear e
 """
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs
 
@@ -65,10 +67,28 @@ def test_float32_experts_that_read_offsets_on_the_host_refuse_clearly():
         capture_moe_cuda_graphs(model, batch_size=2, sequence_length=8)
 
 
-def test_refuses_eval_mode_and_a_model_without_moe_blocks(monkeypatch):
+def test_refuses_eval_mode_syncing_dispatch_hash_routing_and_no_moe_blocks(monkeypatch):
     model = HfMoeForCausalLM(tiny_config())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check
     with pytest.raises(ValueError, match="call model.train"):
         capture_moe_cuda_graphs(model.eval(), batch_size=2, sequence_length=8)
     with pytest.raises(ValueError, match="no MoE block"):
         capture_moe_cuda_graphs(torch.nn.Linear(2, 2), batch_size=2, sequence_length=8)
+    block = model.model.layers[0].mlp
+    for padded, weight_grads in [(False, None), (True, object())]:  # the default dispatch syncs; overlap is Python
+        monkeypatch.setattr(block, "expert_parallel", SimpleNamespace(padded=padded, weight_grads=weight_grads))
+        with pytest.raises(ValueError, match="needs padded dispatch without the backward overlap"):
+            capture_moe_cuda_graphs(model.train(), batch_size=2, sequence_length=8)
+    hashed = HfMoeForCausalLM(tiny_config(router_type="hash"))
+    with pytest.raises(ValueError, match="hash routing"):
+        capture_moe_cuda_graphs(hashed.train(), batch_size=2, sequence_length=8)
+
+
+def test_refuses_a_model_already_wrapped_by_ddp(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(HfMoeForCausalLM(tiny_config()).train())
+        with pytest.raises(ValueError, match="capture before DDP wraps the model"):
+            capture_moe_cuda_graphs(ddp, batch_size=2, sequence_length=8)
+    finally:
+        dist.destroy_process_group()
