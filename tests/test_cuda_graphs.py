@@ -67,7 +67,7 @@ def test_float32_experts_that_read_offsets_on_the_host_refuse_clearly():
         capture_moe_cuda_graphs(model, batch_size=2, sequence_length=8)
 
 
-def test_refuses_eval_mode_syncing_dispatch_hash_routing_and_no_moe_blocks(monkeypatch):
+def test_refuses_what_a_graph_cannot_replay(monkeypatch):
     model = HfMoeForCausalLM(tiny_config())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check
     with pytest.raises(ValueError, match="call model.train"):
@@ -79,9 +79,15 @@ def test_refuses_eval_mode_syncing_dispatch_hash_routing_and_no_moe_blocks(monke
         monkeypatch.setattr(block, "expert_parallel", SimpleNamespace(padded=padded, weight_grads=weight_grads))
         with pytest.raises(ValueError, match="needs padded dispatch without the backward overlap"):
             capture_moe_cuda_graphs(model.train(), batch_size=2, sequence_length=8)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        capture_moe_cuda_graphs(model.train(), batch_size=2, sequence_length=8)
     hashed = HfMoeForCausalLM(tiny_config(router_type="hash"))
     with pytest.raises(ValueError, match="hash routing"):
         capture_moe_cuda_graphs(hashed.train(), batch_size=2, sequence_length=8)
+    biased = HfMoeForCausalLM(tiny_config(use_expert_bias=True))
+    with pytest.raises(ValueError, match="aux-loss-free balancing"):
+        capture_moe_cuda_graphs(biased.train(), batch_size=2, sequence_length=8)
 
 
 def test_refuses_a_model_already_wrapped_by_ddp(tmp_path):

@@ -106,6 +106,11 @@ def capture_moe_cuda_graphs(
         )
     if not model.training:
         raise ValueError("capture_moe_cuda_graphs captures training steps: call model.train() first.")
+    if getattr(model, "is_gradient_checkpointing", False):
+        raise ValueError(
+            "capture_moe_cuda_graphs does not combine with gradient checkpointing (the recomputed forward would replay "
+            "the graph whose buffers backward reads): call model.gradient_checkpointing_disable() first."
+        )
     for block in blocks:
         dispatcher = block.expert_parallel
         if dispatcher is not None and not (dispatcher.padded and dispatcher.weight_grads is None):
@@ -116,6 +121,11 @@ def capture_moe_cuda_graphs(
             )
         if isinstance(block.router, HashRouter):
             raise ValueError("capture_moe_cuda_graphs: hash routing reads token ids, which the graphs do not take.")
+        if getattr(block.router, "expert_bias", None) is not None:
+            raise ValueError(
+                "capture_moe_cuda_graphs: routers with an expert_bias (aux-loss-free balancing) accumulate their "
+                "selection counts on the Python side, which a replayed graph would skip; train them eagerly."
+            )
     shape = torch.Size((batch_size, sequence_length, blocks[0].router.config.hidden_size))
     dtype = first.dtype
     functions, samples, probes = [], [], []
