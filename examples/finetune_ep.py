@@ -3,6 +3,7 @@
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --resume out/ep/last
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --padded-dispatch
+    accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --bf16 --cuda-graphs
 
 On a machine without GPUs add `--multi_gpu` (accelerate's multi-process launcher; the processes then use gloo).
 
@@ -61,6 +62,10 @@ def main() -> None:
     parser.add_argument("--padded-dispatch", action="store_true",
                         help="send every token to every rank of its EP group: no host sync per MoE layer (faster on "
                              "GPUs at small P); fine here, since every batch is batch-size x block-size tokens")
+    parser.add_argument("--bf16", action="store_true", help="load and train the weights in bfloat16")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="GPUs with --bf16: replay the MoE blocks' forward and backward from CUDA graphs "
+                             "(hf_moe.capture_moe_cuda_graphs; implies --padded-dispatch)")
     args = parser.parse_args()
 
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
@@ -69,9 +74,13 @@ def main() -> None:
     if args.resume:
         with open(os.path.join(args.resume, "step.txt")) as f:
             start_step = int(f.read())
-    model = hf_moe.HfMoeForCausalLM.from_pretrained(source, expert_parallel_size=args.expert_parallel_size,
-                                                    device=accelerator.device, padded_dispatch=args.padded_dispatch)
+    model = hf_moe.HfMoeForCausalLM.from_pretrained(
+        source, expert_parallel_size=args.expert_parallel_size, device=accelerator.device,
+        dtype=torch.bfloat16 if args.bf16 else None, padded_dispatch=args.padded_dispatch or args.cuda_graphs,
+    )
     model.train()
+    if args.cuda_graphs:  # before accelerator.prepare: DDP must wrap the captured model, not the other way round
+        hf_moe.capture_moe_cuda_graphs(model, args.batch_size, args.block_size)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     blocks = text_blocks(tokenizer, args.train_file, args.block_size, args.max_bytes)
     loader = torch.utils.data.DataLoader(blocks, batch_size=args.batch_size, shuffle=True, drop_last=True,

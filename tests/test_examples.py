@@ -94,6 +94,11 @@ def test_finetune_ep_under_accelerate_launch_saves_and_resumes(tiny_moe_dir, tmp
                              capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (saved / "step.txt").read_text() == "4" and "step 4:" in resumed.stdout and "step 2:" not in resumed.stdout
+    two_processes = [*launch[:5], "2", *launch[6:]]
+    graphs = subprocess.run(two_processes + ["--steps", "1", "--bf16", "--cuda-graphs"], capture_output=True,
+                            text=True, timeout=300, env=env)
+    if not torch.cuda.is_available():  # the flag reaches capture_moe_cuda_graphs, which refuses CPUs clearly
+        assert graphs.returncode != 0 and "needs the model on a CUDA device" in graphs.stderr, graphs.stderr[-2000:]
     after_four = HfMoeForCausalLM.from_pretrained(saved)
     experts_before, experts_after = after_two.model.layers[0].mlp.experts, after_four.model.layers[0].mlp.experts
     assert not torch.equal(experts_after.down_proj, experts_before.down_proj)

@@ -104,6 +104,11 @@ def capture_moe_cuda_graphs(
         raise ValueError(
             f"capture_moe_cuda_graphs needs the model on a CUDA device; its weights are on {first.device}."
         )
+    if first.dtype != torch.bfloat16:
+        raise ValueError(
+            f"capture_moe_cuda_graphs needs bf16 weights; they are {first.dtype} (the experts' other paths read "
+            "their offsets on the host, which a CUDA graph cannot contain)."
+        )
     if not model.training:
         raise ValueError("capture_moe_cuda_graphs captures training steps: call model.train() first.")
     if getattr(model, "is_gradient_checkpointing", False):
