@@ -96,3 +96,16 @@ def test_refuses_a_model_already_wrapped_by_ddp(tmp_path):
             capture_moe_cuda_graphs(ddp, batch_size=2, sequence_length=8)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_copy_of_a_captured_model_runs_its_blocks_eagerly():
+    from hf_moe.moe.graphs import _GraphedBlock
+
+    model = HfMoeForCausalLM(tiny_config())
+    block = model.model.layers[0].mlp
+    block._cuda_graph = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None)
+    copied = copy.deepcopy(model)
+    assert copied.model.layers[0].mlp._cuda_graph is None  # its graphs would read the original's weights
+    assert model.model.layers[0].mlp._cuda_graph is block._cuda_graph
+    ids = torch.randint(0, 97, (2, 6))
+    torch.testing.assert_close(copied.eval()(ids).logits, model.eval()(ids).logits)

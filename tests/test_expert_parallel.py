@@ -171,3 +171,24 @@ def test_expert_parallel_needs_a_distributed_launch(monkeypatch):
     with pytest.raises(RuntimeError, match="needs a distributed launch"):
         init_expert_parallel(2, 8)
 
+
+
+@pytest.mark.parametrize("num_tokens", [0, 9])
+def test_padded_plan_restricts_each_tokens_routing_to_each_rank(num_tokens):
+    """Every token to every rank, rank-major; on rank p only the slots of p's experts (as local ids) keep their weight,
+    the others become the sentinel `num_local` with weight 0. Checked slot by slot against a loop; T = 0 is empty."""
+    from hf_moe.moe.dispatch import _padded_plan
+
+    ep_size, num_local, top_k = 3, 2, 3
+    index = torch.randint(0, ep_size * num_local + 1, (num_tokens, top_k))  # includes the dropped-slot sentinel
+    weights = torch.rand(num_tokens, top_k)
+    send_token, row_of, meta = _padded_plan(index, weights, ep_size, num_local)
+    assert meta.shape == (ep_size * num_tokens, 2 * top_k)
+    for p in range(ep_size):
+        for t in range(num_tokens):
+            row = p * num_tokens + t
+            assert send_token[row] == t and row_of[t, p] == row
+            for j, e in enumerate(index[t].tolist()):
+                mine = p * num_local <= e < (p + 1) * num_local
+                assert meta[row, top_k + j] == (e - p * num_local if mine else num_local)
+                assert meta[row, j] == (weights[t, j] if mine else 0.0)

@@ -204,7 +204,7 @@ def _padded_plan(
     here = torch.div(top_k_index, num_local, rounding_mode="floor")[None] == dest  # [P, T, k]
     local_index = torch.where(here, top_k_index[None] - dest * num_local, num_local)
     weights = top_k_weights[None].float().masked_fill(~here, 0.0)
-    meta = torch.cat([weights, local_index.float()], dim=2).view(ep_size * num_tokens, -1)
+    meta = torch.cat([weights, local_index.float()], dim=2).view(ep_size * num_tokens, 2 * top_k_index.shape[1])
     rows = torch.arange(ep_size * num_tokens, device=device)
     return rows % num_tokens, rows.view(ep_size, num_tokens).t(), meta
 
@@ -220,8 +220,9 @@ class AllToAllDispatcher:
             all-to-alls are short and the overlap measured 0-6% slower; it is meant for slow links.
         padded: send every token to every rank with equal splits: no host sync in the forward pass, at the cost
             of expert buffers for P·T·k slots (see the module's docstring). Every rank of the group must then pass
-            the same number of tokens (fixed batch and sequence length); the first call checks that (one host
-            sync) and raises on every rank if not.
+            the same number of tokens (fixed batch and sequence length) on every call; the first call checks that
+            (one host sync) and raises on every rank if not, later calls do not (a batch padded to its own longest
+            sequence, or a ragged last batch, would then make the all-to-all hang or fail).
     """
 
     def __init__(

@@ -24,6 +24,7 @@ from .router import HashRouter, RouterOutput
 # set them, otherwise they are computed from these on first read, outside the graph.
 _ROUTING_TENSORS = ("logits", "top_k_index", "top_k_weights", "tokens_per_expert", "aux_loss")
 _OPTIONAL_TENSORS = ("probs", "z_loss", "drop_fraction")
+_NOT_DIFFERENTIABLE = ("top_k_index", "tokens_per_expert", "drop_fraction")
 
 
 class _BlockTensors(nn.Module):
@@ -63,8 +64,16 @@ class _GraphedBlock:
     ) -> tuple[torch.Tensor, RouterOutput]:
         out, *tensors = self.graphed(hidden_states, *([token_mask] if self.masked else []))
         fields = dict(zip(_ROUTING_TENSORS + self.optional, tensors))
+        for name in _NOT_DIFFERENTIABLE:  # copies: the graph's buffers are overwritten by the next replay
+            if fields.get(name) is not None:
+                fields[name] = fields[name].detach().clone()
         routing = RouterOutput(**fields, token_mask=token_mask, capacity=self.capacity)
         return out, routing
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copy of a captured model (a reference model, an EMA copy) runs its blocks eagerly: these graphs read
+        the original's weights."""
+        return None
 
 
 @contextlib.contextmanager
@@ -89,7 +98,11 @@ def capture_moe_cuda_graphs(
     create no new expert weights afterwards). Collective under expert parallelism: call on every rank.
 
     Moving the model or replacing its parameters afterwards invalidates the graphs (they read the weights in place;
-    in-place optimizer steps are fine).
+    in-place optimizer steps are fine), and so does changing which of them require gradients. Each forward must be
+    followed by its backward before the next forward at the captured shape (a replay overwrites the buffers the
+    previous backward reads: accumulate gradients micro-batch by micro-batch, not over one summed loss), and a
+    second backward through the same forward (`retain_graph=True`) is not supported. Copies of the model
+    (`copy.deepcopy`) run their blocks eagerly.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
@@ -99,7 +112,7 @@ def capture_moe_cuda_graphs(
     blocks = [m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)]
     if not blocks:
         raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
-    first = next(blocks[0].parameters())
+    first = next(blocks[0].experts.parameters())
     if not first.is_cuda:
         raise ValueError(
             f"capture_moe_cuda_graphs needs the model on a CUDA device; its weights are on {first.device}."
@@ -136,10 +149,11 @@ def capture_moe_cuda_graphs(
     functions, samples, probes = [], [], []
     for block in blocks:
         block._cuda_graph = None
-        x = torch.randn(shape, device=first.device, dtype=dtype, requires_grad=True)
+        device = next(block.experts.parameters()).device
+        x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         mask = ()
         if attention_mask:
-            mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=first.device),)
+            mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=device),)
         with torch.no_grad():  # which optional routing tensors this router sets
             _, routing = block._eager_forward(x, *mask)
         optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.__dict__.get(n), torch.Tensor))
