@@ -136,7 +136,7 @@ def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.T
     """`weight[:, None] · silu(gate) · up` for `gate_up [S, 2I]` (gate columns first) → `[S, I]`."""
     num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(num_rows, inter)
-    block_m, block_n = 16, 128
+    block_m, block_n = 32, 128  # swept on an H100 at the Qwen3-30B and Mixtral shapes (benchmarks/NOTES.md)
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(inter, block_n))
     _swiglu_fwd_kernel[grid](
         gate_up, weight, out, offsets, offsets.numel(), inter=inter, BLOCK_M=block_m, BLOCK_N=block_n
@@ -165,11 +165,11 @@ def swiglu_backward(
         out = grad_gate_up  # not written (WRITE_OUT is off)
     else:
         out = grad_out if in_place else gate_up.new_empty(num_rows, inter)
-    block_m, block_n = 16, 128
+    block_m, block_n = 4, 512  # few rows, wide column blocks, 8 warps: swept as for swiglu_forward
     grid = (triton.cdiv(num_rows, block_m),)
     _swiglu_bwd_kernel[grid](
         gate_up, weight, grad_out, grad_gate_up, out, grad_weight, offsets, offsets.numel(), num_rows, inter=inter,
-        WRITE_OUT=recompute_out, BLOCK_M=block_m, BLOCK_N=block_n,
+        WRITE_OUT=recompute_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
     return grad_gate_up, grad_weight, out if recompute_out else None
 
