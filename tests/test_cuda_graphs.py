@@ -60,6 +60,63 @@ def test_graphed_training_steps_equal_eager_ones(attention_mask):
                            eager.generate(ids, max_new_tokens=4, do_sample=False))
 
 
+@requires_cuda
+def test_graphed_model_refuses_two_forwards_before_backward():
+    config = tiny_config(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2)
+    model = HfMoeForCausalLM(config).to("cuda", torch.bfloat16).train()
+    capture_moe_cuda_graphs(model, batch_size=2, sequence_length=16)
+    ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
+    first = model(input_ids=ids, labels=ids)
+    with pytest.raises(RuntimeError, match="called again before the backward of its previous call"):
+        model(input_ids=ids, labels=ids)
+    first.loss.backward()
+    second = model(input_ids=ids, labels=ids)  # the first outputs are still alive, but their backward has run
+    del second
+    model(input_ids=ids, labels=ids).loss.backward()  # dropped outputs never need their buffers
+
+
+def test_a_second_replay_before_backward_raises():
+    from hf_moe.moe.graphs import _ROUTING_TENSORS, _GraphedBlock
+
+    class Replay(torch.autograd.Function):  # stands in for make_graphed_callables' autograd Function
+        @staticmethod
+        def forward(ctx, hidden_states, weight):
+            ctx.save_for_backward(hidden_states)
+            return hidden_states * weight
+
+        @staticmethod
+        def backward(ctx, grad):
+            return None, (grad * ctx.saved_tensors[0]).sum((0, 1))
+
+    weight = torch.randn(4, requires_grad=True)
+
+    def replay(hidden_states):
+        return (Replay.apply(hidden_states, weight), *(torch.rand(2, 3) for _ in _ROUTING_TENSORS))
+
+    graphed = _GraphedBlock(replay, torch.Size((1, 2, 4)), torch.float32, False, (), None)
+    x = torch.randn(1, 2, 4)
+    out, _ = graphed(x, None)
+    with pytest.raises(RuntimeError, match="called again before the backward of its previous call"):
+        graphed(x, None)
+    out.pow(2).sum().backward()
+    out, _ = graphed(x, None)  # the previous output is alive, but its backward has run
+    del out
+    out, _ = graphed(x, None)  # the previous output was dropped: nothing will read its buffers
+    out.sum().backward()
+
+
+def test_capture_out_of_memory_names_the_tokens(monkeypatch):
+    model = HfMoeForCausalLM(tiny_config()).to(torch.bfloat16).train()
+    # past the device check (parameters only: the activations keep their CPU paths)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: isinstance(self, torch.nn.Parameter)))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB.")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", out_of_memory)
+    expected = r"Capture fewer tokens \(batch_size × sequence_length, here 2 × 8\)"
+    with pytest.raises(torch.OutOfMemoryError, match=expected):
+        capture_moe_cuda_graphs(model, batch_size=2, sequence_length=8)
 
 
 def test_refuses_what_a_graph_cannot_replay(monkeypatch):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -48,6 +49,7 @@ class _GraphedBlock:
                  optional: tuple[str, ...], capacity: int | None) -> None:
         self.graphed, self.shape, self.dtype, self.masked = graphed, shape, dtype, masked
         self.optional, self.capacity = optional, capacity
+        self._pending: weakref.ref | None = None  # autograd node of the last replay, until its backward starts
 
     def serves(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, training: bool) -> bool:
         return (
@@ -62,13 +64,25 @@ class _GraphedBlock:
     def __call__(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, RouterOutput]:
+        if self._pending is not None and self._pending() is not None:
+            raise RuntimeError(
+                "A CUDA-graphed MoE block was called again before the backward of its previous call: the replay "
+                "would overwrite the buffers that backward reads. Run backward after each forward (accumulate "
+                "gradients micro-batch by micro-batch, not over one summed loss), or drop the previous outputs first."
+            )
         out, *tensors = self.graphed(hidden_states, *([token_mask] if self.masked else []))
+        if out.grad_fn is not None:
+            self._pending = weakref.ref(out.grad_fn)
+            out.grad_fn.register_prehook(self._backward_started)
         fields = dict(zip(_ROUTING_TENSORS + self.optional, tensors))
         for name in _NOT_DIFFERENTIABLE:  # copies: the graph's buffers are overwritten by the next replay
             if fields.get(name) is not None:
                 fields[name] = fields[name].detach().clone()
         routing = RouterOutput(**fields, token_mask=token_mask, capacity=self.capacity)
         return out, routing
+
+    def _backward_started(self, grad_outputs: tuple[torch.Tensor, ...]) -> None:
+        self._pending = None
 
     def __deepcopy__(self, memo: dict) -> None:
         """A copy of a captured model (a reference model, an EMA copy) runs its blocks eagerly: these graphs read
@@ -100,8 +114,9 @@ def capture_moe_cuda_graphs(
     Moving the model or replacing its parameters afterwards invalidates the graphs (they read the weights in place;
     in-place optimizer steps are fine), and so does changing which of them require gradients. Each forward must be
     followed by its backward before the next forward at the captured shape (a replay overwrites the buffers the
-    previous backward reads: accumulate gradients micro-batch by micro-batch, not over one summed loss), and a
-    second backward through the same forward (`retain_graph=True`) is not supported. Copies of the model
+    previous backward reads: accumulate gradients micro-batch by micro-batch, not over one summed loss; a second
+    forward while the first one's outputs are alive and its backward has not started raises), and a second
+    backward through the same forward (`retain_graph=True`) is not supported. Copies of the model
     (`copy.deepcopy`) run their blocks eagerly.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
@@ -165,6 +180,12 @@ def capture_moe_cuda_graphs(
             graphed = torch.cuda.make_graphed_callables(
                 tuple(functions), tuple(samples), num_warmup_iters=warmup_steps, allow_unused_input=True
             )
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(
+            "capture_moe_cuda_graphs ran out of GPU memory: the graphs keep a memory pool of their own for the "
+            "blocks' activations and weight gradients, next to the memory of eager training. Capture fewer tokens "
+            f"(batch_size × sequence_length, here {batch_size} × {sequence_length}) or free memory first. Cause: {e}"
+        ) from e
     except RuntimeError as e:
         raise RuntimeError(
             "capture_moe_cuda_graphs: an MoE block could not be captured; something in its forward or backward waits "
