@@ -8,11 +8,14 @@ another batch shape, in eval mode and in `generate`. CPU tests check the clear e
 import copy
 from types import SimpleNamespace
 
+from peft import get_peft_model
+
 import pytest
 import torch
 import torch.distributed as dist
 
 from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs
+from hf_moe.integrations import lora_config
 
 from .conftest import assert_rel_close, tiny_config
 
@@ -75,6 +78,61 @@ def test_graphed_model_refuses_two_forwards_before_backward():
     model(input_ids=ids, labels=ids).loss.backward()  # dropped outputs never need their buffers
 
 
+@requires_cuda
+def test_lora_adapters_captured_after_get_peft_model_train_as_eagerly():
+    config = tiny_config(num_hidden_layers=2, num_experts=8, num_experts_per_tok=2, num_shared_experts=1)
+    base = HfMoeForCausalLM(config).to("cuda", torch.bfloat16)
+    eager = get_peft_model(base, lora_config(r=4, router=True, init_lora_weights=False)).train()
+    graphed = capture_moe_cuda_graphs(copy.deepcopy(eager), batch_size=2, sequence_length=16)
+    assert all(b._cuda_graph is not None for b in graphed.modules() if hasattr(b, "_cuda_graph"))
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (eager, graphed)]
+    for step in range(3):
+        ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
+        outs = [m(input_ids=ids, labels=ids) for m in (eager, graphed)]
+        for out in outs:
+            out.loss.backward()
+        assert_rel_close(outs[1].logits, outs[0].logits, 1e-6, f"logits, step {step}")
+        trained = [(n, p, q) for (n, p), q in zip(eager.named_parameters(), graphed.parameters()) if p.requires_grad]
+        assert any("experts" in n and "lora" in n for n, _, _ in trained)
+        for name, p, q in trained:
+            assert_rel_close(q.grad, p.grad, 1e-6, f"grad {name}, step {step}")
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    assert all(b._cuda_graph is not None for b in graphed.modules() if hasattr(b, "_cuda_graph"))  # replayed
+
+
+def test_graphs_are_dropped_when_the_blocks_parameters_change(monkeypatch):
+    from hf_moe.moe.graphs import _GraphedBlock
+
+    model = HfMoeForCausalLM(tiny_config()).to(torch.bfloat16).train()
+    block = model.model.layers[0].mlp
+    x = torch.randn(2, 8, 32, dtype=torch.bfloat16)
+
+    def capture():
+        block._cuda_graph = _GraphedBlock(lambda *a: None, x.shape, x.dtype, False, (), None, block)
+        return block._cuda_graph
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # serves() asks the input only
+    graphed = capture()
+    assert graphed.serves(block, x, None)
+    assert not graphed.serves(block, x[:, :4], None)  # another shape: eager, graphs kept
+    assert block._cuda_graph is graphed
+    block.router.weight.requires_grad_(False)
+    with pytest.warns(UserWarning, match="parameters changed after capture_moe_cuda_graphs"):
+        assert not graphed.serves(block, x, None)
+    assert block._cuda_graph is None
+    block.router.weight.requires_grad_(True)
+    graphed = capture()
+    with torch.no_grad():
+        block.router.weight.copy_(torch.randn_like(block.router.weight))  # in place, as an optimizer step
+    assert graphed.serves(block, x, None)
+    get_peft_model(model, lora_config(r=2))  # replaces the experts by PEFT's wrapper, freezes the base weights
+    with pytest.warns(UserWarning, match="an adapter added"):
+        assert not graphed.serves(block, x, None)
+    assert block._cuda_graph is None
+
+
 def test_a_second_replay_before_backward_raises():
     from hf_moe.moe.graphs import _ROUTING_TENSORS, _GraphedBlock
 
@@ -93,7 +151,7 @@ def test_a_second_replay_before_backward_raises():
     def replay(hidden_states):
         return (Replay.apply(hidden_states, weight), *(torch.rand(2, 3) for _ in _ROUTING_TENSORS))
 
-    graphed = _GraphedBlock(replay, torch.Size((1, 2, 4)), torch.float32, False, (), None)
+    graphed = _GraphedBlock(replay, torch.Size((1, 2, 4)), torch.float32, False, (), None, torch.nn.Linear(4, 4))
     x = torch.randn(1, 2, 4)
     out, _ = graphed(x, None)
     with pytest.raises(RuntimeError, match="called again before the backward of its previous call"):
@@ -160,7 +218,7 @@ def test_a_copy_of_a_captured_model_runs_its_blocks_eagerly():
 
     model = HfMoeForCausalLM(tiny_config())
     block = model.model.layers[0].mlp
-    block._cuda_graph = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None)
+    block._cuda_graph = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None, block)
     copied = copy.deepcopy(model)
     assert copied.model.layers[0].mlp._cuda_graph is None  # its graphs would read the original's weights
     assert model.model.layers[0].mlp._cuda_graph is block._cuda_graph

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 
 import torch
@@ -46,20 +47,36 @@ class _GraphedBlock:
     """The captured graphs of one block and the calls they serve (plain object: not a submodule of the block)."""
 
     def __init__(self, graphed: nn.Module, shape: torch.Size, dtype: torch.dtype, masked: bool,
-                 optional: tuple[str, ...], capacity: int | None) -> None:
+                 optional: tuple[str, ...], capacity: int | None, block: nn.Module) -> None:
         self.graphed, self.shape, self.dtype, self.masked = graphed, shape, dtype, masked
         self.optional, self.capacity = optional, capacity
+        self.parameters = _parameter_state(block)
         self._pending: weakref.ref | None = None  # autograd node of the last replay, until its backward starts
 
-    def serves(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None, training: bool) -> bool:
-        return (
-            training
+    def serves(self, block: nn.Module, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> bool:
+        """Whether this call of `block` replays the graphs: a training call with gradients at the captured shape,
+        dtype and mask presence, on the parameters that were captured. When those changed (an adapter added, a
+        weight replaced, moved or frozen) the graphs can never serve again: they are dropped with a warning, and
+        the block runs eagerly from then on."""
+        if not (
+            block.training
             and torch.is_grad_enabled()
             and hidden_states.shape == self.shape
             and hidden_states.dtype == self.dtype
             and hidden_states.is_cuda
             and (token_mask is not None) == self.masked
-        )
+        ):
+            return False
+        if _parameter_state(block) != self.parameters:
+            warnings.warn(
+                "An MoE block's parameters changed after capture_moe_cuda_graphs (an adapter added, a weight replaced, "
+                "moved or frozen); its CUDA graphs would still read the old ones, so they are dropped and the block "
+                "runs eagerly. Capture after such changes (after get_peft_model, for instance).",
+                stacklevel=3,
+            )
+            block._cuda_graph = None
+            return False
+        return True
 
     def __call__(
         self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
@@ -90,6 +107,16 @@ class _GraphedBlock:
         return None
 
 
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The hf-moe module under a PEFT wrapper (`target_parameters` LoRA wraps the experts and the router)."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def _parameter_state(block: nn.Module) -> tuple[tuple[int, int, bool], ...]:
+    """What the graphs of `block` depend on: each parameter's identity, memory and whether it takes a gradient."""
+    return tuple((id(p), p.data_ptr(), p.requires_grad) for p in block.parameters())
+
+
 @contextlib.contextmanager
 def _thread_local_capture():
     """Captures in thread-local mode: `make_graphed_callables` captures in global mode, where a CUDA call from any
@@ -108,16 +135,19 @@ def capture_moe_cuda_graphs(
     """Capture every MoE block of `model` (on a CUDA device, in training mode, weights in their final place and
     dtype) in CUDA graphs for batches of `batch_size × sequence_length` tokens (per process), with a 2-D
     `attention_mask` passed to the model if `attention_mask`. Returns `model`; call after `expert_parallelize` /
-    `from_pretrained(..., expert_parallel_size=P, padded_dispatch=True)` and before wrapping it (DDP, PEFT wrappers
-    create no new expert weights afterwards). Collective under expert parallelism: call on every rank.
+    `from_pretrained(..., expert_parallel_size=P, padded_dispatch=True)`, after adding PEFT adapters
+    (`get_peft_model`), and before DDP wraps it (`accelerator.prepare`). Collective under expert parallelism: call
+    on every rank.
 
-    Moving the model or replacing its parameters afterwards invalidates the graphs (they read the weights in place;
-    in-place optimizer steps are fine), and so does changing which of them require gradients. Each forward must be
-    followed by its backward before the next forward at the captured shape (a replay overwrites the buffers the
-    previous backward reads: accumulate gradients micro-batch by micro-batch, not over one summed loss; a second
-    forward while the first one's outputs are alive and its backward has not started raises), and a second
-    backward through the same forward (`retain_graph=True`) is not supported. Copies of the model
-    (`copy.deepcopy`) run their blocks eagerly.
+    The graphs read the weights in place (in-place optimizer steps are fine). Moving the model, replacing or
+    freezing a block's parameters or adding adapters afterwards drops that block's graphs, with a warning, and the
+    block runs eagerly from then on.
+
+    Each forward must be followed by its backward before the next forward at the captured shape (a replay
+    overwrites the buffers the previous backward reads: accumulate gradients micro-batch by micro-batch, not over
+    one summed loss; a second forward while the first one's outputs are alive and its backward has not started
+    raises), and a second backward through the same forward (`retain_graph=True`) is not supported. Copies of the
+    model (`copy.deepcopy`) run their blocks eagerly.
     """
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise ValueError(
@@ -127,7 +157,7 @@ def capture_moe_cuda_graphs(
     blocks = [m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)]
     if not blocks:
         raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
-    first = next(blocks[0].experts.parameters())
+    first = _base_layer(blocks[0].experts).gate_up_proj
     if not first.is_cuda:
         raise ValueError(
             f"capture_moe_cuda_graphs needs the model on a CUDA device; its weights are on {first.device}."
@@ -152,19 +182,20 @@ def capture_moe_cuda_graphs(
                 "(padded_dispatch=True, overlap_weight_grads=False): the default dispatch waits for the GPU once per "
                 "layer, which a CUDA graph cannot contain."
             )
-        if isinstance(block.router, HashRouter):
+        router = _base_layer(block.router)
+        if isinstance(router, HashRouter):
             raise ValueError("capture_moe_cuda_graphs: hash routing reads token ids, which the graphs do not take.")
-        if getattr(block.router, "expert_bias", None) is not None:
+        if getattr(router, "expert_bias", None) is not None:
             raise ValueError(
                 "capture_moe_cuda_graphs: routers with an expert_bias (aux-loss-free balancing) accumulate their "
                 "selection counts on the Python side, which a replayed graph would skip; train them eagerly."
             )
-    shape = torch.Size((batch_size, sequence_length, blocks[0].router.config.hidden_size))
+    shape = torch.Size((batch_size, sequence_length, first.shape[-1]))
     dtype = first.dtype
     functions, samples, probes = [], [], []
     for block in blocks:
         block._cuda_graph = None
-        device = next(block.experts.parameters()).device
+        device = _base_layer(block.experts).gate_up_proj.device
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         mask = ()
         if attention_mask:
@@ -187,11 +218,12 @@ def capture_moe_cuda_graphs(
             f"(batch_size × sequence_length, here {batch_size} × {sequence_length}) or free memory first. Cause: {e}"
         ) from e
     except RuntimeError as e:
+        router, experts = _base_layer(blocks[0].router), _base_layer(blocks[0].experts)
         raise RuntimeError(
             "capture_moe_cuda_graphs: an MoE block could not be captured; something in its forward or backward waits "
-            f"for the GPU or copies to the host (router {type(blocks[0].router).__name__}, experts implementation "
-            f"{blocks[0].experts.config._experts_implementation!r}; hf_moe_grouped is capturable). Cause: {e}"
+            f"for the GPU or copies to the host (router {type(router).__name__}, experts implementation "
+            f"{experts.config._experts_implementation!r}; hf_moe_grouped is capturable). Cause: {e}"
         ) from e
     for block, function, (optional, capacity) in zip(blocks, graphed, probes):
-        block._cuda_graph = _GraphedBlock(function, shape, dtype, attention_mask, optional, capacity)
+        block._cuda_graph = _GraphedBlock(function, shape, dtype, attention_mask, optional, capacity, block)
     return model

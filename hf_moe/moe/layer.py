@@ -52,7 +52,7 @@ class HfMoeSparseMoeBlock(nn.Module):
     ) -> tuple[torch.Tensor, RouterOutput]:
         """`[B, S, H]` → `[B, S, H]` and the router's decisions; `token_mask` `[B·S]` marks real tokens,
         `input_ids` `[B, S]` (or `[B·S]`) are the token ids (hash routing needs them)."""
-        if self._cuda_graph is not None and self._cuda_graph.serves(hidden_states, token_mask, self.training):
+        if self._cuda_graph is not None and self._cuda_graph.serves(self, hidden_states, token_mask):
             return self._cuda_graph(hidden_states, token_mask)
         return self._eager_forward(hidden_states, token_mask, input_ids)
 
