@@ -102,6 +102,9 @@ def main() -> None:
                 failures.append(f"bf16 {ep} error {errors[ep]} > 2x one process {one}")
     if rank == 0:
         print("EQUIVALENCE " + ("FAILED: " + "; ".join(failures) if failures else "OK"), flush=True)
+    accelerator.free_memory()  # live graphs that captured NCCL calls block the teardown: drop every reference
+    del ddp, out, logits, loss, grads
+    hf_moe.release_moe_cuda_graphs(model)
     dist.destroy_process_group()
     sys.exit(1 if failures else 0)
 

@@ -6,6 +6,7 @@ another batch shape, in eval mode and in `generate`. CPU tests check the clear e
 """
 
 import copy
+import gc
 from types import SimpleNamespace
 
 from peft import get_peft_model
@@ -14,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs
+from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs, release_moe_cuda_graphs
 from hf_moe.integrations import lora_config
 
 from .conftest import assert_rel_close, tiny_config
@@ -61,6 +62,12 @@ def test_graphed_training_steps_equal_eager_ones(attention_mask):
         assert_rel_close(graphed(input_ids=ids).logits, eager(input_ids=ids).logits, 1e-6, "eval")
         assert torch.equal(graphed.generate(ids, max_new_tokens=4, do_sample=False),
                            eager.generate(ids, max_new_tokens=4, do_sample=False))
+    del outs, out
+    release_moe_cuda_graphs(graphed)
+    assert not any(isinstance(o, torch.cuda.CUDAGraph) for o in gc.get_objects())  # freed, pool included
+    graphed.train()
+    ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
+    assert_rel_close(graphed(input_ids=ids).logits, eager.train()(input_ids=ids).logits, 1e-6, "released, eager")
 
 
 @requires_cuda
@@ -224,3 +231,15 @@ def test_a_copy_of_a_captured_model_runs_its_blocks_eagerly():
     assert model.model.layers[0].mlp._cuda_graph is block._cuda_graph
     ids = torch.randint(0, 97, (2, 6))
     torch.testing.assert_close(copied.eval()(ids).logits, model.eval()(ids).logits)
+
+
+def test_release_drops_every_blocks_graphs():
+    from hf_moe.moe.graphs import _GraphedBlock
+
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=3))
+    blocks = [m for m in model.modules() if hasattr(m, "_cuda_graph")]
+    for block in blocks:
+        block._cuda_graph = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None,
+                                          block)
+    assert release_moe_cuda_graphs(model) is model
+    assert len(blocks) == 3 and all(block._cuda_graph is None for block in blocks)

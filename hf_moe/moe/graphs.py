@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import warnings
 import weakref
 
@@ -90,7 +91,7 @@ class _GraphedBlock:
         out, *tensors = self.graphed(hidden_states, *([token_mask] if self.masked else []))
         if out.grad_fn is not None:
             self._pending = weakref.ref(out.grad_fn)
-            out.grad_fn.register_prehook(self._backward_started)
+            out.grad_fn.register_prehook(functools.partial(_backward_started, weakref.ref(self)))
         fields = dict(zip(_ROUTING_TENSORS + self.optional, tensors))
         for name in _NOT_DIFFERENTIABLE:  # copies: the graph's buffers are overwritten by the next replay
             if fields.get(name) is not None:
@@ -98,13 +99,16 @@ class _GraphedBlock:
         routing = RouterOutput(**fields, token_mask=token_mask, capacity=self.capacity)
         return out, routing
 
-    def _backward_started(self, grad_outputs: tuple[torch.Tensor, ...]) -> None:
-        self._pending = None
-
     def __deepcopy__(self, memo: dict) -> None:
         """A copy of a captured model (a reference model, an EMA copy) runs its blocks eagerly: these graphs read
         the original's weights."""
         return None
+
+
+def _backward_started(graphed: weakref.ref, grad_outputs: tuple[torch.Tensor, ...]) -> None:
+    """Pre-hook of a replay's autograd node (holding no reference to the graphs, which must be freeable)."""
+    if graphed() is not None:
+        graphed()._pending = None
 
 
 def _base_layer(module: nn.Module) -> nn.Module:
@@ -226,4 +230,21 @@ def capture_moe_cuda_graphs(
         ) from e
     for block, function, (optional, capacity) in zip(blocks, graphed, probes):
         block._cuda_graph = _GraphedBlock(function, shape, dtype, attention_mask, optional, capacity, block)
+    return model
+
+
+def release_moe_cuda_graphs(model: nn.Module) -> nn.Module:
+    """Drop the CUDA graphs of every MoE block of `model` and free their memory pool; the blocks run eagerly from
+    then on. Returns `model`.
+
+    Under expert parallelism call it on every rank before `torch.distributed.destroy_process_group()` (or
+    `accelerator.end_training()`): NCCL cannot destroy a communicator that live graphs captured, and the call then
+    hangs (pytorch/pytorch#115388). Whatever else holds a graphed step (its outputs, a loss, gradients still in
+    `.grad`: `optimizer.zero_grad()`, `accelerator`'s list of prepared models: `accelerator.free_memory()`) keeps
+    the graphs or their memory alive too; drop those first.
+    """
+    for block in model.modules():
+        if isinstance(block, HfMoeSparseMoeBlock):
+            block._cuda_graph = None
+    gc.collect()  # each block and its graphs reference each other
     return model
