@@ -346,6 +346,11 @@ def grouped_experts_forward(
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The hf-moe module under a PEFT wrapper (`target_parameters` LoRA wraps the experts and the router)."""
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
 def run_routed_experts(
     experts: nn.Module,
     hidden_states: torch.Tensor,
@@ -362,7 +367,7 @@ def run_routed_experts(
     weight gradients to). For the others only the real (token, expert) slots are gathered (one host sync), run
     as top-1 slots and summed back per token.
     """
-    base = experts.get_base_layer() if hasattr(experts, "get_base_layer") else experts
+    base = base_layer(experts)
     implementation = base.config._experts_implementation
     if implementation == "hf_moe_grouped" and (num_slots is not None or weight_grads is not None):
         return experts(hidden_states, top_k_index, top_k_weights, num_slots=num_slots, weight_grads=weight_grads)

@@ -20,6 +20,7 @@ import weakref
 import torch
 from torch import nn
 
+from .experts import base_layer
 from .layer import HfMoeSparseMoeBlock
 from .router import HashRouter, RouterOutput
 
@@ -107,13 +108,9 @@ class _GraphedBlock:
 
 def _backward_started(graphed: weakref.ref, grad_outputs: tuple[torch.Tensor, ...]) -> None:
     """Pre-hook of a replay's autograd node (holding no reference to the graphs, which must be freeable)."""
-    if graphed() is not None:
-        graphed()._pending = None
-
-
-def _base_layer(module: nn.Module) -> nn.Module:
-    """The hf-moe module under a PEFT wrapper (`target_parameters` LoRA wraps the experts and the router)."""
-    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    owner = graphed()
+    if owner is not None:
+        owner._pending = None
 
 
 def _parameter_state(block: nn.Module) -> tuple[tuple[int, int, bool], ...]:
@@ -161,7 +158,7 @@ def capture_moe_cuda_graphs(
     blocks = [m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)]
     if not blocks:
         raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
-    first = _base_layer(blocks[0].experts).gate_up_proj
+    first = base_layer(blocks[0].experts).gate_up_proj
     if not first.is_cuda:
         raise ValueError(
             f"capture_moe_cuda_graphs needs the model on a CUDA device; its weights are on {first.device}."
@@ -186,7 +183,7 @@ def capture_moe_cuda_graphs(
                 "(padded_dispatch=True, overlap_weight_grads=False): the default dispatch waits for the GPU once per "
                 "layer, which a CUDA graph cannot contain."
             )
-        router = _base_layer(block.router)
+        router = base_layer(block.router)
         if isinstance(router, HashRouter):
             raise ValueError("capture_moe_cuda_graphs: hash routing reads token ids, which the graphs do not take.")
         if getattr(router, "expert_bias", None) is not None:
@@ -199,7 +196,7 @@ def capture_moe_cuda_graphs(
     functions, samples, probes = [], [], []
     for block in blocks:
         block._cuda_graph = None
-        device = _base_layer(block.experts).gate_up_proj.device
+        device = base_layer(block.experts).gate_up_proj.device
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         mask = ()
         if attention_mask:
@@ -222,7 +219,7 @@ def capture_moe_cuda_graphs(
             f"(batch_size × sequence_length, here {batch_size} × {sequence_length}) or free memory first. Cause: {e}"
         ) from e
     except RuntimeError as e:
-        router, experts = _base_layer(blocks[0].router), _base_layer(blocks[0].experts)
+        router, experts = base_layer(blocks[0].router), base_layer(blocks[0].experts)
         raise RuntimeError(
             "capture_moe_cuda_graphs: an MoE block could not be captured; something in its forward or backward waits "
             f"for the GPU or copies to the host (router {type(router).__name__}, experts implementation "
