@@ -8,6 +8,7 @@ decode (T = 64, forward only) against the HBM floor = bytes of the experts touch
 
     python benchmarks/moe_layer.py                 # GPU: all shapes, T ∈ {4096, 8192, 16384}, three routings
     python benchmarks/moe_layer.py --quick         # GPU: T = 8192, uniform routing, and decode
+    python benchmarks/moe_layer.py --decode-only   # GPU: decode only (T = 64), every shape
     python benchmarks/moe_layer.py --device cpu    # CPU: small shape (H 512, I 1024, E 16, k 2), T 1024, fp32
 
 With liger-kernel installed (`pip install "hf-moe[liger]"`), the GPU run adds Liger-Kernel's fused MoE
@@ -34,6 +35,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 import hf_moe
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs
+from hf_moe.moe import experts as experts_module
 from hf_moe.moe.experts import grouped_experts_forward
 from hf_moe.moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 
@@ -209,6 +211,15 @@ def graph_time(fn: Callable[[], object], device: str, reps: int) -> float:
     return timeit(graph.replay, device, reps)[0]
 
 
+def grouped_gemms_forward(experts, x, index, weights):
+    """`hf_moe_grouped` with its decode kernels turned off: the grouped-GEMM path that training runs."""
+    saved, experts_module._DECODE_ROWS_PER_EXPERT = experts_module._DECODE_ROWS_PER_EXPERT, 0
+    try:
+        return grouped_experts_forward(experts, x, index, weights)
+    finally:
+        experts_module._DECODE_ROWS_PER_EXPERT = saved
+
+
 def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int,
            liger: bool) -> list[dict]:
     """Forward of `tokens` tokens (block, and experts alone on the same routing), eager and replayed from a CUDA
@@ -226,6 +237,7 @@ def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, 
         ("block_peer_grouped_mm", lambda: run_block(peer, "grouped_mm", x), True),
         ("block_peer_eager", lambda: run_block(peer, "eager", x), False),
         ("experts_hf-moe", lambda: grouped_experts_forward(hf_block.experts, x2d, index, weights), True),
+        ("experts_hf-moe_grouped_gemms", lambda: grouped_gemms_forward(hf_block.experts, x2d, index, weights), True),
         ("experts_peer_grouped_mm", lambda: grouped_mm_experts_forward(peer.experts, x2d, index, weights), True),
     ]
     if liger:  # one host sync per call (its tile count): not capturable
@@ -258,6 +270,7 @@ def main() -> None:
     ap.add_argument("--routings", default=None, help="comma list of uniform, balanced, skewed")
     ap.add_argument("--quick", action="store_true", help="T=8192, uniform routing, decode")
     ap.add_argument("--no-decode", action="store_true")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode cases (GPU)")
     ap.add_argument("--eager-shapes", default="mixtral,qwen3,small",
                     help="shapes that also time transformers' eager loop (DSV3's takes minutes at ~1 TFLOP/s)")
     ap.add_argument("--liger-shapes", default="mixtral,qwen3",
@@ -304,7 +317,7 @@ def main() -> None:
             token_list = [2048, 4096]
         else:
             token_list = [4096, 8192, 16384] + ([32768] if name == "qwen3" else [])
-        for tokens in token_list:
+        for tokens in [] if a.decode_only else token_list:
             flops = 2 * tokens * top_k * 3 * hidden * inter
             act = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
             w = torch.randn(hidden, 3 * inter, device=device, dtype=dtype)
