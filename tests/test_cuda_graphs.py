@@ -9,11 +9,10 @@ import copy
 import gc
 from types import SimpleNamespace
 
-from peft import get_peft_model
-
 import pytest
 import torch
 import torch.distributed as dist
+from peft import get_peft_model
 
 from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs, release_moe_cuda_graphs
 from hf_moe.integrations import lora_config

@@ -143,7 +143,8 @@ def slow_write(f, planned):  # stall mid-conversion until the parent sends SIGIN
     calls.append(planned.name)
     if len(calls) == 5:
         pathlib.Path(sys.argv[3]).write_text("writing")
-        time.sleep(120)
+        for _ in range(1200):  # short sleeps: a SIGINT taken by another thread wakes no long sleep of this one
+            time.sleep(0.1)
     write_tensor(f, planned)
 io._write_tensor = slow_write
 sys.exit(main(["upcycle", sys.argv[1], sys.argv[2], "--num-experts", "4", "--top-k", "2", "--no-progress"]))
