@@ -20,7 +20,7 @@ import triton.language as tl
 from .triton_moe import gather_sum
 
 # Column and reduction block sizes and warps, chosen on an H200 at the Qwen3-30B-A3B, Mixtral and DeepSeek-V3
-# decode shapes (benchmarks/NOTES.md, "Decode kernels").
+# decode shapes (benchmarks/NOTES.md, "Seventh session: decode kernels").
 _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 64, 128, 4, 3
 
 
