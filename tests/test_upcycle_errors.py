@@ -135,7 +135,8 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch, int
 
 
 CTRL_C_CHILD = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, also when started from a background job
 import conversions.safetensors_io as io
 from conversions.cli import main
 write_tensor, calls = io._write_tensor, []
@@ -143,7 +144,7 @@ def slow_write(f, planned):  # stall mid-conversion until the parent sends SIGIN
     calls.append(planned.name)
     if len(calls) == 5:
         pathlib.Path(sys.argv[3]).write_text("writing")
-        for _ in range(1200):  # short sleeps: a SIGINT taken by another thread wakes no long sleep of this one
+        for _ in range(1200):  # short sleeps, so the interrupt is seen within 0.1 s
             time.sleep(0.1)
     write_tensor(f, planned)
 io._write_tensor = slow_write
