@@ -227,6 +227,31 @@ def test_model_defaults_to_hf_moe_grouped_and_switches():
     torch.testing.assert_close(fast, peer, rtol=1e-4, atol=1e-5)
 
 
+def test_decode_kernels_are_chosen_from_shapes_and_flags_alone(monkeypatch):
+    """Which calls take the decode kernels (decided on the host, so CUDA graphs and torch.compile see one path):
+    half-precision SiLU experts, nothing that needs a gradient, at most `_DECODE_ROWS_PER_EXPERT` rows per expert on
+    average. Checked on CPU tensors with the device test stubbed out; the kernels themselves are tested on the GPU."""
+    from hf_moe.moe import experts as backend
+
+    monkeypatch.setattr(backend, "_use_triton", lambda tensor, fused_silu=True: fused_silu)
+    experts = make_experts(16, 24, 8, 2, dtype=torch.bfloat16)
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    weights = torch.rand(5, 2, dtype=torch.bfloat16)
+    limit = backend._DECODE_ROWS_PER_EXPERT * experts.num_experts
+    with torch.no_grad():
+        assert backend._decodes(experts, x, weights, limit, True)
+        assert not backend._decodes(experts, x, weights, limit + 1, True)
+        assert not backend._decodes(experts, x, weights, 10, False)  # another activation
+    assert not backend._decodes(experts, x, weights, 10, True)  # the expert weights require grad
+    with torch.inference_mode():
+        assert backend._decodes(experts, x, weights, 10, True)
+    experts.requires_grad_(False)
+    assert backend._decodes(experts, x, weights, 10, True)
+    assert not backend._decodes(experts, x.requires_grad_(True), weights, 10, True)
+    with torch.no_grad():
+        assert not backend._decodes(experts.float(), x.float(), weights.float(), 10, True)
+
+
 def test_cpu_path_never_imports_triton_kernels():
     # a fresh interpreter: on a GPU machine the CUDA tests of this session import the kernels themselves
     code = (
