@@ -144,8 +144,7 @@ def slow_write(f, planned):  # stall mid-conversion until the parent sends SIGIN
     calls.append(planned.name)
     if len(calls) == 5:
         pathlib.Path(sys.argv[3]).write_text("writing")
-        for _ in range(1200):  # short sleeps, so the interrupt is seen within 0.1 s
-            time.sleep(0.1)
+        time.sleep(120)
     write_tensor(f, planned)
 io._write_tensor = slow_write
 sys.exit(main(["upcycle", sys.argv[1], sys.argv[2], "--num-experts", "4", "--top-k", "2", "--no-progress"]))
