@@ -220,6 +220,15 @@ def grouped_gemms_forward(experts, x, index, weights):
         experts_module._DECODE_ROWS_PER_EXPERT = saved
 
 
+def torch_gemms_forward(experts, x, index, weights):
+    """`hf_moe_grouped` with its own Triton grouped GEMMs turned off: every GEMM is torch's grouped GEMM."""
+    saved, experts_module._OWN_GEMM_ROWS_PER_EXPERT = experts_module._OWN_GEMM_ROWS_PER_EXPERT, 0
+    try:
+        return grouped_experts_forward(experts, x, index, weights)
+    finally:
+        experts_module._OWN_GEMM_ROWS_PER_EXPERT = saved
+
+
 def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int,
            liger: bool) -> list[dict]:
     """Forward of `tokens` tokens (block, and experts alone on the same routing), eager and replayed from a CUDA
@@ -347,6 +356,11 @@ def main() -> None:
                         expert_leaves, flops, tokens, device, reps,
                     ),
                 }
+                if not cpu:  # the same path on torch's grouped GEMMs
+                    res["experts_hf-moe_torch_gemms"] = measure(
+                        lambda: torch_gemms_forward(hf_block.experts, x2d, top_index, top_weights),
+                        expert_leaves, flops, tokens, device, reps,
+                    )
                 if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs
                     try:
                         capture_moe_cuda_graphs(hf_block, 1, tokens)
@@ -413,18 +427,20 @@ def print_summary(summary, cpu: bool) -> None:
     unit = "TFLOP/s" if not cpu else "TFLOP/s (CPU)"
     print(f"\n| case | dense-equiv {unit} | hf-moe block fwd / fwd+bwd | peer grouped_mm block fwd / fwd+bwd | "
           "peer eager block fwd+bwd | block ratio vs grouped_mm / vs eager (fwd+bwd) | experts only: hf-moe / peer "
-          "grouped_mm fwd+bwd | experts ratio | activations KB/token hf / peer | peak GB hf / peer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "grouped_mm fwd+bwd | experts ratio | hf-moe experts on torch's GEMMs fwd+bwd | activations KB/token "
+          "hf / peer | peak GB hf / peer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key, dense, res in summary:
         if dense is None:
             continue
         hf, gm, ea = res["hf-moe"], res.get("peer_grouped_mm", {}), res.get("peer_eager", {})
         ehf, egm = res["experts_hf-moe"], res["experts_peer_grouped_mm"]
+        etg = res.get("experts_hf-moe_torch_gemms", {})
         mem = lambda r, k, f: f"{r[k]:{f}}" if k in r else "-"  # noqa: E731
         print(f"| {key} | {dense:{fmt}} | {tf(hf, 'fwd_tflops')} / {tf(hf, 'fwdbwd_tflops')} | "
               f"{tf(gm, 'fwd_tflops')} / {tf(gm, 'fwdbwd_tflops')} | {tf(ea, 'fwdbwd_tflops')} | "
               f"{ratio(gm, hf)} / {ratio(ea, hf)} | {tf(ehf, 'fwdbwd_tflops')} / {tf(egm, 'fwdbwd_tflops')} | "
-              f"{ratio(egm, ehf)} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
+              f"{ratio(egm, ehf)} | {tf(etg, 'fwdbwd_tflops')} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
               f"{mem(hf, 'peak_fwdbwd_gb', '.2f')} / {mem(gm, 'peak_fwdbwd_gb', '.2f')} |")
     graphed_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_graphed" in res]
     if graphed_rows:

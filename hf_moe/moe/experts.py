@@ -56,12 +56,15 @@ class HfMoeExperts(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks of `hf_moe_grouped`. Rows are (token, slot) pairs sorted by expert; `offsets[e]` is the end row
-# of expert e, so rows from `offsets[-1]` on are dropped slots. On CUDA the GEMMs are `torch.nn.functional.
-# grouped_mm` (no host sync; rows past `offsets[-1]` are left unwritten, so every consumer masks them) and the
-# memory-bound steps are fused Triton kernels; elsewhere the GEMMs are one `mm` per expert (host offsets are free
-# there) that zero the dropped rows, and the other steps are plain torch ops.
+# of expert e, so rows from `offsets[-1]` on are dropped slots. On CUDA (bf16) the GEMMs are grouped GEMMs with
+# no host sync that leave the rows past `offsets[-1]` unwritten, so every consumer masks them: hf-moe's own Triton
+# kernels at up to `_OWN_GEMM_ROWS_PER_EXPERT` rows per expert on Hopper or newer (the gate/up one with SwiGLU in its
+# epilogue), `torch.nn.functional.grouped_mm` otherwise; the memory-bound steps are fused Triton kernels. Elsewhere
+# the GEMMs are one `mm` per expert (host offsets are free there) that zero the dropped rows, and the other steps
+# are plain torch ops.
 
 _TRITON_KERNELS = None
+_GEMM_KERNELS = None
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -76,6 +79,16 @@ def _triton_kernels():
     return _TRITON_KERNELS
 
 
+def _gemm_kernels():
+    """The Triton grouped-GEMM module, imported on first use (only ever for CUDA tensors)."""
+    global _GEMM_KERNELS
+    if _GEMM_KERNELS is None:
+        from .kernels import grouped_gemm
+
+        _GEMM_KERNELS = grouped_gemm
+    return _GEMM_KERNELS
+
+
 def _use_triton(tensor: torch.Tensor, fused_silu: bool = True) -> bool:
     """Triton kernels serve CUDA tensors; the SwiGLU kernels only the SiLU activation (`fused_silu`)."""
     return fused_silu and _HAS_TRITON and tensor.is_cuda
@@ -87,8 +100,29 @@ def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and tensor.dtype == torch.bfloat16 and _torch_grouped_mm is not None
 
 
+# Mean (token, slot) rows per expert up to which the CUDA GEMMs are hf-moe's own Triton grouped GEMMs
+# (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's: on an H200 they are faster at the Qwen3-30B-A3B (512 rows
+# per expert at T = 8192) and DeepSeek-V3 (128) shapes and slower at Mixtral's 2048 (benchmarks/NOTES.md).
+_OWN_GEMM_ROWS_PER_EXPERT = 1024
+
+
+def _own_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the GEMM of `a [S, K]` and `b [E, K, N]` runs as hf-moe's Triton grouped GEMM: CUDA bf16 on Hopper or
+    newer, few rows per expert, and not while torch.compile traces (it traces torch's grouped GEMM). Decided on
+    the host from shapes, strides and flags."""
+    return (
+        _grouped_mm_leaves_tail_unwritten(a)
+        and _HAS_TRITON
+        and a.shape[0] <= _OWN_GEMM_ROWS_PER_EXPERT * b.shape[0]
+        and not torch.compiler.is_compiling()
+        and _gemm_kernels().supports(a, b)
+    )
+
+
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`a [S, K]` sorted by expert, `b [E, K, N]` (any strides) → `[S, N]` with rows of expert e = `a_e @ b[e]`."""
+    if _own_gemm(a, b):
+        return _gemm_kernels().grouped_mm(a, b, offsets)
     if _grouped_mm_leaves_tail_unwritten(a):
         return _torch_grouped_mm(a, b, offs=offsets)
     out = a.new_empty(a.shape[0], b.shape[-1])
@@ -212,9 +246,14 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         weight_grads: WeightGradQueue | None,
     ) -> torch.Tensor:
         x_sorted = _gather(x, token, offsets)
-        gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets)
         weight = top_k_weights.reshape(-1).index_select(0, order)
-        y = _grouped_mm(_gated_act(gate_up, weight, offsets, act_fn, fused_silu), down_proj.transpose(1, 2), offsets)
+        if _use_triton(x_sorted, fused_silu) and _own_gemm(x_sorted, gate_up_proj.transpose(1, 2)):
+            gate_up, act = _gemm_kernels().gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
+        else:
+            gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets)
+            act = _gated_act(gate_up, weight, offsets, act_fn, fused_silu)
+        y = _grouped_mm(act, down_proj.transpose(1, 2), offsets)
+        del act
         ctx.save_for_backward(x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets)
         ctx.num_tokens = x.shape[0]
         ctx.gate_up_consumed = False
