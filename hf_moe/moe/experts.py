@@ -101,9 +101,9 @@ def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
 
 
 # Mean (token, slot) rows per expert up to which the CUDA GEMMs are hf-moe's own Triton grouped GEMMs
-# (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's: on an H200 they are faster at the Qwen3-30B-A3B (512 rows
-# per expert at T = 8192) and DeepSeek-V3 (128) shapes and slower at Mixtral's 2048 (benchmarks/NOTES.md).
-_OWN_GEMM_ROWS_PER_EXPERT = 1024
+# (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's: on an H200 they are 1.05-1.28x faster at 64-128 rows per
+# expert (DeepSeek-V3, Qwen3-30B-A3B at T = 2048), even at 512 and no faster from 1024 (benchmarks/NOTES.md).
+_OWN_GEMM_ROWS_PER_EXPERT = 512
 
 
 def _own_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:

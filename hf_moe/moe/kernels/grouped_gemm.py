@@ -1,11 +1,12 @@
 """Grouped GEMMs over rows sorted by expert, in Triton with TMA loads (Hopper and newer), and the gate/up GEMM with
 SwiGLU and the routing weight in its epilogue.
 
-torch's grouped GEMM runs one tile configuration for every shape. At fine-grained shapes, a few hundred rows per
-expert (Qwen3-30B-A3B, DeepSeek-V3), these kernels are faster on an H200: 1.03-1.13x at Qwen3 and 1.13-1.48x at
-DeepSeek-V3 per GEMM, and the gate/up GEMM with SwiGLU fused in saves the activation kernel's read of the `[S, 2I]`
-projection. At Mixtral's 2048 rows per expert torch's is faster, so `hf_moe_grouped` takes these only up to
-`_OWN_GEMM_ROWS_PER_EXPERT` rows per expert (benchmarks/NOTES.md, "Eighth session: own grouped GEMMs").
+torch's grouped GEMM runs one tile configuration for every shape. With few rows per expert these kernels are faster
+on an H200 (`benchmarks/grouped_gemms.py`): 1.05-1.28x per GEMM at 64-128 rows per expert (DeepSeek-V3, Qwen3-30B-A3B
+at T = 2048), 1.00-1.05x at 512, and the gate/up GEMM with SwiGLU fused in saves the activation kernel's read of the
+`[S, 2I]` projection. From 1024 rows per expert torch's is as fast or faster (Mixtral at T = 8192: 0.74-1.02x), so
+`hf_moe_grouped` takes these only up to `_OWN_GEMM_ROWS_PER_EXPERT` rows per expert (benchmarks/NOTES.md, "Eighth
+session: own grouped GEMMs"). The weight-gradient GEMMs stay torch's: a Triton version ran at 0.7-1.0x.
 
 Tiling: each expert's rows are cut into BLOCK_M-row tiles, numbered over all experts in order; program p computes
 tile p // num_col_blocks, column block p % num_col_blocks. The grid is sized on the host for the worst case

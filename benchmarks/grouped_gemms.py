@@ -1,0 +1,123 @@
+"""Each grouped GEMM of the experts' training step: hf-moe's Triton kernels against torch's grouped GEMM, in one run.
+
+For each shape it builds the step's operands on one routing (rows sorted by expert) and times, side by side:
+forward gate/up (hf-moe: fused with SwiGLU and the routing weight; torch: `grouped_mm` plus hf-moe's SwiGLU kernel),
+forward down, the two input-gradient GEMMs, and the two weight-gradient GEMMs (torch's only: hf-moe has no kernel
+of its own there). It prints milliseconds, TFLOP/s and the torch / hf-moe ratio, and checks that both agree.
+GPU with TMA (Hopper or newer) only.
+
+    python benchmarks/grouped_gemms.py                       # Qwen3-30B-A3B, DeepSeek-V3, Mixtral shapes
+    python benchmarks/grouped_gemms.py --shapes qwen3 --tokens 4096,8192,16384
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import transformers
+import triton
+import triton.testing
+
+from hf_moe.moe.kernels import grouped_gemm, triton_moe
+
+SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k, default tokens)
+    "qwen3": (2048, 768, 128, 8, 8192),
+    "dsv3": (7168, 2048, 256, 8, 4096),
+    "mixtral": (4096, 14336, 8, 2, 8192),
+}
+torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+
+
+def bench_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+def run_shape(name: str, tokens: int) -> list[dict]:
+    hidden, inter, num_experts, top_k, _ = SHAPES[name]
+    rows = tokens * top_k
+    expert = torch.rand(tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices.reshape(-1)
+    offsets = torch.bincount(expert, minlength=num_experts).cumsum(0).to(torch.int32)
+    bf16 = dict(device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(rows, hidden, **bf16)
+    weight = torch.rand(rows, device="cuda")
+    gate_up_proj = torch.randn(num_experts, 2 * inter, hidden, **bf16) / hidden**0.5
+    down_proj = torch.randn(num_experts, hidden, inter, **bf16) / inter**0.5
+    act = torch.randn(rows, inter, **bf16)
+    grad_y = torch.randn(rows, hidden, **bf16)
+    grad_gate_up = torch.randn(rows, 2 * inter, **bf16)
+
+    def torch_gate_up():
+        gate_up = torch_grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets)
+        return triton_moe.swiglu_forward(gate_up, weight, offsets)
+
+    cases = {  # name: (hf-moe, torch, multiply-adds)
+        "forward gate/up (+SwiGLU)": (
+            lambda: grouped_gemm.gate_up_swiglu(x, gate_up_proj, weight, offsets)[1], torch_gate_up,
+            rows * hidden * 2 * inter,
+        ),
+        "forward down": (
+            lambda: grouped_gemm.grouped_mm(act, down_proj.transpose(1, 2), offsets),
+            lambda: torch_grouped_mm(act, down_proj.transpose(1, 2), offs=offsets), rows * inter * hidden,
+        ),
+        "input grad, down": (
+            lambda: grouped_gemm.grouped_mm(grad_y, down_proj, offsets),
+            lambda: torch_grouped_mm(grad_y, down_proj, offs=offsets), rows * hidden * inter,
+        ),
+        "input grad, gate/up": (
+            lambda: grouped_gemm.grouped_mm(grad_gate_up, gate_up_proj, offsets),
+            lambda: torch_grouped_mm(grad_gate_up, gate_up_proj, offs=offsets), rows * 2 * inter * hidden,
+        ),
+        "weight grad, down": (None, lambda: torch_grouped_mm(grad_y.t(), act, offs=offsets), rows * hidden * inter),
+        "weight grad, gate/up": (
+            None, lambda: torch_grouped_mm(grad_gate_up.t(), x, offs=offsets), rows * 2 * inter * hidden,
+        ),
+    }
+    num_valid = int(offsets[-1])
+    results = []
+    for gemm, (ours, theirs, macs) in cases.items():
+        tflop = 2 * macs / 1e12
+        row = {"shape": name, "tokens": tokens, "rows_per_expert": rows / num_experts, "gemm": gemm}
+        row["torch_ms"] = bench_ms(theirs)
+        row["torch_tflops"] = tflop / row["torch_ms"] * 1e3
+        if ours is not None:
+            row["rel_err_vs_torch"] = rel_err(ours()[:num_valid], theirs()[:num_valid])
+            row["hf_moe_ms"] = bench_ms(ours)
+            row["hf_moe_tflops"] = tflop / row["hf_moe_ms"] * 1e3
+            row["torch_over_hf_moe"] = row["torch_ms"] / row["hf_moe_ms"]
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="qwen3,dsv3,mixtral", help="comma list of " + ", ".join(SHAPES))
+    ap.add_argument("--tokens", default=None, help="comma list of token counts (default: one per shape)")
+    a = ap.parse_args()
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+        "transformers": transformers.__version__,
+    }))
+    torch.manual_seed(0)
+    results = []
+    for name in a.shapes.split(","):
+        for tokens in [int(t) for t in a.tokens.split(",")] if a.tokens else [SHAPES[name][4]]:
+            results += run_shape(name, tokens)
+            torch.cuda.empty_cache()
+    print("\n| shape | T | rows/expert | GEMM | torch ms (TFLOP/s) | hf-moe ms (TFLOP/s) | torch / hf-moe |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        ours = f"{r['hf_moe_ms']:.3f} ({r['hf_moe_tflops']:.0f})" if "hf_moe_ms" in r else "(torch's)"
+        ratio = f"{r['torch_over_hf_moe']:.2f}×" if "hf_moe_ms" in r else "-"
+        print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['gemm']} | "
+              f"{r['torch_ms']:.3f} ({r['torch_tflops']:.0f}) | {ours} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
