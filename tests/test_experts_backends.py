@@ -252,6 +252,24 @@ def test_decode_kernels_are_chosen_from_shapes_and_flags_alone(monkeypatch):
         assert not backend._decodes(experts.float(), x.float(), weights.float(), 10, True)
 
 
+def test_own_gemms_are_chosen_from_shapes_and_flags_alone(monkeypatch):
+    """Which GEMMs run as hf-moe's Triton kernels (decided on the host): few rows per expert, large experts, not
+    while torch.compile traces. Checked on CPU tensors with the device tests stubbed out."""
+    from hf_moe.moe import experts as backend
+
+    monkeypatch.setattr(backend, "_grouped_mm_leaves_tail_unwritten", lambda tensor: True)
+    monkeypatch.setattr(backend, "_HAS_TRITON", True)
+    monkeypatch.setattr(backend, "_gemm_kernels", lambda: SimpleNamespace(supports=lambda a, b: True))
+    monkeypatch.setattr(backend, "_OWN_GEMM_ROWS_PER_EXPERT", 4)
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 6 * 8)
+    b = torch.empty(3, 6, 8)
+    assert backend._own_gemm(torch.empty(12, 6), b)
+    assert not backend._own_gemm(torch.empty(13, 6), b)  # more than 4 rows per expert
+    assert not backend._own_gemm(torch.empty(12, 6), torch.empty(3, 6, 7))  # experts below the size
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not backend._own_gemm(torch.empty(12, 6), b)
+
+
 def test_cpu_path_never_imports_triton_kernels():
     # a fresh interpreter: on a GPU machine the CUDA tests of this session import the kernels themselves
     code = (
@@ -678,8 +696,9 @@ def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(co
 @requires_tma
 @pytest.mark.parametrize("kind", ["uniform", "skewed"])
 def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypatch, kind):
-    """Under `_OWN_GEMM_ROWS_PER_EXPERT` rows per expert forward and backward take the Triton GEMMs (the gate/up one
-    fused with SwiGLU) and agree with the same path on torch's grouped GEMM; above it they are not called."""
+    """Where `_own_gemm` chooses them, forward and backward take the Triton GEMMs (the gate/up one fused with
+    SwiGLU) and agree with the same path on torch's grouped GEMM; above `_OWN_GEMM_ROWS_PER_EXPERT` they are not
+    called."""
     from hf_moe.moe import experts as backend
     from hf_moe.moe.kernels import grouped_gemm
 
@@ -694,6 +713,7 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
 
     for name in ("grouped_mm", "gate_up_swiglu"):
         monkeypatch.setattr(grouped_gemm, name, counting(name, getattr(grouped_gemm, name)))
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 0)  # these test experts are small
     experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(700, 16, 4, kind, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16)
@@ -708,3 +728,26 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
         assert torch.isfinite(o).all(), name
         assert rel_err(o, t) < 1e-2, (name, rel_err(o, t))
         assert rel_err(o, w) < max(1e-2, 1.5 * rel_err(t, w)), (name, rel_err(o, w), rel_err(t, w))
+
+
+@requires_tma
+def test_cuda_own_gemms_no_host_sync_and_deterministic(monkeypatch):
+    from hf_moe.moe import experts as backend
+
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 0)
+    experts = make_experts(256, 384, 16, 8, dtype=torch.bfloat16, device="cuda")
+    index, weights = make_routing(1024, 16, 8, "skewed", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    assert backend._own_gemm(x.new_empty(1024 * 8, 256), experts.gate_up_proj.transpose(1, 2))
+    first = forward_and_grads(grouped_experts_forward, experts, x, index, weights)  # compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        xg, wg = x.clone().requires_grad_(True), weights.clone().requires_grad_(True)
+        experts.zero_grad(set_to_none=True)
+        grouped_experts_forward(experts, xg, index, wg).float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    second = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name

@@ -58,10 +58,9 @@ class HfMoeExperts(nn.Module):
 # Building blocks of `hf_moe_grouped`. Rows are (token, slot) pairs sorted by expert; `offsets[e]` is the end row
 # of expert e, so rows from `offsets[-1]` on are dropped slots. On CUDA (bf16) the GEMMs are grouped GEMMs with
 # no host sync that leave the rows past `offsets[-1]` unwritten, so every consumer masks them: hf-moe's own Triton
-# kernels at up to `_OWN_GEMM_ROWS_PER_EXPERT` rows per expert on Hopper or newer (the gate/up one with SwiGLU in its
-# epilogue), `torch.nn.functional.grouped_mm` otherwise; the memory-bound steps are fused Triton kernels. Elsewhere
-# the GEMMs are one `mm` per expert (host offsets are free there) that zero the dropped rows, and the other steps
-# are plain torch ops.
+# kernels where they are faster (`_own_gemm`; the gate/up one with SwiGLU in its epilogue), otherwise
+# `torch.nn.functional.grouped_mm`; the memory-bound steps are fused Triton kernels. Elsewhere the GEMMs are one
+# `mm` per expert (host offsets are free there) that zero the dropped rows, and the other steps are plain torch ops.
 
 _TRITON_KERNELS = None
 _GEMM_KERNELS = None
@@ -100,20 +99,27 @@ def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
     return tensor.is_cuda and tensor.dtype == torch.bfloat16 and _torch_grouped_mm is not None
 
 
-# Mean (token, slot) rows per expert up to which the CUDA GEMMs are hf-moe's own Triton grouped GEMMs
-# (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's: on an H200 they are 1.05-1.28x faster at 64-128 rows per
-# expert (DeepSeek-V3, Qwen3-30B-A3B at T = 2048), even at 512 and no faster from 1024 (benchmarks/NOTES.md).
+# When the CUDA GEMMs are hf-moe's own Triton grouped GEMMs (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's:
+# at most this many (token, slot) rows per expert on average, and experts of at least this many weights per
+# projection. Measured on an H200 (benchmarks/NOTES.md, "Eighth session: own grouped GEMMs"), experts' eager
+# training step: at the DeepSeek-V3 shape (7168 x 2048 experts) 1.06-1.11x faster at 32-128 rows per expert and
+# level at 256; at the Qwen3-30B-A3B shape (2048 x 768) level from 256 rows and 0.86-0.90x at 64-128, where the step
+# is bound by host launches and these cost more than torch's (the GPU time still drops 10 %); from 1024 rows per
+# expert torch's GEMMs are as fast or faster at every shape.
 _OWN_GEMM_ROWS_PER_EXPERT = 512
+_OWN_GEMM_MIN_EXPERT_WEIGHTS = 1 << 23
 
 
 def _own_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the GEMM of `a [S, K]` and `b [E, K, N]` runs as hf-moe's Triton grouped GEMM: CUDA bf16 on Hopper or
-    newer, few rows per expert, and not while torch.compile traces (it traces torch's grouped GEMM). Decided on
-    the host from shapes, strides and flags."""
+    newer, few rows per expert, large experts, and not while torch.compile traces (it traces torch's grouped GEMM).
+    Decided on the host from shapes, strides and flags."""
+    num_experts, k, n = b.shape
     return (
         _grouped_mm_leaves_tail_unwritten(a)
         and _HAS_TRITON
-        and a.shape[0] <= _OWN_GEMM_ROWS_PER_EXPERT * b.shape[0]
+        and a.shape[0] <= _OWN_GEMM_ROWS_PER_EXPERT * num_experts
+        and k * n >= _OWN_GEMM_MIN_EXPERT_WEIGHTS
         and not torch.compiler.is_compiling()
         and _gemm_kernels().supports(a, b)
     )

@@ -1,12 +1,14 @@
 """Grouped GEMMs over rows sorted by expert, in Triton with TMA loads (Hopper and newer), and the gate/up GEMM with
 SwiGLU and the routing weight in its epilogue.
 
-torch's grouped GEMM runs one tile configuration for every shape. With few rows per expert these kernels are faster
-on an H200 (`benchmarks/grouped_gemms.py`): 1.05-1.28x per GEMM at 64-128 rows per expert (DeepSeek-V3, Qwen3-30B-A3B
-at T = 2048), 1.00-1.05x at 512, and the gate/up GEMM with SwiGLU fused in saves the activation kernel's read of the
-`[S, 2I]` projection. From 1024 rows per expert torch's is as fast or faster (Mixtral at T = 8192: 0.74-1.02x), so
-`hf_moe_grouped` takes these only up to `_OWN_GEMM_ROWS_PER_EXPERT` rows per expert (benchmarks/NOTES.md, "Eighth
-session: own grouped GEMMs"). The weight-gradient GEMMs stay torch's: a Triton version ran at 0.7-1.0x.
+torch's grouped GEMM runs one tile configuration for every shape. With few rows per expert these kernels take less
+GPU time on an H200 (`benchmarks/grouped_gemms.py`): 1.05-1.28x per GEMM at 64-128 rows per expert (DeepSeek-V3,
+Qwen3-30B-A3B at T = 2048), 1.00-1.05x at 512, and the gate/up GEMM with SwiGLU fused in saves the activation
+kernel's read of the `[S, 2I]` projection. From 1024 rows per expert torch's is as fast or faster (Mixtral at
+T = 8192: 0.74-1.02x). A launch costs more host time than torch's, which small experts do not earn back in eager
+mode, so `hf_moe_grouped` takes these for few rows per expert and large experts only (`_own_gemm` in
+`hf_moe.moe.experts`; benchmarks/NOTES.md, "Eighth session: own grouped GEMMs"). The weight-gradient GEMMs stay
+torch's: Triton versions ran at 0.5-1.15x.
 
 Tiling: each expert's rows are cut into BLOCK_M-row tiles, numbered over all experts in order; program p computes
 tile p // num_col_blocks, column block p % num_col_blocks. The grid is sized on the host for the worst case
@@ -19,6 +21,8 @@ grouped GEMM.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -115,12 +119,18 @@ def _aligned(t: torch.Tensor, contiguous_dim: int) -> bool:
     return t.stride(contiguous_dim) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in strides)
 
 
+@functools.cache
+def _has_tma(device_index: int) -> bool:
+    """Compute capability 9+ (cached: the query costs ~15 µs of host time, as much as a launch)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def supports(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether `grouped_mm(a, b, offsets)` can run here: CUDA with TMA (compute capability 9+), 16-bit operands of
     one dtype, `a` row-major and `b [E, K, N]` K-major or row-major, all 16-byte aligned."""
     if not (a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and b.dtype == a.dtype and a.dim() == 2):
         return False
-    if torch.cuda.get_device_capability(a.device)[0] < 9 or a.shape[0] == 0:
+    if a.shape[0] == 0 or not _has_tma(a.device.index):
         return False
     return _aligned(a, 1) and (_aligned(b, 1) or _aligned(b, 2))
 
