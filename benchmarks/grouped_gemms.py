@@ -4,22 +4,29 @@ For each shape it builds the step's operands on one routing (rows sorted by expe
 forward gate/up (hf-moe: fused with SwiGLU and the routing weight; torch: `grouped_mm` plus hf-moe's SwiGLU kernel),
 forward down, the two input-gradient GEMMs, and the two weight-gradient GEMMs (torch's only: hf-moe has no kernel
 of its own there). It prints milliseconds, TFLOP/s and the torch / hf-moe ratio, and checks that both agree.
-GPU with TMA (Hopper or newer) only.
+With `--step` it times instead the experts' whole eager training step (`hf_moe_grouped`, forward and
+forward+backward) with the Triton GEMMs forced on and off, interleaved round by round on one routing: the number
+that decides where `hf_moe_grouped` uses them (`_own_gemm`). GPU with TMA (Hopper or newer) only.
 
     python benchmarks/grouped_gemms.py                       # Qwen3-30B-A3B, DeepSeek-V3, Mixtral shapes
     python benchmarks/grouped_gemms.py --shapes qwen3 --tokens 4096,8192,16384
+    python benchmarks/grouped_gemms.py --step --shapes qwen3,dsv3 --tokens 1024,2048,4096,8192
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers
 import triton
 import triton.testing
 
+from hf_moe.moe import experts as experts_module
 from hf_moe.moe.kernels import grouped_gemm, triton_moe
 
 SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k, default tokens)
@@ -95,10 +102,74 @@ def run_shape(name: str, tokens: int) -> list[dict]:
     return results
 
 
+@contextmanager
+def own_gemms(enabled: bool) -> Iterator[None]:
+    """Force `hf_moe_grouped`'s choice of GEMMs: the Triton ones wherever they run, or torch's everywhere."""
+    saved = experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS
+    experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS = (
+        (2**62, 0) if enabled else (0, 2**62)
+    )
+    try:
+        yield
+    finally:
+        experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS = saved
+
+
+def step_ms(fn: Callable[[], object], enabled: bool, calls: int = 5) -> float:
+    with own_gemms(enabled):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
+
+
+def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
+    """The experts' eager step (router-chosen routing of random weights) with and without the Triton GEMMs."""
+    from moe_layer import build_blocks  # the layer benchmark next to this file
+
+    hidden, inter, num_experts, top_k, _ = SHAPES[name]
+    block, _ = build_blocks((hidden, inter, num_experts, top_k), "cuda", torch.bfloat16)
+    x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with torch.no_grad():
+        routing = block.router(x)
+    index, weights = routing.top_k_index, routing.top_k_weights.detach().requires_grad_(True)
+    grad_out = torch.randn_like(x)
+    leaves = [x, weights, *block.experts.parameters()]
+
+    def forward():
+        with torch.no_grad():
+            experts_module.grouped_experts_forward(block.experts, x, index, weights)
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        experts_module.grouped_experts_forward(block.experts, x, index, weights).backward(grad_out)
+
+    results = []
+    for step, fn in (("forward", forward), ("forward+backward", forward_backward)):
+        for enabled in (True, False):  # compile and warm up both paths
+            step_ms(fn, enabled, calls=3)
+        times = {True: [], False: []}
+        for _ in range(rounds):
+            for enabled in (True, False):
+                times[enabled].append(step_ms(fn, enabled))
+        row = {"shape": name, "tokens": tokens, "rows_per_expert": tokens * top_k / num_experts, "step": step,
+               "own_gemms_ms": statistics.median(times[True]), "torch_gemms_ms": statistics.median(times[False])}
+        row["torch_over_own"] = row["torch_gemms_ms"] / row["own_gemms_ms"]
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen3,dsv3,mixtral", help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--tokens", default=None, help="comma list of token counts (default: one per shape)")
+    ap.add_argument("--step", action="store_true", help="the experts' whole step with and without the Triton GEMMs")
     a = ap.parse_args()
     print(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -108,8 +179,15 @@ def main() -> None:
     results = []
     for name in a.shapes.split(","):
         for tokens in [int(t) for t in a.tokens.split(",")] if a.tokens else [SHAPES[name][4]]:
-            results += run_shape(name, tokens)
+            results += run_step(name, tokens) if a.step else run_shape(name, tokens)
             torch.cuda.empty_cache()
+    if a.step:
+        print("\n| shape | T | rows/expert | experts step | Triton GEMMs ms | torch's GEMMs ms | torch's / Triton |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in results:
+            print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['step']} | {r['own_gemms_ms']:.3f} | "
+                  f"{r['torch_gemms_ms']:.3f} | {r['torch_over_own']:.2f}× |")
+        return
     print("\n| shape | T | rows/expert | GEMM | torch ms (TFLOP/s) | hf-moe ms (TFLOP/s) | torch / hf-moe |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
