@@ -1,0 +1,106 @@
+"""The router's fused softmax → top-k kernel against the same router on torch's ops, in one run (GPU).
+
+For each shape it times, interleaved round by round, the router alone (forward+backward through the weights and
+the aux loss) and the whole MoE block's training step (forward+backward from an output gradient), with the fused
+kernel on and off (`HfMoeRouter._fuses_softmax_top_k`), and prints the ratios. bf16, training mode.
+
+    python benchmarks/router_fused.py                          # Qwen3-30B-A3B and Mixtral shapes, T = 8192
+    python benchmarks/router_fused.py --shapes qwen3 --tokens 2048,8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+
+import torch
+import transformers
+
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
+from hf_moe.moe import router as router_module
+
+SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # hidden, moe_intermediate, experts, k
+FUSES = router_module.HfMoeRouter._fuses_softmax_top_k
+
+
+def time_ms(fn: Callable[[], object], fused: bool, calls: int = 5) -> float:
+    router_module.HfMoeRouter._fuses_softmax_top_k = FUSES if fused else (lambda self, logits: False)
+    try:
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+    finally:
+        router_module.HfMoeRouter._fuses_softmax_top_k = FUSES
+    return start.elapsed_time(end) / calls
+
+
+def run(name: str, tokens: int, rounds: int) -> list[dict]:
+    hidden, inter, experts, top_k = SHAPES[name]
+    config = HfMoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
+        num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16,
+        num_key_value_heads=16, vocab_size=128,
+    )
+    config._experts_implementation = "hf_moe_grouped"  # what a model built with hf-moe runs
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        block = HfMoeSparseMoeBlock(config).to(torch.bfloat16).train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x2d = x.detach().view(-1, hidden).requires_grad_(True)
+    grad_weights = torch.randn(tokens, top_k, device="cuda")
+    grad_out = torch.randn_like(x)
+
+    def router_step():
+        out = block.router(x2d)
+        ((out.top_k_weights.float() * grad_weights).sum() + out.aux_loss).backward()
+
+    def block_step():
+        block(x)[0].backward(grad_out)
+
+    rows = []
+    for what, fn in (("router fwd+bwd", router_step), ("block fwd+bwd", block_step)):
+        for fused in (True, False):  # compile and warm up both
+            time_ms(fn, fused, calls=3)
+        times = {True: [], False: []}
+        for _ in range(rounds):
+            for fused in (True, False):
+                times[fused].append(time_ms(fn, fused))
+        row = {"shape": name, "tokens": tokens, "what": what, "fused_ms": statistics.median(times[True]),
+               "torch_ops_ms": statistics.median(times[False])}
+        row["torch_ops_over_fused"] = row["torch_ops_ms"] / row["fused_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="qwen3,mixtral", help="comma list of " + ", ".join(SHAPES))
+    ap.add_argument("--tokens", default="8192", help="comma list of token counts")
+    ap.add_argument("--rounds", type=int, default=10)
+    a = ap.parse_args()
+    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                      "transformers": transformers.__version__}))
+    rows = []
+    for name in a.shapes.split(","):
+        for tokens in (int(t) for t in a.tokens.split(",")):
+            rows += run(name, tokens, a.rounds)
+            torch.cuda.empty_cache()
+    print("\n| shape | T | step | fused ms | torch ops ms | torch ops / fused |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['shape']} | {r['tokens']} | {r['what']} | {r['fused_ms']:.3f} | {r['torch_ops_ms']:.3f} | "
+              f"{r['torch_ops_over_fused']:.3f}× |")
+
+
+if __name__ == "__main__":
+    main()
