@@ -751,3 +751,24 @@ def test_cuda_own_gemms_no_host_sync_and_deterministic(monkeypatch):
     second = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
     for name, a, b in zip(NAMES, first, second):
         assert torch.equal(a, b), name
+
+
+@requires_tma
+def test_cuda_own_gemms_take_expert_weights_stored_transposed(monkeypatch):
+    """Expert weights whose storage is `[E, K, N]` (a transposed view of the usual `[E, N, K]`, as a converter or an
+    adapter may hand over) run through the same path and give the same results."""
+    from hf_moe.moe import experts as backend
+
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 0)
+    experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
+    index, weights = make_routing(500, 16, 4, "skewed", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(500, 256, device="cuda", dtype=torch.bfloat16)
+    want = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    with torch.no_grad():
+        for name in ("gate_up_proj", "down_proj"):
+            stored = getattr(experts, name).detach().transpose(1, 2).contiguous().transpose(1, 2)
+            setattr(experts, name, torch.nn.Parameter(stored))
+    assert experts.gate_up_proj.stride(1) == 1
+    got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    for name, g, w in zip(NAMES, got, want):
+        assert rel_err(g, w) < 1e-2, (name, rel_err(g, w))

@@ -253,7 +253,8 @@ class _RoutedExpertsFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         x_sorted = _gather(x, token, offsets)
         weight = top_k_weights.reshape(-1).index_select(0, order)
-        if _use_triton(x_sorted, fused_silu) and _own_gemm(x_sorted, gate_up_proj.transpose(1, 2)):
+        fuses_swiglu = _use_triton(x_sorted, fused_silu) and gate_up_proj.stride(2) == 1  # the stored layout
+        if fuses_swiglu and _own_gemm(x_sorted, gate_up_proj.transpose(1, 2)):
             gate_up, act = _gemm_kernels().gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
         else:
             gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets)
