@@ -7,7 +7,7 @@ E probabilities in registers: it writes the probabilities (the aux loss and back
 experts and their weights. Backward recomputes only the weights' normaliser and writes the logits' gradient, from
 the weights' gradient and, when the aux loss is in the graph, the probabilities'.
 
-Ties between equal probabilities go to the lower expert index (as `torch.topk` on CUDA in practice, not by contract).
+Ties between equal probabilities go to the lower expert index.
 """
 
 from __future__ import annotations
