@@ -260,7 +260,7 @@ class _RoutedExpertsFunction(torch.autograd.Function):
             gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets)
             act = _gated_act(gate_up, weight, offsets, act_fn, fused_silu)
         y = _grouped_mm(act, down_proj.transpose(1, 2), offsets)
-        del act
+        del act  # [S, I], not saved: free it before the combine allocates its output
         ctx.save_for_backward(x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets)
         ctx.num_tokens = x.shape[0]
         ctx.gate_up_consumed = False
