@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -115,21 +114,10 @@ def own_gemms(enabled: bool) -> Iterator[None]:
         experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS = saved
 
 
-def step_ms(fn: Callable[[], object], enabled: bool, calls: int = 5) -> float:
-    with own_gemms(enabled):
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-    return start.elapsed_time(end) / calls
-
-
 def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     """The experts' eager step (router-chosen routing of random weights) with and without the Triton GEMMs."""
-    from moe_layer import build_blocks  # the layer benchmark next to this file
+    from interleaved import interleaved_ms  # next to this file
+    from moe_layer import build_blocks
 
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     block, _ = build_blocks((hidden, inter, num_experts, top_k), "cuda", torch.bfloat16)
@@ -151,14 +139,9 @@ def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
 
     results = []
     for step, fn in (("forward", forward), ("forward+backward", forward_backward)):
-        for enabled in (True, False):  # compile and warm up both paths
-            step_ms(fn, enabled, calls=3)
-        times = {True: [], False: []}
-        for _ in range(rounds):
-            for enabled in (True, False):
-                times[enabled].append(step_ms(fn, enabled))
+        own_ms, torch_ms = interleaved_ms(fn, own_gemms, rounds)
         row = {"shape": name, "tokens": tokens, "rows_per_expert": tokens * top_k / num_experts, "step": step,
-               "own_gemms_ms": statistics.median(times[True]), "torch_gemms_ms": statistics.median(times[False])}
+               "own_gemms_ms": own_ms, "torch_gemms_ms": torch_ms}
         row["torch_over_own"] = row["torch_gemms_ms"] / row["own_gemms_ms"]
         print(json.dumps(row), flush=True)
         results.append(row)

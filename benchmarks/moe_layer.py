@@ -211,22 +211,16 @@ def graph_time(fn: Callable[[], object], device: str, reps: int) -> float:
     return timeit(graph.replay, device, reps)[0]
 
 
-def grouped_gemms_forward(experts, x, index, weights):
-    """`hf_moe_grouped` with its decode kernels turned off: the grouped-GEMM path that training runs."""
-    saved, experts_module._DECODE_ROWS_PER_EXPERT = experts_module._DECODE_ROWS_PER_EXPERT, 0
+def forward_with(setting: str, value: int, experts, x, index, weights):
+    """`hf_moe_grouped` with one of its module-level thresholds changed for this call: `_DECODE_ROWS_PER_EXPERT = 0`
+    turns the decode kernels off (the grouped-GEMM path that training runs), `_OWN_GEMM_ROWS_PER_EXPERT = 0` keeps
+    torch's grouped GEMMs everywhere."""
+    saved = getattr(experts_module, setting)
+    setattr(experts_module, setting, value)
     try:
         return grouped_experts_forward(experts, x, index, weights)
     finally:
-        experts_module._DECODE_ROWS_PER_EXPERT = saved
-
-
-def torch_gemms_forward(experts, x, index, weights):
-    """`hf_moe_grouped` with its own Triton grouped GEMMs turned off: every GEMM is torch's grouped GEMM."""
-    saved, experts_module._OWN_GEMM_ROWS_PER_EXPERT = experts_module._OWN_GEMM_ROWS_PER_EXPERT, 0
-    try:
-        return grouped_experts_forward(experts, x, index, weights)
-    finally:
-        experts_module._OWN_GEMM_ROWS_PER_EXPERT = saved
+        setattr(experts_module, setting, saved)
 
 
 def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int,
@@ -246,7 +240,8 @@ def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, 
         ("block_peer_grouped_mm", lambda: run_block(peer, "grouped_mm", x), True),
         ("block_peer_eager", lambda: run_block(peer, "eager", x), False),
         ("experts_hf-moe", lambda: grouped_experts_forward(hf_block.experts, x2d, index, weights), True),
-        ("experts_hf-moe_grouped_gemms", lambda: grouped_gemms_forward(hf_block.experts, x2d, index, weights), True),
+        ("experts_hf-moe_grouped_gemms",
+         lambda: forward_with("_DECODE_ROWS_PER_EXPERT", 0, hf_block.experts, x2d, index, weights), True),
         ("experts_peer_grouped_mm", lambda: grouped_mm_experts_forward(peer.experts, x2d, index, weights), True),
     ]
     if liger:  # one host sync per call (its tile count): not capturable
@@ -358,7 +353,7 @@ def main() -> None:
                 }
                 if not cpu:  # the same path on torch's grouped GEMMs
                     res["experts_hf-moe_torch_gemms"] = measure(
-                        lambda: torch_gemms_forward(hf_block.experts, x2d, top_index, top_weights),
+                        lambda: forward_with("_OWN_GEMM_ROWS_PER_EXPERT", 0, hf_block.experts, x2d, top_index, top_weights),
                         expert_leaves, flops, tokens, device, reps,
                     )
                 if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs

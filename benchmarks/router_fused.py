@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers
+from interleaved import interleaved_ms  # next to this file
 
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
 from hf_moe.moe import router as router_module
@@ -25,19 +26,14 @@ SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # hidde
 FUSES = router_module.HfMoeRouter._fuses_softmax_top_k
 
 
-def time_ms(fn: Callable[[], object], fused: bool, calls: int = 5) -> float:
-    router_module.HfMoeRouter._fuses_softmax_top_k = FUSES if fused else (lambda self, logits: False)
+@contextmanager
+def fused(enabled: bool) -> Iterator[None]:
+    """The router's choice as it is, or torch's ops everywhere."""
+    router_module.HfMoeRouter._fuses_softmax_top_k = FUSES if enabled else (lambda self, logits: False)
     try:
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
+        yield
     finally:
         router_module.HfMoeRouter._fuses_softmax_top_k = FUSES
-    return start.elapsed_time(end) / calls
 
 
 def run(name: str, tokens: int, rounds: int) -> list[dict]:
@@ -68,14 +64,8 @@ def run(name: str, tokens: int, rounds: int) -> list[dict]:
 
     rows = []
     for what, fn in (("router fwd+bwd", router_step), ("block fwd+bwd", block_step)):
-        for fused in (True, False):  # compile and warm up both
-            time_ms(fn, fused, calls=3)
-        times = {True: [], False: []}
-        for _ in range(rounds):
-            for fused in (True, False):
-                times[fused].append(time_ms(fn, fused))
-        row = {"shape": name, "tokens": tokens, "what": what, "fused_ms": statistics.median(times[True]),
-               "torch_ops_ms": statistics.median(times[False])}
+        fused_ms, torch_ms = interleaved_ms(fn, fused, rounds)
+        row = {"shape": name, "tokens": tokens, "what": what, "fused_ms": fused_ms, "torch_ops_ms": torch_ms}
         row["torch_ops_over_fused"] = row["torch_ops_ms"] / row["fused_ms"]
         print(json.dumps(row), flush=True)
         rows.append(row)
