@@ -168,8 +168,8 @@ def main() -> None:
         print("\n| shape | T | rows/expert | experts step | Triton GEMMs ms | torch's GEMMs ms | torch's / Triton |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
-            print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['step']} | {r['own_gemms_ms']:.3f} | "
-                  f"{r['torch_gemms_ms']:.3f} | {r['torch_over_own']:.2f}× |")
+            print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['step']} | "
+                  f"{r['own_gemms_ms']:.3f} | {r['torch_gemms_ms']:.3f} | {r['torch_over_own']:.2f}× |")
         return
     print("\n| shape | T | rows/expert | GEMM | torch ms (TFLOP/s) | hf-moe ms (TFLOP/s) | torch / hf-moe |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -353,7 +353,9 @@ def main() -> None:
                 }
                 if not cpu:  # the same path on torch's grouped GEMMs
                     res["experts_hf-moe_torch_gemms"] = measure(
-                        lambda: forward_with("_OWN_GEMM_ROWS_PER_EXPERT", 0, hf_block.experts, x2d, top_index, top_weights),
+                        lambda: forward_with(
+                            "_OWN_GEMM_ROWS_PER_EXPERT", 0, hf_block.experts, x2d, top_index, top_weights
+                        ),
                         expert_leaves, flops, tokens, device, reps,
                     )
                 if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs
