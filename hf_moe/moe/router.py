@@ -192,6 +192,7 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
 
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
+_FULL_DTYPES = (torch.float32, torch.float64)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Experts from which the router fuses softmax → top-k: torch.topk is two thirds of the router's GPU time at 128
 # experts, and on an H200 the fused kernel makes the router 3-4 % and the Qwen3-30B-A3B block 1.5-3.5 % faster
@@ -199,7 +200,6 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _FUSED_TOP_K_MIN_EXPERTS = 32
 # Router hooks a subclass may override; a router that overrides none of them routes as `HfMoeRouter` does.
 _SELECTION_HOOKS = ("score", "selection_scores", "select", "routing_probs")
-_FULL_DTYPES = (torch.float32, torch.float64)
 
 
 class _Float32AccumulatedLinear(torch.autograd.Function):
