@@ -1,5 +1,10 @@
-"""Triton kernels for the routed experts' memory-bound steps (CUDA only).
+"""Triton kernels of the routed experts and the router (CUDA only).
 
-Imported lazily by `hf_moe.moe.experts` when the hidden states live on a CUDA device and Triton is installed,
+- `triton_moe`: the experts' memory-bound steps (row gather, SwiGLU forward/backward, deterministic combine);
+- `grouped_gemm`: grouped GEMMs with TMA loads (Hopper or newer), the gate/up one with SwiGLU in its epilogue;
+- `decode`: weight-streaming kernels for few rows per expert at inference;
+- `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward.
+
+Imported lazily by `hf_moe.moe.experts` and `hf_moe.moe.router` when a CUDA tensor arrives and Triton is installed,
 so CPU-only machines never import Triton.
 """
