@@ -102,7 +102,7 @@ def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
 # When the CUDA GEMMs are hf-moe's own Triton grouped GEMMs (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's:
 # at most this many (token, slot) rows per expert on average, and experts of at least this many weights per
 # projection. Measured on an H200 (benchmarks/NOTES.md, "Eighth session: own grouped GEMMs"), experts' eager
-# training step: at the DeepSeek-V3 shape (7168 x 2048 experts) 1.06-1.11x faster at 32-128 rows per expert and
+# training step: at the DeepSeek-V3 shape (7168 x 2048 experts) 1.06-1.15x faster at 32-128 rows per expert and
 # level at 256; at the Qwen3-30B-A3B shape (2048 x 768) level from 256 rows and 0.86-0.90x at 64-128, where the step
 # is bound by host launches and these cost more than torch's (the GPU time still drops 10 %); from 1024 rows per
 # expert torch's GEMMs are as fast or faster at every shape.
