@@ -591,8 +591,9 @@ def test_full_model_trains_reports_metrics_and_survives_save_load(case, tmp_path
     for name in state:
         assert torch.equal(state[name], loaded_state[name]), name
     if case != "fake_balanced":  # the fake gate is random on purpose
-        with torch.no_grad():
-            assert torch.equal(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+        with torch.no_grad():  # equal weights, but loaded ones need not be 64-byte aligned: BLAS may round otherwise
+            want, got = model(ids, attention_mask=mask).logits, loaded(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_router_metrics_equal_a_direct_computation():
