@@ -12,7 +12,6 @@ Slots whose expert index is `num_experts` or more (dropped slots) contribute not
 
 from __future__ import annotations
 
-import importlib.util
 from functools import partial
 
 import torch
@@ -23,6 +22,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from ..configuration_hf_moe import HfMoeConfig
 from .capacity import SENTINEL_SAFE_IMPLEMENTATIONS
+from .kernels import HAS_TRITON as _HAS_TRITON
 from .overlap import WeightGradQueue, accumulate_grad
 
 
@@ -64,7 +64,6 @@ class HfMoeExperts(nn.Module):
 
 _TRITON_KERNELS = None
 _GEMM_KERNELS = None
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 

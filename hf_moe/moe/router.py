@@ -17,7 +17,6 @@ Slots a router leaves unassigned (capacity dropping, expert choice) carry the se
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from transformers import initialization as init
 
 from ..configuration_hf_moe import HfMoeConfig
 from .capacity import drop_over_capacity, expert_capacity
+from .kernels import HAS_TRITON as _HAS_TRITON
 
 
 class _ComputedOnRead:
@@ -193,7 +193,6 @@ def router_z_loss(logits: torch.Tensor, token_mask: torch.Tensor | None = None) 
 
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _FULL_DTYPES = (torch.float32, torch.float64)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 # Experts from which the router fuses softmax → top-k: torch.topk is two thirds of the router's GPU time at 128
 # experts, and on an H200 the fused kernel makes the router 3-4 % and the Qwen3-30B-A3B block 1.5-3.5 % faster
 # (T = 8192, eager training); at Mixtral's 8 experts it is 2 % slower (benchmarks/router_fused.py, NOTES.md).

@@ -8,3 +8,8 @@
 Imported lazily by `hf_moe.moe.experts` and `hf_moe.moe.router` when a CUDA tensor arrives and Triton is installed,
 so CPU-only machines never import Triton.
 """
+
+import importlib.util
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+"""Whether Triton is installed (found without importing it)."""
