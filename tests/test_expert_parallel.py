@@ -135,8 +135,9 @@ def test_lora_on_attention_and_experts_under_expert_parallelism(tmp_path):
     ranks = [torch.load(tmp_path / f"lora{r}.pt") for r in range(4)]
     for r in ranks:
         assert "Call hf_moe.parallel.prepare_for_ddp(model)" in r["guard"], r["guard"]
-    losses = ranks[0]["losses"]
-    assert losses[-1] < losses[0], f"LoRA under EP must train (same batch every step): losses {losses}"
+    # the optimiser lowers the mean over the ranks' rows; one rank's own row may go up (seed 2321207201 did)
+    losses = [sum(step) / len(ranks) for step in zip(*(r["losses"] for r in ranks))]
+    assert losses[-1] < losses[0], f"LoRA under EP must train (same batch every step): mean losses {losses}"
     for r in (0, 1):  # rank r and r + 2 hold the same experts
         assert ranks[r]["expert_lora"].keys() == ranks[r + 2]["expert_lora"].keys() and ranks[r]["expert_lora"]
         for name, value in ranks[r]["expert_lora"].items():
