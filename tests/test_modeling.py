@@ -35,8 +35,8 @@ def test_save_and_reload_with_auto_gives_identical_logits(tmp_path, tie):
     assert "model.safetensors" in files and not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is HfMoeForCausalLM
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    with torch.no_grad():  # equal weights, but loaded ones need not be 64-byte aligned: BLAS may round otherwise
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-6)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
 

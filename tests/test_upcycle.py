@@ -127,7 +127,8 @@ def test_upcycled_model_equals_the_dense_model(tmp_path, arch, variant):
     if variant == "copy":  # save → load round trip of the upcycled model
         moe.save_pretrained(tmp_path / "again")
         again = AutoModelForCausalLM.from_pretrained(tmp_path / "again").eval()
-        assert torch.equal(logits(again, ids, mask), ours)
+        # equal weights, but loaded ones need not be 64-byte aligned: CPU BLAS may round otherwise (~3e-7 relative)
+        torch.testing.assert_close(logits(again, ids, mask), ours, rtol=1e-5, atol=1e-6)
         for (name, a), (_, b) in zip(moe.state_dict().items(), again.state_dict().items()):
             assert torch.equal(a, b), name
 
