@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from hf_moe import HfMoeForCausalLM, HfMoeForSequenceClassification, HfMoeModel, load_balancing_loss
 
-from .conftest import assert_rel_close, tiny_config
+from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, tiny_config
 
 IMPLEMENTATIONS = ["eager", "grouped_mm", "batched_mm", "hf_moe_grouped"]
 
@@ -45,13 +45,7 @@ def test_save_and_reload_with_auto_gives_identical_logits(tmp_path, tie):
 def test_greedy_generate_with_cache_equals_full_forward_without_cache(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, 97, (2, 5))
-    generated = model.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    expected = ids
-    with torch.no_grad():
-        for _ in range(8):
-            next_token = model(expected, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            expected = torch.cat([expected, next_token], dim=1)
-    assert torch.equal(generated, expected)
+    assert_cached_greedy_equals_full_forward(model, ids, new_tokens=8)
 
 
 def test_left_padding_leaves_real_tokens_unchanged_and_out_of_the_aux_loss():
