@@ -162,6 +162,29 @@ def test_expert_choice_skips_padding_and_refuses_generate():
         model.generate(torch.randint(0, 97, (1, 4)), max_new_tokens=2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("scoring_func,experts,top_k", [("softmax", 6, 2), ("sigmoid", 8, 4), ("softmax", 64, 4)])
+def test_tied_scores_go_to_the_lower_expert_so_virtual_groups_stay_whole(device, scoring_func, experts, top_k):
+    """Upcycled virtual groups: identical router rows per group of 2, and groups that share rows with other groups,
+    so scores tie within and across groups; the chosen experts must be whole groups, lower indices first (the
+    order Python's stable sort gives), on CPU, on CUDA and in the fused kernel (64 experts on CUDA)."""
+    router = make_router(num_experts=experts, num_experts_per_tok=top_k, scoring_func=scoring_func,
+                         norm_topk_prob=True).to(device)
+    groups = experts // 2
+    with torch.no_grad():
+        distinct = router.weight[: groups // 2 + 1].clone()  # fewer distinct rows than groups: groups tie too
+        pick = torch.randint(0, distinct.shape[0], (groups,))
+        router.weight.copy_(distinct[pick].repeat_interleave(2, dim=0))
+    out = router(torch.randn(300, H, device=device))
+    scores = out.probs if scoring_func == "softmax" else out.logits.sigmoid()  # what the router ranked
+    for row, chosen in zip(scores.tolist(), out.top_k_index.tolist()):
+        want = sorted(range(experts), key=lambda e: (-row[e], e))[:top_k]
+        assert sorted(chosen) == sorted(want), (row, chosen)
+    chosen = out.top_k_index.sort(dim=-1).values
+    assert torch.equal(chosen[:, 0::2] // 2, chosen[:, 1::2] // 2), "a virtual group was split"
+
+
 def test_hash_routing_is_deterministic_and_depends_on_the_token_id():
     config = tiny_config(router_type="hash", num_experts=8, num_experts_per_tok=2, hash_seed=3)
     a, b = build_router(config, 0), build_router(config, 0)

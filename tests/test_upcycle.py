@@ -133,6 +133,23 @@ def test_upcycled_model_equals_the_dense_model(tmp_path, arch, variant):
             assert torch.equal(a, b), name
 
 
+def test_virtual_groups_stay_whole_when_groups_tie(tmp_path):
+    """Granularity 2 with two virtual groups given the same router rows: every token on which they lead ties four
+    experts exactly, and top-k must still take one whole group, or the MoE layer stops equalling the dense MLP
+    (k-means routers of nearly parallel centroids produced such ties, about one run in ten on CPU)."""
+    dense = save_dense("llama", tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleConfig(num_experts=6, top_k=2, granularity=2,
+                                                                progress=False))
+    moe = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    with torch.no_grad():
+        for layer in moe.model.layers:
+            layer.mlp.router.weight[4:] = layer.mlp.router.weight[2:4]  # group 2 routes as group 1
+    ids, mask = random_batch()
+    real = mask[:, :, None].bool()
+    theirs, ours = logits(dense, ids, mask), logits(moe, ids, mask)
+    assert_rel_close(ours.masked_select(real), theirs.masked_select(real), 1e-5, "tied groups vs dense")
+
+
 @pytest.mark.parametrize("arch, overrides", [
     ("qwen2", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}),
     ("llama", {"head_dim": 16, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,

@@ -228,6 +228,20 @@ def _half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torc
     return logits.view(*x.shape[:-1], weight.shape[0])
 
 
+def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k)` over the last dim, with exactly tied scores going to the lower expert index on every device.
+
+    Upcycling with granularity G gives the G experts of a virtual group identical router rows, so their scores are
+    bitwise equal, and two groups can tie as well: top-k must then take whole groups, which the lower-index rule
+    does (the fused kernel follows it too). CUDA's radix-select top-k takes tied values in index order; the CPU's
+    does not (it picked experts 3 and 5 of the scores `[a, a, b, b, b, b]`, b > a), so there a stable sort decides.
+    """
+    if scores.is_cuda:
+        return scores.topk(k, dim=-1)
+    values, index = scores.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k], index[..., :k]
+
+
 ROUTER_CLASSES: dict[str, type[nn.Module]] = {}
 """`config.router_type` → router class. Fill it with [`register_router`]."""
 
@@ -337,7 +351,7 @@ class HfMoeRouter(nn.Module):
         selection = self.selection_scores(logits, scores)
         if self.config.n_group is not None:
             selection = self.limit_to_groups(selection)
-        top_k_values, top_k_index = selection.topk(self.top_k, dim=-1)
+        top_k_values, top_k_index = _top_k(selection, self.top_k)
         if self.config.topk_before_softmax:  # softmax over the k chosen logits only
             weights = logits.gather(1, top_k_index).softmax(dim=-1)
         else:
