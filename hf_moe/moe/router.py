@@ -239,7 +239,7 @@ def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     if scores.is_cuda:
         return scores.topk(k, dim=-1)
     values, index = scores.sort(dim=-1, descending=True, stable=True)
-    return values[..., :k], index[..., :k]
+    return values[..., :k].contiguous(), index[..., :k].contiguous()  # laid out as topk's results
 
 
 ROUTER_CLASSES: dict[str, type[nn.Module]] = {}
