@@ -646,16 +646,27 @@ def _loop_grouped_mm(a, b, offsets):
 OFFSET_CASES = [[7, 0, 300, 1, 0, 19], [0, 0, 0, 513], [150]]
 
 
-@requires_tma
-@pytest.mark.parametrize("counts", OFFSET_CASES)
-@pytest.mark.parametrize("layout", ["k_major", "row_major"])
-def test_cuda_own_grouped_mm_matches_float64_loop(counts, layout):
-    """Both weight layouts the experts use (stored `[E, N, K]` read transposed, and row-major `[E, K, N]` in
-    backward), at sizes that are not multiples of the tiles. An idle expert's weights are NaN: a tile that read
-    another expert's weights would spread them."""
+def _limit_programs(monkeypatch, programs: int | None) -> None:
+    """Run the persistent kernels on `programs` programs (None: one per SM), so that each walks several tiles."""
     from hf_moe.moe.kernels import grouped_gemm
 
-    K, N = 72, 200
+    if programs is not None:
+        monkeypatch.setattr(grouped_gemm, "_num_sms", lambda device_index: programs)
+
+
+@requires_tma
+@pytest.mark.parametrize("programs", [None, 1, 3])
+@pytest.mark.parametrize("counts", OFFSET_CASES)
+@pytest.mark.parametrize("layout", ["k_major", "row_major"])
+def test_cuda_own_grouped_mm_matches_float64_loop(monkeypatch, counts, layout, programs):
+    """Both weight layouts the experts use (stored `[E, N, K]` read transposed, and row-major `[E, K, N]` in
+    backward), at sizes that are not multiples of the tiles, with one program per SM and with a few programs that
+    each walk several tiles. An idle expert's weights are NaN: a tile that read another expert's weights would
+    spread them."""
+    from hf_moe.moe.kernels import grouped_gemm
+
+    _limit_programs(monkeypatch, programs)
+    K, N = 72, 520  # three column blocks, the last partial
     offsets = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
     num_valid = int(offsets[-1])
     a = torch.randn(num_valid + 5, K, device="cuda", dtype=torch.bfloat16)  # 5 dropped rows
@@ -672,11 +683,13 @@ def test_cuda_own_grouped_mm_matches_float64_loop(counts, layout):
 
 
 @requires_tma
+@pytest.mark.parametrize("programs", [None, 1, 3])
 @pytest.mark.parametrize("counts", OFFSET_CASES)
-def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(counts):
+def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(monkeypatch, counts, programs):
     from hf_moe.moe.kernels import grouped_gemm, triton_moe
 
-    hidden, inter = 72, 100
+    _limit_programs(monkeypatch, programs)
+    hidden, inter = 72, 300  # three column blocks, the last partial
     offsets = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
     num_valid = int(offsets[-1])
     x = torch.randn(num_valid + 5, hidden, device="cuda", dtype=torch.bfloat16)
