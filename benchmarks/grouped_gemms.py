@@ -104,14 +104,14 @@ def run_shape(name: str, tokens: int) -> list[dict]:
 @contextmanager
 def own_gemms(enabled: bool) -> Iterator[None]:
     """Force `hf_moe_grouped`'s choice of GEMMs: the Triton ones wherever they run, or torch's everywhere."""
-    saved = experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS
-    experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS = (
+    saved = experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS
+    experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS = (
         (2**62, 0) if enabled else (0, 2**62)
     )
     try:
         yield
     finally:
-        experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_EXPERT_WEIGHTS = saved
+        experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS = saved
 
 
 def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:

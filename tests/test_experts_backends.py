@@ -253,19 +253,21 @@ def test_decode_kernels_are_chosen_from_shapes_and_flags_alone(monkeypatch):
 
 
 def test_own_gemms_are_chosen_from_shapes_and_flags_alone(monkeypatch):
-    """Which GEMMs run as hf-moe's Triton kernels (decided on the host): few rows per expert, large experts, not
-    while torch.compile traces. Checked on CPU tensors with the device tests stubbed out."""
+    """Which GEMMs run as hf-moe's Triton kernels (decided on the host): few rows per expert, enough multiply-adds,
+    not while torch.compile traces. Checked on CPU tensors with the device tests stubbed out."""
     from hf_moe.moe import experts as backend
 
     monkeypatch.setattr(backend, "_grouped_mm_leaves_tail_unwritten", lambda tensor: True)
     monkeypatch.setattr(backend, "_HAS_TRITON", True)
     monkeypatch.setattr(backend, "_gemm_kernels", lambda: SimpleNamespace(supports=lambda a, b: True))
     monkeypatch.setattr(backend, "_OWN_GEMM_ROWS_PER_EXPERT", 4)
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 6 * 8)
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 10 * 6 * 8)
     b = torch.empty(3, 6, 8)
     assert backend._own_gemm(torch.empty(12, 6), b)
+    assert backend._own_gemm(torch.empty(10, 6), b)
     assert not backend._own_gemm(torch.empty(13, 6), b)  # more than 4 rows per expert
-    assert not backend._own_gemm(torch.empty(12, 6), torch.empty(3, 6, 7))  # experts below the size
+    assert not backend._own_gemm(torch.empty(9, 6), b)  # too few multiply-adds
+    assert not backend._own_gemm(torch.empty(12, 6), torch.empty(3, 6, 6))  # too few multiply-adds
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not backend._own_gemm(torch.empty(12, 6), b)
 
@@ -726,7 +728,7 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
 
     for name in ("grouped_mm", "gate_up_swiglu"):
         monkeypatch.setattr(grouped_gemm, name, counting(name, getattr(grouped_gemm, name)))
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 0)  # these test experts are small
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 0)  # these test experts are small
     experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(700, 16, 4, kind, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16)
@@ -747,7 +749,7 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
 def test_cuda_own_gemms_no_host_sync_and_deterministic(monkeypatch):
     from hf_moe.moe import experts as backend
 
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 0)
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 0)
     experts = make_experts(256, 384, 16, 8, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(1024, 16, 8, "skewed", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
@@ -772,7 +774,7 @@ def test_cuda_own_gemms_take_expert_weights_stored_transposed(monkeypatch):
     adapter may hand over) run through the same path and give the same results."""
     from hf_moe.moe import experts as backend
 
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_EXPERT_WEIGHTS", 0)
+    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 0)
     experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(500, 16, 4, "skewed", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(500, 256, device="cuda", dtype=torch.bfloat16)

@@ -99,26 +99,26 @@ def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
 
 
 # When the CUDA GEMMs are hf-moe's own Triton grouped GEMMs (`hf_moe.moe.kernels.grouped_gemm`) instead of torch's:
-# at most this many (token, slot) rows per expert on average, and experts of at least this many weights per
-# projection. Measured on an H200 (benchmarks/NOTES.md, "Eighth session: own grouped GEMMs"), experts' eager
-# training step: at the DeepSeek-V3 shape (7168 x 2048 experts) 1.06-1.15x faster at 32-128 rows per expert and
-# level at 256; at the Qwen3-30B-A3B shape (2048 x 768) level from 256 rows and 0.86-0.90x at 64-128, where the step
-# is bound by host launches and these cost more than torch's (the GPU time still drops 10 %); from 1024 rows per
-# expert torch's GEMMs are as fast or faster at every shape.
+# at most this many (token, slot) rows per expert on average, and at least this many multiply-adds per GEMM, below
+# which the eager step is bound by host launches and a Triton launch costs more host time than torch's. Measured on
+# H200s (benchmarks/NOTES.md, "Tenth session: persistent grouped GEMMs"), experts' eager training step: DeepSeek-V3
+# shape (7168 x 2048 experts) 1.07-1.15x faster at 32-128 rows per expert and level at 256; Qwen3-30B-A3B shape
+# (2048 x 768) 1.02-1.05x at 256-512 rows per expert (>= 2^35 multiply-adds per GEMM) and 0.83-1.10x below,
+# depending on the machine's host speed; from 1024 rows per expert torch's GEMMs are as fast or faster at every shape.
 _OWN_GEMM_ROWS_PER_EXPERT = 512
-_OWN_GEMM_MIN_EXPERT_WEIGHTS = 1 << 23
+_OWN_GEMM_MIN_MULTIPLY_ADDS = 1 << 35
 
 
 def _own_gemm(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether the GEMM of `a [S, K]` and `b [E, K, N]` runs as hf-moe's Triton grouped GEMM: CUDA bf16 on Hopper or
-    newer, few rows per expert, large experts, and not while torch.compile traces (it traces torch's grouped GEMM).
-    Decided on the host from shapes, strides and flags."""
+    newer, few rows per expert, enough work to keep the GPU busy, and not while torch.compile traces (it traces
+    torch's grouped GEMM). Decided on the host from shapes, strides and flags."""
     num_experts, k, n = b.shape
     return (
         _grouped_mm_leaves_tail_unwritten(a)
         and _HAS_TRITON
         and a.shape[0] <= _OWN_GEMM_ROWS_PER_EXPERT * num_experts
-        and k * n >= _OWN_GEMM_MIN_EXPERT_WEIGHTS
+        and a.shape[0] * k * n >= _OWN_GEMM_MIN_MULTIPLY_ADDS
         and not torch.compiler.is_compiling()
         and _gemm_kernels().supports(a, b)
     )
