@@ -25,7 +25,8 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -211,16 +212,23 @@ def graph_time(fn: Callable[[], object], device: str, reps: int) -> float:
     return timeit(graph.replay, device, reps)[0]
 
 
-def forward_with(setting: str, value: int, experts, x, index, weights):
-    """`hf_moe_grouped` with one of its module-level thresholds changed for this call: `_DECODE_ROWS_PER_EXPERT = 0`
+@contextmanager
+def experts_setting(setting: str, value: int) -> Iterator[None]:
+    """One of `hf_moe_grouped`'s module-level thresholds changed inside the block: `_DECODE_ROWS_PER_EXPERT = 0`
     turns the decode kernels off (the grouped-GEMM path that training runs), `_OWN_GEMM_ROWS_PER_EXPERT = 0` keeps
-    torch's grouped GEMMs everywhere."""
+    torch's grouped GEMMs everywhere. Hold it over forward and backward: backward chooses its GEMMs when it runs."""
     saved = getattr(experts_module, setting)
     setattr(experts_module, setting, value)
     try:
-        return grouped_experts_forward(experts, x, index, weights)
+        yield
     finally:
         setattr(experts_module, setting, saved)
+
+
+def forward_with(setting: str, value: int, experts, x, index, weights):
+    """`hf_moe_grouped`'s forward with one threshold changed (see `experts_setting`)."""
+    with experts_setting(setting, value):
+        return grouped_experts_forward(experts, x, index, weights)
 
 
 def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, copy_gbps: float, reps: int,
@@ -351,13 +359,12 @@ def main() -> None:
                         expert_leaves, flops, tokens, device, reps,
                     ),
                 }
-                if not cpu:  # the same path on torch's grouped GEMMs
-                    res["experts_hf-moe_torch_gemms"] = measure(
-                        lambda: forward_with(
-                            "_OWN_GEMM_ROWS_PER_EXPERT", 0, hf_block.experts, x2d, top_index, top_weights
-                        ),
-                        expert_leaves, flops, tokens, device, reps,
-                    )
+                if not cpu:  # the same path on torch's grouped GEMMs, forward and backward
+                    with experts_setting("_OWN_GEMM_ROWS_PER_EXPERT", 0):
+                        res["experts_hf-moe_torch_gemms"] = measure(
+                            lambda: grouped_experts_forward(hf_block.experts, x2d, top_index, top_weights),
+                            expert_leaves, flops, tokens, device, reps,
+                        )
                 if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs
                     try:
                         capture_moe_cuda_graphs(hf_block, 1, tokens)
