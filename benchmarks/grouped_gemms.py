@@ -6,11 +6,14 @@ forward down, the two input-gradient GEMMs, and the two weight-gradient GEMMs (t
 of its own there). It prints milliseconds, TFLOP/s and the torch / hf-moe ratio, and checks that both agree.
 With `--step` it times instead the experts' whole eager training step (`hf_moe_grouped`, forward and
 forward+backward) with the Triton GEMMs forced on and off, interleaved round by round on one routing: the number
-that decides where `hf_moe_grouped` uses them (`_own_gemm`). GPU with TMA (Hopper or newer) only.
+that decides where `hf_moe_grouped` uses them (`_own_gemm`). With `--block` it times the whole MoE block's training
+step the same way, eagerly and replayed from CUDA graphs captured under each choice. GPU with TMA (Hopper or newer)
+only.
 
     python benchmarks/grouped_gemms.py                       # Qwen3-30B-A3B, DeepSeek-V3, Mixtral shapes
     python benchmarks/grouped_gemms.py --shapes qwen3 --tokens 4096,8192,16384
     python benchmarks/grouped_gemms.py --step --shapes qwen3,dsv3 --tokens 1024,2048,4096,8192
+    python benchmarks/grouped_gemms.py --block --shapes qwen3 --tokens 4096,8192
 """
 
 from __future__ import annotations
@@ -148,11 +151,56 @@ def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     return results
 
 
+def run_block(name: str, tokens: int, rounds: int = 10) -> list[dict]:
+    """The MoE block's training step with and without the Triton GEMMs, eager and in CUDA graphs (one capture per
+    choice, swapped in round by round)."""
+    from interleaved import interleaved_ms  # next to this file
+    from moe_layer import build_blocks
+
+    from hf_moe import capture_moe_cuda_graphs
+
+    hidden, inter, num_experts, top_k, _ = SHAPES[name]
+    block, _ = build_blocks((hidden, inter, num_experts, top_k), "cuda", torch.bfloat16)
+    x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    leaves = [x, *block.parameters()]
+    graphs = {}
+    for enabled in (True, False):
+        with own_gemms(enabled):
+            capture_moe_cuda_graphs(block, 1, tokens)
+        graphs[enabled], block._cuda_graph = block._cuda_graph, None
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        block(x)[0].backward(grad_out)
+
+    @contextmanager
+    def graphed(enabled: bool) -> Iterator[None]:
+        block._cuda_graph = graphs[enabled]
+        try:
+            with own_gemms(enabled):
+                yield
+        finally:
+            block._cuda_graph = None
+
+    results = []
+    for step, variant in (("block fwd+bwd, eager", own_gemms), ("block fwd+bwd, CUDA graphs", graphed)):
+        own_ms, torch_ms = interleaved_ms(forward_backward, variant, rounds)
+        row = {"shape": name, "tokens": tokens, "rows_per_expert": tokens * top_k / num_experts, "step": step,
+               "own_gemms_ms": own_ms, "torch_gemms_ms": torch_ms, "torch_over_own": torch_ms / own_ms,
+               "own_tflops": 3 * 2 * tokens * top_k * 3 * hidden * inter / own_ms / 1e9}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen3,dsv3,mixtral", help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--tokens", default=None, help="comma list of token counts (default: one per shape)")
     ap.add_argument("--step", action="store_true", help="the experts' whole step with and without the Triton GEMMs")
+    ap.add_argument("--block", action="store_true", help="the MoE block's step, eager and graphed, the same way")
     a = ap.parse_args()
     print(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -162,8 +210,19 @@ def main() -> None:
     results = []
     for name in a.shapes.split(","):
         for tokens in [int(t) for t in a.tokens.split(",")] if a.tokens else [SHAPES[name][4]]:
-            results += run_step(name, tokens) if a.step else run_shape(name, tokens)
+            if a.block:
+                results += run_block(name, tokens)
+            else:
+                results += run_step(name, tokens) if a.step else run_shape(name, tokens)
             torch.cuda.empty_cache()
+    if a.block:
+        print("\n| shape | T | rows/expert | step | Triton GEMMs ms (TFLOP/s) | torch's GEMMs ms | torch's / Triton |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for r in results:
+            print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['step']} | "
+                  f"{r['own_gemms_ms']:.3f} ({r['own_tflops']:.0f}) | {r['torch_gemms_ms']:.3f} | "
+                  f"{r['torch_over_own']:.2f}× |")
+        return
     if a.step:
         print("\n| shape | T | rows/expert | experts step | Triton GEMMs ms | torch's GEMMs ms | torch's / Triton |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
