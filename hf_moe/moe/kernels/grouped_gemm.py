@@ -50,14 +50,18 @@ def _tile_table(offsets_ptr, num_experts, BLOCK_E: tl.constexpr, BLOCK_M: tl.con
 
 
 @triton.jit
-def _locate_tile(tile, starts, ends, tiles, cum_tiles, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """(expert of `tile`, first row of `tile`, end row of that expert)."""
+def _locate_work(
+    work, num_col_blocks, starts, ends, tiles, cum_tiles,
+    BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """(expert, first row, end row of that expert, first column) of work item `work`."""
+    tile = work // num_col_blocks
     experts = tl.arange(0, BLOCK_E)
     expert = tl.sum((cum_tiles <= tile).to(tl.int32))
     first_tile = tl.sum(tl.where(experts < expert, tiles, 0))
     row_start = tl.sum(tl.where(experts == expert, starts, 0))
     row_end = tl.sum(tl.where(experts == expert, ends, 0))
-    return expert, row_start + (tile - first_tile) * BLOCK_M, row_end
+    return expert, row_start + (tile - first_tile) * BLOCK_M, row_end, (work % num_col_blocks) * BLOCK_N
 
 
 @triton.jit
@@ -70,9 +74,9 @@ def _grouped_mm_kernel(
     num_col_blocks = tl.cdiv(N, BLOCK_N)
     num_work = tl.sum(tiles) * num_col_blocks
     for work in tl.range(tl.program_id(0), num_work, tl.num_programs(0), flatten=FLATTEN):
-        tile = work // num_col_blocks
-        col0 = (work % num_col_blocks) * BLOCK_N
-        expert, row0, row_end = _locate_tile(tile, starts, ends, tiles, cum_tiles, BLOCK_E, BLOCK_M)
+        expert, row0, row_end, col0 = _locate_work(
+            work, num_col_blocks, starts, ends, tiles, cum_tiles, BLOCK_E, BLOCK_M, BLOCK_N
+        )
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             a = a_desc.load([row0, k])
@@ -97,9 +101,9 @@ def _gate_up_swiglu_kernel(
     num_col_blocks = tl.cdiv(inter, BLOCK_N)
     num_work = tl.sum(tiles) * num_col_blocks
     for work in tl.range(tl.program_id(0), num_work, tl.num_programs(0), flatten=FLATTEN):
-        tile = work // num_col_blocks
-        col0 = (work % num_col_blocks) * BLOCK_N
-        expert, row0, row_end = _locate_tile(tile, starts, ends, tiles, cum_tiles, BLOCK_E, BLOCK_M)
+        expert, row0, row_end, col0 = _locate_work(
+            work, num_col_blocks, starts, ends, tiles, cum_tiles, BLOCK_E, BLOCK_M, BLOCK_N
+        )
         gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
