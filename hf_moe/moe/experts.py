@@ -102,7 +102,7 @@ def _grouped_mm_leaves_tail_unwritten(tensor: torch.Tensor) -> bool:
 # at most this many (token, slot) rows per expert on average, and at least this many multiply-adds per GEMM, below
 # which the eager step is bound by host launches and a Triton launch costs more host time than torch's. Measured on
 # H200s (benchmarks/NOTES.md, "Tenth session: persistent grouped GEMMs"), experts' eager training step: DeepSeek-V3
-# shape (7168 x 2048 experts) 1.07-1.15x faster at 32-128 rows per expert and level at 256; Qwen3-30B-A3B shape
+# shape (7168 x 2048 experts) 1.07-1.16x faster at 32-128 rows per expert and level at 256; Qwen3-30B-A3B shape
 # (2048 x 768) 1.02-1.05x at 256-512 rows per expert (>= 2^35 multiply-adds per GEMM) and 0.83-1.10x below,
 # depending on the machine's host speed; from 1024 rows per expert torch's GEMMs are as fast or faster at every shape.
 _OWN_GEMM_ROWS_PER_EXPERT = 512
