@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import transformers
 import triton
 import triton.testing
 
+from hf_moe import capture_moe_cuda_graphs
 from hf_moe.moe import experts as experts_module
 from hf_moe.moe.kernels import grouped_gemm, triton_moe
 
@@ -117,9 +118,28 @@ def own_gemms(enabled: bool) -> Iterator[None]:
         experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS = saved
 
 
+def ab_rows(
+    name: str, tokens: int, rounds: int,
+    cases: list[tuple[str, Callable[[], object], Callable[[bool], AbstractContextManager], int]],
+) -> list[dict]:
+    """For each (step, fn, variant, passes): `fn` timed inside `variant(True)` (the Triton GEMMs) and `variant(False)`
+    (torch's), interleaved; `passes` is 1 for a forward, 3 for forward+backward (the TFLOP/s count)."""
+    from interleaved import interleaved_ms  # next to this file
+
+    hidden, inter, num_experts, top_k, _ = SHAPES[name]
+    results = []
+    for step, fn, variant, passes in cases:
+        own_ms, torch_ms = interleaved_ms(fn, variant, rounds)
+        row = {"shape": name, "tokens": tokens, "rows_per_expert": tokens * top_k / num_experts, "step": step,
+               "own_gemms_ms": own_ms, "torch_gemms_ms": torch_ms, "torch_over_own": torch_ms / own_ms,
+               "own_tflops": passes * 2 * tokens * top_k * 3 * hidden * inter / own_ms / 1e9}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
+
+
 def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     """The experts' eager step (router-chosen routing of random weights) with and without the Triton GEMMs."""
-    from interleaved import interleaved_ms  # next to this file
     from moe_layer import build_blocks
 
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
@@ -140,24 +160,15 @@ def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
             leaf.grad = None
         experts_module.grouped_experts_forward(block.experts, x, index, weights).backward(grad_out)
 
-    results = []
-    for step, fn in (("forward", forward), ("forward+backward", forward_backward)):
-        own_ms, torch_ms = interleaved_ms(fn, own_gemms, rounds)
-        row = {"shape": name, "tokens": tokens, "rows_per_expert": tokens * top_k / num_experts, "step": step,
-               "own_gemms_ms": own_ms, "torch_gemms_ms": torch_ms}
-        row["torch_over_own"] = row["torch_gemms_ms"] / row["own_gemms_ms"]
-        print(json.dumps(row), flush=True)
-        results.append(row)
-    return results
+    return ab_rows(name, tokens, rounds, [
+        ("forward", forward, own_gemms, 1), ("forward+backward", forward_backward, own_gemms, 3),
+    ])
 
 
 def run_block(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     """The MoE block's training step with and without the Triton GEMMs, eager and in CUDA graphs (one capture per
     choice, swapped in round by round)."""
-    from interleaved import interleaved_ms  # next to this file
     from moe_layer import build_blocks
-
-    from hf_moe import capture_moe_cuda_graphs
 
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     block, _ = build_blocks((hidden, inter, num_experts, top_k), "cuda", torch.bfloat16)
@@ -184,15 +195,10 @@ def run_block(name: str, tokens: int, rounds: int = 10) -> list[dict]:
         finally:
             block._cuda_graph = None
 
-    results = []
-    for step, variant in (("block fwd+bwd, eager", own_gemms), ("block fwd+bwd, CUDA graphs", graphed)):
-        own_ms, torch_ms = interleaved_ms(forward_backward, variant, rounds)
-        row = {"shape": name, "tokens": tokens, "rows_per_expert": tokens * top_k / num_experts, "step": step,
-               "own_gemms_ms": own_ms, "torch_gemms_ms": torch_ms, "torch_over_own": torch_ms / own_ms,
-               "own_tflops": 3 * 2 * tokens * top_k * 3 * hidden * inter / own_ms / 1e9}
-        print(json.dumps(row), flush=True)
-        results.append(row)
-    return results
+    return ab_rows(name, tokens, rounds, [
+        ("block fwd+bwd, eager", forward_backward, own_gemms, 3),
+        ("block fwd+bwd, CUDA graphs", forward_backward, graphed, 3),
+    ])
 
 
 def main() -> None:
