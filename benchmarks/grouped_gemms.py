@@ -205,8 +205,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen3,dsv3,mixtral", help="comma list of " + ", ".join(SHAPES))
     ap.add_argument("--tokens", default=None, help="comma list of token counts (default: one per shape)")
-    ap.add_argument("--step", action="store_true", help="the experts' whole step with and without the Triton GEMMs")
-    ap.add_argument("--block", action="store_true", help="the MoE block's step, eager and graphed, the same way")
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--step", action="store_true", help="the experts' whole step with and without the Triton GEMMs")
+    mode.add_argument("--block", action="store_true", help="the MoE block's step, eager and graphed, the same way")
     a = ap.parse_args()
     print(json.dumps({
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
