@@ -23,8 +23,8 @@ from .modeling_hf_moe import (
 from .moe.balancing import update_expert_bias
 from .moe.capacity import capacity_padded_experts_forward, expert_capacity
 from .moe.experts import HfMoeExperts, grouped_experts_forward
-from .moe.graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
-from .moe.layer import HfMoeSparseMoeBlock
+from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
+from .moe.block import HfMoeSparseMoeBlock
 from .moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 from .moe.metrics import router_metrics
 from .moe.router import (

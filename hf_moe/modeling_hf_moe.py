@@ -1,7 +1,7 @@
 """The hf-moe decoder: a Llama/Mistral/Qwen2/Qwen3-compatible transformer whose MLPs may be mixtures of experts.
 
 Attention, RoPE, RMSNorm, masks and the KV cache come from transformers; the MoE block is
-`hf_moe.moe.layer.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
+`hf_moe.moe.block.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers.models.llama.modeling_llama import (
 
 from .configuration_hf_moe import HfMoeConfig
 from .moe.experts import HfMoeExperts
-from .moe.layer import HfMoeMLP, HfMoeSparseMoeBlock
+from .moe.block import HfMoeMLP, HfMoeSparseMoeBlock
 from .moe.metrics import compute_router_metrics
 from .moe.router import HfMoeRouter, RouterOutput
 

@@ -109,7 +109,7 @@ def test_lora_adapters_captured_after_get_peft_model_train_as_eagerly():
 
 
 def test_graphs_are_dropped_when_the_blocks_parameters_change(monkeypatch):
-    from hf_moe.moe.graphs import _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _GraphedBlock
 
     model = HfMoeForCausalLM(tiny_config()).to(torch.bfloat16).train()
     block = model.model.layers[0].mlp
@@ -140,7 +140,7 @@ def test_graphs_are_dropped_when_the_blocks_parameters_change(monkeypatch):
 
 
 def test_a_second_replay_before_backward_raises():
-    from hf_moe.moe.graphs import _ROUTING_TENSORS, _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _ROUTING_TENSORS, _GraphedBlock
 
     class Replay(torch.autograd.Function):  # stands in for make_graphed_callables' autograd Function
         @staticmethod
@@ -220,7 +220,7 @@ def test_refuses_a_model_already_wrapped_by_ddp(tmp_path):
 
 
 def test_a_copy_of_a_captured_model_runs_its_blocks_eagerly():
-    from hf_moe.moe.graphs import _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _GraphedBlock
 
     model = HfMoeForCausalLM(tiny_config())
     block = model.model.layers[0].mlp
@@ -233,7 +233,7 @@ def test_a_copy_of_a_captured_model_runs_its_blocks_eagerly():
 
 
 def test_release_drops_every_blocks_graphs():
-    from hf_moe.moe.graphs import _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _GraphedBlock
 
     model = HfMoeForCausalLM(tiny_config(num_hidden_layers=3))
     blocks = [m for m in model.modules() if hasattr(m, "_cuda_graph")]

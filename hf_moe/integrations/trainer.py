@@ -10,7 +10,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..moe.balancing import update_expert_bias
-from ..moe.layer import HfMoeSparseMoeBlock
+from ..moe.block import HfMoeSparseMoeBlock
 from ..parallel import expert_parallel_groups, finish_gradients
 
 

@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..moe.dispatch import AllToAllDispatcher
-from ..moe.layer import HfMoeSparseMoeBlock
+from ..moe.block import HfMoeSparseMoeBlock
 from .groups import ExpertParallelGroups
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .experts import base_layer
-from .layer import HfMoeSparseMoeBlock
+from .block import HfMoeSparseMoeBlock
 from .router import HashRouter, RouterOutput
 
 # RouterOutput tensors a graphed block returns next to its output; z_loss and drop_fraction follow when the router
