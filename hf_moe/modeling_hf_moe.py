@@ -24,11 +24,14 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import HfMoeConfig
+from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
-from .moe.block import HfMoeMLP, HfMoeSparseMoeBlock
 from .moe.metrics import compute_router_metrics
+from .moe.mlp import HfMoeMLP
 from .moe.router import HfMoeRouter, RouterOutput
 
 
@@ -146,10 +149,9 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None]:
-        """Returns the new hidden states, the router's decisions (MoE layers only) and the attention weights."""
+    ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states, attn_weights = self.self_attn(
+        hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -158,15 +160,9 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        routing = None
-        if isinstance(self.mlp, HfMoeSparseMoeBlock):
-            hidden_states, routing = self.mlp(hidden_states, token_mask, input_ids)
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, routing, attn_weights
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, input_ids)
+        return residual + hidden_states
 
 
 _EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch"}
@@ -186,6 +182,12 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(RoutingRecord, index=0),
+        "router_outputs": OutputRecorder(RoutingRecord, index=1),
+        "hidden_states": HfMoeDecoderLayer,
+        "attentions": OutputRecorder(HfMoeAttention, index=1),
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, expert_parallel_size: int | None = None,
@@ -253,6 +255,8 @@ class HfMoeModel(HfMoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -261,17 +265,13 @@ class HfMoeModel(HfMoePreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> HfMoeModelOutputWithPast:
+        """Hidden states (`output_hidden_states`), attention weights (`output_attentions`), router logits
+        (`output_router_logits`) and each MoE layer's [`RouterOutput`] (`output_router_outputs`) are recorded by
+        transformers' output hooks (`_can_record_outputs`), not returned by the layers."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
@@ -292,11 +292,8 @@ class HfMoeModel(HfMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        router_outputs = []
         for layer in self.layers:
-            hidden_states, routing, attn_weights = layer(
+            hidden_states = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
@@ -306,23 +303,9 @@ class HfMoeModel(HfMoePreTrainedModel):
                 input_ids=input_ids,
                 **kwargs,
             )
-            if routing is not None:
-                router_outputs.append(routing)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-
         return HfMoeModelOutputWithPast(
-            last_hidden_state=hidden_states,
+            last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            router_logits=tuple(r.logits for r in router_outputs),
-            router_outputs=tuple(router_outputs),
         )
 
 
@@ -384,6 +367,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            output_router_outputs=True,  # the router losses and metrics come from them
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -411,7 +397,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            router_logits=outputs.router_logits,
             router_outputs=outputs.router_outputs if output_router_logits else None,
             router_metrics=(
                 tuple(compute_router_metrics(r) for r in outputs.router_outputs) if output_router_metrics else None

@@ -178,7 +178,7 @@ def test_expert_parallel_needs_a_distributed_launch(monkeypatch):
 def test_padded_plan_restricts_each_tokens_routing_to_each_rank(num_tokens):
     """Every token to every rank, rank-major; on rank p only the slots of p's experts (as local ids) keep their weight,
     the others become the sentinel `num_local` with weight 0. Checked slot by slot against a loop; T = 0 is empty."""
-    from hf_moe.moe.dispatch import _padded_plan
+    from hf_moe.parallel.all_to_all import _padded_plan
 
     ep_size, num_local, top_k = 3, 2, 3
     index = torch.randint(0, ep_size * num_local + 1, (num_tokens, top_k))  # includes the dropped-slot sentinel

@@ -20,9 +20,9 @@ import weakref
 import torch
 from torch import nn
 
+from .block import HfMoeSparseMoeBlock, moe_blocks
 from .experts import base_layer
-from .block import HfMoeSparseMoeBlock
-from .router import HashRouter, RouterOutput
+from .router import RouterOutput
 
 # RouterOutput tensors a graphed block returns next to its output; z_loss and drop_fraction follow when the router
 # set them, otherwise they are computed from these on first read, outside the graph.
@@ -41,7 +41,7 @@ class _BlockTensors(nn.Module):
         self.optional = optional
 
     def forward(self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        out, routing = self.block._eager_forward(hidden_states, token_mask)
+        out, routing = self.block.compute(hidden_states, token_mask)
         return (out, *(getattr(routing, name) for name in _ROUTING_TENSORS + self.optional))
 
 
@@ -76,7 +76,7 @@ class _GraphedBlock:
                 "runs eagerly. Capture after such changes (after get_peft_model, for instance).",
                 stacklevel=3,
             )
-            block._cuda_graph = None
+            block.set_cuda_graphs(None)
             return False
         return True
 
@@ -155,7 +155,7 @@ def capture_moe_cuda_graphs(
             "capture_moe_cuda_graphs: capture before DDP wraps the model (before accelerator.prepare): DDP keeps "
             "autograd nodes of the default stream that a capture must not reach."
         )
-    blocks = [m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)]
+    blocks = moe_blocks(model)
     if not blocks:
         raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
     first = base_layer(blocks[0].experts).gate_up_proj
@@ -176,16 +176,18 @@ def capture_moe_cuda_graphs(
             "the graph whose buffers backward reads): call model.gradient_checkpointing_disable() first."
         )
     for block in blocks:
-        dispatcher = block.expert_parallel
-        if dispatcher is not None and not (dispatcher.padded and dispatcher.weight_grads is None):
+        if not block.dispatcher.capturable:
             raise ValueError(
                 "capture_moe_cuda_graphs under expert parallelism needs padded dispatch without the backward overlap "
                 "(padded_dispatch=True, overlap_weight_grads=False): the default dispatch waits for the GPU once per "
                 "layer, which a CUDA graph cannot contain."
             )
         router = base_layer(block.router)
-        if isinstance(router, HashRouter):
-            raise ValueError("capture_moe_cuda_graphs: hash routing reads token ids, which the graphs do not take.")
+        if router.reads_token_ids:
+            raise ValueError(
+                f"capture_moe_cuda_graphs: {type(router).__name__} routes by token id (hash routing), and the graphs "
+                "take no token ids."
+            )
         if getattr(router, "expert_bias", None) is not None:
             raise ValueError(
                 "capture_moe_cuda_graphs: routers with an expert_bias (aux-loss-free balancing) accumulate their "
@@ -195,14 +197,14 @@ def capture_moe_cuda_graphs(
     dtype = first.dtype
     functions, samples, probes = [], [], []
     for block in blocks:
-        block._cuda_graph = None
+        block.set_cuda_graphs(None)
         device = base_layer(block.experts).gate_up_proj.device
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         mask = ()
         if attention_mask:
             mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=device),)
         with torch.no_grad():  # which optional routing tensors this router sets
-            _, routing = block._eager_forward(x, *mask)
+            _, routing = block.compute(x, *mask)
         optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.__dict__.get(n), torch.Tensor))
         functions.append(_BlockTensors(block, optional))
         samples.append((x, *mask))
@@ -226,7 +228,7 @@ def capture_moe_cuda_graphs(
             f"{experts.config._experts_implementation!r}; hf_moe_grouped is capturable). Cause: {e}"
         ) from e
     for block, function, (optional, capacity) in zip(blocks, graphed, probes):
-        block._cuda_graph = _GraphedBlock(function, shape, dtype, attention_mask, optional, capacity, block)
+        block.set_cuda_graphs(_GraphedBlock(function, shape, dtype, attention_mask, optional, capacity, block))
     return model
 
 
@@ -240,8 +242,7 @@ def release_moe_cuda_graphs(model: nn.Module) -> nn.Module:
     `.grad`: `optimizer.zero_grad()`, `accelerator`'s list of prepared models: `accelerator.free_memory()`) keeps
     the graphs or their memory alive too; drop those first.
     """
-    for block in model.modules():
-        if isinstance(block, HfMoeSparseMoeBlock):
-            block._cuda_graph = None
+    for block in moe_blocks(model):
+        block.set_cuda_graphs(None)
     gc.collect()  # each block and its graphs reference each other
     return model

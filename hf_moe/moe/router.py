@@ -140,7 +140,7 @@ def _switch_loss(
         num_tokens = mask.sum()
         prob_sum = mask @ probs
     if group is not None:
-        from .dispatch import all_reduce_sum
+        from ..parallel.collectives import all_reduce_sum
 
         if not torch.is_tensor(num_tokens):
             # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
@@ -291,6 +291,8 @@ class HfMoeRouter(nn.Module):
     """A token's experts depend on that token alone, so cached generation routes as the full forward does."""
     learned = True
     """Has a trainable gate `weight [E, H]`."""
+    reads_token_ids = False
+    """Routes by token id: the MoE block passes it `input_ids` (only routers that set this get them)."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__()
@@ -585,6 +587,8 @@ class HashRouter(_UnlearnedRouter):
     learned gate; needs the input ids (it refuses `inputs_embeds`-only calls). The table is a buffer saved with
     the model, so a checkpoint routes identically whatever torch's random generator does in the future.
     """
+
+    reads_token_ids = True
 
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__(config, layer_idx)

@@ -7,12 +7,16 @@ import os
 
 import torch
 import torch.distributed as dist
+from peft import get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..configuration_hf_moe import HfMoeConfig
+from ..moe.block import expert_modules
+from .collectives import gather_experts
 from .groups import ExpertParallelGroups, init_expert_parallel
-from .sharding import expert_parallel_groups, expert_parallelize, is_expert_parameter
+from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names, shard_experts
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -58,13 +62,11 @@ def load_expert_parallel(
     with torch.device("meta"):
         model = model_class(config)
     start, end = groups.expert_range(config.num_experts)
-    for block_name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and block_name.endswith("experts"):
-            module.gate_up_proj = nn.Parameter(module.gate_up_proj[start:end])
-            module.down_proj = nn.Parameter(module.down_proj[start:end])
-            module.num_experts = end - start
+    for experts in expert_modules(model).values():
+        shard_experts(experts, start, end)
     model = model.to_empty(device=device).to(dtype)
     files = _tensor_files(path)
+    expert_names = set(expert_parameter_names(model))
     state = model.state_dict()
     missing = [n for n in state if n not in files and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
@@ -74,10 +76,10 @@ def load_expert_parallel(
             if name not in files:
                 continue
             with safe_open(files[name], framework="pt") as f:
-                value = f.get_slice(name)[start:end] if is_expert_parameter(name) else f.get_tensor(name)
+                value = f.get_slice(name)[start:end] if name in expert_names else f.get_tensor(name)
             tensor.copy_(value.to(dtype))
     for module in model.modules():  # non-persistent buffers (RoPE inverse frequencies) are not in checkpoints
-        if "RotaryEmbedding" in type(module).__name__:
+        if isinstance(module, LlamaRotaryEmbedding):
             fresh = type(module)(config=config).to(device)
             module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
     if config.tie_word_embeddings:
@@ -95,12 +97,11 @@ def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[st
     if groups.edp_rank != 0:
         return None
     keep = dist.get_rank() == 0
+    expert_names = set(expert_parameter_names(model))
     full = {}
     for name, tensor in state.items():
-        if is_expert_parameter(name) and groups.ep_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
-            tensor = torch.cat(parts) if keep else None
+        if name in expert_names and groups.ep_size > 1:
+            tensor = gather_experts(tensor, groups.ep_group)
         if keep:
             full[name] = tensor.detach().cpu()
     return full if keep else None
@@ -113,3 +114,29 @@ def save_expert_parallel(model: nn.Module, path: str, **save_kwargs) -> None:
     if state is not None:
         model.save_pretrained(path, state_dict=state, **save_kwargs)
     dist.barrier()
+
+
+def save_adapter_expert_parallel(model: nn.Module, path: str) -> None:
+    """Save a LoRA adapter trained under expert parallelism as one adapter a single process loads.
+
+    PEFT keeps one low-rank pair per expert: `lora_A [r·E, in]` expert-major and `lora_B [out, r·E]` with the
+    expert index varying fastest. Each rank holds its E/P experts' pairs; they are gathered over the first
+    expert-parallel group and rank 0 writes. Collective: call on every rank.
+    """
+    groups = expert_parallel_groups(model)
+    experts = {f"{name}.": module for name, module in expert_modules(model).items()}
+    full = {}
+    for name, tensor in get_peft_model_state_dict(model).items():
+        owner = next((module for prefix, module in experts.items() if name.startswith(prefix)), None)
+        if groups is not None and groups.ep_size > 1 and groups.edp_rank == 0 and owner is not None:
+            if "lora_B" in name:  # [out, r·E/P] with the expert fastest → [out, r, E/P], gathered along the experts
+                local = tensor.reshape(tensor.shape[0], -1, owner.num_experts)
+                tensor = gather_experts(local, groups.ep_group, dim=2).reshape(tensor.shape[0], -1)
+            else:
+                tensor = gather_experts(tensor, groups.ep_group)
+        full[name] = tensor.detach().cpu()
+    if groups is None or dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        model.save_pretrained(path, state_dict=full)
+    if groups is not None:
+        dist.barrier()
