@@ -53,8 +53,8 @@ class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
 @dataclass
 class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """Causal-LM output. `aux_loss` is the load-balancing loss and `z_loss` the router z-loss, each averaged
-    over MoE layers and unscaled; `loss` includes `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss`
-    when labels are given. `router_metrics` (with `output_router_metrics=True`) holds one dict of 0-dim / [E]
+    over MoE layers and unscaled, reported when labels are given or `output_router_logits`; `loss` includes
+    `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss` when labels are given. `router_metrics` (with `output_router_metrics=True`) holds one dict of 0-dim / [E]
     tensors per MoE layer, still on the device (see `hf_moe.router_metrics`)."""
 
     z_loss: torch.FloatTensor | None = None
@@ -376,8 +376,10 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
+        # The router losses are reported with a loss or with router logits (as Mixtral's and Qwen3-MoE's are), so the
+        # first element of an output tuple is the loss when labels are given and the logits otherwise.
         aux_loss = z_loss = None
-        if outputs.router_outputs:
+        if outputs.router_outputs and (labels is not None or output_router_logits):
             aux_loss = torch.stack([r.aux_loss for r in outputs.router_outputs]).mean()
             z_loss = torch.stack([r.z_loss for r in outputs.router_outputs]).mean()
 
