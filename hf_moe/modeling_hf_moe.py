@@ -6,6 +6,7 @@ Attention, RoPE, RMSNorm, masks and the KV cache come from transformers; the MoE
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -54,8 +55,9 @@ class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
 class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """Causal-LM output. `aux_loss` is the load-balancing loss and `z_loss` the router z-loss, each averaged
     over MoE layers and unscaled, reported when labels are given or `output_router_logits`; `loss` includes
-    `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss` when labels are given. `router_metrics` (with `output_router_metrics=True`) holds one dict of 0-dim / [E]
-    tensors per MoE layer, still on the device (see `hf_moe.router_metrics`)."""
+    `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss` when labels are given. `router_metrics` (with
+    `output_router_metrics=True`) holds one dict of 0-dim / [E] tensors per MoE layer, still on the device (see
+    `hf_moe.router_metrics`)."""
 
     z_loss: torch.FloatTensor | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
@@ -165,9 +167,12 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
-_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch"}
-_HUB_KWARGS = {"adapter_kwargs", "revision", "trust_remote_code", "cache_dir", "local_files_only", "token",
-               "force_download", "proxies", "subfolder", "_from_auto", "_commit_hash"}
+# What `from_pretrained(..., expert_parallel_size=P)` does with transformers' keyword arguments: passed on, accepted
+# because they change nothing for a local folder, or refused because they would change what is read.
+_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch", "subfolder"}
+_EP_NO_EFFECT_KWARGS = {"_from_auto", "_commit_hash", "adapter_kwargs", "trust_remote_code", "local_files_only"}
+_EP_HUB_KWARGS = {"revision": (None, "main"), "cache_dir": (None,), "token": (None,), "force_download": (False,),
+                  "proxies": (None,)}
 
 
 class HfMoePreTrainedModel(PreTrainedModel):
@@ -199,17 +204,35 @@ class HfMoePreTrainedModel(PreTrainedModel):
         if expert_parallel_size is None and config is not None:
             expert_parallel_size = getattr(config, "expert_parallel_size", None)  # through AutoModel's config
         if expert_parallel_size is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            wants_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+            _refuse_partial_moe_load(model, info, pretrained_model_name_or_path)
+            return (model, info) if wants_info else model
         from .parallel import load_expert_parallel
 
-        unsupported = sorted(set(kwargs) - _EP_LOAD_KWARGS - _HUB_KWARGS)
-        if model_args or unsupported:
-            raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported or model_args}; "
-                             f"it takes {sorted(_EP_LOAD_KWARGS)}.")
-        return load_expert_parallel(cls, pretrained_model_name_or_path, expert_parallel_size,
+        if model_args:
+            raise ValueError(f"from_pretrained(expert_parallel_size=...) takes no positional model arguments; got "
+                             f"{model_args}.")
+        for name, defaults in _EP_HUB_KWARGS.items():
+            if kwargs.get(name, defaults[0]) not in defaults:
+                raise ValueError(f"from_pretrained(expert_parallel_size=...) reads a local folder, so {name}="
+                                 f"{kwargs[name]!r} cannot apply; download the checkpoint first (e.g. "
+                                 f"huggingface_hub.snapshot_download(repo, {name}=...)) and pass the folder.")
+        config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in _EP_LOAD_KWARGS | _EP_NO_EFFECT_KWARGS
+                         and k not in _EP_HUB_KWARGS and k in HfMoeConfig().to_dict()}
+        unsupported = sorted(set(kwargs) - _EP_LOAD_KWARGS - _EP_NO_EFFECT_KWARGS - set(_EP_HUB_KWARGS))
+        if unsupported:
+            raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported}; it takes "
+                             f"{sorted(_EP_LOAD_KWARGS)} and config fields (e.g. router_aux_loss_coef=...).")
+        path = pretrained_model_name_or_path
+        if kwargs.get("subfolder"):
+            path = os.path.join(path, kwargs["subfolder"])
+        return load_expert_parallel(cls, path, expert_parallel_size,
                                     dtype=kwargs.get("dtype"), device=kwargs.get("device"),
                                     global_aux_loss=kwargs.get("global_aux_loss", True),
-                                    padded_dispatch=kwargs.get("padded_dispatch", False))
+                                    padded_dispatch=kwargs.get("padded_dispatch", False),
+                                    config=kwargs.get("config"), **config_fields)
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -232,6 +255,21 @@ class HfMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HfMoeRouter):
             module.initialize(std)
+
+
+def _refuse_partial_moe_load(model: nn.Module, info: dict, path) -> None:
+    """A checkpoint whose MoE tensors (router, experts, shared experts) are missing or named otherwise would leave
+    them freshly initialised, and the model silently wrong: refuse it, naming the tensors."""
+    blocks = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, HfMoeSparseMoeBlock))
+    missing = sorted(k for k in info["missing_keys"] if k.startswith(blocks))
+    unexpected = sorted(k for k in info["unexpected_keys"] if k.startswith(blocks))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the checkpoint does not match this model's MoE layers: missing {missing[:4]}"
+            f"{' …' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}. "
+            "Loading it would leave those weights randomly initialised. Is it a checkpoint of another architecture "
+            "(convert it first) or of another config (num_experts, moe_layers)?"
+        )
 
 
 def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:

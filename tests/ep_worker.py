@@ -315,6 +315,24 @@ def bad(workdir: str) -> str:
         errors.append("no error")
     except ValueError as e:
         errors.append(str(e))
+    # checkpoints whose expert tensors do not fit the config, and keyword arguments that cannot apply
+    for variant in ("broadcastable", "sixteen_experts", "transposed", "four_experts"):
+        try:
+            HfMoeForCausalLM.from_pretrained(os.path.join(workdir, variant), expert_parallel_size=2)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    model_dir = os.path.join(workdir, "model")
+    try:
+        HfMoeForCausalLM.from_pretrained(model_dir, expert_parallel_size=2, revision="v2")
+        errors.append("no error")
+    except ValueError as e:
+        errors.append(str(e))
+    config = HfMoeConfig.from_pretrained(model_dir)
+    config.router_aux_loss_coef = 0.375
+    model = HfMoeForCausalLM.from_pretrained(model_dir, expert_parallel_size=2, config=config,
+                                             router_z_loss_coef=0.25)
+    errors.append(f"config passed on: {model.config.router_aux_loss_coef} {model.config.router_z_loss_coef}")
     return "\n".join(errors)
 
 

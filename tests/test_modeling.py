@@ -227,3 +227,29 @@ def test_base_model_honours_return_dict_false_and_records_outputs_on_request():
     assert all(torch.equal(r.logits, logits) for r, logits in zip(full.router_outputs, full.router_logits))
     plain = base(ids, return_dict=True)
     assert plain.router_logits is None and plain.router_outputs is None
+
+
+@pytest.mark.parametrize("damage", ["missing expert", "missing router", "renamed experts", "extra expert"])
+def test_loading_refuses_a_checkpoint_whose_moe_tensors_do_not_match(tmp_path, damage):
+    """Missing or foreign-named router / expert tensors would be initialised randomly: refused, naming them."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    name = {"missing expert": "model.layers.1.mlp.experts.down_proj",
+            "missing router": "model.layers.0.mlp.router.weight",
+            "renamed experts": "model.layers.1.mlp.experts.gate_up_proj",
+            "extra expert": None}[damage]
+    if damage == "renamed experts":
+        state["model.layers.1.mlp.experts.0.w1.weight"] = state.pop(name)[0]
+    elif damage == "extra expert":
+        name = "model.layers.0.mlp.experts.6.w2.weight"
+        state[name] = torch.zeros(32, 24)
+    else:
+        del state[name]
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match this model's MoE layers") as error:
+        HfMoeForCausalLM.from_pretrained(tmp_path)
+    assert name in str(error.value) or "w1" in str(error.value)

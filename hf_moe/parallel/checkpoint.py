@@ -39,18 +39,24 @@ def load_expert_parallel(
     device: torch.device | str | None = None,
     global_aux_loss: bool = True,
     padded_dispatch: bool = False,
+    config: HfMoeConfig | None = None,
     **config_kwargs,
 ) -> nn.Module:
     """Build `model_class` from the checkpoint in `path` with its experts sharded over `expert_parallel_size` ranks.
 
     Each rank reads only its own slice of each expert tensor (`safe_open(...).get_slice`); the full expert stack is
     never materialised. Non-expert weights are read whole (they are replicated). Collective: call on every rank.
-    `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`.
+    `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`. `config` replaces the checkpoint's
+    config; `config_kwargs` override its fields. Every tensor's full shape is checked against the config, and a
+    checkpoint with missing or unexpected tensors is refused (naming them) before anything is read.
     """
     if not os.path.isdir(path):
         raise ValueError(f"expert-parallel loading reads a local checkpoint folder; {path!r} is not one (download it "
                          "first, e.g. with huggingface_hub.snapshot_download).")
-    config = HfMoeConfig.from_pretrained(path, **config_kwargs)
+    if config is None:
+        config = HfMoeConfig.from_pretrained(path, **config_kwargs)
+    else:
+        config = HfMoeConfig.from_dict({**config.to_dict(), **config_kwargs})  # validated like any config
     groups = init_expert_parallel(expert_parallel_size, config.num_experts)
     if device is None:
         from accelerate import PartialState
@@ -71,6 +77,11 @@ def load_expert_parallel(
     missing = [n for n in state if n not in files and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
+    unexpected = sorted(set(files) - set(state))
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint has {len(unexpected)} tensors this {config.model_type} model does not, "
+                         f"e.g. {unexpected[:3]}: it is not a checkpoint of this architecture and config.")
+    _check_shapes(path, files, state, expert_names, config)
     with torch.no_grad():
         for name, tensor in state.items():
             if name not in files:
@@ -85,6 +96,24 @@ def load_expert_parallel(
     if config.tie_word_embeddings:
         model.tie_weights()
     return expert_parallelize(model.eval(), groups, global_aux_loss, padded_dispatch=padded_dispatch)
+
+
+def _check_shapes(path: str, files: dict[str, str], state: dict[str, torch.Tensor], expert_names: set[str],
+                  config: HfMoeConfig) -> None:
+    """Every tensor's shape in the checkpoint must equal the full (unsharded) model's: expert tensors hold all
+    `config.num_experts` experts, whatever this rank keeps of them."""
+    for name, tensor in state.items():
+        if name not in files:
+            continue
+        expected = [config.num_experts, *tensor.shape[1:]] if name in expert_names else list(tensor.shape)
+        with safe_open(files[name], framework="pt") as f:
+            shape = list(f.get_slice(name).get_shape())
+        if shape != expected:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {shape}; the config (num_experts={config.num_experts}, "
+                f"hidden_size={config.hidden_size}, moe_intermediate_size={config.moe_intermediate_size}) expects "
+                f"{expected}."
+            )
 
 
 def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor] | None:
