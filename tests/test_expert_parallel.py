@@ -161,7 +161,8 @@ def _damaged_checkpoints(workdir) -> None:
     name = "model.layers.1.mlp.experts.gate_up_proj"
     good = load_file(workdir / "model" / "model.safetensors")
     weight = good[name]
-    for variant, bad in [("broadcastable", weight[:, :, :1].contiguous()), ("sixteen_experts", torch.cat([weight, weight])),
+    for variant, bad in [("broadcastable", weight[:, :, :1].contiguous()),
+                         ("sixteen_experts", torch.cat([weight, weight])),
                          ("transposed", weight.transpose(1, 2).contiguous()), ("four_experts", weight[:4])]:
         shutil.copytree(workdir / "model", workdir / variant)
         save_file({**good, name: bad}, workdir / variant / "model.safetensors", metadata={"format": "pt"})
