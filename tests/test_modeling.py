@@ -179,8 +179,9 @@ def test_sequence_classification_runs_and_uses_the_last_real_token():
 @pytest.mark.parametrize("router_logits", [False, True])
 def test_output_tuples_line_up_with_transformers_moe_models(labels, router_logits):
     """`outputs[0]` is the loss with labels, the logits without (unless router logits are asked for). Without labels
-    the logits sit where Mixtral's tuple has them (the peer's own class, same flags): the aux loss comes first only with router logits. (With labels
-    hf-moe also reports the aux loss it added to the loss, which Mixtral adds only with router logits.)"""
+    the logits sit where Mixtral's tuple has them (the peer's own class, same flags): the aux loss comes first only
+    with router logits. (With labels hf-moe also reports the aux loss it added to the loss, which Mixtral adds only
+    with router logits.)"""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     ours = make_model(num_hidden_layers=2)
