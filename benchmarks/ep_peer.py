@@ -1,23 +1,28 @@
 """Peer: transformers' native expert parallelism (`DistributedConfig(ep_size=W, fsdp_size=W)`, transformers >= 5.21).
 
-The same model shape and step as `ep_scaling.py --mode model`: a 2-layer Qwen3-MoE at Qwen3-30B-A3B's MoE shape
+The same model shape and step as `ep-scaling --mode model`: a 2-layer Qwen3-MoE at Qwen3-30B-A3B's MoE shape
 (H 2048, I 768, E 128, k 8, 32 heads, 4 KV heads, vocabulary 2048), bf16, `grouped_mm` experts, forward + backward of
 8192 tokens per GPU in sequences of 2048. W = 1 loads on one GPU without a distributed config.
 
-    python benchmarks/ep_peer_transformers.py build /tmp/peer      # once (builds on the GPU, saves bf16)
-    python benchmarks/ep_peer_transformers.py run /tmp/peer        # W = 1
-    torchrun --nproc_per_node 2 benchmarks/ep_peer_transformers.py run /tmp/peer
+    python -m benchmarks ep-peer build /tmp/peer      # once (builds on the GPU, saves bf16)
+    python -m benchmarks ep-peer run /tmp/peer        # W = 1
+    torchrun --nproc_per_node 2 -m benchmarks ep-peer run /tmp/peer
+
+It needs a transformers with `transformers.distributed.DistributedConfig` (>= 5.21): `benchmarks/gpu_ep.sh` installs
+one from wheels carried in $PEER_WHEELS. The first version of this script is `../shared/bench/peer_ep.py`.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import statistics
-import sys
 
 import torch
 import torch.distributed as dist
+
+from .record import ResultFile
+from .timing import device_times
 
 TOKENS, SEQ = 8192, 2048
 
@@ -53,23 +58,12 @@ def run(path: str) -> None:
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
 
-    for _ in range(3):
-        step()
-    times = []
-    for _ in range(10):
-        if dist.is_initialized():
-            dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    seconds = statistics.median(times)
+    seconds = device_times({"": step}, "cuda", reps=10, before_each=dist.barrier if dist.is_initialized() else None)[0][""]
     if rank == 0:
         result = {"peer": f"transformers {__version__} native EP", "P": world, "step_ms": seconds * 1e3,
                   "tokens_per_s_per_gpu": TOKENS / seconds}
+        with ResultFile(__name__) as out:
+            out.write(result)
         print("RESULT " + json.dumps(result), flush=True)
         print(f"transformers EP P={world}: {seconds * 1e3:.1f} ms/step, {TOKENS / seconds:,.0f} tokens/s/GPU",
               flush=True)
@@ -77,5 +71,13 @@ def run(path: str) -> None:
         dist.destroy_process_group()
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["build", "run"], help="build the model once, then run it (under torchrun)")
+    parser.add_argument("path", help="where the model is saved / loaded from")
+    args = parser.parse_args()
+    {"build": build, "run": run}[args.action](args.path)
+
+
 if __name__ == "__main__":
-    {"build": build, "run": run}[sys.argv[1]](sys.argv[2])
+    main()

@@ -6,10 +6,10 @@ activation memory the forward keeps for backward and the peak memory of forward+
 hf-moe / peer ratios; plus the dense-equivalent GEMM (one `[T·k, H] @ [H, 3I]` product) as the ceiling, and
 decode (T = 64, forward only) against the HBM floor = bytes of the experts touched / measured copy bandwidth.
 
-    python benchmarks/moe_layer.py                 # GPU: all shapes, T ∈ {4096, 8192, 16384}, three routings
-    python benchmarks/moe_layer.py --quick         # GPU: T = 8192, uniform routing, and decode
-    python benchmarks/moe_layer.py --decode-only   # GPU: decode only (T = 64), every shape
-    python benchmarks/moe_layer.py --device cpu    # CPU: small shape (H 512, I 1024, E 16, k 2), T 1024, fp32
+    python -m benchmarks layer                 # GPU: all shapes, T ∈ {4096, 8192, 16384}, three routings
+    python -m benchmarks layer --quick         # GPU: T = 8192, uniform routing, and decode
+    python -m benchmarks layer --decode-only   # GPU: decode only (T = 64), every shape
+    python -m benchmarks layer --device cpu    # CPU: small shape (H 512, I 1024, E 16, k 2), T 1024, fp32
 
 With liger-kernel installed (`pip install "hf-moe[liger]"`), the GPU run adds Liger-Kernel's fused MoE
 (`liger_fused`, its first call per shape autotunes) as the experts of hf-moe's block and alone on the same routing.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,6 +39,10 @@ from hf_moe.moe import experts as experts_module
 from hf_moe.moe.experts import grouped_experts_forward
 from hf_moe.moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 
+from .record import ResultFile
+from .timing import cuda_graph_seconds, median_and_min
+from .timing import ratio as factor
+
 SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
     "mixtral": (4096, 14336, 8, 2),
     "qwen3": (2048, 768, 128, 8),
@@ -51,39 +54,17 @@ PEER_IMPLS = ("grouped_mm", "eager")
 LIGER_IMPL = "liger_fused"
 
 
-def timeit(fn: Callable[[], object], device: str, reps: int, warmup: int = 3) -> tuple[float, float]:
-    """Median and minimum seconds per call (CUDA events on GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
-
-
 def ceilings(device: str, dtype: torch.dtype) -> dict:
     """Dense 8192³ GEMM rate and device-to-device copy bandwidth (bytes read + written)."""
     if device != "cuda":
         return {}
     n = 8192
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    t_mm, _ = timeit(lambda: a @ b, device, reps=10)
+    t_mm, _ = median_and_min(lambda: a @ b, device, reps=10)
     del a, b
     src = torch.randn(2**30 // 2, device=device, dtype=dtype)  # 1 GiB
     dst = torch.empty_like(src)
-    t_copy, _ = timeit(lambda: dst.copy_(src), device, reps=10)
+    t_copy, _ = median_and_min(lambda: dst.copy_(src), device, reps=10)
     out = {"dense_gemm_tflops": 2 * n**3 / t_mm / 1e12, "copy_gbps": 2 * src.numel() * src.element_size() / t_copy / 1e9}
     del src, dst
     torch.cuda.empty_cache()
@@ -175,8 +156,8 @@ def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops:
         call().backward(grad_out)
 
     row = {}
-    t_fwd, t_fwd_min = timeit(fwd, device, reps)
-    t_fb, t_fb_min = timeit(fwd_bwd, device, reps)
+    t_fwd, t_fwd_min = median_and_min(fwd, device, reps)
+    t_fb, t_fb_min = median_and_min(fwd_bwd, device, reps)
     row.update(fwd_ms=t_fwd * 1e3, fwd_tflops=flops / t_fwd / 1e12, fwdbwd_ms=t_fb * 1e3,
                fwdbwd_tflops=3 * flops / t_fb / 1e12)
     if device == "cpu":
@@ -196,20 +177,6 @@ def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops:
             p.grad = None
         row.update(act_kb_per_token=saved / num_tokens / 1e3, peak_fwdbwd_gb=peak / 1e9)
     return row
-
-
-def graph_time(fn: Callable[[], object], device: str, reps: int) -> float:
-    """Seconds per replay of `fn` captured in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return timeit(graph.replay, device, reps)[0]
 
 
 @contextmanager
@@ -258,14 +225,14 @@ def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, 
     with torch.no_grad():
         for name, fn, capturable in cases:
             try:
-                t, _ = timeit(fn, device, reps)
+                t, _ = median_and_min(fn, device, reps)
             except Exception as e:  # noqa: BLE001 - e.g. an optional dependency that fails to load
                 rows.append({"what": f"decode_{name}", "error": repr(e)[:300]})
                 continue
             r = {"what": f"decode_{name}", "ms": t * 1e3, "floor_ms": floor_s * 1e3, "x_floor": t / floor_s}
             if capturable:
                 try:
-                    tg = graph_time(fn, device, reps)
+                    tg = cuda_graph_seconds(fn, reps)
                     r.update(graph_ms=tg * 1e3, graph_x_floor=tg / floor_s)
                 except Exception as e:  # noqa: BLE001 - report why a block cannot be captured
                     r["graph_error"] = repr(e)[:100]
@@ -288,7 +255,8 @@ def main() -> None:
     ap.add_argument("--liger-shapes", default="mixtral,qwen3",
                     help="shapes that also time liger_fused when liger-kernel is installed (GPU; autotunes per shape)")
     ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=None, help="append JSON lines here")
+    ap.add_argument("--out", default=None,
+                    help="append JSON lines here (default: a new benchmarks/results/layer-<UTC time>.jsonl)")
     a = ap.parse_args()
     device = a.device
     cpu = device == "cpu"
@@ -303,13 +271,11 @@ def main() -> None:
     }
     env.update(ceilings(device, dtype))
     print(json.dumps(env))
-    out_file = open(a.out, "a") if a.out else None  # rows are written as they are measured
+    out_file = ResultFile(__name__, a.out)  # rows are written as they are measured
 
     def emit(row: dict) -> None:
         print(json.dumps(row), flush=True)
-        if out_file:
-            out_file.write(json.dumps(row) + "\n")
-            out_file.flush()
+        out_file.write(row)
 
     emit(dict(what="env", **env))
     summary = []
@@ -333,7 +299,7 @@ def main() -> None:
             flops = 2 * tokens * top_k * 3 * hidden * inter
             act = torch.randn(tokens * top_k, hidden, device=device, dtype=dtype)
             w = torch.randn(hidden, 3 * inter, device=device, dtype=dtype)
-            t_dense, _ = timeit(lambda: act @ w, device, reps)
+            t_dense, _ = median_and_min(lambda: act @ w, device, reps)
             dense = flops / t_dense / 1e12
             del act, w
             for routing_kind in routings:
@@ -412,9 +378,8 @@ def main() -> None:
         del hf_block, peer
         if not cpu:
             torch.cuda.empty_cache()
-    if out_file:
-        out_file.close()
     print_summary(summary, cpu)
+    out_file.close()
 
 
 def print_summary(summary, cpu: bool) -> None:
@@ -426,7 +391,7 @@ def print_summary(summary, cpu: bool) -> None:
         return f"{r[k]:{fmt}}" if k in r else "-"
 
     def ratio(peer: dict, hf: dict) -> str:
-        return f"{peer[key_ms] / hf[key_ms]:.2f}×" if key_ms in peer and key_ms in hf else "-"
+        return factor(peer[key_ms], hf[key_ms]) if key_ms in peer and key_ms in hf else "-"
 
     unit = "TFLOP/s" if not cpu else "TFLOP/s (CPU)"
     print(f"\n| case | dense-equiv {unit} | hf-moe block fwd / fwd+bwd | peer grouped_mm block fwd / fwd+bwd | "
