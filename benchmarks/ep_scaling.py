@@ -40,9 +40,7 @@ import torch
 import torch.distributed as dist
 
 import hf_moe
-from hf_moe.moe import dispatch
-from hf_moe.moe.overlap import WEIGHT_GRADS
-from hf_moe.parallel import expert_parallelize, init_expert_parallel
+from hf_moe.parallel import AllToAllDispatcher, expert_parallelize, init_expert_parallel
 
 from . import timing
 from .record import ResultFile
@@ -80,7 +78,7 @@ class AllToAllTimer:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
-        self.original = dispatch.dist.all_to_all_single
+        self.original = dist.all_to_all_single
 
     def __enter__(self) -> AllToAllTimer:
         def timed(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
@@ -95,11 +93,11 @@ class AllToAllTimer:
             self.calls.append((start, end, off_rank, is_token, input.shape[0]))
             return work
 
-        dispatch.dist.all_to_all_single = timed
+        dist.all_to_all_single = timed
         return self
 
     def __exit__(self, *exc) -> None:
-        dispatch.dist.all_to_all_single = self.original
+        dist.all_to_all_single = self.original
 
     def summary(self) -> tuple[float, float, float, int, int]:
         """(seconds in all all-to-alls, seconds in token all-to-alls, bytes of tokens sent off-rank, number of token
@@ -138,19 +136,24 @@ def build(mode: str, layers: int, impl: str) -> torch.nn.Module:
     return model.to(torch.bfloat16).train()
 
 
-def with_dispatchers(dispatchers: list, step, **settings):
-    """`step` with the dispatchers' attributes set to `settings` (`weight_grads=WEIGHT_GRADS`: the weight gradients
-    computed while the backward all-to-alls travel)."""
+def other_dispatchers(blocks: list, **options) -> list:
+    """For every block, an all-to-all dispatcher over the same group with `options` (`overlap_weight_grads=True`: the
+    weight gradients computed while the backward all-to-alls travel; `padded=True`)."""
+    return [AllToAllDispatcher(b.dispatcher.group, b.dispatcher.num_experts, **options) for b in blocks]
+
+
+def with_dispatchers(blocks: list, dispatchers: list, step):
+    """`step` with the blocks routing through `dispatchers`, then their own again."""
 
     def run():
-        saved = [{name: getattr(d, name) for name in settings} for d in dispatchers]
-        for d in dispatchers:
-            d.__dict__.update(settings)
+        saved = [b.dispatcher for b in blocks]
+        for b, d in zip(blocks, dispatchers):
+            b.set_dispatcher(d)
         try:
             step()
         finally:
-            for d, old in zip(dispatchers, saved):
-                d.__dict__.update(old)
+            for b, d in zip(blocks, saved):
+                b.set_dispatcher(d)
 
     return run
 
@@ -159,24 +162,24 @@ def capture_aside(model: torch.nn.Module) -> list:
     """Capture the model's MoE blocks in CUDA graphs (`hf_moe.capture_moe_cuda_graphs`) for this run's step shape,
     before any DDP wrapping, and set the graphs aside so that the other variants run eagerly; `with_graphs` puts
     them back for one step."""
-    blocks = [m for m in model.modules() if isinstance(m, hf_moe.HfMoeSparseMoeBlock)]
+    blocks = hf_moe.moe_blocks(model)
     batch, seq = (1, ARGS.tokens) if ARGS.mode == "layers" else (ARGS.tokens // ARGS.seq, ARGS.seq)
     hf_moe.capture_moe_cuda_graphs(model, batch, seq)
-    graphs = [(b, b._cuda_graph) for b in blocks]
+    graphs = [(b, b.cuda_graphs) for b in blocks]
     for b in blocks:
-        b._cuda_graph = None
+        b.set_cuda_graphs(None)
     return graphs
 
 
 def with_graphs(graphs: list, step):
     def run():
         for b, g in graphs:
-            b._cuda_graph = g
+            b.set_cuda_graphs(g)
         try:
             step()
         finally:
             for b, _ in graphs:
-                b._cuda_graph = None
+                b.set_cuda_graphs(None)
 
     return run
 
@@ -191,7 +194,7 @@ def training_step(model: torch.nn.Module, rank: int):
         def step():
             h = x
             for layer in model.layers:
-                h = h + layer(h)[0]
+                h = h + layer(h)
             h.float().pow(2).mean().backward()
 
         return step
@@ -221,33 +224,34 @@ def main() -> None:
         first = model.layers[0] if ARGS.mode == "layers" else model.model.layers[0].mlp
         probe = torch.randn(1, ARGS.tokens, ARGS.hidden, device=DEVICE, dtype=torch.bfloat16)
         with torch.no_grad():
-            reference = first(probe)[0].float()
+            reference = first(probe).float()
         groups = init_expert_parallel(world, ARGS.experts)
         expert_parallelize(model, groups, global_aux_loss=ARGS.mode == "model")
         with torch.no_grad():
-            sharded = first(probe)[0].float()
+            sharded = first(probe).float()
         result["bf16_rel_l2_vs_unsharded"] = ((sharded - reference).norm() / reference.norm()).item()
         if graphs:  # captured before DDP wraps the model (DDP keeps autograd nodes that capture must not meet)
-            dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
+            blocks = hf_moe.moe_blocks(model)
+            default = [b.dispatcher for b in blocks]
             try:
                 one_gpu_graphs = capture_aside(one_gpu)
-                for d in dispatchers:  # the graphs keep the padded dispatch they capture; the eager variants go on
-                    d.padded = True
+                for b, d in zip(blocks, other_dispatchers(blocks, padded=True)):  # the graphs keep the padded
+                    b.set_dispatcher(d)  # dispatch they capture; the eager variants go on with the default one
                 ep_graphs = capture_aside(model)
             except Exception as e:  # report and go on with the eager variants
                 result["graphs_error"] = f"{type(e).__name__}: {e}"[:500]
                 print(f"rank {rank}: CUDA graphs failed: {result['graphs_error']}", flush=True)
                 graphs = False
             finally:
-                for d in dispatchers:
-                    d.padded = False
+                for b, d in zip(blocks, default):
+                    b.set_dispatcher(d)
         if ARGS.mode == "model":  # as in training: DDP averages the replicated weights' gradients
             model = torch.nn.parallel.DistributedDataParallel(model)
     step = fns["EP"] = training_step(model, rank)
-    dispatchers = [m.expert_parallel for m in model.modules() if getattr(m, "expert_parallel", None) is not None]
-    if dispatchers:
-        fns["EP overlap"] = with_dispatchers(dispatchers, step, weight_grads=WEIGHT_GRADS)
-        fns["EP padded"] = with_dispatchers(dispatchers, step, padded=True)
+    blocks = [b for b in hf_moe.moe_blocks(model) if isinstance(b.dispatcher, AllToAllDispatcher)]
+    if blocks:
+        fns["EP overlap"] = with_dispatchers(blocks, other_dispatchers(blocks, overlap_weight_grads=True), step)
+        fns["EP padded"] = with_dispatchers(blocks, other_dispatchers(blocks, padded=True), step)
     if graphs and world > 1:
         fns["one GPU graphed"] = with_graphs(one_gpu_graphs, fns["one GPU"])
         fns["EP padded graphed"] = with_graphs(ep_graphs, step)

@@ -172,21 +172,22 @@ def run_block(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     for enabled in (True, False):
         with own_gemms(enabled):
             capture_moe_cuda_graphs(block, 1, tokens)
-        graphs[enabled], block._cuda_graph = block._cuda_graph, None
+        graphs[enabled] = block.cuda_graphs
+        block.set_cuda_graphs(None)
 
     def forward_backward():
         for leaf in leaves:
             leaf.grad = None
-        block(x)[0].backward(grad_out)
+        block(x).backward(grad_out)
 
     @contextmanager
     def graphed(enabled: bool) -> Iterator[None]:
-        block._cuda_graph = graphs[enabled]
+        block.set_cuda_graphs(graphs[enabled])
         try:
             with own_gemms(enabled):
                 yield
         finally:
-            block._cuda_graph = None
+            block.set_cuda_graphs(None)
 
     return ab_rows(name, tokens, rounds, [
         ("block fwd+bwd, eager", forward_backward, own_gemms, 3),

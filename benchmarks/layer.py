@@ -134,8 +134,7 @@ def set_routing(hf_block, peer, index: torch.Tensor | None) -> None:
 
 def run_block(block, impl: str, x: torch.Tensor) -> torch.Tensor:
     block.experts.config._experts_implementation = impl
-    out = block(x)
-    return out[0] if isinstance(block, HfMoeSparseMoeBlock) else out
+    return block(x)
 
 
 def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops: float, num_tokens: int,
@@ -340,7 +339,7 @@ def main() -> None:
                     except Exception as e:  # noqa: BLE001
                         res["hf-moe_graphed"] = {"error": repr(e)[:300]}
                     finally:
-                        hf_block._cuda_graph = None
+                        hf_block.set_cuda_graphs(None)
                 if with_liger:
                     try:  # an optional dependency: report its failure and go on with the rest
                         res["liger"] = measure(

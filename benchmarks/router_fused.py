@@ -51,7 +51,7 @@ def run(name: str, tokens: int, rounds: int) -> list[dict]:
         ((out.top_k_weights.float() * grad_weights).sum() + out.aux_loss).backward()
 
     def block_step():
-        block(x)[0].backward(grad_out)
+        block(x).backward(grad_out)
 
     rows = []
     for what, fn in (("router fwd+bwd", router_step), ("block fwd+bwd", block_step)):

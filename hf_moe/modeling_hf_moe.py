@@ -240,8 +240,8 @@ class HfMoePreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None, *args, **kwargs) -> str:
-        # hf-moe's own experts implementation is the fastest on every device (benchmarks/RESULTS.md), so it is
-        # the default; any implementation registered with transformers can still be requested by name.
+        # hf-moe's own experts implementation is the fastest on every device (docs/decisions/experts-kernels.md), so
+        # it is the default; any implementation registered with transformers can still be requested by name.
         if requested_experts is None:
             return "hf_moe_grouped"
         return super().get_correct_experts_implementation(requested_experts, *args, **kwargs)
