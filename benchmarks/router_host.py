@@ -22,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_moe import HfMoeConfig
-from hf_moe.moe.router import build_router
+from hf_moe.moe.router.registry import build_router
 
 
 class OpCounter(TorchDispatchMode):

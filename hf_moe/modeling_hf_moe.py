@@ -29,7 +29,8 @@ from .configuration_hf_moe import HfMoeConfig
 from .moe.experts import HfMoeExperts
 from .moe.layer import HfMoeMLP, HfMoeSparseMoeBlock
 from .moe.metrics import compute_router_metrics
-from .moe.router import HfMoeRouter, RouterOutput
+from .moe.router.topk import HfMoeRouter
+from .moe.types import RouterOutput
 
 
 class HfMoeRMSNorm(LlamaRMSNorm):

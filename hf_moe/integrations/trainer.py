@@ -9,9 +9,9 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
-from ..moe.balancing import update_expert_bias
 from ..moe.layer import HfMoeSparseMoeBlock
 from ..parallel import expert_parallel_groups, finish_gradients
+from ..parallel.balancing import update_expert_bias
 
 
 def _in_backward() -> bool:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .experts import _gather, _triton_kernels, _use_triton, run_routed_experts
 from .overlap import WEIGHT_GRADS, WeightGradQueue
-from .router import RouterOutput
+from .types import RouterOutput
 
 
 def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,8 @@ from torch import nn
 
 from .experts import base_layer
 from .layer import HfMoeSparseMoeBlock
-from .router import HashRouter, RouterOutput
+from .router.unlearned import HashRouter
+from .types import RouterOutput
 
 # RouterOutput tensors a graphed block returns next to its output; z_loss and drop_fraction follow when the router
 # set them, otherwise they are computed from these on first read, outside the graph.

@@ -8,7 +8,8 @@ from transformers.activations import ACT2FN
 
 from ..configuration_hf_moe import HfMoeConfig
 from .experts import HfMoeExperts, run_routed_experts
-from .router import RouterOutput, build_router
+from .router.registry import build_router
+from .types import RouterOutput
 
 
 class HfMoeMLP(nn.Module):

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .router import RouterOutput
+from .types import RouterOutput
 
 METRIC_NAMES = (
     "tokens_per_expert",
