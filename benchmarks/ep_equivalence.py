@@ -8,11 +8,14 @@ truth. Printed per dtype: the relative L2 error of the logits, of the loss and o
 padded with the MoE blocks in CUDA graphs) and for the single process, both against float64. fp32 must agree with one process to 1e-5; bf16 must be no worse than 2x the single
 process's own bf16 error.
 
-    torchrun --nproc_per_node 2 benchmarks/ep_equivalence.py            # GPUs (NCCL) or CPUs (gloo)
+    torchrun --nproc_per_node 2 -m benchmarks ep-equivalence            # GPUs (NCCL) or CPUs (gloo)
+
+Exits 1 if a bound is broken.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 
@@ -22,6 +25,8 @@ from accelerate import Accelerator
 
 import hf_moe
 from hf_moe.parallel import expert_parallelize, finish_gradients, init_expert_parallel
+
+from .record import ResultFile
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,6 +43,7 @@ def gather_experts(name: str, grad: torch.Tensor, groups) -> torch.Tensor:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     groups = init_expert_parallel(world, 16)
@@ -65,6 +71,7 @@ def main() -> None:
 
     truth = single(torch.float64)
     failures = []
+    results = ResultFile(__name__)
     for dtype in (torch.float32, torch.bfloat16):
         ref_logits, ref_loss, ref_grads = single(dtype)
         one = (rel_l2(ref_logits, truth[0]), rel_l2(ref_loss, truth[1]),
@@ -94,6 +101,8 @@ def main() -> None:
                 errors["one process"] = one
             if rank == 0:
                 for who, (e_logits, e_loss, e_grad) in errors.items():
+                    results.write({"P": world, "dtype": str(dtype).removeprefix("torch."), "compared": who,
+                                   "rel_l2_logits": e_logits, "rel_l2_loss": e_loss, "rel_l2_worst_grad": e_grad})
                     print(f"P={world} {str(dtype).removeprefix('torch.')} {who:>30}: rel L2 logits {e_logits:.2e}  "
                           f"loss {e_loss:.2e}  worst grad {e_grad:.2e}", flush=True)
             if dtype == torch.float32 and max(errors[f"{ep} vs one process"]) > 1e-5:
@@ -101,6 +110,8 @@ def main() -> None:
             if dtype == torch.bfloat16 and any(e > 2 * s + 1e-3 for e, s in zip(errors[ep], one)):
                 failures.append(f"bf16 {ep} error {errors[ep]} > 2x one process {one}")
     if rank == 0:
+        results.write({"P": world, "device": device.type, "failures": failures})
+        results.close()
         print("EQUIVALENCE " + ("FAILED: " + "; ".join(failures) if failures else "OK"), flush=True)
     accelerator.free_memory()  # live graphs that captured NCCL calls block the teardown: drop every reference
     del ddp, out, logits, loss, grads

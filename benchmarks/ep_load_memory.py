@@ -6,11 +6,12 @@ then measures, in fresh processes, the growth of peak RSS while loading it and r
 `from_pretrained(path)`, and P = 2 and 4 processes (torchrun, gloo) with `from_pretrained(path,
 expert_parallel_size=P)`, where each rank reads only its E/P experts' slices.
 
-    python benchmarks/ep_load_memory.py
+    python -m benchmarks ep-load-memory      # launches its own processes (torchrun for P > 1), ~1 minute
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ import sys
 import tempfile
 
 import torch
+
+from .record import ResultFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +53,13 @@ def measure(path: str, ep_size: int) -> None:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--child", nargs=2, metavar=("PATH", "P"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        torch.set_num_threads(1)
+        measure(args.child[0], int(args.child[1]))
+        return
     import hf_moe
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,20 +75,19 @@ def main() -> None:
         for ep_size in (1, 2, 4):
             launcher = [sys.executable] if ep_size == 1 else [
                 sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ep_size)]
-            out = subprocess.run([*launcher, __file__, "measure", tmp, str(ep_size)], env=env, capture_output=True,
-                                 text=True, timeout=600)
+            out = subprocess.run([*launcher, "-m", "benchmarks", "ep-load-memory", "--child", tmp, str(ep_size)],
+                                 env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
             found = [json.loads(line[4:]) for line in out.stdout.splitlines() if line.startswith("MEM ")]
             if out.returncode or not found:
                 raise RuntimeError(out.stderr[-3000:])
             rows.append((ep_size, max(r["peak_rss_growth_mib"] for r in found), found[0]["weights_held_mib"]))
         print(f"{'P':>3} {'peak RSS growth / rank (MiB)':>30} {'weights held / rank (MiB)':>27} {'vs P=1':>8}")
-        for ep_size, peak, held in rows:
-            print(f"{ep_size:>3} {peak:>30.0f} {held:>27.0f} {peak / rows[0][1]:>8.2f}")
+        with ResultFile(__name__) as results:
+            for ep_size, peak, held in rows:
+                print(f"{ep_size:>3} {peak:>30.0f} {held:>27.0f} {peak / rows[0][1]:>8.2f}")
+                results.write({"P": ep_size, "checkpoint_mib": total, "peak_rss_growth_mib_per_rank": peak,
+                               "weights_held_mib_per_rank": held, "vs_one_process": peak / rows[0][1]})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "measure":
-        torch.set_num_threads(1)
-        measure(sys.argv[2], int(sys.argv[3]))
-    else:
-        main()
+    main()

@@ -3,7 +3,7 @@
 Each GPU processes T tokens (default 8192) forward and backward, bf16, through either a stack of MoE blocks
 (`--mode layers`: H 2048, I 768, E 128, k 8) or the whole hf-moe causal LM at the shape of transformers' peer script
 (`--mode model`: 2 decoder layers with attention, vocabulary 2048, sequences of 2048), so its numbers sit next to
-`peer_ep.py` (transformers' native EP). P = 1 is one GPU with all experts; P > 1 shards experts over P GPUs with the
+the `ep-peer` suite (transformers' native EP). P = 1 is one GPU with all experts; P > 1 shards experts over P GPUs with the
 hf-moe all-to-all dispatcher (NCCL). In the same run it measures:
 
 * the time the dispatcher's own all-to-alls take inside one training step (CUDA events around every
@@ -20,10 +20,10 @@ taken under the same conditions (launches of the same script vary by up to 20% b
 steps). Each variant is then also timed alone, with the memory its step adds. The all-to-alls are timed in a separate step with the
 overlap off, so their times are theirs alone.
 
-    python benchmarks/ep_scaling.py                                   # P = 1
-    torchrun --nproc_per_node 2 benchmarks/ep_scaling.py              # P = 2 (4 with 4 GPUs)
-    torchrun --nproc_per_node 2 benchmarks/ep_scaling.py --hidden 64 --expert-size 32 --experts 8 --top-k 2 \
-        --tokens 256 --seq 64 --vocab 128                              # CPU smoke run (gloo; times meaningless)
+    python -m benchmarks ep-scaling                                   # P = 1
+    torchrun --nproc_per_node 2 -m benchmarks ep-scaling              # P = 2 (4 with 4 GPUs)
+    torchrun --nproc_per_node 2 -m benchmarks ep-scaling --hidden 64 --expert-size 32 --experts 8 --top-k 2 \
+        --tokens 256 --seq 64 --vocab 128                             # CPU smoke run (gloo; times meaningless)
 
 Prints one `RESULT {json}` line per run (rank 0) and a readable summary line.
 """
@@ -35,7 +35,6 @@ import copy
 import json
 import os
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -45,56 +44,34 @@ from hf_moe.moe import dispatch
 from hf_moe.moe.overlap import WEIGHT_GRADS
 from hf_moe.parallel import expert_parallelize, init_expert_parallel
 
+from . import timing
+from .record import ResultFile
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-class _HostEvent:
-    """`torch.cuda.Event`'s timing interface on the host clock, for CPU smoke runs."""
-
-    def record(self) -> None:
-        self.t = time.perf_counter()
-
-    def elapsed_time(self, end: _HostEvent) -> float:
-        return (end.t - self.t) * 1e3
+ARGS: argparse.Namespace  # set by main()
 
 
 def event():
-    return torch.cuda.Event(enable_timing=True) if DEVICE == "cuda" else _HostEvent()
+    return timing.event(DEVICE)
 
 
 def synchronize() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
+    timing.synchronize(DEVICE)
 
 
-def device_times(fns: dict, reps: int, warmup: int = 3) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds of each of `fns` over `reps` rounds that run them in turn (CUDA events), ranks aligned by a
-    barrier before each run; and the median seconds the host took to issue each (until `fn` returned). A host time
-    close to the device time means the step is host-bound."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    host = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            if dist.is_initialized():
-                dist.barrier()
-            synchronize()
-            start, end = event(), event()
-            start.record()
-            issued = time.perf_counter()
-            fn()
-            host[name].append(time.perf_counter() - issued)
-            end.record()
-            synchronize()
-            times[name].append(start.elapsed_time(end) / 1e3)
-    return ({name: statistics.median(t) for name, t in times.items()},
-            {name: statistics.median(t) for name, t in host.items()})
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
-def device_time(fn, reps: int, warmup: int = 3) -> float:
-    return device_times({"": fn}, reps, warmup)[0][""]
+def device_times(fns: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median device and host seconds of each of `fns` over rounds that run them in turn, ranks aligned by a barrier
+    before each call (`timing.device_times`)."""
+    return timing.device_times(fns, DEVICE, reps, before_each=barrier)
+
+
+def device_time(fn, reps: int) -> float:
+    return device_times({"": fn}, reps)[0][""]
 
 
 class AllToAllTimer:
@@ -227,6 +204,8 @@ def training_step(model: torch.nn.Module, rank: int):
 
 
 def main() -> None:
+    global ARGS
+    ARGS = parse_args()
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if DEVICE == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -326,6 +305,8 @@ def main() -> None:
             label = name.replace(" ", "_")
             prof.export_chrome_trace(os.path.join(ARGS.trace, f"{ARGS.mode}_P{world}_{label}_rank{rank}.json.gz"))
     if rank == 0:
+        with ResultFile(__name__) as out:
+            out.write(result)
         print("RESULT " + json.dumps(result), flush=True)
         line = (f"{ARGS.mode} P={world}: {result['step_ms']:.1f} ms/step, {result['tokens_per_s_per_gpu']:,.0f} "
                 f"tokens/s/GPU, expert TFLOP/s/GPU {result['expert_tflops_per_gpu']:.0f}, "
@@ -351,7 +332,7 @@ def main() -> None:
         os._exit(0)
 
 
-if __name__ == "__main__":
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mode", choices=["layers", "model"], default="layers")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per GPU")
@@ -369,5 +350,8 @@ if __name__ == "__main__":
                              "(hf_moe.capture_moe_cuda_graphs)")
     parser.add_argument("--vocab", type=int, default=2048, help="--mode model (as transformers' peer script)")
     parser.add_argument("--seq", type=int, default=2048, help="--mode model: sequence length")
-    ARGS = parser.parse_args()
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
     main()

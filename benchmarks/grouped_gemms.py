@@ -10,10 +10,10 @@ that decides where `hf_moe_grouped` uses them (`_own_gemm`). With `--block` it t
 step the same way, eagerly and replayed from CUDA graphs captured under each choice. GPU with TMA (Hopper or newer)
 only.
 
-    python benchmarks/grouped_gemms.py                       # Qwen3-30B-A3B, DeepSeek-V3, Mixtral shapes
-    python benchmarks/grouped_gemms.py --shapes qwen3 --tokens 4096,8192,16384
-    python benchmarks/grouped_gemms.py --step --shapes qwen3,dsv3 --tokens 1024,2048,4096,8192
-    python benchmarks/grouped_gemms.py --block --shapes qwen3 --tokens 4096,8192
+    python -m benchmarks grouped-gemms                       # Qwen3-30B-A3B, DeepSeek-V3, Mixtral shapes
+    python -m benchmarks grouped-gemms --shapes qwen3 --tokens 4096,8192,16384
+    python -m benchmarks grouped-gemms --step --shapes qwen3,dsv3 --tokens 1024,2048,4096,8192
+    python -m benchmarks grouped-gemms --block --shapes qwen3 --tokens 4096,8192
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from contextlib import AbstractContextManager, contextmanager
 
 import torch
 import transformers
-import triton
-import triton.testing
 
 from hf_moe import capture_moe_cuda_graphs
 from hf_moe.moe import experts as experts_module
-from hf_moe.moe.kernels import grouped_gemm, triton_moe
+
+from .layer import build_blocks
+from .record import ResultFile
+from .timing import interleaved_ms, ratio, triton_ms
 
 SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k, default tokens)
     "qwen3": (2048, 768, 128, 8, 8192),
@@ -40,15 +41,13 @@ SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k, default tokens)
 torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
 
 
-def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
-
-
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
 def run_shape(name: str, tokens: int) -> list[dict]:
+    from hf_moe.moe.kernels import grouped_gemm, triton_moe  # Triton: imported once the options are read
+
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     rows = tokens * top_k
     expert = torch.rand(tokens, num_experts, device="cuda").topk(top_k, dim=-1).indices.reshape(-1)
@@ -93,11 +92,11 @@ def run_shape(name: str, tokens: int) -> list[dict]:
     for gemm, (ours, theirs, macs) in cases.items():
         tflop = 2 * macs / 1e12
         row = {"shape": name, "tokens": tokens, "rows_per_expert": rows / num_experts, "gemm": gemm}
-        row["torch_ms"] = bench_ms(theirs)
+        row["torch_ms"] = triton_ms(theirs)
         row["torch_tflops"] = tflop / row["torch_ms"] * 1e3
         if ours is not None:
             row["rel_err_vs_torch"] = rel_err(ours()[:num_valid], theirs()[:num_valid])
-            row["hf_moe_ms"] = bench_ms(ours)
+            row["hf_moe_ms"] = triton_ms(ours)
             row["hf_moe_tflops"] = tflop / row["hf_moe_ms"] * 1e3
             row["torch_over_hf_moe"] = row["torch_ms"] / row["hf_moe_ms"]
         print(json.dumps(row), flush=True)
@@ -124,8 +123,6 @@ def ab_rows(
 ) -> list[dict]:
     """For each (step, fn, variant, passes): `fn` timed inside `variant(True)` (the Triton GEMMs) and `variant(False)`
     (torch's), interleaved; `passes` is 1 for a forward, 3 for forward+backward (the TFLOP/s count)."""
-    from interleaved import interleaved_ms  # next to this file
-
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     results = []
     for step, fn, variant, passes in cases:
@@ -140,8 +137,6 @@ def ab_rows(
 
 def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     """The experts' eager step (router-chosen routing of random weights) with and without the Triton GEMMs."""
-    from moe_layer import build_blocks
-
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     block, _ = build_blocks((hidden, inter, num_experts, top_k), "cuda", torch.bfloat16)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -168,8 +163,6 @@ def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
 def run_block(name: str, tokens: int, rounds: int = 10) -> list[dict]:
     """The MoE block's training step with and without the Triton GEMMs, eager and in CUDA graphs (one capture per
     choice, swapped in round by round)."""
-    from moe_layer import build_blocks
-
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     block, _ = build_blocks((hidden, inter, num_experts, top_k), "cuda", torch.bfloat16)
     x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -209,41 +202,51 @@ def main() -> None:
     mode.add_argument("--step", action="store_true", help="the experts' whole step with and without the Triton GEMMs")
     mode.add_argument("--block", action="store_true", help="the MoE block's step, eager and graphed, the same way")
     a = ap.parse_args()
-    print(json.dumps({
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "transformers": transformers.__version__,
-    }))
+    import triton
+
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "transformers": transformers.__version__}
+    print(json.dumps(env))
     torch.manual_seed(0)
     results = []
-    for name in a.shapes.split(","):
-        for tokens in [int(t) for t in a.tokens.split(",")] if a.tokens else [SHAPES[name][4]]:
-            if a.block:
-                results += run_block(name, tokens)
-            else:
-                results += run_step(name, tokens) if a.step else run_shape(name, tokens)
-            torch.cuda.empty_cache()
+    with ResultFile(__name__) as out:
+        out.write({"what": "env", **env})
+        for name in a.shapes.split(","):
+            for tokens in [int(t) for t in a.tokens.split(",")] if a.tokens else [SHAPES[name][4]]:
+                if a.block:
+                    rows = run_block(name, tokens)
+                else:
+                    rows = run_step(name, tokens) if a.step else run_shape(name, tokens)
+                for row in rows:
+                    out.write(row)
+                results += rows
+                torch.cuda.empty_cache()
+        print_tables(a, results)
+
+
+def print_tables(a: argparse.Namespace, results: list[dict]) -> None:
     if a.block:
         print("\n| shape | T | rows/expert | step | Triton GEMMs ms (TFLOP/s) | torch's GEMMs ms | torch's / Triton |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['step']} | "
                   f"{r['own_gemms_ms']:.3f} ({r['own_tflops']:.0f}) | {r['torch_gemms_ms']:.3f} | "
-                  f"{r['torch_over_own']:.2f}× |")
+                  f"{ratio(r['torch_gemms_ms'], r['own_gemms_ms'])} |")
         return
     if a.step:
         print("\n| shape | T | rows/expert | experts step | Triton GEMMs ms | torch's GEMMs ms | torch's / Triton |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for r in results:
             print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['step']} | "
-                  f"{r['own_gemms_ms']:.3f} | {r['torch_gemms_ms']:.3f} | {r['torch_over_own']:.2f}× |")
+                  f"{r['own_gemms_ms']:.3f} | {r['torch_gemms_ms']:.3f} | {ratio(r['torch_gemms_ms'], r['own_gemms_ms'])} |")
         return
     print("\n| shape | T | rows/expert | GEMM | torch ms (TFLOP/s) | hf-moe ms (TFLOP/s) | torch / hf-moe |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         ours = f"{r['hf_moe_ms']:.3f} ({r['hf_moe_tflops']:.0f})" if "hf_moe_ms" in r else "(torch's)"
-        ratio = f"{r['torch_over_hf_moe']:.2f}×" if "hf_moe_ms" in r else "-"
+        factor = ratio(r["torch_ms"], r["hf_moe_ms"]) if "hf_moe_ms" in r else "-"
         print(f"| {r['shape']} | {r['tokens']} | {r['rows_per_expert']:.0f} | {r['gemm']} | "
-              f"{r['torch_ms']:.3f} ({r['torch_tflops']:.0f}) | {ours} | {ratio} |")
+              f"{r['torch_ms']:.3f} ({r['torch_tflops']:.0f}) | {ours} | {factor} |")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ For each shape it times, interleaved round by round, the router alone (forward+b
 the aux loss) and the whole MoE block's training step (forward+backward from an output gradient), with the fused
 kernel on and off (`HfMoeRouter.fuses_softmax_top_k`), and prints the ratios. bf16, training mode.
 
-    python benchmarks/router_fused.py                          # Qwen3-30B-A3B and Mixtral shapes, T = 8192
-    python benchmarks/router_fused.py --shapes qwen3 --tokens 2048,8192
+    python -m benchmarks router-fused                          # Qwen3-30B-A3B and Mixtral shapes, T = 8192
+    python -m benchmarks router-fused --shapes qwen3 --tokens 2048,8192
 """
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from contextlib import contextmanager
 
 import torch
 import transformers
-from interleaved import interleaved_ms  # next to this file
 
-from hf_moe import HfMoeConfig, HfMoeRouter, HfMoeSparseMoeBlock
+from hf_moe import HfMoeRouter
+
+from .layer import build_blocks
+from .record import ResultFile
+from .timing import interleaved_ms, ratio
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # hidden, moe_intermediate, experts, k
 FUSES = HfMoeRouter.fuses_softmax_top_k
@@ -37,18 +40,7 @@ def fused(enabled: bool) -> Iterator[None]:
 
 def run(name: str, tokens: int, rounds: int) -> list[dict]:
     hidden, inter, experts, top_k = SHAPES[name]
-    config = HfMoeConfig(
-        hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
-        num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=128,
-    )
-    config._experts_implementation = "hf_moe_grouped"  # what a model built with hf-moe runs
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        block = HfMoeSparseMoeBlock(config).to(torch.bfloat16).train()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02)
+    block = build_blocks((hidden, inter, experts, top_k), "cuda", torch.bfloat16)[0].train()  # hf_moe_grouped
     x = torch.randn(1, tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     x2d = x.detach().view(-1, hidden).requires_grad_(True)
     grad_weights = torch.randn(tokens, top_k, device="cuda")
@@ -77,18 +69,22 @@ def main() -> None:
     ap.add_argument("--tokens", default="8192", help="comma list of token counts")
     ap.add_argument("--rounds", type=int, default=10)
     a = ap.parse_args()
-    print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                      "transformers": transformers.__version__}))
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "transformers": transformers.__version__}
+    print(json.dumps(env))
     rows = []
-    for name in a.shapes.split(","):
-        for tokens in (int(t) for t in a.tokens.split(",")):
-            rows += run(name, tokens, a.rounds)
-            torch.cuda.empty_cache()
+    with ResultFile(__name__) as out:
+        out.write({"what": "env", **env})
+        for name in a.shapes.split(","):
+            for tokens in (int(t) for t in a.tokens.split(",")):
+                for row in run(name, tokens, a.rounds):
+                    out.write(row)
+                    rows.append(row)
+                torch.cuda.empty_cache()
     print("\n| shape | T | step | fused ms | torch ops ms | torch ops / fused |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['shape']} | {r['tokens']} | {r['what']} | {r['fused_ms']:.3f} | {r['torch_ops_ms']:.3f} | "
-              f"{r['torch_ops_over_fused']:.3f}× |")
+              f"{ratio(r['torch_ops_ms'], r['fused_ms'], 3)} |")
 
 
 if __name__ == "__main__":

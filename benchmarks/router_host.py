@@ -6,16 +6,14 @@ leaves out views and detach) and times back-to-back calls with one synchronisati
 size, so the time is the host's). Backward is run from the router's outputs (`top_k_weights` and `aux_loss`) with
 given gradients, so no loss arithmetic is counted.
 
-    python benchmarks/router_host.py                  # CPU, T 64, H 256, E 128, k 8, float32 and bf16
-    python benchmarks/router_host.py --device cuda    # the same on the GPU (host time per call)
-    python benchmarks/router_host.py --ops            # also list the ops by name
+    python -m benchmarks router-host                  # CPU, T 64, H 256, E 128, k 8, float32 and bf16
+    python -m benchmarks router-host --device cuda    # the same on the GPU (host time per call)
+    python -m benchmarks router-host --ops            # also list the ops by name
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections import Counter
 
 import torch
@@ -23,6 +21,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_moe import HfMoeConfig
 from hf_moe.moe.router.registry import build_router
+
+from .record import ResultFile
+from .timing import host_us
 
 
 class OpCounter(TorchDispatchMode):
@@ -38,26 +39,6 @@ class OpCounter(TorchDispatchMode):
         self.ops[name] += 1
         self.kernels += not (func.is_view or name == "detach")
         return func(*args, **(kwargs or {}))
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def host_time_us(fn, device: str, calls: int, repeats: int) -> tuple[float, float]:
-    """Median and minimum over `repeats` of the mean time of `calls` back-to-back calls, in µs."""
-    for _ in range(calls):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        sync(device)
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times), min(times)
 
 
 def main() -> None:
@@ -80,36 +61,48 @@ def main() -> None:
                          num_key_value_heads=4)
     print(f"router T={args.tokens} H={args.hidden} E={args.experts} k={args.top_k} on {args.device}, "
           f"torch {torch.__version__}")
-    for dtype_name in args.dtypes.split(","):
-        dtype = getattr(torch, dtype_name)
-        torch.manual_seed(0)
-        router = build_router(config, 0)
-        router.initialize(0.02)
-        router = router.to(args.device, dtype).train()
-        x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
-        grad_weights = torch.randn(args.tokens, args.top_k, device=args.device, dtype=dtype)
-        grad_aux = torch.ones((), device=args.device)
+    with ResultFile(__name__) as results:
+        for dtype_name in args.dtypes.split(","):
+            results.write(measure(args, config, dtype_name))
 
-        def forward():
-            return router(x)
 
-        def forward_backward():
-            out = router(x)
-            torch.autograd.backward((out.top_k_weights, out.aux_loss), (grad_weights, grad_aux))
+def measure(args: argparse.Namespace, config: HfMoeConfig, dtype_name: str) -> dict:
+    """Ops and host time of one router in `dtype_name`; prints them and returns them as a row."""
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    router = build_router(config, 0)
+    router.initialize(0.02)
+    router = router.to(args.device, dtype).train()
+    x = torch.randn(args.tokens, args.hidden, device=args.device, dtype=dtype, requires_grad=True)
+    grad_weights = torch.randn(args.tokens, args.top_k, device=args.device, dtype=dtype)
+    grad_aux = torch.ones((), device=args.device)
 
-        forward_backward()  # warm up (lazy inits) outside the counters
-        with OpCounter() as fwd_ops:
-            out = forward()
-        with OpCounter() as bwd_ops:
-            torch.autograd.backward((out.top_k_weights, out.aux_loss), (grad_weights, grad_aux))
-        fwd_us = host_time_us(forward, args.device, args.calls, args.repeats)
-        fwd_bwd_us = host_time_us(forward_backward, args.device, args.calls // 2, args.repeats)
-        print(f"{dtype_name:>9}: forward {sum(fwd_ops.ops.values())} ops ({fwd_ops.kernels} kernels), "
-              f"backward {sum(bwd_ops.ops.values())} ops ({bwd_ops.kernels} kernels); host µs per call, median (min): "
-              f"forward {fwd_us[0]:.0f} ({fwd_us[1]:.0f}), forward+backward {fwd_bwd_us[0]:.0f} ({fwd_bwd_us[1]:.0f})")
-        if args.ops:
-            print("    forward:", dict(fwd_ops.ops))
-            print("    backward:", dict(bwd_ops.ops))
+    def forward():
+        return router(x)
+
+    def forward_backward():
+        out = router(x)
+        torch.autograd.backward((out.top_k_weights, out.aux_loss), (grad_weights, grad_aux))
+
+    forward_backward()  # warm up (lazy inits) outside the counters
+    with OpCounter() as fwd_ops:
+        out = forward()
+    with OpCounter() as bwd_ops:
+        torch.autograd.backward((out.top_k_weights, out.aux_loss), (grad_weights, grad_aux))
+    fwd_us = host_us(forward, args.device, args.calls, args.repeats)
+    fwd_bwd_us = host_us(forward_backward, args.device, args.calls // 2, args.repeats)
+    print(f"{dtype_name:>9}: forward {sum(fwd_ops.ops.values())} ops ({fwd_ops.kernels} kernels), "
+          f"backward {sum(bwd_ops.ops.values())} ops ({bwd_ops.kernels} kernels); host µs per call, median (min): "
+          f"forward {fwd_us[0]:.0f} ({fwd_us[1]:.0f}), forward+backward {fwd_bwd_us[0]:.0f} ({fwd_bwd_us[1]:.0f})")
+    if args.ops:
+        print("    forward:", dict(fwd_ops.ops))
+        print("    backward:", dict(bwd_ops.ops))
+    return {"tokens": args.tokens, "hidden": args.hidden, "experts": args.experts, "top_k": args.top_k,
+            "device": args.device, "torch": torch.__version__, "dtype": dtype_name,
+            "forward_ops": sum(fwd_ops.ops.values()), "forward_kernels": fwd_ops.kernels,
+            "backward_ops": sum(bwd_ops.ops.values()), "backward_kernels": bwd_ops.kernels,
+            "forward_host_us_median": fwd_us[0], "forward_host_us_min": fwd_us[1],
+            "forward_backward_host_us_median": fwd_bwd_us[0], "forward_backward_host_us_min": fwd_bwd_us[1]}
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ index), then converts it twice, each in a fresh process so peak RSS is measured 
 
 Both write the same tensors (checked), so the ratios compare like with like. CPU only:
 
-    python benchmarks/upcycle_memory.py                      # ~1B source, 4 experts on every other layer
-    python benchmarks/upcycle_memory.py --layers 4 --hidden 1024 --intermediate 2816   # quick
+    python -m benchmarks upcycle-memory                      # ~1B source, 4 experts on every other layer
+    python -m benchmarks upcycle-memory --layers 4 --hidden 1024 --intermediate 2816   # quick
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .record import ResultFile
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 
 def rss_now() -> int:
@@ -151,8 +152,8 @@ def child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> None:
 
 
 def run_child(mode: str, src: Path, out: Path, argv: list[str]) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--child", mode, str(src), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "benchmarks", "upcycle-memory", *argv, "--child", mode, str(src), str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -199,9 +200,14 @@ def main() -> None:
               f"(H={args.hidden}, I={args.intermediate}, {args.layers} layers); upcycling to {args.experts} experts, "
               f"top-{args.top_k}, moe_layers={args.moe_layers}")
         results = {}
+        record = ResultFile(__name__)
+        record.write({"what": "source", "parameters": params, "hidden": args.hidden, "intermediate": args.intermediate,
+                      "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
+                      "moe_layers": args.moe_layers})
         for mode in ("streaming", "naive"):
             results[mode] = run_child(mode, tmp / "dense", tmp / mode, argv)
             print(json.dumps(results[mode]), flush=True)
+            record.write(results[mode])
         compared = same_tensors(tmp / "streaming", tmp / "naive")
         print(f"outputs identical: {compared} tensors compared")
         s, n = results["streaming"], results["naive"]
@@ -213,6 +219,7 @@ def main() -> None:
               f"{n['peak_rss'] / s['peak_rss']:.1f}x (above imports "
               f"{(n['peak_rss'] - n['baseline_rss']) / max(1, s['peak_rss'] - s['baseline_rss']):.1f}x), "
               f"time {n['seconds'] / s['seconds']:.2f}x")
+        record.close()
 
 
 if __name__ == "__main__":

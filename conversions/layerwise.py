@@ -86,7 +86,7 @@ class LayerwiseModel:
             outputs = []
             for chunk in hidden_states.split(sequences_per_step):
                 kwargs, position_embeddings = self.positions(chunk)
-                outputs.append(layer(chunk, position_embeddings=position_embeddings, **kwargs)[0])
+                outputs.append(layer(chunk, position_embeddings=position_embeddings, **kwargs))
             hidden_states = torch.cat(outputs)
             if hook is not None:
                 hook.remove()

@@ -82,8 +82,8 @@ def verify_upcycle(source: DenseSource | str | Path, output: str | Path, *, expe
     kwargs_m, pos_m = moe.positions(h_moe)
     layer_rel = []
     for i in tqdm(range(moe.config.num_hidden_layers), desc="verifying layers", disable=not progress):
-        h_dense = dense.layer(i)(h_dense, position_embeddings=pos_d, **kwargs_d)[0]
-        h_moe = moe.layer(i)(h_moe, position_embeddings=pos_m, **kwargs_m)[0]
+        h_dense = dense.layer(i)(h_dense, position_embeddings=pos_d, **kwargs_d)
+        h_moe = moe.layer(i)(h_moe, position_embeddings=pos_m, **kwargs_m)
         layer_rel.append(_rel(h_moe, h_dense))
     logits_dense, logits_moe = dense.logits(h_dense), moe.logits(h_moe)
     return VerifyResult(

@@ -20,10 +20,10 @@ from .modeling_hf_moe import (
     HfMoeModel,
     HfMoePreTrainedModel,
 )
+from .moe.block import HfMoeSparseMoeBlock, moe_blocks, record_routing
 from .moe.capacity import capacity_padded_experts_forward, expert_capacity
+from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
 from .moe.experts import HfMoeExperts, grouped_experts_forward
-from .moe.graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
-from .moe.layer import HfMoeSparseMoeBlock
 from .moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 from .moe.metrics import router_metrics
 from .moe.router.expert_choice import ExpertChoiceRouter
@@ -65,6 +65,8 @@ __all__ = [
     "grouped_experts_forward",
     "liger_fused_experts_forward",
     "load_balancing_loss",
+    "moe_blocks",
+    "record_routing",
     "register_router",
     "router_metrics",
     "router_z_loss",

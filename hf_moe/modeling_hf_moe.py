@@ -1,11 +1,12 @@
 """The hf-moe decoder: a Llama/Mistral/Qwen2/Qwen3-compatible transformer whose MLPs may be mixtures of experts.
 
 Attention, RoPE, RMSNorm, masks and the KV cache come from transformers; the MoE block is
-`hf_moe.moe.layer.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
+`hf_moe.moe.block.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,11 +25,14 @@ from transformers.models.llama.modeling_llama import (
     apply_rotary_pos_emb,
     eager_attention_forward,
 )
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_hf_moe import HfMoeConfig
+from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
-from .moe.layer import HfMoeMLP, HfMoeSparseMoeBlock
 from .moe.metrics import compute_router_metrics
+from .moe.mlp import HfMoeMLP
 from .moe.router.topk import HfMoeRouter
 from .moe.types import RouterOutput
 
@@ -51,9 +55,10 @@ class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
 @dataclass
 class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
     """Causal-LM output. `aux_loss` is the load-balancing loss and `z_loss` the router z-loss, each averaged
-    over MoE layers and unscaled; `loss` includes `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss`
-    when labels are given. `router_metrics` (with `output_router_metrics=True`) holds one dict of 0-dim / [E]
-    tensors per MoE layer, still on the device (see `hf_moe.router_metrics`)."""
+    over MoE layers and unscaled, reported when labels are given or `output_router_logits`; `loss` includes
+    `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss` when labels are given. `router_metrics` (with
+    `output_router_metrics=True`) holds one dict of 0-dim / [E] tensors per MoE layer, still on the device (see
+    `hf_moe.router_metrics`)."""
 
     z_loss: torch.FloatTensor | None = None
     router_outputs: tuple[RouterOutput, ...] | None = None
@@ -147,10 +152,9 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, RouterOutput | None, torch.Tensor | None]:
-        """Returns the new hidden states, the router's decisions (MoE layers only) and the attention weights."""
+    ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states, attn_weights = self.self_attn(
+        hidden_states, _ = self.self_attn(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -159,20 +163,17 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
             **kwargs,
         )
         hidden_states = residual + hidden_states
-
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        routing = None
-        if isinstance(self.mlp, HfMoeSparseMoeBlock):
-            hidden_states, routing = self.mlp(hidden_states, token_mask, input_ids)
-        else:
-            hidden_states = self.mlp(hidden_states)
-        return residual + hidden_states, routing, attn_weights
+        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, input_ids)
+        return residual + hidden_states
 
 
-_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch"}
-_HUB_KWARGS = {"adapter_kwargs", "revision", "trust_remote_code", "cache_dir", "local_files_only", "token",
-               "force_download", "proxies", "subfolder", "_from_auto", "_commit_hash"}
+# What `from_pretrained(..., expert_parallel_size=P)` does with transformers' keyword arguments: passed on, accepted
+# because they change nothing for a local folder, or refused because they would change what is read.
+_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch", "subfolder"}
+_EP_NO_EFFECT_KWARGS = {"_from_auto", "_commit_hash", "adapter_kwargs", "trust_remote_code", "local_files_only"}
+_EP_HUB_KWARGS = {"revision": (None, "main"), "cache_dir": (None,), "token": (None,), "force_download": (False,),
+                  "proxies": (None,)}
 
 
 class HfMoePreTrainedModel(PreTrainedModel):
@@ -187,6 +188,12 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(RoutingRecord, index=0),
+        "router_outputs": OutputRecorder(RoutingRecord, index=1),
+        "hidden_states": HfMoeDecoderLayer,
+        "attentions": OutputRecorder(HfMoeAttention, index=1),
+    }
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, expert_parallel_size: int | None = None,
@@ -198,17 +205,35 @@ class HfMoePreTrainedModel(PreTrainedModel):
         if expert_parallel_size is None and config is not None:
             expert_parallel_size = getattr(config, "expert_parallel_size", None)  # through AutoModel's config
         if expert_parallel_size is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            wants_info = kwargs.pop("output_loading_info", False)
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,
+                                                  output_loading_info=True, **kwargs)
+            _refuse_partial_moe_load(model, info, pretrained_model_name_or_path)
+            return (model, info) if wants_info else model
         from .parallel import load_expert_parallel
 
-        unsupported = sorted(set(kwargs) - _EP_LOAD_KWARGS - _HUB_KWARGS)
-        if model_args or unsupported:
-            raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported or model_args}; "
-                             f"it takes {sorted(_EP_LOAD_KWARGS)}.")
-        return load_expert_parallel(cls, pretrained_model_name_or_path, expert_parallel_size,
+        if model_args:
+            raise ValueError(f"from_pretrained(expert_parallel_size=...) takes no positional model arguments; got "
+                             f"{model_args}.")
+        for name, defaults in _EP_HUB_KWARGS.items():
+            if kwargs.get(name, defaults[0]) not in defaults:
+                raise ValueError(f"from_pretrained(expert_parallel_size=...) reads a local folder, so {name}="
+                                 f"{kwargs[name]!r} cannot apply; download the checkpoint first (e.g. "
+                                 f"huggingface_hub.snapshot_download(repo, {name}=...)) and pass the folder.")
+        config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in _EP_LOAD_KWARGS | _EP_NO_EFFECT_KWARGS
+                         and k not in _EP_HUB_KWARGS and k in HfMoeConfig().to_dict()}
+        unsupported = sorted(set(kwargs) - _EP_LOAD_KWARGS - _EP_NO_EFFECT_KWARGS - set(_EP_HUB_KWARGS))
+        if unsupported:
+            raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported}; it takes "
+                             f"{sorted(_EP_LOAD_KWARGS)} and config fields (e.g. router_aux_loss_coef=...).")
+        path = pretrained_model_name_or_path
+        if kwargs.get("subfolder"):
+            path = os.path.join(path, kwargs["subfolder"])
+        return load_expert_parallel(cls, path, expert_parallel_size,
                                     dtype=kwargs.get("dtype"), device=kwargs.get("device"),
                                     global_aux_loss=kwargs.get("global_aux_loss", True),
-                                    padded_dispatch=kwargs.get("padded_dispatch", False))
+                                    padded_dispatch=kwargs.get("padded_dispatch", False),
+                                    config=kwargs.get("config"), **config_fields)
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -233,6 +258,21 @@ class HfMoePreTrainedModel(PreTrainedModel):
             module.initialize(std)
 
 
+def _refuse_partial_moe_load(model: nn.Module, info: dict, path) -> None:
+    """A checkpoint whose MoE tensors (router, experts, shared experts) are missing or named otherwise would leave
+    them freshly initialised, and the model silently wrong: refuse it, naming the tensors."""
+    blocks = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, HfMoeSparseMoeBlock))
+    missing = sorted(k for k in info["missing_keys"] if k.startswith(blocks))
+    unexpected = sorted(k for k in info["unexpected_keys"] if k.startswith(blocks))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the checkpoint does not match this model's MoE layers: missing {missing[:4]}"
+            f"{' …' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}. "
+            "Loading it would leave those weights randomly initialised. Is it a checkpoint of another architecture "
+            "(convert it first) or of another config (num_experts, moe_layers)?"
+        )
+
+
 def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """Flat `[B·S]` bool mask of real tokens of the current step from a 2D padding mask, else `None`."""
     if attention_mask is None or attention_mask.dim() != 2:
@@ -254,6 +294,8 @@ class HfMoeModel(HfMoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @merge_with_config_defaults
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -262,17 +304,13 @@ class HfMoeModel(HfMoePreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
         **kwargs,
     ) -> HfMoeModelOutputWithPast:
+        """Hidden states (`output_hidden_states`), attention weights (`output_attentions`), router logits
+        (`output_router_logits`) and each MoE layer's [`RouterOutput`] (`output_router_outputs`) are recorded by
+        transformers' output hooks (`_can_record_outputs`), not returned by the layers."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        use_cache = use_cache if use_cache is not None else self.config.use_cache
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
@@ -293,11 +331,8 @@ class HfMoeModel(HfMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        router_outputs = []
         for layer in self.layers:
-            hidden_states, routing, attn_weights = layer(
+            hidden_states = layer(
                 hidden_states,
                 attention_mask=causal_mask,
                 position_ids=position_ids,
@@ -307,23 +342,9 @@ class HfMoeModel(HfMoePreTrainedModel):
                 input_ids=input_ids,
                 **kwargs,
             )
-            if routing is not None:
-                router_outputs.append(routing)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (attn_weights,)
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states = all_hidden_states[:-1] + (hidden_states,)
-
         return HfMoeModelOutputWithPast(
-            last_hidden_state=hidden_states,
+            last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values if use_cache else None,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-            router_logits=tuple(r.logits for r in router_outputs),
-            router_outputs=tuple(router_outputs),
         )
 
 
@@ -385,14 +406,19 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_router_logits=output_router_logits,
+            output_router_outputs=True,  # the router losses and metrics come from them
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
 
+        # The router losses are reported with a loss or with router logits (as Mixtral's and Qwen3-MoE's are), so the
+        # first element of an output tuple is the loss when labels are given and the logits otherwise.
         aux_loss = z_loss = None
-        if outputs.router_outputs:
+        if outputs.router_outputs and (labels is not None or output_router_logits):
             aux_loss = torch.stack([r.aux_loss for r in outputs.router_outputs]).mean()
             z_loss = torch.stack([r.z_loss for r in outputs.router_outputs]).mean()
 
@@ -412,7 +438,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            router_logits=outputs.router_logits if output_router_logits else None,
+            router_logits=outputs.router_logits,
             router_outputs=outputs.router_outputs if output_router_logits else None,
             router_metrics=(
                 tuple(compute_router_metrics(r) for r in outputs.router_outputs) if output_router_metrics else None

@@ -23,16 +23,17 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_moe import HfMoeForCausalLM  # noqa: E402
-from hf_moe.moe import dispatch  # noqa: E402
-from hf_moe.moe.dispatch import AllToAllDispatcher  # noqa: E402
+from hf_moe.moe.block import moe_blocks  # noqa: E402
 from hf_moe.moe.overlap import WEIGHT_GRADS  # noqa: E402
 from hf_moe.parallel import (  # noqa: E402
+    AllToAllDispatcher,  # noqa: E402
     clip_grad_norm_,
     expert_parallel_groups,
     init_expert_parallel,
     save_expert_parallel,
     sync_expert_gradients,
 )
+from hf_moe.parallel import all_to_all as dispatch  # noqa: E402
 
 LR, MAX_NORM, STEPS = 1e-3, 0.5, 5
 
@@ -270,8 +271,8 @@ def train(workdir: str, ep_size: int, impl: str) -> dict:
     padded = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=ep_size,
                                               dtype=torch.float64, padded_dispatch=True)
     padded.set_experts_implementation(impl)
-    result["padded_dispatchers"] = [m.expert_parallel.padded for m in padded.modules()
-                                    if getattr(m, "expert_parallel", None) is not None]
+    result["padded_dispatchers"] = [block.dispatcher.padded for block in moe_blocks(padded)
+                                    if isinstance(block.dispatcher, AllToAllDispatcher)]
     result["padded_logits"] = padded.train()(input_ids=ids).logits
     return result
 
@@ -312,6 +313,24 @@ def bad(workdir: str) -> str:
         errors.append("no error")
     except ValueError as e:
         errors.append(str(e))
+    # checkpoints whose expert tensors do not fit the config, and keyword arguments that cannot apply
+    for variant in ("broadcastable", "sixteen_experts", "transposed", "four_experts"):
+        try:
+            HfMoeForCausalLM.from_pretrained(os.path.join(workdir, variant), expert_parallel_size=2)
+            errors.append("no error")
+        except ValueError as e:
+            errors.append(str(e))
+    model_dir = os.path.join(workdir, "model")
+    try:
+        HfMoeForCausalLM.from_pretrained(model_dir, expert_parallel_size=2, revision="v2")
+        errors.append("no error")
+    except ValueError as e:
+        errors.append(str(e))
+    config = HfMoeConfig.from_pretrained(model_dir)
+    config.router_aux_loss_coef = 0.375
+    model = HfMoeForCausalLM.from_pretrained(model_dir, expert_parallel_size=2, config=config,
+                                             router_z_loss_coef=0.25)
+    errors.append(f"config passed on: {model.config.router_aux_loss_coef} {model.config.router_z_loss_coef}")
     return "\n".join(errors)
 
 

@@ -7,7 +7,6 @@ another batch shape, in eval mode and in `generate`. CPU tests check the clear e
 
 import copy
 import gc
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from peft import get_peft_model
 
 from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs, release_moe_cuda_graphs
 from hf_moe.integrations import lora_config
+from hf_moe.parallel import AllToAllDispatcher
 
 from .conftest import assert_rel_close, tiny_config
 
@@ -36,7 +36,7 @@ def test_graphed_training_steps_equal_eager_ones(attention_mask):
     eager = HfMoeForCausalLM(config).to("cuda", torch.bfloat16).train()
     graphed = capture_moe_cuda_graphs(copy.deepcopy(eager), batch_size=2, sequence_length=16,
                                       attention_mask=attention_mask)
-    assert all(block._cuda_graph is not None for block in graphed.modules() if hasattr(block, "_cuda_graph"))
+    assert all(block.cuda_graphs is not None for block in graphed.modules() if hasattr(block, "cuda_graphs"))
     optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, graphed)]
     for step in range(3):
         ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
@@ -90,7 +90,7 @@ def test_lora_adapters_captured_after_get_peft_model_train_as_eagerly():
     base = HfMoeForCausalLM(config).to("cuda", torch.bfloat16)
     eager = get_peft_model(base, lora_config(r=4, router=True, init_lora_weights=False)).train()
     graphed = capture_moe_cuda_graphs(copy.deepcopy(eager), batch_size=2, sequence_length=16)
-    assert all(b._cuda_graph is not None for b in graphed.modules() if hasattr(b, "_cuda_graph"))
+    assert all(b.cuda_graphs is not None for b in graphed.modules() if hasattr(b, "cuda_graphs"))
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3) for m in (eager, graphed)]
     for step in range(3):
         ids = torch.randint(0, config.vocab_size, (2, 16), device="cuda")
@@ -105,29 +105,29 @@ def test_lora_adapters_captured_after_get_peft_model_train_as_eagerly():
         for opt in optimizers:
             opt.step()
             opt.zero_grad()
-    assert all(b._cuda_graph is not None for b in graphed.modules() if hasattr(b, "_cuda_graph"))  # replayed
+    assert all(b.cuda_graphs is not None for b in graphed.modules() if hasattr(b, "cuda_graphs"))  # replayed
 
 
 def test_graphs_are_dropped_when_the_blocks_parameters_change(monkeypatch):
-    from hf_moe.moe.graphs import _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _GraphedBlock
 
     model = HfMoeForCausalLM(tiny_config()).to(torch.bfloat16).train()
     block = model.model.layers[0].mlp
     x = torch.randn(2, 8, 32, dtype=torch.bfloat16)
 
     def capture():
-        block._cuda_graph = _GraphedBlock(lambda *a: None, x.shape, x.dtype, False, (), None, block)
-        return block._cuda_graph
+        block.cuda_graphs = _GraphedBlock(lambda *a: None, x.shape, x.dtype, False, (), None, block)
+        return block.cuda_graphs
 
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # serves() asks the input only
     graphed = capture()
     assert graphed.serves(block, x, None)
     assert not graphed.serves(block, x[:, :4], None)  # another shape: eager, graphs kept
-    assert block._cuda_graph is graphed
+    assert block.cuda_graphs is graphed
     block.router.weight.requires_grad_(False)
     with pytest.warns(UserWarning, match="parameters changed after capture_moe_cuda_graphs"):
         assert not graphed.serves(block, x, None)
-    assert block._cuda_graph is None
+    assert block.cuda_graphs is None
     block.router.weight.requires_grad_(True)
     graphed = capture()
     with torch.no_grad():
@@ -136,11 +136,11 @@ def test_graphs_are_dropped_when_the_blocks_parameters_change(monkeypatch):
     get_peft_model(model, lora_config(r=2))  # replaces the experts by PEFT's wrapper, freezes the base weights
     with pytest.warns(UserWarning, match="an adapter added"):
         assert not graphed.serves(block, x, None)
-    assert block._cuda_graph is None
+    assert block.cuda_graphs is None
 
 
 def test_a_second_replay_before_backward_raises():
-    from hf_moe.moe.graphs import _ROUTING_TENSORS, _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _ROUTING_TENSORS, _GraphedBlock
 
     class Replay(torch.autograd.Function):  # stands in for make_graphed_callables' autograd Function
         @staticmethod
@@ -195,7 +195,9 @@ def test_refuses_what_a_graph_cannot_replay(monkeypatch):
         capture_moe_cuda_graphs(torch.nn.Linear(2, 2), batch_size=2, sequence_length=8)
     block = model.model.layers[0].mlp
     for padded, weight_grads in [(False, None), (True, object())]:  # the default dispatch syncs; overlap is Python
-        monkeypatch.setattr(block, "expert_parallel", SimpleNamespace(padded=padded, weight_grads=weight_grads))
+        dispatcher = object.__new__(AllToAllDispatcher)  # no process group needed to ask whether it is capturable
+        dispatcher.padded, dispatcher.weight_grads = padded, weight_grads
+        block.set_dispatcher(dispatcher)
         with pytest.raises(ValueError, match="needs padded dispatch without the backward overlap"):
             capture_moe_cuda_graphs(model.train(), batch_size=2, sequence_length=8)
     model.gradient_checkpointing_enable()
@@ -220,25 +222,25 @@ def test_refuses_a_model_already_wrapped_by_ddp(tmp_path):
 
 
 def test_a_copy_of_a_captured_model_runs_its_blocks_eagerly():
-    from hf_moe.moe.graphs import _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _GraphedBlock
 
     model = HfMoeForCausalLM(tiny_config())
     block = model.model.layers[0].mlp
-    block._cuda_graph = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None, block)
+    block.cuda_graphs = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None, block)
     copied = copy.deepcopy(model)
-    assert copied.model.layers[0].mlp._cuda_graph is None  # its graphs would read the original's weights
-    assert model.model.layers[0].mlp._cuda_graph is block._cuda_graph
+    assert copied.model.layers[0].mlp.cuda_graphs is None  # its graphs would read the original's weights
+    assert model.model.layers[0].mlp.cuda_graphs is block.cuda_graphs
     ids = torch.randint(0, 97, (2, 6))
     torch.testing.assert_close(copied.eval()(ids).logits, model.eval()(ids).logits)
 
 
 def test_release_drops_every_blocks_graphs():
-    from hf_moe.moe.graphs import _GraphedBlock
+    from hf_moe.moe.cuda_graphs import _GraphedBlock
 
     model = HfMoeForCausalLM(tiny_config(num_hidden_layers=3))
-    blocks = [m for m in model.modules() if hasattr(m, "_cuda_graph")]
+    blocks = [m for m in model.modules() if hasattr(m, "cuda_graphs")]
     for block in blocks:
-        block._cuda_graph = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None,
+        block.cuda_graphs = _GraphedBlock(lambda *a: None, torch.Size((1, 2, 32)), torch.bfloat16, False, (), None,
                                           block)
     assert release_moe_cuda_graphs(model) is model
-    assert len(blocks) == 3 and all(block._cuda_graph is None for block in blocks)
+    assert len(blocks) == 3 and all(block.cuda_graphs is None for block in blocks)

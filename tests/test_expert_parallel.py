@@ -2,6 +2,7 @@
 single process on the concatenated batch; save/load across layouts; LoRA under EP; clear errors, no hangs."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -153,7 +154,23 @@ def test_lora_on_attention_and_experts_under_expert_parallelism(tmp_path):
     assert fresh is not None
 
 
+def _damaged_checkpoints(workdir) -> None:
+    """Copies of WORKDIR/model whose layer-1 gate/up experts tensor has a wrong shape."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    good = load_file(workdir / "model" / "model.safetensors")
+    weight = good[name]
+    for variant, bad in [("broadcastable", weight[:, :, :1].contiguous()),
+                         ("sixteen_experts", torch.cat([weight, weight])),
+                         ("transposed", weight.transpose(1, 2).contiguous()), ("four_experts", weight[:4])]:
+        shutil.copytree(workdir / "model", workdir / variant)
+        save_file({**good, name: bad}, workdir / variant / "model.safetensors", metadata={"format": "pt"})
+
+
 def test_bad_layouts_raise_the_same_clear_error_on_every_rank(tmp_path):
+    make_checkpoint(tmp_path, rows=2)
+    _damaged_checkpoints(tmp_path)
     launch(2, "bad", str(tmp_path), "2")
     texts = [(tmp_path / f"rank{r}.txt").read_text().splitlines() for r in range(2)]
     for lines in texts:
@@ -164,6 +181,11 @@ def test_bad_layouts_raise_the_same_clear_error_on_every_rank(tmp_path):
         assert "ranks disagree on (expert_parallel_size, num_experts)" in lines[3]
         assert "needs the same number of tokens (batch × sequence) on every rank" in lines[4]
         assert "got [3, 4]" in lines[4]
+        for line, shape in zip(lines[5:9], ([8, 48, 1], [16, 48, 32], [8, 32, 48], [4, 48, 32])):
+            assert f"tensor 'model.layers.1.mlp.experts.gate_up_proj' has shape {shape}" in line
+            assert "expects [8, 48, 32]" in line
+        assert "revision='v2' cannot apply" in lines[9]
+        assert lines[10] == "config passed on: 0.375 0.25"
 
 
 def test_expert_parallel_needs_a_distributed_launch(monkeypatch):
@@ -178,7 +200,7 @@ def test_expert_parallel_needs_a_distributed_launch(monkeypatch):
 def test_padded_plan_restricts_each_tokens_routing_to_each_rank(num_tokens):
     """Every token to every rank, rank-major; on rank p only the slots of p's experts (as local ids) keep their weight,
     the others become the sentinel `num_local` with weight 0. Checked slot by slot against a loop; T = 0 is empty."""
-    from hf_moe.moe.dispatch import _padded_plan
+    from hf_moe.parallel.all_to_all import _padded_plan
 
     ep_size, num_local, top_k = 3, 2, 3
     index = torch.randint(0, ep_size * num_local + 1, (num_tokens, top_k))  # includes the dropped-slot sentinel

@@ -6,7 +6,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from hf_moe import HfMoeForCausalLM, HfMoeForSequenceClassification, HfMoeModel, load_balancing_loss
+from hf_moe import (
+    HfMoeForCausalLM,
+    HfMoeForSequenceClassification,
+    HfMoeModel,
+    load_balancing_loss,
+    record_routing,
+)
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, tiny_config
 
@@ -108,7 +114,9 @@ def test_experts_with_no_tokens_and_all_tokens_on_one_expert():
     outs = {}
     for impl in IMPLEMENTATIONS:
         model.set_experts_implementation(impl)
-        outs[impl], routing = block(x)
+        with record_routing(block) as routings:
+            outs[impl] = block(x)
+        routing = routings[0]
     assert set(routing.top_k_index.unique().tolist()) == {0, 1}
     for impl in IMPLEMENTATIONS[1:]:
         assert_rel_close(outs[impl], outs["eager"], 1e-5, impl)
@@ -165,3 +173,84 @@ def test_sequence_classification_runs_and_uses_the_last_real_token():
     assert out.logits.shape == (2, 3)
     alone = model(ids[1:, :4]).logits
     assert_rel_close(out.logits[1:], alone, 1e-5)
+
+
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("router_logits", [False, True])
+def test_output_tuples_line_up_with_transformers_moe_models(labels, router_logits):
+    """`outputs[0]` is the loss with labels, the logits without (unless router logits are asked for). Without labels
+    the logits sit where Mixtral's tuple has them (the peer's own class, same flags): the aux loss comes first only
+    with router logits. (With labels hf-moe also reports the aux loss it added to the loss, which Mixtral adds only
+    with router logits.)"""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    ours = make_model(num_hidden_layers=2)
+    peer = MixtralForCausalLM(MixtralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)).eval()
+    ids = torch.randint(0, 97, (2, 8))
+    kwargs = dict(labels=ids if labels else None, output_router_logits=router_logits, use_cache=False,
+                  return_dict=False)
+    with torch.no_grad():
+        mine, theirs = ours(ids, **kwargs), peer(ids, **kwargs)
+        mine_dict = ours(ids, **{**kwargs, "return_dict": True})
+    logits_at = [next(i for i, t in enumerate(out) if torch.is_tensor(t) and t.dim() == 3) for out in (mine, theirs)]
+    if not labels or router_logits:
+        assert logits_at[0] == logits_at[1]
+    first = mine_dict.loss if labels else mine_dict.aux_loss if router_logits else mine_dict.logits
+    assert torch.equal(mine[0], first)
+    assert (mine_dict.aux_loss is not None) == (labels or router_logits)
+    assert (mine_dict.router_logits is not None) == router_logits
+
+
+def test_base_model_honours_return_dict_false_and_records_outputs_on_request():
+    model = make_model(num_hidden_layers=3, first_k_dense=1)
+    base = model.model
+    ids = torch.randint(0, 97, (2, 9))
+    seen = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: seen.append(out)) for layer in base.layers]
+    with torch.no_grad():
+        full = base(ids, output_hidden_states=True, output_router_logits=True, output_router_outputs=True)
+        as_tuple = base(ids, return_dict=False)
+    for hook in hooks:
+        hook.remove()
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], full.last_hidden_state)
+    model.config.return_dict = False
+    with torch.no_grad():
+        assert torch.equal(base(ids)[0], full.last_hidden_state)
+    # hidden states: the embeddings, every layer's output but the last, then the normed last one
+    assert len(full.hidden_states) == 4
+    assert torch.equal(full.hidden_states[0], base.embed_tokens(ids))
+    for i in (1, 2):
+        assert torch.equal(full.hidden_states[i], seen[i - 1])
+    assert torch.equal(full.hidden_states[3], full.last_hidden_state)
+    # one router output per MoE layer (layer 0 is dense), and the logits are theirs
+    assert len(full.router_outputs) == 2 and len(full.router_logits) == 2
+    assert all(torch.equal(r.logits, logits) for r, logits in zip(full.router_outputs, full.router_logits))
+    plain = base(ids, return_dict=True)
+    assert plain.router_logits is None and plain.router_outputs is None
+
+
+@pytest.mark.parametrize("damage", ["missing expert", "missing router", "renamed experts", "extra expert"])
+def test_loading_refuses_a_checkpoint_whose_moe_tensors_do_not_match(tmp_path, damage):
+    """Missing or foreign-named router / expert tensors would be initialised randomly: refused, naming them."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_model()
+    model.save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    state = load_file(file)
+    name = {"missing expert": "model.layers.1.mlp.experts.down_proj",
+            "missing router": "model.layers.0.mlp.router.weight",
+            "renamed experts": "model.layers.1.mlp.experts.gate_up_proj",
+            "extra expert": None}[damage]
+    if damage == "renamed experts":
+        state["model.layers.1.mlp.experts.0.w1.weight"] = state.pop(name)[0]
+    elif damage == "extra expert":
+        name = "model.layers.0.mlp.experts.6.w2.weight"
+        state[name] = torch.zeros(32, 24)
+    else:
+        del state[name]
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="does not match this model's MoE layers") as error:
+        HfMoeForCausalLM.from_pretrained(tmp_path)
+    assert name in str(error.value) or "w1" in str(error.value)

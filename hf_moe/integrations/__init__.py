@@ -1,6 +1,8 @@
 """Integrations with the transformers Trainer and PEFT."""
 
-from .peft import lora_config, save_adapter_expert_parallel
-from .trainer import MoETrainerCallback, moe_blocks
+from ..moe.block import moe_blocks
+from ..parallel import save_adapter_expert_parallel
+from .peft import lora_config
+from .trainer import MoETrainerCallback
 
 __all__ = ["MoETrainerCallback", "lora_config", "moe_blocks", "save_adapter_expert_parallel"]

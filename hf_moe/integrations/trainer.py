@@ -9,7 +9,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
-from ..moe.layer import HfMoeSparseMoeBlock
+from ..moe.block import RoutingRecord, moe_blocks
 from ..moe.metrics import experts_used_fraction, max_over_mean_load, routing_entropy
 from ..parallel import expert_parallel_groups, finish_gradients
 from ..parallel.balancing import update_expert_bias
@@ -18,11 +18,6 @@ from ..parallel.balancing import update_expert_bias
 def _in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. a gradient-checkpointing recompute of the forward)."""
     return torch._C._current_graph_task_id() != -1
-
-
-def moe_blocks(model: nn.Module) -> list[HfMoeSparseMoeBlock]:
-    """The MoE blocks of a model, in layer order; looks through DDP, PEFT and accelerate wrappers."""
-    return [module for module in model.modules() if isinstance(module, HfMoeSparseMoeBlock)]
 
 
 class _RouterStats:
@@ -88,7 +83,8 @@ class MoETrainerCallback(TrainerCallback):
             self._expert_parallel_max_norm = args.max_grad_norm
             args.max_grad_norm = 0.0
         self._stats = [_RouterStats() for _ in blocks]
-        self._hooks = [block.register_forward_hook(self._record(stats)) for block, stats in zip(blocks, self._stats)]
+        self._hooks = [block.routing.register_forward_hook(self._record(stats, block))
+                       for block, stats in zip(blocks, self._stats)]
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               model: nn.Module | None = None, **kwargs) -> None:
@@ -149,9 +145,9 @@ class MoETrainerCallback(TrainerCallback):
         return metrics
 
     @staticmethod
-    def _record(stats: _RouterStats):
-        def hook(module: HfMoeSparseMoeBlock, inputs, output) -> None:
-            if module.training and not _in_backward():
+    def _record(stats: _RouterStats, block: nn.Module):
+        def hook(module: RoutingRecord, inputs, output) -> None:
+            if block.training and not _in_backward():
                 stats.add(output[1])
 
         return hook

@@ -8,12 +8,14 @@
     optimizer.step()
 """
 
-from .checkpoint import gather_state_dict, load_expert_parallel, save_expert_parallel
+from .all_to_all import AllToAllDispatcher
+from .checkpoint import gather_state_dict, load_expert_parallel, save_adapter_expert_parallel, save_expert_parallel
 from .grads import clip_grad_norm_, finish_gradients, grad_norm, sync_expert_gradients
 from .groups import ExpertParallelGroups, init_expert_parallel
-from .sharding import expert_parallel_groups, expert_parallelize, is_expert_parameter, prepare_for_ddp
+from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names, prepare_for_ddp
 
 __all__ = [
+    "AllToAllDispatcher",
     "ExpertParallelGroups",
     "clip_grad_norm_",
     "expert_parallel_groups",
@@ -22,9 +24,10 @@ __all__ = [
     "gather_state_dict",
     "grad_norm",
     "init_expert_parallel",
-    "is_expert_parameter",
+    "expert_parameter_names",
     "load_expert_parallel",
     "prepare_for_ddp",
+    "save_adapter_expert_parallel",
     "save_expert_parallel",
     "sync_expert_gradients",
 ]

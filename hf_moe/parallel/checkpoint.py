@@ -7,12 +7,16 @@ import os
 
 import torch
 import torch.distributed as dist
+from peft import get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..configuration_hf_moe import HfMoeConfig
+from ..moe.block import expert_modules
+from .collectives import gather_experts
 from .groups import ExpertParallelGroups, init_expert_parallel
-from .sharding import expert_parallel_groups, expert_parallelize, is_expert_parameter
+from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names, shard_experts
 
 
 def _tensor_files(path: str) -> dict[str, str]:
@@ -35,18 +39,24 @@ def load_expert_parallel(
     device: torch.device | str | None = None,
     global_aux_loss: bool = True,
     padded_dispatch: bool = False,
+    config: HfMoeConfig | None = None,
     **config_kwargs,
 ) -> nn.Module:
     """Build `model_class` from the checkpoint in `path` with its experts sharded over `expert_parallel_size` ranks.
 
     Each rank reads only its own slice of each expert tensor (`safe_open(...).get_slice`); the full expert stack is
     never materialised. Non-expert weights are read whole (they are replicated). Collective: call on every rank.
-    `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`.
+    `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`. `config` replaces the checkpoint's
+    config; `config_kwargs` override its fields. Every tensor's full shape is checked against the config, and a
+    checkpoint with missing or unexpected tensors is refused (naming them) before anything is read.
     """
     if not os.path.isdir(path):
         raise ValueError(f"expert-parallel loading reads a local checkpoint folder; {path!r} is not one (download it "
                          "first, e.g. with huggingface_hub.snapshot_download).")
-    config = HfMoeConfig.from_pretrained(path, **config_kwargs)
+    if config is None:
+        config = HfMoeConfig.from_pretrained(path, **config_kwargs)
+    else:
+        config = HfMoeConfig.from_dict({**config.to_dict(), **config_kwargs})  # validated like any config
     groups = init_expert_parallel(expert_parallel_size, config.num_experts)
     if device is None:
         from accelerate import PartialState
@@ -58,31 +68,52 @@ def load_expert_parallel(
     with torch.device("meta"):
         model = model_class(config)
     start, end = groups.expert_range(config.num_experts)
-    for block_name, module in model.named_modules():
-        if hasattr(module, "gate_up_proj") and hasattr(module, "down_proj") and block_name.endswith("experts"):
-            module.gate_up_proj = nn.Parameter(module.gate_up_proj[start:end])
-            module.down_proj = nn.Parameter(module.down_proj[start:end])
-            module.num_experts = end - start
+    for experts in expert_modules(model).values():
+        shard_experts(experts, start, end)
     model = model.to_empty(device=device).to(dtype)
     files = _tensor_files(path)
+    expert_names = set(expert_parameter_names(model))
     state = model.state_dict()
     missing = [n for n in state if n not in files and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}.")
+    unexpected = sorted(set(files) - set(state))
+    if unexpected:
+        raise ValueError(f"{path}: checkpoint has {len(unexpected)} tensors this {config.model_type} model does not, "
+                         f"e.g. {unexpected[:3]}: it is not a checkpoint of this architecture and config.")
+    _check_shapes(path, files, state, expert_names, config)
     with torch.no_grad():
         for name, tensor in state.items():
             if name not in files:
                 continue
             with safe_open(files[name], framework="pt") as f:
-                value = f.get_slice(name)[start:end] if is_expert_parameter(name) else f.get_tensor(name)
+                value = f.get_slice(name)[start:end] if name in expert_names else f.get_tensor(name)
             tensor.copy_(value.to(dtype))
     for module in model.modules():  # non-persistent buffers (RoPE inverse frequencies) are not in checkpoints
-        if "RotaryEmbedding" in type(module).__name__:
+        if isinstance(module, LlamaRotaryEmbedding):
             fresh = type(module)(config=config).to(device)
             module.inv_freq, module.original_inv_freq = fresh.inv_freq, fresh.original_inv_freq
     if config.tie_word_embeddings:
         model.tie_weights()
     return expert_parallelize(model.eval(), groups, global_aux_loss, padded_dispatch=padded_dispatch)
+
+
+def _check_shapes(path: str, files: dict[str, str], state: dict[str, torch.Tensor], expert_names: set[str],
+                  config: HfMoeConfig) -> None:
+    """Every tensor's shape in the checkpoint must equal the full (unsharded) model's: expert tensors hold all
+    `config.num_experts` experts, whatever this rank keeps of them."""
+    for name, tensor in state.items():
+        if name not in files:
+            continue
+        expected = [config.num_experts, *tensor.shape[1:]] if name in expert_names else list(tensor.shape)
+        with safe_open(files[name], framework="pt") as f:
+            shape = list(f.get_slice(name).get_shape())
+        if shape != expected:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {shape}; the config (num_experts={config.num_experts}, "
+                f"hidden_size={config.hidden_size}, moe_intermediate_size={config.moe_intermediate_size}) expects "
+                f"{expected}."
+            )
 
 
 def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor] | None:
@@ -95,12 +126,11 @@ def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[st
     if groups.edp_rank != 0:
         return None
     keep = dist.get_rank() == 0
+    expert_names = set(expert_parameter_names(model))
     full = {}
     for name, tensor in state.items():
-        if is_expert_parameter(name) and groups.ep_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
-            tensor = torch.cat(parts) if keep else None
+        if name in expert_names and groups.ep_size > 1:
+            tensor = gather_experts(tensor, groups.ep_group)
         if keep:
             full[name] = tensor.detach().cpu()
     return full if keep else None
@@ -113,3 +143,29 @@ def save_expert_parallel(model: nn.Module, path: str, **save_kwargs) -> None:
     if state is not None:
         model.save_pretrained(path, state_dict=state, **save_kwargs)
     dist.barrier()
+
+
+def save_adapter_expert_parallel(model: nn.Module, path: str) -> None:
+    """Save a LoRA adapter trained under expert parallelism as one adapter a single process loads.
+
+    PEFT keeps one low-rank pair per expert: `lora_A [r·E, in]` expert-major and `lora_B [out, r·E]` with the
+    expert index varying fastest. Each rank holds its E/P experts' pairs; they are gathered over the first
+    expert-parallel group and rank 0 writes. Collective: call on every rank.
+    """
+    groups = expert_parallel_groups(model)
+    experts = {f"{name}.": module for name, module in expert_modules(model).items()}
+    full = {}
+    for name, tensor in get_peft_model_state_dict(model).items():
+        owner = next((module for prefix, module in experts.items() if name.startswith(prefix)), None)
+        if groups is not None and groups.ep_size > 1 and groups.edp_rank == 0 and owner is not None:
+            if "lora_B" in name:  # [out, r·E/P] with the expert fastest → [out, r, E/P], gathered along the experts
+                local = tensor.reshape(tensor.shape[0], -1, owner.num_experts)
+                tensor = gather_experts(local, groups.ep_group, dim=2).reshape(tensor.shape[0], -1)
+            else:
+                tensor = gather_experts(tensor, groups.ep_group)
+        full[name] = tensor.detach().cpu()
+    if groups is None or dist.get_rank() == 0:
+        os.makedirs(path, exist_ok=True)
+        model.save_pretrained(path, state_dict=full)
+    if groups is not None:
+        dist.barrier()

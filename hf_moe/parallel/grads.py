@@ -7,14 +7,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .sharding import expert_parallel_groups, expert_parameter_names, is_expert_parameter
+from .sharding import expert_parallel_groups, expert_parameter_names
 
 
 def _split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The trainable parameters of `model`: (expert, other)."""
+    expert_names = set(expert_parameter_names(model))
     expert, other = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (expert if is_expert_parameter(name.replace("module.", "", 1)) else other).append(p)
+            (expert if name in expert_names else other).append(p)
     return expert, other
 
 

@@ -8,14 +8,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..moe.dispatch import AllToAllDispatcher, all_reduce_sum
-from ..moe.layer import HfMoeSparseMoeBlock
+from ..moe.block import expert_modules, moe_blocks
+from .all_to_all import AllToAllDispatcher
+from .collectives import all_reduce_sum
 from .groups import ExpertParallelGroups
 
 
-def is_expert_parameter(name: str) -> bool:
-    """Parameters that live on one EP rank only: the routed experts' weights (and adapters on them)."""
-    return ".mlp.experts." in name or name.startswith("mlp.experts.")
+def shard_experts(experts: nn.Module, start: int, end: int) -> None:
+    """Keep experts [start, end) of `experts` (an `HfMoeExperts`, full-sized or on the meta device) as its own."""
+    experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[start:end].clone())
+    experts.down_proj = nn.Parameter(experts.down_proj.data[start:end].clone())
+    experts.num_experts = end - start
 
 
 def expert_parallelize(
@@ -36,20 +39,18 @@ def expert_parallelize(
     token goes to every rank of its group with equal splits, so the forward pass has no host sync; every rank must
     then feed the same number of tokens (see `AllToAllDispatcher`).
     """
-    for block in (m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)):
+    for block in moe_blocks(model):
         experts = block.experts
         num_experts = block.router.num_experts
         start, end = groups.expert_range(num_experts)
         if experts.num_experts == num_experts:
-            experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[start:end].clone())
-            experts.down_proj = nn.Parameter(experts.down_proj.data[start:end].clone())
+            shard_experts(experts, start, end)
         elif experts.num_experts != end - start:
             raise ValueError(f"experts hold {experts.num_experts} experts; expected {num_experts} (full) or "
                              f"{end - start} (this rank's shard).")
-        experts.num_experts = end - start
-        block.expert_parallel = AllToAllDispatcher(
+        block.set_dispatcher(AllToAllDispatcher(
             groups.ep_group, num_experts, overlap_weight_grads=overlap_weight_grads, padded=padded_dispatch
-        )
+        ))
         block.router.set_loss_reduction(
             functools.partial(all_reduce_sum, group=dist.group.WORLD) if global_aux_loss else None
         )
@@ -67,8 +68,10 @@ def expert_parallel_groups(model: nn.Module) -> ExpertParallelGroups | None:
 
 
 def expert_parameter_names(model: nn.Module) -> list[str]:
-    """Names (relative to `model`) of the parameters that live on one EP rank only."""
-    return [n for n, _ in model.named_parameters() if is_expert_parameter(n)]
+    """Names (relative to `model`) of the parameters that live on one EP rank only: everything under the routed
+    experts of an MoE block (adapters on them included), found by type through DDP / PEFT wrappers."""
+    prefixes = tuple(f"{name}." for name in expert_modules(model))
+    return [n for n, _ in model.named_parameters() if n.startswith(prefixes)]
 
 
 @torch.no_grad()
@@ -83,8 +86,9 @@ def prepare_for_ddp(model: nn.Module) -> nn.Module:
     model._ddp_params_and_buffers_to_ignore = expert_parameter_names(model)
     groups = expert_parallel_groups(model)
     if groups is not None and groups.edp_size > 1:
+        expert = set(model._ddp_params_and_buffers_to_ignore)
         for name, p in model.named_parameters():
-            if is_expert_parameter(name):
+            if name in expert:
                 # the first replica of this rank's experts is global rank ep_rank (expert-data-parallel groups
                 # are strided)
                 dist.broadcast(p.data, src=groups.ep_rank, group=groups.edp_group)

@@ -20,7 +20,15 @@ def register_router(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
 
     The class is built as `cls(config, layer_idx)` and its `forward(hidden_states [T, H], token_mask [T] | None,
     *, input_ids [T] | None, sequence_length: int)` returns a [`RouterOutput`]. Subclassing [`HfMoeRouter`] and
-    overriding `select` is the short way. Register before building or loading a config that names it.
+    overriding `select` is the short way (docs/routing.md). Register before building or loading a config that names
+    it.
+
+    ```python
+    @hf_moe.register_router("my_router")
+    class MyRouter(hf_moe.HfMoeRouter):
+        def select(self, logits, scores, input_ids=None):  # -> (top_k_index [T, k], top_k_weights [T, k])
+            ...
+    ```
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"register_router(name={name!r}): expected a non-empty string.")

@@ -90,6 +90,8 @@ class HfMoeRouter(nn.Module):
     """A token's experts depend on that token alone, so cached generation routes as the full forward does."""
     learned = True
     """Has a trainable gate `weight [E, H]`."""
+    reads_token_ids = False
+    """Routes by token id: the MoE block passes it `input_ids` (only routers that set this get them)."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__()

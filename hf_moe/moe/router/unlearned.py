@@ -51,6 +51,8 @@ class HashRouter(_UnlearnedRouter):
     the model, so a checkpoint routes identically whatever torch's random generator does in the future.
     """
 
+    reads_token_ids = True
+
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__(config, layer_idx)
         self.register_buffer("hash_table", self._draw_table())

@@ -1,0 +1,48 @@
+"""One results file per run: `benchmarks/results/<suite>-<UTC timestamp>.jsonl`, one JSON object a line.
+
+The folder is ignored by git: raw results are the lab's, and any number a document relies on is quoted in its
+decision record under `docs/decisions/`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import IO
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def suite_name(module: str) -> str:
+    """The suite a module runs: `benchmarks.ep_scaling` → `ep-scaling`."""
+    return module.rsplit(".", 1)[-1].replace("_", "-")
+
+
+class ResultFile:
+    """Rows of one run, written as they come (a run that fails half way keeps its rows). The file opens on the first
+    row, so a run that writes none leaves none; `close` prints its path. `path` given: append there instead."""
+
+    def __init__(self, module: str, path: str | Path | None = None) -> None:
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        self.path = Path(path) if path else RESULTS / f"{suite_name(module)}-{stamp}.jsonl"
+        self._file: IO[str] | None = None
+
+    def write(self, row: dict) -> None:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a")
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            print(f"results: {self.path}", flush=True)
+
+    def __enter__(self) -> ResultFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,143 @@
+"""The MoE block: router → dispatcher (→ experts) → combined output, plus optional shared experts."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from ..configuration_hf_moe import HfMoeConfig
+from .dispatch import LocalDispatcher
+from .experts import HfMoeExperts, base_layer
+from .mlp import HfMoeMLP
+from .router.registry import build_router
+from .types import RouterOutput
+
+
+class Dispatcher(Protocol):
+    """Runs the routed experts and combines their outputs per token (see `hf_moe.moe.dispatch`)."""
+
+    capturable: bool
+    """Whether CUDA graphs can capture it (it never waits for the GPU)."""
+
+    def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor: ...
+
+
+class BlockGraphs(Protocol):
+    """CUDA graphs that replay a block's `compute` for the calls they serve (see `hf_moe.moe.cuda_graphs`)."""
+
+    def serves(self, block: nn.Module, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> bool: ...
+
+    def __call__(
+        self, hidden_states: torch.Tensor, token_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, RouterOutput]: ...
+
+
+class RoutingRecord(nn.Module):
+    """Where a block's routing is recorded: transformers' output recorders (`output_router_logits`,
+    `output_router_outputs`) and [`record_routing`] hook this module, which sees the block's [`RouterOutput`] whether
+    the block ran eagerly or replayed CUDA graphs. Returns `(router logits, routing)`."""
+
+    def forward(self, routing: RouterOutput) -> tuple[torch.Tensor, RouterOutput]:
+        return routing.logits, routing
+
+
+class HfMoeSparseMoeBlock(nn.Module):
+    """One mixture-of-experts layer: `[B, S, H]` → `[B, S, H]`.
+
+    The router decides, the dispatcher runs the experts and combines their outputs (`LocalDispatcher` in one process;
+    `hf_moe.parallel` installs an all-to-all one with `set_dispatcher`), the shared experts add their dense output.
+    The router's decisions are recorded through `self.routing` (see [`record_routing`]).
+    """
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.router = build_router(config, layer_idx)
+        self.experts = HfMoeExperts(config)
+        self.shared_experts = HfMoeMLP(config, config.shared_expert_size) if config.shared_expert_size else None
+        self.shared_expert_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None
+        )
+        self.routing = RoutingRecord()
+        self.dispatcher: Dispatcher = LocalDispatcher()
+        self.cuda_graphs: BlockGraphs | None = None
+
+    def set_dispatcher(self, dispatcher: Dispatcher) -> None:
+        """Route tokens to the experts through `dispatcher` from now on."""
+        self.dispatcher = dispatcher
+
+    def set_cuda_graphs(self, graphs: BlockGraphs | None) -> None:
+        """Replay `graphs` for the calls they serve (`None`: always run eagerly)."""
+        self.cuda_graphs = graphs
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`token_mask` `[B·S]` marks real tokens, `input_ids` `[B, S]` are the token ids (routers that route by
+        token id read them)."""
+        if self.cuda_graphs is not None and self.cuda_graphs.serves(self, hidden_states, token_mask):
+            out, routing = self.cuda_graphs(hidden_states, token_mask)
+        else:
+            out, routing = self.compute(hidden_states, token_mask, input_ids)
+        self.routing(routing)
+        return out
+
+    def compute(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, RouterOutput]:
+        """The block's computation, always eager (what CUDA graphs capture): the output and the router's decisions."""
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        if not base_layer(self.router).reads_token_ids:
+            input_ids = None
+        routing = self.router(
+            x,
+            token_mask,
+            input_ids=None if input_ids is None else input_ids.reshape(-1),
+            sequence_length=shape[1] if hidden_states.dim() == 3 else None,
+        )
+        out = self.dispatcher(x, routing, self.experts)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out.view(shape), routing
+
+
+def moe_blocks(model: nn.Module) -> list[HfMoeSparseMoeBlock]:
+    """The MoE blocks of `model`, in module order; looks through DDP, PEFT and accelerate wrappers."""
+    return [module for module in model.modules() if isinstance(module, HfMoeSparseMoeBlock)]
+
+
+def expert_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The routed experts of every MoE block of `model` (PEFT-wrapped ones included), by qualified module name."""
+    return {f"{name}.experts" if name else "experts": block.experts
+            for name, block in model.named_modules() if isinstance(block, HfMoeSparseMoeBlock)}
+
+
+@contextlib.contextmanager
+def record_routing(model: nn.Module) -> Iterator[list[RouterOutput]]:
+    """Collect the [`RouterOutput`] of every MoE block of `model` that runs inside the `with`, in call order.
+
+        with hf_moe.record_routing(block) as routings:
+            out = block(x)
+        routings[0].top_k_index
+    """
+    recorded: list[RouterOutput] = []
+    hooks = [block.routing.register_forward_hook(lambda module, args, output: recorded.append(output[1]))
+             for block in moe_blocks(model)]
+    try:
+        yield recorded
+    finally:
+        for hook in hooks:
+            hook.remove()
