@@ -2,7 +2,7 @@
 
 For each shape it times, interleaved round by round, the router alone (forward+backward through the weights and
 the aux loss) and the whole MoE block's training step (forward+backward from an output gradient), with the fused
-kernel on and off (`HfMoeRouter._fuses_softmax_top_k`), and prints the ratios. bf16, training mode.
+kernel on and off (`HfMoeRouter.fuses_softmax_top_k`), and prints the ratios. bf16, training mode.
 
     python -m benchmarks router-fused                          # Qwen3-30B-A3B and Mixtral shapes, T = 8192
     python -m benchmarks router-fused --shapes qwen3 --tokens 2048,8192
@@ -18,24 +18,24 @@ from contextlib import contextmanager
 import torch
 import transformers
 
-from hf_moe.moe import router as router_module
+from hf_moe import HfMoeRouter
 
 from .layer import build_blocks
 from .record import ResultFile
 from .timing import interleaved_ms, ratio
 
 SHAPES = {"qwen3": (2048, 768, 128, 8), "mixtral": (4096, 14336, 8, 2)}  # hidden, moe_intermediate, experts, k
-FUSES = router_module.HfMoeRouter._fuses_softmax_top_k
+FUSES = HfMoeRouter.fuses_softmax_top_k
 
 
 @contextmanager
 def fused(enabled: bool) -> Iterator[None]:
     """The router's choice as it is, or torch's ops everywhere."""
-    router_module.HfMoeRouter._fuses_softmax_top_k = FUSES if enabled else (lambda self, logits: False)
+    HfMoeRouter.fuses_softmax_top_k = FUSES if enabled else (lambda self, logits: False)
     try:
         yield
     finally:
-        router_module.HfMoeRouter._fuses_softmax_top_k = FUSES
+        HfMoeRouter.fuses_softmax_top_k = FUSES
 
 
 def run(name: str, tokens: int, rounds: int) -> list[dict]:

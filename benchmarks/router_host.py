@@ -20,7 +20,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_moe import HfMoeConfig
-from hf_moe.moe.router import build_router
+from hf_moe.moe.router.registry import build_router
 
 from .record import ResultFile
 from .timing import host_us

@@ -20,26 +20,19 @@ from .modeling_hf_moe import (
     HfMoeModel,
     HfMoePreTrainedModel,
 )
-from .moe.balancing import update_expert_bias
 from .moe.block import HfMoeSparseMoeBlock, moe_blocks, record_routing
 from .moe.capacity import capacity_padded_experts_forward, expert_capacity
 from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
 from .moe.experts import HfMoeExperts, grouped_experts_forward
 from .moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 from .moe.metrics import router_metrics
-from .moe.router import (
-    ROUTER_CLASSES,
-    ExpertChoiceRouter,
-    FakeBalancedRouter,
-    HashRouter,
-    HfMoeRouter,
-    RouterOutput,
-    SwitchRouter,
-    load_balancing_loss,
-    register_router,
-    router_z_loss,
-    sequence_load_balancing_loss,
-)
+from .moe.router.expert_choice import ExpertChoiceRouter
+from .moe.router.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
+from .moe.router.registry import ROUTER_CLASSES, register_router
+from .moe.router.topk import HfMoeRouter, SwitchRouter
+from .moe.router.unlearned import FakeBalancedRouter, HashRouter
+from .moe.types import RouterOutput
+from .parallel.balancing import update_expert_bias
 
 __version__ = "0.1.0"
 

@@ -13,6 +13,8 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
+from .moe.router.registry import ROUTER_CLASSES
+
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
@@ -213,8 +215,6 @@ class HfMoeConfig(PretrainedConfig):
 
 
     def _validate_routing(self, fail) -> None:
-        from .moe.router import ROUTER_CLASSES
-
         if self.router_type not in ROUTER_CLASSES:
             fail("router_type", self.router_type,
                  f"one of {', '.join(sorted(ROUTER_CLASSES))} (add your own with hf_moe.register_router "

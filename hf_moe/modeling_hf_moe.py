@@ -33,7 +33,8 @@ from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
 from .moe.mlp import HfMoeMLP
-from .moe.router import HfMoeRouter, RouterOutput
+from .moe.router.topk import HfMoeRouter
+from .moe.types import RouterOutput
 
 
 class HfMoeRMSNorm(LlamaRMSNorm):

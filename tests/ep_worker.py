@@ -41,7 +41,7 @@ LR, MAX_NORM, STEPS = 1e-3, 0.5, 5
 def skew_routing() -> None:
     """Send every token to experts 0 and 1 (weights: their renormalised probabilities), so that the other experts,
     and under P=4 whole ranks, receive no tokens. Patched identically in the worker and the test's reference."""
-    from hf_moe.moe.router import HfMoeRouter, RouterOutput, load_balancing_loss, router_z_loss
+    from hf_moe import HfMoeRouter, RouterOutput, load_balancing_loss, router_z_loss
 
     def forward(self, hidden_states, token_mask=None, **kwargs):
         dtype = torch.promote_types(hidden_states.dtype, torch.float32)
@@ -49,7 +49,7 @@ def skew_routing() -> None:
         probs = logits.softmax(dim=-1)
         index = torch.tensor([0, 1], device=hidden_states.device).expand(hidden_states.shape[0], 2)
         weights = probs[:, :2] / probs[:, :2].sum(dim=-1, keepdim=True)
-        aux, counts = load_balancing_loss(probs, index, self.num_experts, token_mask, self.aux_loss_group)
+        aux, counts = load_balancing_loss(probs, index, self.num_experts, token_mask, reduce=self.loss_reduction)
         return RouterOutput(logits, index, weights.to(hidden_states.dtype), counts, aux,
                             router_z_loss(logits, token_mask))
 
@@ -101,9 +101,8 @@ def dispatcher_checks(groups, impl: str) -> dict[str, float]:
     """
     from accelerate import PartialState
 
-    from hf_moe import HfMoeConfig
+    from hf_moe import HfMoeConfig, RouterOutput
     from hf_moe.moe.experts import HfMoeExperts
-    from hf_moe.moe.router import RouterOutput
 
     world, rank, num_experts, device = dist.get_world_size(), dist.get_rank(), 8, PartialState().device
     errors = {}
@@ -243,15 +242,15 @@ def train(workdir: str, ep_size: int, impl: str) -> dict:
     result.update({"ep_rank": groups.ep_rank, "edp_rank": groups.edp_rank, "params": {}})
 
     # per-rank load-balancing loss: W ranks = one process averaging the W per-rank losses
-    global_group = moe_routers(model)[0].aux_loss_group
+    global_reduction = moe_routers(model)[0].loss_reduction
     for router in moe_routers(model):
-        router.aux_loss_group = None
+        router.set_loss_reduction(None)
     accelerator.backward(ddp(input_ids=ids, labels=ids).loss)
     sync_expert_gradients(ddp)
     result["local_aux_grads"] = {n.removeprefix("module."): p.grad.clone() for n, p in ddp.named_parameters()}
     optimizer.zero_grad()
     for router in moe_routers(model):
-        router.aux_loss_group = global_group
+        router.set_loss_reduction(global_reduction)
     for step in range(1, STEPS + 1):
         out = ddp(input_ids=ids, labels=ids)
         accelerator.backward(out.loss)
@@ -297,9 +296,8 @@ def bad(workdir: str) -> str:
         except ValueError as e:
             errors.append(str(e))
     # padded dispatch with a different number of tokens per rank: a clear error on every rank, not a hang
-    from hf_moe import HfMoeConfig
+    from hf_moe import HfMoeConfig, RouterOutput
     from hf_moe.moe.experts import HfMoeExperts
-    from hf_moe.moe.router import RouterOutput
 
     groups = init_expert_parallel(2, 4)
     config = HfMoeConfig(hidden_size=8, intermediate_size=4, num_experts=4, num_experts_per_tok=2,

@@ -47,7 +47,7 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
     reference, batch = make_checkpoint(tmp_path, rows=2 * world)
     launch(world, "train", str(tmp_path), str(ep_size), impl, skewed=skewed)
     if skewed:
-        from hf_moe.moe.router import HfMoeRouter
+        from hf_moe import HfMoeRouter
 
         monkeypatch.setattr(HfMoeRouter, "forward", HfMoeRouter.forward)  # restored after the test
         ep_worker.skew_routing()

@@ -21,7 +21,7 @@ from hf_moe import (
     update_expert_bias,
 )
 from hf_moe.moe.capacity import drop_over_capacity
-from hf_moe.moe.router import ROUTER_CLASSES, build_router
+from hf_moe.moe.router.registry import ROUTER_CLASSES, build_router
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, rel_err, tiny_config
 
@@ -700,34 +700,35 @@ def test_routing_defaults_are_the_foundation_behaviour():
 def test_fused_softmax_top_k_serves_the_plain_softmax_router_only(monkeypatch):
     """Which routers take the fused softmax → top-k kernel (decided on the host from flags and types). Checked with
     a stand-in for CUDA float32 logits; the kernel itself is tested on the GPU."""
-    from hf_moe.moe import router as router_module
+    from hf_moe.moe import kernels
+    from hf_moe.moe.router.topk import FUSED_TOP_K_MIN_EXPERTS
 
-    monkeypatch.setattr(router_module, "_HAS_TRITON", True)
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
     cuda_logits = type("CudaLogits", (), {"is_cuda": True, "dtype": torch.float32})()
 
     class CustomSelect(HfMoeRouter):
         def select(self, logits, scores, input_ids=None):
             return super().select(logits, scores, input_ids)
 
-    many = router_module._FUSED_TOP_K_MIN_EXPERTS
-    assert make_router(num_experts=many)._fuses_softmax_top_k(cuda_logits)
-    assert not make_router(num_experts=many - 1)._fuses_softmax_top_k(cuda_logits)
+    many = FUSED_TOP_K_MIN_EXPERTS
+    assert make_router(num_experts=many).fuses_softmax_top_k(cuda_logits)
+    assert not make_router(num_experts=many - 1).fuses_softmax_top_k(cuda_logits)
     switch = make_router(router_type="switch", num_experts_per_tok=1, num_experts=many)
-    assert switch._fuses_softmax_top_k(cuda_logits)
+    assert switch.fuses_softmax_top_k(cuda_logits)
     noisy = make_router(router_gumbel_noise=True, num_experts=many)
-    assert noisy._fuses_softmax_top_k(cuda_logits)  # eval: no noise
-    assert not noisy.train()._fuses_softmax_top_k(cuda_logits)
+    assert noisy.fuses_softmax_top_k(cuda_logits)  # eval: no noise
+    assert not noisy.train().fuses_softmax_top_k(cuda_logits)
     for overrides in (
         dict(scoring_func="sigmoid"), dict(use_expert_bias=True), dict(n_group=2, topk_group=1),
         dict(topk_before_softmax=True),
     ):
-        assert not make_router(num_experts=many, **overrides)._fuses_softmax_top_k(cuda_logits), overrides
-    assert not CustomSelect(tiny_config(num_experts=many), layer_idx=0)._fuses_softmax_top_k(cuda_logits)
-    assert not make_router(num_experts=many)._fuses_softmax_top_k(torch.zeros(2, many))  # CPU
+        assert not make_router(num_experts=many, **overrides).fuses_softmax_top_k(cuda_logits), overrides
+    assert not CustomSelect(tiny_config(num_experts=many), layer_idx=0).fuses_softmax_top_k(cuda_logits)
+    assert not make_router(num_experts=many).fuses_softmax_top_k(torch.zeros(2, many))  # CPU
     double = type("CudaLogits", (), {"is_cuda": True, "dtype": torch.float64})()
-    assert not make_router(num_experts=many)._fuses_softmax_top_k(double)
+    assert not make_router(num_experts=many).fuses_softmax_top_k(double)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not make_router(num_experts=many)._fuses_softmax_top_k(cuda_logits)
+    assert not make_router(num_experts=many).fuses_softmax_top_k(cuda_logits)
 
 
 @requires_cuda
@@ -738,8 +739,6 @@ def test_cuda_fused_softmax_top_k_equals_the_torch_ops(monkeypatch, experts, top
     """The fused kernel against the same router on torch's softmax/top-k ops: same experts, probabilities and
     weights, and the same gradients of the logits through the weights, the aux loss and the z-loss; 333 tokens
     (not a multiple of the kernel's token block) of a bf16 model in training."""
-    from hf_moe.moe import router as router_module
-
     config = tiny_config(
         num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=norm, routed_scaling_factor=scaling,
         router_aux_loss_type=aux_loss, hidden_size=64,
@@ -751,7 +750,7 @@ def test_cuda_fused_softmax_top_k_equals_the_torch_ops(monkeypatch, experts, top
     probe = torch.randn(333, top_k, device="cuda")
 
     def run(fused: bool):
-        monkeypatch.setattr(router_module.HfMoeRouter, "_fuses_softmax_top_k", lambda self, logits: fused)
+        monkeypatch.setattr(HfMoeRouter, "fuses_softmax_top_k", lambda self, logits: fused)
         xg = x.clone().requires_grad_(True)
         router.zero_grad(set_to_none=True)
         out = router(xg, sequence_length=111)

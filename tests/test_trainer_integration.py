@@ -1,16 +1,18 @@
 """Trainer integration: the router losses keep their configured weight under gradient accumulation and data
 parallelism, the callback logs router metrics, and LoRA on attention + experts round-trips."""
 
+import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-from hf_moe import HfMoeForCausalLM
+from hf_moe import HfMoeForCausalLM, router_metrics
 from hf_moe.integrations import MoETrainerCallback, lora_config, moe_blocks
 
 from . import trainer_worker as worker
@@ -73,6 +75,34 @@ def test_callback_logs_router_metrics(tmp_path):
     assert trainer.callback_handler.callbacks[0] is callback, "callback must run before the printer/reporters"
     # the logged aux loss is the mean over the logged steps' forwards: recompute the last one's inputs' value
     assert not callback._hooks, "hooks are removed at the end of training"
+
+
+@pytest.mark.parametrize("case", ["padding", "sigmoid"])
+def test_callback_routing_entropy_is_the_one_router_metrics_defines(case):
+    """The callback's `moe/routing_entropy` is the mean over layers of `router_metrics`' routing entropy: over real
+    tokens only, of the distribution the router scores (sigmoid scores normalised per token), checked against a
+    float64 computation by hand."""
+    sigmoid = case == "sigmoid"
+    model = HfMoeForCausalLM(tiny_config(scoring_func="sigmoid" if sigmoid else "softmax")).train()
+    ids = torch.randint(0, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    if case == "padding":
+        mask[0, :3] = 0
+    callback, args = MoETrainerCallback(), SimpleNamespace(max_grad_norm=1.0)
+    callback.on_train_begin(args, None, None, model=model)
+    out = model(ids, attention_mask=mask, output_router_logits=True)
+    callback.on_train_end(args, None, None)
+    logged = callback.metrics()["moe/routing_entropy"]
+
+    real = mask.reshape(-1).bool()
+    by_hand = []
+    for logits in out.router_logits:
+        x = logits.detach().double()[real]
+        probs = x.sigmoid() / x.sigmoid().sum(-1, keepdim=True) if sigmoid else x.softmax(-1)
+        by_hand.append(-(probs * probs.log()).sum(-1).mean().item())
+    assert logged == pytest.approx(math.fsum(by_hand) / len(by_hand), rel=1e-5)
+    defined = [layer["routing_entropy"] for layer in router_metrics(out)]
+    assert logged == pytest.approx(math.fsum(defined) / len(defined), rel=1e-5)
 
 
 def test_lora_on_attention_and_experts_round_trips(tmp_path):

@@ -9,9 +9,10 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import DefaultFlowCallback
 
-from ..moe.balancing import update_expert_bias
 from ..moe.block import RoutingRecord, moe_blocks
+from ..moe.metrics import experts_used_fraction, max_over_mean_load, routing_entropy
 from ..parallel import expert_parallel_groups, finish_gradients
+from ..parallel.balancing import update_expert_bias
 
 
 def _in_backward() -> bool:
@@ -20,7 +21,8 @@ def _in_backward() -> bool:
 
 
 class _RouterStats:
-    """Router statistics of one MoE layer, summed on the device since the last log (no host sync per step)."""
+    """Router statistics of one MoE layer, summed on the device since the last log (no host sync per step); each
+    term is the one `hf_moe.router_metrics` defines."""
 
     def __init__(self) -> None:
         self.reset()
@@ -31,9 +33,7 @@ class _RouterStats:
 
     def add(self, routing) -> None:
         with torch.no_grad():
-            probs = routing.logits.softmax(dim=-1)
-            entropy = -(probs * probs.clamp(min=1e-20).log()).sum(dim=-1).mean()
-            values = (routing.tokens_per_expert, routing.aux_loss, routing.z_loss, entropy)
+            values = (routing.tokens_per_expert, routing.aux_loss, routing.z_loss, routing_entropy(routing))
             if self.calls == 0:
                 self.tokens_per_expert, self.aux_loss, self.z_loss, self.entropy = (v.detach().clone() for v in values)
             else:
@@ -117,10 +117,9 @@ class MoETrainerCallback(TrainerCallback):
     def metrics(self) -> dict[str, float]:
         """Router metrics since the last log, as plain floats (one host sync)."""
         loads, used = [], []
-        for stats in self._stats:
-            counts = stats.tokens_per_expert.float()
-            loads.append(counts.max() / counts.mean().clamp(min=1e-9))
-            used.append((counts > 0).float().mean())
+        for stats in self._stats:  # over the interval's summed counts
+            loads.append(max_over_mean_load(stats.tokens_per_expert))
+            used.append(experts_used_fraction(stats.tokens_per_expert))
         calls = torch.tensor([s.calls for s in self._stats], dtype=torch.float32)
         device = loads[0].device
         table = torch.stack([

@@ -13,7 +13,8 @@ from ..configuration_hf_moe import HfMoeConfig
 from .dispatch import LocalDispatcher
 from .experts import HfMoeExperts, base_layer
 from .mlp import HfMoeMLP
-from .router import RouterOutput, build_router
+from .router.registry import build_router
+from .types import RouterOutput
 
 
 class Dispatcher(Protocol):

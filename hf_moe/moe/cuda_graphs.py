@@ -22,7 +22,7 @@ from torch import nn
 
 from .block import HfMoeSparseMoeBlock, moe_blocks
 from .experts import base_layer
-from .router import RouterOutput
+from .types import RouterOutput
 
 # RouterOutput tensors a graphed block returns next to its output; z_loss and drop_fraction follow when the router
 # set them, otherwise they are computed from these on first read, outside the graph.

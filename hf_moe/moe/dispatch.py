@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .experts import run_routed_experts
-from .router import RouterOutput
+from .types import RouterOutput
 
 
 class LocalDispatcher:

@@ -2,6 +2,8 @@
 
 [`compute_router_metrics`] stays on the device (no host sync), so the model can return it on every step;
 [`router_metrics`] turns a model output (or router outputs) into plain Python numbers for logging.
+`hf_moe.integrations.MoETrainerCallback` accumulates the same definitions ([`routing_entropy`],
+[`max_over_mean_load`], [`experts_used_fraction`]) over its logging interval.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .router import RouterOutput
+from .types import RouterOutput
 
 METRIC_NAMES = (
     "tokens_per_expert",
@@ -20,6 +22,28 @@ METRIC_NAMES = (
     "experts_used_fraction",
     "max_over_mean_load",
 )
+
+
+def routing_entropy(routing: RouterOutput) -> torch.Tensor:
+    """0-dim: mean over real tokens of the entropy (nats) of the routing distribution `routing.probs` (the softmax
+    of the logits when a router gives none); `log E` is uniform, 0 is one-hot."""
+    probs = routing.probs if routing.probs is not None else routing.logits.softmax(dim=-1)
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=-1)
+    if routing.token_mask is None:
+        return entropy.mean()
+    mask = routing.token_mask.to(entropy.dtype)
+    return (entropy * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def max_over_mean_load(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """0-dim float32: the busiest expert's load over the mean load (1 = perfect balance, 0 when nothing routed)."""
+    counts = tokens_per_expert.float()
+    return counts.max() / counts.mean().clamp(min=1e-30)
+
+
+def experts_used_fraction(tokens_per_expert: torch.Tensor) -> torch.Tensor:
+    """0-dim float32: the share of experts that got at least one slot."""
+    return (tokens_per_expert > 0).float().mean()
 
 
 def compute_router_metrics(routing: RouterOutput) -> dict[str, torch.Tensor]:
@@ -33,20 +57,13 @@ def compute_router_metrics(routing: RouterOutput) -> dict[str, torch.Tensor]:
     - `max_over_mean_load`: busiest expert's load over the mean load (1 = perfect balance).
     """
     counts = routing.tokens_per_expert.float()
-    probs = routing.probs if routing.probs is not None else routing.logits.softmax(dim=-1)
-    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=-1)
-    if routing.token_mask is None:
-        entropy = entropy.mean()
-    else:
-        mask = routing.token_mask.to(entropy.dtype)
-        entropy = (entropy * mask).sum() / mask.sum().clamp(min=1.0)
     drop = routing.drop_fraction if routing.drop_fraction is not None else counts.new_zeros(())
     return {
         "tokens_per_expert": counts.detach(),
         "drop_fraction": drop.detach().float(),
-        "routing_entropy": entropy.detach(),
-        "experts_used_fraction": (counts > 0).float().mean(),
-        "max_over_mean_load": (counts.max() / counts.mean().clamp(min=1e-30)).detach(),
+        "routing_entropy": routing_entropy(routing).detach(),
+        "experts_used_fraction": experts_used_fraction(counts),
+        "max_over_mean_load": max_over_mean_load(counts).detach(),
     }
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..moe.experts import _gather, _triton_kernels, _use_triton, run_routed_experts
 from ..moe.overlap import WEIGHT_GRADS
-from ..moe.router import RouterOutput
+from ..moe.types import RouterOutput
 from .collectives import all_to_all
 
 

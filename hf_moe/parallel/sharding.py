@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..moe.block import expert_modules, moe_blocks
 from .all_to_all import AllToAllDispatcher
+from .collectives import all_reduce_sum
 from .groups import ExpertParallelGroups
 
 
@@ -48,7 +51,9 @@ def expert_parallelize(
         block.set_dispatcher(AllToAllDispatcher(
             groups.ep_group, num_experts, overlap_weight_grads=overlap_weight_grads, padded=padded_dispatch
         ))
-        block.router.aux_loss_group = dist.group.WORLD if global_aux_loss else None
+        block.router.set_loss_reduction(
+            functools.partial(all_reduce_sum, group=dist.group.WORLD) if global_aux_loss else None
+        )
     model._hf_moe_expert_parallel = groups
     return prepare_for_ddp(model)
 

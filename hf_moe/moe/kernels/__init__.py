@@ -5,7 +5,7 @@
 - `decode`: weight-streaming kernels for few rows per expert at inference;
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward.
 
-Imported lazily by `hf_moe.moe.experts` and `hf_moe.moe.router` when a CUDA tensor arrives and Triton is installed,
+Imported lazily by `hf_moe.moe.experts` and `hf_moe.moe.router.topk` when a CUDA tensor arrives and Triton is installed,
 so CPU-only machines never import Triton.
 """
 

@@ -1,11 +1,11 @@
 """The default router's softmax → top-k → renormalisation as one Triton kernel, and its backward as another.
 
 In eager training the router is a dozen small kernels forward and as many backward (softmax, top-k, sum, divide,
-gather, softmax backward, ...), and `torch.topk` over `[T, E]` alone is two thirds of the router's GPU time at the
-Qwen3-30B-A3B shape (0.103 of 0.161 ms at T = 8192 on an H200). Here one program handles a block of tokens with all
-E probabilities in registers: it writes the probabilities (the aux loss and backward read them), the k chosen
-experts and their weights. Backward recomputes only the weights' normaliser and writes the logits' gradient, from
-the weights' gradient and, when the aux loss is in the graph, the probabilities'.
+gather, softmax backward, ...), and with many experts `torch.topk` over `[T, E]` dominates its GPU time
+(docs/decisions/fused-router-top-k.md). Here one program handles a block of tokens with all E probabilities in
+registers: it writes the probabilities (the aux loss and backward read them), the k chosen experts and their
+weights. Backward recomputes only the weights' normaliser and writes the logits' gradient, from the weights'
+gradient and, when the aux loss is in the graph, the probabilities'.
 
 Ties between equal probabilities go to the lower expert index.
 """

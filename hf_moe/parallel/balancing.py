@@ -2,7 +2,8 @@
 
 Routers built with `use_expert_bias=True` add `expert_bias` to the scores they rank (never to the combine
 weights) and, in training mode, count their selections. Call [`update_expert_bias`] once per optimizer step:
-the counts of every micro-batch since the last call (gradient accumulation) decide the step.
+the counts of every micro-batch since the last call (gradient accumulation) decide the step, whose rule is
+[`hf_moe.moe.router.losses.expert_bias_step`]. Here because the counts are summed over ranks first.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .router import HfMoeRouter
+from ..moe.router.losses import expert_bias_step
+from ..moe.router.topk import HfMoeRouter
 
 
 @torch.no_grad()
@@ -41,14 +43,9 @@ def update_expert_bias(
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (rate >= 0 and math.isfinite(rate)):
         raise ValueError(f"update_expert_bias: rate={rate!r} is invalid: expected a finite number >= 0.")
     device = routers[0].expert_bias.device
-    loads = torch.stack([
-        (r.expert_load if r.expert_load is not None else torch.zeros_like(r.expert_bias)).to(device)
-        for r in routers
-    ])
+    loads = torch.stack([r.take_expert_load().to(device) for r in routers])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(loads, group=process_group)
     for router, load in zip(routers, loads):
-        step = rate * torch.sign(load.mean() - load)
-        router.expert_bias.add_(step.to(router.expert_bias.device))
-        router.expert_load = None
+        router.expert_bias.add_(expert_bias_step(load, rate).to(router.expert_bias.device))
     return list(loads)

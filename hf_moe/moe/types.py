@@ -1,0 +1,83 @@
+"""Types shared by the router, the dispatchers and the experts: [`RouterOutput`] and the sentinel-slot contract.
+
+Sentinel slots: a (token, slot) pair that no expert processes (dropped over capacity, padding under capacity, an
+expert-choice column whose expert did not take the token) carries the expert index `num_experts`, one past the
+last expert, and the combine weight 0. Counts, losses, dispatchers and experts skip it, so the token keeps only
+its residual (and its other experts). [`assigned_slots`] tells the two apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .router.losses import router_z_loss
+
+
+def assigned_slots(top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """`[T, k]` bool: the slots that go to an expert, i.e. not the sentinel `num_experts`."""
+    return top_k_index < num_experts
+
+
+class _ComputedOnRead:
+    """Default of a [`RouterOutput`] field that is computed from the other fields on first read and then kept, so a
+    forward pays nothing (no kernel launch, no host time) for a statistic nobody reads
+    (docs/decisions/router-host-ops.md). A value given to the constructor or assigned later is kept as it is;
+    `None` means "compute on read".
+
+    The value is computed with gradient tracking on, as the forward would have: a first read under `no_grad` (a
+    metrics hook) must not hand a detached value to the loss that reads it next."""
+
+    def __init__(self, compute: Callable[[RouterOutput], torch.Tensor]) -> None:
+        self.compute = compute
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, output: RouterOutput | None, owner: type | None = None) -> torch.Tensor | None:
+        if output is None:  # class access: the dataclass field's default
+            return None
+        value = output.__dict__.get(self.name)
+        if value is None:
+            with torch.enable_grad():
+                value = output.__dict__[self.name] = self.compute(output)
+        return value
+
+    def __set__(self, output: RouterOutput, value: torch.Tensor | None) -> None:
+        output.__dict__[self.name] = value
+
+
+@dataclass
+class RouterOutput:
+    """What one MoE layer's router decided for a flat batch of T tokens.
+
+    Attributes:
+        logits: `[T, E]` float32 (float64 in a float64 model) router logits; zeros for routers without a
+            learned gate (hash, fake_balanced).
+        top_k_index: `[T, k]` chosen experts; `num_experts` marks a dropped / unassigned (sentinel) slot
+            (for expert choice k = E: column e is e where expert e took the token).
+        top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
+        tokens_per_expert: `[E]` (token, slot) pairs each expert processes, padding and dropped slots excluded.
+        aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]).
+        z_loss: router z-loss of this layer (see [`router_z_loss`]); when not given, computed from `logits` and
+            `token_mask` on first read.
+        probs: `[T, E]` float32 routing distribution (softmax, or sigmoid scores normalised per token) used by
+            the aux loss and the routing-entropy metric.
+        token_mask: `[T]` real (non-padding) tokens, or None when every token is real.
+        capacity: slots per expert when capacity applies (dropping, expert choice), else None.
+        drop_fraction: 0-dim float32: token choice: dropped real slots / real slots; expert choice: real tokens
+            no expert took / real tokens. When not given (nothing can drop), 0 on first read.
+    """
+
+    logits: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor | None = _ComputedOnRead(lambda output: router_z_loss(output.logits, output.token_mask))
+    probs: torch.Tensor | None = None
+    token_mask: torch.Tensor | None = None
+    capacity: int | None = None
+    drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
