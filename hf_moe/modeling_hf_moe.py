@@ -6,7 +6,6 @@ Attention, RoPE, RMSNorm, masks and the KV cache come from transformers; the MoE
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,6 +32,7 @@ from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
 from .moe.mlp import HfMoeMLP
+from .moe.router.losses import router_loss_weight
 from .moe.router.topk import HfMoeRouter
 from .moe.types import RouterOutput
 
@@ -168,14 +168,6 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         return residual + hidden_states
 
 
-# What `from_pretrained(..., expert_parallel_size=P)` does with transformers' keyword arguments: passed on, accepted
-# because they change nothing for a local folder, or refused because they would change what is read.
-_EP_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch", "subfolder"}
-_EP_NO_EFFECT_KWARGS = {"_from_auto", "_commit_hash", "adapter_kwargs", "trust_remote_code", "local_files_only"}
-_EP_HUB_KWARGS = {"revision": (None, "main"), "cache_dir": (None,), "token": (None,), "force_download": (False,),
-                  "proxies": (None,)}
-
-
 class HfMoePreTrainedModel(PreTrainedModel):
     config_class = HfMoeConfig
     config: HfMoeConfig
@@ -210,30 +202,10 @@ class HfMoePreTrainedModel(PreTrainedModel):
                                                   output_loading_info=True, **kwargs)
             _refuse_partial_moe_load(model, info, pretrained_model_name_or_path)
             return (model, info) if wants_info else model
-        from .parallel import load_expert_parallel
+        from .parallel import from_pretrained_expert_parallel
 
-        if model_args:
-            raise ValueError(f"from_pretrained(expert_parallel_size=...) takes no positional model arguments; got "
-                             f"{model_args}.")
-        for name, defaults in _EP_HUB_KWARGS.items():
-            if kwargs.get(name, defaults[0]) not in defaults:
-                raise ValueError(f"from_pretrained(expert_parallel_size=...) reads a local folder, so {name}="
-                                 f"{kwargs[name]!r} cannot apply; download the checkpoint first (e.g. "
-                                 f"huggingface_hub.snapshot_download(repo, {name}=...)) and pass the folder.")
-        config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k not in _EP_LOAD_KWARGS | _EP_NO_EFFECT_KWARGS
-                         and k not in _EP_HUB_KWARGS and k in HfMoeConfig().to_dict()}
-        unsupported = sorted(set(kwargs) - _EP_LOAD_KWARGS - _EP_NO_EFFECT_KWARGS - set(_EP_HUB_KWARGS))
-        if unsupported:
-            raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported}; it takes "
-                             f"{sorted(_EP_LOAD_KWARGS)} and config fields (e.g. router_aux_loss_coef=...).")
-        path = pretrained_model_name_or_path
-        if kwargs.get("subfolder"):
-            path = os.path.join(path, kwargs["subfolder"])
-        return load_expert_parallel(cls, path, expert_parallel_size,
-                                    dtype=kwargs.get("dtype"), device=kwargs.get("device"),
-                                    global_aux_loss=kwargs.get("global_aux_loss", True),
-                                    padded_dispatch=kwargs.get("padded_dispatch", False),
-                                    config=kwargs.get("config"), **config_fields)
+        return from_pretrained_expert_parallel(cls, pretrained_model_name_or_path, expert_parallel_size, model_args,
+                                               kwargs)
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -348,26 +320,6 @@ class HfMoeModel(HfMoePreTrainedModel):
         )
 
 
-def _aux_loss_scale(
-    labels: torch.Tensor, shift_labels: torch.Tensor | None, num_items_in_batch: torch.Tensor | int | None
-) -> torch.Tensor | float:
-    """Weight of this micro-batch's router losses when the LM loss is normalised by `num_items_in_batch`.
-
-    With `num_items_in_batch` (the Trainer's and accelerate's gradient-accumulation recipe), the LM loss of a
-    micro-batch is `sum / N` where N counts the target tokens of every micro-batch of the optimizer step on every
-    process; the Trainer then neither divides by the accumulation steps nor averages over processes (it multiplies
-    by the world size to undo DDP's mean). A router loss added unscaled would therefore be counted once per micro-batch
-    and per process (huggingface/transformers#48690). Weighting it by this micro-batch's share `n / N` of the target
-    tokens makes the router losses of one optimizer step a token-weighted mean with the configured coefficient.
-    """
-    if num_items_in_batch is None:
-        return 1.0
-    targets = shift_labels if shift_labels is not None else labels[..., 1:]
-    if torch.is_tensor(num_items_in_batch):
-        num_items_in_batch = num_items_in_batch.to(targets.device)
-    return targets.ne(-100).sum() / num_items_in_batch
-
-
 class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -426,7 +378,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
             if aux_loss is not None:
-                scale = _aux_loss_scale(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
+                scale = router_loss_weight(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
                 router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
                 loss = loss + router_loss.to(loss.device) * (scale.to(loss.device) if torch.is_tensor(scale) else scale)
 

@@ -9,7 +9,13 @@
 """
 
 from .all_to_all import AllToAllDispatcher
-from .checkpoint import gather_state_dict, load_expert_parallel, save_adapter_expert_parallel, save_expert_parallel
+from .checkpoint import (
+    from_pretrained_expert_parallel,
+    gather_state_dict,
+    load_expert_parallel,
+    save_adapter_expert_parallel,
+    save_expert_parallel,
+)
 from .grads import clip_grad_norm_, finish_gradients, grad_norm, sync_expert_gradients
 from .groups import ExpertParallelGroups, init_expert_parallel
 from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names, prepare_for_ddp
@@ -21,6 +27,7 @@ __all__ = [
     "expert_parallel_groups",
     "expert_parallelize",
     "finish_gradients",
+    "from_pretrained_expert_parallel",
     "gather_state_dict",
     "grad_norm",
     "init_expert_parallel",

@@ -31,6 +31,42 @@ def _tensor_files(path: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
+# What `from_pretrained(..., expert_parallel_size=P)` does with transformers' keyword arguments: passed on, accepted
+# because they change nothing for a local folder, or refused because they would change what is read.
+_LOAD_KWARGS = {"config", "dtype", "device", "global_aux_loss", "padded_dispatch", "subfolder"}
+_NO_EFFECT_KWARGS = {"_from_auto", "_commit_hash", "adapter_kwargs", "trust_remote_code", "local_files_only"}
+_HUB_KWARGS = {"revision": (None, "main"), "cache_dir": (None,), "token": (None,), "force_download": (False,),
+               "proxies": (None,)}
+
+
+def from_pretrained_expert_parallel(
+    model_class: type, path: str, expert_parallel_size: int, model_args: tuple, kwargs: dict
+) -> nn.Module:
+    """`model_class.from_pretrained(path, *model_args, expert_parallel_size=P, **kwargs)`: the keyword arguments
+    transformers' `from_pretrained` takes are passed on where they apply (`config`, config fields, `subfolder`,
+    `dtype`, `device`), accepted where they change nothing for a local folder, and refused by name otherwise."""
+    if model_args:
+        raise ValueError(f"from_pretrained(expert_parallel_size=...) takes no positional model arguments; got "
+                         f"{model_args}.")
+    for name, defaults in _HUB_KWARGS.items():
+        if kwargs.get(name, defaults[0]) not in defaults:
+            raise ValueError(f"from_pretrained(expert_parallel_size=...) reads a local folder, so {name}="
+                             f"{kwargs[name]!r} cannot apply; download the checkpoint first (e.g. "
+                             f"huggingface_hub.snapshot_download(repo, {name}=...)) and pass the folder.")
+    known = _LOAD_KWARGS | _NO_EFFECT_KWARGS | set(_HUB_KWARGS)
+    config_fields = {k: v for k, v in kwargs.items() if k not in known and k in HfMoeConfig().to_dict()}
+    unsupported = sorted(set(kwargs) - known - set(config_fields))
+    if unsupported:
+        raise ValueError(f"from_pretrained(expert_parallel_size=...) does not support {unsupported}; it takes "
+                         f"{sorted(_LOAD_KWARGS)} and config fields (e.g. router_aux_loss_coef=...).")
+    if kwargs.get("subfolder"):
+        path = os.path.join(path, kwargs["subfolder"])
+    return load_expert_parallel(model_class, path, expert_parallel_size, dtype=kwargs.get("dtype"),
+                                device=kwargs.get("device"), global_aux_loss=kwargs.get("global_aux_loss", True),
+                                padded_dispatch=kwargs.get("padded_dispatch", False), config=kwargs.get("config"),
+                                **config_fields)
+
+
 def load_expert_parallel(
     model_class: type,
     path: str,

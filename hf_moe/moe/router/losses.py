@@ -123,3 +123,23 @@ def expert_bias_step(load: torch.Tensor, rate: float) -> torch.Tensor:
     `rate · sign(mean load − load)`: up by `rate` for an expert selected less than the mean, down if more, none at
     the mean. The bias shifts only which experts are selected, never the combine weights."""
     return rate * torch.sign(load.mean() - load)
+
+
+def router_loss_weight(
+    labels: torch.Tensor, shift_labels: torch.Tensor | None, num_items_in_batch: torch.Tensor | int | None
+) -> torch.Tensor | float:
+    """Weight of this micro-batch's router losses when the LM loss is normalised by `num_items_in_batch`.
+
+    With `num_items_in_batch` (the Trainer's and accelerate's gradient-accumulation recipe), the LM loss of a
+    micro-batch is `sum / N` where N counts the target tokens of every micro-batch of the optimizer step on every
+    process; the Trainer then neither divides by the accumulation steps nor averages over processes (it multiplies
+    by the world size to undo DDP's mean). A router loss added unscaled would therefore be counted once per micro-batch
+    and per process (huggingface/transformers#48690). Weighting it by this micro-batch's share `n / N` of the target
+    tokens makes the router losses of one optimizer step a token-weighted mean with the configured coefficient.
+    """
+    if num_items_in_batch is None:
+        return 1.0
+    targets = shift_labels if shift_labels is not None else labels[..., 1:]
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(targets.device)
+    return targets.ne(-100).sum() / num_items_in_batch
