@@ -21,11 +21,16 @@ from .modeling_hf_moe import (
     HfMoePreTrainedModel,
 )
 from .moe.balancing import update_expert_bias
-from .moe.capacity import capacity_padded_experts_forward, expert_capacity
-from .moe.experts import HfMoeExperts, grouped_experts_forward
+from .moe.capacity import expert_capacity
+from .moe.experts import (
+    LIGER_AVAILABLE,
+    HfMoeExperts,
+    capacity_padded_experts_forward,
+    grouped_experts_forward,
+    liger_fused_experts_forward,
+)
 from .moe.graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
 from .moe.layer import HfMoeSparseMoeBlock
-from .moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
 from .moe.metrics import router_metrics
 from .moe.router import (
     ROUTER_CLASSES,

@@ -7,7 +7,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from ..configuration_hf_moe import HfMoeConfig
-from .experts import HfMoeExperts, run_routed_experts
+from .experts import HfMoeExperts, run_experts
 from .router import RouterOutput, build_router
 
 
@@ -75,7 +75,7 @@ class HfMoeSparseMoeBlock(nn.Module):
         elif routing.capacity is None:  # no sentinel slots
             out = self.experts(x, routing.top_k_index, routing.top_k_weights)
         else:
-            out = run_routed_experts(self.experts, x, routing.top_k_index, routing.top_k_weights)
+            out = run_experts(self.experts, x, routing.top_k_index, routing.top_k_weights)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
             if self.shared_expert_gate is not None:
