@@ -807,3 +807,38 @@ def _own_gemms_take_expert_weights_stored_transposed():
     got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
     for name, g, w in zip(NAMES, got, want):
         assert rel_err(g, w) < 1e-2, (name, rel_err(g, w))
+
+
+def test_row_ops_skip_out_of_range_rows_like_a_loop():
+    """`hf_moe.moe.ops` on CPU: gather-sum counts entries at or past `offsets[-1]` (or past the end of `src`) as
+    zero and sums the rest; gather copies rows by index, into `out` when given. Checked against Python loops."""
+    from hf_moe.moe.ops import gather_rows, gather_sum
+
+    src = torch.randn(9, 5, dtype=torch.float64)
+    index = torch.tensor([[0, 8], [3, 9], [6, 12], [7, 2]])  # 9 and 12 point past src
+    for offsets, valid in ((torch.tensor([4, 7], dtype=torch.int32), 7), (None, 9)):
+        got = gather_sum(src, index, offsets)
+        want = torch.stack([sum((src[j] for j in row.tolist() if j < valid), torch.zeros(5, dtype=torch.float64))
+                            for row in index])
+        assert torch.equal(got, want)
+    assert torch.equal(gather_sum(src[:0], index), torch.zeros(4, 5, dtype=torch.float64))
+    token = torch.tensor([5, 0, 5, 2])
+    out = torch.zeros(4, 7, dtype=torch.float64)
+    gather_rows(src, token, torch.tensor([4], dtype=torch.int32), out=out[:, :5])
+    assert all(torch.equal(out[i, :5], src[t]) for i, t in enumerate(token.tolist())) and not out[:, 5:].any()
+
+
+def test_override_plan_forces_fields_inside_the_block_only():
+    from hf_moe.moe.experts.plan import override_plan, plan_experts
+
+    experts = make_experts()
+    x, weights = torch.randn(3, experts.hidden_dim, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    before = plan_experts(experts, x, weights, 6)
+    assert before.gate_up_gemm == before.down_gemm == "per_expert" and not before.decode  # CPU
+    with override_plan(decode=True, down_gemm="grouped_mm"):
+        forced = plan_experts(experts, x, weights, 6)
+        assert forced.decode and forced.down_gemm == "grouped_mm" and forced.gate_up_gemm == "per_expert"
+    assert plan_experts(experts, x, weights, 6) == before
+    with pytest.raises(ValueError, match="unknown names \\['decodes'\\]"):
+        with override_plan(decodes=True):
+            pass
