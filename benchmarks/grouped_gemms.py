@@ -27,7 +27,8 @@ import torch
 import transformers
 
 from hf_moe import capture_moe_cuda_graphs
-from hf_moe.moe import experts as experts_module
+from hf_moe.moe.experts import grouped_experts_forward
+from hf_moe.moe.experts.plan import override_plan
 
 from .layer import build_blocks
 from .record import ResultFile
@@ -46,7 +47,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def run_shape(name: str, tokens: int) -> list[dict]:
-    from hf_moe.moe.kernels import grouped_gemm, triton_moe  # Triton: imported once the options are read
+    from hf_moe.moe.kernels import grouped_gemm, swiglu  # Triton: imported once the options are read
 
     hidden, inter, num_experts, top_k, _ = SHAPES[name]
     rows = tokens * top_k
@@ -63,7 +64,7 @@ def run_shape(name: str, tokens: int) -> list[dict]:
 
     def torch_gate_up():
         gate_up = torch_grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets)
-        return triton_moe.swiglu_forward(gate_up, weight, offsets)
+        return swiglu.swiglu_forward(gate_up, weight, offsets)
 
     cases = {  # name: (hf-moe, torch, multiply-adds)
         "forward gate/up (+SwiGLU)": (
@@ -107,14 +108,10 @@ def run_shape(name: str, tokens: int) -> list[dict]:
 @contextmanager
 def own_gemms(enabled: bool) -> Iterator[None]:
     """Force `hf_moe_grouped`'s choice of GEMMs: the Triton ones wherever they run, or torch's everywhere."""
-    saved = experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS
-    experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS = (
-        (2**62, 0) if enabled else (0, 2**62)
-    )
-    try:
+    forced = {"own_gemm_rows_per_expert": 2**62, "own_gemm_min_multiply_adds": 0} if enabled else {
+        "own_gemm_rows_per_expert": 0, "own_gemm_min_multiply_adds": 2**62}
+    with override_plan(**forced):
         yield
-    finally:
-        experts_module._OWN_GEMM_ROWS_PER_EXPERT, experts_module._OWN_GEMM_MIN_MULTIPLY_ADDS = saved
 
 
 def ab_rows(
@@ -148,12 +145,12 @@ def run_step(name: str, tokens: int, rounds: int = 10) -> list[dict]:
 
     def forward():
         with torch.no_grad():
-            experts_module.grouped_experts_forward(block.experts, x, index, weights)
+            grouped_experts_forward(block.experts, x, index, weights)
 
     def forward_backward():
         for leaf in leaves:
             leaf.grad = None
-        experts_module.grouped_experts_forward(block.experts, x, index, weights).backward(grad_out)
+        grouped_experts_forward(block.experts, x, index, weights).backward(grad_out)
 
     return ab_rows(name, tokens, rounds, [
         ("forward", forward, own_gemms, 1), ("forward+backward", forward_backward, own_gemms, 3),

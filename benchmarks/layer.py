@@ -24,8 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import transformers
@@ -35,9 +34,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 import hf_moe
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs
-from hf_moe.moe import experts as experts_module
-from hf_moe.moe.experts import grouped_experts_forward
-from hf_moe.moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
+from hf_moe.moe.experts import LIGER_AVAILABLE, grouped_experts_forward, liger_fused_experts_forward
+from hf_moe.moe.experts.plan import override_plan
 
 from .record import ResultFile
 from .timing import cuda_graph_seconds, median_and_min
@@ -178,22 +176,10 @@ def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops:
     return row
 
 
-@contextmanager
-def experts_setting(setting: str, value: int) -> Iterator[None]:
-    """One of `hf_moe_grouped`'s module-level thresholds changed inside the block: `_DECODE_ROWS_PER_EXPERT = 0`
-    turns the decode kernels off (the grouped-GEMM path that training runs), `_OWN_GEMM_ROWS_PER_EXPERT = 0` keeps
-    torch's grouped GEMMs everywhere. Hold it over forward and backward: backward chooses its GEMMs when it runs."""
-    saved = getattr(experts_module, setting)
-    setattr(experts_module, setting, value)
-    try:
-        yield
-    finally:
-        setattr(experts_module, setting, saved)
-
-
 def forward_with(setting: str, value: int, experts, x, index, weights):
-    """`hf_moe_grouped`'s forward with one threshold changed (see `experts_setting`)."""
-    with experts_setting(setting, value):
+    """`hf_moe_grouped`'s forward with one plan setting changed (see `hf_moe.moe.experts.plan.override_plan`):
+    `decode_rows_per_expert=0` turns the decode kernels off (the grouped-GEMM path that training runs)."""
+    with override_plan(**{setting: value}):
         return grouped_experts_forward(experts, x, index, weights)
 
 
@@ -215,7 +201,7 @@ def decode(hf_block, peer, shape, tokens: int, device: str, dtype: torch.dtype, 
         ("block_peer_eager", lambda: run_block(peer, "eager", x), False),
         ("experts_hf-moe", lambda: grouped_experts_forward(hf_block.experts, x2d, index, weights), True),
         ("experts_hf-moe_grouped_gemms",
-         lambda: forward_with("_DECODE_ROWS_PER_EXPERT", 0, hf_block.experts, x2d, index, weights), True),
+         lambda: forward_with("decode_rows_per_expert", 0, hf_block.experts, x2d, index, weights), True),
         ("experts_peer_grouped_mm", lambda: grouped_mm_experts_forward(peer.experts, x2d, index, weights), True),
     ]
     if liger:  # one host sync per call (its tile count): not capturable
@@ -325,7 +311,7 @@ def main() -> None:
                     ),
                 }
                 if not cpu:  # the same path on torch's grouped GEMMs, forward and backward
-                    with experts_setting("_OWN_GEMM_ROWS_PER_EXPERT", 0):
+                    with override_plan(own_gemm_rows_per_expert=0):
                         res["experts_hf-moe_torch_gemms"] = measure(
                             lambda: grouped_experts_forward(hf_block.experts, x2d, top_index, top_weights),
                             expert_leaves, flops, tokens, device, reps,

@@ -21,10 +21,15 @@ from .modeling_hf_moe import (
     HfMoePreTrainedModel,
 )
 from .moe.block import HfMoeSparseMoeBlock, moe_blocks, record_routing
-from .moe.capacity import capacity_padded_experts_forward, expert_capacity
+from .moe.capacity import expert_capacity
 from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
-from .moe.experts import HfMoeExperts, grouped_experts_forward
-from .moe.liger import LIGER_AVAILABLE, liger_fused_experts_forward
+from .moe.experts import (
+    LIGER_AVAILABLE,
+    HfMoeExperts,
+    capacity_padded_experts_forward,
+    grouped_experts_forward,
+    liger_fused_experts_forward,
+)
 from .moe.metrics import router_metrics
 from .moe.router.expert_choice import ExpertChoiceRouter
 from .moe.router.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss

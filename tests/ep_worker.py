@@ -24,7 +24,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_moe import HfMoeForCausalLM  # noqa: E402
 from hf_moe.moe.block import moe_blocks  # noqa: E402
-from hf_moe.moe.overlap import WEIGHT_GRADS  # noqa: E402
 from hf_moe.parallel import (  # noqa: E402
     AllToAllDispatcher,  # noqa: E402
     clip_grad_norm_,
@@ -34,6 +33,7 @@ from hf_moe.parallel import (  # noqa: E402
     sync_expert_gradients,
 )
 from hf_moe.parallel import all_to_all as dispatch  # noqa: E402
+from hf_moe.parallel.weight_grad_queue import WEIGHT_GRADS  # noqa: E402
 
 LR, MAX_NORM, STEPS = 1e-3, 0.5, 5
 

@@ -19,7 +19,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
 from hf_moe.moe.experts import HfMoeExperts, grouped_experts_forward, sort_by_expert
-from hf_moe.moe.overlap import WeightGradQueue
+from hf_moe.parallel.weight_grad_queue import WeightGradQueue
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -227,49 +227,56 @@ def test_model_defaults_to_hf_moe_grouped_and_switches():
     torch.testing.assert_close(fast, peer, rtol=1e-4, atol=1e-5)
 
 
-def test_decode_kernels_are_chosen_from_shapes_and_flags_alone(monkeypatch):
+def test_decode_kernels_are_chosen_from_shapes_and_flags_alone():
     """Which calls take the decode kernels (decided on the host, so CUDA graphs and torch.compile see one path):
-    half-precision SiLU experts, nothing that needs a gradient, at most `_DECODE_ROWS_PER_EXPERT` rows per expert on
-    average. Checked on CPU tensors with the device test stubbed out; the kernels themselves are tested on the GPU."""
-    from hf_moe.moe import experts as backend
+    half-precision SiLU experts, nothing that needs a gradient, at most `DECODE_ROWS_PER_EXPERT` rows per expert on
+    average. Checked on CPU tensors planned as if the Triton kernels served them; the kernels themselves are tested on
+    the GPU."""
+    from hf_moe.moe.experts.plan import DECODE_ROWS_PER_EXPERT, override_plan, plan_experts
 
-    monkeypatch.setattr(backend, "_use_triton", lambda tensor, fused_silu=True: fused_silu)
     experts = make_experts(16, 24, 8, 2, dtype=torch.bfloat16)
+    gelu = make_experts(16, 24, 8, 2, act="gelu", dtype=torch.bfloat16)
     x = torch.randn(5, 16, dtype=torch.bfloat16)
     weights = torch.rand(5, 2, dtype=torch.bfloat16)
-    limit = backend._DECODE_ROWS_PER_EXPERT * experts.num_experts
-    with torch.no_grad():
-        assert backend._decodes(experts, x, weights, limit, True)
-        assert not backend._decodes(experts, x, weights, limit + 1, True)
-        assert not backend._decodes(experts, x, weights, 10, False)  # another activation
-    assert not backend._decodes(experts, x, weights, 10, True)  # the expert weights require grad
-    with torch.inference_mode():
-        assert backend._decodes(experts, x, weights, 10, True)
-    experts.requires_grad_(False)
-    assert backend._decodes(experts, x, weights, 10, True)
-    assert not backend._decodes(experts, x.requires_grad_(True), weights, 10, True)
-    with torch.no_grad():
-        assert not backend._decodes(experts.float(), x.float(), weights.float(), 10, True)
+    limit = DECODE_ROWS_PER_EXPERT * experts.num_experts
+
+    def decodes(experts, x, weights, num_rows):
+        return plan_experts(experts, x, weights, num_rows).decode
+
+    with override_plan(triton=True):
+        with torch.no_grad():
+            assert decodes(experts, x, weights, limit)
+            assert not decodes(experts, x, weights, limit + 1)
+            assert not decodes(gelu, x, weights, 10)  # another activation
+        assert not decodes(experts, x, weights, 10)  # the expert weights require grad
+        with torch.inference_mode():
+            assert decodes(experts, x, weights, 10)
+        experts.requires_grad_(False)
+        assert decodes(experts, x, weights, 10)
+        assert not decodes(experts, x.requires_grad_(True), weights, 10)
+        with torch.no_grad():
+            assert not decodes(experts.float(), x.float(), weights.float(), 10)
 
 
 def test_own_gemms_are_chosen_from_shapes_and_flags_alone(monkeypatch):
     """Which GEMMs run as hf-moe's Triton kernels (decided on the host): few rows per expert, enough multiply-adds,
-    not while torch.compile traces. Checked on CPU tensors with the device tests stubbed out."""
-    from hf_moe.moe import experts as backend
+    not while torch.compile traces. Checked on CPU tensors planned as if torch's grouped GEMM and the Triton kernels
+    served them: the gate/up GEMM of `rows` rows of 3 experts, `[rows, 6] @ [3, 6, 2·inter]`."""
+    from hf_moe.moe.experts.plan import override_plan, plan_experts
 
-    monkeypatch.setattr(backend, "_grouped_mm_leaves_tail_unwritten", lambda tensor: True)
-    monkeypatch.setattr(backend, "_HAS_TRITON", True)
-    monkeypatch.setattr(backend, "_gemm_kernels", lambda: SimpleNamespace(supports=lambda a, b: True))
-    monkeypatch.setattr(backend, "_OWN_GEMM_ROWS_PER_EXPERT", 4)
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 10 * 6 * 8)
-    b = torch.empty(3, 6, 8)
-    assert backend._own_gemm(torch.empty(12, 6), b)
-    assert backend._own_gemm(torch.empty(10, 6), b)
-    assert not backend._own_gemm(torch.empty(13, 6), b)  # more than 4 rows per expert
-    assert not backend._own_gemm(torch.empty(9, 6), b)  # too few multiply-adds
-    assert not backend._own_gemm(torch.empty(12, 6), torch.empty(3, 6, 6))  # too few multiply-adds
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not backend._own_gemm(torch.empty(12, 6), b)
+    def own(rows, inter=4):
+        experts = SimpleNamespace(config=SimpleNamespace(hidden_act="silu"), gate_up_proj=torch.empty(3, 2 * inter, 6),
+                                  down_proj=torch.empty(3, 6, inter))
+        return plan_experts(experts, torch.empty(1, 6), torch.empty(1, 2), rows).gate_up_gemm == "triton"
+
+    with override_plan(triton=True, grouped_mm=True, own_gemm_rows_per_expert=4, own_gemm_min_multiply_adds=10 * 6 * 8):
+        assert own(12)
+        assert own(10)
+        assert not own(13)  # more than 4 rows per expert
+        assert not own(9)  # too few multiply-adds
+        assert not own(12, inter=3)  # too few multiply-adds
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not own(12)
 
 
 def test_cpu_path_never_imports_triton_kernels():
@@ -281,7 +288,8 @@ def test_cpu_path_never_imports_triton_kernels():
         "x = torch.randn(9, experts.hidden_dim, dtype=torch.float64); "
         "out = grouped_experts_forward(experts, x, index, weights); "
         "assert torch.isfinite(out).all(); "
-        "print(any(m in sys.modules for m in ('hf_moe.moe.kernels.triton_moe', 'hf_moe.moe.kernels.grouped_gemm')))"
+        "print(any(m in sys.modules for m in ('hf_moe.moe.kernels.gather', 'hf_moe.moe.kernels.swiglu', "
+        "'hf_moe.moe.kernels.grouped_gemm')))"
     )
     root = Path(__file__).resolve().parent.parent
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
@@ -363,8 +371,8 @@ def test_cuda_no_host_sync_and_deterministic():
 
 @requires_cuda
 def test_cuda_triton_kernels_match_torch_fallbacks():
-    from hf_moe.moe import experts as backend
-    from hf_moe.moe.kernels import triton_moe
+    from hf_moe.moe.experts import grouped as backend
+    from hf_moe.moe.kernels import gather, swiglu
 
     rows, inter, hidden = 300, 200, 96
     offsets = torch.tensor([40, 40, 150, 260], device="cuda", dtype=torch.int32)  # rows 260.. are dropped
@@ -374,9 +382,9 @@ def test_cuda_triton_kernels_match_torch_fallbacks():
     act = torch.nn.SiLU()
     valid = slice(0, 260)
     ref_h = backend._gated_act(gate_up.float(), weight.float(), offsets, act, False)
-    fused = triton_moe.swiglu_forward(gate_up, weight, offsets)[valid].float()
+    fused = swiglu.swiglu_forward(gate_up, weight, offsets)[valid].float()
     torch.testing.assert_close(fused, ref_h[valid], rtol=2e-2, atol=1e-2)
-    d_gu, d_w, h = triton_moe.swiglu_backward(gate_up, weight, grad, offsets, True)
+    d_gu, d_w, h = swiglu.swiglu_backward(gate_up, weight, grad, offsets, True)
     r_gu, r_w, r_h = backend._gated_act_backward(
         gate_up.float(), weight.float(), grad.float(), offsets, act, False, True
     )
@@ -386,37 +394,37 @@ def test_cuda_triton_kernels_match_torch_fallbacks():
     torch.testing.assert_close(h[valid].float(), r_h[valid], rtol=2e-2, atol=1e-2)
     table = torch.randn(77, hidden, device="cuda", dtype=torch.bfloat16)
     token = torch.randint(0, 77, (rows,), device="cuda")
-    assert torch.equal(triton_moe.gather_rows(table, token, offsets)[valid], table[token][valid])
+    assert torch.equal(gather.gather_rows(table, token, offsets)[valid], table[token][valid])
     num_tokens, top_k = 150, 2
     src = torch.randn(rows, hidden, device="cuda", dtype=torch.bfloat16)
     src[260:] = float("nan")  # dropped rows must never be read
     position = torch.randperm(rows, device="cuda")
-    out = triton_moe.gather_sum(src, position, offsets, num_tokens)
+    out = gather.gather_sum(src, position, offsets, num_tokens)
     rows_ = src.float()[position].view(num_tokens, top_k, hidden)
     want = torch.where((position < 260).view(num_tokens, top_k, 1), rows_, 0).sum(1)
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
     # strided rows (the expert-parallel dispatcher packs routing bytes after each token's H values)
     wide = torch.randn(rows, hidden + 24, device="cuda", dtype=torch.bfloat16)
     strided_out = torch.full((rows, hidden + 8), 7.0, device="cuda", dtype=torch.bfloat16)
-    triton_moe.gather_rows(wide[:77, :hidden], token, offsets, out=strided_out[:, :hidden])
+    gather.gather_rows(wide[:77, :hidden], token, offsets, out=strided_out[:, :hidden])
     assert torch.equal(strided_out[valid, :hidden], wide[:77, :hidden][token][valid])
     assert (strided_out[:, hidden:] == 7).all() and (strided_out[260:] == 7).all(), "wrote outside its rows"
     wide[:, :hidden] = src
-    assert torch.equal(triton_moe.gather_sum(wide[:, :hidden], position, offsets, num_tokens), out)
+    assert torch.equal(gather.gather_sum(wide[:, :hidden], position, offsets, num_tokens), out)
 
 
 @requires_cuda
 def test_cuda_in_place_swiglu_backward_equals_the_out_of_place_kernel():
-    from hf_moe.moe.kernels import triton_moe
+    from hf_moe.moe.kernels import swiglu
 
     rows, inter = 300, 200
     offsets = torch.tensor([90, 90, 270], device="cuda", dtype=torch.int32)  # rows 270.. are dropped
     gate_up = torch.randn(rows, 2 * inter, device="cuda", dtype=torch.bfloat16)
     weight = torch.rand(rows, device="cuda", dtype=torch.bfloat16)
     grad = torch.randn(rows, inter, device="cuda", dtype=torch.bfloat16)
-    want = triton_moe.swiglu_backward(gate_up, weight, grad, offsets, True)
+    want = swiglu.swiglu_backward(gate_up, weight, grad, offsets, True)
     gate_up_buffer, grad_buffer = gate_up.clone(), grad.clone()
-    got = triton_moe.swiglu_backward(gate_up_buffer, weight, grad_buffer, offsets, True, in_place=True)
+    got = swiglu.swiglu_backward(gate_up_buffer, weight, grad_buffer, offsets, True, in_place=True)
     assert got[0].data_ptr() == gate_up_buffer.data_ptr() and got[2].data_ptr() == grad_buffer.data_ptr()
     valid = slice(0, 270)
     for name, g, w in zip(("d_gate_up", "d_weight", "recomputed"), got, want):
@@ -550,14 +558,14 @@ def test_cuda_decode_kernels_with_known_slot_count_and_strided_weights(monkeypat
 def test_cuda_decode_path_only_without_gradients_and_for_few_rows(monkeypatch):
     """Training (anything that needs a gradient), fp32 weights and batches with many rows per expert keep the
     grouped GEMMs."""
-    from hf_moe.moe import experts as backend
+    from hf_moe.moe.experts.plan import DECODE_ROWS_PER_EXPERT
 
     experts = make_experts(128, 256, 8, 2, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(40, 8, 2, "uniform", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(40, 128, device="cuda", dtype=torch.bfloat16)
     calls = _decode_calls(monkeypatch)
     grouped_experts_forward(experts, x, index, weights)  # the weights require grad
-    many = backend._DECODE_ROWS_PER_EXPERT * 8 // 2 + 1  # tokens: just over the decode path's rows per expert
+    many = DECODE_ROWS_PER_EXPERT * 8 // 2 + 1  # tokens: just over the decode path's rows per expert
     with torch.no_grad():
         big_index, big_weights = make_routing(many, 8, 2, "uniform", device="cuda", dtype=torch.bfloat16)
         grouped_experts_forward(experts, torch.randn(many, 128, device="cuda", dtype=torch.bfloat16), big_index,
@@ -609,7 +617,7 @@ def test_cuda_decode_kernels_compile_fullgraph():
 def test_cuda_generate_runs_the_decode_kernels_and_matches_the_grouped_gemms(monkeypatch):
     """A bf16 model's `generate` (prefill, then one token at a time with the KV cache) takes the decode kernels,
     and its logits agree with the grouped-GEMM path's to bf16 rounding."""
-    from hf_moe.moe import experts as backend
+    from hf_moe.moe.experts.plan import override_plan
 
     from .conftest import tiny_config
 
@@ -622,8 +630,8 @@ def test_cuda_generate_runs_the_decode_kernels_and_matches_the_grouped_gemms(mon
     assert len(calls) >= 6 * config.num_hidden_layers  # the prefill and five single-token steps
     with torch.no_grad():
         fast = model(sequences).logits.float()
-        monkeypatch.setattr(backend, "_DECODE_ROWS_PER_EXPERT", 0)
-        grouped = model(sequences).logits.float()
+        with override_plan(decode_rows_per_expert=0):
+            grouped = model(sequences).logits.float()
     assert rel_err(fast, grouped) < 2e-2, rel_err(fast, grouped)
 
 
@@ -688,7 +696,7 @@ def test_cuda_own_grouped_mm_matches_float64_loop(monkeypatch, counts, layout, p
 @pytest.mark.parametrize("programs", [None, 1, 3])
 @pytest.mark.parametrize("counts", OFFSET_CASES)
 def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(monkeypatch, counts, programs):
-    from hf_moe.moe.kernels import grouped_gemm, triton_moe
+    from hf_moe.moe.kernels import grouped_gemm, swiglu
 
     _limit_programs(monkeypatch, programs)
     hidden, inter = 72, 300  # three column blocks, the last partial
@@ -704,17 +712,17 @@ def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(mo
     assert rel_err(gate_up[:num_valid].double().cpu(), want) < 1e-2
     assert rel_err(act[:num_valid].double().cpu(), want_act) < 1e-2
     # the activation is the unfused kernel's on the stored (rounded) projection, which backward recomputes
-    unfused = triton_moe.swiglu_forward(gate_up, weight, offsets)
+    unfused = swiglu.swiglu_forward(gate_up, weight, offsets)
     torch.testing.assert_close(act[:num_valid], unfused[:num_valid], rtol=1e-2, atol=1e-3)
 
 
 @requires_tma
 @pytest.mark.parametrize("kind", ["uniform", "skewed"])
 def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypatch, kind):
-    """Where `_own_gemm` chooses them, forward and backward take the Triton GEMMs (the gate/up one fused with
-    SwiGLU) and agree with the same path on torch's grouped GEMM; above `_OWN_GEMM_ROWS_PER_EXPERT` they are not
+    """Where the plan chooses them, forward and backward take the Triton GEMMs (the gate/up one fused with
+    SwiGLU) and agree with the same path on torch's grouped GEMM; above `own_gemm_rows_per_expert` they are not
     called."""
-    from hf_moe.moe import experts as backend
+    from hf_moe.moe.experts.plan import override_plan
     from hf_moe.moe.kernels import grouped_gemm
 
     calls = []
@@ -728,15 +736,15 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
 
     for name in ("grouped_mm", "gate_up_swiglu"):
         monkeypatch.setattr(grouped_gemm, name, counting(name, getattr(grouped_gemm, name)))
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 0)  # these test experts are small
     experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(700, 16, 4, kind, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16)
-    own = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    with override_plan(own_gemm_min_multiply_adds=0):  # these test experts are small
+        own = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
     assert calls == ["gate_up_swiglu", "grouped_mm", "grouped_mm", "grouped_mm"], calls
     calls.clear()
-    monkeypatch.setattr(backend, "_OWN_GEMM_ROWS_PER_EXPERT", 700 * 4 // 16 - 1)
-    torch_gemms = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
+    with override_plan(own_gemm_min_multiply_adds=0, own_gemm_rows_per_expert=700 * 4 // 16 - 1):
+        torch_gemms = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
     assert calls == []
     want = reference(experts, x, index, weights)
     for name, o, t, w in zip(NAMES, own, torch_gemms, want):
@@ -746,14 +754,22 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
 
 
 @requires_tma
-def test_cuda_own_gemms_no_host_sync_and_deterministic(monkeypatch):
-    from hf_moe.moe import experts as backend
+def test_cuda_own_gemms_no_host_sync_and_deterministic():
+    from hf_moe.moe.experts.plan import override_plan
 
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 0)
+    with override_plan(own_gemm_min_multiply_adds=0):
+        _own_gemms_no_host_sync_and_deterministic()
+
+
+def _own_gemms_no_host_sync_and_deterministic():
+    from hf_moe.moe.experts.plan import plan_experts
+    from hf_moe.moe.kernels import grouped_gemm
+
     experts = make_experts(256, 384, 16, 8, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(1024, 16, 8, "skewed", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
-    assert backend._own_gemm(x.new_empty(1024 * 8, 256), experts.gate_up_proj.transpose(1, 2))
+    assert plan_experts(experts, x, weights, 1024 * 8).gate_up_gemm == "triton"
+    assert grouped_gemm.supports(x.new_empty(1024 * 8, 256), experts.gate_up_proj.transpose(1, 2))
     first = forward_and_grads(grouped_experts_forward, experts, x, index, weights)  # compiles the kernels
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -769,12 +785,16 @@ def test_cuda_own_gemms_no_host_sync_and_deterministic(monkeypatch):
 
 
 @requires_tma
-def test_cuda_own_gemms_take_expert_weights_stored_transposed(monkeypatch):
+def test_cuda_own_gemms_take_expert_weights_stored_transposed():
     """Expert weights whose storage is `[E, K, N]` (a transposed view of the usual `[E, N, K]`, as a converter or an
     adapter may hand over) run through the same path and give the same results."""
-    from hf_moe.moe import experts as backend
+    from hf_moe.moe.experts.plan import override_plan
 
-    monkeypatch.setattr(backend, "_OWN_GEMM_MIN_MULTIPLY_ADDS", 0)
+    with override_plan(own_gemm_min_multiply_adds=0):
+        _own_gemms_take_expert_weights_stored_transposed()
+
+
+def _own_gemms_take_expert_weights_stored_transposed():
     experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(500, 16, 4, "skewed", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(500, 256, device="cuda", dtype=torch.bfloat16)
@@ -787,3 +807,38 @@ def test_cuda_own_gemms_take_expert_weights_stored_transposed(monkeypatch):
     got = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
     for name, g, w in zip(NAMES, got, want):
         assert rel_err(g, w) < 1e-2, (name, rel_err(g, w))
+
+
+def test_row_ops_skip_out_of_range_rows_like_a_loop():
+    """`hf_moe.moe.ops` on CPU: gather-sum counts entries at or past `offsets[-1]` (or past the end of `src`) as
+    zero and sums the rest; gather copies rows by index, into `out` when given. Checked against Python loops."""
+    from hf_moe.moe.ops import gather_rows, gather_sum
+
+    src = torch.randn(9, 5, dtype=torch.float64)
+    index = torch.tensor([[0, 8], [3, 9], [6, 12], [7, 2]])  # 9 and 12 point past src
+    for offsets, valid in ((torch.tensor([4, 7], dtype=torch.int32), 7), (None, 9)):
+        got = gather_sum(src, index, offsets)
+        want = torch.stack([sum((src[j] for j in row.tolist() if j < valid), torch.zeros(5, dtype=torch.float64))
+                            for row in index])
+        assert torch.equal(got, want)
+    assert torch.equal(gather_sum(src[:0], index), torch.zeros(4, 5, dtype=torch.float64))
+    token = torch.tensor([5, 0, 5, 2])
+    out = torch.zeros(4, 7, dtype=torch.float64)
+    gather_rows(src, token, torch.tensor([4], dtype=torch.int32), out=out[:, :5])
+    assert all(torch.equal(out[i, :5], src[t]) for i, t in enumerate(token.tolist())) and not out[:, 5:].any()
+
+
+def test_override_plan_forces_fields_inside_the_block_only():
+    from hf_moe.moe.experts.plan import override_plan, plan_experts
+
+    experts = make_experts()
+    x, weights = torch.randn(3, experts.hidden_dim, dtype=torch.float64), torch.rand(3, 2, dtype=torch.float64)
+    before = plan_experts(experts, x, weights, 6)
+    assert before.gate_up_gemm == before.down_gemm == "per_expert" and not before.decode  # CPU
+    with override_plan(decode=True, down_gemm="grouped_mm"):
+        forced = plan_experts(experts, x, weights, 6)
+        assert forced.decode and forced.down_gemm == "grouped_mm" and forced.gate_up_gemm == "per_expert"
+    assert plan_experts(experts, x, weights, 6) == before
+    with pytest.raises(ValueError, match="unknown names \\['decodes'\\]"):
+        with override_plan(decodes=True):
+            pass

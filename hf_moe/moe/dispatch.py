@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .experts import run_routed_experts
+from .experts import run_experts
 from .types import RouterOutput
 
 
 class LocalDispatcher:
     """All experts in this process (the default). Dropless routing goes to the experts as it is; routing with
-    sentinel slots (a capacity, expert choice) goes through `run_routed_experts`, which compacts the sentinels away
+    sentinel slots (a capacity, expert choice) goes through `run_experts`, which compacts the sentinels away
     for experts implementations that do not skip them."""
 
     capturable = True
@@ -26,4 +26,4 @@ class LocalDispatcher:
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
         if routing.capacity is None:  # no sentinel slot
             return experts(x, routing.top_k_index, routing.top_k_weights)
-        return run_routed_experts(experts, x, routing.top_k_index, routing.top_k_weights)
+        return run_experts(experts, x, routing.top_k_index, routing.top_k_weights)

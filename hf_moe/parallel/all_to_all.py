@@ -15,7 +15,7 @@ rows per token are needed anyway), needs the same number of tokens on every rank
 buffers for P·T·k slots instead of the slots received.
 
 With `overlap_weight_grads`, the two token all-to-alls of backward run while the experts' weight gradients compute
-(`hf_moe.moe.overlap`).
+(`hf_moe.parallel.weight_grad_queue`).
 """
 
 from __future__ import annotations
@@ -24,20 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..moe.experts import _gather, _triton_kernels, _use_triton, run_routed_experts
-from ..moe.overlap import WEIGHT_GRADS
+from ..moe.experts import run_experts
+from ..moe.ops import gather_rows, gather_sum
 from ..moe.types import RouterOutput
 from .collectives import all_to_all
-
-
-def _sum_rows(src: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
-    """`out[t] = Σ_p src[row_of[t, p]]` over the entries below `len(src)`, in a fixed order (deterministic)."""
-    num_tokens = row_of.shape[0]
-    if _use_triton(src) and num_tokens:
-        offsets = torch.full((1,), len(src), dtype=torch.int32, device=src.device)
-        return _triton_kernels().gather_sum(src.contiguous(), row_of.reshape(-1), offsets, num_tokens)
-    padded = torch.cat([src, src.new_zeros(1, src.shape[1])])  # row len(src): zeros for the unsent entries
-    return padded[row_of.clamp(max=len(src))].sum(dim=1)
+from .weight_grad_queue import WEIGHT_GRADS
 
 
 def _reinterpret(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -49,7 +40,7 @@ def _reinterpret(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _PackRows(torch.autograd.Function):
     """The send buffer: row r holds token `x[send_token[r]]` (rows from `num_sent`, a device tensor, on stay
     unwritten) followed by the bytes of its float32 routing `meta[r]`, so one all-to-all carries both. Its backward
-    sums each token's rows (`_sum_rows`) and hands back the routing's gradient."""
+    sums each token's rows (`gather_sum`) and hands back the routing's gradient."""
 
     @staticmethod
     def forward(
@@ -61,14 +52,14 @@ class _PackRows(torch.autograd.Function):
         packed = x.new_empty(len(send_token), hidden + meta.shape[1] * meta.element_size() // x.element_size())
         packed[:, hidden:] = _reinterpret(meta, x.dtype)
         if len(send_token):
-            _gather(x.contiguous(), send_token, num_sent, out=packed[:, :hidden])
+            gather_rows(x.contiguous(), send_token, num_sent, out=packed[:, :hidden])
         return packed
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (row_of,) = ctx.saved_tensors
         grad_meta = _reinterpret(grad[:, ctx.hidden :], torch.float32)
-        return _sum_rows(grad[:, : ctx.hidden], row_of), grad_meta, None, None, None
+        return gather_sum(grad[:, : ctx.hidden], row_of), grad_meta, None, None, None
 
 
 class _UnpackRows(torch.autograd.Function):
@@ -93,7 +84,7 @@ class _SumTokens(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows: torch.Tensor, send_token: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(send_token)
-        return _sum_rows(rows, row_of)
+        return gather_sum(rows, row_of)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -101,7 +92,7 @@ class _SumTokens(torch.autograd.Function):
         if not len(send_token):
             return grad.new_empty(0, grad.shape[1]), None, None
         num_sent = torch.full((1,), len(send_token), dtype=torch.int32, device=grad.device)
-        return _gather(grad.contiguous(), send_token, num_sent), None, None
+        return gather_rows(grad.contiguous(), send_token, num_sent), None, None
 
 
 def _plan(
@@ -160,8 +151,8 @@ class AllToAllDispatcher:
         group: the expert-parallel process group (P ranks; rank r owns experts [r·E/P, (r+1)·E/P)).
         num_experts: E, the number of experts over the whole group.
         overlap_weight_grads: in backward, compute the local experts' weight gradients while the token
-            all-to-alls are in flight (see `hf_moe.moe.overlap`). Off by default: on 2 H200s over NVLink the
-            all-to-alls are short and the overlap measured 0-6% slower; it is meant for slow links.
+            all-to-alls are in flight (see `hf_moe.parallel.weight_grad_queue`). Off by default: it pays only where
+            the all-to-alls are slow next to the GEMMs, not over NVLink (docs/decisions/expert-parallel-dispatch.md).
         padded: send every token to every rank with equal splits: no host sync in the forward pass, at the cost
             of expert buffers for P·T·k slots (see the module's docstring). Every rank of the group must then pass
             the same number of tokens (fixed batch and sequence length) on every call; the first call checks that
@@ -212,7 +203,7 @@ class AllToAllDispatcher:
         tokens, meta = _UnpackRows.apply(received_rows, x.shape[1])
         if len(tokens):
             recv_weights = meta[:, :top_k].to(routing.top_k_weights.dtype)
-            y = run_routed_experts(experts, tokens, meta[:, top_k:].long(), recv_weights, num_slots, self.weight_grads)
+            y = run_experts(experts, tokens, meta[:, top_k:].long(), recv_weights, num_slots, self.weight_grads)
         else:
             y = tokens * 0
         y = self._stay_in_backward(y, tokens, meta, experts)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..moe.overlap import WeightGradQueue
+from .weight_grad_queue import WeightGradQueue
 
 
 class _AllToAll(torch.autograd.Function):

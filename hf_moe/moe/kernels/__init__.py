@@ -1,15 +1,28 @@
-"""Triton kernels of the routed experts and the router (CUDA only).
+"""Triton kernels of the routed experts and the router (CUDA only), one module per fused operation:
 
-- `triton_moe`: the experts' memory-bound steps (row gather, SwiGLU forward/backward, deterministic combine);
+- `gather`: row gather and deterministic gather-sum (the experts' and dispatchers' row movements);
+- `swiglu`: SwiGLU with the routing weight, forward and backward;
 - `grouped_gemm`: grouped GEMMs with TMA loads (Hopper or newer), the gate/up one with SwiGLU in its epilogue;
 - `decode`: weight-streaming kernels for few rows per expert at inference;
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward.
 
-Imported lazily by `hf_moe.moe.experts` and `hf_moe.moe.router.topk` when a CUDA tensor arrives and Triton is installed,
-so CPU-only machines never import Triton.
+Each is imported on first attribute access (`kernels.gather.gather_rows(...)`), which callers make only for CUDA
+tensors when Triton is installed, so CPU-only machines never import Triton. The access also works while
+torch.compile traces.
 """
 
+import importlib
 import importlib.util
+from types import ModuleType
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
+
+_KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "softmax_top_k")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """The one lazy loader: `kernels.<module>` imports that kernel module (and Triton) on first use."""
+    if name in _KERNEL_MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}; kernel modules: {_KERNEL_MODULES}")

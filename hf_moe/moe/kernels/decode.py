@@ -6,7 +6,7 @@ token rows straight from the hidden states (no gathered copy), streams each expe
 block of rows and applies SwiGLU and the routing weight before it stores; a second streams the down weights.
 The combine is the general path's deterministic gather-sum. Forward only: it serves inference (no autograd).
 
-Rows are (token, slot) pairs sorted by expert (`order`, `offsets` from `hf_moe.moe.experts.sort_by_expert`);
+Rows are (token, slot) pairs sorted by expert (`order`, `offsets` from `hf_moe.moe.experts.grouped.sort_by_expert`);
 the grid is (expert, column block) and every program reads its expert's row range from `offsets` on the device,
 so nothing synchronises with the host and the launch can be captured in a CUDA graph.
 """
@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_moe import gather_sum
+from .gather import gather_sum
 
 # Column and reduction block sizes and warps, chosen on an H200 at the Qwen3-30B-A3B, Mixtral and DeepSeek-V3
-# decode shapes (benchmarks/NOTES.md, "Seventh session: decode kernels").
+# decode shapes (docs/decisions/decode-kernels.md).
 _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 64, 128, 4, 3
 
 

@@ -2,13 +2,11 @@
 SwiGLU and the routing weight in its epilogue.
 
 torch's grouped GEMM runs one tile configuration for every shape. With few rows per expert these kernels take less
-GPU time on an H200 (`benchmarks/grouped_gemms.py`): 1.14-1.34x per GEMM at 128 rows per expert (Qwen3-30B-A3B at
-T = 2048, DeepSeek-V3 at T = 4096), 0.99-1.12x at 512, and the gate/up GEMM with SwiGLU fused in saves the
-activation kernel's read of the `[S, 2I]` projection. From 1024 rows per expert the gate/up GEMM is slower than
-torch's (Mixtral at T = 8192: 0.74x). A launch costs more host time than torch's, which small GEMMs do not earn back
-in eager mode, so `hf_moe_grouped` takes these for at most 512 rows per expert and enough multiply-adds only
-(`_own_gemm` in `hf_moe.moe.experts`; benchmarks/NOTES.md, "Tenth session: persistent grouped GEMMs"). The
-weight-gradient GEMMs stay torch's: Triton versions ran at 0.5-1.15x.
+GPU time, and the gate/up GEMM with SwiGLU fused in saves the activation kernel's read of the `[S, 2I]` projection;
+with many rows per expert torch's are as fast or faster, and a launch costs more host time than torch's, which
+small GEMMs do not earn back in eager mode. So `hf_moe_grouped` takes these only where its plan says so
+(`hf_moe.moe.experts.plan`); the weight-gradient GEMMs stay torch's. Measurements and the rule:
+docs/decisions/own-grouped-gemms.md.
 
 Tiling: each expert's rows are cut into BLOCK_M-row tiles, numbered over all experts in order; work item w is tile
 w // num_col_blocks, column block w % num_col_blocks. The kernels are persistent: one program per SM builds the
@@ -29,12 +27,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-# Tiles chosen on an H200 at the Qwen3-30B-A3B, DeepSeek-V3 and Mixtral shapes (benchmarks/NOTES.md).
+# Tiles chosen on an H200 at the Qwen3-30B-A3B, DeepSeek-V3 and Mixtral shapes (docs/decisions/own-grouped-gemms.md).
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 128, 256, 64, 8, 3
 # The fused gate/up kernel keeps two accumulators (gate and up), so each covers half the columns.
 _SWIGLU_BLOCK_N = 128
 # Software-pipeline the loop over a program's tiles together with the K loop, so the next tile's first loads are
-# issued during this tile's epilogue. Not in the gate/up kernel: with its two accumulators that ran 15-20 % slower.
+# issued during this tile's epilogue. Not in the gate/up kernel: with its two accumulators that ran slower.
 _FLATTEN, _SWIGLU_FLATTEN = True, False
 
 

@@ -1,9 +1,8 @@
-"""Fused memory-bound steps of the routed experts: SwiGLU with routing weights (forward and backward), and the
-per-token combine of the k expert outputs.
+"""SwiGLU with the routing weight, forward and backward, over the gate/up projection of rows sorted by expert.
 
-Rows are (token, slot) pairs sorted by expert; `offsets[-1]` (read on the device, so no host sync) is the
-number of rows that belong to a real expert. Rows past it are dropped slots whose GEMM outputs were never
-written: the kernels neither read them nor let them reach an output.
+Rows past `offsets[-1]` (read on the device, so no host sync) are dropped slots whose projection was never
+written: the kernels neither read them nor let them reach an output. Block sizes were swept on an H100 at the
+Qwen3-30B and Mixtral shapes (docs/decisions/experts-kernels.md).
 """
 
 from __future__ import annotations
@@ -11,25 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-
-@triton.jit
-def _gather_rows_kernel(
-    src_ptr, index_ptr, out_ptr, offsets_ptr, num_experts, hidden, src_stride, out_stride,
-    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid_r = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    num_valid = tl.load(offsets_ptr + num_experts - 1)
-    if pid_r * BLOCK_R >= num_valid:
-        return
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    row_ok = rows < num_valid
-    mask = row_ok[:, None] & (cols[None, :] < hidden)
-    src_rows = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    vals = tl.load(src_ptr + src_rows[:, None] * src_stride + cols[None, :], mask=mask)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * out_stride + cols[None, :], vals, mask=mask)
 
 
 @triton.jit
@@ -91,52 +71,11 @@ def _swiglu_bwd_kernel(
     tl.store(grad_weight_ptr + rows, grad_weight, mask=rows < num_rows)
 
 
-@triton.jit
-def _gather_sum_kernel(
-    src_ptr, position_ptr, out_ptr, offsets_ptr, num_experts, num_tokens, hidden, src_stride,
-    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    num_valid = tl.load(offsets_ptr + num_experts - 1)
-    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
-    token_ok = tokens < num_tokens
-    col_ok = cols < hidden
-    acc = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
-    for slot in tl.static_range(TOP_K):
-        pos = tl.load(position_ptr + tokens * TOP_K + slot, mask=token_ok, other=0)
-        ok = token_ok & (pos < num_valid)
-        ptrs = src_ptr + pos.to(tl.int64)[:, None] * src_stride + cols[None, :]
-        acc += tl.load(ptrs, mask=ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-    out_ptrs = out_ptr + tokens.to(tl.int64)[:, None] * hidden + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
-
-
-def gather_rows(
-    src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`out[s] = src[index[s]]` for the rows of real experts (`s < offsets[-1]`); dropped rows stay unwritten.
-    `src` and `out` (allocated when not given) may have any row stride; their columns must be contiguous."""
-    hidden = src.shape[1]
-    if out is None:
-        out = src.new_empty(index.numel(), hidden)
-    if src.stride(1) != 1 or out.stride(1) != 1:
-        raise ValueError(f"gather_rows: columns must be contiguous; got strides {src.stride()} and {out.stride()}")
-    block_r, block_h = 4, min(1024, triton.next_power_of_2(hidden))
-    grid = (triton.cdiv(index.numel(), block_r), triton.cdiv(hidden, block_h))
-    _gather_rows_kernel[grid](
-        src, index, out, offsets, offsets.numel(), hidden, src.stride(0), out.stride(0),
-        BLOCK_R=block_r, BLOCK_H=block_h,
-    )
-    return out
-
-
 def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`weight[:, None] · silu(gate) · up` for `gate_up [S, 2I]` (gate columns first) → `[S, I]`."""
     num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(num_rows, inter)
-    block_m, block_n = 32, 128  # swept on an H100 at the Qwen3-30B and Mixtral shapes (benchmarks/NOTES.md)
+    block_m, block_n = 32, 128
     grid = (triton.cdiv(num_rows, block_m), triton.cdiv(inter, block_n))
     _swiglu_fwd_kernel[grid](
         gate_up, weight, out, offsets, offsets.numel(), inter=inter, BLOCK_M=block_m, BLOCK_N=block_n
@@ -165,27 +104,10 @@ def swiglu_backward(
         out = grad_gate_up  # not written (WRITE_OUT is off)
     else:
         out = grad_out if in_place else gate_up.new_empty(num_rows, inter)
-    block_m, block_n = 4, 512  # few rows, wide column blocks, 8 warps: swept as for swiglu_forward
+    block_m, block_n = 4, 512  # few rows, wide column blocks, 8 warps
     grid = (triton.cdiv(num_rows, block_m),)
     _swiglu_bwd_kernel[grid](
         gate_up, weight, grad_out, grad_gate_up, out, grad_weight, offsets, offsets.numel(), num_rows, inter=inter,
         WRITE_OUT=recompute_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
     return grad_gate_up, grad_weight, out if recompute_out else None
-
-
-def gather_sum(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """`out[t] = Σ_j src[position[t·k + j]]` over the slots of real experts, accumulated in float32 in a fixed
-    order (deterministic, no atomics). `src` may have any row stride; its columns must be contiguous."""
-    hidden = src.shape[1]
-    if src.stride(1) != 1:
-        raise ValueError(f"gather_sum: the columns of src must be contiguous; got strides {src.stride()}")
-    top_k = position.numel() // num_tokens
-    out = src.new_empty(num_tokens, hidden)
-    block_t, block_h = 4, min(1024, triton.next_power_of_2(hidden))
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))
-    _gather_sum_kernel[grid](
-        src, position, out, offsets, offsets.numel(), num_tokens, hidden, src.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
-    )
-    return out

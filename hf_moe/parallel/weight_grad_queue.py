@@ -43,15 +43,6 @@ class WeightGradQueue:
             self._pending.popleft()()
 
 
-def accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    """`param.grad += grad` (or `= grad` when there is none yet), as autograd accumulates into a leaf."""
-    with torch.no_grad():
-        if param.grad is None:
-            param.grad = grad.contiguous()
-        else:
-            param.grad.add_(grad)
-
-
 WEIGHT_GRADS = WeightGradQueue()
 """The process's queue: every expert-parallel layer shares it, so a layer's weight gradients can also hide behind
 the next layer's (in backward order) first all-to-all."""

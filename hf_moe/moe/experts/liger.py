@@ -3,8 +3,8 @@
 Registered in transformers' experts interface when liger-kernel is installed (`pip install "hf-moe[liger]"`), so
 `model.set_experts_implementation("liger_fused")` switches to it; liger_kernel (and with it Triton) is imported on
 the first call, never by `import hf_moe`. It computes the same function as the other implementations on routing
-without sentinel slots; hf-moe's MoE block compacts dropped / other ranks' slots before they reach it (it is not in
-`SENTINEL_SAFE_IMPLEMENTATIONS`). Measured against `hf_moe_grouped` in `benchmarks/moe_layer.py`.
+without sentinel slots; `run_experts` compacts dropped / other ranks' slots before they reach it (it is not in
+`SENTINEL_SAFE_IMPLEMENTATIONS`). Measured against `hf_moe_grouped` in docs/decisions/experts-kernels.md.
 """
 
 from __future__ import annotations

@@ -1,0 +1,279 @@
+"""hf-moe's experts implementation, `hf_moe_grouped` (the default of hf-moe models).
+
+Rows are (token, slot) pairs sorted by expert; `offsets[e]` is the end row of expert e, so rows from `offsets[-1]`
+on are dropped slots. The kernels of a call come from its plan (`hf_moe.moe.experts.plan`): on CUDA (bf16) the
+GEMMs are grouped GEMMs with no host sync that leave the rows past `offsets[-1]` unwritten, so every consumer masks
+them, and the memory-bound steps are fused Triton kernels; elsewhere the GEMMs are one `mm` per expert (host
+offsets are free there) that zero the dropped rows, and the other steps are plain torch ops.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .. import kernels
+from ..ops import gather_rows, gather_sum
+from .plan import ExpertsPlan, Gemm, WeightGrads, plan_experts
+
+_torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: Gemm) -> torch.Tensor:
+    """`a [S, K]` sorted by expert, `b [E, K, N]` (any strides) → `[S, N]` with rows of expert e = `a_e @ b[e]`."""
+    if gemm == "triton" and kernels.grouped_gemm.supports(a, b):
+        return kernels.grouped_gemm.grouped_mm(a, b, offsets)
+    if gemm != "per_expert":
+        return _torch_grouped_mm(a, b, offs=offsets)
+    out = a.new_empty(a.shape[0], b.shape[-1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end], b[expert], out=out[start:end])
+        start = end
+    out[start:].zero_()
+    return out
+
+
+def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]` with `out[e] = a_eᵀ @ b_e` (zero for idle experts)."""
+    if grouped:
+        return _torch_grouped_mm(a.t(), b, offs=offsets)
+    out = a.new_empty(offsets.numel(), a.shape[1], b.shape[1])
+    start = 0
+    for expert, end in enumerate(offsets.tolist()):
+        if end > start:
+            torch.mm(a[start:end].t(), b[start:end], out=out[expert])
+        else:
+            out[expert].zero_()
+        start = end
+    return out
+
+
+def _gated_act(
+    gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, act_fn: nn.Module, triton: bool
+) -> torch.Tensor:
+    """`weight · act(gate) ⊙ up` per row; the routing weight is applied here so the combine is a plain sum."""
+    if triton:
+        return kernels.swiglu.swiglu_forward(gate_up, weight, offsets)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act_fn(gate).mul_(up).mul_(weight[:, None].to(gate_up.dtype))
+
+
+def _gated_act_backward(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    offsets: torch.Tensor,
+    act_fn: nn.Module,
+    fused_silu: bool,
+    recompute_out: bool,
+    triton: bool = False,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of [`_gated_act`] w.r.t. `gate_up` and `weight`, and its recomputed output if asked. `fused_silu`:
+    the activation is SiLU (written out below); `in_place` (Triton only) overwrites `gate_up` and `grad_out` with
+    those results."""
+    if triton:
+        return kernels.swiglu.swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out, in_place)
+    if not fused_silu:
+        with torch.enable_grad():
+            gate_up = gate_up.detach().requires_grad_(True)
+            weight = weight.detach().to(gate_up.dtype).requires_grad_(True)
+            gate, up = gate_up.chunk(2, dim=-1)
+            out = act_fn(gate) * up * weight[:, None]
+            grad_gate_up, grad_weight = torch.autograd.grad(out, (gate_up, weight), grad_out)
+        return grad_gate_up, grad_weight, out.detach() if recompute_out else None
+    # SiLU written out so that each [S, I] pass is counted and no temporary is concatenated.
+    gate, up = gate_up.chunk(2, dim=-1)
+    weight = weight[:, None].to(gate_up.dtype)
+    grad_gate_up = torch.empty_like(gate_up)
+    grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate)
+    torch.mul(grad_out, act, out=grad_up).mul_(weight)
+    act.mul_(up)
+    grad_weight = torch.linalg.vecdot(grad_out, act)
+    torch.mul(grad_out, up, out=grad_gate).mul_(weight)
+    torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
+    return grad_gate_up, grad_weight, act.mul_(weight) if recompute_out else None
+
+
+def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    """`param.grad += grad` (or `= grad` when there is none yet), as autograd accumulates into a leaf."""
+    with torch.no_grad():
+        if param.grad is None:
+            param.grad = grad.contiguous()
+        else:
+            param.grad.add_(grad)
+
+
+def _weight_grad_into(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool):
+    """Deferred weight gradient: `param.grad += [a_eᵀ @ b_e]ₑ`."""
+    _accumulate_grad(param, _grouped_mm_weight_grad(a, b, offsets, grouped))
+
+
+class _RoutedExpertsFunction(torch.autograd.Function):
+    """The routed experts as one autograd node. It keeps the gathered inputs `[S, H]`, the gate/up projection
+    `[S, 2I]` and the routing indices for backward; the activation is recomputed there (fused into the SwiGLU
+    backward kernel) rather than stored.
+
+    With `plan.in_place_backward` (CUDA, SiLU, eager mode) the SwiGLU backward writes the gate/up gradient over the
+    saved gate/up projection, which backward no longer needs (and the recomputed activation over its incoming
+    gradient): that `[S, 2I]` would otherwise stay allocated until backward returns, next to its gradient and the
+    weight gradients. The price: a second backward through the same graph (`retain_graph=True`) raises instead of
+    running. torch.compile traces the out-of-place version and leaves buffer reuse to its own memory planner.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        gate_up_proj: torch.Tensor,
+        down_proj: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        token: torch.Tensor,
+        order: torch.Tensor,
+        position: torch.Tensor,
+        offsets: torch.Tensor,
+        act_fn: nn.Module,
+        fused_silu: bool,
+        plan: ExpertsPlan,
+        weight_grads: WeightGrads | None,
+    ) -> torch.Tensor:
+        x_sorted = gather_rows(x, token, offsets, triton=plan.triton_rows)
+        weight = top_k_weights.reshape(-1).index_select(0, order)
+        if plan.fused_gate_up_swiglu and kernels.grouped_gemm.supports(x_sorted, gate_up_proj.transpose(1, 2)):
+            gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
+        else:
+            gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)
+            act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu)
+        y = _grouped_mm(act, down_proj.transpose(1, 2), offsets, plan.down_gemm)
+        del act  # [S, I], not saved: free it before the combine allocates its output
+        ctx.save_for_backward(x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets)
+        ctx.num_tokens = x.shape[0]
+        ctx.gate_up_consumed = False
+        ctx.act_fn, ctx.fused_silu, ctx.weights_dtype = act_fn, fused_silu, top_k_weights.dtype
+        ctx.plan, ctx.weight_grads = plan, weight_grads
+        return gather_sum(y, position.view(x.shape[0], -1), offsets, triton=plan.triton_rows)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.gate_up_consumed:
+            raise RuntimeError(
+                "hf_moe_grouped: on CUDA the experts' backward reuses its saved gate/up projection as the gradient "
+                "buffer, so a second backward through the same graph (retain_graph=True) is not supported; run the "
+                "forward again instead."
+            )
+        x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets = ctx.saved_tensors
+        need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
+        plan: ExpertsPlan = ctx.plan
+        num_tokens = ctx.num_tokens
+        by_token = position.view(num_tokens, -1)
+        grad_y = gather_rows(grad_out.to(down_proj.dtype).contiguous(), token, offsets, triton=plan.triton_rows)
+        grad_act = _grouped_mm(grad_y, down_proj, offsets, plan.down_gemm)
+        grad_gate_up, grad_weight, act = _gated_act_backward(
+            gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down,
+            triton=plan.triton_swiglu, in_place=plan.in_place_backward,
+        )
+        if plan.in_place_backward:  # a second backward would read gradients as the gate/up projection
+            ctx.gate_up_consumed = True
+        del gate_up, grad_act
+        grad_x = grad_gate_up_proj = grad_down_proj = grad_top_k_weights = None
+        if need_weights:
+            grad_top_k_weights = grad_weight.index_select(0, position)
+            if plan.tail_unwritten and not plan.triton_swiglu:
+                grad_top_k_weights = grad_top_k_weights.masked_fill(position >= offsets[-1], 0)
+            grad_top_k_weights = grad_top_k_weights.view(num_tokens, -1).to(ctx.weights_dtype)
+        grouped = plan.tail_unwritten
+        if plan.defer_weight_grads:
+            if need_x:
+                grad_x = gather_sum(_grouped_mm(grad_gate_up, gate_up_proj, offsets, plan.gate_up_gemm), by_token,
+                                    offsets, triton=plan.triton_rows)
+            for param, a, b in ((down_proj, grad_y, act), (gate_up_proj, grad_gate_up, x_sorted)):
+                if param.requires_grad:
+                    ctx.weight_grads.defer(partial(_weight_grad_into, param, a, b, offsets, grouped))
+            return grad_x, None, None, grad_top_k_weights, None, None, None, None, None, None, None, None
+        if need_down:
+            grad_down_proj = _grouped_mm_weight_grad(grad_y, act, offsets, grouped)
+        del grad_y, act
+        if need_x:
+            grad_x = gather_sum(_grouped_mm(grad_gate_up, gate_up_proj, offsets, plan.gate_up_gemm), by_token,
+                                offsets, triton=plan.triton_rows)
+        if need_gate_up:
+            grad_gate_up_proj = _grouped_mm_weight_grad(grad_gate_up, x_sorted, offsets, grouped)
+        return (grad_x, grad_gate_up_proj, grad_down_proj, grad_top_k_weights,
+                None, None, None, None, None, None, None, None)
+
+
+def sort_by_expert(
+    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Order the T·k (token, slot) pairs by expert without a host sync.
+
+    Returns `token [S]` (source token of each sorted row), `order [S]` (flat slot index of each sorted row),
+    `position [T·k]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
+    each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When the caller knows
+    the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong to other ranks),
+    only those rows and one dropped row are kept (S = num_slots + 1) and every dropped slot points at that row.
+    """
+    flat = top_k_index.reshape(-1)
+    # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
+    key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
+    sorted_expert, order = torch.sort(flat.to(key_dtype), stable=True)
+    bounds = torch.arange(1, num_experts + 1, device=flat.device, dtype=sorted_expert.dtype)
+    offsets = torch.searchsorted(sorted_expert, bounds, out_int32=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    if num_slots is not None and num_slots < flat.numel():
+        order = order[: num_slots + 1]
+        position = position.clamp_(max=num_slots)
+    token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor")
+    return token, order, position, offsets
+
+
+def grouped_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    num_slots: int | None = None,
+    weight_grads: WeightGrads | None = None,
+) -> torch.Tensor:
+    """hf-moe's experts implementation (`hf_moe_grouped`): sort the (token, slot) pairs by expert, run the gate/up
+    and down projections as grouped GEMMs with SwiGLU and the routing weight fused between them, and sum each
+    token's k outputs in a fixed order (deterministic, no atomics). No host sync on CUDA. `num_slots`, the number
+    of slots with a real expert when the caller knows it, sizes the buffers to those slots (see `sort_by_expert`).
+    With `weight_grads`, backward may defer the expert weights' gradients to it (see `ExpertsPlan`).
+    Inference with few rows per expert (decode; CUDA, half precision, SiLU, no gradient needed) runs two
+    weight-streaming kernels instead of the grouped GEMMs (see `hf_moe.moe.kernels.decode`).
+    """
+    if hidden_states.shape[0] == 0:
+        return torch.zeros_like(hidden_states)
+    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
+    plan = plan_experts(self, hidden_states, top_k_weights, order.numel(), weight_grads)
+    if plan.decode:
+        x = hidden_states.to(self.gate_up_proj.dtype)
+        out = kernels.decode.decode_experts_forward(
+            x, self.gate_up_proj, self.down_proj, top_k_weights, order, position, offsets
+        )
+        return out.to(hidden_states.dtype)
+    out = _RoutedExpertsFunction.apply(
+        hidden_states.to(self.gate_up_proj.dtype),
+        self.gate_up_proj,
+        self.down_proj,
+        top_k_weights,
+        token,
+        order,
+        position,
+        offsets,
+        self.act_fn,
+        self.config.hidden_act in ("silu", "swish"),
+        plan,
+        weight_grads,
+    )
+    return out.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)
