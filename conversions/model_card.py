@@ -13,7 +13,7 @@ from .init_methods import InitMethod
 
 if TYPE_CHECKING:
     from .sources import DenseSource
-    from .upcycling import UpcycleConfig, UpcycleResult
+    from .upcycle_types import UpcycleConfig, UpcycleResult
 
 # In a source checkout the templates sit next to the package; an installed wheel puts them in the same place
 # (pyproject package data `../model_cards/*.md`).
