@@ -14,7 +14,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .safetensors_io import CheckpointError
+    from hf_moe.checkpoint_files import CheckpointError
+
     from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
     from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
     from .upcycling import upcycle
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 # Public name → the module that defines it.
 _EXPORTS = {
     "SUPPORTED_SOURCES": ".sources",
-    "CheckpointError": ".safetensors_io",
+    "CheckpointError": "hf_moe.checkpoint_files",
     "UnsupportedSourceError": ".sources",
     "UpcycleConfig": ".upcycle_types",
     "UpcycleError": ".upcycle_types",

@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify=args.verify, overwrite=args.overwrite, seed=args.seed, base_model=args.base_model,
         progress=not args.no_progress,
     )
-    from .safetensors_io import CheckpointError
+    from hf_moe.checkpoint_files import CheckpointError
+
     from .sources import UnsupportedSourceError
     from .upcycle_types import UpcycleError
     from .upcycling import upcycle

@@ -16,8 +16,9 @@ import torch
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
+from hf_moe.checkpoint_files import CheckpointError
 
-from .safetensors_io import CheckpointError, SafetensorsReader
+from .safetensors_io import SafetensorsReader
 from .upcycle_types import SUPPORTED_TEXT
 
 SUPPORTED_SOURCES: dict[str, type[PretrainedConfig]] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -10,21 +9,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
+from ..checkpoint_files import tensor_files
 from ..configuration_hf_moe import HfMoeConfig
 from .groups import ExpertParallelGroups, init_expert_parallel
 from .sharding import expert_parallel_groups, expert_parallelize, is_expert_parameter
-
-
-def _tensor_files(path: str) -> dict[str, str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json.")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
 
 
 def load_expert_parallel(
@@ -64,7 +52,7 @@ def load_expert_parallel(
             module.down_proj = nn.Parameter(module.down_proj[start:end])
             module.num_experts = end - start
     model = model.to_empty(device=device).to(dtype)
-    files = _tensor_files(path)
+    files = tensor_files(path)
     state = model.state_dict()
     missing = [n for n in state if n not in files and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if missing:
