@@ -15,9 +15,16 @@ if TYPE_CHECKING:
     from .sources import DenseSource
     from .upcycle_types import UpcycleConfig, UpcycleResult
 
-# In a source checkout the templates sit next to the package; an installed wheel puts them in the same place
-# (pyproject package data `../model_cards/*.md`).
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "upcycled.md"
+
+def _templates_folder() -> Path:
+    """An installed wheel holds the templates as package data (`conversions/model_cards/`, mapped in setup.py);
+    a source checkout or an editable install reads them from the top-level `model_cards/` folder beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "model_cards"
+    return installed if installed.is_dir() else package.parent / "model_cards"
+
+
+TEMPLATE_PATH = _templates_folder() / "upcycled.md"
 
 INIT_DESCRIPTIONS = {
     "copy": "`copy` — every routed expert is an exact copy of (its slice of) the dense MLP: Sparse Upcycling, "
