@@ -7,9 +7,13 @@ converter is imported when a command runs.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib import metadata
+from types import FrameType
 
 from .upcycle_types import DTYPE_NAMES, ROUTER_INITS, SUPPORTED_TEXT, UpcycleConfig
 
@@ -105,12 +109,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .upcycling import upcycle
 
     try:
-        result = upcycle(args.src, args.out, config)
+        with _sigterm_unwinds():
+            result = upcycle(args.src, args.out, config)
     except (UpcycleError, UnsupportedSourceError, CheckpointError) as err:
         print(f"hf-moe upcycle: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only or full disk: the output folder is as it was
+        where = f": {err.filename}" if err.filename else f" (writing {args.out})"
+        print(f"hf-moe upcycle: error: {err.strerror or err}{where}; nothing was written.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hf-moe upcycle: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print("hf-moe upcycle: terminated; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(result.summary())
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it and the
+    conversion unwinds the same way as on Ctrl-C, removing its partial output."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into `_Terminated` while the block runs (signal handlers can only be set in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
+
+from hf_moe.checkpoint_files import CheckpointError
 
 from .init_methods import InitMethod
 
@@ -63,14 +66,27 @@ def _hub_url(base_model: str) -> str | None:
     return f"https://huggingface.co/{base_model}" if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) else None
 
 
-def render_model_card(source: DenseSource, config: UpcycleConfig, init: InitMethod, result: UpcycleResult) -> ModelCard:
-    """Fill the template: hub metadata (base_model, library, tags), parameters, conversion and verification."""
-    base_model = config.base_model or source.path.resolve().name
-    existing = source.path / "README.md"
-    inherited = {}
-    if existing.is_file():  # keep the source's license and languages
+def source_card_fields(source: Path) -> dict[str, Any]:
+    """The license and languages of the source folder's README.md, which the upcycled card keeps.
+
+    Raises `CheckpointError` naming the file if its YAML front matter does not parse; call it before writing.
+    """
+    existing = Path(source) / "README.md"
+    if not existing.is_file():
+        return {}
+    try:
         data = ModelCard.load(existing).data
-        inherited = {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+    except (yaml.YAMLError, ValueError) as err:
+        raise CheckpointError(f"{existing} has YAML front matter (between the '---' lines at its top) that does not "
+                              f"parse as a metadata mapping ({err}); fix or remove it.") from err
+    return {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+
+
+def render_model_card(source: DenseSource, config: UpcycleConfig, init: InitMethod, result: UpcycleResult,
+                      inherited: dict[str, Any]) -> ModelCard:
+    """Fill the template: hub metadata (base_model, library, tags, and `inherited` from `source_card_fields`),
+    parameters, conversion and verification."""
+    base_model = config.base_model or source.path.resolve().name
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",

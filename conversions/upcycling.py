@@ -4,8 +4,8 @@
     result = upcycle("./llama-dense", "./llama-8x", UpcycleConfig(num_experts=8, top_k=2, verify=True))
 
 The conversion streams: it reads one source tensor at a time and writes each expert's rows straight into
-the output shard, so peak memory is about one dense MLP, not the model. Output goes to a temporary sibling
-folder that is moved into place only when complete; an error or Ctrl-C leaves nothing behind.
+the output shard, so peak memory is about one dense MLP, not the model. Output goes to a temporary folder that
+is moved into place only when complete; an error, Ctrl-C or SIGTERM (from the CLI) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from .init_methods import (
     spherical_kmeans,
 )
 from .layerwise import LayerwiseModel
-from .model_card import render_model_card
+from .model_card import render_model_card, source_card_fields
 from .safetensors_io import (
     PlannedTensor,
     parse_size,
@@ -287,9 +287,32 @@ def _planned_tensors(source: DenseSource, plan: _Plan, out_config: HfMoeConfig,
     return planned
 
 
+def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new, uniquely named folder in `parent` with the permissions a plain mkdir gives (the umask applies, unlike
+    mkdtemp's 0700, so the finished output is as readable as any folder the user creates)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def _atomic_output(out: Path) -> Iterator[Path]:
-    """A temporary sibling of `out` that replaces it on success and vanishes on any error or interrupt."""
+    """An empty folder to write into whose contents become `out` on success and vanish on any error or interrupt,
+    leaving `out` as it was.
+
+    A new `out` is a sibling folder renamed into place in one step. An existing `out` (empty, or replaced with
+    overwrite) keeps its own folder, since it may be the working directory or a mount point, which cannot be
+    renamed: the new files are written into a hidden folder inside it and moved up once complete, after its old
+    entries were moved aside (and back, should a move fail).
+    """
+    out = Path(os.path.abspath(out))  # "." and ".." name a folder that has a parent to write beside
+    if out.is_dir():
+        yield from _replace_contents(out)
+        return
     created = []
     parent = out.parent
     while not parent.exists():
@@ -298,21 +321,45 @@ def _atomic_output(out: Path) -> Iterator[Path]:
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".upcycling", dir=out.parent))
+        tmp = _new_folder(out.parent, f".{out.name}.", ".upcycling")
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
-            os.replace(out, old / "previous")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        os.replace(tmp, out)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _replace_contents(out: Path) -> Iterator[Path]:
+    """`_atomic_output` for an existing folder `out` (see there)."""
+    tmp = _new_folder(out, ".hf-moe.", ".upcycling")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _new_folder(out, ".hf-moe.", ".replaced")
+    moved_old, moved_new = [], []
+    try:
+        for entry in out.iterdir():
+            if entry not in (tmp, old):
+                os.replace(entry, old / entry.name)
+                moved_old.append(entry.name)
+        for entry in tmp.iterdir():
+            os.replace(entry, out / entry.name)
+            moved_new.append(entry.name)
+    except BaseException:
+        for name in moved_new:
+            os.replace(out / name, tmp / name)
+        for name in moved_old:
+            os.replace(old / name, out / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    os.rmdir(tmp)
 
 
 def _check_output(src: Path, out: Path, overwrite: bool) -> None:
@@ -338,6 +385,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
     src, out = Path(src), Path(out)
     source = DenseSource.open(src)
     plan = _validate(config, source)
+    card_fields = source_card_fields(src)
     _check_output(src, out, config.overwrite)
     out_config = _output_config(source, plan)
     routers = _kmeans_routers(source, plan, config.progress) if config.router_init == "kmeans" else {}
@@ -371,7 +419,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
                 raise UpcycleError(f"verification failed, nothing was written:\n{verification.summary()}")
         result = UpcycleResult(out, out_config, total, total - inactive, len(shards), not reason, reason,
                                verification, copied, skipped)
-        render_model_card(source, config, plan.init, result).save(tmp / "README.md")
+        render_model_card(source, config, plan.init, result, card_fields).save(tmp / "README.md")
     return result
 
 
