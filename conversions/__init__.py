@@ -4,12 +4,35 @@
     upcycle("./llama-dense", "./llama-8x", UpcycleConfig(num_experts=8, top_k=2, verify=True))
 
 The same from the shell: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 --verify` (or `python -m conversions`).
+
+The names below are imported on first use, so `hf-moe --help` answers without loading torch and transformers.
 """
 
-from .safetensors_io import CheckpointError
-from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
-from .upcycling import UpcycleConfig, UpcycleError, UpcycleResult, upcycle
-from .verification import VerifyResult, verify_upcycle
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from hf_moe.checkpoint_files import CheckpointError
+
+    from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
+    from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
+    from .upcycling import upcycle
+    from .verification import verify_upcycle
+
+# Public name → the module that defines it.
+_EXPORTS = {
+    "SUPPORTED_SOURCES": ".sources",
+    "CheckpointError": "hf_moe.checkpoint_files",
+    "UnsupportedSourceError": ".sources",
+    "UpcycleConfig": ".upcycle_types",
+    "UpcycleError": ".upcycle_types",
+    "UpcycleResult": ".upcycle_types",
+    "VerifyResult": ".upcycle_types",
+    "upcycle": ".upcycling",
+    "verify_upcycle": ".verification",
+}
 
 __all__ = [
     "SUPPORTED_SOURCES",
@@ -22,3 +45,15 @@ __all__ = [
     "upcycle",
     "verify_upcycle",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

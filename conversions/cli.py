@@ -1,25 +1,59 @@
-"""The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]`."""
+"""The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]`.
+
+Building the parser imports neither torch nor transformers (`--help` and `--version` answer at once); the
+converter is imported when a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from types import FrameType
 
-from .safetensors_io import CheckpointError
-from .sources import SUPPORTED_TEXT, UnsupportedSourceError
-from .upcycling import DTYPES, ROUTER_INITS, UpcycleConfig, UpcycleError, upcycle
+from .upcycle_types import DTYPE_NAMES, ROUTER_INITS, SUPPORTED_TEXT, UpcycleConfig
+
+
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" to an option's help, except to on/off flags and where X is None (the help then says
+    what None means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the installed distribution's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the hf-moe version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args) -> None:
+        try:
+            version = metadata.version("hf-moe")
+        except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH, not installed
+            from hf_moe import __version__ as version
+        print(f"hf-moe {version}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-moe", description="hf-moe tools for Mixture-of-Experts checkpoints.")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser(
         "upcycle",
         help="turn a dense checkpoint into an hf-moe mixture-of-experts checkpoint",
         description=f"Upcycle a dense checkpoint folder (safetensors; {SUPPORTED_TEXT}) into an hf-moe MoE "
                     f"checkpoint folder, streaming one tensor at a time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     defaults = UpcycleConfig()
     up.add_argument("src", help="dense checkpoint folder (config.json + safetensors)")
@@ -35,18 +69,23 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--shared-expert-gate", action="store_true",
                     help="sigmoid gate on the shared experts, zero-initialised (σ(0) = ½)")
     up.add_argument("--init", default=defaults.init, help="copy | noise:STD | drop:R (Drop-Upcycling)")
-    up.add_argument("--router-init", default=defaults.router_init, choices=ROUTER_INITS)
+    up.add_argument("--router-init", default=defaults.router_init, choices=ROUTER_INITS,
+                    help="router rows: normal = N(0, initializer_range²) per virtual group; zeros = uniform "
+                         "routing; kmeans = k-means centroids of the dense MLP inputs over --calibration-file")
     up.add_argument("--calibration-file", default=None, help="text file for --router-init kmeans")
     up.add_argument("--calibration-tokens", type=int, default=defaults.calibration_tokens,
                     help="at most this many calibration tokens")
     up.add_argument("--calibration-seq-len", type=int, default=defaults.calibration_seq_len,
                     help="calibration sequence length")
-    up.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPES), help="output dtype")
+    up.add_argument("--dtype", default=defaults.dtype, choices=sorted(DTYPE_NAMES),
+                    help="output dtype (auto: the source's)")
     up.add_argument("--max-shard-size", default=defaults.max_shard_size, help="e.g. 5GB, 500MB, 4GiB")
     up.add_argument("--verify", action="store_true",
                     help="compare dense and MoE logits on random tokens (float32, layer by layer)")
     up.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
-    up.add_argument("--seed", type=int, default=defaults.seed)
+    up.add_argument("--seed", type=int, default=defaults.seed,
+                    help="seeds every random choice (router rows, noise, dropped neurons, k-means): the same seed "
+                         "and settings give the same weights")
     up.add_argument("--base-model", default=None, help="hub id for the model card (default: source folder name)")
     up.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -63,13 +102,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify=args.verify, overwrite=args.overwrite, seed=args.seed, base_model=args.base_model,
         progress=not args.no_progress,
     )
+    from hf_moe.checkpoint_files import CheckpointError
+
+    from .sources import UnsupportedSourceError
+    from .upcycle_types import UpcycleError
+    from .upcycling import upcycle
+
     try:
-        result = upcycle(args.src, args.out, config)
+        with _sigterm_unwinds():
+            result = upcycle(args.src, args.out, config)
     except (UpcycleError, UnsupportedSourceError, CheckpointError) as err:
         print(f"hf-moe upcycle: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a read-only or full disk: the output folder is as it was
+        where = f": {err.filename}" if err.filename else f" (writing {args.out})"
+        print(f"hf-moe upcycle: error: {err.strerror or err}{where}; nothing was written.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("hf-moe upcycle: interrupted; nothing was written.", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print("hf-moe upcycle: terminated; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     print(result.summary())
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, like KeyboardInterrupt, so no `except Exception` swallows it and the
+    conversion unwinds the same way as on Ctrl-C, removing its partial output."""
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into `_Terminated` while the block runs (signal handlers can only be set in the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        raise _Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -35,12 +35,12 @@ class InitMethod:
                 value = float(arg)
             except ValueError:
                 value = math.nan
-            if kind == "noise" and value >= 0:
+            if kind == "noise" and math.isfinite(value) and value >= 0:  # nan or inf would be written as weights
                 return cls(kind, value)
             if kind == "drop" and 0 <= value <= 1:
                 return cls(kind, value)
-        raise ValueError(f"init={text!r} is invalid: expected 'copy', 'noise:STD' with STD >= 0 (e.g. noise:0.01) or "
-                         f"'drop:R' with R in [0, 1] (e.g. drop:0.5).")
+        raise ValueError(f"init={text!r} is invalid: expected 'copy', 'noise:STD' with a finite STD >= 0 (e.g. "
+                         f"noise:0.01) or 'drop:R' with R in [0, 1] (e.g. drop:0.5).")
 
     @property
     def preserves_function(self) -> bool:

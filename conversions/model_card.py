@@ -5,19 +5,29 @@ from __future__ import annotations
 import re
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+import yaml
 from huggingface_hub import ModelCard, ModelCardData
+
+from hf_moe.checkpoint_files import CheckpointError
 
 from .init_methods import InitMethod
 
 if TYPE_CHECKING:
     from .sources import DenseSource
-    from .upcycling import UpcycleConfig, UpcycleResult
+    from .upcycle_types import UpcycleConfig, UpcycleResult
 
-# In a source checkout the templates sit next to the package; an installed wheel puts them in the same place
-# (pyproject package data `../model_cards/*.md`).
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "upcycled.md"
+
+def _templates_folder() -> Path:
+    """An installed wheel holds the templates as package data (`conversions/model_cards/`, mapped in setup.py);
+    a source checkout or an editable install reads them from the top-level `model_cards/` folder beside the package."""
+    package = Path(__file__).resolve().parent
+    installed = package / "model_cards"
+    return installed if installed.is_dir() else package.parent / "model_cards"
+
+
+TEMPLATE_PATH = _templates_folder() / "upcycled.md"
 
 INIT_DESCRIPTIONS = {
     "copy": "`copy` — every routed expert is an exact copy of (its slice of) the dense MLP: Sparse Upcycling, "
@@ -56,14 +66,27 @@ def _hub_url(base_model: str) -> str | None:
     return f"https://huggingface.co/{base_model}" if re.fullmatch(r"[\w.-]+/[\w.-]+", base_model) else None
 
 
-def render_model_card(source: DenseSource, config: UpcycleConfig, init: InitMethod, result: UpcycleResult) -> ModelCard:
-    """Fill the template: hub metadata (base_model, library, tags), parameters, conversion and verification."""
-    base_model = config.base_model or source.path.resolve().name
-    existing = source.path / "README.md"
-    inherited = {}
-    if existing.is_file():  # keep the source's license and languages
+def source_card_fields(source: Path) -> dict[str, Any]:
+    """The license and languages of the source folder's README.md, which the upcycled card keeps.
+
+    Raises `CheckpointError` naming the file if its YAML front matter does not parse; call it before writing.
+    """
+    existing = Path(source) / "README.md"
+    if not existing.is_file():
+        return {}
+    try:
         data = ModelCard.load(existing).data
-        inherited = {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+    except (yaml.YAMLError, ValueError) as err:
+        raise CheckpointError(f"{existing} has YAML front matter (between the '---' lines at its top) that does not "
+                              f"parse as a metadata mapping ({err}); fix or remove it.") from err
+    return {k: getattr(data, k) for k in ("license", "language") if getattr(data, k, None)}
+
+
+def render_model_card(source: DenseSource, config: UpcycleConfig, init: InitMethod, result: UpcycleResult,
+                      inherited: dict[str, Any]) -> ModelCard:
+    """Fill the template: hub metadata (base_model, library, tags, and `inherited` from `source_card_fields`),
+    parameters, conversion and verification."""
+    base_model = config.base_model or source.path.resolve().name
     card_data = ModelCardData(
         base_model=base_model,
         library_name="transformers",

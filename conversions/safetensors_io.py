@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+from hf_moe.checkpoint_files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, tensor_files
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -35,10 +34,6 @@ _DTYPES_BY_NAME = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfl
                    "I64": torch.int64, "I32": torch.int32}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, incomplete or unreadable."""
-
-
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
@@ -49,43 +44,20 @@ class TensorInfo:
 class SafetensorsReader:
     """Index of the tensors in a folder's `model.safetensors` or sharded `model.safetensors.index.json`.
 
-    Every shard named by the index must exist and parse; `get` reads one tensor and releases the file.
+    Every shard named by the index must exist and parse (`hf_moe.checkpoint_files.tensor_files`); `get` reads one
+    tensor and releases the file.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        index_path = self.folder / SAFE_WEIGHTS_INDEX_NAME
-        if index_path.is_file():
-            try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index_path} is not a valid safetensors index ({err}).") from err
-            files = sorted(set(weight_map.values()))
-        elif (self.folder / SAFE_WEIGHTS_NAME).is_file():
-            weight_map, files = None, [SAFE_WEIGHTS_NAME]
-        else:
-            raise CheckpointError(_no_safetensors_message(self.folder))
-        missing = [f for f in files if not (self.folder / f).is_file()]
-        if missing:
-            raise CheckpointError(f"shard(s) {', '.join(missing)} listed in {index_path.name} are missing from "
-                                  f"{self.folder}.")
+        files = tensor_files(self.folder)
         self.tensors: dict[str, TensorInfo] = {}
-        for name in files:
-            path = self.folder / name
-            try:
-                with safe_open(path, framework="pt") as f:
-                    for key in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
-                        piece = f.get_slice(key)
-                        self.tensors[key] = TensorInfo(path, tuple(piece.get_shape()), _DTYPES_BY_NAME.get(
-                            piece.get_dtype(), piece.get_dtype()))
-            except SafetensorError as err:
-                raise CheckpointError(f"{path} is not a readable safetensors file ({err}); it may be truncated or "
-                                      f"corrupt — re-download it.") from err
-        if weight_map is not None:
-            wrong = [k for k, f in weight_map.items() if k not in self.tensors or self.tensors[k].file.name != f]
-            if wrong:
-                raise CheckpointError(f"{index_path.name} maps {len(wrong)} tensor(s) to shards that do not hold them "
-                                      f"(first: {wrong[:5]}); the checkpoint is incomplete or corrupt.")
+        for path in sorted(set(files.values())):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
+                    piece = f.get_slice(key)
+                    self.tensors[key] = TensorInfo(path, tuple(piece.get_shape()),
+                                                   _DTYPES_BY_NAME.get(piece.get_dtype(), piece.get_dtype()))
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -95,19 +67,6 @@ class SafetensorsReader:
         info = self.tensors[name]
         with safe_open(info.file, framework="pt") as f:
             return f.get_tensor(name)
-
-
-def _no_safetensors_message(folder: Path) -> str:
-    if not folder.is_dir():
-        return f"source folder {folder} does not exist."
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
-    if pickles:
-        return (f"{folder} holds only pickle weights ({', '.join(pickles)}), which hf-moe never loads because "
-                f"unpickling can run arbitrary code. Convert them to safetensors first (for example "
-                f"`model = AutoModelForCausalLM.from_pretrained(src); model.save_pretrained(dst)` in an environment "
-                f"you trust), then upcycle the safetensors copy.")
-    return (f"{folder} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}; expected a transformers "
-            f"checkpoint folder saved with safetensors.")
 
 
 def parse_size(size: int | str) -> int:

@@ -16,8 +16,10 @@ import torch
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM
+from hf_moe.checkpoint_files import CheckpointError
 
-from .safetensors_io import CheckpointError, SafetensorsReader
+from .safetensors_io import SafetensorsReader
+from .upcycle_types import SUPPORTED_TEXT
 
 SUPPORTED_SOURCES: dict[str, type[PretrainedConfig]] = {
     "llama": LlamaConfig,
@@ -25,8 +27,6 @@ SUPPORTED_SOURCES: dict[str, type[PretrainedConfig]] = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
 }
-SUPPORTED_TEXT = ("llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2 (Qwen2ForCausalLM), "
-                  "qwen3 (Qwen3ForCausalLM)")
 
 # Fields copied unchanged from the source config.
 _COMMON_FIELDS = (

@@ -4,8 +4,8 @@
     result = upcycle("./llama-dense", "./llama-8x", UpcycleConfig(num_experts=8, top_k=2, verify=True))
 
 The conversion streams: it reads one source tensor at a time and writes each expert's rows straight into
-the output shard, so peak memory is about one dense MLP, not the model. Output goes to a temporary sibling
-folder that is moved into place only when complete; an error or Ctrl-C leaves nothing behind.
+the output shard, so peak memory is about one dense MLP, not the model. Output goes to a temporary folder that
+is moved into place only when complete; an error, Ctrl-C or SIGTERM (from the CLI) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from .init_methods import (
     spherical_kmeans,
 )
 from .layerwise import LayerwiseModel
-from .model_card import render_model_card
+from .model_card import render_model_card, source_card_fields
 from .safetensors_io import (
     PlannedTensor,
     parse_size,
@@ -44,104 +44,14 @@ from .safetensors_io import (
     write_shards,
 )
 from .sources import DenseSource, expected_shapes
-from .verification import VerifyResult, verify_upcycle
+from .upcycle_types import DTYPE_NAMES, ROUTER_INITS, UpcycleConfig, UpcycleError, UpcycleResult
+from .verification import verify_upcycle
 
-DTYPES = {"auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
-ROUTER_INITS = ("normal", "zeros", "kmeans")
+DTYPES: dict[str, torch.dtype | None] = {name: dtype and getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
 # Files of the source folder that are not carried over: weights (rewritten), the config and card (regenerated),
 # remote code (hf-moe is the code) and pickles (never touched).
 _NOT_COPIED = re.compile(r"(.*\.(safetensors|bin|pt|pth|ckpt|pkl|h5|msgpack|gguf|py)|model\.safetensors\.index\.json|"
                          r"pytorch_model\.bin\.index\.json|config\.json|README\.md|\..*)")
-
-
-class UpcycleError(ValueError):
-    """The requested conversion is invalid; nothing was written."""
-
-
-@dataclass
-class UpcycleConfig:
-    """What to build from the dense model. The CLI flags carry the same names (`--num-experts` → `num_experts`).
-
-    Args:
-        num_experts: routed experts per MoE layer (E).
-        top_k: experts per token (k); a multiple of `granularity`.
-        moe_layers: `"all"`, `"every-other"` (layers 0, 2, 4, ...) or explicit indices (`[0, 2, 5]` or `"0,2,5"`);
-            the other layers keep their dense MLP.
-        granularity: G, fine-grained experts of width I/G (He et al. 2024); E and k must be multiples of G.
-        shared_experts: N shared experts of width I/G every token passes through (a multiple of G; they are
-            N/G copies of the dense MLP). Shared and routed halves are each scaled by ½ to preserve function.
-        shared_expert_gate: add a sigmoid gate on the shared experts, zero-initialised so σ(0) = ½ does the
-            shared half's scaling.
-        init: `"copy"` (Sparse Upcycling), `"noise:STD"` (add N(0, STD²) to every routed expert weight) or
-            `"drop:R"` (Drop-Upcycling: re-initialise fraction R of each expert's intermediate neurons).
-        router_init: `"normal"` (N(0, initializer_range²)), `"zeros"` (uniform routing) or `"kmeans"`
-            (k-means centroids of the dense model's MLP inputs over `calibration_file`).
-        calibration_file: UTF-8 text for `router_init="kmeans"`, tokenised with the source's tokenizer.
-        calibration_tokens: at most this many calibration tokens, cut into sequences of `calibration_seq_len`.
-        calibration_seq_len: length of each calibration sequence (the text's tail that does not fill one is
-            dropped).
-        dtype: `"auto"` (the source's) or `"bf16"`, `"fp16"`, `"fp32"`.
-        max_shard_size: largest shard, e.g. `"5GB"` (decimal) or `"4GiB"`, or bytes.
-        verify: compare dense and upcycled models on random tokens after writing (see `verify_upcycle`);
-            for function-preserving settings a relative logit difference above 1e-5 aborts the conversion.
-        overwrite: replace a non-empty output folder (only once the new one is complete).
-        seed: seeds every random choice (router rows, noise, dropped neurons, k-means).
-        base_model: hub id recorded in the model card (default: the source folder's name).
-        progress: show tqdm progress bars.
-    """
-
-    num_experts: int = 8
-    top_k: int = 2
-    moe_layers: str | Sequence[int] = "all"
-    granularity: int = 1
-    shared_experts: int = 0
-    shared_expert_gate: bool = False
-    init: str = "copy"
-    router_init: str = "normal"
-    calibration_file: str | os.PathLike | None = None
-    calibration_tokens: int = 8192
-    calibration_seq_len: int = 512
-    dtype: str = "auto"
-    max_shard_size: int | str = "5GB"
-    verify: bool = False
-    overwrite: bool = False
-    seed: int = 0
-    base_model: str | None = None
-    progress: bool = True
-
-
-@dataclass
-class UpcycleResult:
-    """What was written: the folder, its config, parameter counts, and the verification if one ran."""
-
-    output: Path
-    config: HfMoeConfig
-    total_parameters: int
-    active_parameters: int
-    num_shards: int
-    function_preserving: bool
-    change_reason: str
-    verification: VerifyResult | None = None
-    copied_files: list[str] = field(default_factory=list)
-    skipped_files: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        cfg = self.config
-        shards = f"{self.num_shards} shard{'s' if self.num_shards > 1 else ''}"
-        lines = [
-            f"wrote {self.output} ({shards}): {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}, MoE layers "
-            + str(cfg.moe_layer_indices),
-            f"  parameters: {self.total_parameters:,} total, {self.active_parameters:,} active per token",
-            f"  copied unchanged: {', '.join(self.copied_files) or 'nothing'}",
-        ]
-        if self.skipped_files:
-            lines.append(f"  not copied: {', '.join(self.skipped_files)}")
-        if self.verification is not None:
-            lines.append(self.verification.summary())
-        elif not self.function_preserving:
-            lines.append(f"  note: the function changes by design ({self.change_reason}).")
-        return "\n".join(lines)
 
 
 def parse_moe_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
@@ -377,9 +287,32 @@ def _planned_tensors(source: DenseSource, plan: _Plan, out_config: HfMoeConfig,
     return planned
 
 
+def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new, uniquely named folder in `parent` with the permissions a plain mkdir gives (the umask applies, unlike
+    mkdtemp's 0700, so the finished output is as readable as any folder the user creates)."""
+    while True:
+        folder = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
 @contextmanager
 def _atomic_output(out: Path) -> Iterator[Path]:
-    """A temporary sibling of `out` that replaces it on success and vanishes on any error or interrupt."""
+    """An empty folder to write into whose contents become `out` on success and vanish on any error or interrupt,
+    leaving `out` as it was.
+
+    A new `out` is a sibling folder renamed into place in one step. An existing `out` (empty, or replaced with
+    overwrite) keeps its own folder, since it may be the working directory or a mount point, which cannot be
+    renamed: the new files are written into a hidden folder inside it and moved up once complete, after its old
+    entries were moved aside (and back, should a move fail).
+    """
+    out = Path(os.path.abspath(out))  # "." and ".." name a folder that has a parent to write beside
+    if out.is_dir():
+        yield from _replace_contents(out)
+        return
     created = []
     parent = out.parent
     while not parent.exists():
@@ -388,21 +321,45 @@ def _atomic_output(out: Path) -> Iterator[Path]:
     tmp = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".upcycling", dir=out.parent))
+        tmp = _new_folder(out.parent, f".{out.name}.", ".upcycling")
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".replaced", dir=out.parent))
-            os.replace(out, old / "previous")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        os.replace(tmp, out)
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+def _replace_contents(out: Path) -> Iterator[Path]:
+    """`_atomic_output` for an existing folder `out` (see there)."""
+    tmp = _new_folder(out, ".hf-moe.", ".upcycling")
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = _new_folder(out, ".hf-moe.", ".replaced")
+    moved_old, moved_new = [], []
+    try:
+        for entry in out.iterdir():
+            if entry not in (tmp, old):
+                os.replace(entry, old / entry.name)
+                moved_old.append(entry.name)
+        for entry in tmp.iterdir():
+            os.replace(entry, out / entry.name)
+            moved_new.append(entry.name)
+    except BaseException:
+        for name in moved_new:
+            os.replace(out / name, tmp / name)
+        for name in moved_old:
+            os.replace(old / name, out / name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.rmdir(old)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    os.rmdir(tmp)
 
 
 def _check_output(src: Path, out: Path, overwrite: bool) -> None:
@@ -428,6 +385,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
     src, out = Path(src), Path(out)
     source = DenseSource.open(src)
     plan = _validate(config, source)
+    card_fields = source_card_fields(src)
     _check_output(src, out, config.overwrite)
     out_config = _output_config(source, plan)
     routers = _kmeans_routers(source, plan, config.progress) if config.router_init == "kmeans" else {}
@@ -461,7 +419,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
                 raise UpcycleError(f"verification failed, nothing was written:\n{verification.summary()}")
         result = UpcycleResult(out, out_config, total, total - inactive, len(shards), not reason, reason,
                                verification, copied, skipped)
-        render_model_card(source, config, plan.init, result).save(tmp / "README.md")
+        render_model_card(source, config, plan.init, result, card_fields).save(tmp / "README.md")
     return result
 
 

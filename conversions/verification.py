@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,48 +12,13 @@ from hf_moe import HfMoeConfig
 from .layerwise import LayerwiseModel
 from .safetensors_io import SafetensorsReader
 from .sources import DenseSource
-
-FUNCTION_PRESERVING_TOLERANCE = 1e-5
+from .upcycle_types import VerifyResult
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a-b| / max|b|, in float64."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
-
-
-@dataclass
-class VerifyResult:
-    """Max abs / rel difference of the logits (and of the hidden states after each layer)."""
-
-    max_abs: float
-    max_rel: float
-    layer_rel: list[float]
-    num_tokens: int
-    expect_equal: bool
-    reason: str = ""
-    tolerance: float = FUNCTION_PRESERVING_TOLERANCE
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        """For function-preserving settings: logits agree within the tolerance. Otherwise always True."""
-        return not self.expect_equal or self.max_rel <= self.tolerance
-
-    def summary(self) -> str:
-        head = (f"verify: {self.num_tokens} random tokens, float32, layer by layer: "
-                f"max |Δ logits| = {self.max_abs:.3e}, max rel = {self.max_rel:.3e}")
-        layers = ", ".join(f"{r:.1e}" for r in self.layer_rel)
-        lines = [head, f"  rel. difference of hidden states after each layer: [{layers}]"]
-        if self.expect_equal:
-            verdict = "PASS" if self.passed else "FAIL"
-            lines.append(f"  {verdict}: this configuration preserves the dense model's function "
-                         f"(required rel ≤ {self.tolerance:.0e}).")
-        else:
-            lines.append(f"  the function changes by design ({self.reason}); the numbers above are the measured "
-                         f"deviation, not an error.")
-        lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 @torch.no_grad()

@@ -1,9 +1,11 @@
 """Bad input is refused with a clear error before anything is written; interrupted conversions leave nothing behind;
 the CLI (`python -m conversions upcycle`) works end to end."""
 
+import errno
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -218,3 +220,110 @@ def test_cli_says_when_the_function_changes_by_design(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "the function changes by design (init=noise:0.02" in out and "max rel" in out
+
+
+SMALL = ["--num-experts", "4", "--top-k", "2", "--no-progress"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_upcycle_into_the_working_directory(tmp_path, monkeypatch, overwrite):
+    """`hf-moe upcycle SRC .` from an empty folder, or over an old model with --overwrite: the folder itself stays
+    (it is the shell's working directory) and ends up holding exactly the new model."""
+    save_dense("llama", tmp_path / "dense")
+    here = tmp_path / "here"
+    here.mkdir()
+    if overwrite:
+        (here / "old-model.txt").write_text("replaced")
+    inode = here.stat().st_ino
+    monkeypatch.chdir(here)
+    assert cli_main(["upcycle", str(tmp_path / "dense"), ".", *SMALL, *(["--overwrite"] if overwrite else [])]) == 0
+    assert entries(tmp_path) == {"dense", "here"}, "no temporary or replaced folder may remain"
+    assert here.stat().st_ino == inode and os.path.samefile(Path.cwd(), here)
+    assert entries(here) == {"config.json", "generation_config.json", "model.safetensors", "README.md"}
+    model = AutoModelForCausalLM.from_pretrained(here)
+    assert model.config.num_experts == 4
+
+
+def test_sigterm_leaves_no_target_and_no_temporary_folder(tmp_path):
+    work = tmp_path / "work"
+    save_dense("llama", work / "dense")
+    marker = tmp_path / "marker"
+    before = entries(work)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    child = subprocess.Popen([sys.executable, "-c", CTRL_C_CHILD, str(work / "dense"), str(work / "out"), str(marker)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), child.communicate()[1]
+    assert any(name.endswith(".upcycling") for name in entries(work)), "the temporary folder should exist mid-way"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 128 + signal.SIGTERM and "terminated; nothing was written" in err, err
+    assert entries(work) == before
+
+
+@pytest.mark.parametrize("init", ["noise:inf", "noise:nan", "noise:1e999", "noise:-inf", "drop:nan"])
+def test_non_finite_init_values_are_refused(tmp_path, init):
+    save_dense("llama", tmp_path / "dense")
+    assert_refused(tmp_path, tmp_path / "dense", UpcycleError, rf"init='{init}' is invalid: .*finite", init=init)
+
+
+@pytest.mark.parametrize("front_matter", ["license: [unclosed", "- a list\n- not a mapping"])
+def test_broken_source_model_card_is_named_before_anything_is_written(tmp_path, monkeypatch, front_matter):
+    save_dense("llama", tmp_path / "dense")
+    (tmp_path / "dense" / "README.md").write_text(f"---\n{front_matter}\n---\n# dense\n")
+    writes = []
+    monkeypatch.setattr(conversions.safetensors_io, "_write_tensor", lambda f, planned: writes.append(planned.name))
+    assert_refused(tmp_path, tmp_path / "dense", CheckpointError, r"dense/README\.md has YAML front matter",
+                   num_experts=4, top_k=2)
+    assert writes == []
+
+
+def test_full_disk_gives_one_line_and_keeps_the_old_output(tmp_path, monkeypatch, capsys):
+    save_dense("llama", tmp_path / "dense")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old model")
+    before = entries(tmp_path)
+    write_tensor, calls = conversions.safetensors_io._write_tensor, []
+
+    def full_disk(f, planned):
+        calls.append(planned.name)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_tensor(f, planned)
+
+    monkeypatch.setattr(conversions.safetensors_io, "_write_tensor", full_disk)
+    capsys.readouterr()
+    code = cli_main(["upcycle", str(tmp_path / "dense"), str(tmp_path / "out"), *SMALL, "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"{os.strerror(errno.ENOSPC)} (writing {tmp_path / 'out'}); nothing was written" in err
+    assert entries(tmp_path) == before and entries(tmp_path / "out") == {"keep.txt"}
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_target_gives_one_line(tmp_path, capsys):
+    save_dense("llama", tmp_path / "dense")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    capsys.readouterr()
+    try:
+        code = cli_main(["upcycle", str(tmp_path / "dense"), str(locked / "out"), *SMALL])
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Permission denied" in err and str(locked) in err, err
+    assert entries(locked) == set()
+
+
+def test_output_folder_has_the_permissions_of_a_plain_mkdir(tmp_path):
+    save_dense("llama", tmp_path / "dense")
+    previous = os.umask(0o027)
+    try:
+        upcycle(tmp_path / "dense", tmp_path / "out", UpcycleConfig(num_experts=4, top_k=2, progress=False))
+        (tmp_path / "mkdir").mkdir()
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == stat.S_IMODE((tmp_path / "mkdir").stat().st_mode)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o750

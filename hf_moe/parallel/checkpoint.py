@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -12,24 +11,12 @@ from safetensors import safe_open
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
+from ..checkpoint_files import tensor_files
 from ..configuration_hf_moe import HfMoeConfig
 from ..moe.block import expert_modules
 from .collectives import gather_experts
 from .groups import ExpertParallelGroups, init_expert_parallel
 from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names, shard_experts
-
-
-def _tensor_files(path: str) -> dict[str, str]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json.")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
-
 
 # What `from_pretrained(..., expert_parallel_size=P)` does with transformers' keyword arguments: passed on, accepted
 # because they change nothing for a local folder, or refused because they would change what is read.
@@ -107,7 +94,7 @@ def load_expert_parallel(
     for experts in expert_modules(model).values():
         shard_experts(experts, start, end)
     model = model.to_empty(device=device).to(dtype)
-    files = _tensor_files(path)
+    files = tensor_files(path)
     expert_names = set(expert_parameter_names(model))
     state = model.state_dict()
     missing = [n for n in state if n not in files and not (n == "lm_head.weight" and config.tie_word_embeddings)]
