@@ -99,6 +99,9 @@ class HfMoeConfig(PretrainedConfig):
         "layers.*.mlp.shared_experts.up_proj": "colwise",
         "layers.*.mlp.shared_experts.down_proj": "rowwise",
     }
+    # No `base_model_ep_plan`: transformers' expert-parallel styles assume every routing slot names a real expert and
+    # set `experts.num_experts` to this rank's count, while hf-moe's capacity and expert-choice routing mark dropped
+    # slots with the id `num_experts`. Expert parallelism is `from_pretrained(..., expert_parallel_size=P)`.
 
     vocab_size: int = 32000
     hidden_size: int = 512
