@@ -79,6 +79,32 @@ class HfMoeConfig(PretrainedConfig):
     model_type = "hf_moe"
     keys_to_ignore_at_inference = ["past_key_values"]
 
+    # transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")`): attention shards by head, every
+    # SwiGLU MLP (dense, shared experts, each routed expert) by its intermediate dimension, and each of them
+    # all-reduces its output. The router and `shared_expert_gate` stay replicated: they read the replicated residual
+    # stream and every rank needs their whole output. `q_norm`/`k_norm` see only this rank's heads, so their
+    # gradients are summed over the ranks.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+    }
+    # No `base_model_ep_plan`: transformers' expert-parallel styles assume every routing slot names a real expert and
+    # set `experts.num_experts` to this rank's count, while hf-moe's capacity and expert-choice routing mark dropped
+    # slots with the id `num_experts`. Expert parallelism is `from_pretrained(..., expert_parallel_size=P)`.
+
     vocab_size: int = 32000
     hidden_size: int = 512
     intermediate_size: int = 1408

@@ -322,6 +322,7 @@ class HfMoeModel(HfMoePreTrainedModel):
 
 class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: HfMoeConfig) -> None:
         super().__init__(config)
