@@ -4,8 +4,8 @@
 
 Every rank creates the Accelerator with `InitProcessGroupKwargs(timeout=TIMEOUT_S)`, then loads WORKDIR/model under
 expert parallelism (P = 2, `global_aux_loss=False`, so only the expert-parallel groups carry the MoE collectives).
-Rank 1 sleeps STALL_S seconds inside the first MoE layer's forward. Rank 0 writes what its forward ended with (the error,
-or "finished") and how long it took to WORKDIR/rank0.json, then exits non-zero on an error, which ends the job.
+Rank 1 sleeps STALL_S seconds inside the first MoE layer's forward. Rank 0 writes what its forward ended with (the
+error, or "finished") and how long it took to WORKDIR/rank0.json, then exits non-zero on an error, which ends the job.
 """
 
 import json
