@@ -2,6 +2,7 @@
 
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --resume out/ep/last
+    python examples/finetune_ep.py MODEL                    # one process (--expert-parallel-size 1): no launcher
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --padded-dispatch
     accelerate launch --num_processes 4 examples/finetune_ep.py MODEL --expert-parallel-size 2 --bf16 --cuda-graphs
 
@@ -11,6 +12,10 @@ W processes = P (expert-parallel size) × D replicas. Each process holds E/P exp
 checkpoint; attention, norms, embeddings and routers are replicated and averaged by DDP; expert gradients are
 synced by `hf_moe.parallel.finish_gradients`, which also clips by the global gradient norm. Works on CPUs (gloo)
 and GPUs (NCCL) unchanged.
+
+`--resume CKPT` continues where CKPT stopped: same weights, optimizer state and data position (the batches
+already consumed are skipped, so the run sees what an uninterrupted one would). It writes into a new folder,
+`CKPT-resumed` unless `--output-dir` says otherwise, and never over CKPT itself without `--overwrite-resumed`.
 """
 
 import argparse
@@ -19,7 +24,7 @@ import os
 import sysconfig
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
@@ -47,7 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="hf-moe model folder (with tokenizer)")
     parser.add_argument("--expert-parallel-size", type=int, default=1, help="P; must divide the number of processes")
-    parser.add_argument("--output-dir", default="out/ep")
+    parser.add_argument("--output-dir", default=None,
+                        help="checkpoints go to OUTPUT_DIR/last (default: out/ep, or CKPT-resumed with --resume CKPT)")
     parser.add_argument("--train-file", default=None)
     parser.add_argument("--max-bytes", type=int, default=500_000)
     parser.add_argument("--block-size", type=int, default=128)
@@ -59,6 +65,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     parser.add_argument("--resume", default=None, help="checkpoint folder written by this script")
+    parser.add_argument("--overwrite-resumed", action="store_true",
+                        help="allow saving over the checkpoint given to --resume (refused otherwise)")
     parser.add_argument("--padded-dispatch", action="store_true",
                         help="send every token to every rank of its EP group: no host sync per MoE layer (faster on "
                              "GPUs at small P); fine here, since every batch is batch-size x block-size tokens")
@@ -68,42 +76,62 @@ def main() -> None:
                              "(hf_moe.capture_moe_cuda_graphs; implies --padded-dispatch)")
     args = parser.parse_args()
 
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available())
-    start_step = 0
+    output_dir = args.output_dir or (args.resume.rstrip("/\\") + "-resumed" if args.resume else "out/ep")
+    last = os.path.join(output_dir, "last")
+    if args.resume and not args.overwrite_resumed and os.path.realpath(last) == os.path.realpath(args.resume):
+        parser.error(f"saving to {last} would overwrite the checkpoint being resumed: pick another --output-dir "
+                     "or pass --overwrite-resumed")
+    # a seedable sampler makes each epoch's order a function of (data_seed, epoch), so a resumed run can find it
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not torch.cuda.is_available(),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=0))
+    start_step, start_batches = 0, 0
     source = args.resume or args.model
     if args.resume:
         with open(os.path.join(args.resume, "step.txt")) as f:
             start_step = int(f.read())
-    model = hf_moe.HfMoeForCausalLM.from_pretrained(
-        source, expert_parallel_size=args.expert_parallel_size, device=accelerator.device,
-        dtype=torch.bfloat16 if args.bf16 else None, padded_dispatch=args.padded_dispatch or args.cuda_graphs,
-    )
+        with open(os.path.join(args.resume, "batches.txt")) as f:
+            start_batches = int(f.read())
+    # one process and P = 1 (plain `python`): no process group, an ordinary model and checkpoint
+    distributed = accelerator.num_processes > 1 or args.expert_parallel_size > 1
+    dtype = torch.bfloat16 if args.bf16 else None
+    if distributed:
+        model = hf_moe.HfMoeForCausalLM.from_pretrained(
+            source, expert_parallel_size=args.expert_parallel_size, device=accelerator.device, dtype=dtype,
+            padded_dispatch=args.padded_dispatch or args.cuda_graphs,
+        )
+    else:
+        model = hf_moe.HfMoeForCausalLM.from_pretrained(source, dtype=dtype).to(accelerator.device)
     model.train()
     if args.cuda_graphs:  # before accelerator.prepare: DDP must wrap the captured model, not the other way round
         hf_moe.capture_moe_cuda_graphs(model, args.batch_size, args.block_size)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     blocks = text_blocks(tokenizer, args.train_file, args.block_size, args.max_bytes)
-    loader = torch.utils.data.DataLoader(blocks, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(blocks, batch_size=args.batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     ddp, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     optimizer_file = f"optimizer-rank{accelerator.process_index}.pt"
     if args.resume and os.path.isfile(os.path.join(args.resume, optimizer_file)):
         optimizer.load_state_dict(torch.load(os.path.join(args.resume, optimizer_file)))
 
-    def save(step: int, folder: str) -> None:
-        save_expert_parallel(model, folder)
+    def save(step: int, batches: int, folder: str) -> None:
+        if distributed:
+            save_expert_parallel(model, folder)
+        else:
+            model.save_pretrained(folder)
         torch.save(optimizer.state_dict(), os.path.join(folder, optimizer_file))
         if accelerator.is_main_process:
             tokenizer.save_pretrained(folder)
-            with open(os.path.join(folder, "step.txt"), "w") as f:
-                f.write(str(step))
+            for name, value in (("step.txt", step), ("batches.txt", batches)):  # batches: per process, all epochs
+                with open(os.path.join(folder, name), "w") as f:
+                    f.write(str(value))
         accelerator.wait_for_everyone()
 
-    step, micro = start_step, 0
+    step, micro = start_step, start_batches
+    epoch, skip = divmod(start_batches, len(loader))
     bar = tqdm(total=args.steps, initial=step, desc="ep fine-tune", disable=not accelerator.is_main_process)
     while step < args.steps:
-        for batch in loader:
+        loader.set_epoch(epoch)
+        for batch in accelerator.skip_first_batches(loader, skip) if skip else loader:
             with accelerator.accumulate(ddp):
                 out = ddp(input_ids=batch, labels=batch, output_router_logits=True)
                 accelerator.backward(out.loss)
@@ -124,13 +152,14 @@ def main() -> None:
                 accelerator.print(f"step {step}: loss {metrics['loss']:.4f}  aux {metrics['aux_loss']:.4f}  "
                           f"max/mean expert load {metrics['max_load']:.2f}  grad norm {norm.item():.3f}")
             if args.save_every and step % args.save_every == 0:
-                save(step, os.path.join(args.output_dir, "last"))
+                save(step, micro, last)
             if step >= args.steps:
                 break
+        epoch, skip = epoch + 1, 0
     bar.close()
-    save(step, os.path.join(args.output_dir, "last"))
+    save(step, micro, last)
     if accelerator.is_main_process:
-        print(f"saved {os.path.join(args.output_dir, 'last')} (loads on one process with from_pretrained)")
+        print(f"saved {last} (loads on one process with from_pretrained)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ what is allowed.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -18,6 +19,15 @@ from .moe.router.registry import ROUTER_CLASSES
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
+
+
+def _is_finite_number(value: Any) -> bool:
+    """A real, finite int or float; bools and numeric strings are not numbers here."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _invalid(field: str, value: Any, expected: str) -> ValueError:
+    return ValueError(f"HfMoeConfig.{field}={value!r} is invalid: expected {expected}.")
 
 
 class HfMoeConfig(PretrainedConfig):
@@ -165,6 +175,8 @@ class HfMoeConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
+            raise _invalid("rope_parameters", self.rope_parameters, "None or a dict such as {'rope_type': 'default'}")
         super().__post_init__(**kwargs)
         self._validate()
 
@@ -188,7 +200,7 @@ class HfMoeConfig(PretrainedConfig):
 
     def _validate(self) -> None:
         def fail(field: str, value: Any, expected: str) -> None:
-            raise ValueError(f"HfMoeConfig.{field}={value!r} is invalid: expected {expected}.")
+            raise _invalid(field, value, expected)
 
         for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                       "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
@@ -205,14 +217,18 @@ class HfMoeConfig(PretrainedConfig):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 fail(field, value, "a positive integer or None")
         for field in ("rms_norm_eps", "initializer_range"):
-            if not isinstance(getattr(self, field), (int, float)) or getattr(self, field) <= 0:
-                fail(field, getattr(self, field), "a positive number")
+            if not _is_finite_number(getattr(self, field)) or getattr(self, field) <= 0:
+                fail(field, getattr(self, field), "a positive finite number")
         for field in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if not isinstance(getattr(self, field), (int, float)) or getattr(self, field) < 0:
-                fail(field, getattr(self, field), "a number >= 0")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            fail("attention_dropout", self.attention_dropout, "a probability in [0, 1)")
-        if self.hidden_act not in ACT2FN:
+            if not _is_finite_number(getattr(self, field)) or getattr(self, field) < 0:
+                fail(field, getattr(self, field), "a finite number >= 0")
+        if not _is_finite_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
+            fail("attention_dropout", self.attention_dropout, "a probability in [0, 1) (a number, not a string)")
+        for field in ("use_cache", "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm",
+                      "shared_expert_gate", "output_router_logits"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, getattr(self, field), "True or False")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             fail("hidden_act", self.hidden_act, f"one of transformers' activations ({', '.join(sorted(ACT2FN))})")
         if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
             fail("num_attention_heads", self.num_attention_heads,
@@ -225,7 +241,11 @@ class HfMoeConfig(PretrainedConfig):
         if self.first_k_dense > self.num_hidden_layers:
             fail("first_k_dense", self.first_k_dense, f"at most num_hidden_layers={self.num_hidden_layers}")
         if self.moe_layers is not None:
-            bad = [i for i in self.moe_layers if not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
+            if not isinstance(self.moe_layers, (list, tuple)):
+                fail("moe_layers", self.moe_layers,
+                     f"None or a list of distinct layer indices in [0, {self.num_hidden_layers})")
+            bad = [i for i in self.moe_layers
+                   if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_hidden_layers]
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 fail("moe_layers", self.moe_layers,
                      f"distinct layer indices in [0, {self.num_hidden_layers}) (bad: {bad or 'duplicates'})")
@@ -264,9 +284,9 @@ class HfMoeConfig(PretrainedConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(field, value, "an integer >= 0")
-        if not isinstance(self.router_jitter_noise, (int, float)) or not 0.0 <= self.router_jitter_noise < 1.0:
+        if not _is_finite_number(self.router_jitter_noise) or not 0.0 <= self.router_jitter_noise < 1.0:
             fail("router_jitter_noise", self.router_jitter_noise, "a number in [0, 1)")
-        if not isinstance(self.fake_gate_noise, (int, float)) or not 0.0 <= self.fake_gate_noise <= 1.0:
+        if not _is_finite_number(self.fake_gate_noise) or not 0.0 <= self.fake_gate_noise <= 1.0:
             fail("fake_gate_noise", self.fake_gate_noise, "a number in [0, 1]")
 
         learned_token_choice = self.router_type in LEARNED_TOKEN_CHOICE_ROUTERS

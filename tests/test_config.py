@@ -25,15 +25,47 @@ BAD_FIELDS = [
     (dict(shared_expert_gate=True), "shared_expert_gate", "no shared expert"),
     (dict(sliding_window=0), "sliding_window", "positive integer or None"),
     (dict(head_dim=-8), "head_dim", "positive integer or None"),
-    (dict(rms_norm_eps=0.0), "rms_norm_eps", "positive number"),
+    (dict(rms_norm_eps=0.0), "rms_norm_eps", "positive finite number"),
     (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef", ">= 0"),
     (dict(router_z_loss_coef=-1), "router_z_loss_coef", ">= 0"),
     (dict(attention_dropout=1.5), "attention_dropout", "probability"),
     (dict(rope_parameters={"rope_type": "warp", "rope_theta": 1e4}), "rope_type", "'default' or one of"),
+    # non-finite floats (a NaN coefficient makes the loss NaN), strings as numbers, bools as ints or numbers
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps", "positive finite number"),
+    (dict(rms_norm_eps=float("inf")), "rms_norm_eps", "positive finite number"),
+    (dict(initializer_range=float("nan")), "initializer_range", "positive finite number"),
+    (dict(initializer_range=float("inf")), "initializer_range", "positive finite number"),
+    (dict(router_aux_loss_coef=float("nan")), "router_aux_loss_coef", "finite number >= 0"),
+    (dict(router_aux_loss_coef=float("inf")), "router_aux_loss_coef", "finite number >= 0"),
+    (dict(router_z_loss_coef=float("nan")), "router_z_loss_coef", "finite number >= 0"),
+    (dict(router_z_loss_coef=float("inf")), "router_z_loss_coef", "finite number >= 0"),
+    (dict(router_z_loss_coef=True), "router_z_loss_coef", "finite number >= 0"),
+    (dict(rms_norm_eps="1e-6"), "rms_norm_eps", "positive finite number"),
+    (dict(attention_dropout="0.1"), "attention_dropout", "probability"),
+    (dict(attention_dropout=float("nan")), "attention_dropout", "probability"),
+    (dict(attention_dropout=False), "attention_dropout", "probability"),
+    (dict(moe_layers=5), "moe_layers", "list of distinct layer indices"),
+    (dict(moe_layers="01"), "moe_layers", "list of distinct layer indices"),
+    (dict(moe_layers=[True]), "moe_layers", "distinct layer indices"),
+    (dict(moe_layers=[1.0]), "moe_layers", "distinct layer indices"),
+    (dict(router_jitter_noise=False), "router_jitter_noise", "[0, 1)"),
+    (dict(fake_gate_noise=float("nan")), "fake_gate_noise", "[0, 1]"),
+    (dict(fake_gate_noise=True), "fake_gate_noise", "[0, 1]"),
+    (dict(num_key_value_heads=True), "num_key_value_heads", "positive integer"),
+    (dict(hidden_act=["silu"]), "hidden_act", "activations"),
+    (dict(use_cache=1), "use_cache", "True or False"),
+    (dict(tie_word_embeddings="no"), "tie_word_embeddings", "True or False"),
+    (dict(attention_bias=1), "attention_bias", "True or False"),
+    (dict(qkv_bias=0), "qkv_bias", "True or False"),
+    (dict(qk_norm="True"), "qk_norm", "True or False"),
+    (dict(shared_expert_gate=1, num_shared_experts=1), "shared_expert_gate", "True or False"),
+    (dict(output_router_logits=1), "output_router_logits", "True or False"),
+    (dict(rope_parameters="linear"), "rope_parameters", "None or a dict"),
 ]
 
 
-@pytest.mark.parametrize("overrides,field,expected", BAD_FIELDS, ids=[b[1] for b in BAD_FIELDS])
+@pytest.mark.parametrize("overrides,field,expected", BAD_FIELDS,
+                         ids=[f"{b[1]}={next(iter(b[0].values()))!r}" for b in BAD_FIELDS])
 def test_bad_field_is_refused_with_a_clear_error(overrides, field, expected):
     with pytest.raises(ValueError) as info:
         tiny_config(**overrides)
@@ -61,3 +93,8 @@ def test_defaults_and_round_trip(tmp_path):
 def test_rope_scaling_types_are_accepted():
     cfg = tiny_config(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})
     assert cfg.rope_parameters["rope_type"] == "linear"
+
+
+def test_integers_for_float_fields_and_tuples_for_moe_layers_stay_accepted():
+    cfg = tiny_config(rms_norm_eps=1, router_aux_loss_coef=0, attention_dropout=0, moe_layers=(1,))
+    assert cfg.moe_layer_indices == [1]

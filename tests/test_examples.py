@@ -77,6 +77,64 @@ def test_quickstart_runs_the_upcycling_journey_on_tiny_settings(tmp_path):
     assert "greedy sample" in out
 
 
+def record_finetune_ep(tmp_path, log_name: str, *args: str) -> list:
+    """Run examples/finetune_ep.py under plain `python` (one process); return the batches it trained on."""
+    log = tmp_path / log_name
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "record_batches.py"), str(log),
+           os.path.join(ROOT, "examples", "finetune_ep.py"), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-4000:]
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_finetune_ep_runs_under_plain_python_with_expert_parallel_size_1(tiny_moe_dir, tmp_path):
+    batches = record_finetune_ep(tmp_path, "batches.jsonl", str(tiny_moe_dir), "--expert-parallel-size", "1",
+                                 "--output-dir", str(tmp_path / "ep"), "--batch-size", "2", "--block-size", "16",
+                                 "--max-bytes", "4000", "--grad-accum", "2", "--steps", "2")
+    assert len(batches) == 4
+    saved = tmp_path / "ep" / "last"
+    assert (saved / "step.txt").read_text() == "2" and (saved / "batches.txt").read_text() == "4"
+    trained = HfMoeForCausalLM.from_pretrained(saved)
+    assert not torch.equal(trained.model.layers[0].mlp.experts.down_proj,
+                           HfMoeForCausalLM.from_pretrained(tiny_moe_dir).model.layers[0].mlp.experts.down_proj)
+
+
+def test_finetune_ep_resume_sees_the_batches_and_reaches_the_weights_of_an_uninterrupted_run(tiny_moe_dir, tmp_path):
+    # 7 batches per epoch with 2 per step: each epoch ends on a short step, and the run is interrupted mid-epoch
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"line {i}: def add(a, b): return a + b\n" for i in range(12)))
+    common = [str(tiny_moe_dir), "--train-file", str(text), "--batch-size", "2", "--block-size", "16",
+              "--grad-accum", "2", "--log-every", "1"]
+    whole = record_finetune_ep(tmp_path, "whole.jsonl", *common, "--steps", "10", "--output-dir",
+                               str(tmp_path / "whole"))
+    first = record_finetune_ep(tmp_path, "first.jsonl", *common, "--steps", "5", "--output-dir",
+                               str(tmp_path / "part"))
+    checkpoint = tmp_path / "part" / "last"
+    assert int((checkpoint / "batches.txt").read_text()) == len(first)
+    before = (checkpoint / "model.safetensors").read_bytes()
+    rest = record_finetune_ep(tmp_path, "rest.jsonl", *common, "--steps", "10", "--resume", str(checkpoint))
+    rows = [tuple(row) for batch in whole for row in batch]
+    assert len(set(rows)) < len(rows), "the run must span more than one epoch"
+    assert first + rest == whole
+    assert (checkpoint / "model.safetensors").read_bytes() == before, "resuming must not overwrite its checkpoint"
+    resumed = HfMoeForCausalLM.from_pretrained(tmp_path / "part" / "last-resumed" / "last")
+    uninterrupted = HfMoeForCausalLM.from_pretrained(tmp_path / "whole" / "last")
+    for (name, a), b in zip(resumed.named_parameters(), uninterrupted.parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_finetune_ep_refuses_to_overwrite_the_checkpoint_it_resumes(tiny_moe_dir, tmp_path):
+    args = [str(tiny_moe_dir), "--batch-size", "2", "--block-size", "16", "--max-bytes", "4000", "--steps", "1",
+            "--output-dir", str(tmp_path / "ep")]
+    record_finetune_ep(tmp_path, "first.jsonl", *args)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "finetune_ep.py"), *args, "--steps", "2",
+                            "--resume", str(tmp_path / "ep" / "last")], capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert again.returncode != 0 and "--overwrite-resumed" in again.stderr, again.stderr[-2000:]
+
+
 def test_finetune_ep_under_accelerate_launch_saves_and_resumes(tiny_moe_dir, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
               os.path.join(ROOT, "examples", "finetune_ep.py"), str(tiny_moe_dir), "--expert-parallel-size", "2",
@@ -90,7 +148,8 @@ def test_finetune_ep_under_accelerate_launch_saves_and_resumes(tiny_moe_dir, tmp
     assert (saved / "step.txt").read_text() == "2"
     after_two = HfMoeForCausalLM.from_pretrained(saved)  # one process loads the gathered checkpoint
     assert after_two.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 6
-    resumed = subprocess.run(launch + ["--steps", "4", "--resume", str(saved), "--padded-dispatch"],
+    resumed = subprocess.run(launch + ["--steps", "4", "--resume", str(saved), "--padded-dispatch",
+                                       "--overwrite-resumed"],
                              capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (saved / "step.txt").read_text() == "4" and "step 4:" in resumed.stdout and "step 2:" not in resumed.stdout

@@ -1,10 +1,12 @@
 """Expert parallelism (CPU, gloo, 2 and 4 processes): forward, gradients and AdamW steps with clipping equal a
 single process on the concatenated batch; save/load across layouts; LoRA under EP; clear errors, no hangs."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -186,6 +188,29 @@ def test_bad_layouts_raise_the_same_clear_error_on_every_rank(tmp_path):
             assert "expects [8, 48, 32]" in line
         assert "revision='v2' cannot apply" in lines[9]
         assert lines[10] == "config passed on: 0.375 0.25"
+
+
+def test_a_stalled_rank_ends_the_job_within_the_users_timeout(tmp_path):
+    """Rank 1 sleeps 60 s inside the MoE layer; the expert-parallel groups carry the user's 10 s timeout (set with
+    accelerate's InitProcessGroupKwargs), so rank 0's all-to-all fails after about 10 s instead of waiting."""
+    if torch.cuda.is_available():
+        pytest.skip("checks gloo's timeout error; NCCL's watchdog aborts the process instead")
+    make_checkpoint(tmp_path, rows=4)
+    worker = os.path.join(os.path.dirname(__file__), "stall_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+           str(tmp_path), "10", "60"]
+    start = time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=170, env=env)
+    job_seconds = time.monotonic() - start
+    assert (tmp_path / "rank0.json").exists(), result.stdout[-3000:] + result.stderr[-5000:]
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["outcome"] != "finished", f"rank 0 waited {rank0['seconds']:.0f} s for the stalled rank"
+    assert "timed out" in rank0["outcome"].lower() or "timeout" in rank0["outcome"].lower(), rank0["outcome"]
+    assert 8 <= rank0["seconds"] < 40, rank0
+    assert result.returncode != 0
+    print(f"rank 0: {rank0}; whole job {job_seconds:.0f} s")
+    assert job_seconds < 150  # the launcher stopped the sleeping rank too (startup on 2 cores included)
 
 
 def test_expert_parallel_needs_a_distributed_launch(monkeypatch):

@@ -2,6 +2,7 @@
 checked against a straightforward float64 reference written here (or transformers' own loss function)."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -255,10 +256,40 @@ def ref_priority_keep(index: list[list[int]], capacity: int, num_experts: int) -
 def test_capacity_formula():
     config = tiny_config(num_experts=6, num_experts_per_tok=2, capacity_factor=1.25, eval_capacity_factor=2.0,
                          min_capacity=3)
-    assert hf_moe.expert_capacity(config, 20, training=True) == math.ceil(20 * 2 * 1.25 / 6)
-    assert hf_moe.expert_capacity(config, 20, training=False) == math.ceil(20 * 2 * 2.0 / 6)
+    assert hf_moe.expert_capacity(config, 20, training=True) == math.ceil(20 * 2 * Fraction("1.25") / 6)
+    assert hf_moe.expert_capacity(config, 20, training=False) == math.ceil(20 * 2 * Fraction("2.0") / 6)
     assert hf_moe.expert_capacity(config, 4, training=True) == 3  # min_capacity
     assert hf_moe.expert_capacity(config, 2, training=True) == 2  # never more than the tokens
+
+
+def test_capacity_is_exact_for_decimal_factors():
+    # float maths gives 12 and 56 here: 100·1.1/10 and 200·2·1.1/8 land just above the integers 11 and 55
+    assert hf_moe.expert_capacity(tiny_config(num_experts=10, num_experts_per_tok=1, capacity_factor=1.1,
+                                              min_capacity=0), 100, training=True) == 11
+    assert hf_moe.expert_capacity(tiny_config(num_experts=8, num_experts_per_tok=2, capacity_factor=1.1,
+                                              min_capacity=0), 200, training=True) == 55
+    factors = ["0.1", "0.3", "0.7", "1.1", "1.2", "1.25", "1.3", "1.7", "2.3", "3.3"]
+    for experts, top_k in [(3, 1), (6, 2), (8, 2), (10, 1), (10, 3)]:
+        for train_factor, eval_factor in zip(factors, reversed(factors)):
+            for min_capacity in (0, 4):
+                config = tiny_config(num_experts=experts, num_experts_per_tok=top_k, min_capacity=min_capacity,
+                                     capacity_factor=float(train_factor), eval_capacity_factor=float(eval_factor))
+                for tokens in range(1, 301):
+                    for training, factor in ((True, train_factor), (False, eval_factor)):
+                        exact = math.ceil(Fraction(tokens * top_k) * Fraction(factor) / experts)
+                        expected = min(tokens, max(min_capacity, exact))
+                        got = hf_moe.expert_capacity(config, tokens, training=training)
+                        assert got == expected, (experts, top_k, factor, min_capacity, tokens, training, got)
+
+
+def test_exact_capacity_traces_under_torch_compile_with_dynamic_shapes():
+    config = tiny_config(num_experts=10, num_experts_per_tok=1, capacity_factor=1.1, min_capacity=0)
+
+    @torch.compile(dynamic=True, fullgraph=True, backend="eager")
+    def capacity_buffer(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(hf_moe.expert_capacity(config, x.shape[0], training=True))
+
+    assert [capacity_buffer(torch.ones(t)).shape[0] for t in (100, 37)] == [11, 5]
 
 
 def test_priority_dropping_matches_the_reference_and_respects_capacity():

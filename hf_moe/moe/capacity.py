@@ -7,19 +7,33 @@ weight 0, so the token keeps only its residual (and its other experts).
 
 from __future__ import annotations
 
-import math
+from fractions import Fraction
 
 import torch
 
 from ..configuration_hf_moe import HfMoeConfig
 
 
+# torch.compile cannot trace repr/Fraction: it calls this once per compiled graph and folds the result
+@torch.compiler.assume_constant_result
+def _capacity_factor_ratio(config: HfMoeConfig, training: bool) -> tuple[int, int]:
+    """The capacity factor as the fraction of the shortest decimal that round-trips to it (`1.1` → 11/10)."""
+    exact = Fraction(repr(float(config.capacity_factor if training else config.eval_capacity_factor)))
+    return exact.numerator, exact.denominator
+
+
 def expert_capacity(config: HfMoeConfig, num_tokens: int, training: bool) -> int:
     """Slots per expert for a batch of `num_tokens` tokens:
     `min(T, max(min_capacity, ceil(T·k·factor / E)))`, with `capacity_factor` in training and
-    `eval_capacity_factor` otherwise. An expert never receives more than T slots, hence the cap."""
-    factor = config.capacity_factor if training else config.eval_capacity_factor
-    wanted = math.ceil(num_tokens * config.num_experts_per_tok * factor / config.num_experts)
+    `eval_capacity_factor` otherwise. An expert never receives more than T slots, hence the cap.
+
+    The product is computed in exact rational arithmetic, reading the factor as the shortest decimal that
+    round-trips to it (`repr`), i.e. the number the user wrote: `1.1` is 11/10, not the binary double just
+    above it. Float arithmetic overshoots exact multiples: `ceil(100·1·1.1/10)` gives 12 instead of 11.
+    """
+    numerator, denominator = _capacity_factor_ratio(config, training)
+    # integer ceil-division keeps a symbolic `num_tokens` (torch.compile dynamic shapes) symbolic
+    wanted = -(-num_tokens * config.num_experts_per_tok * numerator // (config.num_experts * denominator))
     return min(num_tokens, max(config.min_capacity, wanted))
 
 

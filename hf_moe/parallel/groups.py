@@ -8,6 +8,7 @@ contiguous ranks; rank r of an EP group owns experts [r·E/P, (r+1)·E/P). Exper
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,9 @@ def init_expert_parallel(ep_size: int, num_experts: int | None = None) -> Expert
     """Create the EP and expert-data-parallel groups (collective: every rank must call it with the same values).
 
     Initialises torch.distributed from the launcher's environment through accelerate's `PartialState` when needed.
-    Raises the same clear error on every rank for an impossible layout, so nothing hangs.
+    Raises the same clear error on every rank for an impossible layout, so nothing hangs. The groups take the
+    default group's timeout (accelerate's `InitProcessGroupKwargs(timeout=...)`: create the `Accelerator` first),
+    so a stalled rank ends the job within it.
     """
     from accelerate import PartialState
 
@@ -62,17 +65,29 @@ def init_expert_parallel(ep_size: int, num_experts: int | None = None) -> Expert
         raise ValueError(f"expert_parallel_size={ep_size} is invalid: expected a divisor of the world size {world}.")
     if num_experts is not None and num_experts % ep_size:
         raise ValueError(f"expert_parallel_size={ep_size} is invalid: expected a divisor of num_experts={num_experts}.")
+    timeout = _default_group_timeout()
     ep_group = edp_group = None
     for start in range(0, world, ep_size):
-        group = dist.new_group(list(range(start, start + ep_size)))
+        group = dist.new_group(list(range(start, start + ep_size)), timeout=timeout)
         if start <= rank < start + ep_size:
             ep_group = group
     for offset in range(ep_size):
-        group = dist.new_group(list(range(offset, world, ep_size)))
+        group = dist.new_group(list(range(offset, world, ep_size)), timeout=timeout)
         if rank % ep_size == offset:
             edp_group = group
     return ExpertParallelGroups(ep_group=ep_group, edp_group=edp_group, ep_size=ep_size, ep_rank=rank % ep_size,
                                 edp_size=world // ep_size, edp_rank=rank // ep_size, world_size=world)
+
+
+def _default_group_timeout() -> timedelta:
+    """The collective timeout of the default process group, the one the user set at `init_process_group`.
+
+    `dist.new_group` without a timeout falls back to the backend's global default (30 min for gloo, 10 for NCCL),
+    not to the default group's, so every group built here passes this one explicitly. torch has no public getter:
+    the value lives in the default group's backend options.
+    """
+    device = torch.device("cuda" if "nccl" in dist.get_backend() else "cpu")
+    return dist.group.WORLD._get_backend(device).options._timeout
 
 
 def _check_same_on_every_rank(ep_size: int, num_experts: int | None) -> None:
