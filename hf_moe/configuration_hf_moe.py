@@ -17,6 +17,7 @@ from .moe.router.registry import ROUTER_CLASSES
 
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
+ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
 
 
@@ -55,8 +56,10 @@ class HfMoeConfig(PretrainedConfig):
             `False` = softmax over all experts, then top-k (renormalised when `norm_topk_prob`).
         routed_scaling_factor (`float`): multiplies the k combine weights (DeepSeek-V3).
         n_group (`int`, *optional*), topk_group (`int`, *optional*): group-limited routing: experts are split
-            into `n_group` groups, the `topk_group` groups with the largest sum of their top-2 scores are kept
-            and the top-k experts are chosen inside them.
+            into `n_group` groups, the `topk_group` best groups (by `group_score`) are kept and the top-k experts
+            are chosen inside them.
+        group_score (`str`): with `n_group`, what ranks a group: `"top2_sum"` (default), the sum of its two
+            largest selection scores (DeepSeek-V3); `"max"`, its largest one (DeepSeek-V2's group-limited greedy).
         router_jitter_noise (`float`): training only: multiply the router input by `U(1-ε, 1+ε)` (ε this value).
         router_gumbel_noise (`bool`): training only: add Gumbel(0, 1) noise to the logits used for *selection*
             (the combine weights stay the clean scores), as DeepSpeed's RSample policy.
@@ -118,6 +121,7 @@ class HfMoeConfig(PretrainedConfig):
     routed_scaling_factor: float = 1.0
     n_group: int | None = None
     topk_group: int | None = None
+    group_score: str = "top2_sum"
     router_jitter_noise: float = 0.0
     router_gumbel_noise: bool = False
     drop_tokens: bool = False
@@ -225,6 +229,8 @@ class HfMoeConfig(PretrainedConfig):
                 fail(field, getattr(self, field), "True or False")
         if self.scoring_func not in ROUTER_SCORE_FUNCTIONS:
             fail("scoring_func", self.scoring_func, f"one of {ROUTER_SCORE_FUNCTIONS}")
+        if self.group_score not in ROUTER_GROUP_SCORES:
+            fail("group_score", self.group_score, f"one of {ROUTER_GROUP_SCORES}")
         if self.router_aux_loss_type not in ROUTER_AUX_LOSS_TYPES:
             fail("router_aux_loss_type", self.router_aux_loss_type, f"one of {ROUTER_AUX_LOSS_TYPES}")
         for field in ("routed_scaling_factor", "capacity_factor", "eval_capacity_factor"):
@@ -252,6 +258,8 @@ class HfMoeConfig(PretrainedConfig):
         if (self.n_group is None) != (self.topk_group is None):
             fail("n_group" if self.n_group is None else "topk_group", None,
                  "set together with " + ("topk_group" if self.n_group is None else "n_group"))
+        if self.n_group is None and self.group_score != "top2_sum":
+            fail("group_score", self.group_score, "'top2_sum' (the default) unless n_group is set")
         if self.n_group is not None:
             for field in ("n_group", "topk_group"):
                 value = getattr(self, field)

@@ -118,6 +118,73 @@ def test_group_limited_routing_picks_groups_by_top2_sum_and_never_leaves_them():
     assert differs_from_plain_topk, "the group limit never mattered: the test could not have failed"
 
 
+def ref_group_limited(row: list[float], scoring_func: str, n_group: int, topk_group: int, top_k: int,
+                      group_score: str) -> tuple[list[int], list[float]]:
+    """One token's group-limited routing in float64, a plain loop over its groups: score each group (its best
+    score, or the sum of its two best), keep the `topk_group` best groups (ties: lower group), then the `top_k`
+    best experts inside them (ties: lower expert), weights renormalised."""
+    scores = ref_softmax(row) if scoring_func == "softmax" else [1 / (1 + math.exp(-v)) for v in row]
+    size = len(scores) // n_group
+    group_scores = []
+    for g in range(n_group):
+        members = sorted(scores[g * size: (g + 1) * size], reverse=True)
+        group_scores.append(members[0] if group_score == "max" else sum(members[:2]))
+    groups = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
+    allowed = [e for g in groups for e in range(g * size, (g + 1) * size)]
+    chosen = sorted(allowed, key=lambda e: (-scores[e], e))[:top_k]
+    w = [scores[e] for e in chosen]
+    return chosen, [v / sum(w) for v in w]
+
+
+def routed_logits(router: HfMoeRouter, logits: torch.Tensor) -> torch.Tensor:
+    """Make the router's logits exactly `logits` (identity gate over the first E input features)."""
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(router.num_experts, H))
+    return torch.nn.functional.pad(logits, (0, H - router.num_experts))
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_group_score_rule_matches_a_float64_loop_over_tokens_and_groups(scoring_func, group_score):
+    other = "top2_sum" if group_score == "max" else "max"
+    router = make_router(num_experts=16, num_experts_per_tok=3, scoring_func=scoring_func, n_group=4, topk_group=2,
+                         group_score=group_score)
+    x = torch.randn(200, H)
+    index, weights, differs_from_other_rule = [], [], False
+    for row in ref_logits(router, x).tolist():
+        chosen, w = ref_group_limited(row, scoring_func, 4, 2, 3, group_score)
+        index.append(chosen)
+        weights.append(w)
+        differs_from_other_rule |= chosen != ref_group_limited(row, scoring_func, 4, 2, 3, other)[0]
+    assert_routing(router(x), index, weights)
+    assert differs_from_other_rule, "both group rules chose alike: the test could not have failed"
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_tied_groups_go_to_the_lower_group_under_either_rule(scoring_func, group_score):
+    """Logits from four values (no two pairs of them sum alike), so groups and experts tie exactly and often;
+    the router must break every tie as the reference does: lower group, then lower expert."""
+    router = make_router(num_experts=12, num_experts_per_tok=3, scoring_func=scoring_func, n_group=4, topk_group=2,
+                         group_score=group_score)
+    values = torch.tensor([0.25, 0.75, 1.5, 2.5])
+    logits = values[torch.randint(0, 4, (300, 12))]
+    logits[0] = torch.tensor([2.5, 0.25, 0.25, 2.5, 0.75, 0.25, 2.5, 0.75, 0.25, 0.25, 0.25, 0.25])
+    index, weights, boundary_ties = [], [], 0
+    for row in logits.double().tolist():
+        chosen, w = ref_group_limited(row, scoring_func, 4, 2, 3, group_score)
+        index.append(chosen)
+        weights.append(w)
+        by_group = [max(row[3 * g: 3 * g + 3]) if group_score == "max" else sum(sorted(row[3 * g: 3 * g + 3])[1:])
+                    for g in range(4)]
+        ranked = sorted(by_group, reverse=True)
+        boundary_ties += ranked[1] == ranked[2]  # the second kept group ties with the first dropped one
+    assert_routing(router(routed_logits(router, logits)), index, weights)
+    assert boundary_ties > 10, "too few tied groups at the cut: the test could not have failed"
+    # token 0: groups 0, 1, 2 all have best score 2.5 (max keeps 0 and 1); their top-2 sums are 2.75, 3.25, 3.25
+    assert index[0] == ([0, 3, 4] if group_score == "max" else [3, 6, 4])
+
+
 @pytest.mark.parametrize("norm", [False, True])
 def test_switch_top1_weight_is_the_probability_or_one(norm):
     router = make_router(router_type="switch", num_experts_per_tok=1, norm_topk_prob=norm)
@@ -673,6 +740,8 @@ BAD_ROUTING = [
     (dict(n_group=3, topk_group=4), "topk_group", "at most n_group"),
     (dict(n_group=6, topk_group=1), "topk_group", "enough groups"),
     (dict(n_group=3, topk_group=1, router_type="expert_choice"), "n_group", "router_type='topk'"),
+    (dict(n_group=3, topk_group=1, group_score="sum"), "group_score", "one of ('top2_sum', 'max')"),
+    (dict(group_score="max"), "group_score", "unless n_group is set"),
     (dict(router_type="hash", router_gumbel_noise=True), "router_gumbel_noise", "no learned router"),
     (dict(router_type="expert_choice", drop_tokens=True), "drop_tokens", "expert_choice"),
     (dict(use_rts=True), "use_rts", "drop_tokens=True"),
