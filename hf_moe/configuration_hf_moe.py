@@ -68,6 +68,13 @@ class HfMoeConfig(PretrainedConfig):
         capacity_factor (`float`), eval_capacity_factor (`float`), min_capacity (`int`): capacity
             `= min(T, max(min_capacity, ceil(T·k·factor / E)))` for T tokens in the batch, the factor depending on
             training/eval mode. Also the per-expert token count of `"expert_choice"`.
+        renormalize_after_drop (`bool`): with `drop_tokens`, what a token that lost some of its slots combines.
+            `False` (default): its surviving slots keep their weights (with `norm_topk_prob`, `g/(g₁+g₂)` for
+            top-2; the dropped share is lost). `True`: its surviving weights are rescaled to the sum its k weights
+            had before dropping, so with `norm_topk_prob` a top-2 token's one surviving slot gets 1.0 (times
+            `routed_scaling_factor`), as DeepSpeed's `top2gating` / `topkgating` renormalise after the capacity
+            mask; without `norm_topk_prob` the token keeps its total routing weight. No effect at k = 1 (a
+            dropped token has no slot left).
         use_rts (`bool`): in training, drop at random (random token selection) instead of by routing priority;
             evaluation always drops by priority, so it stays deterministic.
         router_aux_loss_type (`str`): `"switch"` (batch-level `E·Σ fᵢ·Pᵢ`), `"sequence"` (the same per
@@ -128,6 +135,7 @@ class HfMoeConfig(PretrainedConfig):
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
+    renormalize_after_drop: bool = False
     use_rts: bool = False
     router_aux_loss_type: str = "switch"
     use_expert_bias: bool = False
@@ -223,8 +231,8 @@ class HfMoeConfig(PretrainedConfig):
             fail("router_type", self.router_type,
                  f"one of {', '.join(sorted(ROUTER_CLASSES))} (add your own with hf_moe.register_router "
                  "before building or loading the config)")
-        for field in ("topk_before_softmax", "router_gumbel_noise", "drop_tokens", "use_rts", "use_expert_bias",
-                      "norm_topk_prob", "output_router_metrics"):
+        for field in ("topk_before_softmax", "router_gumbel_noise", "drop_tokens", "renormalize_after_drop", "use_rts",
+                      "use_expert_bias", "norm_topk_prob", "output_router_metrics"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
         if self.scoring_func not in ROUTER_SCORE_FUNCTIONS:
@@ -283,6 +291,9 @@ class HfMoeConfig(PretrainedConfig):
         if self.drop_tokens and self.router_type == "expert_choice":
             fail("drop_tokens", True, "False with router_type='expert_choice' (it always fills each expert to "
                  "capacity; set capacity_factor instead)")
+        if self.renormalize_after_drop and not self.drop_tokens:
+            fail("renormalize_after_drop", True, "False unless drop_tokens=True (only dropping leaves a token fewer "
+                 "slots to renormalise)")
         if self.use_rts and not self.drop_tokens:
             fail("use_rts", True, "False unless drop_tokens=True (random token selection decides what to drop)")
         if self.use_expert_bias and not learned_token_choice:

@@ -84,7 +84,8 @@ class HfMoeRouter(nn.Module):
 
     Selection (never the weights) adds `expert_bias` (aux-loss-free balancing) and, in training, Gumbel noise;
     jitter multiplies the router input in training. With `drop_tokens`, slots beyond each expert's capacity
-    become sentinels.
+    become sentinels; the surviving weights stay as they are, or are rescaled to the token's total before
+    dropping with `renormalize_after_drop` (DeepSpeed).
     """
 
     is_causal = True
@@ -272,6 +273,7 @@ class HfMoeRouter(nn.Module):
             top_k_index, weights = drop_over_capacity(
                 top_k_index, weights, self.num_experts, capacity,
                 random_priority=self.config.use_rts and self.training,
+                renormalize=self.config.renormalize_after_drop,
             )
             kept = assigned_slots(top_k_index, self.num_experts).sum()
             drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
