@@ -18,6 +18,7 @@ from .moe.router.registry import ROUTER_CLASSES
 
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
+ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
 
 
@@ -65,8 +66,10 @@ class HfMoeConfig(PretrainedConfig):
             `False` = softmax over all experts, then top-k (renormalised when `norm_topk_prob`).
         routed_scaling_factor (`float`): multiplies the k combine weights (DeepSeek-V3).
         n_group (`int`, *optional*), topk_group (`int`, *optional*): group-limited routing: experts are split
-            into `n_group` groups, the `topk_group` groups with the largest sum of their top-2 scores are kept
-            and the top-k experts are chosen inside them.
+            into `n_group` groups, the `topk_group` best groups (by `group_score`) are kept and the top-k experts
+            are chosen inside them.
+        group_score (`str`): with `n_group`, what ranks a group: `"top2_sum"` (default), the sum of its two
+            largest selection scores (DeepSeek-V3); `"max"`, its largest one (DeepSeek-V2's group-limited greedy).
         router_jitter_noise (`float`): training only: multiply the router input by `U(1-ε, 1+ε)` (ε this value).
         router_gumbel_noise (`bool`): training only: add Gumbel(0, 1) noise to the logits used for *selection*
             (the combine weights stay the clean scores), as DeepSpeed's RSample policy.
@@ -75,6 +78,13 @@ class HfMoeConfig(PretrainedConfig):
         capacity_factor (`float`), eval_capacity_factor (`float`), min_capacity (`int`): capacity
             `= min(T, max(min_capacity, ceil(T·k·factor / E)))` for T tokens in the batch, the factor depending on
             training/eval mode. Also the per-expert token count of `"expert_choice"`.
+        renormalize_after_drop (`bool`): with `drop_tokens`, what a token that lost some of its slots combines.
+            `False` (default): its surviving slots keep their weights (with `norm_topk_prob`, `g/(g₁+g₂)` for
+            top-2; the dropped share is lost). `True`: its surviving weights are rescaled to the sum its k weights
+            had before dropping, so with `norm_topk_prob` a top-2 token's one surviving slot gets 1.0 (times
+            `routed_scaling_factor`), as DeepSpeed's `top2gating` / `topkgating` renormalise after the capacity
+            mask; without `norm_topk_prob` the token keeps its total routing weight. No effect at k = 1 (a
+            dropped token has no slot left).
         use_rts (`bool`): in training, drop at random (random token selection) instead of by routing priority;
             evaluation always drops by priority, so it stays deterministic.
         router_aux_loss_type (`str`): `"switch"` (batch-level `E·Σ fᵢ·Pᵢ`), `"sequence"` (the same per
@@ -154,12 +164,14 @@ class HfMoeConfig(PretrainedConfig):
     routed_scaling_factor: float = 1.0
     n_group: int | None = None
     topk_group: int | None = None
+    group_score: str = "top2_sum"
     router_jitter_noise: float = 0.0
     router_gumbel_noise: bool = False
     drop_tokens: bool = False
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
+    renormalize_after_drop: bool = False
     use_rts: bool = False
     router_aux_loss_type: str = "switch"
     use_expert_bias: bool = False
@@ -265,12 +277,14 @@ class HfMoeConfig(PretrainedConfig):
             fail("router_type", self.router_type,
                  f"one of {', '.join(sorted(ROUTER_CLASSES))} (add your own with hf_moe.register_router "
                  "before building or loading the config)")
-        for field in ("topk_before_softmax", "router_gumbel_noise", "drop_tokens", "use_rts", "use_expert_bias",
-                      "norm_topk_prob", "output_router_metrics"):
+        for field in ("topk_before_softmax", "router_gumbel_noise", "drop_tokens", "renormalize_after_drop", "use_rts",
+                      "use_expert_bias", "norm_topk_prob", "output_router_metrics"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
         if self.scoring_func not in ROUTER_SCORE_FUNCTIONS:
             fail("scoring_func", self.scoring_func, f"one of {ROUTER_SCORE_FUNCTIONS}")
+        if self.group_score not in ROUTER_GROUP_SCORES:
+            fail("group_score", self.group_score, f"one of {ROUTER_GROUP_SCORES}")
         if self.router_aux_loss_type not in ROUTER_AUX_LOSS_TYPES:
             fail("router_aux_loss_type", self.router_aux_loss_type, f"one of {ROUTER_AUX_LOSS_TYPES}")
         for field in ("routed_scaling_factor", "capacity_factor", "eval_capacity_factor"):
@@ -298,6 +312,8 @@ class HfMoeConfig(PretrainedConfig):
         if (self.n_group is None) != (self.topk_group is None):
             fail("n_group" if self.n_group is None else "topk_group", None,
                  "set together with " + ("topk_group" if self.n_group is None else "n_group"))
+        if self.n_group is None and self.group_score != "top2_sum":
+            fail("group_score", self.group_score, "'top2_sum' (the default) unless n_group is set")
         if self.n_group is not None:
             for field in ("n_group", "topk_group"):
                 value = getattr(self, field)
@@ -321,6 +337,9 @@ class HfMoeConfig(PretrainedConfig):
         if self.drop_tokens and self.router_type == "expert_choice":
             fail("drop_tokens", True, "False with router_type='expert_choice' (it always fills each expert to "
                  "capacity; set capacity_factor instead)")
+        if self.renormalize_after_drop and not self.drop_tokens:
+            fail("renormalize_after_drop", True, "False unless drop_tokens=True (only dropping leaves a token fewer "
+                 "slots to renormalise)")
         if self.use_rts and not self.drop_tokens:
             fail("use_rts", True, "False unless drop_tokens=True (random token selection decides what to drop)")
         if self.use_expert_bias and not learned_token_choice:

@@ -119,6 +119,73 @@ def test_group_limited_routing_picks_groups_by_top2_sum_and_never_leaves_them():
     assert differs_from_plain_topk, "the group limit never mattered: the test could not have failed"
 
 
+def ref_group_limited(row: list[float], scoring_func: str, n_group: int, topk_group: int, top_k: int,
+                      group_score: str) -> tuple[list[int], list[float]]:
+    """One token's group-limited routing in float64, a plain loop over its groups: score each group (its best
+    score, or the sum of its two best), keep the `topk_group` best groups (ties: lower group), then the `top_k`
+    best experts inside them (ties: lower expert), weights renormalised."""
+    scores = ref_softmax(row) if scoring_func == "softmax" else [1 / (1 + math.exp(-v)) for v in row]
+    size = len(scores) // n_group
+    group_scores = []
+    for g in range(n_group):
+        members = sorted(scores[g * size: (g + 1) * size], reverse=True)
+        group_scores.append(members[0] if group_score == "max" else sum(members[:2]))
+    groups = sorted(range(n_group), key=lambda g: (-group_scores[g], g))[:topk_group]
+    allowed = [e for g in groups for e in range(g * size, (g + 1) * size)]
+    chosen = sorted(allowed, key=lambda e: (-scores[e], e))[:top_k]
+    w = [scores[e] for e in chosen]
+    return chosen, [v / sum(w) for v in w]
+
+
+def routed_logits(router: HfMoeRouter, logits: torch.Tensor) -> torch.Tensor:
+    """Make the router's logits exactly `logits` (identity gate over the first E input features)."""
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(router.num_experts, H))
+    return torch.nn.functional.pad(logits, (0, H - router.num_experts))
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_group_score_rule_matches_a_float64_loop_over_tokens_and_groups(scoring_func, group_score):
+    other = "top2_sum" if group_score == "max" else "max"
+    router = make_router(num_experts=16, num_experts_per_tok=3, scoring_func=scoring_func, n_group=4, topk_group=2,
+                         group_score=group_score)
+    x = torch.randn(200, H)
+    index, weights, differs_from_other_rule = [], [], False
+    for row in ref_logits(router, x).tolist():
+        chosen, w = ref_group_limited(row, scoring_func, 4, 2, 3, group_score)
+        index.append(chosen)
+        weights.append(w)
+        differs_from_other_rule |= chosen != ref_group_limited(row, scoring_func, 4, 2, 3, other)[0]
+    assert_routing(router(x), index, weights)
+    assert differs_from_other_rule, "both group rules chose alike: the test could not have failed"
+
+
+@pytest.mark.parametrize("scoring_func", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("group_score", ["max", "top2_sum"])
+def test_tied_groups_go_to_the_lower_group_under_either_rule(scoring_func, group_score):
+    """Logits from four values (no two pairs of them sum alike), so groups and experts tie exactly and often;
+    the router must break every tie as the reference does: lower group, then lower expert."""
+    router = make_router(num_experts=12, num_experts_per_tok=3, scoring_func=scoring_func, n_group=4, topk_group=2,
+                         group_score=group_score)
+    values = torch.tensor([0.25, 0.75, 1.5, 2.5])
+    logits = values[torch.randint(0, 4, (300, 12))]
+    logits[0] = torch.tensor([2.5, 0.25, 0.25, 2.5, 0.75, 0.25, 2.5, 0.75, 0.25, 0.25, 0.25, 0.25])
+    index, weights, boundary_ties = [], [], 0
+    for row in logits.double().tolist():
+        chosen, w = ref_group_limited(row, scoring_func, 4, 2, 3, group_score)
+        index.append(chosen)
+        weights.append(w)
+        by_group = [max(row[3 * g: 3 * g + 3]) if group_score == "max" else sum(sorted(row[3 * g: 3 * g + 3])[1:])
+                    for g in range(4)]
+        ranked = sorted(by_group, reverse=True)
+        boundary_ties += ranked[1] == ranked[2]  # the second kept group ties with the first dropped one
+    assert_routing(router(routed_logits(router, logits)), index, weights)
+    assert boundary_ties > 10, "too few tied groups at the cut: the test could not have failed"
+    # token 0: groups 0, 1, 2 all have best score 2.5 (max keeps 0 and 1); their top-2 sums are 2.75, 3.25, 3.25
+    assert index[0] == ([0, 3, 4] if group_score == "max" else [3, 6, 4])
+
+
 @pytest.mark.parametrize("norm", [False, True])
 def test_switch_top1_weight_is_the_probability_or_one(norm):
     router = make_router(router_type="switch", num_experts_per_tok=1, norm_topk_prob=norm)
@@ -311,6 +378,94 @@ def test_priority_dropping_matches_the_reference_and_respects_capacity():
     assert (counts <= capacity).all() and torch.equal(counts.float(), out.tokens_per_expert)
     assert_rel_close(out.drop_fraction, torch.tensor(1 - keep_t.float().mean().item()), 1e-6, "drop fraction")
     assert_rel_close(out.aux_loss, full.aux_loss, 1e-6, "aux loss sees the selection before dropping")
+
+
+def ref_deepspeed_top2gating(logits: list[list[float]], capacity_factor: float, min_capacity: int):
+    """DeepSpeed 0.19's `top2gating` (deepspeed/moe/sharded_moe.py) with `drop_tokens=True` and no second-expert
+    sampling, as a float64 loop: first choice = argmax of the softmax, second = argmax of the rest; capacity
+    `max(ceil(T/E · 2f), min_capacity)`; every token's first choice queues before any second choice, in batch
+    order; the two gates are divided by the sum of the surviving ones (clamped at float32's eps).
+    Returns (capacity, [(expert or None, gate)] * 2 per token)."""
+    num_tokens, num_experts = len(logits), len(logits[0])
+    capacity = max(math.ceil(num_tokens / num_experts * capacity_factor * 2), min_capacity)
+    gates = [ref_softmax(row) for row in logits]
+    first = [max(range(num_experts), key=lambda e: (row[e], -e)) for row in gates]
+    second = [max((e for e in range(num_experts) if e != i), key=lambda e: (row[e], -e))
+              for row, i in zip(logits, first)]
+    load = [0] * num_experts
+    kept = [[False, False] for _ in range(num_tokens)]
+    for slot, choice in enumerate((first, second)):
+        for t in range(num_tokens):
+            kept[t][slot] = load[choice[t]] < capacity
+            load[choice[t]] += 1  # a dropped slot still takes its location, as DeepSpeed's cumsum does
+    routes = []
+    for t in range(num_tokens):
+        g = [gates[t][first[t]] * kept[t][0], gates[t][second[t]] * kept[t][1]]
+        denom = max(g[0] + g[1], torch.finfo(torch.float32).eps)
+        routes.append([(e if k else None, v / denom) for e, k, v in zip((first[t], second[t]), kept[t], g)])
+    return capacity, routes
+
+
+def test_renormalize_after_drop_is_deepspeed_top2gating():
+    """Which slots survive capacity and with which weights, against a float64 re-implementation of DeepSpeed's
+    top2gating, on several random batches; the default keeps g/(g₁+g₂) on a survivor instead."""
+    router = make_router(num_experts=8, num_experts_per_tok=2, drop_tokens=True, renormalize_after_drop=True,
+                         eval_capacity_factor=0.75, min_capacity=0)
+    default = make_router(num_experts=8, num_experts_per_tok=2, drop_tokens=True, eval_capacity_factor=0.75,
+                          min_capacity=0)
+    half_dropped = 0
+    for _ in range(5):
+        with torch.no_grad():
+            router.weight.normal_(0.0, 0.3).add_(torch.randn(8, 1) * 0.05)  # some experts oversubscribed
+        default.load_state_dict(router.state_dict())
+        x = torch.randn(64, H)
+        out, plain = router(x), default(x)
+        capacity, routes = ref_deepspeed_top2gating(ref_logits(router, x).tolist(), 0.75, 0)
+        assert out.capacity == capacity == 12
+        index = [[8 if e is None else e for e, _ in row] for row in routes]
+        assert_routing(out, index, [[g for _, g in row] for row in routes], tol=1e-6)
+        assert torch.equal(plain.top_k_index, out.top_k_index)
+        one_left = (out.top_k_index < 8).sum(-1) == 1
+        half_dropped += int(one_left.sum())
+        survivor = out.top_k_weights[one_left].sum(-1)
+        assert torch.allclose(survivor, torch.ones_like(survivor))
+        assert (plain.top_k_weights[one_left].sum(-1) < 1 - 1e-3).all()  # the default loses the dropped share
+    assert half_dropped > 10, "few tokens lost one slot of two: the test could not have failed"
+
+
+@pytest.mark.parametrize("norm", [True, False])
+def test_renormalize_after_drop_keeps_each_tokens_total_weight_at_any_k(norm):
+    """k = 3, sigmoid scores, a scaling factor, padding and tokens that lose every slot: the survivors are
+    rescaled to the token's total before dropping (float64 loop), gradients stay finite."""
+    router = make_router(num_experts=6, num_experts_per_tok=3, scoring_func="sigmoid", norm_topk_prob=norm,
+                         routed_scaling_factor=2.0, drop_tokens=True, renormalize_after_drop=True,
+                         eval_capacity_factor=0.25, min_capacity=0)
+    logits = torch.randn(40, 6)
+    logits[:24, :3] += 4.0  # tokens 0-23 pick experts 0-2, 8 first choices each: 9 or more lose all three slots
+    logits[torch.arange(24), torch.arange(24) % 3] += 2.0
+    x = routed_logits(router, logits).requires_grad_()
+    mask = torch.ones(40, dtype=torch.bool)
+    mask[24:] = torch.rand(16) > 0.3
+    out = router(x, mask)
+    capacity = math.ceil(40 * 3 * 0.25 / 6)
+    chosen, weights = [], []
+    for row, real in zip(ref_logits(router, x).tolist(), mask.tolist()):
+        scores = [1 / (1 + math.exp(-v)) for v in row]
+        top = descending(scores)[:3]
+        w = [2.0 * scores[e] / (sum(scores[i] for i in top) if norm else 1.0) for e in top]
+        chosen.append(top if real else [6, 6, 6])
+        weights.append(w)
+    keep = ref_priority_keep(chosen, capacity, 6)
+    index, kept_weights, emptied = [], [], 0
+    for top, w, k in zip(chosen, weights, keep):
+        left = sum(v for v, kk in zip(w, k) if kk)
+        index.append([e if kk else 6 for e, kk in zip(top, k)])
+        kept_weights.append([v * sum(w) / left if kk else 0.0 for v, kk in zip(w, k)])
+        emptied += top[0] < 6 and not any(k)
+    assert_routing(out, index, kept_weights, tol=1e-6)
+    assert emptied >= 9 and sum(0 < sum(k) < 3 for k in keep) > 5, "the drops did not exercise the rule"
+    out.top_k_weights.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(router.weight.grad).all()
 
 
 def test_padding_takes_no_capacity():
@@ -704,9 +859,13 @@ BAD_ROUTING = [
     (dict(n_group=3, topk_group=4), "topk_group", "at most n_group"),
     (dict(n_group=6, topk_group=1), "topk_group", "enough groups"),
     (dict(n_group=3, topk_group=1, router_type="expert_choice"), "n_group", "router_type='topk'"),
+    (dict(n_group=3, topk_group=1, group_score="sum"), "group_score", "one of ('top2_sum', 'max')"),
+    (dict(group_score="max"), "group_score", "unless n_group is set"),
     (dict(router_type="hash", router_gumbel_noise=True), "router_gumbel_noise", "no learned router"),
     (dict(router_type="expert_choice", drop_tokens=True), "drop_tokens", "expert_choice"),
     (dict(use_rts=True), "use_rts", "drop_tokens=True"),
+    (dict(renormalize_after_drop=True), "renormalize_after_drop", "drop_tokens=True"),
+    (dict(drop_tokens=True, renormalize_after_drop=1), "renormalize_after_drop", "True or False"),
     (dict(router_type="hash", use_expert_bias=True), "use_expert_bias", "'topk' or 'switch'"),
 ]
 

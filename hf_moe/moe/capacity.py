@@ -38,12 +38,20 @@ def expert_capacity(config: HfMoeConfig, num_tokens: int, training: bool) -> int
 
 
 def slot_positions(top_k_index: torch.Tensor, num_experts: int, random_priority: bool = False) -> torch.Tensor:
-    """Position of every (token, slot) pair in its expert's queue, `[T, k]` int64.
+    """Position of every (token, slot) pair in its expert's queue, `[T, k]` int64; with capacity C the slots at
+    positions < C stay.
 
-    Priority follows DeepSpeed's top-1-first order: every token's first choice is queued before any token's
-    second choice, and within one choice level tokens queue in batch order (or in a random order with
-    `random_priority`: random token selection). Sentinel slots (`num_experts`) queue in their own bucket.
-    Static shapes only (one sort), so there is no host synchronisation.
+    The queue is ordered by slot column first, then by token: every token's slot 0 (its best expert) queues
+    before any token's slot 1, and so on; within one column tokens queue in batch order, or in one uniformly
+    random order of the tokens with `random_priority` (random token selection). Sentinel slots (`num_experts`)
+    queue in their own bucket, so they take no capacity. Static shapes only (one sort): no host synchronisation.
+
+    Against DeepSpeed's gates (`deepspeed/moe/sharded_moe.py`): for k = 2 this is `top2gating`'s order (a second
+    choice's location starts after every first choice of its expert, kept or not). For k = 1, random priority
+    keeps a uniformly random subset of each expert's tokens as `top1gating`'s random token selection does;
+    without it `top1gating` keeps whichever tokens `torch.topk` returns among equal mask entries (no defined
+    order), here the earliest. For k > 2 `topkgating` differs: its default `drop_policy="probs"` keeps each
+    expert's slots with the largest gates, and `"position"` queues all of a token's slots together, in batch order.
     """
     num_tokens, top_k = top_k_index.shape
     device = top_k_index.device
@@ -66,9 +74,19 @@ def drop_over_capacity(
     num_experts: int,
     capacity: int,
     random_priority: bool = False,
+    renormalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mark the slots beyond each expert's `capacity` as dropped (index `num_experts`, weight 0)."""
-    keep = (slot_positions(top_k_index, num_experts, random_priority) < capacity) & (top_k_index < num_experts)
+    """Mark the slots beyond each expert's `capacity` (queued by [`slot_positions`]) as dropped (index
+    `num_experts`, weight 0). The surviving slots keep their weights, unless `renormalize`: then they are rescaled
+    to the sum the token's weights had before dropping, as DeepSpeed's `top2gating` / `topkgating` renormalise
+    the gates after the capacity mask (a token whose weights summed to 1 gets 1.0 on its one surviving slot). A
+    token with no surviving slot keeps weights 0."""
+    routed = top_k_index < num_experts
+    keep = (slot_positions(top_k_index, num_experts, random_priority) < capacity) & routed
     index = top_k_index.masked_fill(~keep, num_experts)
     weights = top_k_weights.masked_fill(~keep, 0.0)
+    if renormalize:
+        total = top_k_weights.masked_fill(~routed, 0.0).sum(dim=-1, keepdim=True)
+        kept = weights.sum(dim=-1, keepdim=True)
+        weights = weights * (total / kept.masked_fill(kept == 0, 1.0))  # no 0/0, even in backward
     return index, weights

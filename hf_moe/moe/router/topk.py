@@ -78,12 +78,14 @@ class HfMoeRouter(nn.Module):
     - softmax, top-k of the probabilities, weights renormalised to sum to 1 when `norm_topk_prob`
       (Mixtral/Qwen); `topk_before_softmax` picks the k largest logits and softmaxes those k instead;
     - sigmoid scores, weights renormalised when `norm_topk_prob` (DeepSeek-V3);
-    - `n_group`/`topk_group`: only experts of the `topk_group` groups with the largest top-2 score sums;
+    - `n_group`/`topk_group`: only experts of the `topk_group` best groups, a group scored by the sum of its
+      top-2 scores or by its best score (`group_score`);
     - weights times `routed_scaling_factor`.
 
     Selection (never the weights) adds `expert_bias` (aux-loss-free balancing) and, in training, Gumbel noise;
     jitter multiplies the router input in training. With `drop_tokens`, slots beyond each expert's capacity
-    become sentinels.
+    become sentinels; the surviving weights stay as they are, or are rescaled to the token's total before
+    dropping with `renormalize_after_drop` (DeepSpeed).
     """
 
     is_causal = True
@@ -179,11 +181,16 @@ class HfMoeRouter(nn.Module):
         return top_k_index, weights
 
     def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
-        """Keep the `topk_group` groups with the largest sum of their top-2 scores; the rest get -inf."""
+        """Keep the `topk_group` groups with the best group scores; the rest get -inf. A group's score is the sum
+        of its two largest selection scores (`group_score="top2_sum"`, DeepSeek-V3) or its largest one (`"max"`,
+        DeepSeek-V2); tied groups go to the lower group index, as tied experts do."""
         num_tokens = selection.shape[0]
         groups = selection.view(num_tokens, self.config.n_group, -1)
-        group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)
-        kept = group_scores.topk(self.config.topk_group, dim=-1).indices
+        if self.config.group_score == "max":
+            group_scores = groups.amax(dim=-1)
+        else:
+            group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)
+        kept = _top_k(group_scores, self.config.topk_group)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         return groups.masked_fill(~group_mask[..., None], float("-inf")).view(num_tokens, -1)
 
@@ -266,6 +273,7 @@ class HfMoeRouter(nn.Module):
             top_k_index, weights = drop_over_capacity(
                 top_k_index, weights, self.num_experts, capacity,
                 random_priority=self.config.use_rts and self.training,
+                renormalize=self.config.renormalize_after_drop,
             )
             kept = assigned_slots(top_k_index, self.num_experts).sum()
             drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
