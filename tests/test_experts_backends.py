@@ -505,8 +505,10 @@ def test_cuda_in_place_swiglu_backward_equals_the_out_of_place_kernel():
 @requires_cuda
 def test_cuda_backward_frees_the_saved_gate_up_and_refuses_a_second_backward(monkeypatch):
     """The SwiGLU backward writes its gradient over the saved gate/up projection: the fwd+bwd peak drops by about
-    one `[S, 2I]` tensor, and a retain_graph second backward fails loudly instead of reading gradients."""
-    tokens, hidden, inter, num_experts, top_k = 4096, 1024, 4096, 8, 2
+    one `[S, 2I]` tensor, and a retain_graph second backward fails loudly instead of reading gradients. Enough
+    tokens that the down node's backward (where the SwiGLU backward runs) holds the peak, not the gate/up node's
+    weight gradient `[E, 2I, H]`."""
+    tokens, hidden, inter, num_experts, top_k = 8192, 1024, 4096, 8, 2
     experts = make_experts(hidden, inter, num_experts, top_k, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(tokens, num_experts, top_k, "uniform", device="cuda", dtype=torch.bfloat16)
     x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
