@@ -10,6 +10,7 @@ decode (T = 64, forward only) against the HBM floor = bytes of the experts touch
     python -m benchmarks layer --quick         # GPU: T = 8192, uniform routing, and decode
     python -m benchmarks layer --decode-only   # GPU: decode only (T = 64), every shape
     python -m benchmarks layer --device cpu    # CPU: small shape (H 512, I 1024, E 16, k 2), T 1024, fp32
+    python -m benchmarks layer --accumulate    # backward adds into existing `.grad` (gradient accumulation)
 
 With liger-kernel installed (`pip install "hf-moe[liger]"`), the GPU run adds Liger-Kernel's fused MoE
 (`liger_fused`, its first call per shape autotunes) as the experts of hf-moe's block and alone on the same routing.
@@ -22,6 +23,7 @@ routings replace only the chosen indices; the routing weights still come from ea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -136,10 +138,11 @@ def run_block(block, impl: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops: float, num_tokens: int,
-            device: str, reps: int) -> dict:
+            device: str, reps: int, accumulate: bool = False) -> dict:
     """Forward (no grad) and forward+backward of `call`, and on GPU the memory it keeps and peaks at. Backward
     starts from a fixed random output gradient, so no loss computation is timed (the same for every
-    implementation)."""
+    implementation). `accumulate`: every backward adds into the leaves' existing `.grad` (gradient accumulation),
+    which then count in the baseline of the peak, as the parameters do."""
     with torch.no_grad():
         grad_out = torch.randn_like(call())
 
@@ -148,8 +151,9 @@ def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops:
             call()
 
     def fwd_bwd():
-        for p in leaves:
-            p.grad = None
+        if not accumulate:
+            for p in leaves:
+                p.grad = None
         call().backward(grad_out)
 
     row = {}
@@ -162,6 +166,8 @@ def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops:
     else:
         for p in leaves:
             p.grad = None
+        if accumulate:
+            call().backward(grad_out)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -239,6 +245,9 @@ def main() -> None:
                     help="shapes that also time transformers' eager loop (DSV3's takes minutes at ~1 TFLOP/s)")
     ap.add_argument("--liger-shapes", default="mixtral,qwen3",
                     help="shapes that also time liger_fused when liger-kernel is installed (GPU; autotunes per shape)")
+    ap.add_argument("--accumulate", action="store_true",
+                    help="keep .grad between backward passes (gradient accumulation), for hf-moe and the peers alike; "
+                         "cases are keyed <shape>_T<tokens>_<routing>_accumulate")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--out", default=None,
                     help="append JSON lines here (default: a new benchmarks/results/layer-<UTC time>.jsonl)")
@@ -256,6 +265,7 @@ def main() -> None:
     }
     env.update(ceilings(device, dtype))
     print(json.dumps(env))
+    timed = functools.partial(measure, accumulate=a.accumulate)
     out_file = ResultFile(__name__, a.out)  # rows are written as they are measured
 
     def emit(row: dict) -> None:
@@ -296,30 +306,30 @@ def main() -> None:
                     routing = hf_block.router(x2d)
                 top_index = routing.top_k_index if index is None else index
                 top_weights = routing.top_k_weights.detach().requires_grad_(True)
-                key = f"{name}_T{tokens}_{routing_kind}"
+                key = f"{name}_T{tokens}_{routing_kind}" + ("_accumulate" if a.accumulate else "")
                 hf_leaves = [x, *hf_block.parameters()]
                 expert_leaves = [x2d, top_weights, *hf_block.experts.parameters()]
                 res = {
-                    "hf-moe": measure(lambda: run_block(hf_block, HF_IMPL, x), hf_leaves, flops, tokens, device, reps),
-                    "experts_hf-moe": measure(
+                    "hf-moe": timed(lambda: run_block(hf_block, HF_IMPL, x), hf_leaves, flops, tokens, device, reps),
+                    "experts_hf-moe": timed(
                         lambda: grouped_experts_forward(hf_block.experts, x2d, top_index, top_weights),
                         expert_leaves, flops, tokens, device, reps,
                     ),
-                    "experts_peer_grouped_mm": measure(
+                    "experts_peer_grouped_mm": timed(
                         lambda: grouped_mm_experts_forward(peer.experts, x2d, top_index, top_weights),
                         expert_leaves, flops, tokens, device, reps,
                     ),
                 }
                 if not cpu:  # the same path on torch's grouped GEMMs, forward and backward
                     with override_plan(own_gemm_rows_per_expert=0):
-                        res["experts_hf-moe_torch_gemms"] = measure(
+                        res["experts_hf-moe_torch_gemms"] = timed(
                             lambda: grouped_experts_forward(hf_block.experts, x2d, top_index, top_weights),
                             expert_leaves, flops, tokens, device, reps,
                         )
                 if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs
                     try:
                         capture_moe_cuda_graphs(hf_block, 1, tokens)
-                        res["hf-moe_graphed"] = measure(
+                        res["hf-moe_graphed"] = timed(
                             lambda: run_block(hf_block, HF_IMPL, x), hf_leaves, flops, tokens, device, reps
                         )
                     except Exception as e:  # noqa: BLE001
@@ -328,10 +338,10 @@ def main() -> None:
                         hf_block.set_cuda_graphs(None)
                 if with_liger:
                     try:  # an optional dependency: report its failure and go on with the rest
-                        res["liger"] = measure(
+                        res["liger"] = timed(
                             lambda: run_block(hf_block, LIGER_IMPL, x), hf_leaves, flops, tokens, device, reps
                         )
-                        res["experts_liger"] = measure(
+                        res["experts_liger"] = timed(
                             lambda: liger_fused_experts_forward(hf_block.experts, x2d, top_index, top_weights),
                             expert_leaves, flops, tokens, device, reps,
                         )
@@ -343,7 +353,7 @@ def main() -> None:
                     if impl == "eager" and (slow or name not in a.eager_shapes.split(",")):
                         continue  # the eager loop is slow; one case per shape is enough
                     try:
-                        res[f"peer_{impl}"] = measure(
+                        res[f"peer_{impl}"] = timed(
                             lambda: run_block(peer, impl, x), [x, *peer.parameters()], flops, tokens, device, reps
                         )
                     except torch.OutOfMemoryError:

@@ -115,49 +115,100 @@ def _weight_grad_into(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, off
     _accumulate_grad(param, _grouped_mm_weight_grad(a, b, offsets, grouped))
 
 
-class _RoutedExpertsFunction(torch.autograd.Function):
-    """The routed experts as one autograd node. It keeps the gathered inputs `[S, H]`, the gate/up projection
-    `[S, 2I]` and the routing indices for backward; the activation is recomputed there (fused into the SwiGLU
-    backward kernel) rather than stored.
+def _weight_grad(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, plan: ExpertsPlan,
+                 weight_grads: WeightGrads | None) -> torch.Tensor | None:
+    """`param`'s gradient `[a_eᵀ @ b_e]ₑ` to return, or None once handed to `weight_grads` (deferred)."""
+    if plan.defer_weight_grads:
+        weight_grads.defer(partial(_weight_grad_into, param, a, b, offsets, plan.tail_unwritten))
+        return None
+    return _grouped_mm_weight_grad(a, b, offsets, plan.tail_unwritten)
 
-    With `plan.in_place_backward` (CUDA, SiLU, eager mode) the SwiGLU backward writes the gate/up gradient over the
-    saved gate/up projection, which backward no longer needs (and the recomputed activation over its incoming
-    gradient): that `[S, 2I]` would otherwise stay allocated until backward returns, next to its gradient and the
-    weight gradients. The price: a second backward through the same graph (`retain_graph=True`) raises instead of
-    running. torch.compile traces the out-of-place version and leaves buffer reuse to its own memory planner.
-    """
+
+# The routed experts are two autograd nodes, split at the gate/up projection, so that under gradient accumulation
+# autograd adds the down projection's weight gradient into `.grad` (and frees it) before the gate/up node's backward
+# allocates the gate/up projection's: one expert weight gradient is alive at a time, never both (the
+# expert-weight-sized peak of backward). Rule and measurements: docs/decisions/experts-kernels.md.
+
+
+class _GateUpFunction(torch.autograd.Function):
+    """Gather the sorted rows' tokens and project them: returns the gate/up projection `gate_up [S, 2I]` and, as a
+    non-differentiable by-product, `act [S, I]` = routing weight · SwiGLU(gate_up) (the fused kernel computes it in
+    the GEMM's epilogue; `_DownFunction`'s backward differentiates through it). Keeps the gathered inputs `[S, H]`."""
 
     @staticmethod
     def forward(
         ctx,
         x: torch.Tensor,
         gate_up_proj: torch.Tensor,
-        down_proj: torch.Tensor,
-        top_k_weights: torch.Tensor,
+        weight: torch.Tensor,
         token: torch.Tensor,
-        order: torch.Tensor,
-        position: torch.Tensor,
+        by_token: torch.Tensor,
+        offsets: torch.Tensor,
+        act_fn: nn.Module,
+        plan: ExpertsPlan,
+        weight_grads: WeightGrads | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x_sorted = gather_rows(x, token, offsets, triton=plan.triton_rows)
+        if plan.fused_gate_up_swiglu and kernels.grouped_gemm.supports(x_sorted, gate_up_proj.transpose(1, 2)):
+            gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
+        else:
+            gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)
+            act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu)
+        ctx.mark_non_differentiable(act)
+        ctx.set_materialize_grads(False)  # no zero gradient for `act`: nothing reads it
+        ctx.save_for_backward(x_sorted, gate_up_proj, by_token, offsets)
+        ctx.plan, ctx.weight_grads = plan, weight_grads
+        return gate_up, act
+
+    @staticmethod
+    def backward(ctx, grad_gate_up: torch.Tensor, _grad_act: None):
+        x_sorted, gate_up_proj, by_token, offsets = ctx.saved_tensors
+        need_x, need_gate_up_proj = ctx.needs_input_grad[:2]
+        plan: ExpertsPlan = ctx.plan
+        grad_x = grad_gate_up_proj = None
+        if need_x:
+            grad_x = gather_sum(_grouped_mm(grad_gate_up, gate_up_proj, offsets, plan.gate_up_gemm), by_token,
+                                offsets, triton=plan.triton_rows)
+        if need_gate_up_proj:
+            grad_gate_up_proj = _weight_grad(gate_up_proj, grad_gate_up, x_sorted, offsets, plan, ctx.weight_grads)
+        return grad_x, grad_gate_up_proj, None, None, None, None, None, None, None
+
+
+class _DownFunction(torch.autograd.Function):
+    """Project `act` down and sum each token's k rows (combine). Differentiated w.r.t. `gate_up` through SwiGLU and
+    the routing weight: `act` comes from `_GateUpFunction` and is not kept; backward recomputes it, fused into the
+    SwiGLU backward kernel. `weight` holds `top_k_weights`' values in row order; `top_k_weights` is an input so
+    that its gradient flows.
+
+    With `plan.in_place_backward` (CUDA, SiLU, eager mode) the SwiGLU backward writes the gate/up gradient over the
+    saved gate/up projection, which nothing needs afterwards (and the recomputed activation over its incoming
+    gradient): that `[S, 2I]` would otherwise stay allocated next to its gradient and the down projection's weight
+    gradient. The price: a second backward through the same graph (`retain_graph=True`) raises instead of running.
+    torch.compile traces the out-of-place version and leaves buffer reuse to its own memory planner.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        gate_up: torch.Tensor,
+        act: torch.Tensor,
+        top_k_weights: torch.Tensor,
+        down_proj: torch.Tensor,
+        weight: torch.Tensor,
+        token: torch.Tensor,
+        by_token: torch.Tensor,
         offsets: torch.Tensor,
         act_fn: nn.Module,
         fused_silu: bool,
         plan: ExpertsPlan,
         weight_grads: WeightGrads | None,
     ) -> torch.Tensor:
-        x_sorted = gather_rows(x, token, offsets, triton=plan.triton_rows)
-        weight = top_k_weights.reshape(-1).index_select(0, order)
-        if plan.fused_gate_up_swiglu and kernels.grouped_gemm.supports(x_sorted, gate_up_proj.transpose(1, 2)):
-            gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
-        else:
-            gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)
-            act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu)
         y = _grouped_mm(act, down_proj.transpose(1, 2), offsets, plan.down_gemm)
-        del act  # [S, I], not saved: free it before the combine allocates its output
-        ctx.save_for_backward(x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets)
-        ctx.num_tokens = x.shape[0]
+        ctx.save_for_backward(gate_up, down_proj, weight, token, by_token, offsets)
         ctx.gate_up_consumed = False
         ctx.act_fn, ctx.fused_silu, ctx.weights_dtype = act_fn, fused_silu, top_k_weights.dtype
         ctx.plan, ctx.weight_grads = plan, weight_grads
-        return gather_sum(y, position.view(x.shape[0], -1), offsets, triton=plan.triton_rows)
+        return gather_sum(y, by_token, offsets, triton=plan.triton_rows)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -167,11 +218,9 @@ class _RoutedExpertsFunction(torch.autograd.Function):
                 "buffer, so a second backward through the same graph (retain_graph=True) is not supported; run the "
                 "forward again instead."
             )
-        x_sorted, gate_up_proj, down_proj, gate_up, weight, token, position, offsets = ctx.saved_tensors
-        need_x, need_gate_up, need_down, need_weights = ctx.needs_input_grad[:4]
+        gate_up, down_proj, weight, token, by_token, offsets = ctx.saved_tensors
+        need_weights, need_down = ctx.needs_input_grad[2:4]
         plan: ExpertsPlan = ctx.plan
-        num_tokens = ctx.num_tokens
-        by_token = position.view(num_tokens, -1)
         grad_y = gather_rows(grad_out.to(down_proj.dtype).contiguous(), token, offsets, triton=plan.triton_rows)
         grad_act = _grouped_mm(grad_y, down_proj, offsets, plan.down_gemm)
         grad_gate_up, grad_weight, act = _gated_act_backward(
@@ -181,31 +230,16 @@ class _RoutedExpertsFunction(torch.autograd.Function):
         if plan.in_place_backward:  # a second backward would read gradients as the gate/up projection
             ctx.gate_up_consumed = True
         del gate_up, grad_act
-        grad_x = grad_gate_up_proj = grad_down_proj = grad_top_k_weights = None
+        grad_top_k_weights = grad_down_proj = None
         if need_weights:
+            position = by_token.reshape(-1)
             grad_top_k_weights = grad_weight.index_select(0, position)
             if plan.tail_unwritten and not plan.triton_swiglu:
                 grad_top_k_weights = grad_top_k_weights.masked_fill(position >= offsets[-1], 0)
-            grad_top_k_weights = grad_top_k_weights.view(num_tokens, -1).to(ctx.weights_dtype)
-        grouped = plan.tail_unwritten
-        if plan.defer_weight_grads:
-            if need_x:
-                grad_x = gather_sum(_grouped_mm(grad_gate_up, gate_up_proj, offsets, plan.gate_up_gemm), by_token,
-                                    offsets, triton=plan.triton_rows)
-            for param, a, b in ((down_proj, grad_y, act), (gate_up_proj, grad_gate_up, x_sorted)):
-                if param.requires_grad:
-                    ctx.weight_grads.defer(partial(_weight_grad_into, param, a, b, offsets, grouped))
-            return grad_x, None, None, grad_top_k_weights, None, None, None, None, None, None, None, None
+            grad_top_k_weights = grad_top_k_weights.view(by_token.shape).to(ctx.weights_dtype)
         if need_down:
-            grad_down_proj = _grouped_mm_weight_grad(grad_y, act, offsets, grouped)
-        del grad_y, act
-        if need_x:
-            grad_x = gather_sum(_grouped_mm(grad_gate_up, gate_up_proj, offsets, plan.gate_up_gemm), by_token,
-                                offsets, triton=plan.triton_rows)
-        if need_gate_up:
-            grad_gate_up_proj = _grouped_mm_weight_grad(grad_gate_up, x_sorted, offsets, grouped)
-        return (grad_x, grad_gate_up_proj, grad_down_proj, grad_top_k_weights,
-                None, None, None, None, None, None, None, None)
+            grad_down_proj = _weight_grad(down_proj, grad_y, act, offsets, plan, ctx.weight_grads)
+        return grad_gate_up, None, grad_top_k_weights, grad_down_proj, None, None, None, None, None, None, None, None
 
 
 def sort_by_expert(
@@ -253,25 +287,20 @@ def grouped_experts_forward(
         return torch.zeros_like(hidden_states)
     token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
     plan = plan_experts(self, hidden_states, top_k_weights, order.numel(), weight_grads)
+    x = hidden_states.to(self.gate_up_proj.dtype)
     if plan.decode:
-        x = hidden_states.to(self.gate_up_proj.dtype)
         out = kernels.decode.decode_experts_forward(
             x, self.gate_up_proj, self.down_proj, top_k_weights, order, position, offsets
         )
         return out.to(hidden_states.dtype)
-    out = _RoutedExpertsFunction.apply(
-        hidden_states.to(self.gate_up_proj.dtype),
-        self.gate_up_proj,
-        self.down_proj,
-        top_k_weights,
-        token,
-        order,
-        position,
-        offsets,
-        self.act_fn,
-        self.config.hidden_act in ("silu", "swish"),
-        plan,
-        weight_grads,
+    weight = top_k_weights.detach().reshape(-1).index_select(0, order)  # each sorted row's routing weight
+    by_token = position.view(x.shape[0], -1)
+    gate_up, act = _GateUpFunction.apply(
+        x, self.gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan, weight_grads
+    )
+    out = _DownFunction.apply(
+        gate_up, act, top_k_weights, self.down_proj, weight, token, by_token, offsets, self.act_fn,
+        self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
     )
     return out.to(hidden_states.dtype)
 
