@@ -16,7 +16,7 @@ from ..configuration_hf_moe import HfMoeConfig
 from ..moe.block import expert_modules
 from .collectives import gather_experts
 from .groups import ExpertParallelGroups, init_expert_parallel
-from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names, shard_experts
+from .sharding import expert_parallel_groups, expert_parallelize, expert_parameter_names
 
 # What `from_pretrained(..., expert_parallel_size=P)` does with transformers' keyword arguments: passed on, accepted
 # because they change nothing for a local folder, or refused because they would change what is read.
@@ -92,7 +92,7 @@ def load_expert_parallel(
         model = model_class(config)
     start, end = groups.expert_range(config.num_experts)
     for experts in expert_modules(model).values():
-        shard_experts(experts, start, end)
+        experts.keep(start, end)
     model = model.to_empty(device=device).to(dtype)
     files = tensor_files(path)
     expert_names = set(expert_parameter_names(model))

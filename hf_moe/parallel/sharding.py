@@ -14,13 +14,6 @@ from .collectives import all_reduce_sum
 from .groups import ExpertParallelGroups
 
 
-def shard_experts(experts: nn.Module, start: int, end: int) -> None:
-    """Keep experts [start, end) of `experts` (an `HfMoeExperts`, full-sized or on the meta device) as its own."""
-    experts.gate_up_proj = nn.Parameter(experts.gate_up_proj.data[start:end].clone())
-    experts.down_proj = nn.Parameter(experts.down_proj.data[start:end].clone())
-    experts.num_experts = end - start
-
-
 def expert_parallelize(
     model: nn.Module,
     groups: ExpertParallelGroups,
@@ -44,7 +37,7 @@ def expert_parallelize(
         num_experts = block.router.num_experts
         start, end = groups.expert_range(num_experts)
         if experts.num_experts == num_experts:
-            shard_experts(experts, start, end)
+            experts.keep(start, end)
         elif experts.num_experts != end - start:
             raise ValueError(f"experts hold {experts.num_experts} experts; expected {num_experts} (full) or "
                              f"{end - start} (this rank's shard).")

@@ -31,6 +31,14 @@ class HfMoeExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def keep(self, start: int, end: int) -> None:
+        """Keep experts [start, end) only (this rank's shard under expert parallelism; works on the meta device)."""
+        if not 0 <= start < end <= self.num_experts:
+            raise ValueError(f"HfMoeExperts.keep({start}, {end}): expected 0 <= start < end <= {self.num_experts}.")
+        self.gate_up_proj = nn.Parameter(self.gate_up_proj.data[start:end].clone())
+        self.down_proj = nn.Parameter(self.down_proj.data[start:end].clone())
+        self.num_experts = end - start
+
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
