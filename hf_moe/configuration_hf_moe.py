@@ -191,6 +191,10 @@ class HfMoeConfig(PretrainedConfig):
             raise _invalid("rope_parameters", self.rope_parameters, "None or a dict such as {'rope_type': 'default'}")
         super().__post_init__(**kwargs)
         self._validate()
+        # Resolved here (as LlamaConfig does), so code reading `config.head_dim` (cache sizing, transformers' tests,
+        # serving engines) gets the number the attention uses, never None.
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
 
     @property
     def moe_layer_indices(self) -> list[int]:

@@ -98,3 +98,13 @@ def test_rope_scaling_types_are_accepted():
 def test_integers_for_float_fields_and_tuples_for_moe_layers_stay_accepted():
     cfg = tiny_config(rms_norm_eps=1, router_aux_loss_coef=0, attention_dropout=0, moe_layers=(1,))
     assert cfg.moe_layer_indices == [1]
+
+
+def test_head_dim_is_resolved_like_llama():
+    from transformers import LlamaConfig
+
+    for hidden_size, heads in ((64, 4), (96, 3), (32, 2)):
+        cfg = tiny_config(hidden_size=hidden_size, num_attention_heads=heads, num_key_value_heads=heads, head_dim=None)
+        reference = LlamaConfig(hidden_size=hidden_size, num_attention_heads=heads, head_dim=None)
+        assert cfg.head_dim == reference.head_dim
+    assert tiny_config(head_dim=24).head_dim == 24
