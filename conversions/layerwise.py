@@ -14,7 +14,8 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hf_moe import HfMoeConfig
-from hf_moe.modeling_hf_moe import HfMoeDecoderLayer, HfMoeRMSNorm, HfMoeRotaryEmbedding
+from hf_moe.attention import HfMoeRMSNorm, HfMoeRotaryEmbedding
+from hf_moe.modeling_hf_moe import HfMoeDecoderLayer
 
 from .safetensors_io import SafetensorsReader
 

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hf_moe", "conversions")
-MAX_LINES = 430  # "no file over ~400 lines"
+MAX_LINES = 400  # "no file over ~400 lines"
 
 
 def _module_name(path: Path) -> str:
