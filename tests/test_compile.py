@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from transformers import CompileConfig
 
 from hf_moe import HfMoeForCausalLM
 from hf_moe.moe.block import HfMoeSparseMoeBlock
@@ -54,3 +55,41 @@ def test_compiled_block_forward_and_backward_equal_eager(case):
     for name, g, w in zip(["out", "x.grad", *(n for n, _ in block.named_parameters())], got, want):
         assert g is not None and w is not None, name
         assert_rel_close(g, w, 1e-5, name)
+
+
+@pytest.mark.parametrize("output_router_logits", [False, True])
+def test_compiled_model_training_step_equals_eager(output_router_logits):
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, router_aux_loss_coef=0.1)).train()
+    compiled_model = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model)
+    got = compiled(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
+    want = model(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
+    got.loss.backward()
+    want.loss.backward()
+    assert_rel_close(got.logits, want.logits, 1e-5, "logits")
+    assert_rel_close(got.loss, want.loss, 1e-5, "loss")
+    if output_router_logits:
+        assert_rel_close(got.aux_loss, want.aux_loss, 1e-5, "aux_loss")
+        assert len(got.router_logits) == len(want.router_logits) == 1
+        assert_rel_close(got.router_logits[0], want.router_logits[0], 1e-5, "router_logits")
+    for (name, param), compiled_param in zip(model.named_parameters(), compiled_model.parameters()):
+        assert param.grad is not None and compiled_param.grad is not None, name
+        assert_rel_close(compiled_param.grad, param.grad, 1e-5, name)
+
+
+def test_compiled_static_cache_generate_equals_dynamic_cache():
+    assert HfMoeForCausalLM._can_compile_fullgraph
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    dynamic = model.generate(ids, max_new_tokens=4, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles generation on accelerators only by default
+    torch._dynamo.reset()
+    static = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                            compile_config=compile_config)
+    assert "_compiled_call" in model.__dict__, "generate did not compile the forward"
+    assert torch.equal(static, dynamic)
