@@ -2,12 +2,14 @@
 computes what eager computes, forward and backward."""
 
 import copy
+import math
 
 import pytest
 import torch
-from transformers import CompileConfig
+from transformers import CompileConfig, Trainer, TrainingArguments
 
 from hf_moe import HfMoeForCausalLM
+from hf_moe.integrations import MoETrainerCallback
 from hf_moe.moe.block import HfMoeSparseMoeBlock
 
 from .conftest import assert_rel_close, tiny_config
@@ -93,3 +95,23 @@ def test_compiled_static_cache_generate_equals_dynamic_cache():
                             compile_config=compile_config)
     assert "_compiled_call" in model.__dict__, "generate did not compile the forward"
     assert torch.equal(static, dynamic)
+
+
+def test_trainer_with_torch_compile_and_callback_trains(tmp_path):
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, router_aux_loss_coef=0.1))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 97, (8, 12))]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, torch_compile=True)
+    torch._dynamo.reset()
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.add_callback(MoETrainerCallback())
+    trainer.train()
+    assert trainer.model_wrapped is not model, "the Trainer did not compile the model"
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert math.isfinite(entry["loss"]) and entry["moe/aux_loss"] > 0 and entry["moe/max_load"] >= 1.0
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any("experts" in name for name in moved) and any("router" in name for name in moved)
