@@ -62,7 +62,9 @@ def slot_positions(top_k_index: torch.Tensor, num_experts: int, random_priority:
     priority = torch.arange(top_k, device=device)[None, :] * num_tokens + token_rank[:, None]
     flat_expert = top_k_index.reshape(-1)
     order = (flat_expert * (num_tokens * top_k) + priority.reshape(-1)).argsort()
-    counts = torch.bincount(flat_expert, minlength=num_experts + 1)
+    # scatter_add, not bincount: bincount's output size depends on the data, which torch.compile cannot trace
+    counts = torch.zeros(num_experts + 1, dtype=flat_expert.dtype, device=device)
+    counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
     starts = counts.cumsum(0) - counts
     sorted_pos = torch.arange(flat_expert.numel(), device=device) - starts[flat_expert[order]]
     return torch.empty_like(sorted_pos).scatter_(0, order, sorted_pos).view(num_tokens, top_k)

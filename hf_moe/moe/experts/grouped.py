@@ -22,12 +22,15 @@ from .plan import ExpertsPlan, Gemm, WeightGrads, plan_experts
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: Gemm) -> torch.Tensor:
-    """`a [S, K]` sorted by expert, `b [E, K, N]` (any strides) → `[S, N]` with rows of expert e = `a_e @ b[e]`."""
-    if gemm == "triton" and kernels.grouped_gemm.supports(a, b):
-        return kernels.grouped_gemm.grouped_mm(a, b, offsets)
-    if gemm != "per_expert":
-        return _torch_grouped_mm(a, b, offs=offsets)
+# The per-expert GEMMs read the offsets on the host, which is free on the CPU but a data-dependent value to
+# torch.compile; as custom ops they are one opaque node of known output shape, so the block compiles with no graph
+# break (torch's grouped GEMM cannot stand in: its compile-time shape function accepts bf16 only).
+
+
+@torch.library.custom_op("hf_moe::per_expert_mm", mutates_args=())
+def per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`a [S, K]` sorted by expert, `b [E, K, N]` → `[S, N]`: rows of expert e = `a_e @ b[e]`, rows past
+    `offsets[-1]` zero. One `mm` per expert."""
     out = a.new_empty(a.shape[0], b.shape[-1])
     start = 0
     for expert, end in enumerate(offsets.tolist()):
@@ -38,10 +41,15 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: G
     return out
 
 
-def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
-    """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]` with `out[e] = a_eᵀ @ b_e` (zero for idle experts)."""
-    if grouped:
-        return _torch_grouped_mm(a.t(), b, offs=offsets)
+@per_expert_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+@torch.library.custom_op("hf_moe::per_expert_weight_grad", mutates_args=())
+def per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]`: `out[e] = a_eᵀ @ b_e`, zero for idle experts. One `mm`
+    per expert."""
     out = a.new_empty(offsets.numel(), a.shape[1], b.shape[1])
     start = 0
     for expert, end in enumerate(offsets.tolist()):
@@ -51,6 +59,27 @@ def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Ten
             out[expert].zero_()
         start = end
     return out
+
+
+@per_expert_weight_grad.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(offsets.shape[0], a.shape[1], b.shape[1])
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: Gemm) -> torch.Tensor:
+    """`a [S, K]` sorted by expert, `b [E, K, N]` (any strides) → `[S, N]` with rows of expert e = `a_e @ b[e]`."""
+    if gemm == "triton" and kernels.grouped_gemm.supports(a, b):
+        return kernels.grouped_gemm.grouped_mm(a, b, offsets)
+    if gemm != "per_expert":
+        return _torch_grouped_mm(a, b, offs=offsets)
+    return per_expert_mm(a, b, offsets)
+
+
+def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]` with `out[e] = a_eᵀ @ b_e` (zero for idle experts)."""
+    if grouped:
+        return _torch_grouped_mm(a.t(), b, offs=offsets)
+    return per_expert_weight_grad(a, b, offsets)
 
 
 def _gated_act(
@@ -90,6 +119,13 @@ def _gated_act_backward(
     # SiLU written out so that each [S, I] pass is counted and no temporary is concatenated.
     gate, up = gate_up.chunk(2, dim=-1)
     weight = weight[:, None].to(gate_up.dtype)
+    if torch.compiler.is_compiling():  # out= into column halves does not trace; inductor plans the buffers itself
+        act = torch.nn.functional.silu(gate)
+        grad_up = grad_out * act * weight
+        act = act * up
+        grad_gate = torch.ops.aten.silu_backward(grad_out * up * weight, gate)
+        out = act * weight if recompute_out else None
+        return torch.cat([grad_gate, grad_up], dim=-1), torch.linalg.vecdot(grad_out, act), out
     grad_gate_up = torch.empty_like(gate_up)
     grad_gate, grad_up = grad_gate_up.chunk(2, dim=-1)
     act = torch.nn.functional.silu(gate)

@@ -22,7 +22,8 @@ from ..ops import triton_serves
 Gemm = Literal["triton", "grouped_mm", "per_expert"]
 """How a projection's GEMMs run: hf-moe's Triton grouped GEMM (`hf_moe.moe.kernels.grouped_gemm`; where its
 operands do not meet TMA's alignment it falls back to torch's), torch's grouped GEMM (CUDA bf16: no host sync,
-rows past `offsets[-1]` left unwritten), or one `mm` per expert (reads the offsets on the host, zeroes those rows)."""
+rows past `offsets[-1]` left unwritten), or one `mm` per expert (reads the offsets on the host, zeroes those rows;
+a custom op, `hf_moe::per_expert_mm`, so torch.compile traces it as one node without a graph break)."""
 
 # hf-moe's Triton grouped GEMMs replace torch's for a projection only with at most this many (token, slot) rows per
 # expert on average (with more, torch's tiles are as fast or faster) and at least this many multiply-adds per GEMM

@@ -1,0 +1,117 @@
+"""torch.compile on the CPU: the MoE block compiles as one graph (no graph break) and, like the whole model,
+computes what eager computes, forward and backward."""
+
+import copy
+import math
+
+import pytest
+import torch
+from transformers import CompileConfig, Trainer, TrainingArguments
+
+from hf_moe import HfMoeForCausalLM
+from hf_moe.integrations import MoETrainerCallback
+from hf_moe.moe.block import HfMoeSparseMoeBlock
+
+from .conftest import assert_rel_close, tiny_config
+
+BLOCK_CASES = {
+    "dropless": {},
+    "shared_expert": {"num_shared_experts": 1, "shared_expert_gate": True},
+    "capacity": {"drop_tokens": True, "capacity_factor": 1.0},
+}
+
+
+def tiny_block(**overrides) -> HfMoeSparseMoeBlock:
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(**overrides))
+    return next(m for m in model.modules() if isinstance(m, HfMoeSparseMoeBlock)).train()
+
+
+def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The output, the input's gradient and every parameter's gradient of `sum(out · probe)`."""
+    x = x.detach().requires_grad_(True)
+    out = module(x)
+    probe = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)  # a gradient that differs in every element
+    (out * probe).sum().backward()
+    return (out.detach(), x.grad, *(p.grad for p in module.parameters()))
+
+
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_block_compiles_fullgraph_with_no_graph_break(case):
+    block = tiny_block(**BLOCK_CASES[case])
+    x = torch.randn(2, 7, block.experts.hidden_dim)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_compiled_block_forward_and_backward_equal_eager(case):
+    block = tiny_block(**BLOCK_CASES[case])
+    compiled = torch.compile(copy.deepcopy(block), fullgraph=True)
+    x = torch.randn(2, 7, block.experts.hidden_dim)
+    torch._dynamo.reset()
+    got, want = forward_backward(compiled, x), forward_backward(block, x)
+    assert len(got) == len(want) >= 5
+    for name, g, w in zip(["out", "x.grad", *(n for n, _ in block.named_parameters())], got, want):
+        assert g is not None and w is not None, name
+        assert_rel_close(g, w, 1e-5, name)
+
+
+@pytest.mark.parametrize("output_router_logits", [False, True])
+def test_compiled_model_training_step_equals_eager(output_router_logits):
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, router_aux_loss_coef=0.1)).train()
+    compiled_model = copy.deepcopy(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    torch._dynamo.reset()
+    compiled = torch.compile(compiled_model)
+    got = compiled(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
+    want = model(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
+    got.loss.backward()
+    want.loss.backward()
+    assert_rel_close(got.logits, want.logits, 1e-5, "logits")
+    assert_rel_close(got.loss, want.loss, 1e-5, "loss")
+    if output_router_logits:
+        assert_rel_close(got.aux_loss, want.aux_loss, 1e-5, "aux_loss")
+        assert len(got.router_logits) == len(want.router_logits) == 1
+        assert_rel_close(got.router_logits[0], want.router_logits[0], 1e-5, "router_logits")
+    for (name, param), compiled_param in zip(model.named_parameters(), compiled_model.parameters()):
+        assert param.grad is not None and compiled_param.grad is not None, name
+        assert_rel_close(compiled_param.grad, param.grad, 1e-5, name)
+
+
+def test_compiled_static_cache_generate_equals_dynamic_cache():
+    assert HfMoeForCausalLM._can_compile_fullgraph
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    dynamic = model.generate(ids, max_new_tokens=4, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles generation on accelerators only by default
+    torch._dynamo.reset()
+    static = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                            compile_config=compile_config)
+    assert "_compiled_call" in model.__dict__, "generate did not compile the forward"
+    assert torch.equal(static, dynamic)
+
+
+def test_trainer_with_torch_compile_and_callback_trains(tmp_path):
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, router_aux_loss_coef=0.1))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 97, (8, 12))]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, torch_compile=True)
+    torch._dynamo.reset()
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.add_callback(MoETrainerCallback())
+    trainer.train()
+    assert trainer.model_wrapped is not model, "the Trainer did not compile the model"
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:
+        assert math.isfinite(entry["loss"]) and entry["moe/aux_loss"] > 0 and entry["moe/max_load"] >= 1.0
+    moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert any("experts" in name for name in moved) and any("router" in name for name in moved)
