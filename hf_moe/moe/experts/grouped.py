@@ -102,10 +102,11 @@ def _gated_act_backward(
     recompute_out: bool,
     triton: bool = False,
     in_place: bool = False,
+    traced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of [`_gated_act`] w.r.t. `gate_up` and `weight`, and its recomputed output if asked. `fused_silu`:
     the activation is SiLU (written out below); `in_place` (Triton only) overwrites `gate_up` and `grad_out` with
-    those results."""
+    those results; `traced` (torch.compile) computes it out of place."""
     if triton:
         return kernels.swiglu.swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out, in_place)
     if not fused_silu:
@@ -119,7 +120,7 @@ def _gated_act_backward(
     # SiLU written out so that each [S, I] pass is counted and no temporary is concatenated.
     gate, up = gate_up.chunk(2, dim=-1)
     weight = weight[:, None].to(gate_up.dtype)
-    if torch.compiler.is_compiling():  # out= into column halves does not trace; inductor plans the buffers itself
+    if traced:  # out= into column halves does not trace; the compiler plans the buffers itself
         act = torch.nn.functional.silu(gate)
         grad_up = grad_out * act * weight
         act = act * up
@@ -261,7 +262,7 @@ class _DownFunction(torch.autograd.Function):
         grad_act = _grouped_mm(grad_y, down_proj, offsets, plan.down_gemm)
         grad_gate_up, grad_weight, act = _gated_act_backward(
             gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down,
-            triton=plan.triton_swiglu, in_place=plan.in_place_backward,
+            triton=plan.triton_swiglu, in_place=plan.in_place_backward, traced=plan.traced,
         )
         if plan.in_place_backward:  # a second backward would read gradients as the gate/up projection
             ctx.gate_up_consumed = True

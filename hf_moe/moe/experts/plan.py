@@ -67,6 +67,9 @@ class ExpertsPlan:
     """Inference with few rows per expert: the decode kernels replace the whole grouped path."""
     defer_weight_grads: bool
     """Backward hands the expert weights' gradients to `weight_grads` instead of returning them."""
+    traced: bool
+    """torch.compile traces this call: every step runs out of place (the compiler plans the buffers), none is
+    deferred, and the GEMMs are torch's."""
 
     @property
     def tail_unwritten(self) -> bool:
@@ -108,7 +111,7 @@ def _setting(name: str):
     return _overrides[name] if name in _overrides else _SETTINGS[name]()
 
 
-def _gemm(num_rows: int, num_experts: int, k: int, n: int, grouped: bool, triton: bool) -> Gemm:
+def _gemm(num_rows: int, num_experts: int, k: int, n: int, grouped: bool, triton: bool, traced: bool) -> Gemm:
     """One projection's GEMM (`[S, k] @ [E, k, n]`): hf-moe's Triton one on CUDA bf16 with few rows per expert and
     enough work, not while torch.compile traces (it traces torch's grouped GEMM)."""
     if not grouped:
@@ -117,7 +120,7 @@ def _gemm(num_rows: int, num_experts: int, k: int, n: int, grouped: bool, triton
         triton
         and num_rows <= _setting("own_gemm_rows_per_expert") * num_experts
         and num_rows * k * n >= _setting("own_gemm_min_multiply_adds")
-        and not torch.compiler.is_compiling()
+        and not traced
     )
     return "triton" if own else "grouped_mm"
 
@@ -133,7 +136,7 @@ def plan_experts(
     `experts` (anything with `gate_up_proj`, `down_proj`, `num_experts` and `config.hidden_act`)."""
     gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj
     num_experts, two_inter, hidden = gate_up_proj.shape
-    dtype, compiling = gate_up_proj.dtype, torch.compiler.is_compiling()
+    dtype, traced = gate_up_proj.dtype, torch.compiler.is_compiling()
     triton = _setting("triton")
     triton = triton_serves(hidden_states) if triton is None else triton
     grouped = _setting("grouped_mm")
@@ -142,14 +145,14 @@ def plan_experts(
     swiglu = triton and experts.config.hidden_act in ("silu", "swish")
     params = (gate_up_proj, down_proj)
     grad = torch.is_grad_enabled()
-    gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton)
+    gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton, traced)
     plan = ExpertsPlan(
         gate_up_gemm=gate_up_gemm,
-        down_gemm=_gemm(num_rows, num_experts, two_inter // 2, hidden, grouped, triton),
+        down_gemm=_gemm(num_rows, num_experts, two_inter // 2, hidden, grouped, triton, traced),
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
         triton_rows=triton,
         triton_swiglu=swiglu,
-        in_place_backward=swiglu and not compiling,
+        in_place_backward=swiglu and not traced,
         decode=(
             swiglu
             and dtype in (torch.bfloat16, torch.float16)
@@ -161,8 +164,9 @@ def plan_experts(
             and grad
             and any(p.requires_grad for p in params)
             and all(p.is_leaf for p in params)
-            and not compiling
+            and not traced
         ),
+        traced=traced,
     )
     forced = {name: value for name, value in _overrides.items() if name in _FIELDS}
     return dataclasses.replace(plan, **forced) if forced else plan
