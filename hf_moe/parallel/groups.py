@@ -7,6 +7,7 @@ contiguous ranks; rank r of an EP group owns experts [r·E/P, (r+1)·E/P). Exper
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -79,7 +80,7 @@ def init_expert_parallel(ep_size: int, num_experts: int | None = None) -> Expert
                                 edp_size=world // ep_size, edp_rank=rank // ep_size, world_size=world)
 
 
-def _default_group_timeout() -> timedelta:
+def _default_group_timeout() -> timedelta | None:
     """The collective timeout of the default process group, the one the user set at `init_process_group`.
 
     `dist.new_group` without a timeout falls back to the backend's global default (30 min for gloo, 10 for NCCL),
@@ -87,7 +88,15 @@ def _default_group_timeout() -> timedelta:
     the value lives in the default group's backend options.
     """
     device = torch.device("cuda" if "nccl" in dist.get_backend() else "cpu")
-    return dist.group.WORLD._get_backend(device).options._timeout
+    try:
+        return dist.group.WORLD._get_backend(device).options._timeout
+    except (AttributeError, RuntimeError):  # another torch keeps it elsewhere: say so rather than fail to start
+        warnings.warn(
+            "hf_moe could not read the default process group's timeout from this torch version; the expert-parallel "
+            "groups use torch's default timeout instead of the one set at init_process_group.",
+            stacklevel=3,
+        )
+        return None
 
 
 def _check_same_on_every_rank(ep_size: int, num_experts: int | None) -> None:
