@@ -55,6 +55,16 @@ class HfMoeConfig(PretrainedConfig):
         qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
         qk_norm (`bool`): RMSNorm over each head of q and k before RoPE (Qwen3).
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
+        kv_lora_rank (`int`, *optional*): set, the attention is multi-head latent attention (DeepSeek-V2/V3,
+            `hf_moe.mla`): each head's keys and values are expanded from one cached `kv_lora_rank`-wide latent, plus
+            one RoPE key shared by all heads. `head_dim` is then the rotary width `qk_rope_head_dim`, and
+            `num_key_value_heads` equals `num_attention_heads`.
+        q_lora_rank (`int`, *optional*): with MLA, queries come from a `q_lora_rank`-wide normed latent; `None` =
+            one `q_proj`.
+        qk_nope_head_dim (`int`), qk_rope_head_dim (`int`), v_head_dim (`int`): with MLA (all three required), a
+            head's query/key width without RoPE and with RoPE, and its value width.
+        rope_interleave (`bool`): with MLA, RoPE rotates adjacent pairs `(x0, x1), (x2, x3), …` as DeepSeek's
+            checkpoints need, instead of the two halves.
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -143,6 +153,12 @@ class HfMoeConfig(PretrainedConfig):
     qkv_bias: bool = False
     qk_norm: bool = False
     sliding_window: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False
     attention_dropout: float = 0.0
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -194,7 +210,12 @@ class HfMoeConfig(PretrainedConfig):
         # Resolved here (as LlamaConfig does), so code reading `config.head_dim` (cache sizing, transformers' tests,
         # serving engines) gets the number the attention uses, never None.
         if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            self.head_dim = self.qk_rope_head_dim if self.is_mla else self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether the attention is multi-head latent attention (`kv_lora_rank` is set)."""
+        return self.kv_lora_rank is not None
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -228,7 +249,8 @@ class HfMoeConfig(PretrainedConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(field, value, "an integer >= 0")
-        for field in ("head_dim", "shared_expert_intermediate_size", "sliding_window"):
+        for field in ("head_dim", "shared_expert_intermediate_size", "sliding_window", "q_lora_rank", "kv_lora_rank",
+                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 fail(field, value, "a positive integer or None")
@@ -241,12 +263,12 @@ class HfMoeConfig(PretrainedConfig):
         if not _is_finite_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             fail("attention_dropout", self.attention_dropout, "a probability in [0, 1) (a number, not a string)")
         for field in ("use_cache", "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm",
-                      "shared_expert_gate", "output_router_logits"):
+                      "shared_expert_gate", "output_router_logits", "rope_interleave"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
             fail("hidden_act", self.hidden_act, f"one of transformers' activations ({', '.join(sorted(ACT2FN))})")
-        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+        if self.head_dim is None and not self.is_mla and self.hidden_size % self.num_attention_heads != 0:
             fail("num_attention_heads", self.num_attention_heads,
                  f"a divisor of hidden_size={self.hidden_size} (or set head_dim explicitly)")
         if self.num_attention_heads % self.num_key_value_heads != 0:
@@ -268,6 +290,7 @@ class HfMoeConfig(PretrainedConfig):
         if self.shared_expert_gate and self.shared_expert_size == 0:
             fail("shared_expert_gate", True, "False when there is no shared expert (num_shared_experts=0)")
         self._validate_routing(fail)
+        self._validate_mla(fail)
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -275,6 +298,27 @@ class HfMoeConfig(PretrainedConfig):
             fail("rope_parameters['rope_type']", rope_type,
                  f"'default' or one of {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
 
+    def _validate_mla(self, fail) -> None:
+        latent_dims = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if not self.is_mla:
+            for field in (*latent_dims, "rope_interleave"):
+                if getattr(self, field):
+                    fail(field, getattr(self, field), "unset unless kv_lora_rank is set (multi-head latent attention)")
+            return
+        for field in latent_dims[1:]:
+            if getattr(self, field) is None:
+                fail(field, None, "a positive integer when kv_lora_rank is set (multi-head latent attention)")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", self.qk_rope_head_dim, "an even number (RoPE rotates pairs)")
+        if self.head_dim not in (None, self.qk_rope_head_dim):
+            fail("head_dim", self.head_dim, f"None or qk_rope_head_dim={self.qk_rope_head_dim} with multi-head "
+                 "latent attention (it is the rotary width)")
+        if self.num_key_value_heads != self.num_attention_heads:
+            fail("num_key_value_heads", self.num_key_value_heads, f"num_attention_heads={self.num_attention_heads} "
+                 "with multi-head latent attention (every head expands its own keys and values from the latent)")
+        for field in ("qkv_bias", "qk_norm", "sliding_window"):
+            if getattr(self, field):
+                fail(field, getattr(self, field), "off with multi-head latent attention (kv_lora_rank set)")
 
     def _validate_routing(self, fail) -> None:
         if self.router_type not in ROUTER_CLASSES:

@@ -22,6 +22,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import HfMoeAttention, HfMoeRMSNorm, HfMoeRotaryEmbedding
 from .configuration_hf_moe import HfMoeConfig
+from .mla import HfMoeMultiHeadLatentAttention
 from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
@@ -56,7 +57,8 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = HfMoeAttention(config, layer_idx)
+        attention = HfMoeMultiHeadLatentAttention if config.is_mla else HfMoeAttention
+        self.self_attn = attention(config, layer_idx)
         if layer_idx in config.moe_layer_indices:
             self.mlp = HfMoeSparseMoeBlock(config, layer_idx)
         else:
@@ -106,7 +108,8 @@ class HfMoePreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(RoutingRecord, index=0),
         "router_outputs": OutputRecorder(RoutingRecord, index=1),
         "hidden_states": HfMoeDecoderLayer,
-        "attentions": OutputRecorder(HfMoeAttention, index=1),
+        "attentions": [OutputRecorder(HfMoeAttention, index=1),
+                       OutputRecorder(HfMoeMultiHeadLatentAttention, index=1)],
     }
 
     @classmethod

@@ -1,0 +1,219 @@
+"""DeepSeek-V3 in hf-moe, against transformers' own DeepseekV3 classes: multi-head latent attention (q/kv low-rank
+projections, rope/nope split, interleaved RoPE, YaRN's softmax scale, the latent KV cache) under eager and sdpa
+attention and torch.compile, and DeepSeek-V3's routing (sigmoid scores, group-limited selection, score correction
+bias, routed scaling, shared experts, first dense layers)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import CompileConfig, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+from hf_moe import HfMoeConfig, HfMoeForCausalLM, record_routing
+from hf_moe.mla import HfMoeMultiHeadLatentAttention
+from hf_moe.moe.block import HfMoeSparseMoeBlock
+
+from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, tiny_config
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.9,
+        "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
+ATTENTION_CASES = {
+    "q_lora": {},
+    "plain_q_proj": {"q_lora_rank": None},
+    "halves_rope": {"rope_interleave": False},
+    "yarn": {"rope_parameters": YARN},
+    "bias": {"attention_bias": True},
+}
+
+
+def deepseek_config(**overrides) -> DeepseekV3Config:
+    """A tiny DeepSeek-V3; `rms_norm_eps` differs from the latent norms' fixed 1e-6 so that mixing them up shows."""
+    kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
+                  routed_scaling_factor=2.5, kv_lora_rank=12, q_lora_rank=10, qk_rope_head_dim=4, v_head_dim=6,
+                  qk_nope_head_dim=8, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
+                  max_position_embeddings=128, rms_norm_eps=1e-5, rope_interleave=True)
+    kwargs.update(overrides)
+    return DeepseekV3Config(**kwargs)
+
+
+def hf_moe_config(c: DeepseekV3Config) -> HfMoeConfig:
+    """The HfMoeConfig that computes what `c` does, field by field."""
+    return HfMoeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
+        q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
+        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, rope_interleave=c.rope_interleave,
+        num_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
+        moe_intermediate_size=c.moe_intermediate_size, num_shared_experts=c.n_shared_experts,
+        first_k_dense=c.first_k_dense_replace, norm_topk_prob=c.norm_topk_prob, scoring_func="sigmoid",
+        use_expert_bias=True, n_group=c.n_group, topk_group=c.topk_group,
+        routed_scaling_factor=c.routed_scaling_factor, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+    )
+
+
+def hf_moe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """DeepSeek's tensor names → hf-moe's: only the router differs (`gate` → `router`, its bias → `expert_bias`)."""
+    renames = {"mlp.gate.weight": "mlp.router.weight", "mlp.gate.e_score_correction_bias": "mlp.router.expert_bias"}
+    out = {}
+    for name, tensor in state_dict.items():
+        for old, new in renames.items():
+            name = name.replace(old, new)
+        out[name] = tensor
+    return out
+
+
+def randomise_router(module: torch.nn.Module) -> None:
+    """Decisive router logits and a nonzero score correction bias (transformers initialises the bias to zero)."""
+    with torch.no_grad():
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if name.endswith("gate.weight"):
+                tensor.normal_(0.0, 0.3)
+            elif name.endswith("e_score_correction_bias"):
+                tensor.normal_(0.0, 0.1)
+
+
+def deepseek_pair(attn_implementation: str = "eager", **overrides) -> tuple[DeepseekV3ForCausalLM, HfMoeForCausalLM]:
+    config = deepseek_config(**overrides)
+    config._attn_implementation = attn_implementation
+    reference = DeepseekV3ForCausalLM(config).eval()
+    randomise_router(reference)
+    hf_config = hf_moe_config(config)
+    hf_config._attn_implementation = attn_implementation
+    model = HfMoeForCausalLM(hf_config).eval()
+    missing, unexpected = model.load_state_dict(hf_moe_state_dict(reference.state_dict()), strict=False)
+    assert unexpected == [] and all(name.endswith("inv_freq") for name in missing), (missing, unexpected)
+    return reference, model
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_logits_and_cached_greedy_generate_equal_transformers_deepseek_v3(case, attn_implementation):
+    reference, model = deepseek_pair(attn_implementation, **ATTENTION_CASES[case])
+    assert isinstance(model.model.layers[0].self_attn, HfMoeMultiHeadLatentAttention)
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits, reference(ids).logits, 1e-5, "logits")
+    want = reference.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
+    assert_cached_greedy_equals_full_forward(model, ids, 6)
+
+
+def test_attention_weights_are_recorded_and_equal_transformers():
+    reference, model = deepseek_pair()
+    ids = torch.randint(0, 97, (1, 9))
+    with torch.no_grad():
+        got, want = model(ids, output_attentions=True), reference(ids, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == 3
+    for g, w in zip(got.attentions, want.attentions):
+        assert_rel_close(g, w, 1e-5, "attention weights")
+
+
+def test_padded_batch_equals_transformers():
+    reference, model = deepseek_pair("sdpa")
+    ids = torch.randint(2, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        got, want = model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits
+    assert_rel_close(got[mask.bool()], want[mask.bool()], 1e-5, "logits of real tokens")
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+@pytest.mark.parametrize("groups", [(4, 2), (1, 1), (2, 1)])
+def test_moe_block_routes_and_computes_as_deepseek_v3(norm_topk_prob, groups):
+    config = deepseek_config(norm_topk_prob=norm_topk_prob, n_group=groups[0], topk_group=groups[1])
+    reference = DeepseekV3MoE(config)
+    torch.nn.init.normal_(reference.experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(reference.experts.down_proj, std=0.1)
+    randomise_router(reference)
+    block = HfMoeSparseMoeBlock(hf_moe_config(config), layer_idx=1).eval()
+    renamed = {name.removeprefix("mlp."): t for name, t in hf_moe_state_dict(
+        {f"mlp.{k}": v for k, v in reference.state_dict().items()}).items()}
+    assert block.load_state_dict(renamed, strict=True)
+    x = torch.randn(2, 7, config.hidden_size)
+
+    with torch.no_grad():
+        _, want_weights, want_index = reference.gate(x)
+        with record_routing(block) as routings:
+            got = block(x)
+        want = reference(x)
+    order = want_index.sort(dim=-1)
+    got_order = routings[0].top_k_index.sort(dim=-1)
+    assert torch.equal(got_order.values, order.values), "selected experts differ"
+    assert_rel_close(routings[0].top_k_weights.gather(1, got_order.indices),
+                     want_weights.gather(1, order.indices), 1e-6, "combine weights")
+    assert_rel_close(got, want, 1e-5, "block output")
+
+
+def test_first_dense_layers_and_shared_experts_follow_the_config():
+    _, model = deepseek_pair()
+    kinds = [type(layer.mlp).__name__ for layer in model.model.layers]
+    assert kinds == ["HfMoeMLP", "HfMoeSparseMoeBlock", "HfMoeSparseMoeBlock"]
+    assert model.model.layers[1].mlp.shared_experts.gate_proj.out_features == 16
+
+
+def test_attention_compiles_fullgraph_and_equals_eager_forward_and_backward():
+    _, model = deepseek_pair(num_hidden_layers=1, first_k_dense_replace=0)
+    attention = model.model.layers[0].self_attn.train()
+    x = torch.randn(2, 7, 32)
+    position_embeddings = model.model.rotary_emb(x, torch.arange(7)[None])
+    compiled = torch.compile(copy.deepcopy(attention), fullgraph=True)
+    torch._dynamo.reset()
+    outputs = []
+    for module in (compiled, attention):
+        inp = x.clone().requires_grad_(True)
+        out = module(inp, position_embeddings, None)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append((out.detach(), inp.grad, *(p.grad for p in module.parameters())))
+    for got, want in zip(*outputs):
+        assert_rel_close(got, want, 1e-5, "compiled vs eager")
+
+
+def test_compiled_static_cache_generate_equals_dynamic_cache():
+    _, model = deepseek_pair("sdpa", num_hidden_layers=1, first_k_dense_replace=0)
+    ids = torch.randint(0, 97, (2, 6))
+    dynamic = model.generate(ids, max_new_tokens=4, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles generation on accelerators only by default
+    torch._dynamo.reset()
+    static = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                            compile_config=compile_config)
+    assert "_compiled_call" in model.__dict__, "generate did not compile the forward"
+    assert torch.equal(static, dynamic)
+
+
+def test_mla_model_saves_and_loads_back(tmp_path):
+    _, model = deepseek_pair()
+    model.save_pretrained(tmp_path)
+    loaded = HfMoeForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.kv_lora_rank == 12 and loaded.config.head_dim == 4 and loaded.config.rope_interleave
+    assert all(torch.equal(t, loaded.state_dict()[name]) for name, t in model.state_dict().items())
+    ids = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert_rel_close(loaded(ids).logits, model(ids).logits, 1e-5, "logits")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field", "expected"),
+    [
+        ({"qk_nope_head_dim": 8}, "qk_nope_head_dim", "unset unless kv_lora_rank"),
+        ({"rope_interleave": True}, "rope_interleave", "unset unless kv_lora_rank"),
+        ({"kv_lora_rank": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}, "qk_nope_head_dim", "a positive integer"),
+        ({"kv_lora_rank": 0}, "kv_lora_rank", "a positive integer or None"),
+        ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 3, "v_head_dim": 8}, "qk_rope_head_dim",
+         "an even number"),
+        ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "head_dim": 8},
+         "head_dim", "qk_rope_head_dim=4"),
+        ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}, "num_key_value_heads",
+         "num_attention_heads=4"),
+        ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "num_key_value_heads": 4,
+          "qk_norm": True}, "qk_norm", "off with multi-head latent attention"),
+    ],
+)
+def test_bad_mla_field_is_refused_with_a_clear_error(overrides, field, expected):
+    with pytest.raises(ValueError, match=rf"HfMoeConfig\.{field}=.*{expected}"):
+        tiny_config(**overrides)
