@@ -113,9 +113,12 @@ class HfMoeConfig(PretrainedConfig):
     # SwiGLU MLP (dense, shared experts, each routed expert) by its intermediate dimension, and each of them
     # all-reduces its output. The router and `shared_expert_gate` stay replicated: they read the replicated residual
     # stream and every rank needs their whole output. `q_norm`/`k_norm` see only this rank's heads, so their
-    # gradients are summed over the ranks.
+    # gradients are summed over the ranks; so are those of MLA's shared RoPE key, which skips the sharded `kv_b_proj`.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
