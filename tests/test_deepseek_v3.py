@@ -28,12 +28,13 @@ ATTENTION_CASES = {
 
 
 def deepseek_config(**overrides) -> DeepseekV3Config:
-    """A tiny DeepSeek-V3; `rms_norm_eps` differs from the latent norms' fixed 1e-6 so that mixing them up shows."""
+    """A tiny DeepSeek-V3; `rms_norm_eps` differs from the latent norms' fixed 1e-6 so that mixing them up shows. No
+    end-of-sequence token: generation runs its full length, so every step is compared."""
     kwargs = dict(vocab_size=97, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8,
                   routed_scaling_factor=2.5, kv_lora_rank=12, q_lora_rank=10, qk_rope_head_dim=4, v_head_dim=6,
                   qk_nope_head_dim=8, n_group=4, topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1,
-                  max_position_embeddings=128, rms_norm_eps=1e-5, rope_interleave=True)
+                  max_position_embeddings=128, rms_norm_eps=1e-5, rope_interleave=True, eos_token_id=None)
     kwargs.update(overrides)
     return DeepseekV3Config(**kwargs)
 
