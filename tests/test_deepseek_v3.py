@@ -4,13 +4,17 @@ attention and torch.compile, and DeepSeek-V3's routing (sigmoid scores, group-li
 bias, routed scaling, shared experts, first dense layers)."""
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import CompileConfig, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
 from hf_moe import HfMoeConfig, HfMoeForCausalLM, record_routing
+from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
 from hf_moe.mla import HfMoeMultiHeadLatentAttention
 from hf_moe.moe.block import HfMoeSparseMoeBlock
 
@@ -39,21 +43,9 @@ def deepseek_config(**overrides) -> DeepseekV3Config:
     return DeepseekV3Config(**kwargs)
 
 
-def hf_moe_config(c: DeepseekV3Config) -> HfMoeConfig:
-    """The HfMoeConfig that computes what `c` does, field by field."""
-    return HfMoeConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps, rope_parameters=dict(c.rope_parameters), attention_bias=c.attention_bias,
-        q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
-        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, rope_interleave=c.rope_interleave,
-        num_experts=c.n_routed_experts, num_experts_per_tok=c.num_experts_per_tok,
-        moe_intermediate_size=c.moe_intermediate_size, num_shared_experts=c.n_shared_experts,
-        first_k_dense=c.first_k_dense_replace, norm_topk_prob=c.norm_topk_prob, scoring_func="sigmoid",
-        use_expert_bias=True, n_group=c.n_group, topk_group=c.topk_group,
-        routed_scaling_factor=c.routed_scaling_factor, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
-    )
+def hf_moe_config(config: DeepseekV3Config) -> HfMoeConfig:
+    """The HfMoeConfig the deepseek_v3 family maps `config` to."""
+    return to_hf_moe_config(FAMILIES["deepseek_v3"], config)
 
 
 def hf_moe_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -218,3 +210,43 @@ def test_mla_model_saves_and_loads_back(tmp_path):
 def test_bad_mla_field_is_refused_with_a_clear_error(overrides, field, expected):
     with pytest.raises(ValueError, match=rf"HfMoeConfig\.{field}=.*{expected}"):
         tiny_config(**overrides)
+
+
+def save_deepseek(tmp_path, **overrides) -> tuple[DeepseekV3ForCausalLM, Path]:
+    """A tiny DeepSeek-V3 saved by transformers (per-expert tensors, as transformers 5 writes them)."""
+    reference = DeepseekV3ForCausalLM(deepseek_config(**overrides)).eval()
+    randomise_router(reference)
+    reference.save_pretrained(tmp_path / "deepseek")
+    return reference, tmp_path / "deepseek"
+
+
+def test_from_pretrained_of_a_deepseek_v3_checkpoint_equals_transformers(tmp_path):
+    reference, path = save_deepseek(tmp_path, rope_parameters=YARN)
+    model = HfMoeForCausalLM.from_pretrained(path)
+    assert model.config.kv_lora_rank == 12 and model.config.use_expert_bias and model.config.first_k_dense == 1
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits, reference(ids).logits, 1e-5, "logits")
+    want = reference.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), want)
+
+
+def test_multi_token_prediction_layers_are_left_out_as_transformers_does(tmp_path):
+    reference, path = save_deepseek(tmp_path, num_hidden_layers=2)
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.randn(32, 64)  # DeepSeek-V3's next-token-prediction module
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    model = HfMoeForCausalLM.from_pretrained(path)
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits, reference(ids).logits, 1e-5, "logits")
+
+
+@pytest.mark.parametrize(("field", "value"), [("topk_method", "group_limited_greedy"), ("scoring_func", "softmax"),
+                                              ("moe_layer_freq", 2), ("a_field_hf_moe_does_not_know", 1)])
+def test_deepseek_config_fields_that_would_change_the_model_are_refused(tmp_path, field, value):
+    _, path = save_deepseek(tmp_path, num_hidden_layers=2)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(InteropError, match=field):
+        HfMoeForCausalLM.from_pretrained(path)
