@@ -130,6 +130,17 @@ def refuse(family: str, field_name: str, value: Any, why: str) -> InteropError:
     return InteropError(f"{family}: {field_name}={value!r} cannot be expressed exactly: {why}.")
 
 
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def beyond_last_layer(cfg: PretrainedConfig, name: str) -> bool:
+    """Whether the foreign tensor `name` belongs to a layer after the last decoder layer: the multi-token-prediction
+    modules GLM-4.5 and DeepSeek-V3 checkpoints carry (`num_nextn_predict_layers`), which the causal LM does not
+    use; an `ignored` rule for families that have them."""
+    match = _LAYER.match(name)
+    return match is not None and int(match.group(1)) >= cfg.num_hidden_layers
+
+
 def dense_and_moe_layers(cfg: HfMoeConfig) -> tuple[list[int], list[int]]:
     """(dense layer indices, MoE layer indices) of an hf-moe config."""
     moe = cfg.moe_layer_indices

@@ -13,7 +13,6 @@ transformers' class does not load them, and neither does hf-moe.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -22,13 +21,13 @@ from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
     MoeFamily,
+    beyond_last_layer,
     common_from_hf_moe,
     common_to_hf_moe,
     dense_and_moe_layers,
     refuse,
 )
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # DeepSeek's own config.json fields that transformers' class does not read: the value its code takes as given.
 _ASSUMED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
@@ -107,11 +106,6 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     }
 
 
-def _mtp_layer(cfg: PretrainedConfig, name: str) -> bool:
-    match = _LAYER.match(name)
-    return match is not None and int(match.group(1)) >= cfg.num_hidden_layers
-
-
 DEEPSEEK_V3 = MoeFamily(
     model_type="deepseek_v3",
     architecture="DeepseekV3ForCausalLM",
@@ -122,5 +116,5 @@ DEEPSEEK_V3 = MoeFamily(
         "n_routed_experts", "num_local_experts", "first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
         "routed_scaling_factor", "norm_topk_prob", "num_nextn_predict_layers", "num_mtp_layers", "pretraining_tp",
         "ep_size", "aux_loss_alpha", "seq_aux"},
-    ignored=_mtp_layer,
+    ignored=beyond_last_layer,
 )

@@ -9,7 +9,6 @@ are not part of the causal LM: transformers' class does not load them, and neith
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -18,13 +17,12 @@ from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
     MoeFamily,
+    beyond_last_layer,
     common_from_hf_moe,
     common_to_hf_moe,
     dense_and_moe_layers,
     refuse,
 )
-
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
@@ -81,11 +79,6 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     }
 
 
-def _mtp_layer(cfg: PretrainedConfig, name: str) -> bool:
-    match = _LAYER.match(name)
-    return match is not None and int(match.group(1)) >= cfg.num_hidden_layers
-
-
 GLM4_MOE = MoeFamily(
     model_type="glm4_moe",
     architecture="Glm4MoeForCausalLM",
@@ -96,5 +89,5 @@ GLM4_MOE = MoeFamily(
                                      "topk_group", "routed_scaling_factor", "norm_topk_prob", "attention_bias",
                                      "use_qk_norm", "num_nextn_predict_layers", "num_mtp_layers",
                                      "partial_rotary_factor"},
-    ignored=_mtp_layer,
+    ignored=beyond_last_layer,
 )
