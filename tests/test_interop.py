@@ -14,6 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from conversions import convert
+from conversions.cli import main as cli_main
 from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
@@ -169,3 +171,81 @@ def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(save
     save_file(tensors, tmp_path / "mtp" / "model.safetensors")
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mtp"), ids), logits(reference, ids), 1e-5)
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (single file or shards)."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
+    """family → hf_moe → family: AutoModel loads the hf-moe checkpoint with the family's logits, the export is the
+    file transformers saved (same names, bit-equal tensors, architectures) and transformers' class loads it; and the
+    hf-moe checkpoint round-trips bit-exactly through the family."""
+    folder, reference = saved[model_type]
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    ids, mask = batch()
+    expected = logits(reference, ids, mask)
+
+    convert(folder, tmp_path / "hf", progress=False, max_shard_size="20KB")
+    imported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert isinstance(imported, HfMoeForCausalLM)
+    assert_rel_close(logits(imported, ids, mask), expected, 1e-5, f"{model_type} → hf_moe")
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (tmp_path / "hf" / "generation_config.json").is_file() and (tmp_path / "hf" / "README.md").is_file()
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1, "max_shard_size shards the output"
+
+    result = convert(tmp_path / "hf", tmp_path / "back", to=model_type, progress=False)
+    assert result.config.architectures == [type(reference).__name__]
+    original, back = tensors(folder), tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original), "the export names tensors as transformers saves them"
+    assert all(torch.equal(back[k], original[k]) for k in original), "exported tensors are the original bits"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert type(exported) is type(reference)
+    assert_rel_close(logits(exported, ids, mask), expected, 1e-5, f"hf_moe → {model_type}")
+
+    convert(tmp_path / "back", tmp_path / "again", to="hf_moe", progress=False)
+    first, second = tensors(tmp_path / "hf"), tensors(tmp_path / "again")
+    assert sorted(first) == sorted(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("model_type,to,named", [
+    ("glm4_moe", "qwen3_moe", "scoring_func"),
+    ("qwen2_moe", "mixtral", "shared_expert_gate"),
+    ("qwen3_moe", "glm4_moe", "scoring_func"),
+    ("mixtral", "olmoe", "sliding_window"),
+])
+def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
+    with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
+        convert(saved[model_type][0], tmp_path / "out", to=to, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (dict(drop_tokens=True), "drop_tokens=True"),
+    (dict(router_type="expert_choice"), "router_type='expert_choice'"),
+])
+def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, named):
+    from .conftest import tiny_config
+
+    HfMoeForCausalLM(tiny_config(**overrides)).save_pretrained(tmp_path / "model")
+    for to in ("mixtral", "qwen3_moe", "auto"):
+        if to == "auto":
+            assert convert(tmp_path / "model", tmp_path / "auto", to="auto", progress=False).target_type == "hf_moe"
+            continue
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / to, to=to, progress=False)
+        assert not (tmp_path / to).exists()
+
+
+def test_cli_converts_and_refuses(saved, tmp_path, capsys):
+    folder = saved["mixtral"][0]
+    assert cli_main(["convert", str(folder), str(tmp_path / "out"), "--to", "auto", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert cli_main(["convert", str(folder), str(tmp_path / "bad"), "--to", "glm4_moe", "--no-progress"]) == 2
+    assert "scoring_func='softmax'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
