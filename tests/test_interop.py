@@ -249,3 +249,51 @@ def test_cli_converts_and_refuses(saved, tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
     assert cli_main(["convert", str(folder), str(tmp_path / "bad"), "--to", "glm4_moe", "--no-progress"]) == 2
     assert "scoring_func='softmax'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_lora_trained_on_an_imported_model_merges_and_exports(saved, tmp_path):
+    """LoRA on attention, dense MLP, shared expert and routed experts of an imported Qwen2-MoE, trained a few steps,
+    merged and exported: transformers' Qwen2MoeForCausalLM computes what the adapted model computes."""
+    from peft import get_peft_model
+
+    from hf_moe.integrations import lora_config
+
+    folder, reference = saved["qwen2_moe"]
+    model = get_peft_model(HfMoeForCausalLM.from_pretrained(folder), lora_config(r=4))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        ids = torch.randint(3, BASE["vocab_size"], (2, 10))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    ids, mask = batch()
+    adapted = logits(model, ids, mask)
+    assert (adapted - logits(reference, ids, mask)).abs().max() > 1e-3, "the adapter changes the model"
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    convert(tmp_path / "merged", tmp_path / "qwen2", to="qwen2_moe", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2")
+    assert type(exported) is type(reference)
+    assert_rel_close(logits(exported, ids, mask), adapted, 1e-5, "merged LoRA exported to qwen2_moe")
+
+
+@pytest.mark.parametrize("arch,settings,to", [
+    ("qwen3", dict(num_experts=4, top_k=2), "qwen3_moe"),
+    ("qwen2", dict(num_experts=4, top_k=2, shared_experts=1, shared_expert_gate=True, moe_layers="0"), "qwen2_moe"),
+])
+def test_upcycled_models_export_to_a_family(tmp_path, arch, settings, to):
+    """An upcycled Qwen3 exports to qwen3_moe (no shared experts), an upcycled Qwen2 with a gated shared expert and a
+    dense layer to qwen2_moe; transformers' class computes the upcycled model's logits."""
+    from conversions import UpcycleConfig, upcycle
+
+    from .test_upcycle import save_dense
+
+    save_dense(arch, tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleConfig(**settings, progress=False))
+    assert convert(tmp_path / "moe", tmp_path / "out", to="auto", progress=False).target_type == to
+    ids, mask = batch()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert exported.config.model_type == to
+    expected = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), ids, mask)
+    assert_rel_close(logits(exported, ids, mask), expected, 1e-5, f"upcycled {arch} exported to {to}")
