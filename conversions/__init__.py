@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hf_moe.checkpoint_files import CheckpointError
 
-    from .convert import TARGETS, ConvertError, ConvertResult, convert
+    from .converting import TARGETS, ConvertError, ConvertResult, convert
     from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
     from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
     from .upcycling import upcycle
@@ -29,10 +29,10 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "SUPPORTED_SOURCES": ".sources",
     "CheckpointError": "hf_moe.checkpoint_files",
-    "ConvertError": ".convert",
-    "ConvertResult": ".convert",
-    "TARGETS": ".convert",
-    "convert": ".convert",
+    "ConvertError": ".converting",
+    "ConvertResult": ".converting",
+    "TARGETS": ".converting",
+    "convert": ".converting",
     "UnsupportedSourceError": ".sources",
     "UpcycleConfig": ".upcycle_types",
     "UpcycleError": ".upcycle_types",

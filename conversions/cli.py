@@ -154,7 +154,7 @@ def _convert(args: argparse.Namespace) -> int:
     from hf_moe.checkpoint_files import CheckpointError
     from hf_moe.interop import InteropError
 
-    from .convert import convert
+    from .converting import convert
 
     try:
         with _sigterm_unwinds():
