@@ -112,3 +112,11 @@ class SafetensorsReader:
             if start is None and end is None:
                 return f.get_tensor(name)
             return f.get_slice(name)[start:end]
+
+    def get_many(self, names: list[str]) -> list[torch.Tensor]:
+        """Read several whole tensors, opening each file once (one expert's projections live side by side)."""
+        out: dict[str, torch.Tensor] = {}
+        for file in dict.fromkeys(self.tensors[name].file for name in names):
+            with safe_open(file, framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in names if self.tensors[name].file == file})
+        return [out[name] for name in names]

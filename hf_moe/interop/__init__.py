@@ -41,6 +41,7 @@ per-expert names it maps (`experts.N.w1/w2/w3`, `experts.N.{gate,up,down}_proj`)
 """
 
 from .checkpoint import ForeignCheckpoint, checkpoint_model_type, to_hf_moe_config
+from .export import export_config, families_for
 from .families import BUILTIN_FAMILIES
 from .family import (
     COMMON_FIELDS,
@@ -72,7 +73,9 @@ __all__ = [
     "common_from_hf_moe",
     "common_to_hf_moe",
     "differences",
+    "export_config",
     "export_sources",
+    "families_for",
     "refuse",
     "register_family",
     "signature",

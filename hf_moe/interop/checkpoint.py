@@ -99,4 +99,4 @@ class ForeignCheckpoint:
         if not plan.per_expert:
             return self.reader.get(plan.sources[0][0], start, end)
         experts = plan.sources[slice(start, end)]
-        return torch.stack([torch.cat([self.reader.get(name) for name in parts]) for parts in experts])
+        return torch.stack([torch.cat(self.reader.get_many(list(parts))) for parts in experts])

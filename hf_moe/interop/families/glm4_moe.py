@@ -47,6 +47,9 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     dense, moe = dense_and_moe_layers(cfg)
+    if cfg.scoring_func != "sigmoid":
+        raise refuse("glm4_moe", "scoring_func", cfg.scoring_func,
+                     "GLM-4-MoE routes with sigmoid scores (mixtral, qwen2_moe, qwen3_moe and olmoe take softmax)")
     if moe != list(range(len(dense), cfg.num_hidden_layers)):
         raise refuse("glm4_moe", "moe_layers", moe,
                      "GLM-4-MoE's dense layers are the first first_k_dense_replace ones and every later layer is MoE "
