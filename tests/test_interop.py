@@ -1,6 +1,6 @@
-"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe) in and out, against transformers' own
-classes: tiny random models built and saved by transformers, every weight and buffer randomised so that a wrong
-mapping shows; direct loading, expert-parallel loading, conversion both ways and every refusal."""
+"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3) in and out, against
+transformers' own classes: tiny random models built and saved by transformers, every weight and buffer randomised so
+that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every refusal."""
 
 import json
 import os
@@ -34,6 +34,12 @@ FAMILIES = {
                      first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
                      attention_bias=True, head_dim=16,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                        v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
+                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -219,6 +225,8 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("qwen2_moe", "mixtral", "shared_expert_gate"),
     ("qwen3_moe", "glm4_moe", "scoring_func"),
     ("mixtral", "olmoe", "sliding_window"),
+    ("deepseek_v3", "glm4_moe", "kv_lora_rank"),
+    ("glm4_moe", "deepseek_v3", "kv_lora_rank"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
