@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CompileConfig, DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import AutoModelForCausalLM, CompileConfig, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+from conversions.cli import main as cli_main
 from hf_moe import HfMoeConfig, HfMoeForCausalLM, record_routing
 from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
 from hf_moe.mla import HfMoeMultiHeadLatentAttention
@@ -250,3 +251,22 @@ def test_deepseek_config_fields_that_would_change_the_model_are_refused(tmp_path
     (path / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(InteropError, match=field):
         HfMoeForCausalLM.from_pretrained(path)
+
+
+def test_cli_converts_to_hf_moe_and_exports_back_to_deepseek_v3(tmp_path):
+    reference, path = save_deepseek(tmp_path, num_hidden_layers=2)
+    assert cli_main(["convert", str(path), str(tmp_path / "hf"), "--no-progress"]) == 0
+    assert cli_main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "deepseek_v3",
+                     "--no-progress"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(exported) is DeepseekV3ForCausalLM
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad():
+        assert_rel_close(exported(ids).logits, reference(ids).logits, 1e-5, "exported logits")
+
+
+def test_grouped_query_model_is_refused_by_deepseek_v3_export(tmp_path, capsys):
+    HfMoeForCausalLM(tiny_config(scoring_func="sigmoid", use_expert_bias=True)).save_pretrained(tmp_path / "gqa")
+    assert cli_main(["convert", str(tmp_path / "gqa"), str(tmp_path / "out"), "--to", "deepseek_v3",
+                     "--no-progress"]) == 2
+    assert "kv_lora_rank=None" in capsys.readouterr().err and not (tmp_path / "out").exists()
