@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, CompileConfig, DeepseekV3Config, DeepseekV3ForCausalLM
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+from conversions import convert
 from conversions.cli import main as cli_main
 from hf_moe import HfMoeConfig, HfMoeForCausalLM, record_routing
 from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
@@ -270,3 +271,22 @@ def test_grouped_query_model_is_refused_by_deepseek_v3_export(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "gqa"), str(tmp_path / "out"), "--to", "deepseek_v3",
                      "--no-progress"]) == 2
     assert "kv_lora_rank=None" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+MLA = dict(num_key_value_heads=4, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+DEEPSEEK_ROUTING = dict(scoring_func="sigmoid", use_expert_bias=True, num_shared_experts=1)
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    ({**DEEPSEEK_ROUTING, "scoring_func": "softmax", "use_expert_bias": False}, "scoring_func='softmax'"),
+    ({**DEEPSEEK_ROUTING, "use_expert_bias": False}, "use_expert_bias=False"),
+    ({**DEEPSEEK_ROUTING, "num_shared_experts": 0}, "num_shared_experts=0"),
+    ({**DEEPSEEK_ROUTING, "shared_expert_intermediate_size": 40}, "shared_expert_intermediate_size=40"),
+    ({**DEEPSEEK_ROUTING, "moe_layers": [0]}, r"moe_layers=\[0\]"),
+    ({**DEEPSEEK_ROUTING, "n_group": 6, "topk_group": 3}, "n_group=6"),
+])
+def test_mla_models_deepseek_v3_cannot_express_are_refused_and_nothing_is_written(tmp_path, overrides, named):
+    HfMoeForCausalLM(tiny_config(**MLA, **overrides)).save_pretrained(tmp_path / "model")
+    with pytest.raises(InteropError, match=named):
+        convert(tmp_path / "model", tmp_path / "out", to="deepseek_v3", progress=False)
+    assert not (tmp_path / "out").exists()
