@@ -78,7 +78,7 @@ def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
 
 
 def test_tp_plan_auto_shards_multi_head_latent_attention_by_head_and_equals_one_process(tmp_path):
-    config = tiny_config(num_hidden_layers=1, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
+    config = tiny_config(num_hidden_layers=1, vocab_size=96, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
                          qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, rope_interleave=True)
     batch, ranks = run_tensor_parallel(tmp_path, config)
     reference = HfMoeForCausalLM.from_pretrained(tmp_path / "model").train()
