@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hf_moe.checkpoint_files import CheckpointError
 
-    from .converting import TARGETS, ConvertError, ConvertResult, convert
+    from .convert_types import ConvertError, ConvertResult
+    from .converting import TARGETS, convert
     from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
     from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
     from .upcycling import upcycle
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "SUPPORTED_SOURCES": ".sources",
     "CheckpointError": "hf_moe.checkpoint_files",
-    "ConvertError": ".converting",
-    "ConvertResult": ".converting",
+    "ConvertError": ".convert_types",
+    "ConvertResult": ".convert_types",
     "TARGETS": ".converting",
     "convert": ".converting",
     "UnsupportedSourceError": ".sources",

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PretrainedConfig
 
 from hf_moe import HfMoeConfig
 from hf_moe.checkpoint_files import CheckpointError, SafetensorsReader
 from hf_moe.interop import (
     FAMILIES,
     ForeignCheckpoint,
-    InteropError,
     checkpoint_model_type,
     export_config,
     export_sources,
@@ -36,6 +34,7 @@ from hf_moe.interop import (
     tensor_plans,
 )
 
+from .convert_types import ConvertError, ConvertResult
 from .model_card import render_conversion_card, source_card_fields
 from .output import atomic_output, check_output, copy_side_files
 from .safetensors_io import PlannedTensor, parse_size, plan_shards, whole, write_shards
@@ -47,35 +46,6 @@ TARGETS = ("hf_moe", *FAMILIES, "auto")
 _EXPERT_BIAS = ".router.expert_bias"  # float32 in every model (selection scores), whatever the weights' dtype
 
 Read = Callable[[str, int | None, int | None], torch.Tensor]
-
-
-class ConvertError(InteropError):
-    """The conversion cannot be done exactly or as asked; nothing was written."""
-
-
-@dataclass
-class ConvertResult:
-    """What `convert` wrote."""
-
-    output: Path
-    source_type: str
-    target_type: str
-    config: PretrainedConfig
-    total_parameters: int
-    num_shards: int
-    cast_to: str | None = None
-    """The dtype every weight was cast to (`None`: each kept its own)."""
-    copied_files: list[str] = field(default_factory=list)
-    skipped_files: list[str] = field(default_factory=list)
-
-    def summary(self) -> str:
-        lines = [f"converted {self.source_type} -> {self.target_type}: {self.output}",
-                 f"  architectures: {self.config.architectures}, {self.total_parameters:,} parameters in "
-                 f"{self.num_shards} shard(s)",
-                 f"  copied: {', '.join(self.copied_files) or 'nothing'}"]
-        if self.skipped_files:
-            lines.append(f"  not copied: {', '.join(self.skipped_files)}")
-        return "\n".join(lines)
 
 
 @dataclass

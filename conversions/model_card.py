@@ -15,7 +15,7 @@ from hf_moe.checkpoint_files import CheckpointError
 from .init_methods import InitMethod
 
 if TYPE_CHECKING:
-    from .converting import ConvertResult
+    from .convert_types import ConvertResult
     from .sources import DenseSource
     from .upcycle_types import UpcycleConfig, UpcycleResult
 

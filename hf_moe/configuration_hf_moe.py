@@ -47,7 +47,8 @@ class HfMoeConfig(PretrainedConfig):
         qk_norm (`bool`): RMSNorm of q and k before RoPE (Qwen3, OLMoE, GLM-4-MoE's `use_qk_norm`).
         qk_norm_scope (`str`): what `qk_norm` normalises: `"head"` (default), each head of `head_dim` values
             (Qwen3, GLM-4-MoE); `"projection"`, the whole q and k projections (`num_attention_heads·head_dim` and
-            `num_key_value_heads·head_dim` values) before they are split into heads (OLMoE).
+            `num_key_value_heads·head_dim` values) before they are split into heads (OLMoE; not under
+            transformers' tensor parallelism, whose plan shards those projections across ranks).
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
         rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type`, `rope_theta`, scaling).
             `partial_rotary_factor` in (0, 1] rotates only the first `int(head_dim·factor)` dimensions of each head

@@ -34,10 +34,12 @@ How a family is added (the contract; `families/mixtral.py` is the shortest examp
    cached generate, both conversions, bit-exact round trip, refusals, expert-parallel load) then covers it.
 
 Decoder features an import needs (a new attention, norm or routing variant) are `HfMoeConfig` fields with
-validation; the family maps onto them. transformers' own conversion machinery (`conversion_mapping.py`,
-`core_model_loading.py`) is not reused: it converts inside transformers' load path on whole tensors, so it cannot
-read one rank's expert rows or stream a conversion, and its classes changed between transformers 5.17 and 5.23; the
-per-expert names it maps (`experts.N.w1/w2/w3`, `experts.N.{gate,up,down}_proj`) are the ones used here.
+validation; the family maps onto them. A new field that changes what the model computes must also enter `signature`
+(`family.py`), or exports to families lacking it would not be refused. transformers' own conversion machinery
+(`conversion_mapping.py`, `core_model_loading.py`) is not reused: it converts inside transformers' load path on
+whole tensors, so it cannot read one rank's expert rows or stream a conversion, and it is internal API that hf-moe
+could not rely on across the transformers 5 versions it supports; the per-expert names it maps
+(`experts.N.w1/w2/w3`, `experts.N.{gate,up,down}_proj`) are the ones used here.
 """
 
 from .checkpoint import ForeignCheckpoint, checkpoint_model_type, to_hf_moe_config

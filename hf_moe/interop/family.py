@@ -112,7 +112,10 @@ def common_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     """The fields every family shares, plus RoPE and the resolved `head_dim`."""
     fields = {name: getattr(cfg, name) for name in COMMON_FIELDS}
     fields["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    fields["rope_parameters"] = dict(cfg.rope_parameters or {})
+    rope = dict(cfg.rope_parameters or {})
+    if "partial_rotary_factor" not in rope and getattr(cfg, "partial_rotary_factor", None) is not None:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor  # versions that keep it beside rope_parameters
+    fields["rope_parameters"] = rope
     fields["router_aux_loss_coef"] = getattr(cfg, "router_aux_loss_coef", 0.0)
     fields["output_router_logits"] = getattr(cfg, "output_router_logits", False)
     return fields
