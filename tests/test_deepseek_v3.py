@@ -310,3 +310,27 @@ def test_lora_on_an_imported_deepseek_v3_adapts_the_latent_projections_merges_an
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
         assert_rel_close(exported(ids).logits, want, 1e-5, "merged LoRA exported to deepseek_v3")
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@requires_cuda
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_cuda_direct_load_equals_transformers(tmp_path, attn_implementation, dtype, tol):
+    """On the GPU, through hf-moe's default (Triton) experts: float32 logits to float32 rounding and equal greedy
+    generation, bfloat16 logits to bfloat16 rounding."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _, path = save_deepseek(tmp_path, rope_parameters=YARN)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = HfMoeForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                             device="cuda")
+    reference = reference.cuda().eval()
+    assert model.model.layers[1].mlp.router.expert_bias.dtype == torch.float32
+    ids = torch.randint(0, 97, (2, 11), device="cuda")
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits.float(), reference(ids).logits.float(), tol, "logits")
+    if dtype == torch.float32:
+        want = reference.generate(ids, max_new_tokens=6, do_sample=False)
+        assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
