@@ -297,15 +297,21 @@ def test_lora_on_an_imported_deepseek_v3_adapts_the_latent_projections_merges_an
 
     from hf_moe.integrations import lora_config
 
-    _, path = save_deepseek(tmp_path, num_hidden_layers=2)
+    reference, path = save_deepseek(tmp_path, num_hidden_layers=2)
     model = get_peft_model(HfMoeForCausalLM.from_pretrained(path), lora_config(r=2, init_lora_weights=False)).eval()
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1]
                for name, _ in model.named_parameters() if "self_attn" in name and "lora_A" in name}
     assert adapted == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
-        want = model(ids).logits
-    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+        adapted_logits = model(ids).logits
+        assert (adapted_logits - reference(ids).logits).abs().max() > 1e-3, "the adapter changes the model"
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        want = merged(ids).logits
+    # merging adds B·A into the weights: the same function up to rounding (a random, untrained adapter is large)
+    assert_rel_close(want, adapted_logits, 1e-3, "merged vs adapted")
+    merged.save_pretrained(tmp_path / "merged")
     convert(tmp_path / "merged", tmp_path / "exported", to="deepseek_v3", progress=False)
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
