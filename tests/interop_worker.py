@@ -24,7 +24,7 @@ if __name__ == "__main__":
         model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "checkpoints", name), expert_parallel_size=2)
         rank, rows = dist.get_rank(), batch.shape[0] // dist.get_world_size()
         with torch.no_grad():
-            logits[name] = model(batch[rank * rows : (rank + 1) * rows]).logits
+            logits[name] = model(batch[rank * rows : (rank + 1) * rows].to(model.device)).logits.cpu()
         experts[name] = {n: p.shape[0] for n, p in model.named_parameters() if "experts.gate_up_proj" in n}
     torch.save({"logits": logits, "experts": experts}, os.path.join(workdir, f"ep{dist.get_rank()}.pt"))
     dist.destroy_process_group()

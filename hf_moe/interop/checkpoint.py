@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,10 @@ class ForeignCheckpoint:
         """The checked plan of every tensor in `expected` (the hf-moe model's names and full shapes)."""
         have = {name: info.shape for name, info in self.reader.tensors.items()}
         fused = {name for name in have if name.endswith((".gate_up_proj", ".down_proj"))}
-        plans = tensor_plans(self.family, expected, config.moe_layer_indices, fused)
+        family = self.family
+        if any(f".{family.fused_moe_module}.{family.experts}." in name for name in fused):
+            family = replace(family, moe_module=family.fused_moe_module)  # a state dict saved as transformers holds it
+        plans = tensor_plans(family, expected, config.moe_layer_indices, fused)
         ignored = (lambda name: self.family.ignored(self.config, name)) if self.family.ignored else (lambda name: False)
         check_against(plans, self.family, have, str(self.path), config.tie_word_embeddings, ignored)
         wanted = {name for plan in plans for name in plan.foreign_names}

@@ -51,6 +51,9 @@ class MoeFamily:
     """Foreign config fields the mapping reads or knows to leave out; any other field whose value differs from the
     foreign class's default is refused on import (a field this version does not know may change the function)."""
     moe_module: str = "mlp"
+    fused_moe_module: str = "mlp"
+    """The MoE module's name in transformers' in-memory model, which a checkpoint with fused experts written straight
+    from its state dict uses (Mixtral saves `block_sparse_moe` but holds `mlp`)."""
     router: str = "gate.weight"
     expert_bias: str = "gate.e_score_correction_bias"
     experts: str = "experts"
