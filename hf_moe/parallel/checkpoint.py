@@ -9,6 +9,8 @@ import torch.distributed as dist
 from peft import get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..checkpoint_files import tensor_files
@@ -160,9 +162,14 @@ def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[st
 
 
 def save_expert_parallel(model: nn.Module, path: str, **save_kwargs) -> None:
-    """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes."""
-    groups = expert_parallel_groups(model)
-    state = gather_state_dict(model, groups)
+    """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes. Works
+    under DDP and under FSDP (`fully_shard_moe`), where the full state dict is gathered to rank 0's CPU."""
+    if isinstance(model, FSDPModule):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        state = state if dist.get_rank() == 0 else None
+    else:
+        state = gather_state_dict(model, expert_parallel_groups(model))
     if state is not None:
         model.save_pretrained(path, state_dict=state, **save_kwargs)
     dist.barrier()
