@@ -1,10 +1,11 @@
-"""FSDP2 composed with expert parallelism through accelerate (CPU, gloo): W = 4 processes at P = 2 and P = 4 (skewed
-routing, activation checkpointing) train exactly as one process on the whole batch, with clipping active; their
-shards tile the model; accelerate's distributed checkpoint saved at W = 4, P = 2 resumes at W = 2 with P = 2 and
-P = 1 to the same next step; the standard checkpoint loads in one process; bf16 mixed precision keeps float32
-master weights and optimizer state."""
+"""FSDP2 composed with expert parallelism through accelerate (CPU, gloo): W = 4 processes, started by two accelerate
+launchers as two "nodes", at P = 2 and P = 4 (skewed routing, activation checkpointing) train exactly as one process
+on the whole batch, with clipping active; their shards tile the model; accelerate's distributed checkpoint saved at
+W = 4, P = 2 resumes at W = 2 with P = 2 and P = 1 to the same next step; the standard checkpoint loads in one
+process; bf16 mixed precision keeps float32 master weights and optimizer state."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -19,14 +20,26 @@ from .conftest import assert_rel_close, tiny_config
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
 
 
-def launch(world: int, mode: str, workdir) -> list[dict]:
+def launch(world: int, mode: str, workdir, nodes: int = 1) -> list[dict]:
+    """`world` processes on this machine: one torchrun, or `nodes` accelerate launchers that rendezvous on
+    localhost as `nodes` machines (`--num_machines`, `--machine_rank`)."""
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         pytest.skip(f"{world} processes need {world} GPUs under NCCL; this machine has {torch.cuda.device_count()}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), WORKER,
-           mode, str(workdir)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+    if nodes == 1:
+        commands = [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]]
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        commands = [[sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", str(nodes),
+                     "--machine_rank", str(rank), "--num_processes", str(world), "--main_process_ip", "127.0.0.1",
+                     "--main_process_port", str(port)] for rank in range(nodes)]
+    runs = [subprocess.Popen([*cmd, WORKER, mode, str(workdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, env=env) for cmd in commands]
+    for run in runs:
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output[-8000:]
     return [torch.load(workdir / f"{mode}{r}.pt") for r in range(world)]
 
 
@@ -84,7 +97,7 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
     model.save_pretrained(tmp_path / "model")
     batch = torch.randint(1, 97, (8, 12))
     torch.save(batch, tmp_path / "batch.pt")
-    train = launch(4, "train", tmp_path)
+    train = launch(4, "train", tmp_path, nodes=2)  # two launchers as two "nodes" of 2 processes
     resumed = launch(2, "resume", tmp_path)
 
     steps = fsdp_worker.STEPS

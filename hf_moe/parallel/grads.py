@@ -83,17 +83,20 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     if norm_type != 2.0:
         raise ValueError(f"norm_type={norm_type} is not supported under expert parallelism; expected 2.0.")
     expert, other = _split_parameters(model)
-    device = _local(next(model.parameters())).device
+    sharded = _fully_sharded(model)
+    # FSDP's CPU offload keeps gradients on the CPU; the sum goes where the process group communicates
+    nccl = sharded and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else next(model.parameters()).device
 
     def squares(params: list[nn.Parameter]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for p in params:
             if p.grad is not None:
                 grad = _local(p.grad)
-                total += grad.to(torch.promote_types(grad.dtype, torch.float32)).pow(2).sum()
+                total += grad.to(torch.promote_types(grad.dtype, torch.float32)).pow(2).sum().to(device)
         return total
 
-    if _fully_sharded(model):
+    if sharded:
         total = squares(expert) + squares(other)
         dist.all_reduce(total)
         return total.sqrt().float()
