@@ -11,7 +11,8 @@ token) and accelerate's activation checkpointing; each takes STEPS AdamW steps w
 recording logits and norms per step and this rank's shards after the last step. The P = 2 run then writes
 accelerate's distributed checkpoint to WORKDIR/state and one standard checkpoint to WORKDIR/saved. Last, one bf16
 mixed-precision step at P = 2 (loss, and the dtypes of weights and optimizer state).
-MODE `resume` (W = 2): P = 2 and P = 1, each loads WORKDIR/state and takes one more step.
+MODE `resume` (W = 2): P = 2 and P = 1, each loads WORKDIR/state and takes one more step; then, at each P, LoRA
+on attention and experts takes two steps and saves one adapter to WORKDIR/adapter<P>.
 """
 
 import os
@@ -125,7 +126,34 @@ def resume(workdir: str) -> dict:
         step(model, optimizer, accelerator, local_rows(batch), record)
         record["full"] = full_state(model)
         result[ep_size] = record
+        result[f"lora{ep_size}"] = lora(workdir, ep_size, accelerator, local_rows(batch))
     return result
+
+
+def lora(workdir: str, ep_size: int, accelerator: Accelerator, ids: torch.Tensor) -> dict:
+    """LoRA on attention and experts under FSDP2 + EP: two steps, then the logits and one saved adapter."""
+    from peft import get_peft_model
+
+    from hf_moe.integrations import lora_config, save_adapter_expert_parallel
+
+    model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=ep_size,
+                                             dtype=torch.float64, device=accelerator.device)
+    torch.manual_seed(0)  # the same adapter initialisation on every rank (non-zero lora_B: the adapter matters)
+    model = get_peft_model(model, lora_config(r=4, init_lora_weights=False)).train()
+    fsdp2(accelerator)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    fully_shard_moe(model, accelerator, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    for _ in range(2):
+        accelerator.backward(model(input_ids=ids, labels=ids).loss)
+        finish_gradients(model, max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_adapter_expert_parallel(model, os.path.join(workdir, f"adapter{ep_size}"))
+    return {"logits": logits}
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 launchers as two "nodes", at P = 2 and P = 4 (skewed routing, activation checkpointing) train exactly as one process
 on the whole batch, with clipping active; their shards tile the model; accelerate's distributed checkpoint saved at
 W = 4, P = 2 resumes at W = 2 with P = 2 and P = 1 to the same next step; the standard checkpoint loads in one
-process; bf16 mixed precision keeps float32 master weights and optimizer state."""
+process; a LoRA adapter on attention and experts trained under FSDP2 + EP loads in one process with the same logits;
+bf16 mixed precision keeps float32 master weights and optimizer state."""
 
 import os
 import socket
@@ -11,11 +12,12 @@ import sys
 
 import pytest
 import torch
+from peft import PeftModel
 
 from hf_moe import HfMoeForCausalLM, HfMoeRouter
 
 from . import ep_worker, fsdp_worker
-from .conftest import assert_rel_close, tiny_config
+from .conftest import assert_rel_close, rel_err, tiny_config
 
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
 
@@ -111,6 +113,20 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
         check_params(resumed[0][ep_size]["loaded"], ref["params"][steps - 1], f"loaded at W=2 P={ep_size}")
         check_steps([r[ep_size] for r in resumed], ref, steps, f"resumed at W=2 P={ep_size}")
         check_params(resumed[0][ep_size]["full"], ref["params"][steps], f"resumed at W=2 P={ep_size}, next step")
+
+    for ep_size in (2, 1):  # LoRA on attention and experts under FSDP2 + EP: the saved adapter, on one process
+        base = HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64).eval()
+        with torch.no_grad():
+            plain = base(batch).logits
+        adapted = PeftModel.from_pretrained(base, tmp_path / f"adapter{ep_size}").eval()
+        names = [n for n, _ in adapted.named_parameters() if "lora" in n]
+        assert any("experts" in n for n in names) and any("q_proj" in n for n in names)
+        with torch.no_grad():
+            logits = adapted(batch).logits
+        assert rel_err(logits, plain) > 1e-3, "the adapter must change the logits"
+        for r, result in enumerate(resumed):
+            assert_rel_close(result[f"lora{ep_size}"]["logits"], logits[4 * r : 4 * (r + 1)], 1e-5,
+                             f"LoRA under FSDP2 at W=2 P={ep_size}: adapter on one process, rank {r}")
 
     bf16 = train[0]["bf16"]
     assert bf16["logits_dtype"] == "torch.bfloat16"

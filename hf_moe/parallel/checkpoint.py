@@ -180,12 +180,16 @@ def save_adapter_expert_parallel(model: nn.Module, path: str) -> None:
 
     PEFT keeps one low-rank pair per expert: `lora_A [r·E, in]` expert-major and `lora_B [out, r·E]` with the
     expert index varying fastest. Each rank holds its E/P experts' pairs; they are gathered over the first
-    expert-parallel group and rank 0 writes. Collective: call on every rank.
+    expert-parallel group and rank 0 writes. Under FSDP (`fully_shard_moe`) each adapter weight is first gathered
+    from its FSDP shards. Collective: call on every rank.
     """
     groups = expert_parallel_groups(model)
     experts = {f"{name}.": module for name, module in expert_modules(model).items()}
+    adapter = get_peft_model_state_dict(model)
+    if isinstance(model, FSDPModule):  # FSDP shards (experts': over the expert-data-parallel group) made whole
+        adapter = {name: tensor.full_tensor() for name, tensor in adapter.items()}
     full = {}
-    for name, tensor in get_peft_model_state_dict(model).items():
+    for name, tensor in adapter.items():
         owner = next((module for prefix, module in experts.items() if name.startswith(prefix)), None)
         if groups is not None and groups.ep_size > 1 and groups.edp_rank == 0 and owner is not None:
             if "lora_B" in name:  # [out, r·E/P] with the expert fastest → [out, r, E/P], gathered along the experts
