@@ -185,10 +185,11 @@ def _checkpoint_as_all_experts(experts: nn.Module, mesh: DeviceMesh, num_experts
 def checkpoint_optimizer_as_all_experts(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Optimizer state-dict hooks: the state of each expert weight is saved as all E experts (as the weight itself
     is by `fully_shard_moe`) and loaded back from that view, so distributed checkpoints resume at another W or P.
-    `fully_shard_moe(model, accelerator, optimizer)` calls it; call it yourself for an optimizer built later."""
+    `fully_shard_moe(model, accelerator, optimizer)` and `MoETrainerCallback` call it; call it yourself for an
+    optimizer built after sharding. Calling it again for the same optimizer changes nothing."""
     groups = expert_parallel_groups(model)
-    if groups is None:
-        return
+    if groups is None or not any(isinstance(p, DTensor) for p in model.parameters()):
+        return  # not sharded by FSDP: optimizer state is plain tensors of this rank's experts
     mesh = expert_mesh(groups, "cuda" if dist.get_backend() == "nccl" else "cpu")
     experts = {id(p): block.router.num_experts for block in moe_blocks(model)
                for p in _expert_weights(block.experts).values()}
