@@ -37,7 +37,8 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    """The whole tensor: at W = 1 an FSDP shard is all of it (also where CPU offload keeps it on the host)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def run(model, optimizer, ids, sharded: bool) -> dict:
