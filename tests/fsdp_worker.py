@@ -27,7 +27,7 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
-from hf_moe import HfMoeForCausalLM, HfMoeRouter  # noqa: E402
+from hf_moe import HfMoeForCausalLM, HfMoeRouter, moe_blocks  # noqa: E402
 from hf_moe.parallel import finish_gradients, fully_shard_moe, save_expert_parallel  # noqa: E402
 from tests.ep_worker import local_rows, skew_routing, to_cpu  # noqa: E402
 
@@ -91,10 +91,12 @@ def train(workdir: str) -> dict:
         if skewed:
             skew_routing()
         model, optimizer = load(workdir, ep_size, accelerator, activation_checkpointing=skewed)
-        ids, record = local_rows(batch), {}
+        ids, record, calls = local_rows(batch), {}, []
+        for block in moe_blocks(model):  # FSDP's collectives need every rank in the experts module, tokens or not
+            block.experts.register_forward_pre_hook(lambda *args, calls=calls: calls.append(1))
         for _ in range(STEPS):
             step(model, optimizer, accelerator, ids, record)
-        record["shards"], record["full"] = shards(model), full_state(model)
+        record["shards"], record["full"], record["expert_calls"] = shards(model), full_state(model), len(calls)
         record["checkpointed"] = sum("CheckpointWrapper" in type(m).__name__ for m in model.modules())
         if not skewed:
             accelerator.save_state(os.path.join(workdir, "state"))

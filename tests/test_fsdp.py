@@ -140,3 +140,5 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
     check_params(train[0][4]["full"], ref["params"][steps - 1], f"W=4 P=4 skewed after step {steps}")
     check_shards([r[4] for r in train], 4, train[0][4]["full"])
     assert all(r[4]["checkpointed"] == 3 for r in train), "accelerate's activation checkpointing wraps the 3 layers"
+    calls = [r[4]["expert_calls"] for r in train]  # ranks 1..3 receive no token, yet run their experts module
+    assert len(set(calls)) == 1 and calls[0] >= 2 * steps, f"experts module calls per rank: {calls}"
