@@ -12,7 +12,8 @@ recording logits and norms per step and this rank's shards after the last step. 
 accelerate's distributed checkpoint to WORKDIR/state and one standard checkpoint to WORKDIR/saved. Last, one bf16
 mixed-precision step at P = 2 (loss, and the dtypes of weights and optimizer state).
 MODE `resume` (W = 2): P = 2 and P = 1, each loads WORKDIR/state and takes one more step; then, at each P, LoRA
-on attention and experts takes two steps and saves one adapter to WORKDIR/adapter<P>.
+on attention and experts takes two steps and saves one adapter to WORKDIR/adapter<P>. Last, P = 2 sharded by
+`fully_shard_moe` alone (no accelerate) takes STEPS steps from WORKDIR/model.
 """
 
 import os
@@ -129,6 +130,14 @@ def resume(workdir: str) -> dict:
         record["full"] = full_state(model)
         result[ep_size] = record
         result[f"lora{ep_size}"] = lora(workdir, ep_size, accelerator, local_rows(batch))
+    # without accelerate: fully_shard_moe shards the decoder layers and the root too
+    model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=2,
+                                             dtype=torch.float64, device=accelerator.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    fully_shard_moe(model, optimizer=optimizer)
+    result["plain"] = {"sharded_layers": sum(type(m).__name__ == "FSDPHfMoeDecoderLayer" for m in model.modules())}
+    for _ in range(STEPS):
+        step(model, optimizer, accelerator, local_rows(batch), result["plain"])
     return result
 
 

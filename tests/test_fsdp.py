@@ -114,6 +114,8 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
         check_steps([r[ep_size] for r in resumed], ref, steps, f"resumed at W=2 P={ep_size}")
         check_params(resumed[0][ep_size]["full"], ref["params"][steps], f"resumed at W=2 P={ep_size}, next step")
 
+    assert all(r["plain"]["sharded_layers"] == 3 for r in resumed)  # fully_shard_moe without accelerate
+    check_steps([r["plain"] for r in resumed], ref, 0, "W=2 P=2 without accelerate")
     for ep_size in (2, 1):  # LoRA on attention and experts under FSDP2 + EP: the saved adapter, on one process
         base = HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64).eval()
         with torch.no_grad():

@@ -85,10 +85,10 @@ def fully_shard_moe(
     device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
     groups = expert_parallel_groups(model)
     if groups is not None:
-        _shard_experts(model, groups, expert_mesh(groups, device_type), kwargs)
+        _shard_experts(model, groups, _expert_mesh(groups, device_type), kwargs)
     if accelerator is None:
         world = init_device_mesh(device_type, (dist.get_world_size(),))
-        for layer in decoder_layers(model):
+        for layer in _decoder_layers(model):
             fully_shard(layer, mesh=world, **kwargs)
         fully_shard(model, mesh=world, **{**kwargs, "reshard_after_forward": False})
     if optimizer is not None:
@@ -117,14 +117,14 @@ def _shard_experts(model: nn.Module, groups: ExpertParallelGroups, mesh: DeviceM
                                                 sharded_experts=True))
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules transformers would not split across devices (`_no_split_modules`: the decoder layers)."""
     classes = {name for m in model.modules() for name in (getattr(m, "_no_split_modules", None) or [])}
     return [m for m in model.modules() if type(m).__name__ in classes]
 
 
 @functools.cache
-def expert_mesh(groups: ExpertParallelGroups, device_type: str) -> DeviceMesh:
+def _expert_mesh(groups: ExpertParallelGroups, device_type: str) -> DeviceMesh:
     """The `(ep, edp)` device mesh of the W = P × D layout: `mesh[ep_rank, edp_rank]` is global rank
     `edp_rank·P + ep_rank`. Collective on first use."""
     ranks = torch.arange(groups.world_size).view(groups.edp_size, groups.ep_size).t()
@@ -190,7 +190,7 @@ def checkpoint_optimizer_as_all_experts(model: nn.Module, optimizer: torch.optim
     groups = expert_parallel_groups(model)
     if groups is None or not any(isinstance(p, DTensor) for p in model.parameters()):
         return  # not sharded by FSDP: optimizer state is plain tensors of this rank's experts
-    mesh = expert_mesh(groups, "cuda" if dist.get_backend() == "nccl" else "cpu")
+    mesh = _expert_mesh(groups, "cuda" if dist.get_backend() == "nccl" else "cpu")
     experts = {id(p): block.router.num_experts for block in moe_blocks(model)
                for p in _expert_weights(block.experts).values()}
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps one
