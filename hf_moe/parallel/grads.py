@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
@@ -62,8 +63,8 @@ def _check_experts_outside_ddp(model: nn.Module) -> None:
 
 
 def _fully_sharded(model: nn.Module) -> bool:
-    """Whether FSDP shards the model's parameters (they are DTensors; `fully_shard_moe`)."""
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    """Whether FSDP shards the model's parameters (`fully_shard_moe`; tensor-parallel DTensors are not counted)."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
