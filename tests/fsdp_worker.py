@@ -63,6 +63,9 @@ def load(workdir: str, ep_size: int, accelerator: Accelerator, dtype=torch.float
 def step(model, optimizer, accelerator, ids, record: dict) -> None:
     out = model(input_ids=ids, labels=ids)
     accelerator.backward(out.loss)
+    # FSDP reduce-scatters only weights with a gradient: every rank must have one for every weight
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    record["missing_grads"] = record.get("missing_grads", []) + missing
     record.setdefault("norms", []).append(finish_gradients(model, max_norm=MAX_NORM).item())
     record.setdefault("logits", []).append(out.logits.detach())
     optimizer.step()

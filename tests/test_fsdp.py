@@ -66,6 +66,7 @@ def check_steps(ranks: list[dict], ref: dict, first: int, what: str) -> None:
     """Each rank's logits and norms at steps first, first+1, ... against the reference's, on that rank's rows."""
     rows = ref["logits"][0].shape[0] // len(ranks)
     for r, result in enumerate(ranks):
+        assert not result["missing_grads"], f"{what}: rank {r} has weights without a gradient"
         for i, (logits, norm) in enumerate(zip(result["logits"], result["norms"])):
             step = first + i
             assert norm > fsdp_worker.MAX_NORM, f"{what}: clipping must be active (norm {norm})"

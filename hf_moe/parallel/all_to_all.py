@@ -162,7 +162,9 @@ class AllToAllDispatcher:
             (`hf_moe.parallel.fully_shard_moe`), whose all-gathers and reduce-scatters are collectives every rank of
             the group must join: every rank then runs the experts module on every call, on the tokens it received
             plus one zero row routed to its first expert with weight 0, so the module's forward and backward run
-            even where no token arrived and its output (exactly the tokens' outputs) stays in the autograd graph.
+            even where no token arrived, its output (exactly the tokens' outputs) stays in the autograd graph, and
+            every expert weight gets a gradient (zeros for experts no token reached), as FSDP's reduce-scatter
+            needs the same tensors from every rank.
     """
 
     def __init__(

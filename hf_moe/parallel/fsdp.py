@@ -110,8 +110,6 @@ def _shard_experts(model: nn.Module, groups: ExpertParallelGroups, mesh: DeviceM
         fully_shard(block.experts, mesh=mesh["edp"], **kwargs)
         # a sum then a division by D (gloo has no average); `finish_gradients` then divides by P
         block.experts.set_force_sum_reduction_for_comms(True)
-        # a weight without a gradient on some rank (no token reached it) must still join the reduce-scatter
-        block.experts.set_reduce_scatter_unused_params(True)
         _checkpoint_as_all_experts(block.experts, mesh, block.router.num_experts)
         block.set_dispatcher(AllToAllDispatcher(dispatcher.group, dispatcher.num_experts, padded=dispatcher.padded,
                                                 sharded_experts=True))
