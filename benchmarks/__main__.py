@@ -22,6 +22,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "fsdp-gpu": "FSDP2 + EP wrapping on one GPU in bf16 (accelerate; CPU offload) vs float64 and plain bf16 (torchrun)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
+    "convert-memory": "peak RSS and time of streaming hf-moe convert (Qwen3-MoE -> hf_moe) vs loading everything (CPU)",
 }
 
 
