@@ -39,6 +39,7 @@ from .moe.router.topk import HfMoeRouter, SwitchRouter
 from .moe.router.unlearned import FakeBalancedRouter, HashRouter
 from .moe.types import RouterOutput
 from .parallel.balancing import update_expert_bias
+from .parallel.fsdp import fully_shard_moe
 
 __version__ = "0.1.0"
 
@@ -70,6 +71,7 @@ __all__ = [
     "SwitchRouter",
     "capacity_padded_experts_forward",
     "expert_capacity",
+    "fully_shard_moe",
     "grouped_experts_forward",
     "liger_fused_experts_forward",
     "load_balancing_loss",

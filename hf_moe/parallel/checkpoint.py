@@ -9,6 +9,8 @@ import torch.distributed as dist
 from peft import get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..checkpoint_files import tensor_files
@@ -174,9 +176,14 @@ def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[st
 
 
 def save_expert_parallel(model: nn.Module, path: str, **save_kwargs) -> None:
-    """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes."""
-    groups = expert_parallel_groups(model)
-    state = gather_state_dict(model, groups)
+    """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes. Works
+    under DDP and under FSDP (`fully_shard_moe`), where the full state dict is gathered to rank 0's CPU."""
+    if isinstance(model, FSDPModule):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        state = state if dist.get_rank() == 0 else None
+    else:
+        state = gather_state_dict(model, expert_parallel_groups(model))
     if state is not None:
         model.save_pretrained(path, state_dict=state, **save_kwargs)
     dist.barrier()
@@ -187,12 +194,16 @@ def save_adapter_expert_parallel(model: nn.Module, path: str) -> None:
 
     PEFT keeps one low-rank pair per expert: `lora_A [r·E, in]` expert-major and `lora_B [out, r·E]` with the
     expert index varying fastest. Each rank holds its E/P experts' pairs; they are gathered over the first
-    expert-parallel group and rank 0 writes. Collective: call on every rank.
+    expert-parallel group and rank 0 writes. Under FSDP (`fully_shard_moe`) each adapter weight is first gathered
+    from its FSDP shards. Collective: call on every rank.
     """
     groups = expert_parallel_groups(model)
     experts = {f"{name}.": module for name, module in expert_modules(model).items()}
+    adapter = get_peft_model_state_dict(model)
+    if isinstance(model, FSDPModule):  # FSDP shards (experts': over the expert-data-parallel group) made whole
+        adapter = {name: tensor.full_tensor() for name, tensor in adapter.items()}
     full = {}
-    for name, tensor in get_peft_model_state_dict(model).items():
+    for name, tensor in adapter.items():
         owner = next((module for prefix, module in experts.items() if name.startswith(prefix)), None)
         if groups is not None and groups.ep_size > 1 and groups.edp_rank == 0 and owner is not None:
             if "lora_B" in name:  # [out, r·E/P] with the expert fastest → [out, r, E/P], gathered along the experts
