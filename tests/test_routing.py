@@ -441,8 +441,8 @@ def test_renormalize_after_drop_keeps_each_tokens_total_weight_at_any_k(norm):
                          routed_scaling_factor=2.0, drop_tokens=True, renormalize_after_drop=True,
                          eval_capacity_factor=0.25, min_capacity=0)
     logits = torch.randn(40, 6)
-    logits[:24, :3] += 4.0  # tokens 0-23 pick experts 0-2, 8 first choices each: 9 or more lose all three slots
-    logits[torch.arange(24), torch.arange(24) % 3] += 2.0
+    logits[:24, :3] += 8.0  # tokens 0-23 pick experts 0-2, 8 first choices each: 9 or more lose all three slots
+    logits[torch.arange(24), torch.arange(24) % 3] += 8.0  # far beyond the noise: exactly 8 first choices each
     x = routed_logits(router, logits).requires_grad_()
     mask = torch.ones(40, dtype=torch.bool)
     mask[24:] = torch.rand(16) > 0.3
