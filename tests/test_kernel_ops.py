@@ -114,12 +114,16 @@ def _graph_code(explanation) -> str:
     return "\n".join(graph.print_readable(print_output=False) for graph in explanation.graphs)
 
 
-def test_block_on_triton_kernels_compiles_fullgraph_through_the_ops_and_equals_eager():
-    """The row gathers and SwiGLU run as the Triton kernels (forced on CPU under the interpreter); dynamo traces them
-    as the ops, with no graph break, and forward and backward equal eager."""
+def test_block_on_triton_kernels_compiles_fullgraph_through_the_ops_and_equals_eager(monkeypatch):
+    """The router's fused top-k, the row gathers and SwiGLU run as the Triton kernels (forced here: on CPU under the
+    interpreter, and for this router's few experts); dynamo traces them as the ops, with no graph break, and forward
+    and backward equal eager."""
     from hf_moe.moe.experts.plan import override_plan
+    from hf_moe.moe.router.topk import HfMoeRouter
 
     from .test_compile import forward_backward, tiny_block
+
+    monkeypatch.setattr(HfMoeRouter, "fuses_softmax_top_k", lambda self, logits: True)
 
     block = tiny_block().to(DEVICE)
     x = torch.randn(2, 7, block.experts.hidden_dim, device=DEVICE)
@@ -128,7 +132,8 @@ def test_block_on_triton_kernels_compiles_fullgraph_through_the_ops_and_equals_e
         explanation = torch._dynamo.explain(block)(x)
         assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
         code = _graph_code(explanation)
-        for op in ("gather_rows", "gather_sum", "swiglu_forward", "swiglu_backward"):
+        for op in ("softmax_top_k", "softmax_top_k_backward", "gather_rows", "gather_sum", "swiglu_forward",
+                   "swiglu_backward"):
             assert f"hf_moe.{op}" in code, op
         compiled = torch.compile(copy.deepcopy(block), fullgraph=True)
         got, want = forward_backward(compiled, x), forward_backward(block, x)
