@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -69,12 +72,19 @@ def first_call_seconds(fn, device: str) -> float:
 
 
 def error_row(what: str, e: BaseException) -> dict:
+    """The error and the one it replaced, if any: a capture that fails inside reports CUDA's "operation failed due
+    to a previous error during capture" from `capture_end`, which hides the error that invalidated the capture."""
     try:
         synchronize("cuda" if torch.cuda.is_available() else "cpu")
     except Exception:  # noqa: BLE001 - a failed capture may leave an error behind
         pass
-    return {"what": what, "error": f"{type(e).__name__}: {e}"[:600],
-            "where": "".join(traceback.format_tb(e.__traceback__)[-3:])[-800:]}
+    row = {"what": what, "error": f"{type(e).__name__}: {e}"[:300],
+           "where": "".join(traceback.format_tb(e.__traceback__)[-2:])[-500:]}
+    cause = e.__cause__ or e.__context__
+    if cause is not None:
+        row["cause"] = f"{type(cause).__name__}: {cause}"[:400]
+        row["cause_where"] = "".join(traceback.format_tb(cause.__traceback__)[-3:])[-900:]
+    return row
 
 
 def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict], None]) -> None:
@@ -145,6 +155,7 @@ def capture(record: Callable[[dict], None]) -> None:
     cfg = HfMoeConfig(hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
                       num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16,
                       num_key_value_heads=16, vocab_size=128)
+    cfg._experts_implementation = "hf_moe_grouped"  # a model sets it; a block built alone must be told
     torch.manual_seed(0)
     with torch.device("cuda"):
         block = HfMoeSparseMoeBlock(cfg).to(torch.bfloat16).eval()
@@ -161,6 +172,16 @@ def capture(record: Callable[[dict], None]) -> None:
         "experts": lambda: grouped_experts_forward(block.experts, x2d, routing.top_k_index, routing.top_k_weights),
         "block": lambda: block(x),
     }
+    def capture_fails_then_block():
+        """A capture that fails inside (a host sync), then the block: the failed capture leaves the process's
+        capture state broken, so the block's capture fails although nothing in it syncs."""
+        try:
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                x2d.sum().item()
+        except Exception:  # noqa: BLE001 - expected
+            pass
+        return block(x)
+
     for mode in ("global", "thread_local"):
         for name, fn in pieces.items():
             what = f"capture_dsv3_decode_{name}_{mode}"
@@ -189,9 +210,31 @@ def capture(record: Callable[[dict], None]) -> None:
             except Exception as e:  # noqa: BLE001 - the point: which piece fails, and why
                 row = error_row(what, e)
             record(row)
+    # last: it breaks the process's capture state (and the RNG's), which is why `main` runs this part in a subprocess
+    what = "capture_dsv3_decode_block_after_a_failed_capture"
+    try:
+        with torch.no_grad():
+            block(x)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                capture_fails_then_block()
+        record({"what": what, "ok": True})
+    except Exception as e:  # noqa: BLE001
+        record(error_row(what, e))
     del block
     gc.collect()
     torch.cuda.empty_cache()
+
+
+def capture_in_subprocess(record: Callable[[dict], None]) -> None:
+    code = ("import json, torch; from benchmarks.compile import capture; "
+            "capture(lambda row: print('ROW ' + json.dumps(row), flush=True))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    for line in done.stdout.splitlines():
+        if line.startswith("ROW "):
+            record(json.loads(line[4:]))
+    if done.returncode:
+        record({"what": "capture_subprocess", "error": done.stderr[-1500:]})
 
 
 def summary(rows: list[dict]) -> None:
@@ -221,6 +264,8 @@ def summary(rows: list[dict]) -> None:
     for r in rows:
         if "error" in r:
             print(f"ERROR {r['what']}: {r['error']}\n{r.get('where', '')}")
+            if "cause" in r:
+                print(f"  CAUSED BY {r['cause']}\n{r['cause_where']}")
 
 
 def main() -> None:
@@ -255,9 +300,8 @@ def main() -> None:
             if time.perf_counter() - start > a.budget_s:
                 print(f"skipped {part}: past the {a.budget_s:.0f} s budget", flush=True)
                 continue
-            if part == "capture":
-                if device == "cuda":
-                    capture(record)
+            if part == "capture" and device == "cuda":  # in a subprocess: a failed capture breaks the process
+                capture_in_subprocess(record)
             elif part in ("train", "generate"):
                 models = models or build_models(TINY if a.tiny else QWEN3, a.layers, device)
                 if part == "train":

@@ -120,6 +120,6 @@ def test_cuda_compiled_static_cache_generate_equals_dynamic_cache():
     dynamic = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     torch._dynamo.reset()
     static = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
-    assert "_compiled_call" in model.__dict__, "generate did not compile the forward"
+    assert any("compiled" in key for key in model.__dict__), "generate did not compile the forward"
     agree = (static == dynamic).float().mean().item()
     assert agree == 1.0, f"static-cache compiled generate agrees with dynamic on {agree:.1%} of the tokens"

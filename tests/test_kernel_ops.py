@@ -137,5 +137,6 @@ def test_block_on_triton_kernels_compiles_fullgraph_through_the_ops_and_equals_e
             assert f"hf_moe.{op}" in code, op
         compiled = torch.compile(copy.deepcopy(block), fullgraph=True)
         got, want = forward_backward(compiled, x), forward_backward(block, x)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) <= 1e-5
+    errors = {name: rel_err(g, w) for name, g, w in zip(["out", "x.grad", *dict(block.named_parameters())], got, want)}
+    tolerance = 1e-4 if CUDA else 1e-5  # on CUDA inductor's own reductions differ in order from eager's
+    assert max(errors.values()) <= tolerance, errors
