@@ -55,7 +55,7 @@ def build_models(shape: dict, layers: int, device: str):
     state = {k.replace(".mlp.gate.", ".mlp.router."): v for k, v in peer.state_dict().items()}
     missing, unexpected = ours.load_state_dict(state, strict=True)
     assert not missing and not unexpected, (missing, unexpected)
-    return {"transformers": peer, "hf-moe": ours}
+    return {"hf-moe": ours, "transformers": peer}
 
 
 def seconds_per_call(fn, reps: int, device: str = "cuda") -> float:
