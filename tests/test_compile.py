@@ -136,3 +136,33 @@ def test_trainer_with_torch_compile_and_callback_trains_without_graph_breaks(tmp
     for got_entry, want_entry in zip(logged, want, strict=True):
         for key in ("loss", "moe/aux_loss", "moe/z_loss", "moe/max_load", "moe/routing_entropy", "moe/experts_used"):
             assert math.isclose(got_entry[key], want_entry[key], rel_tol=1e-4), key
+
+
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+def test_exported_model_equals_eager(shapes):
+    """torch.export of the whole model: the exported program computes the eager model's logits, loss and router
+    outputs (a registered pytree), and with dynamic batch and sequence dimensions it serves another shape."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    kwargs = {"input_ids": ids, "labels": ids, "use_cache": False, "output_router_logits": True}
+    dynamic_shapes = None
+    if shapes == "dynamic":
+        batch, length = torch.export.Dim("batch", max=64), torch.export.Dim("length", max=100)
+        dynamic_shapes = {"input_ids": {0: batch, 1: length}, "labels": {0: batch, 1: length},
+                          "use_cache": None, "output_router_logits": None}
+    exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes).module()
+    if shapes == "dynamic":
+        ids = torch.randint(0, model.config.vocab_size, (3, 5))
+        kwargs.update(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        got, want = exported(**kwargs), model(**kwargs)
+    assert got.logits.shape == (*ids.shape, model.config.vocab_size)
+    assert_rel_close(got.logits, want.logits, 1e-5, "logits")
+    assert_rel_close(got.loss, want.loss, 1e-5, "loss")
+    assert_rel_close(got.aux_loss, want.aux_loss, 1e-5, "aux_loss")
+    routing, want_routing = got.router_outputs[0], want.router_outputs[0]
+    assert type(routing) is type(want_routing)
+    assert torch.equal(routing.top_k_index, want_routing.top_k_index)
+    assert_rel_close(routing.top_k_weights, want_routing.top_k_weights, 1e-5, "top_k_weights")
+    assert_rel_close(routing.z_loss, want_routing.z_loss, 1e-5, "z_loss")

@@ -9,9 +9,10 @@ its residual (and its other experts). [`assigned_slots`] tells the two apart.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+import torch.utils._pytree as pytree
 
 from .router.losses import router_z_loss
 
@@ -81,3 +82,28 @@ class RouterOutput:
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
     drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
+
+
+# A pytree node, so that torch.export and torch.compile take a model output that holds RouterOutputs
+# (`output_router_logits=True`): its tensors are the children; `capacity` (an int or None) is the context. A field
+# computed on read that nobody read yet stays None (computed on read after unflattening too).
+_TENSOR_FIELDS = tuple(f.name for f in fields(RouterOutput) if f.name != "capacity")
+
+
+def _flatten(output: RouterOutput) -> tuple[list[torch.Tensor | None], int | None]:
+    return [output.__dict__.get(name) for name in _TENSOR_FIELDS], output.capacity
+
+
+def _unflatten(values, capacity: int | None) -> RouterOutput:
+    return RouterOutput(**dict(zip(_TENSOR_FIELDS, values)), capacity=capacity)
+
+
+def _flatten_with_keys(output: RouterOutput):
+    values, capacity = _flatten(output)
+    return [(pytree.GetAttrKey(name), value) for name, value in zip(_TENSOR_FIELDS, values)], capacity
+
+
+pytree.register_pytree_node(
+    RouterOutput, _flatten, _unflatten, serialized_type_name="hf_moe.RouterOutput",
+    flatten_with_keys_fn=_flatten_with_keys,
+)
