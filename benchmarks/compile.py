@@ -87,12 +87,13 @@ def error_row(what: str, e: BaseException) -> dict:
     return row
 
 
-def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict], None]) -> None:
+def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict], None],
+          modes: tuple[str, ...] = ("eager", "compiled")) -> None:
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (4, seq), device=device, generator=torch.Generator(device).manual_seed(1))
     for name, model in models.items():
         model.train()
-        for mode in ("eager", "compiled"):
+        for mode in modes:
             what = f"train_{name}_{mode}"
             run = torch.compile(model) if mode == "compiled" else model
 
@@ -120,9 +121,10 @@ def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict
         model.eval()
 
 
-def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict], None]) -> None:
+def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict], None],
+             batches: tuple[int, ...] = (16, 1)) -> None:
     vocab = next(iter(models.values())).config.vocab_size
-    for batch in (16, 1):
+    for batch in batches:
         ids = torch.randint(0, vocab, (batch, 64), device=device, generator=torch.Generator(device).manual_seed(2))
         for name, model in models.items():
             model.eval()
@@ -276,6 +278,9 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=2048, help="training sequence length (batch 4)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no part after this many seconds")
+    ap.add_argument("--models", default="hf-moe,transformers", help="comma list of hf-moe, transformers")
+    ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
+    ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (a smoke run of train, generate)")
     ap.add_argument("--out", default=None, help="results .jsonl (default: benchmarks/results/compile-<time>.jsonl)")
     a = ap.parse_args()
@@ -303,11 +308,13 @@ def main() -> None:
             if part == "capture" and device == "cuda":  # in a subprocess: a failed capture breaks the process
                 capture_in_subprocess(record)
             elif part in ("train", "generate"):
-                models = models or build_models(TINY if a.tiny else QWEN3, a.layers, device)
+                if models is None:
+                    models = build_models(TINY if a.tiny else QWEN3, a.layers, device)
+                    models = {name: models[name] for name in a.models.split(",")}
                 if part == "train":
-                    train(models, a.reps, a.seq, device, record)
+                    train(models, a.reps, a.seq, device, record, tuple(a.modes.split(",")))
                 else:
-                    generate(models, a.new_tokens, device, record)
+                    generate(models, a.new_tokens, device, record, tuple(int(b) for b in a.batches.split(",")))
             else:
                 raise SystemExit(f"unknown part {part!r}; expected capture, train or generate")
             print(f"[{part} done at {time.perf_counter() - start:.0f} s]", flush=True)

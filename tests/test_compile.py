@@ -32,7 +32,7 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Te
     """The output, the input's gradient and every parameter's gradient of `sum(out · probe)`."""
     x = x.detach().requires_grad_(True)
     out = module(x)
-    probe = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)  # a gradient that differs in every element
+    probe = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)  # differs in every element
     (out * probe).sum().backward()
     return (out.detach(), x.grad, *(p.grad for p in module.parameters()))
 

@@ -205,7 +205,7 @@ def capture_moe_cuda_graphs(
             mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=device),)
         with torch.no_grad():  # which optional routing tensors this router sets
             _, routing = block.compute(x, *mask)
-        optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.__dict__.get(n), torch.Tensor))
+        optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.given(n), torch.Tensor))
         functions.append(_BlockTensors(block, optional))
         samples.append((x, *mask))
         probes.append((optional, routing.capacity))
