@@ -13,6 +13,7 @@ from transformers import (
 
 from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. after a plain `import hf_moe`)
 from .configuration_hf_moe import HfMoeConfig
+from .interop import InteropError, MoeFamily, register_family
 from .modeling_hf_moe import (
     HfMoeCausalLMOutputWithPast,
     HfMoeForCausalLM,
@@ -53,6 +54,8 @@ __all__ = [
     "ExpertChoiceRouter",
     "FakeBalancedRouter",
     "HashRouter",
+    "InteropError",
+    "MoeFamily",
     "HfMoeCausalLMOutputWithPast",
     "HfMoeConfig",
     "HfMoeExperts",
@@ -72,6 +75,7 @@ __all__ = [
     "load_balancing_loss",
     "moe_blocks",
     "record_routing",
+    "register_family",
     "register_router",
     "router_metrics",
     "router_z_loss",

@@ -20,6 +20,7 @@ ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
 ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
+QK_NORM_SCOPES = ("head", "projection")
 
 
 def _is_finite_number(value: Any) -> bool:
@@ -53,8 +54,15 @@ class HfMoeConfig(PretrainedConfig):
         output_router_logits (`bool`): return each MoE layer's router logits on the model output.
         output_router_metrics (`bool`): return per-layer router metrics (see `hf_moe.router_metrics`) on the output.
         qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
-        qk_norm (`bool`): RMSNorm over each head of q and k before RoPE (Qwen3).
+        qk_norm (`bool`): RMSNorm of q and k before RoPE (Qwen3, OLMoE, GLM-4-MoE's `use_qk_norm`).
+        qk_norm_scope (`str`): what `qk_norm` normalises: `"head"` (default), each head of `head_dim` values
+            (Qwen3, GLM-4-MoE); `"projection"`, the whole q and k projections (`num_attention_heads·head_dim` and
+            `num_key_value_heads·head_dim` values) before they are split into heads (OLMoE; not under
+            transformers' tensor parallelism, whose plan shards those projections across ranks).
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type`, `rope_theta`, scaling).
+            `partial_rotary_factor` in (0, 1] rotates only the first `int(head_dim·factor)` dimensions of each head
+            and passes the rest through unchanged (GLM-4-MoE uses 0.5).
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -142,6 +150,7 @@ class HfMoeConfig(PretrainedConfig):
     attention_bias: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
     sliding_window: int | None = None
     attention_dropout: float = 0.0
     num_experts: int = 8
@@ -265,6 +274,11 @@ class HfMoeConfig(PretrainedConfig):
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 fail("moe_layers", self.moe_layers,
                      f"distinct layer indices in [0, {self.num_hidden_layers}) (bad: {bad or 'duplicates'})")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            fail("qk_norm_scope", self.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            fail("qk_norm_scope", self.qk_norm_scope, "'head' (the default) unless qk_norm=True")
+        self._validate_partial_rotary(fail)
         if self.shared_expert_gate and self.shared_expert_size == 0:
             fail("shared_expert_gate", True, "False when there is no shared expert (num_shared_experts=0)")
         self._validate_routing(fail)
@@ -275,6 +289,22 @@ class HfMoeConfig(PretrainedConfig):
             fail("rope_parameters['rope_type']", rope_type,
                  f"'default' or one of {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dimensions of each head RoPE rotates: `int(head_dim · partial_rotary_factor)`, where the
+        factor is `rope_parameters["partial_rotary_factor"]` (1.0 when absent)."""
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        return int((self.head_dim or self.hidden_size // self.num_attention_heads) * factor)
+
+    def _validate_partial_rotary(self, fail) -> None:
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if not _is_finite_number(factor) or not 0 < factor <= 1:
+            fail("rope_parameters['partial_rotary_factor']", factor, "a number in (0, 1]")
+        rotary_dim = self.rotary_dim
+        if rotary_dim < 2 or rotary_dim % 2:
+            fail("rope_parameters['partial_rotary_factor']", factor,
+                 f"a factor that rotates an even number >= 2 of the head_dim={head_dim} dimensions (got {rotary_dim})")
 
     def _validate_routing(self, fail) -> None:
         if self.router_type not in ROUTER_CLASSES:

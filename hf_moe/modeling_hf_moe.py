@@ -6,6 +6,7 @@ Attention, RoPE and RMSNorm (`hf_moe.attention`), masks and the KV cache come fr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,10 +115,24 @@ class HfMoePreTrainedModel(PreTrainedModel):
                         **kwargs):
         """transformers' `from_pretrained`, plus `expert_parallel_size=P`: under a distributed launch, each rank
         reads only its E/P experts from the checkpoint and tokens reach them through all-to-all (see
-        `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`."""
+        `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`.
+
+        A local checkpoint folder of another MoE family (`hf_moe.interop.FAMILIES`: mixtral, qwen2_moe, qwen3_moe,
+        olmoe, glm4_moe) loads directly: its config is mapped field by field and its tensors renamed and fused on the
+        fly, so the model computes what the family's transformers class computes, or `InteropError` names what
+        hf-moe cannot express."""
+        from .interop import FAMILIES, checkpoint_model_type
+
         config = kwargs.get("config")
         if expert_parallel_size is None and config is not None:
             expert_parallel_size = getattr(config, "expert_parallel_size", None)  # through AutoModel's config
+        foreign = None
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            foreign = checkpoint_model_type(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
+        if expert_parallel_size is None and foreign in FAMILIES and not model_args:
+            from .interop.load import load_foreign_pretrained
+
+            return load_foreign_pretrained(cls, pretrained_model_name_or_path, kwargs)
         if expert_parallel_size is None:
             wants_info = kwargs.pop("output_loading_info", False)
             model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,

@@ -13,6 +13,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..checkpoint_files import tensor_files
 from ..configuration_hf_moe import HfMoeConfig
+from ..interop import FAMILIES, ForeignCheckpoint, checkpoint_model_type
+from ..interop.load import load_checkpoint
 from ..moe.block import expert_modules
 from .collectives import gather_experts
 from .groups import ExpertParallelGroups, init_expert_parallel
@@ -70,13 +72,22 @@ def load_expert_parallel(
     Each rank reads only its own slice of each expert tensor (`safe_open(...).get_slice`); the full expert stack is
     never materialised. Non-expert weights are read whole (they are replicated). Collective: call on every rank.
     `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`. `config` replaces the checkpoint's
-    config; `config_kwargs` override its fields. Every tensor's full shape is checked against the config, and a
-    checkpoint with missing or unexpected tensors is refused (naming them) before anything is read.
+    config; `config_kwargs` override its fields. A checkpoint of a foreign family (`hf_moe.interop.FAMILIES`) is read
+    through the family's plan: its config mapped, each rank's experts read from per-expert or fused tensors. Every
+    tensor's full shape is checked against the config, and a checkpoint with missing or unexpected tensors is refused
+    (naming them) before anything is read.
     """
     if not os.path.isdir(path):
         raise ValueError(f"expert-parallel loading reads a local checkpoint folder; {path!r} is not one (download it "
                          "first, e.g. with huggingface_hub.snapshot_download).")
-    if config is None:
+    foreign = checkpoint_model_type(path) in FAMILIES
+    if foreign and config is not None:
+        raise ValueError(f"{path} is a {checkpoint_model_type(path)} checkpoint: its config.json decides the model, "
+                         "so config= cannot apply; override single fields as keyword arguments.")
+    if foreign:
+        checkpoint = ForeignCheckpoint.open(path)
+        config = checkpoint.hf_moe_config(**config_kwargs)
+    elif config is None:
         config = HfMoeConfig.from_pretrained(path, **config_kwargs)
     else:
         config = HfMoeConfig.from_dict({**config.to_dict(), **config_kwargs})  # validated like any config
@@ -88,6 +99,9 @@ def load_expert_parallel(
     if isinstance(dtype, str):
         dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
     dtype = dtype or torch.float32
+    if foreign:  # the family's plan reads each rank's expert rows from per-expert or fused tensors
+        model = load_checkpoint(model_class, checkpoint, config, device, dtype, groups.expert_range(config.num_experts))
+        return expert_parallelize(model, groups, global_aux_loss, padded_dispatch=padded_dispatch)
     with torch.device("meta"):
         model = model_class(config)
     start, end = groups.expert_range(config.num_experts)
