@@ -98,19 +98,29 @@ def test_cuda_compiled_decode_block_equals_eager(mode):
 
 
 def test_cuda_compiled_model_training_step_equals_eager():
+    """bf16 rounding differs between the compiled and the eager step (inductor fuses and reorders), so each is
+    compared with a float32 eager reference of the same weights: the compiled step's error must be no larger than
+    the eager bf16 step's (within a factor of 2 and a floor)."""
     torch.manual_seed(0)
-    model = HfMoeForCausalLM(cuda_config(router_aux_loss_coef=0.01)).to("cuda", torch.bfloat16).train()
+    model = HfMoeForCausalLM(cuda_config(router_aux_loss_coef=0.01)).to("cuda").train()
+    reference = copy.deepcopy(model)  # float32
+    model = model.to(torch.bfloat16)
     compiled_model = copy.deepcopy(model)
     ids = torch.randint(0, 256, (2, 128), device="cuda")
     torch._dynamo.reset()
-    got = torch.compile(compiled_model)(input_ids=ids, labels=ids)
-    want = model(input_ids=ids, labels=ids)
-    got.loss.backward()
-    want.loss.backward()
-    assert rel_err(got.logits, want.logits) < BF16_TOL
-    assert rel_err(got.loss, want.loss) < 1e-2
-    for (name, param), compiled_param in zip(model.named_parameters(), compiled_model.parameters()):
-        assert rel_err(compiled_param.grad, param.grad) < 5e-2, name
+    runs = {"compiled": (torch.compile(compiled_model), compiled_model), "eager": (model, model),
+            "reference": (reference, reference)}
+    results = {}
+    for name, (run, module) in runs.items():
+        out = run(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results[name] = {"logits": out.logits, "loss": out.loss,
+                         **{n: p.grad for n, p in module.named_parameters()}}
+    want = results["reference"]
+    for key in want:
+        compiled_err = rel_err(results["compiled"][key], want[key])
+        eager_err = rel_err(results["eager"][key], want[key])
+        assert compiled_err <= max(2 * eager_err, 1e-2), (key, compiled_err, eager_err)
 
 
 def test_cuda_compiled_static_cache_generate_equals_dynamic_cache():
