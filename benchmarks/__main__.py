@@ -21,6 +21,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "fsdp-memory": "per-rank parameter + gradient + AdamW bytes under FSDP2 + EP at W = 1, 2, 4 (CPU, launches torchrun)",
     "fsdp-gpu": "FSDP2 + EP wrapping on one GPU in bf16 (accelerate; CPU offload) vs float64 and plain bf16 (torchrun)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
+    "compile": "torch.compile vs eager, hf-moe vs transformers' Qwen3-MoE: training, generate, DSV3 decode capture (GPU)",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
     "convert-memory": "peak RSS and time of streaming hf-moe convert (Qwen3-MoE -> hf_moe) vs loading everything (CPU)",
 }

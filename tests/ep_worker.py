@@ -9,6 +9,8 @@ the global one, runs five AdamW steps with clipping (recording parameters after 
 to WORKDIR/saved, loads the checkpoint once more with padded dispatch for its logits, and writes
 WORKDIR/train<r>.pt.
 MODE `bad`: tries impossible layouts and writes the error each rank raised to WORKDIR/rank<r>.txt.
+MODE `compile`: loads WORKDIR/model under expert parallelism and compiles it: the dispatcher is the one graph break
+of each MoE block, and the compiled logits, loss and gradients equal eager (WORKDIR/compile<r>.pt).
 MODE `lora`: checks that forgetting `prepare_for_ddp` after `get_peft_model` raises; then LoRA on attention and
 experts under EP, a few steps, adapter gathered and saved to WORKDIR/adapter.
 """
@@ -371,6 +373,27 @@ def lora(workdir: str, ep_size: int) -> dict:
     return {"losses": losses, "logits": logits, "guard": guard, "expert_lora": experts}
 
 
+def compiled(workdir: str, ep_size: int) -> dict:
+    """Eager and compiled (dynamo and AOT autograd; inductor adds nothing to what is checked here) forward + backward
+    of this rank's rows, and the compiled model's graph breaks."""
+    model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), expert_parallel_size=ep_size)
+    model.train()
+    ids = local_rows(torch.load(os.path.join(workdir, "batch.pt")))
+    runs = {}
+    for name, run in (("eager", model), ("compiled", torch.compile(model, backend="aot_eager"))):
+        out = run(input_ids=ids, labels=ids)
+        out.loss.backward()
+        runs[name] = {"logits": out.logits.detach(), "loss": out.loss.detach(),
+                      "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+        model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(input_ids=ids, labels=ids)
+    reasons = [" ".join(line for line in str(r.reason).splitlines() if "debug context" in line)
+               for r in explanation.break_reasons]
+    return {**runs, "graph_breaks": explanation.graph_break_count, "reasons": reasons,
+            "moe_blocks": len(moe_blocks(model))}
+
+
 if __name__ == "__main__":
     mode, workdir, ep_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
     torch.manual_seed(int(os.environ.get("HF_MOE_TEST_SEED", "0")))  # e.g. LoRA's initialisation
@@ -382,6 +405,8 @@ if __name__ == "__main__":
         with open(os.path.join(workdir, f"rank{dist.get_rank()}.txt"), "w") as f:
             f.write(text)
     else:
-        result = train(workdir, ep_size, impl) if mode == "train" else lora(workdir, ep_size)
+        modes = {"train": lambda: train(workdir, ep_size, impl), "lora": lambda: lora(workdir, ep_size),
+                 "compile": lambda: compiled(workdir, ep_size)}
+        result = modes[mode]()
         torch.save(to_cpu(result), os.path.join(workdir, f"{mode}{dist.get_rank()}.pt"))
     dist.destroy_process_group()

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from transformers import CompileConfig, Trainer, TrainingArguments
 
 from hf_moe import HfMoeForCausalLM
@@ -31,7 +32,7 @@ def forward_backward(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Te
     """The output, the input's gradient and every parameter's gradient of `sum(out · probe)`."""
     x = x.detach().requires_grad_(True)
     out = module(x)
-    probe = torch.linspace(-1.0, 1.0, out.numel()).view_as(out)  # a gradient that differs in every element
+    probe = torch.linspace(-1.0, 1.0, out.numel(), device=out.device).view_as(out)  # differs in every element
     (out * probe).sum().backward()
     return (out.detach(), x.grad, *(p.grad for p in module.parameters()))
 
@@ -97,21 +98,71 @@ def test_compiled_static_cache_generate_equals_dynamic_cache():
     assert torch.equal(static, dynamic)
 
 
-def test_trainer_with_torch_compile_and_callback_trains(tmp_path):
+def _train_with_callback(tmp_path, torch_compile: bool, steps: int = 3) -> tuple[Trainer, dict, HfMoeForCausalLM]:
     torch.manual_seed(0)
     model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, router_aux_loss_coef=0.1))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 97, (8, 12))]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
-                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True, torch_compile=True)
-    torch._dynamo.reset()
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 97, (4 * steps, 12))]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps,
+                             logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             torch_compile=torch_compile)
+    if torch_compile:
+        with torch.no_grad():
+            model.eval()(input_ids=data[0]["input_ids"][None], labels=data[0]["labels"][None])
+        torch._dynamo.reset()
+        counters.clear()
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.add_callback(MoETrainerCallback())
     trainer.train()
+    return trainer, before, model
+
+
+def test_trainer_with_torch_compile_and_callback_trains_without_graph_breaks(tmp_path):
+    """The callback records every layer's routing through a hook that torch.compile traces: no graph break, and the
+    logged router metrics are the eager run's. (transformers installs its output-recording hooks in the first
+    forward that records, which no compiled trace can contain: a lock, new hook handles; one eager forward first.)"""
+    trainer, before, model = _train_with_callback(tmp_path, torch_compile=True)
     assert trainer.model_wrapped is not model, "the Trainer did not compile the model"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logged) == 2
+    assert len(logged) == 3
     for entry in logged:
         assert math.isfinite(entry["loss"]) and entry["moe/aux_loss"] > 0 and entry["moe/max_load"] >= 1.0
     moved = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     assert any("experts" in name for name in moved) and any("router" in name for name in moved)
+    eager, _, _ = _train_with_callback(tmp_path, torch_compile=False)
+    want = [entry for entry in eager.state.log_history if "loss" in entry]
+    for got_entry, want_entry in zip(logged, want, strict=True):
+        for key in ("loss", "moe/aux_loss", "moe/z_loss", "moe/max_load", "moe/routing_entropy", "moe/experts_used"):
+            assert math.isclose(got_entry[key], want_entry[key], rel_tol=1e-4), key
+
+
+@pytest.mark.parametrize("shapes", ["static", "dynamic"])
+def test_exported_model_equals_eager(shapes):
+    """torch.export of the whole model: the exported program computes the eager model's logits, loss and router
+    outputs (a registered pytree), and with dynamic batch and sequence dimensions it serves another shape."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1)).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    kwargs = {"input_ids": ids, "labels": ids, "use_cache": False, "output_router_logits": True}
+    dynamic_shapes = None
+    if shapes == "dynamic":
+        batch, length = torch.export.Dim("batch", max=64), torch.export.Dim("length", max=100)
+        dynamic_shapes = {"input_ids": {0: batch, 1: length}, "labels": {0: batch, 1: length},
+                          "use_cache": None, "output_router_logits": None}
+    exported = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic_shapes).module()
+    if shapes == "dynamic":
+        ids = torch.randint(0, model.config.vocab_size, (3, 5))
+        kwargs.update(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        got, want = exported(**kwargs), model(**kwargs)
+    assert got.logits.shape == (*ids.shape, model.config.vocab_size)
+    assert_rel_close(got.logits, want.logits, 1e-5, "logits")
+    assert_rel_close(got.loss, want.loss, 1e-5, "loss")
+    assert_rel_close(got.aux_loss, want.aux_loss, 1e-5, "aux_loss")
+    routing, want_routing = got.router_outputs[0], want.router_outputs[0]
+    assert type(routing) is type(want_routing)
+    assert torch.equal(routing.top_k_index, want_routing.top_k_index)
+    assert_rel_close(routing.top_k_weights, want_routing.top_k_weights, 1e-5, "top_k_weights")
+    assert_rel_close(routing.z_loss, want_routing.z_loss, 1e-5, "z_loss")

@@ -183,6 +183,23 @@ def test_capture_out_of_memory_names_the_tokens(monkeypatch):
         capture_moe_cuda_graphs(model, batch_size=2, sequence_length=8)
 
 
+def test_capture_names_the_error_that_invalidated_it(monkeypatch):
+    """Out of memory inside the captured region: leaving the capture raises CUDA's "previous error during capture",
+    which must not hide the real cause (nor pass for a host sync)."""
+    model = HfMoeForCausalLM(tiny_config()).to(torch.bfloat16).train()
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: isinstance(self, torch.nn.Parameter)))
+
+    def out_of_memory_in_capture(*args, **kwargs):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.00 GiB.")
+        finally:  # what torch.cuda.graph's exit raises then
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", out_of_memory_in_capture)
+    with pytest.raises(torch.OutOfMemoryError, match=r"restart the process.*Tried to allocate 14.00 GiB"):
+        capture_moe_cuda_graphs(model, batch_size=2, sequence_length=8)
+
+
 def test_refuses_what_a_graph_cannot_replay(monkeypatch):
     model = HfMoeForCausalLM(tiny_config())
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # get past the device check

@@ -917,8 +917,8 @@ def test_fused_softmax_top_k_serves_the_plain_softmax_router_only(monkeypatch):
     assert not make_router(num_experts=many).fuses_softmax_top_k(torch.zeros(2, many))  # CPU
     double = type("CudaLogits", (), {"is_cuda": True, "dtype": torch.float64})()
     assert not make_router(num_experts=many).fuses_softmax_top_k(double)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not make_router(num_experts=many).fuses_softmax_top_k(cuda_logits)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # traced as the ops hf_moe::softmax_top_k*
+    assert make_router(num_experts=many).fuses_softmax_top_k(cuda_logits)
 
 
 @requires_cuda

@@ -10,6 +10,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_callback import DefaultFlowCallback
 
 from ..moe.block import RoutingRecord, moe_blocks
+from ..moe.experts import base_layer
 from ..moe.metrics import experts_used_fraction, max_over_mean_load, routing_entropy
 from ..parallel import checkpoint_optimizer_as_all_experts, expert_parallel_groups, finish_gradients
 from ..parallel.balancing import update_expert_bias
@@ -21,27 +22,23 @@ def _in_backward() -> bool:
 
 
 class _RouterStats:
-    """Router statistics of one MoE layer, summed on the device since the last log (no host sync per step); each
-    term is the one `hf_moe.router_metrics` defines."""
+    """Router statistics of one MoE layer, summed on the device since the last log, each term as
+    `hf_moe.router_metrics` defines it. The sums live in tensors allocated once and updated in place: no host sync
+    per step, and under torch.compile (`Trainer(torch_compile=True)`) nothing to guard on or to break the graph at."""
 
-    def __init__(self) -> None:
-        self.reset()
+    def __init__(self, num_experts: int, device: torch.device) -> None:
+        self.tokens_per_expert = torch.zeros(num_experts, device=device)
+        self.totals = torch.zeros(4, device=device)  # forwards, aux loss, z-loss, routing entropy
 
     def reset(self) -> None:
-        self.calls = 0
-        self.tokens_per_expert = self.aux_loss = self.z_loss = self.entropy = None
+        self.tokens_per_expert.zero_()
+        self.totals.zero_()
 
     def add(self, routing) -> None:
         with torch.no_grad():
-            values = (routing.tokens_per_expert, routing.aux_loss, routing.z_loss, routing_entropy(routing))
-            if self.calls == 0:
-                self.tokens_per_expert, self.aux_loss, self.z_loss, self.entropy = (v.detach().clone() for v in values)
-            else:
-                self.tokens_per_expert += values[0]
-                self.aux_loss += values[1]
-                self.z_loss += values[2]
-                self.entropy += values[3]
-        self.calls += 1
+            self.tokens_per_expert += routing.tokens_per_expert
+            terms = (routing.aux_loss, routing.z_loss, routing_entropy(routing))
+            self.totals += torch.stack([torch.ones_like(terms[0]), *terms]).to(self.totals.dtype)
 
 
 class MoETrainerCallback(TrainerCallback):
@@ -86,7 +83,8 @@ class MoETrainerCallback(TrainerCallback):
             args.max_grad_norm = 0.0
             if kwargs.get("optimizer") is not None:  # under FSDP, its expert state checkpoints as all E experts
                 checkpoint_optimizer_as_all_experts(model, kwargs["optimizer"])
-        self._stats = [_RouterStats() for _ in blocks]
+        self._stats = [_RouterStats(base_layer(block.router).num_experts, next(block.parameters()).device)
+                       for block in blocks]
         self._hooks = [block.routing.register_forward_hook(self._record(stats, block))
                        for block, stats in zip(blocks, self._stats)]
 
@@ -109,7 +107,7 @@ class MoETrainerCallback(TrainerCallback):
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict | None = None, **kwargs) -> None:
-        if logs is None or "loss" not in logs or not self._stats or self._stats[0].calls == 0:
+        if logs is None or "loss" not in logs or not self._stats or self._stats[0].totals[0].item() == 0:
             return
         metrics = self.metrics()
         logs.update(metrics)
@@ -124,15 +122,9 @@ class MoETrainerCallback(TrainerCallback):
         for stats in self._stats:  # over the interval's summed counts
             loads.append(max_over_mean_load(stats.tokens_per_expert))
             used.append(experts_used_fraction(stats.tokens_per_expert))
-        calls = torch.tensor([s.calls for s in self._stats], dtype=torch.float32)
-        device = loads[0].device
-        table = torch.stack([
-            torch.stack(loads),
-            torch.stack(used),
-            torch.stack([s.aux_loss for s in self._stats]).float() / calls.to(device),
-            torch.stack([s.z_loss for s in self._stats]).float() / calls.to(device),
-            torch.stack([s.entropy for s in self._stats]).float() / calls.to(device),
-        ]).cpu()
+        totals = torch.stack([s.totals for s in self._stats]).t()
+        means = totals[1:] / totals[0]  # aux loss, z-loss, entropy per forward
+        table = torch.cat([torch.stack([torch.stack(loads), torch.stack(used)]).float(), means]).cpu()
         load, used_fraction, aux, z, entropy = table
         worst = int(load.argmax())
         metrics = {
@@ -150,8 +142,10 @@ class MoETrainerCallback(TrainerCallback):
 
     @staticmethod
     def _record(stats: _RouterStats, block: nn.Module):
+        # A compiled forward is never re-run by a backward (a compiled checkpoint recomputes inside the compiled
+        # backward, without this hook), so the backward check is for eager mode, where torch.compile could not trace it.
         def hook(module: RoutingRecord, inputs, output) -> None:
-            if block.training and not _in_backward():
+            if block.training and (torch.compiler.is_compiling() or not _in_backward()):
                 stats.add(output[1])
 
         return hook

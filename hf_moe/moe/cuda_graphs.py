@@ -205,31 +205,51 @@ def capture_moe_cuda_graphs(
             mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=device),)
         with torch.no_grad():  # which optional routing tensors this router sets
             _, routing = block.compute(x, *mask)
-        optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.__dict__.get(n), torch.Tensor))
+        optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.given(n), torch.Tensor))
         functions.append(_BlockTensors(block, optional))
         samples.append((x, *mask))
         probes.append((optional, routing.capacity))
+    # The graphs' memory pool cannot reuse what the caching allocator keeps cached for eager steps: hand that back to
+    # the driver first, so that a capture does not run out of memory where eager training fits.
+    torch.cuda.empty_cache()
     try:
         with _thread_local_capture():
             graphed = torch.cuda.make_graphed_callables(
                 tuple(functions), tuple(samples), num_warmup_iters=warmup_steps, allow_unused_input=True
             )
-    except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(
-            "capture_moe_cuda_graphs ran out of GPU memory: the graphs keep a memory pool of their own for the "
-            "blocks' activations and weight gradients, next to the memory of eager training. Capture fewer tokens "
-            f"(batch_size × sequence_length, here {batch_size} × {sequence_length}) or free memory first. Cause: {e}"
-        ) from e
-    except RuntimeError as e:
+    except RuntimeError as e:  # OutOfMemoryError included
+        cause = _capture_error(e)
+        broken = (
+            "" if cause is e else " A capture that fails half way leaves this process's CUDA graph state broken "
+            "(later captures fail with 'operation failed due to a previous error during capture', and the random "
+            "number generator may refuse to run): restart the process before capturing again."
+        )
+        if isinstance(cause, torch.OutOfMemoryError):
+            raise torch.OutOfMemoryError(
+                "capture_moe_cuda_graphs ran out of GPU memory: the graphs keep a memory pool of their own for the "
+                "blocks' activations and weight gradients, next to the memory of eager training. Capture fewer tokens "
+                f"(batch_size × sequence_length, here {batch_size} × {sequence_length}) or free memory first.{broken} "
+                f"Cause: {cause}"
+            ) from e
         router, experts = base_layer(blocks[0].router), base_layer(blocks[0].experts)
         raise RuntimeError(
             "capture_moe_cuda_graphs: an MoE block could not be captured; something in its forward or backward waits "
             f"for the GPU or copies to the host (router {type(router).__name__}, experts implementation "
-            f"{experts.config._experts_implementation!r}; hf_moe_grouped is capturable). Cause: {e}"
+            f"{experts.config._experts_implementation!r}; hf_moe_grouped is capturable).{broken} Cause: {cause}"
         ) from e
     for block, function, (optional, capacity) in zip(blocks, graphed, probes):
         block.set_cuda_graphs(_GraphedBlock(function, shape, dtype, attention_mask, optional, capacity, block))
     return model
+
+
+def _capture_error(error: BaseException) -> BaseException:
+    """The error that made a capture fail. An error inside the captured region invalidates the capture, and leaving
+    `torch.cuda.graph` then raises CUDA's "operation failed due to a previous error during capture", which hides it
+    (as the exception's context)."""
+    context = error.__context__
+    if "previous error during capture" in str(error) and isinstance(context, Exception):
+        return context
+    return error
 
 
 def release_moe_cuda_graphs(model: nn.Module) -> nn.Module:

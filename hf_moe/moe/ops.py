@@ -44,13 +44,14 @@ def gather_sum(
     num_tokens = index.shape[0]
     if (triton_serves(src) if triton is None else triton) and num_tokens:
         if offsets is None:
-            offsets = torch.full((1,), len(src), dtype=torch.int32, device=src.device)
+            offsets = torch.full((1,), src.shape[0], dtype=torch.int32, device=src.device)
         if src.stride(1) != 1:
             src = src.contiguous()
         return kernels.gather.gather_sum(src, index.reshape(-1), offsets, num_tokens)
-    if not len(src):
+    num_rows = src.shape[0]  # not len(src): that is a Python int, which fixes the shape torch.export traces
+    if num_rows == 0:
         return src.new_zeros(num_tokens, src.shape[-1])
     flat = index.reshape(-1)
-    rows = src.index_select(0, flat.clamp(max=len(src) - 1))
-    rows.masked_fill_((flat >= (len(src) if offsets is None else offsets[-1]))[:, None], 0)
+    rows = src.index_select(0, flat.clamp(max=num_rows - 1))
+    rows.masked_fill_((flat >= (num_rows if offsets is None else offsets[-1]))[:, None], 0)
     return rows.view(num_tokens, -1, src.shape[-1]).sum(dim=1)

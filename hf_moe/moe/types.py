@@ -9,9 +9,10 @@ its residual (and its other experts). [`assigned_slots`] tells the two apart.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+import torch.utils._pytree as pytree
 
 from .router.losses import router_z_loss
 
@@ -34,19 +35,26 @@ class _ComputedOnRead:
         self.compute = compute
 
     def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
+        # The value lives in the instance under another name: torch.compile (torch 2.11) reads an instance's
+        # `__dict__` entry of a field's own name through the field's descriptor again, without end.
+        self.slot = f"_{name}"
 
     def __get__(self, output: RouterOutput | None, owner: type | None = None) -> torch.Tensor | None:
         if output is None:  # class access: the dataclass field's default
             return None
-        value = output.__dict__.get(self.name)
+        value = getattr(output, self.slot, None)
         if value is None:
             with torch.enable_grad():
-                value = output.__dict__[self.name] = self.compute(output)
+                value = self.compute(output)
+            setattr(output, self.slot, value)
         return value
 
     def __set__(self, output: RouterOutput, value: torch.Tensor | None) -> None:
-        output.__dict__[self.name] = value
+        setattr(output, self.slot, value)
+
+    def given(self, output: RouterOutput) -> torch.Tensor | None:
+        """The value set on `output` (by its router or an assignment), None when it would be computed on read."""
+        return getattr(output, self.slot, None)
 
 
 @dataclass
@@ -81,3 +89,33 @@ class RouterOutput:
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
     drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
+
+    def given(self, name: str) -> torch.Tensor | None:
+        """Field `name` as it was set, without computing a field that is computed on read (None then)."""
+        field = type(self).__dict__.get(name)
+        return field.given(self) if isinstance(field, _ComputedOnRead) else getattr(self, name)
+
+
+# A pytree node, so that torch.export and torch.compile take a model output that holds RouterOutputs
+# (`output_router_logits=True`): its tensors are the children; `capacity` (an int or None) is the context. A field
+# computed on read that nobody read yet stays None (computed on read after unflattening too).
+_TENSOR_FIELDS = tuple(f.name for f in fields(RouterOutput) if f.name != "capacity")
+
+
+def _flatten(output: RouterOutput) -> tuple[list[torch.Tensor | None], int | None]:
+    return [output.given(name) for name in _TENSOR_FIELDS], output.capacity
+
+
+def _unflatten(values, capacity: int | None) -> RouterOutput:
+    return RouterOutput(**dict(zip(_TENSOR_FIELDS, values)), capacity=capacity)
+
+
+def _flatten_with_keys(output: RouterOutput):
+    values, capacity = _flatten(output)
+    return [(pytree.GetAttrKey(name), value) for name, value in zip(_TENSOR_FIELDS, values)], capacity
+
+
+pytree.register_pytree_node(
+    RouterOutput, _flatten, _unflatten, serialized_type_name="hf_moe.RouterOutput",
+    flatten_with_keys_fn=_flatten_with_keys,
+)

@@ -193,6 +193,11 @@ class AllToAllDispatcher:
         waits for the GPU (the default dispatch reads the all-to-all counts on the host once per layer)."""
         return self.padded and self.weight_grads is None
 
+    # torch.compile: the dispatcher is the one graph break of an expert-parallel MoE block. The router, the shared
+    # experts and the rest of the model compile around it; the dispatch runs eagerly (its local experts are hf-moe's
+    # kernels either way): its splits come from the host (default dispatch) and its collectives, its backward
+    # overlap and its checks are host-side Python.
+    @torch.compiler.disable
     def __call__(self, x: torch.Tensor, routing: RouterOutput, experts: nn.Module) -> torch.Tensor:
         num_tokens, top_k = routing.top_k_index.shape
         if self.padded:

@@ -68,7 +68,7 @@ def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: Gemm) -> torch.Tensor:
     """`a [S, K]` sorted by expert, `b [E, K, N]` (any strides) → `[S, N]` with rows of expert e = `a_e @ b[e]`."""
-    if gemm == "triton" and kernels.grouped_gemm.supports(a, b):
+    if gemm == "triton":  # torch's where the Triton kernel does not support the operands
         return kernels.grouped_gemm.grouped_mm(a, b, offsets)
     if gemm != "per_expert":
         return _torch_grouped_mm(a, b, offs=offsets)
@@ -186,7 +186,7 @@ class _GateUpFunction(torch.autograd.Function):
         weight_grads: WeightGrads | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x_sorted = gather_rows(x, token, offsets, triton=plan.triton_rows)
-        if plan.fused_gate_up_swiglu and kernels.grouped_gemm.supports(x_sorted, gate_up_proj.transpose(1, 2)):
+        if plan.fused_gate_up_swiglu:  # unfused where the Triton kernel does not support the operands
             gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
         else:
             gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)

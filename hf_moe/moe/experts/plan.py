@@ -68,8 +68,9 @@ class ExpertsPlan:
     defer_weight_grads: bool
     """Backward hands the expert weights' gradients to `weight_grads` instead of returning them."""
     traced: bool
-    """torch.compile traces this call: every step runs out of place (the compiler plans the buffers), none is
-    deferred, and the GEMMs are torch's."""
+    """torch.compile (or torch.export) traces this call: every step runs out of place (the compiler plans the
+    buffers) and none is deferred; the Triton kernels are the same as in eager mode, traced as the custom ops
+    `hf_moe::*` (`hf_moe.moe.kernels.library`)."""
 
     @property
     def tail_unwritten(self) -> bool:
@@ -111,16 +112,15 @@ def _setting(name: str):
     return _overrides[name] if name in _overrides else _SETTINGS[name]()
 
 
-def _gemm(num_rows: int, num_experts: int, k: int, n: int, grouped: bool, triton: bool, traced: bool) -> Gemm:
+def _gemm(num_rows: int, num_experts: int, k: int, n: int, grouped: bool, triton: bool) -> Gemm:
     """One projection's GEMM (`[S, k] @ [E, k, n]`): hf-moe's Triton one on CUDA bf16 with few rows per expert and
-    enough work, not while torch.compile traces (it traces torch's grouped GEMM)."""
+    enough work (eager or traced: torch.compile sees it as the custom op `hf_moe::grouped_mm`)."""
     if not grouped:
         return "per_expert"
     own = (
         triton
         and num_rows <= _setting("own_gemm_rows_per_expert") * num_experts
         and num_rows * k * n >= _setting("own_gemm_min_multiply_adds")
-        and not traced
     )
     return "triton" if own else "grouped_mm"
 
@@ -145,10 +145,10 @@ def plan_experts(
     swiglu = triton and experts.config.hidden_act in ("silu", "swish")
     params = (gate_up_proj, down_proj)
     grad = torch.is_grad_enabled()
-    gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton, traced)
+    gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton)
     plan = ExpertsPlan(
         gate_up_gemm=gate_up_gemm,
-        down_gemm=_gemm(num_rows, num_experts, two_inter // 2, hidden, grouped, triton, traced),
+        down_gemm=_gemm(num_rows, num_experts, two_inter // 2, hidden, grouped, triton),
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
         triton_rows=triton,
         triton_swiglu=swiglu,

@@ -6,9 +6,10 @@
 - `decode`: weight-streaming kernels for few rows per expert at inference;
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward.
 
-Each is imported on first attribute access (`kernels.gather.gather_rows(...)`), which callers make only for CUDA
-tensors when Triton is installed, so CPU-only machines never import Triton. The access also works while
-torch.compile traces.
+Each launcher is also a torch custom op `hf_moe::<name>` (`library`), which torch.compile and torch.export
+trace as one node. Each module is imported on first attribute access (`kernels.gather.gather_rows(...)`), which
+callers make only for CUDA tensors when Triton is installed, so CPU-only machines never import Triton. The access
+also works while torch.compile traces.
 """
 
 import importlib

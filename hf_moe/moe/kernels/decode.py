@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .gather import gather_sum
+from .library import register_kernel_op
 
 # Column and reduction block sizes and warps, chosen on an H200 at the Qwen3-30B-A3B, Mixtral and DeepSeek-V3
 # decode shapes (docs/decisions/decode-kernels.md).
@@ -92,7 +93,7 @@ def _block_m(rows: int, num_experts: int) -> int:
     return min(128, max(16, triton.next_power_of_2(triton.cdiv(3 * rows, 2 * num_experts))))
 
 
-def decode_experts_forward(
+def _decode_experts_forward(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
@@ -102,10 +103,7 @@ def decode_experts_forward(
     offsets: torch.Tensor,
     block: tuple[int, int, int, int] | None = None,
 ) -> torch.Tensor:
-    """`out[t] = Σ_slots weight · down(silu(gate(x)) ⊙ up(x))` for `hidden_states [T, H]` and the expert-sorted
-    slots (`order`, `position`, `offsets` as `sort_by_expert` returns them). `gate_up_proj [E, 2I, H]` and
-    `down_proj [E, H, I]` may have any strides. `block` overrides `(BLOCK_N, BLOCK_K, num_warps, num_stages)`
-    (for sweeps)."""
+    """[`decode_experts_forward`] with the given or the default block sizes."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = gate_up_proj.shape[0], down_proj.shape[-1]
     top_k = top_k_weights.shape[-1]
@@ -127,3 +125,42 @@ def decode_experts_forward(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return gather_sum(y, position, offsets, num_tokens)
+
+
+def _decode_experts_forward_default(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    order: torch.Tensor,
+    position: torch.Tensor,
+    offsets: torch.Tensor,
+) -> torch.Tensor:
+    return _decode_experts_forward(hidden_states, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
+
+
+_decode_experts_forward_op = register_kernel_op(
+    "decode_experts_forward", _decode_experts_forward_default,
+    lambda hidden_states, *_: torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
+)
+
+
+def decode_experts_forward(
+    hidden_states: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    order: torch.Tensor,
+    position: torch.Tensor,
+    offsets: torch.Tensor,
+    block: tuple[int, int, int, int] | None = None,
+) -> torch.Tensor:
+    """`out[t] = Σ_slots weight · down(silu(gate(x)) ⊙ up(x))` for `hidden_states [T, H]` and the expert-sorted
+    slots (`order`, `position`, `offsets` as `sort_by_expert` returns them). `gate_up_proj [E, 2I, H]` and
+    `down_proj [E, H, I]` may have any strides. `block` overrides `(BLOCK_N, BLOCK_K, num_warps, num_stages)`
+    (for sweeps; eager mode only)."""
+    if block is not None:
+        return _decode_experts_forward(
+            hidden_states, gate_up_proj, down_proj, top_k_weights, order, position, offsets, block
+        )
+    return _decode_experts_forward_op(hidden_states, gate_up_proj, down_proj, top_k_weights, order, position, offsets)

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .library import register_kernel_op
+
 
 @triton.jit
 def _gather_rows_kernel(
@@ -54,14 +56,8 @@ def _gather_sum_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=token_ok[:, None] & col_ok[None, :])
 
 
-def gather_rows(
-    src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`out[s] = src[index[s]]` for the rows of real experts (`s < offsets[-1]`); dropped rows stay unwritten.
-    `src` and `out` (allocated when not given) may have any row stride; their columns must be contiguous."""
+def _gather_rows_into(src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor) -> None:
     hidden = src.shape[1]
-    if out is None:
-        out = src.new_empty(index.numel(), hidden)
     if src.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"gather_rows: columns must be contiguous; got strides {src.stride()} and {out.stride()}")
     block_r, block_h = 4, min(1024, triton.next_power_of_2(hidden))
@@ -70,10 +66,34 @@ def gather_rows(
         src, index, out, offsets, offsets.numel(), hidden, src.stride(0), out.stride(0),
         BLOCK_R=block_r, BLOCK_H=block_h,
     )
+
+
+def _gather_rows_new(src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    out = src.new_empty(index.numel(), src.shape[1])
+    _gather_rows_into(src, index, offsets, out)
     return out
 
 
-def gather_sum(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
+_gather_rows_op = register_kernel_op(
+    "gather_rows", _gather_rows_new, lambda src, index, offsets: src.new_empty(index.numel(), src.shape[1])
+)
+
+
+def gather_rows(
+    src: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`out[s] = src[index[s]]` for the rows of real experts (`s < offsets[-1]`); dropped rows stay unwritten
+    (their values are unspecified when torch.compile traces the call with `out`: it copies a new tensor into it).
+    `src` and `out` (allocated when not given) may have any row stride; their columns must be contiguous."""
+    if out is None:
+        return _gather_rows_op(src, index, offsets)
+    if torch.compiler.is_compiling():
+        return out.copy_(_gather_rows_op(src, index, offsets))
+    _gather_rows_into(src, index, offsets, out)
+    return out
+
+
+def _gather_sum(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """`out[t] = Σ_j src[position[t·k + j]]` over the slots of real experts, accumulated in float32 in a fixed
     order (deterministic, no atomics). `src` may have any row stride; its columns must be contiguous."""
     hidden = src.shape[1]
@@ -88,3 +108,9 @@ def gather_sum(src: torch.Tensor, position: torch.Tensor, offsets: torch.Tensor,
         TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
     )
     return out
+
+
+gather_sum = register_kernel_op(
+    "gather_sum", _gather_sum,
+    lambda src, position, offsets, num_tokens: src.new_empty(num_tokens, src.shape[1]),
+)

@@ -27,6 +27,11 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .library import register_kernel_op
+from .swiglu import swiglu_forward
+
+_torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
 # Tiles chosen on an H200 at the Qwen3-30B-A3B, DeepSeek-V3 and Mixtral shapes (docs/decisions/own-grouped-gemms.md).
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 128, 256, 64, 8, 3
 # The fused gate/up kernel keeps two accumulators (gate and up), so each covers half the columns.
@@ -164,10 +169,13 @@ def _weight_descriptor(w: torch.Tensor, block: list[int]) -> TensorDescriptor:
     return TensorDescriptor(w, list(w.shape), list(w.stride()), block)
 
 
-def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`a [S, K]` sorted by expert, `b [E, K, N]` → `[S, N]` with rows of expert e = `a_e @ b[e]`; rows past
     `offsets[-1]` are left unwritten. `b` is either K-major (`W.transpose(1, 2)` of a stored `[E, N, K]` weight)
-    or row-major; see `supports`."""
+    or row-major. Where `supports(a, b)` is false (decided here, on the real tensors: alignment is a property of
+    the pointers, which the compiler's fake tensors do not have) it runs torch's grouped GEMM instead."""
+    if not supports(a, b):
+        return _torch_grouped_mm(a, b, offs=offsets)
     num_rows, K = a.shape
     num_experts, _, N = b.shape
     out = a.new_empty(num_rows, N)
@@ -185,12 +193,20 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch
     return out
 
 
-def gate_up_swiglu(
+grouped_mm = register_kernel_op(
+    "grouped_mm", _grouped_mm, lambda a, b, offsets: a.new_empty(a.shape[0], b.shape[-1])
+)
+
+
+def _gate_up_swiglu(
     x: torch.Tensor, gate_up_proj: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`x [S, H]` sorted by expert, `gate_up_proj [E, 2I, H]` → the projection `gate_up [S, 2I]` (saved for
-    backward) and the activation `weight · silu(gate) ⊙ up [S, I]`, from one kernel. Requires
-    `supports(x, gate_up_proj.transpose(1, 2))`."""
+    backward) and the activation `weight · silu(gate) ⊙ up [S, I]`, from one kernel; where
+    `supports(x, gate_up_proj.transpose(1, 2))` is false, from torch's grouped GEMM and the SwiGLU kernel."""
+    if not supports(x, gate_up_proj.transpose(1, 2)):
+        gate_up = _torch_grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets)
+        return gate_up, swiglu_forward(gate_up, weight, offsets)
     num_rows, K = x.shape
     num_experts, two_inter, _ = gate_up_proj.shape
     inter = two_inter // 2
@@ -204,3 +220,11 @@ def gate_up_swiglu(
         FLATTEN=_SWIGLU_FLATTEN, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     return gate_up, act
+
+
+def _gate_up_swiglu_fake(x, gate_up_proj, weight, offsets):
+    two_inter = gate_up_proj.shape[1]
+    return x.new_empty(x.shape[0], two_inter), x.new_empty(x.shape[0], two_inter // 2)
+
+
+gate_up_swiglu = register_kernel_op("gate_up_swiglu", _gate_up_swiglu, _gate_up_swiglu_fake)

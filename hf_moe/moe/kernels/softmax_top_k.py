@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .library import register_kernel_op
+
 
 @triton.jit
 def _softmax_top_k_kernel(
@@ -100,23 +102,64 @@ def _blocks(num_experts: int) -> tuple[int, int]:
     return max(1, min(64, 4096 // block_e)), block_e
 
 
+def _forward(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = logits.contiguous()
+    num_tokens, num_experts = logits.shape
+    probs = torch.empty_like(logits)
+    index = torch.empty(num_tokens, top_k, device=logits.device, dtype=torch.int64)
+    weights = torch.empty(num_tokens, top_k, device=logits.device, dtype=torch.float32)
+    block_t, block_e = _blocks(num_experts)
+    _softmax_top_k_kernel[(triton.cdiv(num_tokens, block_t),)](
+        logits, probs, index, weights, num_tokens, num_experts,
+        TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=max(2, triton.next_power_of_2(top_k)),
+    )
+    return probs, index, weights
+
+
+def _forward_fake(logits, top_k, normalize):
+    num_tokens = logits.shape[0]
+    return (torch.empty_like(logits, memory_format=torch.contiguous_format),
+            logits.new_empty(num_tokens, top_k, dtype=torch.int64),
+            logits.new_empty(num_tokens, top_k, dtype=torch.float32))
+
+
+def _backward(
+    probs: torch.Tensor,
+    index: torch.Tensor,
+    weights: torch.Tensor,
+    grad_weights: torch.Tensor,
+    grad_probs: torch.Tensor | None,
+    normalize: bool,
+) -> torch.Tensor:
+    num_tokens, num_experts = probs.shape
+    top_k = index.shape[1]
+    grad_weights = grad_weights.contiguous()
+    grad_logits = torch.empty_like(probs)
+    block_t, block_e = _blocks(num_experts)
+    has_grad_probs = grad_probs is not None
+    _softmax_top_k_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
+        probs, index, weights, grad_weights, grad_probs if has_grad_probs else probs, grad_logits,
+        num_tokens, num_experts,
+        *(grad_probs.stride() if has_grad_probs else (0, 0)),
+        TOP_K=top_k, NORMALIZE=normalize, HAS_GRAD_PROBS=has_grad_probs, BLOCK_T=block_t, BLOCK_E=block_e,
+    )
+    return grad_logits
+
+
+_forward_op = register_kernel_op("softmax_top_k", _forward, _forward_fake)
+_backward_op = register_kernel_op(
+    "softmax_top_k_backward", _backward, lambda probs, *_: torch.empty_like(probs)
+)
+
+
 class _SoftmaxTopK(torch.autograd.Function):
     """`logits [T, E]` float32 → `probs [T, E]`, `top_k_index [T, k]` int64, `top_k_weights [T, k]` float32 (the
     chosen probabilities, renormalised to sum to 1 when `normalize`). Differentiable in `probs` and the weights."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, top_k: int, normalize: bool):
-        logits = logits.contiguous()
-        num_tokens, num_experts = logits.shape
-        probs = torch.empty_like(logits)
-        index = torch.empty(num_tokens, top_k, device=logits.device, dtype=torch.int64)
-        weights = torch.empty(num_tokens, top_k, device=logits.device, dtype=torch.float32)
-        block_t, block_e = _blocks(num_experts)
-        _softmax_top_k_kernel[(triton.cdiv(num_tokens, block_t),)](
-            logits, probs, index, weights, num_tokens, num_experts,
-            TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e,
-            BLOCK_K=max(2, triton.next_power_of_2(top_k)),
-        )
+        probs, index, weights = _forward_op(logits, top_k, normalize)
         ctx.save_for_backward(probs, index, weights)
         ctx.normalize = normalize
         ctx.mark_non_differentiable(index)
@@ -125,21 +168,9 @@ class _SoftmaxTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_probs: torch.Tensor | None, _grad_index, grad_weights: torch.Tensor | None):
         probs, index, weights = ctx.saved_tensors
-        num_tokens, num_experts = probs.shape
-        top_k = index.shape[1]
         if grad_weights is None:
             grad_weights = torch.zeros_like(weights)
-        grad_weights = grad_weights.contiguous()
-        grad_logits = torch.empty_like(probs)
-        block_t, block_e = _blocks(num_experts)
-        has_grad_probs = grad_probs is not None
-        _softmax_top_k_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
-            probs, index, weights, grad_weights, grad_probs if has_grad_probs else probs, grad_logits,
-            num_tokens, num_experts,
-            *(grad_probs.stride() if has_grad_probs else (0, 0)),
-            TOP_K=top_k, NORMALIZE=ctx.normalize, HAS_GRAD_PROBS=has_grad_probs, BLOCK_T=block_t, BLOCK_E=block_e,
-        )
-        return grad_logits, None, None
+        return _backward_op(probs, index, weights, grad_weights, grad_probs, ctx.normalize), None, None
 
 
 def softmax_top_k(

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .library import register_kernel_op
+
 
 @triton.jit
 def _swiglu_fwd_kernel(
@@ -71,8 +73,9 @@ def _swiglu_bwd_kernel(
     tl.store(grad_weight_ptr + rows, grad_weight, mask=rows < num_rows)
 
 
-def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`weight[:, None] · silu(gate) · up` for `gate_up [S, 2I]` (gate columns first) → `[S, I]`."""
+    gate_up = gate_up.contiguous()
     num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
     out = gate_up.new_empty(num_rows, inter)
     block_m, block_n = 32, 128
@@ -81,6 +84,54 @@ def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.T
         gate_up, weight, out, offsets, offsets.numel(), inter=inter, BLOCK_M=block_m, BLOCK_N=block_n
     )
     return out
+
+
+swiglu_forward = register_kernel_op(
+    "swiglu_forward", _swiglu_forward,
+    lambda gate_up, weight, offsets: gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2),
+)
+
+
+def _swiglu_backward(
+    gate_up: torch.Tensor,
+    weight: torch.Tensor,
+    grad_out: torch.Tensor,
+    offsets: torch.Tensor,
+    recompute_out: bool,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """[`swiglu_backward`]'s launch; `out` is None unless `recompute_out`."""
+    gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
+    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    grad_gate_up = gate_up if in_place else torch.empty_like(gate_up)
+    grad_weight = torch.empty(num_rows, device=gate_up.device, dtype=torch.float32)
+    if not recompute_out:
+        out = grad_gate_up  # not written (WRITE_OUT is off)
+    else:
+        out = grad_out if in_place else gate_up.new_empty(num_rows, inter)
+    block_m, block_n = 4, 512  # few rows, wide column blocks, 8 warps
+    grid = (triton.cdiv(num_rows, block_m),)
+    _swiglu_bwd_kernel[grid](
+        gate_up, weight, grad_out, grad_gate_up, out, grad_weight, offsets, offsets.numel(), num_rows, inter=inter,
+        WRITE_OUT=recompute_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+    )
+    return grad_gate_up, grad_weight, out if recompute_out else None
+
+
+def _swiglu_backward_new(
+    gate_up: torch.Tensor, weight: torch.Tensor, grad_out: torch.Tensor, offsets: torch.Tensor, recompute_out: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    grad_gate_up, grad_weight, out = _swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out)
+    return grad_gate_up, grad_weight, gate_up.new_empty(0, gate_up.shape[1] // 2) if out is None else out
+
+
+def _swiglu_backward_fake(gate_up, weight, grad_out, offsets, recompute_out):
+    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    return (torch.empty_like(gate_up), gate_up.new_empty(num_rows, dtype=torch.float32),
+            gate_up.new_empty(num_rows if recompute_out else 0, inter))
+
+
+_swiglu_backward_op = register_kernel_op("swiglu_backward", _swiglu_backward_new, _swiglu_backward_fake)
 
 
 def swiglu_backward(
@@ -95,19 +146,12 @@ def swiglu_backward(
     recomputed forward output when `recompute_out` (the down projection's weight gradient needs it).
 
     `in_place` writes the `gate_up` gradient over `gate_up` and the recomputed output over `grad_out` (each element
-    is read before it is written, by the same program), so backward allocates neither `[S, 2I]` nor `[S, I]`.
+    is read before it is written, by the same program), so backward allocates neither `[S, 2I]` nor `[S, I]`;
+    eager mode only (torch.compile traces the functional op `hf_moe::swiglu_backward`).
     """
-    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    grad_gate_up = gate_up if in_place else torch.empty_like(gate_up)
-    grad_weight = torch.empty(num_rows, device=gate_up.device, dtype=torch.float32)
-    if not recompute_out:
-        out = grad_gate_up  # not written (WRITE_OUT is off)
-    else:
-        out = grad_out if in_place else gate_up.new_empty(num_rows, inter)
-    block_m, block_n = 4, 512  # few rows, wide column blocks, 8 warps
-    grid = (triton.cdiv(num_rows, block_m),)
-    _swiglu_bwd_kernel[grid](
-        gate_up, weight, grad_out, grad_gate_up, out, grad_weight, offsets, offsets.numel(), num_rows, inter=inter,
-        WRITE_OUT=recompute_out, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
-    )
+    if in_place and torch.compiler.is_compiling():
+        raise ValueError("swiglu_backward: in_place=True cannot be traced by torch.compile; pass in_place=False")
+    if in_place:
+        return _swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out, in_place=True)
+    grad_gate_up, grad_weight, out = _swiglu_backward_op(gate_up, weight, grad_out, offsets, recompute_out)
     return grad_gate_up, grad_weight, out if recompute_out else None

@@ -227,8 +227,8 @@ class HfMoeRouter(nn.Module):
     def fuses_softmax_top_k(self, logits: torch.Tensor) -> bool:
         """Whether softmax → top-k → renormalise runs as one Triton kernel (`hf_moe.moe.kernels.softmax_top_k`):
         the plain softmax top-k of this class (no selection hook overridden, no expert bias, Gumbel noise, group
-        limit or `topk_before_softmax`), many experts, float32 logits on CUDA, and not while torch.compile traces
-        (it fuses the torch ops itself). Decided on the host from flags and types
+        limit or `topk_before_softmax`), many experts, float32 logits on CUDA; torch.compile traces it as the custom
+        ops `hf_moe::softmax_top_k` and `hf_moe::softmax_top_k_backward`. Decided on the host from flags and types
         (docs/decisions/fused-router-top-k.md). Both paths route identically, so overriding this to force one
         (tests, benchmarks) changes only speed."""
         config = self.config
@@ -244,7 +244,6 @@ class HfMoeRouter(nn.Module):
             and FUSED_TOP_K_MIN_EXPERTS <= self.num_experts <= 1024
             and self.top_k <= self.num_experts
             and all(getattr(type(self), hook) is getattr(HfMoeRouter, hook) for hook in _SELECTION_HOOKS)
-            and not torch.compiler.is_compiling()
         )
 
     def finish(
