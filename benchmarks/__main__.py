@@ -20,6 +20,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "ep-load-memory": "peak host memory of a sharded from_pretrained at P = 1, 2, 4 (CPU, launches torchrun itself)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
+    "upcycling-quality": "held-out loss at equal tokens: dense continued vs upcycled / drop / virtual-group / scratch MoE",
 }
 
 
