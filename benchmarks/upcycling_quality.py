@@ -83,7 +83,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--continue-steps", type=int, default=250, help="M = steps × batch × seq-len tokens")
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=25, help="pre-training warm-up")
-    p.add_argument("--rewarm-frac", type=float, default=0.05, help="upcycled runs: LR re-warm-up, fraction of M")
+    p.add_argument("--rewarm-frac", type=float, default=0.08, help="upcycled runs: LR re-warm-up, fraction of M")
     p.add_argument("--upcycle-lr-scale", type=float, default=1.0, help="upcycled runs: peak LR × this")
     p.add_argument("--cooldown-frac", type=float, default=0.3, help="linear decay to 0 over this fraction of M")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -451,6 +451,7 @@ class Study:
         if kind != "dense":
             self.rates.setdefault(kind, stats["tokens_per_s"] or 1.0)
             extra["max_expert_load"] = expert_load(model, self.eval_blocks[: a.batch_size])
+            extra["router_aux_loss_coef"] = model.config.router_aux_loss_coef
         total, active = parameter_counts(model)
         self.emit({"kind": "run", "run": run_id, "variant": key, "seed": seed, "label": variant.label,
                    "curve": curve.points, "heldout": curve.points[-1][1], "params_total": total,
