@@ -13,10 +13,14 @@ constant peak LR for pre-training (the base is a checkpoint of the stable phase,
 every run then trains at the peak and decays it linearly to zero over the last `--cooldown-frac` of M. The upcycled
 runs start a fresh AdamW (the converter writes weights, not optimizer state) and re-warm the LR over the first
 `--rewarm-frac` of M to `--upcycle-lr-scale` × the peak. Same batch, AdamW, weight decay, clipping for every run;
-bf16 compute with float32 master weights. Run ids are a variant letter and a seed: `--runs a0,b0,c0,d0` in one
-call and `--runs a1,b1,c1,e0` in another rebuild the same corpus, tokenizer and base (deterministic data and init)
-and write their rows to `--out-dir` (default `$OUT`); `python -m benchmarks.upcycling_report` merges them.
-`--tiny` runs the whole pipeline on a CPU in a minute or two.
+bf16 compute with float32 master weights. Run ids are a variant letter and a seed (`--runs`).
+
+Sizing: with `--time-budget` and no `--pretrain-steps`, the call times a few training steps of each model kind
+(dense, upcycled 8x top-2, virtual groups) and picks the largest N, with M = `--continue-ratio` × N, at which every
+requested run fits the budget; the chosen steps are printed and recorded, so `--pretrain-steps P
+--continue-steps C` repeats the same experiment. Calls that share the settings rebuild the same corpus, tokenizer
+and base (deterministic data and init) and write their rows to `--out-dir` (default `$OUT`);
+`python -m benchmarks.upcycling_report` merges them. `--tiny` runs the whole pipeline on a CPU in a minute or two.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -65,7 +70,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks upcycling-quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: stdlib corpus, tiny model, few steps")
-    p.add_argument("--runs", default="a0,b0,c0,d0,a1,b1,c1,e0", help="variant letter + seed, comma-separated")
+    p.add_argument("--runs", default="a0,b0,c0,a1,b1,c1,d0,e0", help="variant letter + seed, comma-separated")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float32"], help="compute dtype (default bf16 on "
                    "CUDA, float32 on CPU); master weights and optimizer state are float32")
@@ -75,21 +80,24 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tokenizer-chars", type=int, default=24_000_000, help="train the tokenizer on about this much")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=128, help="sequences per step")
-    p.add_argument("--hidden-size", type=int, default=512)
-    p.add_argument("--intermediate-size", type=int, default=1536)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--pretrain-steps", type=int, default=500, help="N = steps × batch × seq-len tokens")
-    p.add_argument("--continue-steps", type=int, default=250, help="M = steps × batch × seq-len tokens")
-    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
+    p.add_argument("--hidden-size", type=int, default=384)
+    p.add_argument("--intermediate-size", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--pretrain-steps", type=int, default=None, help="N = steps × batch × seq-len tokens (default: "
+                   "sized to --time-budget, else 300)")
+    p.add_argument("--continue-steps", type=int, default=None, help="M = steps × batch × seq-len tokens (default: "
+                   "--continue-ratio × pre-training steps)")
+    p.add_argument("--continue-ratio", type=float, default=1.0, help="M / N when M is not given")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=25, help="pre-training warm-up")
     p.add_argument("--rewarm-frac", type=float, default=0.08, help="upcycled runs: LR re-warm-up, fraction of M")
     p.add_argument("--upcycle-lr-scale", type=float, default=1.0, help="upcycled runs: peak LR × this")
     p.add_argument("--cooldown-frac", type=float, default=0.3, help="linear decay to 0 over this fraction of M")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--aux-coef", type=float, default=0.01, help="MoE load-balancing loss coefficient")
-    p.add_argument("--eval-tokens", type=int, default=1_048_576, help="held-out tokens per evaluation")
-    p.add_argument("--evals", type=int, default=8, help="evaluations per phase (plus one at the start of M)")
+    p.add_argument("--eval-tokens", type=int, default=262_144, help="held-out tokens per evaluation")
+    p.add_argument("--evals", type=int, default=6, help="evaluations per phase (plus one at the start of M)")
     p.add_argument("--time-budget", type=float, default=0.0, help="seconds; skip runs predicted not to finish "
                    "(and stop one that overruns), 0 = no limit")
     p.add_argument("--out-dir", default=os.environ.get("OUT"), help="write the rows there too (default $OUT)")
@@ -242,6 +250,7 @@ class Study:
         self.tokens_per_step = args.batch_size * args.seq_len
         self.work = tempfile.mkdtemp(prefix="upcycling-quality-")
         self.rates: dict[str, float] = {}
+        self.rows: list[dict] = []
         path = None
         if args.out_dir:
             os.makedirs(args.out_dir, exist_ok=True)
@@ -249,6 +258,7 @@ class Study:
         self.results = ResultFile(__name__, path)
 
     def emit(self, row: dict) -> None:
+        self.rows.append(row)
         self.results.write(row)
         print("UPQ " + json.dumps(row, separators=(",", ":")), flush=True)
 
@@ -271,13 +281,66 @@ class Study:
         pick = np.linspace(0, heldout.shape[0] - 1, count).round().astype(np.int64)
         self.eval_blocks = heldout[torch.from_numpy(pick).to(heldout.device)]
         corpus.info.update(eval_tokens=int(self.eval_blocks.numel()), train_blocks=int(self.train_blocks.shape[0]))
-        self.emit({"kind": "setup", "args": {k: v for k, v in vars(a).items() if k != "run_ids"},
-                   "corpus": corpus.info, "device": self.device_name(), "torch": torch.__version__,
-                   "transformers": __import__("transformers").__version__, "python": platform.python_version(),
-                   "tokens_per_step": self.tokens_per_step})
-        epochs = (a.pretrain_steps + a.continue_steps) * self.tokens_per_step / max(1, corpus.train.size)
+        self.corpus_info = corpus.info
+        self.train_tokens = corpus.train.size
         self.log(f"corpus: {corpus.info['train_files']} train / {corpus.info['heldout_files']} held-out files, "
-                 f"{corpus.train.size:,} train tokens (N + M = {epochs:.2f} epochs), vocab {self.vocab_size}")
+                 f"{corpus.train.size:,} train tokens, vocab {self.vocab_size}")
+
+    def size_steps(self) -> None:
+        """Fix N and M: as given, or the largest that lets every requested run finish within the time budget."""
+        a = self.args
+        if not a.pretrain_steps and a.time_budget:
+            per_step = self.probe()
+            kinds = [self.kind(r[0]) for r in a.run_ids]
+            # seconds per pre-training step, counting each run's share at M = ratio × N (e trains N + M)
+            cost = per_step["dense"] + sum(per_step[k] * (a.continue_ratio + (r[0] == "e"))
+                                           for k, r in zip(kinds, a.run_ids))
+            evals = (a.evals + (a.evals + 1) * len(a.run_ids) + a.evals * sum(r[0] == "e" for r in a.run_ids))
+            eval_s = evals * a.eval_tokens / self.tokens_per_step * max(per_step.values()) / 3
+            overhead = 6.0 * len(a.run_ids) + 10  # conversions, loading, expert-load pass, final rows
+            spare = self.left() - eval_s - overhead
+            a.pretrain_steps = max(10, int(spare / (cost * 1.1)))
+            self.log(f"sizing: s/step {json.dumps({k: round(v, 4) for k, v in per_step.items()})}, "
+                     f"{evals} evaluations ~{eval_s:.0f} s, {self.left():.0f} s left -> {a.pretrain_steps} "
+                     f"pre-training steps")
+            self.probe_rates = per_step
+        a.pretrain_steps = a.pretrain_steps or 300
+        a.continue_steps = a.continue_steps or max(1, round(a.continue_ratio * a.pretrain_steps))
+
+    def probe(self) -> dict[str, float]:
+        """Seconds per training step of the dense model, the upcycled 8x top-2 and the virtual-group model."""
+        a = self.args
+        torch.manual_seed(0)
+        model = self.dense_model()
+        self.base_dir = os.path.join(self.work, "probe")
+        model.save_pretrained(self.base_dir)
+        data = batches(self.train_blocks, a.batch_size, seed=7)
+        per_step = {}
+        for kind, variant in (("dense", None), ("moe", VARIANTS["b"]), ("moe-fine", VARIANTS["d"])):
+            if variant is not None:
+                model = self.upcycled_moe(variant, 0)[0]
+            model = model.to(a.device)
+            opt = MasterAdamW(model, a, self.dtype)
+            timings = []
+            for _ in range(6):
+                self.sync()
+                t0 = time.time()
+                x = next(data)
+                model(input_ids=x, labels=x, use_cache=False).loss.backward()
+                opt.step(a.lr * 0.1)
+                self.sync()
+                timings.append(time.time() - t0)
+            per_step[kind] = statistics.median(timings[2:])
+            del model, opt
+        return per_step
+
+    def sync(self) -> None:
+        if self.args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    @staticmethod
+    def kind(key: str) -> str:
+        return "dense" if key == "a" else ("moe-fine" if key == "d" else "moe")
 
     def device_name(self) -> str:
         if self.args.device.startswith("cuda"):
@@ -285,6 +348,17 @@ class Study:
         return platform.processor() or "cpu"
 
     # models ----------------------------------------------------------------------------------------------------
+    def emit_setup(self) -> None:
+        a = self.args
+        n, m = (a.pretrain_steps * self.tokens_per_step, a.continue_steps * self.tokens_per_step)
+        self.log(f"N = {n:,} tokens ({a.pretrain_steps} steps), M = {m:,} tokens ({a.continue_steps} steps); N + M = "
+                 f"{(n + m) / max(1, self.train_tokens):.2f} epochs of the train split")
+        self.emit({"kind": "setup", "args": {k: v for k, v in vars(a).items() if k != "run_ids"},
+                   "corpus": self.corpus_info, "device": self.device_name(), "torch": torch.__version__,
+                   "transformers": __import__("transformers").__version__, "python": platform.python_version(),
+                   "tokens_per_step": self.tokens_per_step, "probe_s_per_step": getattr(self, "probe_rates", None),
+                   "setup_s": round(time.time() - self.start)})
+
     def dense_model(self):
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -406,8 +480,14 @@ class Study:
         variant = VARIANTS[key]
         P, C = a.pretrain_steps, a.continue_steps
         steps = range(P + C) if variant.scratch else range(P, P + C)
-        kind = "dense" if key == "a" else ("moe-fine" if key == "d" else "moe")
-        rate = self.rates.get(kind) or self.rates.get("moe", self.rates["dense"] / 3) * (0.8 if key == "d" else 1)
+        kind = self.kind(key)
+        probed = getattr(self, "probe_rates", None)
+        if kind in self.rates:
+            rate = self.rates[kind]
+        elif probed:
+            rate = self.tokens_per_step / probed[kind]
+        else:
+            rate = self.rates.get("moe", self.rates["dense"] / 3) * (0.8 if key == "d" else 1)
         predicted = len(steps) * self.tokens_per_step / rate * 1.15 + 20
         if predicted > self.left():
             self.log(f"{run_id}: skipped, predicted {predicted:.0f} s > {self.left():.0f} s left")
@@ -468,15 +548,20 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     study = Study(args)
-    study.log(f"runs {','.join(args.run_ids)} on {args.device} ({args.dtype}), N = "
-              f"{args.pretrain_steps * study.tokens_per_step:,} tokens, M = "
-              f"{args.continue_steps * study.tokens_per_step:,} tokens")
+    study.log(f"runs {','.join(args.run_ids)} on {args.device} ({args.dtype})")
     with study.results:
         study.build_data()
+        study.size_steps()
+        study.emit_setup()
         study.pretrain()
         for run_id in args.run_ids:
             study.run(run_id)
-    study.log("done")
+    study.log("done; summary (run, held-out loss, tokens/s, peak GiB, active/total params):")
+    for row in study.rows:
+        if row["kind"] in ("base", "run") and "heldout" in row:
+            print(f"UPQ-SUMMARY {row.get('run', 'base')} {row['heldout']:.4f} {row['tokens_per_s']} "
+                  f"{row['peak_mem_gib']} {row['params_active']}/{row['params_total']}"
+                  + (" incomplete" if row.get("incomplete") else ""), flush=True)
 
 
 if __name__ == "__main__":
