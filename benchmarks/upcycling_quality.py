@@ -441,14 +441,16 @@ class Study:
         return {"tokens_per_s": round(timed_tokens / timed) if timed > 0 else None, "incomplete": stopped}
 
     def peak_memory(self) -> float | None:
+        """GiB allocated at the peak of the run, above what was allocated before it (the token stream, the base)."""
         if not self.args.device.startswith("cuda"):
             return None
-        return round(torch.cuda.max_memory_allocated(self.args.device) / 2**30, 3)
+        return round((torch.cuda.max_memory_allocated(self.args.device) - self.memory_before) / 2**30, 3)
 
     def reset_memory(self) -> None:
         if self.args.device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.args.device)
+            self.memory_before = torch.cuda.memory_allocated(self.args.device)
 
     def eval_points(self, first: int, steps: int) -> set[int]:
         n = self.args.evals
