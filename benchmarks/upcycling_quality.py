@@ -89,6 +89,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--continue-steps", type=int, default=None, help="M = steps × batch × seq-len tokens (default: "
                    "--continue-ratio × pre-training steps)")
     p.add_argument("--continue-ratio", type=float, default=1.0, help="M / N when M is not given")
+    p.add_argument("--max-epochs", type=float, default=2.0, help="sizing never passes N + M over this many epochs")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, default=25, help="pre-training warm-up")
     p.add_argument("--rewarm-frac", type=float, default=0.08, help="upcycled runs: LR re-warm-up, fraction of M")
@@ -300,6 +301,10 @@ class Study:
             overhead = 6.0 * len(a.run_ids) + 10  # conversions, loading, expert-load pass, final rows
             spare = self.left() - eval_s - overhead
             a.pretrain_steps = max(10, int(spare / (cost * 1.1)))
+            most = int(a.max_epochs * self.train_tokens / ((1 + a.continue_ratio) * self.tokens_per_step))
+            if a.pretrain_steps > most:
+                self.log(f"sizing: {a.pretrain_steps} steps would be more than {a.max_epochs} epochs; using {most}")
+                a.pretrain_steps = most
             self.log(f"sizing: s/step {json.dumps({k: round(v, 4) for k, v in per_step.items()})}, "
                      f"{evals} evaluations ~{eval_s:.0f} s, {self.left():.0f} s left -> {a.pretrain_steps} "
                      f"pre-training steps")
