@@ -113,13 +113,18 @@ def section(rows: list[dict], plot_path: str | None, doc_dir: Path | None) -> st
     tokens_per_step = setup.get("tokens_per_step", 0)
     n = args.get("pretrain_steps", 0) * tokens_per_step
     m = args.get("continue_steps", 0) * tokens_per_step
-    packages = ", ".join(f"{p['package']} {p['version']}" for p in corpus.get("packages", []) if not p.get("missing"))
-    missing = ", ".join(p["package"] for p in corpus.get("packages", []) if p.get("missing"))
+    listed = corpus.get("packages", [])
+    packages = ", ".join(f"{p['package']} {p['version']}" for p in listed if p.get("files"))
+    missing = ", ".join(p["package"] for p in listed if p.get("missing"))
+    unread = ", ".join(p["package"] for p in listed if not p.get("missing") and not p.get("files"))
     out = [BEGIN, "", "### Does upcycling pay? (`python -m benchmarks upcycling-quality`)", ""]
     out += [f"Measured on {setup.get('device', '?')}, torch {setup.get('torch', '?')}, transformers "
             f"{setup.get('transformers', '?')}, {args.get('dtype', '?')} compute with float32 master weights. "
-            f"Corpus: Python sources and docs of {packages}" + (f" (not installed: {missing})" if missing else "") +
-            f"; {corpus.get('train_files', '?')} train / {corpus.get('heldout_files', '?')} held-out files "
+            f"Corpus: Python sources and docs (.py, .pyi, .md, .rst, .txt) of {packages}"
+            + (f" (not installed: {missing})" if missing else "")
+            + (f" (not reached: the corpus stops at {args.get('corpus_bytes', 0) / 1e6:.0f} MB: {unread})" if unread
+               else "")
+            + f", exact duplicates dropped; {corpus.get('train_files', '?')} train / {corpus.get('heldout_files', '?')} held-out files "
             f"(split by file), {corpus.get('train_tokens', 0):,} train tokens, byte-level BPE vocabulary "
             f"{corpus.get('vocab_size', '?')} trained on the train split; held-out loss on "
             f"{corpus.get('eval_tokens', 0):,} tokens of the held-out files.", ""]
@@ -145,11 +150,14 @@ def section(rows: list[dict], plot_path: str | None, doc_dir: Path | None) -> st
     if plot_path:
         rel = Path(plot_path).name if doc_dir is None else Path(plot_path).resolve().relative_to(doc_dir.resolve())
         out += [f"![held-out loss curves]({rel})", ""]
-    calls = sorted({json.dumps(s.get("args", {}).get("runs")) for s in setups})
-    out += ["Reproduce (one H200 per call; each call rebuilds corpus, tokenizer and base, then runs its share):", "",
-            "```bash"]
-    for call in calls:
-        out.append(f"python -m benchmarks upcycling-quality --runs {json.loads(call)}")
+    out += ["Reproduce (one GPU; the first command sizes N and M to the time budget on the GPU at hand, the second "
+            "repeats these sizes exactly):", "", "```bash"]
+    for s in setups:
+        a = s.get("args", {})
+        budget = f" --time-budget {a['time_budget']:g}" if a.get("time_budget") else ""
+        out.append(f"python -m benchmarks upcycling-quality --runs {a.get('runs')}{budget}")
+        out.append(f"python -m benchmarks upcycling-quality --runs {a.get('runs')} --pretrain-steps "
+                   f"{a.get('pretrain_steps')} --continue-steps {a.get('continue_steps')}")
     out += ["python -m benchmarks.upcycling_report upcycling-quality-*.jsonl --plot docs/upcycling-quality.png "
             "--doc docs/upcycling.md", "```", "", END]
     return "\n".join(out)
