@@ -244,12 +244,12 @@ class Curve:
 
 
 class Study:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, work: str) -> None:
         self.args = args
         self.start = time.time()
         self.dtype = getattr(torch, args.dtype)
         self.tokens_per_step = args.batch_size * args.seq_len
-        self.work = tempfile.mkdtemp(prefix="upcycling-quality-")
+        self.work = work  # checkpoints: the base and each upcycled model
         self.rates: dict[str, float] = {}
         self.rows: list[dict] = []
         path = None
@@ -554,7 +554,12 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    study = Study(args)
+    with tempfile.TemporaryDirectory(prefix="upcycling-quality-") as work:
+        run_study(args, work)
+
+
+def run_study(args: argparse.Namespace, work: str) -> None:
+    study = Study(args, work)
     study.log(f"runs {','.join(args.run_ids)} on {args.device} ({args.dtype})")
     with study.results:
         study.build_data()
