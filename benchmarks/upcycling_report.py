@@ -146,7 +146,13 @@ def section(rows: list[dict], plot_path: str | None, doc_dir: Path | None) -> st
     out += ["Held-out loss ± half the range over seeds; \"vs dense continued\" is the difference of the means "
             "(negative: better than dense). Active parameters count k/E of the routed experts; all counts include "
             "the tied embedding. Tokens/s is the training step rate (forward, backward, optimizer), evaluations "
-            "excluded.", ""]
+            "excluded; peak memory is what the run itself allocates (model, float32 masters, AdamW, activations).",
+            ""]
+    loads = [f"{r['run']} {max(r['max_expert_load']):.2f}" for runs in by_variant.values() for r in runs
+             if r.get("max_expert_load")]
+    if loads:
+        out += ["Load balance at the end (busiest expert's share of routed tokens × number of experts, worst layer; "
+                "1 = balanced): " + ", ".join(loads) + ".", ""]
     if plot_path:
         rel = Path(plot_path).name if doc_dir is None else Path(plot_path).resolve().relative_to(doc_dir.resolve())
         out += [f"![held-out loss curves]({rel})", ""]
