@@ -23,6 +23,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
     "compile": "torch.compile vs eager, hf-moe vs transformers' Qwen3-MoE: training, generate, DSV3 decode capture (GPU)",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
+    "upcycling-quality": "held-out loss at equal tokens: dense continued vs upcycled / drop / virtual-group / scratch MoE",
     "convert-memory": "peak RSS and time of streaming hf-moe convert (Qwen3-MoE -> hf_moe) vs loading everything (CPU)",
 }
 
