@@ -26,6 +26,7 @@ from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
 from .moe.experts import (
     LIGER_AVAILABLE,
     HfMoeExperts,
+    HfMoeNonGatedExperts,
     capacity_padded_experts_forward,
     grouped_experts_forward,
     liger_fused_experts_forward,
@@ -56,6 +57,7 @@ __all__ = [
     "HfMoeCausalLMOutputWithPast",
     "HfMoeConfig",
     "HfMoeExperts",
+    "HfMoeNonGatedExperts",
     "HfMoeForCausalLM",
     "HfMoeForSequenceClassification",
     "HfMoeModel",

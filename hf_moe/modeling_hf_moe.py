@@ -146,7 +146,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, HfMoeExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.input_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HfMoeRouter):
             module.initialize(std)

@@ -1,7 +1,8 @@
 """The routed experts: the module, its implementations (registered in transformers' experts interface on import),
 the kernel plan of `hf_moe_grouped`, and `run_experts`, the one call a dispatcher makes.
 
-- `module`: `HfMoeExperts` (its own forward is the eager reference loop) and `base_layer` (PEFT unwrapping);
+- `module`: `HfMoeExperts` / `HfMoeNonGatedExperts` (their own forward is the eager reference loop), `build_experts`
+  and `base_layer` (PEFT unwrapping);
 - `grouped`: `hf_moe_grouped`, hf-moe's default (grouped GEMMs, no host sync on CUDA);
 - `capacity_padded`: `hf_moe_capacity` (fixed `[E, capacity, H]` buffers, static shapes);
 - `liger`: `liger_fused` (Liger-Kernel's fused MoE, when installed);
@@ -16,7 +17,7 @@ from torch import nn
 from .capacity_padded import capacity_padded_experts_forward
 from .grouped import grouped_experts_forward, sort_by_expert
 from .liger import LIGER_AVAILABLE, liger_fused_experts_forward
-from .module import HfMoeExperts, base_layer
+from .module import HfMoeExperts, HfMoeNonGatedExperts, base_layer, build_experts
 from .plan import ExpertsPlan, WeightGrads, override_plan, plan_experts
 
 SENTINEL_SAFE_IMPLEMENTATIONS = {"eager", "hf_moe_grouped", "hf_moe_capacity"}
@@ -55,8 +56,10 @@ __all__ = [
     "SENTINEL_SAFE_IMPLEMENTATIONS",
     "ExpertsPlan",
     "HfMoeExperts",
+    "HfMoeNonGatedExperts",
     "WeightGrads",
     "base_layer",
+    "build_experts",
     "capacity_padded_experts_forward",
     "grouped_experts_forward",
     "liger_fused_experts_forward",
