@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hf_moe.checkpoint_files import CheckpointError
 
+    from .flash_moe import flash_moe_block_state_dict, flash_moe_config_fields
     from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
     from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
     from .upcycling import upcycle
@@ -30,6 +31,8 @@ _EXPORTS = {
     "UpcycleError": ".upcycle_types",
     "UpcycleResult": ".upcycle_types",
     "VerifyResult": ".upcycle_types",
+    "flash_moe_block_state_dict": ".flash_moe",
+    "flash_moe_config_fields": ".flash_moe",
     "upcycle": ".upcycling",
     "verify_upcycle": ".verification",
 }
@@ -42,6 +45,8 @@ __all__ = [
     "UpcycleError",
     "UpcycleResult",
     "VerifyResult",
+    "flash_moe_block_state_dict",
+    "flash_moe_config_fields",
     "upcycle",
     "verify_upcycle",
 ]

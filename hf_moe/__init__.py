@@ -28,12 +28,14 @@ from .moe.experts import (
     HfMoeExperts,
     HfMoeNonGatedExperts,
     capacity_padded_experts_forward,
+    gathered_experts_forward,
     grouped_experts_forward,
     liger_fused_experts_forward,
 )
 from .moe.metrics import router_metrics
 from .moe.router.expert_choice import ExpertChoiceRouter
 from .moe.router.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
+from .moe.router.product_key import ProductKeyRouter, product_key_top_k
 from .moe.router.registry import ROUTER_CLASSES, register_router
 from .moe.router.topk import HfMoeRouter, SwitchRouter
 from .moe.router.unlearned import FakeBalancedRouter, HashRouter
@@ -63,15 +65,18 @@ __all__ = [
     "HfMoeModel",
     "HfMoePreTrainedModel",
     "HfMoeRouter",
+    "ProductKeyRouter",
     "HfMoeSparseMoeBlock",
     "LIGER_AVAILABLE",
     "RouterOutput",
     "SwitchRouter",
     "capacity_padded_experts_forward",
     "expert_capacity",
+    "gathered_experts_forward",
     "grouped_experts_forward",
     "liger_fused_experts_forward",
     "load_balancing_loss",
+    "product_key_top_k",
     "moe_blocks",
     "record_routing",
     "register_router",
