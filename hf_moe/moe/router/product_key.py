@@ -28,10 +28,11 @@ from .topk import HfMoeRouter, top_k_lower_index_first
 def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`log_probs [..., 2, N]` (each half's log-probabilities) → `(index [..., k] int64, score [..., k])`: the k
     largest `log_probs[0, i] + log_probs[1, j]` over all N² pairs, as expert `i·N + j`, best first, ties to the lower
-    expert. Differentiable in `score` (a gather of the inputs). On CUDA with Triton the selection is one kernel
-    (`hf_moe.moe.kernels.product_key_top_k`) that reads the halves once; elsewhere torch ops on `[..., k, k]`."""
+    expert. Differentiable in `score` (a gather of the inputs). On CUDA with Triton (float32, `min(k, N)` ≤ 64) the
+    selection is one kernel (`hf_moe.moe.kernels.product_key_top_k`) that reads the halves once; elsewhere torch
+    ops on `[..., k, k]`."""
     num_keys = log_probs.shape[-1]
-    if kernels.HAS_TRITON and log_probs.is_cuda and not torch.compiler.is_compiling():
+    if kernels.HAS_TRITON and log_probs.is_cuda and kernels.product_key_top_k.serves(log_probs, k):
         first, second = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
     else:
         first, second = _pairs_torch(log_probs.detach(), k)
