@@ -19,6 +19,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "ep-equivalence": "expert parallel vs one process vs float64: logits, loss, gradients (torchrun, NCCL or gloo)",
     "ep-load-memory": "peak host memory of a sharded from_pretrained at P = 1, 2, 4 (CPU, launches torchrun itself)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
+    "product-key": "product-key layers vs FlashMoE, peer-pytorch's PEER and dense SwiGLU: fwd, fwd+bwd, memory (GPU)",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
 }
 
