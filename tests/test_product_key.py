@@ -272,3 +272,25 @@ def test_config_refuses_what_product_keys_cannot_do(field, value, match):
         _config(**{field: value})
     with pytest.raises(ValueError, match="product_key_heads"):
         HfMoeConfig(product_key_heads=2)
+
+
+def test_trainer_logs_router_metrics_over_all_pairs(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_moe.integrations import MoETrainerCallback
+
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(router_type="product_key", num_experts=64, num_experts_per_tok=4,
+                                         moe_intermediate_size=1, gated_experts=False, num_hidden_layers=1,
+                                         router_aux_loss_coef=0.01))
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(0, 97, (8, 10))]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, logging_steps=1,
+                             report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.add_callback(MoETrainerCallback())
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 2
+    for entry in logged:  # entropy of the product distribution: at most log 64, close to it at initialisation
+        assert 0.9 * torch.log(torch.tensor(64.0)).item() < entry["moe/routing_entropy"] <= 4.16
+        assert 0 < entry["moe/experts_used"] <= 1 and entry["moe/aux_loss"] > 0
