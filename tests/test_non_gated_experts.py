@@ -7,13 +7,13 @@ import pytest
 import torch
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from hf_moe import HfMoeConfig, HfMoeForCausalLM, HfMoeNonGatedExperts
+from hf_moe import HfMoeConfig, HfMoeExperts, HfMoeForCausalLM, HfMoeNonGatedExperts
 from hf_moe.moe.experts import liger_fused_experts_forward
 
 from .conftest import tiny_config
 
 ACTIVATIONS = {"relu2": lambda h: torch.relu(h) ** 2, "silu": lambda h: h * torch.sigmoid(h)}
-IMPLEMENTATIONS = ["eager", "hf_moe_grouped", "hf_moe_capacity", "batched_mm", "grouped_mm"]
+IMPLEMENTATIONS = ["eager", "hf_moe_grouped", "hf_moe_capacity", "hf_moe_gathered", "batched_mm", "grouped_mm"]
 
 
 def make(act: str, inter: int = 4, hidden: int = 12, experts: int = 6, top_k: int = 2) -> HfMoeNonGatedExperts:
@@ -109,3 +109,22 @@ def test_model_save_load_and_lora_target_parameters(tmp_path, act):
     assert any("up_proj" in n for n in adapted) and any("down_proj" in n for n in adapted), adapted
     with torch.no_grad():
         assert not torch.allclose(peft_model(ids).logits, logits)
+
+
+def test_gathered_implementation_runs_gated_experts_as_the_reference_loop():
+    """`hf_moe_gathered` (product-key models' default) also computes SwiGLU experts, sentinel slots included."""
+    torch.manual_seed(0)
+    config = HfMoeConfig(hidden_size=12, moe_intermediate_size=4, num_experts=6, num_experts_per_tok=2,
+                         num_hidden_layers=1, num_attention_heads=2, vocab_size=16)
+    experts = HfMoeExperts(config).double()
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.5)
+        experts.down_proj.normal_(0, 0.5)
+    x = torch.randn(9, 12, dtype=torch.float64)
+    index = torch.stack([torch.randperm(6)[:2] for _ in range(9)])
+    index[4, 0] = 6
+    weights = torch.rand(9, 2, dtype=torch.float64).masked_fill(index >= 6, 0.0)
+    config._experts_implementation = "eager"
+    want = experts(x, index, weights)
+    config._experts_implementation = "hf_moe_gathered"
+    torch.testing.assert_close(experts(x, index, weights), want, rtol=1e-12, atol=1e-12)
