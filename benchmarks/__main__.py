@@ -20,6 +20,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "ep-load-memory": "peak host memory of a sharded from_pretrained at P = 1, 2, 4 (CPU, launches torchrun itself)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
     "product-key": "product-key layers vs FlashMoE, peer-pytorch's PEER and dense SwiGLU: fwd, fwd+bwd, memory (GPU)",
+    "product-key-quality": "held-out loss of a small LM: product-key layers (and PEER heads) vs dense, equal active params",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
 }
 
