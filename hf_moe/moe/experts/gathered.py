@@ -47,7 +47,7 @@ def gathered_experts_forward(
         and triton_serves(x)
     ):
         out = kernels.product_key_experts.product_key_experts(
-            x, up_proj.view(num_experts, -1), down_proj.view(num_experts, -1), index, weights.to(torch.float32),
+            x, up_proj.reshape(num_experts, -1), down_proj.reshape(num_experts, -1), index, weights.to(torch.float32),
             self.config.hidden_act,
         )
         return out.to(hidden_states.dtype)

@@ -47,7 +47,7 @@ def _half_top_k(row_ptr, num_keys, CANDIDATES: tl.constexpr, BLOCK_N: tl.constex
     keys = tl.where(cols < num_keys, _ranking_key(values, cols), -(2**63))
     slots = tl.arange(0, BLOCK_C)
     best = tl.full([BLOCK_C], -(2**63), dtype=tl.int64)
-    for slot in tl.static_range(CANDIDATES):
+    for slot in range(CANDIDATES):
         top = tl.max(keys, axis=0)
         best = tl.where(slots == slot, top, best)
         keys = tl.where(keys == top, -(2**63), keys)
@@ -66,7 +66,7 @@ def _product_key_pairs_kernel(
     sums = value_1[:, None] + value_2[None, :]
     experts = index_1[:, None] * num_keys + index_2[None, :]
     keys = tl.where(ok_1[:, None] & ok_2[None, :], _ranking_key(sums, experts), -(2**63))
-    for slot in tl.static_range(TOP_K):
+    for slot in range(TOP_K):
         top = tl.max(tl.max(keys, axis=1), axis=0)
         expert = _key_index(top)
         tl.store(first_ptr + row * TOP_K + slot, (expert // num_keys).to(tl.int64))
