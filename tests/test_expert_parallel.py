@@ -44,8 +44,10 @@ def make_checkpoint(workdir, rows: int, **overrides) -> tuple[HfMoeForCausalLM, 
 
 @pytest.mark.parametrize("world,ep_size,skewed,impl,overrides", [
     (2, 2, False, "hf_moe_grouped", {}), (4, 4, True, "eager", {}), (4, 2, False, "hf_moe_grouped", {}),
-    (2, 2, False, "hf_moe_grouped", {"gated_experts": False, "hidden_act": "relu2"})],
-                         ids=["W2-P2", "W4-P4-skewed", "W4-P2-D2", "W2-P2-non-gated-relu2"])
+    (2, 2, False, "hf_moe_grouped", {"gated_experts": False, "hidden_act": "relu2"}),
+    (2, 2, False, "hf_moe_gathered", {"router_type": "product_key", "num_experts": 16, "gated_experts": False,
+                                      "moe_intermediate_size": 1})],
+                         ids=["W2-P2", "W4-P4-skewed", "W4-P2-D2", "W2-P2-non-gated-relu2", "W2-P2-product-key"])
 def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, world, ep_size, skewed, impl, overrides):
     reference, batch = make_checkpoint(tmp_path, rows=2 * world, **overrides)
     launch(world, "train", str(tmp_path), str(ep_size), impl, skewed=skewed)

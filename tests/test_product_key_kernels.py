@@ -125,12 +125,21 @@ def test_cuda_compiled_block_has_no_graph_break_and_equals_eager():
     config = _config(hidden_act="relu2", hidden_size=64, num_experts=1024, num_experts_per_tok=16)
     config._experts_implementation = "hf_moe_gathered"
     block = HfMoeSparseMoeBlock(config).cuda().bfloat16()
+    with torch.no_grad():  # the block alone is not initialised (a model's _init_weights does that)
+        for p in block.parameters():
+            p.normal_(0, 0.2)
     x = torch.randn(2, 33, 64, device="cuda", dtype=torch.bfloat16)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(block)(x)
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
     compiled = torch.compile(block, fullgraph=True)
-    torch.testing.assert_close(compiled(x), block(x), rtol=2e-2, atol=2e-2)
+    x_compiled, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = compiled(x_compiled), block(x_eager)
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    got.float().square().sum().backward()
+    want.float().square().sum().backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=5e-2, atol=5e-2)
 
 
 @requires_cuda

@@ -147,12 +147,13 @@ def product_key_experts_op(
     → `(out [T, H]` in x's dtype, `pre [T, k]` float32 pre-activations, kept for backward`)`."""
     num_tokens, hidden = x.shape
     top_k = index.shape[1]
+    x = x.contiguous()
     out = torch.empty_like(x)
     pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     if num_tokens:
         block_k, block_h = _blocks(top_k, hidden)
         _forward_kernel[(num_tokens,)](
-            x.contiguous(), up.contiguous(), down.contiguous(), index.contiguous(), weights.contiguous(), out, pre,
+            x, up.contiguous(), down.contiguous(), index.contiguous(), weights.contiguous(), out, pre,
             hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h,
         )
     return out, pre
@@ -160,7 +161,7 @@ def product_key_experts_op(
 
 @product_key_experts_op.register_fake
 def _(x, up, down, index, weights, act):
-    return torch.empty_like(x), x.new_empty(index.shape, dtype=torch.float32)
+    return x.new_empty(x.shape), x.new_empty(index.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("hf_moe::product_key_experts_backward", mutates_args=())
@@ -194,10 +195,11 @@ def product_key_experts_backward(
     new_run[1:] = sorted_expert[1:] != sorted_expert[:-1]
     run_id = torch.cumsum(new_run, 0) - 1
     num_runs = min(up.shape[0], num_pairs)
-    run_start = torch.full((num_runs + 1,), num_pairs, dtype=torch.int64, device=x.device)
+    # run_start[r]: first sorted position of run r; entries past the last run keep num_pairs (the end); pairs that
+    # start no run write the spare last slot, which the kernel never reads
+    run_start = torch.full((num_runs + 2,), num_pairs, dtype=torch.int64, device=x.device)
     positions = torch.arange(num_pairs, device=x.device)
-    run_start.scatter_(0, torch.where(new_run, run_id, num_runs), positions)  # non-starts write the spare slot
-    run_start[num_runs] = num_pairs
+    run_start.scatter_(0, torch.where(new_run, run_id, num_runs + 1), positions)
     _table_backward_kernel[(num_runs,)](
         x, grad_out, order, sorted_expert, run_start, pre, weights, grad_pre, grad_up, grad_down, num_pairs, hidden,
         TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
@@ -207,7 +209,7 @@ def product_key_experts_backward(
 
 @product_key_experts_backward.register_fake
 def _(grad_out, x, up, down, index, weights, pre, act):
-    return torch.empty_like(x), torch.empty_like(up), torch.empty_like(down), torch.empty_like(weights)
+    return x.new_empty(x.shape), up.new_empty(up.shape), down.new_empty(down.shape), weights.new_empty(weights.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
