@@ -34,8 +34,9 @@ def launch(world: int, *args: str, skewed: bool = False) -> None:
 
 
 def make_checkpoint(workdir, rows: int, **overrides) -> tuple[HfMoeForCausalLM, torch.Tensor]:
-    model = HfMoeForCausalLM(tiny_config(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.05,
-                                         num_shared_experts=1, first_k_dense=1, num_hidden_layers=3, **overrides))
+    fields = dict(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.05, num_shared_experts=1,
+                  first_k_dense=1, num_hidden_layers=3)
+    model = HfMoeForCausalLM(tiny_config(**{**fields, **overrides}))
     model.save_pretrained(workdir / "model")
     batch = torch.randint(1, 97, (rows, 12))
     torch.save(batch, workdir / "batch.pt")
