@@ -18,10 +18,13 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "ep-scaling": "expert-parallel tokens/s/GPU at P = 1, 2, 4, all-to-all time and bandwidth (torchrun)",
     "ep-equivalence": "expert parallel vs one process vs float64: logits, loss, gradients (torchrun, NCCL or gloo)",
     "ep-load-memory": "peak host memory of a sharded from_pretrained at P = 1, 2, 4 (CPU, launches torchrun itself)",
+    "fsdp-memory": "per-rank parameter + gradient + AdamW bytes under FSDP2 + EP at W = 1, 2, 4 (CPU, launches torchrun)",
+    "fsdp-gpu": "FSDP2 + EP wrapping on one GPU in bf16 (accelerate; CPU offload) vs float64 and plain bf16 (torchrun)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
     "product-key": "product-key layers vs FlashMoE, peer-pytorch's PEER and dense SwiGLU: fwd, fwd+bwd, memory (GPU)",
     "product-key-quality": "held-out loss of a small LM: product-key layers (and PEER heads) vs dense, equal active params",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
+    "convert-memory": "peak RSS and time of streaming hf-moe convert (Qwen3-MoE -> hf_moe) vs loading everything (CPU)",
 }
 
 

@@ -1,9 +1,12 @@
-"""Converters: dense → MoE upcycling of Llama, Mistral, Qwen2 and Qwen3 checkpoints into hf-moe checkpoints.
+"""Converters: dense → MoE upcycling of Llama, Mistral, Qwen2 and Qwen3 checkpoints into hf-moe checkpoints, and
+exact conversion of MoE checkpoints between hf-moe and Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE and GLM-4-MoE.
 
-    from conversions import UpcycleConfig, upcycle
+    from conversions import UpcycleConfig, convert, upcycle
     upcycle("./llama-dense", "./llama-8x", UpcycleConfig(num_experts=8, top_k=2, verify=True))
+    convert("./llama-8x", "./llama-8x-mixtral", to="mixtral")
 
-The same from the shell: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 --verify` (or `python -m conversions`).
+The same from the shell: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 --verify` and
+`hf-moe convert SRC OUT --to mixtral` (or `python -m conversions`).
 
 The names below are imported on first use, so `hf-moe --help` answers without loading torch and transformers.
 """
@@ -16,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from hf_moe.checkpoint_files import CheckpointError
 
+    from .convert_types import ConvertError, ConvertResult
+    from .converting import TARGETS, convert
     from .flash_moe import flash_moe_block_state_dict, flash_moe_config_fields
     from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
     from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
@@ -26,6 +31,10 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "SUPPORTED_SOURCES": ".sources",
     "CheckpointError": "hf_moe.checkpoint_files",
+    "ConvertError": ".convert_types",
+    "ConvertResult": ".convert_types",
+    "TARGETS": ".converting",
+    "convert": ".converting",
     "UnsupportedSourceError": ".sources",
     "UpcycleConfig": ".upcycle_types",
     "UpcycleError": ".upcycle_types",
@@ -40,11 +49,15 @@ _EXPORTS = {
 __all__ = [
     "SUPPORTED_SOURCES",
     "CheckpointError",
+    "ConvertError",
+    "ConvertResult",
+    "TARGETS",
     "UnsupportedSourceError",
     "UpcycleConfig",
     "UpcycleError",
     "UpcycleResult",
     "VerifyResult",
+    "convert",
     "flash_moe_block_state_dict",
     "flash_moe_config_fields",
     "upcycle",

@@ -1,4 +1,5 @@
-"""The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]`.
+"""The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]` and
+`hf-moe convert SRC OUT [--to hf_moe|mixtral|qwen2_moe|qwen3_moe|olmoe|glm4_moe|deepseek_v3|auto]`.
 
 Building the parser imports neither torch nor transformers (`--help` and `--version` answer at once); the
 converter is imported when a command runs.
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from types import FrameType
 
-from .upcycle_types import DTYPE_NAMES, ROUTER_INITS, SUPPORTED_TEXT, UpcycleConfig
+from .upcycle_types import CONVERT_TARGETS, DTYPE_NAMES, ROUTER_INITS, SUPPORTED_TEXT, UpcycleConfig
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -88,11 +89,33 @@ def _parser() -> argparse.ArgumentParser:
                          "and settings give the same weights")
     up.add_argument("--base-model", default=None, help="hub id for the model card (default: source folder name)")
     up.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    conv = commands.add_parser(
+        "convert",
+        help="convert an MoE checkpoint between hf-moe and mixtral/qwen2_moe/qwen3_moe/olmoe/glm4_moe/deepseek_v3, "
+             "exactly",
+        description="Convert an MoE checkpoint folder (safetensors; hf_moe, mixtral, qwen2_moe, qwen3_moe, olmoe, "
+                    "glm4_moe or deepseek_v3) into another layout, streaming one tensor at a time. The result computes "
+                    "the same logits; what the target family cannot express is refused and nothing is written.",
+        formatter_class=_DefaultsHelpFormatter,
+    )
+    conv.add_argument("src", help="MoE checkpoint folder (config.json + safetensors)")
+    conv.add_argument("out", help="output folder (must be empty or absent unless --overwrite)")
+    conv.add_argument("--to", default="hf_moe", choices=CONVERT_TARGETS,
+                      help="layout to write: hf_moe, a family (what transformers' own class and serving engines "
+                           "load), or auto (the source's family, else the first family that expresses the model)")
+    conv.add_argument("--dtype", default="auto", choices=sorted(DTYPE_NAMES),
+                      help="output dtype (auto: each tensor's own)")
+    conv.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB, 4GiB")
+    conv.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder once done")
+    conv.add_argument("--base-model", default=None, help="hub id for the model card (default: source folder name)")
+    conv.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        return _convert(args)
     config = UpcycleConfig(
         num_experts=args.num_experts, top_k=args.top_k, moe_layers=args.moe_layers, granularity=args.granularity,
         shared_experts=args.shared_experts, shared_expert_gate=args.shared_expert_gate, init=args.init,
@@ -123,6 +146,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     except _Terminated:
         print("hf-moe upcycle: terminated; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print(result.summary())
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from hf_moe.checkpoint_files import CheckpointError
+    from hf_moe.interop import InteropError
+
+    from .converting import convert
+
+    try:
+        with _sigterm_unwinds():
+            result = convert(args.src, args.out, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                             overwrite=args.overwrite, progress=not args.no_progress, base_model=args.base_model)
+    except (InteropError, CheckpointError) as err:
+        print(f"hf-moe convert: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else f" (writing {args.out})"
+        print(f"hf-moe convert: error: {err.strerror or err}{where}; nothing was written.", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("hf-moe convert: interrupted; nothing was written.", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except _Terminated:
+        print("hf-moe convert: terminated; nothing was written.", file=sys.stderr)
         return 128 + signal.SIGTERM
     print(result.summary())
     return 0

@@ -15,6 +15,7 @@ from hf_moe.checkpoint_files import CheckpointError
 from .init_methods import InitMethod
 
 if TYPE_CHECKING:
+    from .convert_types import ConvertResult
     from .sources import DenseSource
     from .upcycle_types import UpcycleConfig, UpcycleResult
 
@@ -28,6 +29,7 @@ def _templates_folder() -> Path:
 
 
 TEMPLATE_PATH = _templates_folder() / "upcycled.md"
+CONVERTED_TEMPLATE_PATH = _templates_folder() / "converted.md"
 
 INIT_DESCRIPTIONS = {
     "copy": "`copy` — every routed expert is an exact copy of (its slice of) the dense MLP: Sparse Upcycling, "
@@ -136,4 +138,36 @@ def render_model_card(source: DenseSource, config: UpcycleConfig, init: InitMeth
         router_description=ROUTER_DESCRIPTIONS[config.router_init],
         command=_command(source, config, result.output),
         verification=verification,
+    )
+
+
+def render_conversion_card(result: ConvertResult, source: Path, base_model: str | None,
+                           inherited: dict[str, Any]) -> ModelCard:
+    """The card of a `convert` output: hub metadata (base_model, library, tags, and `inherited` from
+    `source_card_fields`), the layout written, parameters and the command."""
+    base_model = base_model or Path(source).resolve().name
+    tags = ["moe", "hf-moe", result.target_type] + ([result.source_type] if result.source_type != "hf_moe" else [])
+    card_data = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
+                              tags=sorted(set(tags)), **inherited)
+    cfg = result.config
+    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    moe_layers = cfg.moe_layer_indices if hasattr(cfg, "moe_layer_indices") else "see config.json"
+    command = shlex.join(["hf-moe", "convert", str(source), str(result.output), "--to", result.target_type])
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CONVERTED_TEMPLATE_PATH),
+        model_name=result.output.name,
+        model_path=str(result.output),
+        source_type=result.source_type,
+        target_type=result.target_type,
+        architectures=", ".join(cfg.architectures or []),
+        base_model=base_model,
+        base_model_url=_hub_url(base_model),
+        cast_to=result.cast_to,
+        total_parameters=f"{result.total_parameters:,}",
+        num_experts=num_experts,
+        top_k=cfg.num_experts_per_tok,
+        moe_layers=moe_layers,
+        copied=", ".join(result.copied_files),
+        command=command,
     )

@@ -9,7 +9,6 @@ is one block, never a shard.
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 import sys
@@ -18,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from hf_moe.checkpoint_files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, tensor_files
+from hf_moe.checkpoint_files import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, SafetensorsReader, TensorInfo
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -30,45 +28,6 @@ _DTYPE_CODES = {
     torch.int64: "I64",
     torch.int32: "I32",
 }
-_DTYPES_BY_NAME = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                   "I64": torch.int64, "I32": torch.int32}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-
-class SafetensorsReader:
-    """Index of the tensors in a folder's `model.safetensors` or sharded `model.safetensors.index.json`.
-
-    Every shard named by the index must exist and parse (`hf_moe.checkpoint_files.tensor_files`); `get` reads one
-    tensor and releases the file.
-    """
-
-    def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = Path(folder)
-        files = tensor_files(self.folder)
-        self.tensors: dict[str, TensorInfo] = {}
-        for path in sorted(set(files.values())):
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
-                    piece = f.get_slice(key)
-                    self.tensors[key] = TensorInfo(path, tuple(piece.get_shape()),
-                                                   _DTYPES_BY_NAME.get(piece.get_dtype(), piece.get_dtype()))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def get(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory (a private copy, not a view of a mapped file)."""
-        info = self.tensors[name]
-        with safe_open(info.file, framework="pt") as f:
-            return f.get_tensor(name)
-
-
 def parse_size(size: int | str) -> int:
     """`5GB` → 5·10⁹ bytes, `2GiB` → 2·2³⁰ (as in transformers' `max_shard_size`); ints pass through."""
     if isinstance(size, int) and not isinstance(size, bool):
@@ -85,6 +44,9 @@ def parse_size(size: int | str) -> int:
     if value <= 0:
         raise ValueError(f"max_shard_size={size!r} is invalid: expected a positive size.")
     return value
+
+__all__ = ["PlannedTensor", "SafetensorsReader", "TensorInfo", "parse_size", "plan_shards", "shard_file_names",
+           "whole", "write_shards"]
 
 
 @dataclass

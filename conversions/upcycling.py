@@ -13,10 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import secrets
-import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -36,6 +33,7 @@ from .init_methods import (
 )
 from .layerwise import LayerwiseModel
 from .model_card import render_model_card, source_card_fields
+from .output import atomic_output, check_output, copy_side_files
 from .safetensors_io import (
     PlannedTensor,
     parse_size,
@@ -48,12 +46,6 @@ from .upcycle_types import DTYPE_NAMES, ROUTER_INITS, UpcycleConfig, UpcycleErro
 from .verification import verify_upcycle
 
 DTYPES: dict[str, torch.dtype | None] = {name: dtype and getattr(torch, dtype) for name, dtype in DTYPE_NAMES.items()}
-# Files of the source folder that are not carried over: weights (rewritten), the config and card (regenerated),
-# remote code (hf-moe is the code) and pickles (never touched).
-_NOT_COPIED = re.compile(r"(.*\.(safetensors|bin|pt|pth|ckpt|pkl|h5|msgpack|gguf|py)|model\.safetensors\.index\.json|"
-                         r"pytorch_model\.bin\.index\.json|config\.json|README\.md|\..*)")
-
-
 def parse_moe_layers(spec: str | Sequence[int], num_layers: int) -> list[int]:
     """`"all"`, `"every-other"` (0, 2, 4, ...), `"0,2,5"` or a sequence of ints → sorted layer indices."""
     if isinstance(spec, str):
@@ -287,92 +279,6 @@ def _planned_tensors(source: DenseSource, plan: _Plan, out_config: HfMoeConfig,
     return planned
 
 
-def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
-    """A new, uniquely named folder in `parent` with the permissions a plain mkdir gives (the umask applies, unlike
-    mkdtemp's 0700, so the finished output is as readable as any folder the user creates)."""
-    while True:
-        folder = parent / f"{prefix}{secrets.token_hex(4)}{suffix}"
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-
-
-@contextmanager
-def _atomic_output(out: Path) -> Iterator[Path]:
-    """An empty folder to write into whose contents become `out` on success and vanish on any error or interrupt,
-    leaving `out` as it was.
-
-    A new `out` is a sibling folder renamed into place in one step. An existing `out` (empty, or replaced with
-    overwrite) keeps its own folder, since it may be the working directory or a mount point, which cannot be
-    renamed: the new files are written into a hidden folder inside it and moved up once complete, after its old
-    entries were moved aside (and back, should a move fail).
-    """
-    out = Path(os.path.abspath(out))  # "." and ".." name a folder that has a parent to write beside
-    if out.is_dir():
-        yield from _replace_contents(out)
-        return
-    created = []
-    parent = out.parent
-    while not parent.exists():
-        created.append(parent)
-        parent = parent.parent
-    tmp = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _new_folder(out.parent, f".{out.name}.", ".upcycling")
-        yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created:
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-
-
-def _replace_contents(out: Path) -> Iterator[Path]:
-    """`_atomic_output` for an existing folder `out` (see there)."""
-    tmp = _new_folder(out, ".hf-moe.", ".upcycling")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = _new_folder(out, ".hf-moe.", ".replaced")
-    moved_old, moved_new = [], []
-    try:
-        for entry in out.iterdir():
-            if entry not in (tmp, old):
-                os.replace(entry, old / entry.name)
-                moved_old.append(entry.name)
-        for entry in tmp.iterdir():
-            os.replace(entry, out / entry.name)
-            moved_new.append(entry.name)
-    except BaseException:
-        for name in moved_new:
-            os.replace(out / name, tmp / name)
-        for name in moved_old:
-            os.replace(old / name, out / name)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.rmdir(old)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    os.rmdir(tmp)
-
-
-def _check_output(src: Path, out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UpcycleError(f"output {out} exists and is not a folder.")
-    if out.resolve() == src.resolve():
-        raise UpcycleError(f"output {out} is the source folder; write the MoE model somewhere else.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UpcycleError(f"output folder {out} is not empty; pass --overwrite (overwrite=True) to replace it.")
-    if out.exists() and overwrite and out.resolve() in src.resolve().parents:
-        raise UpcycleError(f"output {out} contains the source {src}; overwriting it would delete the source.")
-
-
 def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfig | None = None) -> UpcycleResult:
     """Upcycle the dense checkpoint folder `src` into an hf-moe checkpoint folder `out`.
 
@@ -386,7 +292,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
     source = DenseSource.open(src)
     plan = _validate(config, source)
     card_fields = source_card_fields(src)
-    _check_output(src, out, config.overwrite)
+    check_output(src, out, config.overwrite, UpcycleError)
     out_config = _output_config(source, plan)
     routers = _kmeans_routers(source, plan, config.progress) if config.router_init == "kmeans" else {}
     tensors = _planned_tensors(source, plan, out_config, routers)
@@ -396,8 +302,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
     routed = sum(t.numel for t in tensors if ".mlp.experts." in t.name)
     inactive = routed * (config.num_experts - config.top_k) // config.num_experts
     reason = plan.change_reason
-    copied, skipped = [], []
-    with _atomic_output(out) as tmp:
+    with atomic_output(out) as tmp:
         out_config.save_pretrained(tmp)
         with tqdm(total=len(tensors), unit="tensor", desc="upcycling", disable=not config.progress) as bar:
             def step(shard: str, t: PlannedTensor) -> None:
@@ -405,12 +310,7 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
                 bar.update()
 
             write_shards(tmp, shards, step)
-        for entry in sorted(src.iterdir()):
-            if entry.is_file() and not _NOT_COPIED.fullmatch(entry.name):
-                shutil.copyfile(entry, tmp / entry.name)
-                copied.append(entry.name)
-            elif entry.name not in ("config.json", "README.md") and not _is_weight_file(entry.name):
-                skipped.append(entry.name + ("/" if entry.is_dir() else ""))
+        copied, skipped = copy_side_files(src, tmp)
         verification = None
         if config.verify:
             verification = verify_upcycle(source, tmp, expect_equal=not reason, reason=reason, seed=config.seed,
@@ -422,9 +322,6 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
         render_model_card(source, config, plan.init, result, card_fields).save(tmp / "README.md")
     return result
 
-
-def _is_weight_file(name: str) -> bool:
-    return bool(re.fullmatch(r".*\.(safetensors|bin|pt|pth|ckpt)|.*\.index\.json", name))
 
 
 __all__ = ["UpcycleConfig", "UpcycleError", "UpcycleResult", "parse_moe_layers", "upcycle"]

@@ -8,6 +8,16 @@
 
 On a machine without GPUs add `--multi_gpu` (accelerate's multi-process launcher; the processes then use gloo).
 
+`--fsdp` shards with FSDP2 instead of replicating (GPUs; configs under examples/accelerate/): experts over their
+expert-data-parallel group, everything else over all processes, through accelerate's
+`FullyShardedDataParallelPlugin(fsdp_version=2)`; checkpoints are accelerate's distributed checkpoints
+(`save_state`), which resume at another number of processes or `--expert-parallel-size`:
+
+    accelerate launch --config_file examples/accelerate/fsdp2_ep_1node.yaml examples/finetune_ep.py MODEL \
+        --expert-parallel-size 2 --fsdp
+    accelerate launch --config_file examples/accelerate/fsdp2_ep_1node.yaml examples/finetune_ep.py MODEL \
+        --expert-parallel-size 4 --fsdp --resume out/ep/last
+
 W processes = P (expert-parallel size) × D replicas. Each process holds E/P experts and reads only those from the
 checkpoint; attention, norms, embeddings and routers are replicated and averaged by DDP; expert gradients are
 synced by `hf_moe.parallel.finish_gradients`, which also clips by the global gradient norm. Works on CPUs (gloo)
@@ -71,6 +81,9 @@ def main() -> None:
                         help="send every token to every rank of its EP group: no host sync per MoE layer (faster on "
                              "GPUs at small P); fine here, since every batch is batch-size x block-size tokens")
     parser.add_argument("--bf16", action="store_true", help="load and train the weights in bfloat16")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2 + expert parallelism (hf_moe.fully_shard_moe): launch with an accelerate config "
+                             "that has fsdp_version: 2 (examples/accelerate/)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="GPUs with --bf16: replay the MoE blocks' forward and backward from CUDA graphs "
                              "(hf_moe.capture_moe_cuda_graphs; implies --padded-dispatch)")
@@ -102,15 +115,21 @@ def main() -> None:
     else:
         model = hf_moe.HfMoeForCausalLM.from_pretrained(source, dtype=dtype).to(accelerator.device)
     model.train()
+    if args.fsdp and args.cuda_graphs:
+        parser.error("--cuda-graphs does not combine with --fsdp")
     if args.cuda_graphs:  # before accelerator.prepare: DDP must wrap the captured model, not the other way round
         hf_moe.capture_moe_cuda_graphs(model, args.batch_size, args.block_size)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     blocks = text_blocks(tokenizer, args.train_file, args.block_size, args.max_bytes)
     loader = torch.utils.data.DataLoader(blocks, batch_size=args.batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    if args.fsdp:  # experts sharded now; accelerator.prepare shards the rest
+        hf_moe.fully_shard_moe(model, accelerator, optimizer)
     ddp, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     optimizer_file = f"optimizer-rank{accelerator.process_index}.pt"
-    if args.resume and os.path.isfile(os.path.join(args.resume, optimizer_file)):
+    if args.resume and args.fsdp:
+        accelerator.load_state(os.path.join(args.resume, "state"))
+    elif args.resume and os.path.isfile(os.path.join(args.resume, optimizer_file)):
         optimizer.load_state_dict(torch.load(os.path.join(args.resume, optimizer_file)))
 
     def save(step: int, batches: int, folder: str) -> None:
@@ -118,7 +137,10 @@ def main() -> None:
             save_expert_parallel(model, folder)
         else:
             model.save_pretrained(folder)
-        torch.save(optimizer.state_dict(), os.path.join(folder, optimizer_file))
+        if args.fsdp:  # sharded weights and optimizer state: resumable at another W or P
+            accelerator.save_state(os.path.join(folder, "state"))
+        else:
+            torch.save(optimizer.state_dict(), os.path.join(folder, optimizer_file))
         if accelerator.is_main_process:
             tokenizer.save_pretrained(folder)
             for name, value in (("step.txt", step), ("batches.txt", batches)):  # batches: per process, all epochs

@@ -13,6 +13,7 @@ from transformers import (
 
 from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. after a plain `import hf_moe`)
 from .configuration_hf_moe import HfMoeConfig
+from .interop import InteropError, MoeFamily, register_family
 from .modeling_hf_moe import (
     HfMoeCausalLMOutputWithPast,
     HfMoeForCausalLM,
@@ -41,6 +42,7 @@ from .moe.router.topk import HfMoeRouter, SwitchRouter
 from .moe.router.unlearned import FakeBalancedRouter, HashRouter
 from .moe.types import RouterOutput
 from .parallel.balancing import update_expert_bias
+from .parallel.fsdp import fully_shard_moe
 
 __version__ = "0.1.0"
 
@@ -56,6 +58,8 @@ __all__ = [
     "ExpertChoiceRouter",
     "FakeBalancedRouter",
     "HashRouter",
+    "InteropError",
+    "MoeFamily",
     "HfMoeCausalLMOutputWithPast",
     "HfMoeConfig",
     "HfMoeExperts",
@@ -72,6 +76,7 @@ __all__ = [
     "SwitchRouter",
     "capacity_padded_experts_forward",
     "expert_capacity",
+    "fully_shard_moe",
     "gathered_experts_forward",
     "grouped_experts_forward",
     "liger_fused_experts_forward",
@@ -79,6 +84,7 @@ __all__ = [
     "product_key_top_k",
     "moe_blocks",
     "record_routing",
+    "register_family",
     "register_router",
     "router_metrics",
     "router_z_loss",

@@ -1,5 +1,6 @@
-"""Attention, RoPE and RMSNorm of the hf-moe decoder: Llama's, with the biases (Llama / Qwen2), q/k norm (Qwen3) and
-sliding window (Mistral) the config selects; attention kernels come from transformers' attention interface."""
+"""Attention, RoPE and RMSNorm of the hf-moe decoder: Llama's, with the biases (Llama / Qwen2), q/k norm per head
+(Qwen3) or over the whole projection (OLMoE), partial rotary (GLM-4-MoE) and sliding window (Mistral) the config
+selects; attention kernels come from transformers' attention interface."""
 
 from __future__ import annotations
 
@@ -24,11 +25,30 @@ class HfMoeRMSNorm(LlamaRMSNorm):
 
 
 class HfMoeRotaryEmbedding(LlamaRotaryEmbedding):
-    pass
+    @staticmethod
+    def compute_default_rope_parameters(config: HfMoeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """Llama's inverse frequencies over the `config.rotary_dim` rotated dimensions of a head (all of them unless
+        `rope_parameters["partial_rotary_factor"]` < 1)."""
+        dim = config.rotary_dim
+        base = config.rope_parameters["rope_theta"]
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq.to(device), 1.0
+
+
+def apply_partial_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE on the first `cos.shape[-1]` dimensions of each head; the others pass through unchanged."""
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == q.shape[-1]:
+        return apply_rotary_pos_emb(q, k, cos, sin)
+    q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+    return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
 
 
 class HfMoeAttention(nn.Module):
-    """Grouped-query attention with RoPE, optional biases (Llama / Qwen2), q/k norm (Qwen3), sliding window."""
+    """Grouped-query attention with RoPE (possibly partial), optional biases (Llama / Qwen2), q/k norm per head (Qwen3)
+    or per projection (OLMoE), sliding window."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -47,9 +67,13 @@ class HfMoeAttention(nn.Module):
         self.o_proj = nn.Linear(
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
+        self.qk_norm_per_projection = config.qk_norm and config.qk_norm_scope == "projection"
         if config.qk_norm:
-            self.q_norm = HfMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = HfMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            per_head = not self.qk_norm_per_projection
+            q_width = self.head_dim if per_head else config.num_attention_heads * self.head_dim
+            k_width = self.head_dim if per_head else config.num_key_value_heads * self.head_dim
+            self.q_norm = HfMoeRMSNorm(q_width, eps=config.rms_norm_eps)
+            self.k_norm = HfMoeRMSNorm(k_width, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -61,15 +85,17 @@ class HfMoeAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape)
-        key_states = self.k_proj(hidden_states).view(hidden_shape)
-        if self.config.qk_norm:
+        query_states, key_states = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.qk_norm_per_projection:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
+        if self.config.qk_norm and not self.qk_norm_per_projection:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
-        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+        query_states, key_states = apply_partial_rotary_pos_emb(query_states, key_states, cos, sin)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 

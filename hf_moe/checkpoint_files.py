@@ -1,18 +1,22 @@
-"""Which file of a safetensors checkpoint folder holds each tensor: the one reader of `model.safetensors` and
-`model.safetensors.index.json` that hf-moe's loaders and its converters share."""
+"""Which file of a safetensors checkpoint folder holds each tensor, and reading them one at a time: the one reader of
+`model.safetensors` and `model.safetensors.index.json` that hf-moe's loaders and its converters share."""
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Weights in pickle formats: named in the error, never opened (unpickling can run arbitrary code).
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+_DTYPES_BY_NAME = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                   "I64": torch.int64, "I32": torch.int32}
 
 
 class CheckpointError(ValueError):
@@ -70,3 +74,49 @@ def _no_safetensors_message(folder: Path) -> str:
                 f"you trust), then use the safetensors copy.")
     return (f"{folder} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_WEIGHTS_INDEX_NAME}; expected a transformers "
             f"checkpoint folder saved with safetensors.")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: torch.dtype | str
+
+
+class SafetensorsReader:
+    """Index of the tensors in a folder's `model.safetensors` or sharded `model.safetensors.index.json`.
+
+    Every shard named by the index must exist and parse ([`tensor_files`]); `get` reads one tensor (or the rows
+    `[start, end)` of its dim 0) and releases the file, so no shard stays memory-mapped.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        files = tensor_files(self.folder)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in sorted(set(files.values())):
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118  (a safe_open handle, not a dict)
+                    piece = f.get_slice(key)
+                    self.tensors[key] = TensorInfo(path, tuple(piece.get_shape()),
+                                                   _DTYPES_BY_NAME.get(piece.get_dtype(), piece.get_dtype()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
+        """Read one tensor into memory (a private copy, not a view of a mapped file); with `start`/`end`, only the
+        rows `[start, end)` of its first dimension are read."""
+        info = self.tensors[name]
+        with safe_open(info.file, framework="pt") as f:
+            if start is None and end is None:
+                return f.get_tensor(name)
+            return f.get_slice(name)[start:end]
+
+    def get_many(self, names: list[str]) -> list[torch.Tensor]:
+        """Read several whole tensors, opening each file once (one expert's projections live side by side)."""
+        out: dict[str, torch.Tensor] = {}
+        for file in dict.fromkeys(self.tensors[name].file for name in names):
+            with safe_open(file, framework="pt") as f:
+                out.update({name: f.get_tensor(name) for name in names if self.tensors[name].file == file})
+        return [out[name] for name in names]

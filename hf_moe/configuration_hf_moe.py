@@ -8,24 +8,14 @@ what is allowed.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from .moe.router.registry import ROUTER_CLASSES
+from .configuration_checks import is_finite_number, validate_mla, validate_routing
 
-ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
-ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
-ROUTER_GROUP_SCORES = ("top2_sum", "max")
-LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
-PRODUCT_KEY_QUERY_NORMS = ("layer_norm", "batch_norm", "none")
-
-
-def _is_finite_number(value: Any) -> bool:
-    """A real, finite int or float; bools and numeric strings are not numbers here."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+QK_NORM_SCOPES = ("head", "projection")
 
 
 def _invalid(field: str, value: Any, expected: str) -> ValueError:
@@ -56,8 +46,21 @@ class HfMoeConfig(PretrainedConfig):
         output_router_logits (`bool`): return each MoE layer's router logits on the model output.
         output_router_metrics (`bool`): return per-layer router metrics (see `hf_moe.router_metrics`) on the output.
         qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
-        qk_norm (`bool`): RMSNorm over each head of q and k before RoPE (Qwen3).
+        qk_norm (`bool`): RMSNorm of q and k before RoPE (Qwen3, OLMoE, GLM-4-MoE's `use_qk_norm`).
+        qk_norm_scope (`str`): what `qk_norm` normalises: `"head"` (default), each head of `head_dim` values
+            (Qwen3, GLM-4-MoE); `"projection"`, the whole q and k projections (`num_attention_heads·head_dim` and
+            `num_key_value_heads·head_dim` values) before they are split into heads (OLMoE; not under
+            transformers' tensor parallelism, whose plan shards those projections across ranks).
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type`, `rope_theta`, scaling).
+            `partial_rotary_factor` in (0, 1] rotates only the first `int(head_dim·factor)` dimensions of each head
+            and passes the rest through unchanged (GLM-4-MoE uses 0.5).
+        kv_lora_rank (`int`, *optional*): set, the attention is multi-head latent attention (DeepSeek-V2/V3,
+            `hf_moe.mla`): per token, one cached `kv_lora_rank`-wide latent from which each head's keys and values are
+            expanded; then `head_dim` is the rotary width. With it: `qk_nope_head_dim`, `qk_rope_head_dim`,
+            `v_head_dim` (required), a head's query/key width without and with RoPE and its value width;
+            `q_lora_rank`, queries through a normed latent of that width (`None`: one `q_proj`); `rope_interleave`,
+            RoPE on adjacent pairs `(x0, x1), (x2, x3), …` (DeepSeek's checkpoints) instead of the two halves.
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -117,9 +120,12 @@ class HfMoeConfig(PretrainedConfig):
     # SwiGLU MLP (dense, shared experts, each routed expert) by its intermediate dimension, and each of them
     # all-reduces its output. The router and `shared_expert_gate` stay replicated: they read the replicated residual
     # stream and every rank needs their whole output. `q_norm`/`k_norm` see only this rank's heads, so their
-    # gradients are summed over the ranks.
+    # gradients are summed over the ranks; so are those of MLA's shared RoPE key, which skips the sharded `kv_b_proj`.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.q_b_proj": "colwise",
+        "layers.*.self_attn.kv_a_proj_with_mqa": "mla_kv_a_proj",
+        "layers.*.self_attn.kv_b_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",
         "layers.*.self_attn.v_proj": "colwise",
         "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
@@ -157,7 +163,14 @@ class HfMoeConfig(PretrainedConfig):
     attention_bias: bool = False
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_norm_scope: str = "head"
     sliding_window: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_interleave: bool = False
     attention_dropout: float = 0.0
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -205,6 +218,8 @@ class HfMoeConfig(PretrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = self.intermediate_size
+        if self.head_dim is None and self.kv_lora_rank is not None:
+            self.head_dim = self.qk_rope_head_dim  # MLA: the rotary width, as transformers' DeepseekV3Config has it
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             raise _invalid("rope_parameters", self.rope_parameters, "None or a dict such as {'rope_type': 'default'}")
         super().__post_init__(**kwargs)
@@ -213,6 +228,11 @@ class HfMoeConfig(PretrainedConfig):
         # serving engines) gets the number the attention uses, never None.
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether the attention is multi-head latent attention (`kv_lora_rank` is set)."""
+        return self.kv_lora_rank is not None
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -246,20 +266,21 @@ class HfMoeConfig(PretrainedConfig):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(field, value, "an integer >= 0")
-        for field in ("head_dim", "shared_expert_intermediate_size", "sliding_window"):
+        for field in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "head_dim",
+                      "shared_expert_intermediate_size", "sliding_window"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 fail(field, value, "a positive integer or None")
         for field in ("rms_norm_eps", "initializer_range"):
-            if not _is_finite_number(getattr(self, field)) or getattr(self, field) <= 0:
+            if not is_finite_number(getattr(self, field)) or getattr(self, field) <= 0:
                 fail(field, getattr(self, field), "a positive finite number")
         for field in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if not _is_finite_number(getattr(self, field)) or getattr(self, field) < 0:
+            if not is_finite_number(getattr(self, field)) or getattr(self, field) < 0:
                 fail(field, getattr(self, field), "a finite number >= 0")
-        if not _is_finite_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
+        if not is_finite_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             fail("attention_dropout", self.attention_dropout, "a probability in [0, 1) (a number, not a string)")
         for field in ("use_cache", "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm",
-                      "shared_expert_gate", "output_router_logits", "gated_experts"):
+                      "shared_expert_gate", "output_router_logits", "rope_interleave", "gated_experts"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
@@ -283,9 +304,15 @@ class HfMoeConfig(PretrainedConfig):
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 fail("moe_layers", self.moe_layers,
                      f"distinct layer indices in [0, {self.num_hidden_layers}) (bad: {bad or 'duplicates'})")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            fail("qk_norm_scope", self.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            fail("qk_norm_scope", self.qk_norm_scope, "'head' (the default) unless qk_norm=True")
+        validate_mla(self, fail)
+        self._validate_partial_rotary(fail)
         if self.shared_expert_gate and self.shared_expert_size == 0:
             fail("shared_expert_gate", True, "False when there is no shared expert (num_shared_experts=0)")
-        self._validate_routing(fail)
+        validate_routing(self, fail)
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -293,101 +320,22 @@ class HfMoeConfig(PretrainedConfig):
             fail("rope_parameters['rope_type']", rope_type,
                  f"'default' or one of {', '.join(sorted(ROPE_INIT_FUNCTIONS))}")
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dimensions of each head RoPE rotates: `int(head_dim · partial_rotary_factor)`, where the
+        factor is `rope_parameters["partial_rotary_factor"]` (1.0 when absent)."""
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        return int((self.head_dim or self.hidden_size // self.num_attention_heads) * factor)
 
-    def _validate_routing(self, fail) -> None:
-        if self.router_type not in ROUTER_CLASSES:
-            fail("router_type", self.router_type,
-                 f"one of {', '.join(sorted(ROUTER_CLASSES))} (add your own with hf_moe.register_router "
-                 "before building or loading the config)")
-        for field in ("topk_before_softmax", "router_gumbel_noise", "drop_tokens", "renormalize_after_drop", "use_rts",
-                      "use_expert_bias", "norm_topk_prob", "output_router_metrics"):
-            if not isinstance(getattr(self, field), bool):
-                fail(field, getattr(self, field), "True or False")
-        if self.scoring_func not in ROUTER_SCORE_FUNCTIONS:
-            fail("scoring_func", self.scoring_func, f"one of {ROUTER_SCORE_FUNCTIONS}")
-        if self.group_score not in ROUTER_GROUP_SCORES:
-            fail("group_score", self.group_score, f"one of {ROUTER_GROUP_SCORES}")
-        if self.router_aux_loss_type not in ROUTER_AUX_LOSS_TYPES:
-            fail("router_aux_loss_type", self.router_aux_loss_type, f"one of {ROUTER_AUX_LOSS_TYPES}")
-        for field in ("routed_scaling_factor", "capacity_factor", "eval_capacity_factor"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                fail(field, value, "a positive finite number")
-        rate = self.expert_bias_update_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < float("inf"):
-            fail("expert_bias_update_rate", rate, "a finite number >= 0")
-        for field in ("min_capacity", "hash_seed"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(field, value, "an integer >= 0")
-        if not _is_finite_number(self.router_jitter_noise) or not 0.0 <= self.router_jitter_noise < 1.0:
-            fail("router_jitter_noise", self.router_jitter_noise, "a number in [0, 1)")
-        if not _is_finite_number(self.fake_gate_noise) or not 0.0 <= self.fake_gate_noise <= 1.0:
-            fail("fake_gate_noise", self.fake_gate_noise, "a number in [0, 1]")
-
-        learned_token_choice = self.router_type in LEARNED_TOKEN_CHOICE_ROUTERS
-        if self.router_type == "switch" and self.num_experts_per_tok != 1:
-            fail("num_experts_per_tok", self.num_experts_per_tok, "1 with router_type='switch' (top-1 routing)")
-        if self.topk_before_softmax and (self.scoring_func != "softmax" or not learned_token_choice):
-            fail("topk_before_softmax", True,
-                 "False unless scoring_func='softmax' and router_type is 'topk' or 'switch'")
-        if (self.n_group is None) != (self.topk_group is None):
-            fail("n_group" if self.n_group is None else "topk_group", None,
-                 "set together with " + ("topk_group" if self.n_group is None else "n_group"))
-        if self.n_group is None and self.group_score != "top2_sum":
-            fail("group_score", self.group_score, "'top2_sum' (the default) unless n_group is set")
-        if self.n_group is not None:
-            for field in ("n_group", "topk_group"):
-                value = getattr(self, field)
-                if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                    fail(field, value, "a positive integer or None")
-            if self.router_type != "topk" or self.topk_before_softmax:
-                fail("n_group", self.n_group, "None unless router_type='topk' and topk_before_softmax=False")
-            if self.num_experts % self.n_group != 0:
-                fail("n_group", self.n_group, f"a divisor of num_experts={self.num_experts}")
-            if self.topk_group > self.n_group:
-                fail("topk_group", self.topk_group, f"at most n_group={self.n_group}")
-            reachable = self.topk_group * (self.num_experts // self.n_group)
-            if self.num_experts_per_tok > reachable:
-                fail("topk_group", self.topk_group,
-                     f"enough groups to hold num_experts_per_tok={self.num_experts_per_tok} experts "
-                     f"(topk_group·num_experts/n_group = {reachable})")
-        if self.router_type in ("hash", "fake_balanced"):
-            for field in ("router_gumbel_noise", "router_jitter_noise"):
-                if getattr(self, field):
-                    fail(field, getattr(self, field), f"off: router_type={self.router_type!r} has no learned router")
-        if self.drop_tokens and self.router_type == "expert_choice":
-            fail("drop_tokens", True, "False with router_type='expert_choice' (it always fills each expert to "
-                 "capacity; set capacity_factor instead)")
-        if self.renormalize_after_drop and not self.drop_tokens:
-            fail("renormalize_after_drop", True, "False unless drop_tokens=True (only dropping leaves a token fewer "
-                 "slots to renormalise)")
-        if self.use_rts and not self.drop_tokens:
-            fail("use_rts", True, "False unless drop_tokens=True (random token selection decides what to drop)")
-        if self.use_expert_bias and not learned_token_choice:
-            fail("use_expert_bias", True, "False unless router_type is 'topk' or 'switch'")
-        self._validate_product_key(fail)
-
-    def _validate_product_key(self, fail) -> None:
-        heads = self.product_key_heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
-            fail("product_key_heads", heads, "a positive integer")
-        if self.product_key_query_norm not in PRODUCT_KEY_QUERY_NORMS:
-            fail("product_key_query_norm", self.product_key_query_norm, f"one of {PRODUCT_KEY_QUERY_NORMS}")
-        if self.router_type != "product_key":
-            if heads != 1 or self.product_key_query_norm != "layer_norm":
-                field = "product_key_heads" if heads != 1 else "product_key_query_norm"
-                fail(field, getattr(self, field), "its default unless router_type='product_key'")
-            return
-        keys = math.isqrt(self.num_experts)
-        if keys * keys != self.num_experts:
-            fail("num_experts", self.num_experts, "a perfect square N² with router_type='product_key' "
-                 f"(e.g. {keys * keys} or {(keys + 1) ** 2})")
-        for field, allowed in (("scoring_func", "softmax"), ("router_aux_loss_type", ("switch", "none")),
-                               ("drop_tokens", False), ("router_gumbel_noise", False)):
-            value = getattr(self, field)
-            if value != allowed and not (isinstance(allowed, tuple) and value in allowed):
-                fail(field, value, f"{allowed!r} with router_type='product_key'")
+    def _validate_partial_rotary(self, fail) -> None:
+        factor = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        if not is_finite_number(factor) or not 0 < factor <= 1:
+            fail("rope_parameters['partial_rotary_factor']", factor, "a number in (0, 1]")
+        rotary_dim = self.rotary_dim
+        if rotary_dim < 2 or rotary_dim % 2:
+            fail("rope_parameters['partial_rotary_factor']", factor,
+                 f"a factor that rotates an even number >= 2 of the head_dim={head_dim} dimensions (got {rotary_dim})")
 
 
 __all__ = ["HfMoeConfig"]

@@ -6,6 +6,7 @@ Attention, RoPE and RMSNorm (`hf_moe.attention`), masks and the KV cache come fr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import HfMoeAttention, HfMoeRMSNorm, HfMoeRotaryEmbedding
 from .configuration_hf_moe import HfMoeConfig
+from .mla import HfMoeMultiHeadLatentAttention
 from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
@@ -56,7 +58,8 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = HfMoeAttention(config, layer_idx)
+        attention = HfMoeMultiHeadLatentAttention if config.is_mla else HfMoeAttention
+        self.self_attn = attention(config, layer_idx)
         if layer_idx in config.moe_layer_indices:
             self.mlp = HfMoeSparseMoeBlock(config, layer_idx)
         else:
@@ -106,7 +109,8 @@ class HfMoePreTrainedModel(PreTrainedModel):
         "router_logits": OutputRecorder(RoutingRecord, index=0),
         "router_outputs": OutputRecorder(RoutingRecord, index=1),
         "hidden_states": HfMoeDecoderLayer,
-        "attentions": OutputRecorder(HfMoeAttention, index=1),
+        "attentions": [OutputRecorder(HfMoeAttention, index=1),
+                       OutputRecorder(HfMoeMultiHeadLatentAttention, index=1)],
     }
 
     @classmethod
@@ -114,10 +118,24 @@ class HfMoePreTrainedModel(PreTrainedModel):
                         **kwargs):
         """transformers' `from_pretrained`, plus `expert_parallel_size=P`: under a distributed launch, each rank
         reads only its E/P experts from the checkpoint and tokens reach them through all-to-all (see
-        `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`."""
+        `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`.
+
+        A local checkpoint folder of another MoE family (`hf_moe.interop.FAMILIES`: mixtral, qwen2_moe, qwen3_moe,
+        olmoe, glm4_moe, deepseek_v3) loads directly: its config is mapped field by field and its tensors renamed and
+        fused on the fly, so the model computes what the family's transformers class computes, or `InteropError` names
+        what hf-moe cannot express."""
+        from .interop import FAMILIES, checkpoint_model_type
+
         config = kwargs.get("config")
         if expert_parallel_size is None and config is not None:
             expert_parallel_size = getattr(config, "expert_parallel_size", None)  # through AutoModel's config
+        foreign = None
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            foreign = checkpoint_model_type(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
+        if expert_parallel_size is None and foreign in FAMILIES and not model_args:
+            from .interop.load import load_foreign_pretrained
+
+            return load_foreign_pretrained(cls, pretrained_model_name_or_path, kwargs)
         if expert_parallel_size is None:
             wants_info = kwargs.pop("output_loading_info", False)
             model, info = super().from_pretrained(pretrained_model_name_or_path, *model_args,

@@ -58,6 +58,8 @@ BAD_FIELDS = [
     (dict(attention_bias=1), "attention_bias", "True or False"),
     (dict(qkv_bias=0), "qkv_bias", "True or False"),
     (dict(qk_norm="True"), "qk_norm", "True or False"),
+    (dict(qk_norm_scope="heads", qk_norm=True), "qk_norm_scope", "one of"),
+    (dict(qk_norm_scope="projection"), "qk_norm_scope", "unless qk_norm=True"),
     (dict(shared_expert_gate=1, num_shared_experts=1), "shared_expert_gate", "True or False"),
     (dict(output_router_logits=1), "output_router_logits", "True or False"),
     (dict(rope_parameters="linear"), "rope_parameters", "None or a dict"),
@@ -72,6 +74,14 @@ def test_bad_field_is_refused_with_a_clear_error(overrides, field, expected):
     message = str(info.value)
     assert field in message and expected in message
     assert repr(next(iter(overrides.values())))[:3] in message or field == "rope_type"
+
+
+@pytest.mark.parametrize("factor,expected", [(1.5, "(0, 1]"), (0.0, "(0, 1]"), ("half", "(0, 1]"),
+                                             (0.375, "even number")])  # head_dim 8 · 0.375 = 3 cannot pair up
+def test_partial_rotary_factor_is_validated(factor, expected):
+    with pytest.raises(ValueError, match=r"partial_rotary_factor'\]=" + repr(factor)[:3]) as info:
+        tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": factor})
+    assert expected in str(info.value)
 
 
 def test_moe_layer_selection():

@@ -16,14 +16,15 @@ from .conftest import assert_rel_close, tiny_config
 WORKER = os.path.join(os.path.dirname(__file__), "tp_worker.py")
 WORLD = 2
 # Deliberately whole on every rank: norms read the replicated residual stream, the router and the shared-expert gate
-# must give every rank the same whole decision.
-REPLICATED = ("input_layernorm.weight", "post_attention_layernorm.weight", "model.norm.weight", "q_norm.weight",
+# must give every rank the same whole decision. The plan does not name the input embedding: transformers 5.17 keeps
+# it whole, later versions may shard it.
+REPLICATED = ("model.embed_tokens.weight", "input_layernorm.weight",
+              "post_attention_layernorm.weight", "model.norm.weight", "q_norm.weight",
               "k_norm.weight", "mlp.router.weight", "mlp.shared_expert_gate.weight")
 
 
-def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
-    config = tiny_config(first_k_dense=1, num_hidden_layers=3, num_shared_experts=1, shared_expert_gate=True,
-                         qk_norm=True, attention_bias=True, router_aux_loss_coef=0.05)
+def run_tensor_parallel(tmp_path, config) -> tuple[torch.Tensor, list[dict]]:
+    """Save a model of `config`, run the worker on WORLD ranks; the batch and what each rank wrote."""
     HfMoeForCausalLM(config).save_pretrained(tmp_path / "model")
     batch = torch.randint(1, config.vocab_size, (2, 12))
     torch.save(batch, tmp_path / "batch.pt")
@@ -32,7 +33,14 @@ def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    ranks = [torch.load(tmp_path / f"tp{r}.pt") for r in range(WORLD)]
+    return batch, [torch.load(tmp_path / f"tp{r}.pt") for r in range(WORLD)]
+
+
+def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
+    # The vocabulary divides by the ranks: transformers 5.17 gathers a colwise lm_head only in equal chunks.
+    config = tiny_config(first_k_dense=1, num_hidden_layers=3, num_shared_experts=1, shared_expert_gate=True,
+                         qk_norm=True, attention_bias=True, router_aux_loss_coef=0.05, vocab_size=96)
+    batch, ranks = run_tensor_parallel(tmp_path, config)
 
     reference = HfMoeForCausalLM.from_pretrained(tmp_path / "model")
     full = dict(reference.named_parameters())
@@ -70,3 +78,20 @@ def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
     assert saved.keys() == original.keys()
     for name, tensor in original.items():
         assert torch.equal(saved[name], tensor), f"saved under TP: {name} differs from the checkpoint"
+
+
+def test_tp_plan_auto_shards_multi_head_latent_attention_by_head_and_equals_one_process(tmp_path):
+    config = tiny_config(num_hidden_layers=1, vocab_size=96, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
+                         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, rope_interleave=True)
+    batch, ranks = run_tensor_parallel(tmp_path, config)
+    reference = HfMoeForCausalLM.from_pretrained(tmp_path / "model").train()
+    reference.set_experts_implementation("eager")
+    out = reference(batch, labels=batch)
+    out.loss.backward()
+    for r, tp in enumerate(ranks):
+        for name in ("q_b_proj.weight", "kv_b_proj.weight", "o_proj.weight"):
+            assert any(n.endswith(name) for n in tp["sharded"]), f"{name} is not sharded"
+        got = tp["eager"]
+        assert_rel_close(got["logits"], out.logits.detach(), 1e-5, f"logits, rank {r}")
+        for name, param in reference.named_parameters():  # the latent projections' and norms' gradients are whole
+            assert_rel_close(got["grads"][name], param.grad, 1e-5, f"grad of {name}, rank {r}")

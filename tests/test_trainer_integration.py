@@ -134,13 +134,15 @@ def test_lora_config_refuses_an_empty_target():
         lora_config(attention=False, experts=False, dense_mlp=False, shared_experts=False)
 
 
-def test_trainer_with_expert_parallelism_syncs_experts_and_clips_globally(tmp_path):
-    """A plain Trainer under a 2-process launch with experts sharded 2 ways: the callback's sync and global clip
-    give the single-process gradient (token-weighted, as the Trainer normalises) and identical replicas."""
+@pytest.mark.parametrize("mode", ["ep", "fsdp"])
+def test_trainer_with_expert_parallelism_syncs_experts_and_clips_globally(tmp_path, mode):
+    """A plain Trainer under a 2-process launch with experts sharded 2 ways (DDP for the rest, or FSDP2 for
+    everything): the callback's sync and global clip give the single-process gradient (token-weighted, as the
+    Trainer normalises) and identical replicas."""
     model = worker.model(1234, worker.AUX, worker.Z)
     model.save_pretrained(tmp_path / "ckpt")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(os.path.dirname(__file__), "trainer_worker.py"), str(tmp_path / "ep"), "ep"]
+           os.path.join(os.path.dirname(__file__), "trainer_worker.py"), str(tmp_path / "ep"), mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, timeout=300, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-4000:]

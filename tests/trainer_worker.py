@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_moe import HfMoeForCausalLM  # noqa: E402
+from hf_moe import HfMoeForCausalLM, fully_shard_moe  # noqa: E402
 from tests.conftest import tiny_config  # noqa: E402
 
 AUX, Z = 0.5, 0.25
@@ -64,8 +64,10 @@ def aux_gradient(seed: int, grad_accum: int, batch_size: int) -> tuple[list, lis
     return [a - b for a, b in zip(with_aux, without)], seen
 
 
-def expert_parallel_step(out: str) -> None:
-    """One Trainer step with experts sharded over 2 processes; records router and expert grads and new params."""
+def expert_parallel_step(out: str, fsdp: bool = False) -> None:
+    """One Trainer step with experts sharded over 2 processes; records router and expert grads and new params.
+    With `fsdp`, the model is sharded with FSDP2 (`hf_moe.fully_shard_moe` on the Trainer's accelerator) and the
+    records hold each weight's and gradient's gathered FSDP shards."""
     from hf_moe.integrations import MoETrainerCallback
 
     path = os.path.join(os.path.dirname(out), "ckpt")
@@ -77,7 +79,7 @@ def expert_parallel_step(out: str) -> None:
 
     class _Grads(TrainerCallback):  # after MoETrainerCallback's sync and clip (callbacks run in order)
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.update({n.removeprefix("module."): p.grad.clone() for n, p in model.named_parameters()})
+            grads.update({n.removeprefix("module."): full(p.grad).clone() for n, p in model.named_parameters()})
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -87,14 +89,35 @@ def expert_parallel_step(out: str) -> None:
         )
         trainer = Trainer(model=net, args=args, train_dataset=dataset(1234),
                           callbacks=[MoETrainerCallback(), capture, _Grads()])
+        if fsdp:
+            _fsdp2(trainer)
+            fully_shard_moe(net, trainer.accelerator)
         trainer.train()
-    torch.save({"grads": grads, "seen": seen, "params": {n: p.detach().clone() for n, p in net.named_parameters()}},
+    torch.save({"grads": grads, "seen": seen,
+                "params": {n: full(p).detach().clone() for n, p in net.named_parameters()}},
                f"{out}.{os.environ['RANK']}.pt")
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole of an FSDP-sharded tensor (for experts: this rank's experts), `t` itself otherwise."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _fsdp2(trainer: Trainer) -> None:
+    """accelerate turns FSDP on only for GPU launches: on CPU processes the Trainer's accelerator state is switched
+    to FSDP2 after creation (as tests/fsdp_worker.py does), and the Trainer told so."""
+    from accelerate import FullyShardedDataParallelPlugin, PartialState
+    from accelerate.utils import DistributedType
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
+    PartialState().distributed_type = trainer.accelerator.state.distributed_type = DistributedType.FSDP
+    trainer.accelerator.state.fsdp_plugin = plugin
+    trainer.is_fsdp_enabled = True
+
+
 if __name__ == "__main__":
-    if sys.argv[2] == "ep":
-        expert_parallel_step(sys.argv[1])
+    if sys.argv[2] in ("ep", "fsdp"):
+        expert_parallel_step(sys.argv[1], fsdp=sys.argv[2] == "fsdp")
         sys.exit(0)
     out, grad_accum, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     grads, seen = aux_gradient(1234, grad_accum, batch_size)

@@ -19,7 +19,8 @@ def lora_config(
 
     Args:
         r, lora_alpha: LoRA rank and scaling numerator.
-        attention: adapt `q_proj`, `k_proj`, `v_proj`, `o_proj`.
+        attention: adapt `q_proj`, `k_proj`, `v_proj`, `o_proj`; with multi-head latent attention `q_proj` or
+            `q_a_proj`/`q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`.
         experts: adapt the routed experts' 3D weights (`mlp.experts.gate_up_proj`, or `up_proj` of non-gated
             experts, and `mlp.experts.down_proj`)
             through PEFT's `target_parameters`, one low-rank update per expert; works when the experts are
@@ -31,7 +32,7 @@ def lora_config(
     """
     modules: list[str] = []
     if attention:
-        modules += ["q_proj", "k_proj", "v_proj", "o_proj"]
+        modules += ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]
     if dense_mlp:
         modules += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
     if shared_experts:

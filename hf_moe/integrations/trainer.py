@@ -11,7 +11,7 @@ from transformers.trainer_callback import DefaultFlowCallback
 
 from ..moe.block import RoutingRecord, moe_blocks
 from ..moe.metrics import experts_used_fraction, max_over_mean_load, routing_entropy
-from ..parallel import expert_parallel_groups, finish_gradients
+from ..parallel import checkpoint_optimizer_as_all_experts, expert_parallel_groups, finish_gradients
 from ..parallel.balancing import update_expert_bias
 
 
@@ -65,7 +65,9 @@ class MoETrainerCallback(TrainerCallback):
     Expert parallelism: with a model loaded with `expert_parallel_size`, the Trainer's own clipping would use a
     per-rank norm and would skip the expert-gradient sync. The callback then turns the Trainer's clipping off
     (`max_grad_norm` → 0) and, before every optimizer step, syncs expert gradients and clips by the global norm
-    with the `max_grad_norm` you set (`hf_moe.parallel.finish_gradients`).
+    with the `max_grad_norm` you set (`hf_moe.parallel.finish_gradients`). Under FSDP2 (`hf_moe.fully_shard_moe(
+    trainer.model, trainer.accelerator)` after building the Trainer, with `fsdp_config={"fsdp_version": 2, ...}`),
+    the same holds, and the Trainer's optimizer checkpoints its expert state as all E experts.
     """
 
     def __init__(self, per_layer: bool = False, expert_bias_update_rate: float | None = None) -> None:
@@ -82,6 +84,8 @@ class MoETrainerCallback(TrainerCallback):
         if model is not None and expert_parallel_groups(model) is not None:
             self._expert_parallel_max_norm = args.max_grad_norm
             args.max_grad_norm = 0.0
+            if kwargs.get("optimizer") is not None:  # under FSDP, its expert state checkpoints as all E experts
+                checkpoint_optimizer_as_all_experts(model, kwargs["optimizer"])
         self._stats = [_RouterStats() for _ in blocks]
         self._hooks = [block.routing.register_forward_hook(self._record(stats, block))
                        for block, stats in zip(blocks, self._stats)]

@@ -158,17 +158,33 @@ class AllToAllDispatcher:
             the same number of tokens (fixed batch and sequence length) on every call; the first call checks that
             (one host sync) and raises on every rank if not, later calls do not (a batch padded to its own longest
             sequence, or a ragged last batch, would then make the all-to-all hang or fail).
+        sharded_experts: the experts' weights are FSDP-sharded over the expert-data-parallel group
+            (`hf_moe.parallel.fully_shard_moe`), whose all-gathers and reduce-scatters are collectives every rank of
+            the group must join: every rank then runs the experts module on every call, on the tokens it received
+            plus one zero row routed to its first expert with weight 0, so the module's forward and backward run
+            even where no token arrived, its output (exactly the tokens' outputs) stays in the autograd graph, and
+            every expert weight gets a gradient (zeros for experts no token reached), as FSDP's reduce-scatter
+            needs the same tensors from every rank.
     """
 
     def __init__(
-        self, group: dist.ProcessGroup, num_experts: int, overlap_weight_grads: bool = False, padded: bool = False
+        self,
+        group: dist.ProcessGroup,
+        num_experts: int,
+        overlap_weight_grads: bool = False,
+        padded: bool = False,
+        sharded_experts: bool = False,
     ) -> None:
+        if sharded_experts and overlap_weight_grads:
+            raise ValueError("overlap_weight_grads=True cannot be combined with FSDP-sharded experts: it accumulates "
+                             "weight gradients outside autograd, after FSDP has reduce-scattered them.")
         self.group = group
         self.ep_size = dist.get_world_size(group)
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
         self.weight_grads = WEIGHT_GRADS if overlap_weight_grads else None
         self.padded = padded
+        self.sharded_experts = sharded_experts
         self._tokens_checked = False
 
     @property
@@ -201,7 +217,9 @@ class AllToAllDispatcher:
             num_slots = sum(received_slots)
         received_rows = all_to_all(send, output_splits, input_splits, self.group, self.weight_grads)
         tokens, meta = _UnpackRows.apply(received_rows, x.shape[1])
-        if len(tokens):
+        if self.sharded_experts:
+            y = self._run_with_zero_row(experts, tokens, meta, top_k, routing.top_k_weights.dtype, num_slots)
+        elif len(tokens):
             recv_weights = meta[:, :top_k].to(routing.top_k_weights.dtype)
             y = run_experts(experts, tokens, meta[:, top_k:].long(), recv_weights, num_slots, self.weight_grads)
         else:
@@ -222,6 +240,21 @@ class AllToAllDispatcher:
                 "max_length) or use the default dispatch (padded_dispatch=False)."
             )
         self._tokens_checked = True
+
+    def _run_with_zero_row(
+        self, experts: nn.Module, tokens: torch.Tensor, meta: torch.Tensor, top_k: int, dtype: torch.dtype,
+        num_slots: int | None,
+    ) -> torch.Tensor:
+        """The experts' outputs for `tokens`, computed with one extra zero row routed to local expert 0 with weight 0
+        (the other slots empty): it adds exactly 0 to that expert's gradient and is dropped from the output, but
+        makes every rank of the expert-data-parallel group run the (FSDP-sharded) experts module in forward and
+        backward, as its collectives require."""
+        zero_meta = meta.new_zeros(1, 2 * top_k)
+        zero_meta[0, top_k + 1 :] = self.num_local
+        rows = torch.cat([tokens, tokens.new_zeros(1, tokens.shape[1])])
+        meta = torch.cat([meta, zero_meta])
+        index, weights = meta[:, top_k:].long(), meta[:, :top_k].to(dtype)
+        return run_experts(experts, rows, index, weights, None if num_slots is None else num_slots + 1)[:-1]
 
     @staticmethod
     def _stay_in_backward(

@@ -9,10 +9,14 @@ import torch.distributed as dist
 from peft import get_peft_model_state_dict
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..checkpoint_files import tensor_files
 from ..configuration_hf_moe import HfMoeConfig
+from ..interop import FAMILIES, ForeignCheckpoint, checkpoint_model_type
+from ..interop.load import load_checkpoint
 from ..moe.block import expert_modules
 from .collectives import gather_experts
 from .groups import ExpertParallelGroups, init_expert_parallel
@@ -70,13 +74,22 @@ def load_expert_parallel(
     Each rank reads only its own slice of each expert tensor (`safe_open(...).get_slice`); the full expert stack is
     never materialised. Non-expert weights are read whole (they are replicated). Collective: call on every rank.
     `global_aux_loss` and `padded_dispatch` are passed on to `expert_parallelize`. `config` replaces the checkpoint's
-    config; `config_kwargs` override its fields. Every tensor's full shape is checked against the config, and a
-    checkpoint with missing or unexpected tensors is refused (naming them) before anything is read.
+    config; `config_kwargs` override its fields. A checkpoint of a foreign family (`hf_moe.interop.FAMILIES`) is read
+    through the family's plan: its config mapped, each rank's experts read from per-expert or fused tensors. Every
+    tensor's full shape is checked against the config, and a checkpoint with missing or unexpected tensors is refused
+    (naming them) before anything is read.
     """
     if not os.path.isdir(path):
         raise ValueError(f"expert-parallel loading reads a local checkpoint folder; {path!r} is not one (download it "
                          "first, e.g. with huggingface_hub.snapshot_download).")
-    if config is None:
+    foreign = checkpoint_model_type(path) in FAMILIES
+    if foreign and config is not None:
+        raise ValueError(f"{path} is a {checkpoint_model_type(path)} checkpoint: its config.json decides the model, "
+                         "so config= cannot apply; override single fields as keyword arguments.")
+    if foreign:
+        checkpoint = ForeignCheckpoint.open(path)
+        config = checkpoint.hf_moe_config(**config_kwargs)
+    elif config is None:
         config = HfMoeConfig.from_pretrained(path, **config_kwargs)
     else:
         config = HfMoeConfig.from_dict({**config.to_dict(), **config_kwargs})  # validated like any config
@@ -88,6 +101,9 @@ def load_expert_parallel(
     if isinstance(dtype, str):
         dtype = config.dtype if dtype == "auto" else getattr(torch, dtype)
     dtype = dtype or torch.float32
+    if foreign:  # the family's plan reads each rank's expert rows from per-expert or fused tensors
+        model = load_checkpoint(model_class, checkpoint, config, device, dtype, groups.expert_range(config.num_experts))
+        return expert_parallelize(model, groups, global_aux_loss, padded_dispatch=padded_dispatch)
     with torch.device("meta"):
         model = model_class(config)
     start, end = groups.expert_range(config.num_experts)
@@ -160,9 +176,14 @@ def gather_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[st
 
 
 def save_expert_parallel(model: nn.Module, path: str, **save_kwargs) -> None:
-    """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes."""
-    groups = expert_parallel_groups(model)
-    state = gather_state_dict(model, groups)
+    """Write one standard checkpoint (all experts) that a single process loads; collective, rank 0 writes. Works
+    under DDP and under FSDP (`fully_shard_moe`), where the full state dict is gathered to rank 0's CPU."""
+    if isinstance(model, FSDPModule):
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        state = state if dist.get_rank() == 0 else None
+    else:
+        state = gather_state_dict(model, expert_parallel_groups(model))
     if state is not None:
         model.save_pretrained(path, state_dict=state, **save_kwargs)
     dist.barrier()
@@ -173,12 +194,16 @@ def save_adapter_expert_parallel(model: nn.Module, path: str) -> None:
 
     PEFT keeps one low-rank pair per expert: `lora_A [r·E, in]` expert-major and `lora_B [out, r·E]` with the
     expert index varying fastest. Each rank holds its E/P experts' pairs; they are gathered over the first
-    expert-parallel group and rank 0 writes. Collective: call on every rank.
+    expert-parallel group and rank 0 writes. Under FSDP (`fully_shard_moe`) each adapter weight is first gathered
+    from its FSDP shards. Collective: call on every rank.
     """
     groups = expert_parallel_groups(model)
     experts = {f"{name}.": module for name, module in expert_modules(model).items()}
+    adapter = get_peft_model_state_dict(model)
+    if isinstance(model, FSDPModule):  # FSDP shards (experts': over the expert-data-parallel group) made whole
+        adapter = {name: tensor.full_tensor() for name, tensor in adapter.items()}
     full = {}
-    for name, tensor in get_peft_model_state_dict(model).items():
+    for name, tensor in adapter.items():
         owner = next((module for prefix, module in experts.items() if name.startswith(prefix)), None)
         if groups is not None and groups.ep_size > 1 and groups.edp_rank == 0 and owner is not None:
             if "lora_B" in name:  # [out, r·E/P] with the expert fastest → [out, r, E/P], gathered along the experts

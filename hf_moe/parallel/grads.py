@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from .sharding import expert_parallel_groups, expert_parameter_names
@@ -26,13 +28,19 @@ def sync_expert_gradients(model: nn.Module) -> None:
 
     An expert's gradient on its owner already sums the contributions of the P ranks of its EP group (the
     all-to-all backward brings them home); adding the D replicas and dividing by W gives the gradient of the
-    mean loss over all W ranks, which is what DDP gives the other parameters.
+    mean loss over all W ranks, which is what DDP (or FSDP) gives the other parameters. Under FSDP
+    (`fully_shard_moe`) the experts' reduce-scatter has already averaged over the D replicas, so this divides by P.
     """
     groups = expert_parallel_groups(model)
     if groups is None:
         return
-    _check_experts_outside_ddp(model)
     expert, _ = _split_parameters(model)
+    if _fully_sharded(model):
+        for p in expert:
+            if p.grad is not None:
+                _local(p.grad).div_(groups.ep_size)
+        return
+    _check_experts_outside_ddp(model)
     for p in expert:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -54,25 +62,45 @@ def _check_experts_outside_ddp(model: nn.Module) -> None:
         )
 
 
+def _fully_sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards the model's parameters (`fully_shard_moe`; tensor-parallel DTensors are not counted)."""
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient (the local shard of an FSDP-sharded one), sharing its storage."""
+    return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
 @torch.no_grad()
 def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
-    """Global gradient norm: √(Σ non-expert² + Σ over the EP group of expert²), identical on every rank.
+    """Global gradient norm: √(Σ non-expert² + Σ over all experts of expert²), identical on every rank.
 
-    Non-expert gradients are already identical on every rank (DDP); each expert is counted once, on its owner.
+    Under DDP, non-expert gradients are already identical on every rank; each expert is counted once, on its owner.
+    Under FSDP (`fully_shard_moe`) every gradient element lives on exactly one rank (non-expert shards over all
+    ranks, expert shards over their EP and expert-data-parallel ranks), so the squares are summed over all ranks.
     A per-rank norm would differ between ranks and let the replicas of the non-expert weights drift apart.
     """
     if norm_type != 2.0:
         raise ValueError(f"norm_type={norm_type} is not supported under expert parallelism; expected 2.0.")
     expert, other = _split_parameters(model)
-    device = next(model.parameters()).device
+    sharded = _fully_sharded(model)
+    # FSDP's CPU offload keeps gradients on the CPU; the sum goes where the process group communicates
+    nccl = sharded and dist.get_backend() == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else next(model.parameters()).device
 
     def squares(params: list[nn.Parameter]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for p in params:
             if p.grad is not None:
-                total += p.grad.to(torch.promote_types(p.grad.dtype, torch.float32)).pow(2).sum()
+                grad = _local(p.grad)
+                total += grad.to(torch.promote_types(grad.dtype, torch.float32)).pow(2).sum().to(device)
         return total
 
+    if sharded:
+        total = squares(expert) + squares(other)
+        dist.all_reduce(total)
+        return total.sqrt().float()
     expert_sq = squares(expert)
     groups = expert_parallel_groups(model)
     if groups is not None:
@@ -89,7 +117,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float | None = None) -> torch.Te
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         for p in model.parameters():
             if p.grad is not None:
-                p.grad.mul_(scale.to(p.grad.device))
+                grad = _local(p.grad)
+                grad.mul_(scale.to(grad.device))
     return norm
 
 

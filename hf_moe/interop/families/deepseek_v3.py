@@ -1,0 +1,120 @@
+"""DeepSeek-V3 (`model_type="deepseek_v3"`): multi-head latent attention (`hf_moe.mla`: q/kv low-rank projections,
+rope/nope split, interleaved RoPE, YaRN's softmax scale), the first `first_k_dense_replace` layers dense, then MoE
+layers with sigmoid scores, a score correction bias (`e_score_correction_bias`) for selection only, group-limited
+top-k (a group ranked by the sum of its two best scores), routed scaling and `n_shared_experts` ungated shared
+experts. The attention's tensors keep DeepSeek's names in hf-moe, so only the router's are renamed.
+
+Fields of DeepSeek's own config.json that transformers' class ignores are read for what they mean: `scoring_func`,
+`topk_method` and `moe_layer_freq` must say what transformers' class computes (sigmoid, `noaux_tc`, every layer
+after the dense ones); `ep_size`, `aux_loss_alpha` and `seq_aux` are training or serving settings. The
+multi-token-prediction layers after the last layer (`num_nextn_predict_layers`) are not part of the causal LM:
+transformers' class does not load them, and neither does hf-moe.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from ...configuration_hf_moe import HfMoeConfig
+from ..family import (
+    COMMON_HANDLED,
+    MoeFamily,
+    beyond_last_layer,
+    common_from_hf_moe,
+    common_to_hf_moe,
+    dense_and_moe_layers,
+    refuse,
+)
+
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+# DeepSeek's own config.json fields that transformers' class does not read: the value its code takes as given.
+_ASSUMED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+
+
+def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
+    for field_name, value in _ASSUMED.items():
+        if getattr(cfg, field_name, value) != value:
+            raise refuse("deepseek_v3", field_name, getattr(cfg, field_name),
+                         f"transformers' DeepseekV3 computes {field_name}={value!r} whatever config.json says, so "
+                         "the checkpoint's own code and transformers' disagree")
+    return {
+        **common_to_hf_moe(cfg),
+        **{name: getattr(cfg, name) for name in _MLA_FIELDS},
+        "rope_interleave": bool(cfg.rope_interleave),
+        "attention_bias": cfg.attention_bias,
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "num_experts": cfg.n_routed_experts,
+        "first_k_dense": cfg.first_k_dense_replace or 0,
+        "num_shared_experts": cfg.n_shared_experts,
+        "scoring_func": "sigmoid",
+        "use_expert_bias": True,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": bool(cfg.norm_topk_prob),
+        "router_aux_loss_type": "none",
+    }
+
+
+def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
+    if not cfg.is_mla:
+        raise refuse("deepseek_v3", "kv_lora_rank", None,
+                     "DeepSeek-V3's attention is multi-head latent attention (grouped-query models export to mixtral, "
+                     "qwen2_moe, qwen3_moe, olmoe or glm4_moe)")
+    dense, moe = dense_and_moe_layers(cfg)
+    if moe != list(range(len(dense), cfg.num_hidden_layers)):
+        raise refuse("deepseek_v3", "moe_layers", moe,
+                     "DeepSeek-V3's dense layers are the first first_k_dense_replace ones and every later layer is "
+                     "MoE; no family with multi-head latent attention takes another pattern")
+    if cfg.scoring_func != "sigmoid":
+        raise refuse("deepseek_v3", "scoring_func", cfg.scoring_func,
+                     "DeepSeek-V3 scores experts with a sigmoid (softmax routers export to mixtral, qwen2_moe, "
+                     "qwen3_moe or olmoe)")
+    if not cfg.use_expert_bias:
+        raise refuse("deepseek_v3", "use_expert_bias", False,
+                     "DeepSeek-V3 always selects with a score correction bias; set use_expert_bias=True (a zero bias "
+                     "selects the same experts)")
+    if moe and cfg.num_shared_experts == 0:
+        raise refuse("deepseek_v3", "num_shared_experts", 0,
+                     "DeepSeek-V3's MoE layers always have shared experts (qwen3_moe has none, but no multi-head "
+                     "latent attention)")
+    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
+        raise refuse("deepseek_v3", "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
+                     "DeepSeek-V3's shared experts are n_shared_experts·moe_intermediate_size wide")
+    n_group = cfg.n_group or 1
+    if cfg.num_experts // n_group < 2:
+        raise refuse("deepseek_v3", "n_group", cfg.n_group,
+                     "DeepSeek-V3 ranks a group by its two best experts, so every group needs at least two")
+    return {
+        **common_from_hf_moe(cfg),
+        **{name: getattr(cfg, name) for name in _MLA_FIELDS},
+        "rope_interleave": cfg.rope_interleave,
+        "attention_bias": cfg.attention_bias,
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "n_routed_experts": cfg.num_experts,
+        "first_k_dense_replace": len(dense),
+        "n_shared_experts": cfg.num_shared_experts,
+        "n_group": n_group,
+        "topk_group": cfg.topk_group or n_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "num_nextn_predict_layers": 0,
+    }
+
+
+DEEPSEEK_V3 = MoeFamily(
+    model_type="deepseek_v3",
+    architecture="DeepseekV3ForCausalLM",
+    to_hf_moe=to_hf_moe,
+    from_hf_moe=from_hf_moe,
+    handled_fields=COMMON_HANDLED | set(_MLA_FIELDS) | set(_ASSUMED) | {
+        "qk_head_dim", "rope_interleave", "attention_bias", "intermediate_size", "moe_intermediate_size",
+        "n_routed_experts", "num_local_experts", "first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
+        "routed_scaling_factor", "norm_topk_prob", "num_nextn_predict_layers", "num_mtp_layers", "pretraining_tp",
+        "ep_size", "aux_loss_alpha", "seq_aux"},
+    ignored=beyond_last_layer,
+)

@@ -1,0 +1,187 @@
+"""A foreign MoE family as one declarative entry: its config mapping both ways, its tensor names, its refusals.
+
+See the package docstring (`hf_moe.interop`) for the contract a family entry fulfils.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+from ..configuration_hf_moe import HfMoeConfig
+
+
+class InteropError(ValueError):
+    """A foreign checkpoint or config, or an hf-moe model, that a family cannot express exactly. Raised before
+    anything is loaded or written; the message names the field or tensor."""
+
+
+@dataclass(frozen=True)
+class ExpertNames:
+    """The names of one routed expert's three projections in the per-expert layout transformers 5 saves
+    (`experts.{e}.{gate}.weight`, ...)."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+@dataclass(frozen=True)
+class MoeFamily:
+    """One foreign architecture (a transformers `model_type`) that hf-moe imports and exports exactly.
+
+    Config: `to_hf_moe(foreign_config)` returns `HfMoeConfig` keyword arguments and `from_hf_moe(hf_moe_config)`
+    the foreign config class's keyword arguments; both raise [`InteropError`] naming a field they cannot express.
+    An export is also checked by mapping its config back: what does not survive the round trip is refused.
+
+    Tensors: everything outside an MoE block keeps its name (embeddings, attention, norms, dense MLPs, head) except
+    where `renames` says otherwise; inside MoE layer `i` the hf-moe names map onto
+    `model.layers.{i}.{moe_module}.{router | expert_bias | shared_experts | shared_expert_gate | experts...}`.
+    """
+
+    model_type: str
+    architecture: str
+    to_hf_moe: Callable[[PretrainedConfig], dict[str, Any]]
+    from_hf_moe: Callable[[HfMoeConfig], dict[str, Any]]
+    handled_fields: frozenset[str]
+    """Foreign config fields the mapping reads or knows to leave out; any other field whose value differs from the
+    foreign class's default is refused on import (a field this version does not know may change the function)."""
+    moe_module: str = "mlp"
+    fused_moe_module: str = "mlp"
+    """The MoE module's name in transformers' in-memory model, which a checkpoint with fused experts written straight
+    from its state dict uses (Mixtral saves `block_sparse_moe` but holds `mlp`)."""
+    router: str = "gate.weight"
+    expert_bias: str = "gate.e_score_correction_bias"
+    experts: str = "experts"
+    expert_names: ExpertNames = ExpertNames()
+    shared_experts: str = "shared_experts"
+    shared_expert_gate: str = "shared_expert_gate.weight"
+    renames: tuple[tuple[str, str], ...] = ()
+    """Extra `(hf-moe regex, foreign replacement)` pairs applied with `re.sub` to every hf-moe name outside the
+    routed experts, after the MoE-block names above (e.g. attention projections named otherwise)."""
+    ignored: Callable[[PretrainedConfig, str], bool] | None = None
+    """Foreign tensors the family's own class does not load either (e.g. multi-token-prediction layers)."""
+
+    def foreign_config(self, **kwargs: Any) -> PretrainedConfig:
+        """The family's transformers config class built from `kwargs` (validated by transformers)."""
+        return AutoConfig.for_model(self.model_type, **kwargs)
+
+    def foreign_name(self, name: str, moe_layers: set[int]) -> str:
+        """The foreign name of the hf-moe tensor `name` (the routed experts excluded: see `hf_moe.interop.plan`)."""
+        match = _MOE_PART.fullmatch(name)
+        if match and int(match.group(1)) in moe_layers:
+            layer, part = match.group(1), match.group(2)
+            prefix = f"model.layers.{layer}.{self.moe_module}."
+            for ours, theirs in (("router.weight", self.router), ("router.expert_bias", self.expert_bias),
+                                 ("shared_expert_gate.weight", self.shared_expert_gate)):
+                if part == ours:
+                    return prefix + theirs
+            if part.startswith("shared_experts."):
+                return prefix + self.shared_experts + part[len("shared_experts"):]
+        for pattern, replacement in self.renames:
+            name = re.sub(pattern, replacement, name)
+        return name
+
+
+_MOE_PART = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
+
+FAMILIES: dict[str, MoeFamily] = {}
+"""transformers `model_type` → [`MoeFamily`]: the foreign families hf-moe imports and exports."""
+
+
+def register_family(family: MoeFamily) -> MoeFamily:
+    """Make `family` importable (`HfMoeForCausalLM.from_pretrained`) and exportable (`hf-moe convert --to`)."""
+    if family.model_type in FAMILIES and FAMILIES[family.model_type] is not family:
+        raise ValueError(f"register_family: model_type {family.model_type!r} is already registered.")
+    FAMILIES[family.model_type] = family
+    return family
+
+
+# Fields every family maps the same way (transformers' Llama names): copied from the foreign config.
+COMMON_FIELDS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
+    "max_position_embeddings", "initializer_range", "rms_norm_eps", "use_cache", "tie_word_embeddings",
+    "attention_dropout", "pad_token_id", "bos_token_id", "eos_token_id", "num_experts_per_tok",
+)
+COMMON_HANDLED = frozenset(COMMON_FIELDS) | {"rope_parameters", "rope_scaling", "rope_theta", "head_dim",
+                                             "router_aux_loss_coef", "output_router_logits", "layer_types"}
+
+
+def common_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
+    """The fields every family shares, plus RoPE and the resolved `head_dim`."""
+    fields = {name: getattr(cfg, name) for name in COMMON_FIELDS}
+    fields["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    rope = dict(cfg.rope_parameters or {})
+    if "partial_rotary_factor" not in rope and getattr(cfg, "partial_rotary_factor", None) is not None:
+        rope["partial_rotary_factor"] = cfg.partial_rotary_factor  # versions that keep it beside rope_parameters
+    fields["rope_parameters"] = rope
+    fields["router_aux_loss_coef"] = getattr(cfg, "router_aux_loss_coef", 0.0)
+    fields["output_router_logits"] = getattr(cfg, "output_router_logits", False)
+    return fields
+
+
+def common_from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
+    fields = {name: getattr(cfg, name) for name in COMMON_FIELDS}
+    fields.update(head_dim=cfg.head_dim, rope_parameters=dict(cfg.rope_parameters or {}),
+                  router_aux_loss_coef=cfg.router_aux_loss_coef, output_router_logits=cfg.output_router_logits)
+    return fields
+
+
+def refuse(family: str, field_name: str, value: Any, why: str) -> InteropError:
+    """An [`InteropError`] naming the field, its value and why `family` cannot express it."""
+    return InteropError(f"{family}: {field_name}={value!r} cannot be expressed exactly: {why}.")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def beyond_last_layer(cfg: PretrainedConfig, name: str) -> bool:
+    """Whether the foreign tensor `name` belongs to a layer after the last decoder layer: the multi-token-prediction
+    modules GLM-4.5 and DeepSeek-V3 checkpoints carry (`num_nextn_predict_layers`), which the causal LM does not
+    use; an `ignored` rule for families that have them."""
+    match = _LAYER.match(name)
+    return match is not None and int(match.group(1)) >= cfg.num_hidden_layers
+
+
+def dense_and_moe_layers(cfg: HfMoeConfig) -> tuple[list[int], list[int]]:
+    """(dense layer indices, MoE layer indices) of an hf-moe config."""
+    moe = cfg.moe_layer_indices
+    return [i for i in range(cfg.num_hidden_layers) if i not in moe], moe
+
+
+def signature(cfg: HfMoeConfig) -> dict[str, Any]:
+    """What an hf-moe config computes at inference, in canonical form: two configs with equal signatures compute
+    the same function from the same tensors. Training-only settings (loss coefficients, noise, bias update rate,
+    dropout, initialisation) are left out: an export keeps the weights, not the training recipe."""
+    dense, moe = dense_and_moe_layers(cfg)
+    softmax = cfg.scoring_func == "softmax"
+    renormalised = cfg.norm_topk_prob or (softmax and cfg.topk_before_softmax)  # equal functions
+    grouped = cfg.n_group is not None and cfg.topk_group < cfg.n_group  # a group limit that keeps every group is none
+    sig = {name: getattr(cfg, name) for name in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "qk_norm", "router_type",
+        "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
+        "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+        "v_head_dim", "rope_interleave")}
+    sig.update(
+        rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
+        qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
+        qk_norm_scope=cfg.qk_norm_scope if cfg.qk_norm else None,
+        moe_layers=moe, intermediate_size=cfg.intermediate_size if dense else None,
+        moe_intermediate_size=cfg.moe_intermediate_size if moe else None,
+        shared_expert_size=cfg.shared_expert_size, norm_topk_prob=renormalised,
+        n_group=cfg.n_group if grouped else None, topk_group=cfg.topk_group if grouped else None,
+        group_score=cfg.group_score if grouped else None,
+    )
+    return sig
+
+
+def differences(a: HfMoeConfig, b: HfMoeConfig) -> dict[str, tuple[Any, Any]]:
+    """Signature fields where `a` and `b` differ: field → (a's value, b's value)."""
+    sa, sb = signature(a), signature(b)
+    return {k: (sa[k], sb[k]) for k in sa if sa[k] != sb[k]}
+

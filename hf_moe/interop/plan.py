@@ -1,0 +1,101 @@
+"""Where each hf-moe tensor's values are in a foreign checkpoint, and each foreign tensor's in an hf-moe one.
+
+A plan is built from the names and shapes an hf-moe model expects (its meta-device state dict) and a family's names,
+so the same plan drives a direct load, an expert-parallel load (each rank reads its experts' rows only) and a
+streaming conversion either way.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .family import InteropError, MoeFamily
+
+_EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
+_RECOMPUTED = (".rotary_emb.inv_freq",)  # buffers older checkpoints carry; the model recomputes them
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One hf-moe tensor and the foreign tensors that hold its values.
+
+    `sources[e]` are the foreign tensors of expert `e` concatenated along their dim 0 (`per_expert`: gate then up
+    for `gate_up_proj`, down for `down_proj`); otherwise `sources == ((name,),)`, one foreign tensor of the same
+    shape (the routed experts' fused tensor when `experts`, read by expert rows)."""
+
+    name: str
+    shape: tuple[int, ...]
+    sources: tuple[tuple[str, ...], ...]
+    experts: bool = False
+    per_expert: bool = False
+
+    @property
+    def foreign_names(self) -> list[str]:
+        return [name for parts in self.sources for name in parts]
+
+
+def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_layers: Iterable[int],
+                 fused: set[str] = frozenset()) -> list[TensorPlan]:
+    """The plan of every hf-moe tensor in `expected` (name → full shape). Routed experts are read from the per-expert
+    layout transformers 5 saves, or from the fused tensor when its foreign name is in `fused`."""
+    moe = set(moe_layers)
+    plans = []
+    for name, shape in expected.items():
+        match = _EXPERTS.fullmatch(name)
+        if match is None:
+            plans.append(TensorPlan(name, shape, ((family.foreign_name(name, moe),),)))
+            continue
+        layer, part = match.groups()
+        prefix = f"model.layers.{layer}.{family.moe_module}.{family.experts}."
+        if prefix + part in fused:
+            plans.append(TensorPlan(name, shape, ((prefix + part,),), experts=True))
+            continue
+        names = family.expert_names
+        projections = (names.gate, names.up) if part == "gate_up_proj" else (names.down,)
+        sources = tuple(tuple(f"{prefix}{e}.{p}.weight" for p in projections) for e in range(shape[0]))
+        plans.append(TensorPlan(name, shape, sources, experts=True, per_expert=True))
+    return plans
+
+
+def part_shape(plan: TensorPlan) -> tuple[int, ...]:
+    """The shape of one foreign tensor of `plan`."""
+    if not plan.per_expert:
+        return plan.shape
+    rows = plan.shape[1] // len(plan.sources[0])
+    return (rows, *plan.shape[2:])
+
+
+def check_against(plans: list[TensorPlan], family: MoeFamily, have: dict[str, tuple[int, ...]], where: str,
+                  tied_head: bool, ignored=lambda name: False) -> None:
+    """Refuse (naming the tensors) a checkpoint whose tensors `have` (name → shape) miss, add to or disagree with
+    the plan: a partial load would leave weights randomly initialised."""
+    wanted = {name: part_shape(plan) for plan in plans for name in plan.foreign_names}
+    missing = sorted(name for name in wanted if name not in have)
+    if missing:
+        raise InteropError(f"{where}: this {family.model_type} checkpoint lacks {len(missing)} tensor(s) its config "
+                           f"needs (first: {missing[:4]}); it is incomplete or of another config.")
+    extra = sorted(name for name in have if name not in wanted and not name.endswith(_RECOMPUTED)
+                   and not (tied_head and name == "lm_head.weight") and not ignored(name))
+    if extra:
+        raise InteropError(f"{where}: {len(extra)} tensor(s) of this {family.model_type} checkpoint have no place in "
+                           f"hf-moe (first: {extra[:4]}); refusing rather than dropping weights.")
+    wrong = [f"{name}: {list(have[name])} (expected {list(shape)})" for name, shape in wanted.items()
+             if tuple(have[name]) != tuple(shape)]
+    if wrong:
+        raise InteropError(f"{where}: tensor shapes disagree with config.json: {wrong[:4]}.")
+
+
+def export_sources(plans: list[TensorPlan]) -> list[tuple[str, str, int | None, slice | None]]:
+    """For every foreign tensor an export writes, in order: (foreign name, hf-moe name, expert or None, rows of that
+    expert or None). Experts are written in the per-expert layout."""
+    out = []
+    for plan in plans:
+        if not plan.experts:
+            out.append((plan.sources[0][0], plan.name, None, None))
+            continue
+        rows = plan.shape[1] // len(plan.sources[0])
+        for e, parts in enumerate(plan.sources):
+            out += [(name, plan.name, e, slice(j * rows, (j + 1) * rows)) for j, name in enumerate(parts)]
+    return out

@@ -1,0 +1,129 @@
+"""Multi-head latent attention (MLA, DeepSeek-V2/V3): the hf-moe attention when `HfMoeConfig.kv_lora_rank` is set.
+
+Keys and values come from one low-rank latent per token: `kv_a_proj_with_mqa` maps the hidden state to a
+`kv_lora_rank`-wide latent (RMS-normed) and one `qk_rope_head_dim`-wide RoPE key shared by every head; `kv_b_proj`
+expands the latent into each head's non-rotary key part and its value. Queries go through their own normed
+`q_lora_rank` latent, or one `q_proj`. The KV cache holds the latent and the rotated shared key, not the expanded
+keys and values. Parameter names are DeepSeek's, so its checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from .attention import HfMoeRMSNorm
+from .configuration_hf_moe import HfMoeConfig
+
+LATENT_NORM_EPS = 1e-6
+"""Epsilon of the two latent RMSNorms: DeepSeek's checkpoints were trained with it whatever `rms_norm_eps` says."""
+
+
+def yarn_softmax_mscale(rope_parameters: dict | None) -> float:
+    """The factor on MLA's softmax scale under RoPE scaling (DeepSeek-V3's YaRN context extension): `m²` with
+    `m = 0.1·mscale_all_dim·ln(factor) + 1`; 1 for the default rope type, without `mscale_all_dim`, or for a
+    `factor` ≤ 1."""
+    params = rope_parameters or {}
+    factor, mscale_all_dim = params.get("factor", 1.0), params.get("mscale_all_dim", 0)
+    if params.get("rope_type", "default") == "default" or not mscale_all_dim or factor <= 1:
+        return 1.0
+    return (0.1 * mscale_all_dim * math.log(factor) + 1.0) ** 2
+
+
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """`(x0, x1, x2, x3, …)` → `(x0, x2, …, x1, x3, …)`: RoPE on adjacent pairs becomes RoPE on the two halves."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
+class HfMoeMultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention with DeepSeek's parameter names; the attention kernel comes from transformers'
+    attention interface (eager, sdpa, flex, flash) and the cache from transformers' `Cache`."""
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.num_key_value_groups = 1  # every head has its own keys and values (expanded from the latent)
+        self.scaling = self.qk_head_dim**-0.5 * yarn_softmax_mscale(config.rope_parameters)
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        bias = config.attention_bias
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=bias)
+            self.q_a_layernorm = HfMoeRMSNorm(config.q_lora_rank, eps=LATENT_NORM_EPS)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = HfMoeRMSNorm(self.kv_lora_rank, eps=LATENT_NORM_EPS)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
+
+    def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.config.q_lora_rank is None:
+            return self.q_proj(hidden_states)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
+
+    def rotate(
+        self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on the rotary parts; with `rope_interleave` the pairs are adjacent, so they are laid out as halves
+        first (queries and keys alike, so their dot products are unchanged)."""
+        if self.config.rope_interleave:
+            q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
+        cos, sin = position_embeddings
+        return apply_rotary_pos_emb(q_rope, k_rope, cos, sin)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        input_shape = hidden_states.shape[:-1]
+        queries = self.project_queries(hidden_states).view(*input_shape, -1, self.qk_head_dim).transpose(1, 2)
+        q_nope, q_rope = queries.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        # One "head" each, [B, 1, S, ·], so that any transformers cache stores them as it stores keys and values.
+        latent, k_rope = self.kv_a_layernorm(latent).unsqueeze(1), k_rope.unsqueeze(1)
+        q_rope, k_rope = self.rotate(q_rope, k_rope, position_embeddings)
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+
+        kv = self.kv_b_proj(latent.squeeze(1))  # [B, S_kv, heads · (nope + v)]
+        kv = kv.view(*kv.shape[:-1], -1, self.qk_nope_head_dim + self.v_head_dim).transpose(1, 2)
+        k_nope, value_states = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
+        query_states = torch.cat((q_nope, q_rope), dim=-1)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights

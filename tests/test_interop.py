@@ -1,0 +1,311 @@
+"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3) in and out, against
+transformers' own classes: tiny random models built and saved by transformers, every weight and buffer randomised so
+that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every refusal."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from conversions import convert
+from conversions.cli import main as cli_main
+from hf_moe import HfMoeForCausalLM
+from hf_moe.interop import InteropError
+
+from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+FAMILIES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
+                      shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16,
+                      decoder_sparse_step=2, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, attention_bias=True, tie_word_embeddings=True),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                     first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
+                     attention_bias=True, head_dim=16,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                        v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
+                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+}
+WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
+
+
+def randomize(model: torch.nn.Module) -> None:
+    """Every parameter and persistent buffer random (norm weights around 1), so each one changes the logits."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            noise = torch.randn(tensor.shape, generator=generator)
+            if "norm" in name:
+                tensor.copy_(1 + 0.2 * noise)
+            elif "gate.weight" in name and "experts" not in name:
+                tensor.copy_(0.5 * noise)  # routers: varied routing
+            else:
+                tensor.copy_(0.1 * noise)
+
+
+def build(model_type: str, folder) -> torch.nn.Module:
+    """A tiny random model of `model_type` saved by transformers into `folder`; returns it in evaluation mode."""
+    config = AutoConfig.for_model(model_type, **{**BASE, **FAMILIES[model_type]})
+    model = AutoModelForCausalLM.from_config(config)
+    randomize(model)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """model_type → (folder, transformers model), built once for the module."""
+    root = tmp_path_factory.mktemp("foreign")
+    return {name: (root / name, build(name, root / name)) for name in FAMILIES}
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and a left-padded attention mask (padding must not change routing or attention)."""
+    ids = torch.randint(3, BASE["vocab_size"], (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def logits(model, ids, mask=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_direct_load_computes_what_transformers_computes(saved, model_type):
+    folder, reference = saved[model_type]
+    model = HfMoeForCausalLM.from_pretrained(folder)
+    assert model.config.model_type == "hf_moe" and not model.training
+    ids, mask = batch()
+    assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, f"{model_type} logits")
+    prompt = ids[1:, :6]
+    ours = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    theirs = reference.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(ours, theirs), f"{model_type}: greedy generation differs"
+    assert_cached_greedy_equals_full_forward(model, prompt, 5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_fused_expert_tensors_load_like_per_expert_ones(saved, tmp_path, model_type):
+    """transformers 5's in-memory layout (`mlp.experts.gate_up_proj [E, 2I, H]`, Mixtral's `mlp` included) saved as
+    is loads the same model."""
+    folder, reference = saved[model_type]
+    shutil.copytree(folder, tmp_path / "fused")
+    os.remove(tmp_path / "fused" / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "fused" / "model.safetensors")
+    with safe_open(tmp_path / "fused" / "model.safetensors", "pt") as f:
+        assert "model.layers.1.mlp.experts.gate_up_proj" in f.keys()  # noqa: SIM118
+    ids, _ = batch()
+    assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "fused"), ids), logits(reference, ids), 1e-5)
+
+
+def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, tmp_path):
+    """Two gloo ranks, each reading its half of the experts (per-expert and fused tensors), compute the one-process
+    logits of every family."""
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("2 processes need 2 GPUs under NCCL; this machine has fewer")
+    (tmp_path / "checkpoints").mkdir()
+    for name, (folder, _) in saved.items():
+        shutil.copytree(folder, tmp_path / "checkpoints" / name)
+    ids = torch.randint(3, BASE["vocab_size"], (4, 9))
+    torch.save(ids, tmp_path / "batch.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
+           str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"ep{r}.pt") for r in range(2)]
+    for name, (_, reference) in saved.items():
+        expected = logits(reference, ids)
+        for r, result in enumerate(ranks):
+            assert_rel_close(result["logits"][name], expected[2 * r : 2 * r + 2], 1e-5, f"{name} rank {r}")
+            num_experts = getattr(reference.config, "num_experts", None) or reference.config.num_local_experts
+            assert set(result["experts"][name].values()) == {num_experts // 2}, "each rank holds half the experts"
+
+
+def edit_config(folder, dest, **changes) -> None:
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(changes)
+    (dest / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("model_type,changes,named", [
+    ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "max_window_layers=1"),
+    ("qwen3_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
+])
+def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
+    edit_config(saved[model_type][0], tmp_path / "edited", **changes)
+    with pytest.raises(InteropError, match=named.replace("(", r"\(").replace("[", r"\[")):
+        HfMoeForCausalLM.from_pretrained(tmp_path / "edited")
+
+
+def test_checkpoints_with_missing_or_extra_tensors_are_refused(saved, tmp_path):
+    folder, reference = saved["glm4_moe"]
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    for what, tensors, named in [
+        ("missing", {k: v for k, v in state.items() if k != "model.layers.1.mlp.gate.e_score_correction_bias"},
+         "lacks"),
+        ("extra", {**state, "model.layers.1.mlp.gate.bias": torch.zeros(8)}, "model.layers.1.mlp.gate.bias"),
+    ]:
+        shutil.copytree(folder, tmp_path / what)
+        save_file(tensors, tmp_path / what / "model.safetensors")
+        with pytest.raises(InteropError, match=named):
+            HfMoeForCausalLM.from_pretrained(tmp_path / what)
+
+
+def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(saved, tmp_path):
+    folder, reference = saved["glm4_moe"]
+    shutil.copytree(folder, tmp_path / "mtp")
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["model.layers.2.eh_proj.weight"] = torch.randn(32, 64)  # the MTP layer after the last one
+    save_file(tensors, tmp_path / "mtp" / "model.safetensors")
+    ids, _ = batch()
+    assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mtp"), ids), logits(reference, ids), 1e-5)
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (single file or shards)."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
+    """family → hf_moe → family: AutoModel loads the hf-moe checkpoint with the family's logits, the export is the
+    file transformers saved (same names, bit-equal tensors, architectures) and transformers' class loads it; and the
+    hf-moe checkpoint round-trips bit-exactly through the family."""
+    folder, reference = saved[model_type]
+    (folder / "chat_template.jinja").write_text("{{ messages }}")
+    ids, mask = batch()
+    expected = logits(reference, ids, mask)
+
+    convert(folder, tmp_path / "hf", progress=False, max_shard_size="20KB")
+    imported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert isinstance(imported, HfMoeForCausalLM)
+    assert_rel_close(logits(imported, ids, mask), expected, 1e-5, f"{model_type} → hf_moe")
+    assert (tmp_path / "hf" / "chat_template.jinja").read_text() == "{{ messages }}"
+    assert (tmp_path / "hf" / "generation_config.json").is_file() and (tmp_path / "hf" / "README.md").is_file()
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1, "max_shard_size shards the output"
+
+    result = convert(tmp_path / "hf", tmp_path / "back", to=model_type, progress=False)
+    assert result.config.architectures == [type(reference).__name__]
+    original, back = tensors(folder), tensors(tmp_path / "back")
+    assert sorted(back) == sorted(original), "the export names tensors as transformers saves them"
+    assert all(torch.equal(back[k], original[k]) for k in original), "exported tensors are the original bits"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert type(exported) is type(reference)
+    assert_rel_close(logits(exported, ids, mask), expected, 1e-5, f"hf_moe → {model_type}")
+
+    convert(tmp_path / "back", tmp_path / "again", to="hf_moe", progress=False)
+    first, second = tensors(tmp_path / "hf"), tensors(tmp_path / "again")
+    assert sorted(first) == sorted(second) and all(torch.equal(first[k], second[k]) for k in first)
+
+
+@pytest.mark.parametrize("model_type,to,named", [
+    ("glm4_moe", "qwen3_moe", "scoring_func"),
+    ("qwen2_moe", "mixtral", "shared_expert_gate"),
+    ("qwen3_moe", "glm4_moe", "scoring_func"),
+    ("mixtral", "olmoe", "sliding_window"),
+    ("deepseek_v3", "glm4_moe", "kv_lora_rank"),
+    ("glm4_moe", "deepseek_v3", "kv_lora_rank"),
+])
+def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
+    with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
+        convert(saved[model_type][0], tmp_path / "out", to=to, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (dict(drop_tokens=True), "drop_tokens=True"),
+    (dict(router_type="expert_choice"), "router_type='expert_choice'"),
+])
+def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, named):
+    from .conftest import tiny_config
+
+    HfMoeForCausalLM(tiny_config(**overrides)).save_pretrained(tmp_path / "model")
+    for to in ("mixtral", "qwen3_moe", "auto"):
+        if to == "auto":
+            assert convert(tmp_path / "model", tmp_path / "auto", to="auto", progress=False).target_type == "hf_moe"
+            continue
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / to, to=to, progress=False)
+        assert not (tmp_path / to).exists()
+
+
+def test_cli_converts_and_refuses(saved, tmp_path, capsys):
+    folder = saved["mixtral"][0]
+    assert cli_main(["convert", str(folder), str(tmp_path / "out"), "--to", "auto", "--no-progress"]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert cli_main(["convert", str(folder), str(tmp_path / "bad"), "--to", "glm4_moe", "--no-progress"]) == 2
+    assert "scoring_func='softmax'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_lora_trained_on_an_imported_model_merges_and_exports(saved, tmp_path):
+    """LoRA on attention, dense MLP, shared expert and routed experts of an imported Qwen2-MoE, trained a few steps,
+    merged and exported: transformers' Qwen2MoeForCausalLM computes what the adapted model computes."""
+    from peft import get_peft_model
+
+    from hf_moe.integrations import lora_config
+
+    folder, reference = saved["qwen2_moe"]
+    model = get_peft_model(HfMoeForCausalLM.from_pretrained(folder), lora_config(r=4))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        ids = torch.randint(3, BASE["vocab_size"], (2, 10))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    ids, mask = batch()
+    adapted = logits(model, ids, mask)
+    assert (adapted - logits(reference, ids, mask)).abs().max() > 1e-3, "the adapter changes the model"
+    model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    convert(tmp_path / "merged", tmp_path / "qwen2", to="qwen2_moe", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2")
+    assert type(exported) is type(reference)
+    assert_rel_close(logits(exported, ids, mask), adapted, 1e-5, "merged LoRA exported to qwen2_moe")
+
+
+@pytest.mark.parametrize("arch,settings,to", [
+    ("qwen3", dict(num_experts=4, top_k=2), "qwen3_moe"),
+    ("qwen2", dict(num_experts=4, top_k=2, shared_experts=1, shared_expert_gate=True, moe_layers="0"), "qwen2_moe"),
+])
+def test_upcycled_models_export_to_a_family(tmp_path, arch, settings, to):
+    """An upcycled Qwen3 exports to qwen3_moe (no shared experts), an upcycled Qwen2 with a gated shared expert and a
+    dense layer to qwen2_moe; transformers' class computes the upcycled model's logits."""
+    from conversions import UpcycleConfig, upcycle
+
+    from .test_upcycle import save_dense
+
+    save_dense(arch, tmp_path / "dense")
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleConfig(**settings, progress=False))
+    assert convert(tmp_path / "moe", tmp_path / "out", to="auto", progress=False).target_type == to
+    ids, mask = batch()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert exported.config.model_type == to
+    expected = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "moe"), ids, mask)
+    assert_rel_close(logits(exported, ids, mask), expected, 1e-5, f"upcycled {arch} exported to {to}")
