@@ -240,7 +240,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", default=os.environ.get("HF_MOE_PEERS", ".peers"))
     parser.add_argument("--tokens", default="4096,16384")
-    parser.add_argument("--parts", default="flash,large,peer,dense,adamw")
+    parser.add_argument("--parts", default="flash,dense,large,adamw,peer", help="run in this order")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--large-flash", action="store_true", help="run FlashMoE at E = 262,144 too (very slow)")
     parser.add_argument("--budget-s", type=float, default=420, help="start no part after this many seconds")
@@ -258,20 +258,21 @@ def main() -> int:
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
           flush=True)
     started = time.monotonic()
-    plan = []
-    for t in tokens:
-        if "flash" in parts:
-            plan.append(lambda t=t: flash_part(t, experts, args.reps, args.device, True, out, **shape))
-        if "large" in parts:
-            plan.append(lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out, **shape))
-        if "peer" in parts:
-            plan.append(lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
-                                              **({"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {})))
-        if "dense" in parts:
-            plan.append(lambda t=t: dense_part(t, args.reps, args.device, out, **shape))
-    if "adamw" in parts:
-        for e in (experts, large):
-            plan.append(lambda e=e: adamw_part(e, args.reps, args.device, out, hidden=shape.get("hidden", HIDDEN)))
+    plan = []  # in --parts order, each part at every --tokens before the next part
+    for part in parts:
+        for t in tokens if part != "adamw" else ():
+            if part == "flash":
+                plan.append(lambda t=t: flash_part(t, experts, args.reps, args.device, True, out, **shape))
+            elif part == "large":
+                plan.append(lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out, **shape))
+            elif part == "peer":
+                plan.append(lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
+                                                  **({"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {})))
+            elif part == "dense":
+                plan.append(lambda t=t: dense_part(t, args.reps, args.device, out, **shape))
+        if part == "adamw":
+            for e in (experts, large):
+                plan.append(lambda e=e: adamw_part(e, args.reps, args.device, out, hidden=shape.get("hidden", HIDDEN)))
     with ResultFile(__name__, args.out) as out:
         for step in plan:
             if time.monotonic() - started > args.budget_s:
