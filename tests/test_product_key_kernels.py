@@ -116,30 +116,37 @@ def test_cuda_block_equals_float64_loop_with_no_host_sync():
 
 
 @requires_cuda
-def test_cuda_compiled_block_has_no_graph_break_and_equals_eager():
+def test_cuda_compiled_block_has_no_graph_break_and_equals_float64():
+    """Compiled and eager bf16 blocks may pick different experts on near-ties (Inductor rounds the router's
+    normalisation differently), so each is compared with the float64 loop by relative norm, not with each other."""
     from hf_moe import HfMoeSparseMoeBlock
 
-    from .test_product_key import _config
+    from .test_product_key import _config, layer_loop
 
     torch.manual_seed(0)
     config = _config(hidden_act="relu2", hidden_size=64, num_experts=1024, num_experts_per_tok=16)
     config._experts_implementation = "hf_moe_gathered"
-    block = HfMoeSparseMoeBlock(config).cuda().bfloat16()
+    block64 = HfMoeSparseMoeBlock(config).double()
     with torch.no_grad():  # the block alone is not initialised (a model's _init_weights does that)
-        for p in block.parameters():
+        for p in block64.parameters():
             p.normal_(0, 0.2)
+    block = HfMoeSparseMoeBlock(config).cuda().bfloat16()
+    block.load_state_dict(block64.state_dict())
     x = torch.randn(2, 33, 64, device="cuda", dtype=torch.bfloat16)
+    want = layer_loop(block64, x.double().cpu().view(-1, 64), config).view(2, 33, 64)
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(block)(x)
     assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
     compiled = torch.compile(block, fullgraph=True)
     x_compiled, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
-    got, want = compiled(x_compiled), block(x_eager)
-    assert torch.isfinite(want).all()
-    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    got, eager = compiled(x_compiled), block(x_eager)
+    for name, out in (("compiled", got), ("eager", eager)):
+        err = ((out.double().cpu() - want).norm() / want.norm()).item()
+        assert err < 3e-2, f"{name}: relative error {err:.2e} against float64"
     got.float().square().sum().backward()
-    want.float().square().sum().backward()
-    torch.testing.assert_close(x_compiled.grad, x_eager.grad, rtol=5e-2, atol=5e-2)
+    eager.float().square().sum().backward()
+    err = ((x_compiled.grad - x_eager.grad).float().norm() / x_eager.grad.float().norm()).item()
+    assert err < 5e-2, f"input gradient, compiled vs eager: relative error {err:.2e}"
 
 
 @requires_cuda
