@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from .convert_types import ConvertError, ConvertResult
     from .converting import TARGETS, convert
+    from .flash_moe import flash_moe_block_state_dict, flash_moe_config_fields
     from .sources import SUPPORTED_SOURCES, UnsupportedSourceError
     from .upcycle_types import UpcycleConfig, UpcycleError, UpcycleResult, VerifyResult
     from .upcycling import upcycle
@@ -39,6 +40,8 @@ _EXPORTS = {
     "UpcycleError": ".upcycle_types",
     "UpcycleResult": ".upcycle_types",
     "VerifyResult": ".upcycle_types",
+    "flash_moe_block_state_dict": ".flash_moe",
+    "flash_moe_config_fields": ".flash_moe",
     "upcycle": ".upcycling",
     "verify_upcycle": ".verification",
 }
@@ -55,6 +58,8 @@ __all__ = [
     "UpcycleResult",
     "VerifyResult",
     "convert",
+    "flash_moe_block_state_dict",
+    "flash_moe_config_fields",
     "upcycle",
     "verify_upcycle",
 ]

@@ -27,13 +27,16 @@ from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs
 from .moe.experts import (
     LIGER_AVAILABLE,
     HfMoeExperts,
+    HfMoeNonGatedExperts,
     capacity_padded_experts_forward,
+    gathered_experts_forward,
     grouped_experts_forward,
     liger_fused_experts_forward,
 )
 from .moe.metrics import router_metrics
 from .moe.router.expert_choice import ExpertChoiceRouter
 from .moe.router.losses import load_balancing_loss, router_z_loss, sequence_load_balancing_loss
+from .moe.router.product_key import ProductKeyRouter, product_key_top_k
 from .moe.router.registry import ROUTER_CLASSES, register_router
 from .moe.router.topk import HfMoeRouter, SwitchRouter
 from .moe.router.unlearned import FakeBalancedRouter, HashRouter
@@ -60,11 +63,13 @@ __all__ = [
     "HfMoeCausalLMOutputWithPast",
     "HfMoeConfig",
     "HfMoeExperts",
+    "HfMoeNonGatedExperts",
     "HfMoeForCausalLM",
     "HfMoeForSequenceClassification",
     "HfMoeModel",
     "HfMoePreTrainedModel",
     "HfMoeRouter",
+    "ProductKeyRouter",
     "HfMoeSparseMoeBlock",
     "LIGER_AVAILABLE",
     "RouterOutput",
@@ -72,9 +77,11 @@ __all__ = [
     "capacity_padded_experts_forward",
     "expert_capacity",
     "fully_shard_moe",
+    "gathered_experts_forward",
     "grouped_experts_forward",
     "liger_fused_experts_forward",
     "load_balancing_loss",
+    "product_key_top_k",
     "moe_blocks",
     "record_routing",
     "register_family",

@@ -1,6 +1,6 @@
-"""The checks of `HfMoeConfig`'s fields by feature (routing, multi-head latent attention), apart from the config
-class so that it stays short enough to read. Each `validate_*(config, fail)` calls `fail(field, value, expected)`
-for the first bad field it finds; the config turns that into the error."""
+"""The checks of `HfMoeConfig`'s fields by feature (routing, product keys, multi-head latent attention), apart from
+the config class so that it stays short enough to read. Each `validate_*(config, fail)` calls
+`fail(field, value, expected)` for the first bad field it finds; the config turns that into the error."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
 ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
+PRODUCT_KEY_QUERY_NORMS = ("layer_norm", "batch_norm", "none")
 Fail = Callable[[str, Any, str], None]
 
 
@@ -95,6 +96,31 @@ def validate_routing(config: Any, fail: Fail) -> None:
         fail("use_rts", True, "False unless drop_tokens=True (random token selection decides what to drop)")
     if config.use_expert_bias and not learned_token_choice:
         fail("use_expert_bias", True, "False unless router_type is 'topk' or 'switch'")
+    validate_product_key(config, fail)
+
+
+def validate_product_key(config: Any, fail: Fail) -> None:
+    """The product-key fields: defaults unless `router_type="product_key"`; with it, N² experts and only the
+    routing options the product-key router implements."""
+    heads = config.product_key_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        fail("product_key_heads", heads, "a positive integer")
+    if config.product_key_query_norm not in PRODUCT_KEY_QUERY_NORMS:
+        fail("product_key_query_norm", config.product_key_query_norm, f"one of {PRODUCT_KEY_QUERY_NORMS}")
+    if config.router_type != "product_key":
+        if heads != 1 or config.product_key_query_norm != "layer_norm":
+            field = "product_key_heads" if heads != 1 else "product_key_query_norm"
+            fail(field, getattr(config, field), "its default unless router_type='product_key'")
+        return
+    keys = math.isqrt(config.num_experts)
+    if keys * keys != config.num_experts:
+        fail("num_experts", config.num_experts, "a perfect square N² with router_type='product_key' "
+             f"(e.g. {keys * keys} or {(keys + 1) ** 2})")
+    for field, allowed in (("scoring_func", "softmax"), ("router_aux_loss_type", ("switch", "none")),
+                           ("drop_tokens", False), ("router_gumbel_noise", False)):
+        value = getattr(config, field)
+        if value != allowed and not (isinstance(allowed, tuple) and value in allowed):
+            fail(field, value, f"{allowed!r} with router_type='product_key'")
 
 
 LATENT_DIMS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")

@@ -32,6 +32,8 @@ class HfMoeConfig(PretrainedConfig):
         num_experts_per_tok (`int`): experts each token is sent to (top-k).
         norm_topk_prob (`bool`): renormalise the k selected routing weights to sum to 1.
         moe_intermediate_size (`int`, *optional*): width of one routed expert; defaults to `intermediate_size`.
+        gated_experts (`bool`): routed experts are SwiGLU MLPs (`gate_up_proj`, default); `False`: non-gated
+            `down(act(up(x)))` experts (`up_proj [E, I, H]`, any `hidden_act`, e.g. `"relu2"` as Nemotron-H).
         moe_layers (`list[int]`, *optional*): explicit indices of MoE layers; overrides the two fields below.
         first_k_dense (`int`): the first k layers keep a dense MLP (DeepSeek style).
         moe_layer_freq (`int`): after `first_k_dense`, every `moe_layer_freq`-th layer is MoE.
@@ -98,6 +100,17 @@ class HfMoeConfig(PretrainedConfig):
         expert_bias_update_rate (`float`): default step of `update_expert_bias`.
         fake_gate_noise (`float`): `"fake_balanced"` only: 0 = perfectly balanced, 1 = random experts/weights.
         hash_seed (`int`): `"hash"` only: seed of the fixed token-id → expert table.
+
+    Product-key routing (`router_type="product_key"`, FlashMoE / PEER; docs/product_key.md): `num_experts` = N²
+    experts, a token's logits are two halves of N, expert `i·N + j` scores `log_softmax(half₁)[i] +
+    log_softmax(half₂)[j]` and the k best are chosen exactly without scoring all N² pairs.
+
+    Args:
+        product_key_heads (`int`): independent product-key heads (PEER), each choosing `num_experts_per_tok`
+            experts of the same pool; a token combines `heads·k` experts.
+        product_key_query_norm (`str`): what normalises the router input: `"layer_norm"` (default, per token,
+            no affine: routing never depends on the other tokens of the batch), `"batch_norm"` (BatchNorm1d
+            without affine, as FlashMoE: batch statistics in training, running statistics in eval) or `"none"`.
     """
 
     model_type = "hf_moe"
@@ -122,6 +135,7 @@ class HfMoeConfig(PretrainedConfig):
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
         "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.up_proj": "colwise",
         "layers.*.mlp.experts.down_proj": "rowwise",
         "layers.*.mlp.experts": "moe_tp_experts",
         "layers.*.mlp.shared_experts.gate_proj": "colwise",
@@ -162,6 +176,7 @@ class HfMoeConfig(PretrainedConfig):
     num_experts_per_tok: int = 2
     norm_topk_prob: bool = True
     moe_intermediate_size: int | None = None
+    gated_experts: bool = True
     moe_layers: list[int] | None = None
     first_k_dense: int = 0
     moe_layer_freq: int = 1
@@ -192,6 +207,8 @@ class HfMoeConfig(PretrainedConfig):
     expert_bias_update_rate: float = 0.001
     fake_gate_noise: float = 0.0
     hash_seed: int = 0
+    product_key_heads: int = 1
+    product_key_query_norm: str = "layer_norm"
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -263,7 +280,7 @@ class HfMoeConfig(PretrainedConfig):
         if not is_finite_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             fail("attention_dropout", self.attention_dropout, "a probability in [0, 1) (a number, not a string)")
         for field in ("use_cache", "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm",
-                      "shared_expert_gate", "output_router_logits", "rope_interleave"):
+                      "shared_expert_gate", "output_router_logits", "rope_interleave", "gated_experts"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:

@@ -153,10 +153,11 @@ class HfMoePreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None, *args, **kwargs) -> str:
-        # hf-moe's own experts implementation is the fastest on every device (docs/decisions/experts-kernels.md), so
-        # it is the default; any implementation registered with transformers can still be requested by name.
-        if requested_experts is None:
-            return "hf_moe_grouped"
+        # hf-moe's own experts implementations are the fastest on every device (docs/decisions/experts-kernels.md,
+        # docs/product_key.md), so they are the default; any implementation registered with transformers can still be
+        # requested by name.
+        if requested_experts is None:  # product keys: many tiny experts, computed token by token
+            return "hf_moe_gathered" if self.config.router_type == "product_key" else "hf_moe_grouped"
         return super().get_correct_experts_implementation(requested_experts, *args, **kwargs)
 
     @torch.no_grad()
@@ -164,7 +165,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         std = self.config.initializer_range
         if isinstance(module, HfMoeExperts):
-            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.input_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HfMoeRouter):
             module.initialize(std)

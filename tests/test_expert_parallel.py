@@ -33,20 +33,24 @@ def launch(world: int, *args: str, skewed: bool = False) -> None:
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
 
 
-def make_checkpoint(workdir, rows: int) -> tuple[HfMoeForCausalLM, torch.Tensor]:
-    model = HfMoeForCausalLM(tiny_config(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.05,
-                                         num_shared_experts=1, first_k_dense=1, num_hidden_layers=3))
+def make_checkpoint(workdir, rows: int, **overrides) -> tuple[HfMoeForCausalLM, torch.Tensor]:
+    fields = dict(num_experts=8, num_experts_per_tok=2, router_aux_loss_coef=0.05, num_shared_experts=1,
+                  first_k_dense=1, num_hidden_layers=3)
+    model = HfMoeForCausalLM(tiny_config(**{**fields, **overrides}))
     model.save_pretrained(workdir / "model")
     batch = torch.randint(1, 97, (rows, 12))
     torch.save(batch, workdir / "batch.pt")
     return model, batch
 
 
-@pytest.mark.parametrize("world,ep_size,skewed,impl", [(2, 2, False, "hf_moe_grouped"), (4, 4, True, "eager"),
-                                                       (4, 2, False, "hf_moe_grouped")],
-                         ids=["W2-P2", "W4-P4-skewed", "W4-P2-D2"])
-def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, world, ep_size, skewed, impl):
-    reference, batch = make_checkpoint(tmp_path, rows=2 * world)
+@pytest.mark.parametrize("world,ep_size,skewed,impl,overrides", [
+    (2, 2, False, "hf_moe_grouped", {}), (4, 4, True, "eager", {}), (4, 2, False, "hf_moe_grouped", {}),
+    (2, 2, False, "hf_moe_grouped", {"gated_experts": False, "hidden_act": "relu2"}),
+    (2, 2, False, "hf_moe_gathered", {"router_type": "product_key", "num_experts": 16, "gated_experts": False,
+                                      "moe_intermediate_size": 1})],
+                         ids=["W2-P2", "W4-P4-skewed", "W4-P2-D2", "W2-P2-non-gated-relu2", "W2-P2-product-key"])
+def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, world, ep_size, skewed, impl, overrides):
+    reference, batch = make_checkpoint(tmp_path, rows=2 * world, **overrides)
     launch(world, "train", str(tmp_path), str(ep_size), impl, skewed=skewed)
     if skewed:
         from hf_moe import HfMoeRouter

@@ -21,7 +21,8 @@ def lora_config(
         r, lora_alpha: LoRA rank and scaling numerator.
         attention: adapt `q_proj`, `k_proj`, `v_proj`, `o_proj`; with multi-head latent attention `q_proj` or
             `q_a_proj`/`q_b_proj`, `kv_a_proj_with_mqa`, `kv_b_proj`, `o_proj`.
-        experts: adapt the routed experts' 3D weights (`mlp.experts.gate_up_proj`, `mlp.experts.down_proj`)
+        experts: adapt the routed experts' 3D weights (`mlp.experts.gate_up_proj`, or `up_proj` of non-gated
+            experts, and `mlp.experts.down_proj`)
             through PEFT's `target_parameters`, one low-rank update per expert; works when the experts are
             sharded by expert parallelism, since each rank holds its experts as plain parameters.
         router: adapt the router weight (`mlp.router.weight`) as well.
@@ -38,7 +39,7 @@ def lora_config(
         modules += ["shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"]
     parameters: list[str] = []
     if experts:
-        parameters += ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+        parameters += ["mlp.experts.gate_up_proj", "mlp.experts.up_proj", "mlp.experts.down_proj"]
     if router:
         parameters.append("mlp.router.weight")
     if not modules and not parameters:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..configuration_hf_moe import HfMoeConfig
 from .dispatch import LocalDispatcher
-from .experts import HfMoeExperts, base_layer
+from .experts import base_layer, build_experts
 from .mlp import HfMoeMLP
 from .router.registry import build_router
 from .types import RouterOutput
@@ -56,7 +56,7 @@ class HfMoeSparseMoeBlock(nn.Module):
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__()
         self.router = build_router(config, layer_idx)
-        self.experts = HfMoeExperts(config)
+        self.experts = build_experts(config)
         self.shared_experts = HfMoeMLP(config, config.shared_expert_size) if config.shared_expert_size else None
         self.shared_expert_gate = (
             nn.Linear(config.hidden_size, 1, bias=False) if config.shared_expert_gate else None

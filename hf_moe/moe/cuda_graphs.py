@@ -158,7 +158,7 @@ def capture_moe_cuda_graphs(
     blocks = moe_blocks(model)
     if not blocks:
         raise ValueError("capture_moe_cuda_graphs: the model has no MoE block (HfMoeSparseMoeBlock).")
-    first = base_layer(blocks[0].experts).gate_up_proj
+    first = base_layer(blocks[0].experts).down_proj
     if not first.is_cuda:
         raise ValueError(
             f"capture_moe_cuda_graphs needs the model on a CUDA device; its weights are on {first.device}."
@@ -193,12 +193,12 @@ def capture_moe_cuda_graphs(
                 "capture_moe_cuda_graphs: routers with an expert_bias (aux-loss-free balancing) accumulate their "
                 "selection counts on the Python side, which a replayed graph would skip; train them eagerly."
             )
-    shape = torch.Size((batch_size, sequence_length, first.shape[-1]))
+    shape = torch.Size((batch_size, sequence_length, first.shape[1]))  # down_proj [E, H, I]
     dtype = first.dtype
     functions, samples, probes = [], [], []
     for block in blocks:
         block.set_cuda_graphs(None)
-        device = base_layer(block.experts).gate_up_proj.device
+        device = base_layer(block.experts).down_proj.device
         x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
         mask = ()
         if attention_mask:

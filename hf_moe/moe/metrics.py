@@ -25,10 +25,14 @@ METRIC_NAMES = (
 
 
 def routing_entropy(routing: RouterOutput) -> torch.Tensor:
-    """0-dim: mean over real tokens of the entropy (nats) of the routing distribution `routing.probs` (the softmax
-    of the logits when a router gives none); `log E` is uniform, 0 is one-hot."""
-    probs = routing.probs if routing.probs is not None else routing.logits.softmax(dim=-1)
-    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=-1)
+    """0-dim: mean over real tokens of the entropy (nats) of the routing distribution: `routing.token_entropy`
+    when the router gives it, else from `routing.probs` (the softmax of the logits when a router gives none);
+    `log E` is uniform, 0 is one-hot."""
+    if routing.token_entropy is not None:
+        entropy = routing.token_entropy
+    else:
+        probs = routing.probs if routing.probs is not None else routing.logits.softmax(dim=-1)
+        entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=-1)
     if routing.token_mask is None:
         return entropy.mean()
     mask = routing.token_mask.to(entropy.dtype)

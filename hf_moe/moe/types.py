@@ -63,7 +63,7 @@ class RouterOutput:
 
     Attributes:
         logits: `[T, E]` float32 (float64 in a float64 model) router logits; zeros for routers without a
-            learned gate (hash, fake_balanced).
+            learned gate (hash, fake_balanced); product keys: `[T, heads·2N]`, each head's two halves of N.
         top_k_index: `[T, k]` chosen experts; `num_experts` marks a dropped / unassigned (sentinel) slot
             (for expert choice k = E: column e is e where expert e took the token).
         top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
@@ -77,6 +77,9 @@ class RouterOutput:
         capacity: slots per expert when capacity applies (dropping, expert choice), else None.
         drop_fraction: 0-dim float32: token choice: dropped real slots / real slots; expert choice: real tokens
             no expert took / real tokens. When not given (nothing can drop), 0 on first read.
+        token_entropy: `[T]` entropy (nats) of each token's routing distribution, given by routers whose
+            distribution is never held as a `[T, E]` tensor (product keys: the sum of the two halves' entropies);
+            None: the routing-entropy metric computes it from `probs`.
     """
 
     logits: torch.Tensor
@@ -89,6 +92,7 @@ class RouterOutput:
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
     drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
+    token_entropy: torch.Tensor | None = None
 
     def given(self, name: str) -> torch.Tensor | None:
         """Field `name` as it was set, without computing a field that is computed on read (None then)."""

@@ -1,9 +1,11 @@
 """The routed experts: the module, its implementations (registered in transformers' experts interface on import),
 the kernel plan of `hf_moe_grouped`, and `run_experts`, the one call a dispatcher makes.
 
-- `module`: `HfMoeExperts` (its own forward is the eager reference loop) and `base_layer` (PEFT unwrapping);
+- `module`: `HfMoeExperts` / `HfMoeNonGatedExperts` (their own forward is the eager reference loop), `build_experts`
+  and `base_layer` (PEFT unwrapping);
 - `grouped`: `hf_moe_grouped`, hf-moe's default (grouped GEMMs, no host sync on CUDA);
 - `capacity_padded`: `hf_moe_capacity` (fixed `[E, capacity, H]` buffers, static shapes);
+- `gathered`: `hf_moe_gathered` (token-centric: each token gathers its experts' rows; product-key models' default);
 - `liger`: `liger_fused` (Liger-Kernel's fused MoE, when installed);
 - `plan`: which kernels `hf_moe_grouped` runs (`plan_experts`, `ExpertsPlan`, `override_plan`).
 """
@@ -14,12 +16,13 @@ import torch
 from torch import nn
 
 from .capacity_padded import capacity_padded_experts_forward
+from .gathered import gathered_experts_forward
 from .grouped import grouped_experts_forward, sort_by_expert
 from .liger import LIGER_AVAILABLE, liger_fused_experts_forward
-from .module import HfMoeExperts, base_layer
+from .module import HfMoeExperts, HfMoeNonGatedExperts, base_layer, build_experts
 from .plan import ExpertsPlan, WeightGrads, override_plan, plan_experts
 
-SENTINEL_SAFE_IMPLEMENTATIONS = {"eager", "hf_moe_grouped", "hf_moe_capacity"}
+SENTINEL_SAFE_IMPLEMENTATIONS = {"eager", "hf_moe_grouped", "hf_moe_capacity", "hf_moe_gathered"}
 """Experts implementations that skip sentinel slots themselves; `run_experts` compacts for the others."""
 
 
@@ -55,9 +58,12 @@ __all__ = [
     "SENTINEL_SAFE_IMPLEMENTATIONS",
     "ExpertsPlan",
     "HfMoeExperts",
+    "HfMoeNonGatedExperts",
     "WeightGrads",
     "base_layer",
+    "build_experts",
     "capacity_padded_experts_forward",
+    "gathered_experts_forward",
     "grouped_experts_forward",
     "liger_fused_experts_forward",
     "override_plan",

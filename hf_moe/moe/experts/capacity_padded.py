@@ -39,8 +39,8 @@ def capacity_padded_experts_forward(
     buffer = hidden_states.new_zeros(trash + 1, hidden_states.shape[-1])
     buffer = buffer.index_copy(0, dest, hidden_states[token_of_slot])
     x = buffer[:trash].view(num_experts, capacity, -1)
-    gate, up = torch.bmm(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-    y = torch.bmm(self.act_fn(gate) * up, self.down_proj.transpose(1, 2)).reshape(trash, -1)
+    projected = torch.bmm(x, self.input_proj.transpose(1, 2))
+    y = torch.bmm(self.activation(projected), self.down_proj.transpose(1, 2)).reshape(trash, -1)
     y = torch.cat([y, y.new_zeros(1, y.shape[-1])])[dest]  # sentinel slots read the zero row
     y = y * top_k_weights.reshape(-1, 1).to(y.dtype)
     return y.view(num_tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

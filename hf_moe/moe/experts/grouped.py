@@ -17,6 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .. import kernels
 from ..ops import gather_rows, gather_sum
+from .module import input_projection
 from .plan import ExpertsPlan, Gemm, WeightGrads, plan_experts
 
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -82,14 +83,25 @@ def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Ten
     return per_expert_weight_grad(a, b, offsets)
 
 
+def _activation(projected: torch.Tensor, act_fn: nn.Module, gated: bool) -> torch.Tensor:
+    """`act(gate) ⊙ up` of a gated projection `[S, 2I]`, `act(up)` of a non-gated one `[S, I]`."""
+    if not gated:
+        return act_fn(projected)
+    gate, up = projected.chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
 def _gated_act(
-    gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, act_fn: nn.Module, triton: bool
+    gate_up: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, act_fn: nn.Module, triton: bool,
+    gated: bool = True,
 ) -> torch.Tensor:
-    """`weight · act(gate) ⊙ up` per row; the routing weight is applied here so the combine is a plain sum."""
+    """`weight · act(gate) ⊙ up` (or `weight · act(up)`, non-gated) per row; the routing weight is applied here so
+    the combine is a plain sum."""
     if triton:
         return kernels.swiglu.swiglu_forward(gate_up, weight, offsets)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return act_fn(gate).mul_(up).mul_(weight[:, None].to(gate_up.dtype))
+    weight = weight[:, None].to(gate_up.dtype)
+    # act(up) may be `up` itself (an identity activation): scale out of place
+    return act_fn(gate_up) * weight if not gated else _activation(gate_up, act_fn, gated).mul_(weight)
 
 
 def _gated_act_backward(
@@ -103,18 +115,18 @@ def _gated_act_backward(
     triton: bool = False,
     in_place: bool = False,
     traced: bool = False,
+    gated: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients of [`_gated_act`] w.r.t. `gate_up` and `weight`, and its recomputed output if asked. `fused_silu`:
-    the activation is SiLU (written out below); `in_place` (Triton only) overwrites `gate_up` and `grad_out` with
-    those results; `traced` (torch.compile) computes it out of place."""
+    the activation is SiLU of gated experts (written out below); `in_place` (Triton only) overwrites `gate_up` and
+    `grad_out` with those results; `traced` (torch.compile) computes it out of place."""
     if triton:
         return kernels.swiglu.swiglu_backward(gate_up, weight, grad_out, offsets, recompute_out, in_place)
     if not fused_silu:
         with torch.enable_grad():
             gate_up = gate_up.detach().requires_grad_(True)
             weight = weight.detach().to(gate_up.dtype).requires_grad_(True)
-            gate, up = gate_up.chunk(2, dim=-1)
-            out = act_fn(gate) * up * weight[:, None]
+            out = _activation(gate_up, act_fn, gated) * weight[:, None]
             grad_gate_up, grad_weight = torch.autograd.grad(out, (gate_up, weight), grad_out)
         return grad_gate_up, grad_weight, out.detach() if recompute_out else None
     # SiLU written out so that each [S, I] pass is counted and no temporary is concatenated.
@@ -190,7 +202,7 @@ class _GateUpFunction(torch.autograd.Function):
             gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
         else:
             gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)
-            act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu)
+            act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu, plan.gated)
         ctx.mark_non_differentiable(act)
         ctx.set_materialize_grads(False)  # no zero gradient for `act`: nothing reads it
         ctx.save_for_backward(x_sorted, gate_up_proj, by_token, offsets)
@@ -262,7 +274,7 @@ class _DownFunction(torch.autograd.Function):
         grad_act = _grouped_mm(grad_y, down_proj, offsets, plan.down_gemm)
         grad_gate_up, grad_weight, act = _gated_act_backward(
             gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down,
-            triton=plan.triton_swiglu, in_place=plan.in_place_backward, traced=plan.traced,
+            triton=plan.triton_swiglu, in_place=plan.in_place_backward, traced=plan.traced, gated=plan.gated,
         )
         if plan.in_place_backward:  # a second backward would read gradients as the gate/up projection
             ctx.gate_up_consumed = True
@@ -313,7 +325,8 @@ def grouped_experts_forward(
     weight_grads: WeightGrads | None = None,
 ) -> torch.Tensor:
     """hf-moe's experts implementation (`hf_moe_grouped`): sort the (token, slot) pairs by expert, run the gate/up
-    and down projections as grouped GEMMs with SwiGLU and the routing weight fused between them, and sum each
+    (non-gated: up) and down projections as grouped GEMMs with the activation and the routing weight fused between
+    them, and sum each
     token's k outputs in a fixed order (deterministic, no atomics). No host sync on CUDA. `num_slots`, the number
     of slots with a real expert when the caller knows it, sizes the buffers to those slots (see `sort_by_expert`).
     With `weight_grads`, backward may defer the expert weights' gradients to it (see `ExpertsPlan`).
@@ -324,7 +337,7 @@ def grouped_experts_forward(
         return torch.zeros_like(hidden_states)
     token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
     plan = plan_experts(self, hidden_states, top_k_weights, order.numel(), weight_grads)
-    x = hidden_states.to(self.gate_up_proj.dtype)
+    x = hidden_states.to(self.down_proj.dtype)
     if plan.decode:
         out = kernels.decode.decode_experts_forward(
             x, self.gate_up_proj, self.down_proj, top_k_weights, order, position, offsets
@@ -333,11 +346,11 @@ def grouped_experts_forward(
     weight = top_k_weights.detach().reshape(-1).index_select(0, order)  # each sorted row's routing weight
     by_token = position.view(x.shape[0], -1)
     gate_up, act = _GateUpFunction.apply(
-        x, self.gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan, weight_grads
+        x, input_projection(self)[0], weight, token, by_token, offsets, self.act_fn, plan, weight_grads
     )
     out = _DownFunction.apply(
         gate_up, act, top_k_weights, self.down_proj, weight, token, by_token, offsets, self.act_fn,
-        self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
+        plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
     )
     return out.to(hidden_states.dtype)
 

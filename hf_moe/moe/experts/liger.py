@@ -25,6 +25,9 @@ def liger_fused_experts_forward(
     """`liger_kernel.ops.fused_moe.LigerFusedMoEFunction` on the experts' `[E, 2I, H]` / `[E, H, I]` weights: fused
     gather + grouped GEMM + SwiGLU, down projection, weighted gather-sum (one host sync per call for its tile
     count; its routing-weight gradient accumulates with atomics)."""
+    if not self.has_gate:
+        raise ValueError("experts implementation 'liger_fused' computes gated (SwiGLU) experts only; these are "
+                         "non-gated (gated_experts=False): use 'hf_moe_grouped'.")
     if not hidden_states.is_cuda:
         raise RuntimeError("experts implementation 'liger_fused' runs on CUDA only; use 'hf_moe_grouped' here.")
     if self.config.hidden_act not in ("silu", "swish"):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import triton_serves
+from .module import input_projection
 
 Gemm = Literal["triton", "grouped_mm", "per_expert"]
 """How a projection's GEMMs run: hf-moe's Triton grouped GEMM (`hf_moe.moe.kernels.grouped_gemm`; where its
@@ -67,6 +68,9 @@ class ExpertsPlan:
     """Inference with few rows per expert: the decode kernels replace the whole grouped path."""
     defer_weight_grads: bool
     """Backward hands the expert weights' gradients to `weight_grads` instead of returning them."""
+    gated: bool
+    """SwiGLU experts (`gate_up_proj`); False: non-gated `act(up)` experts (`up_proj`), which the SwiGLU kernels
+    (fused epilogue, Triton SwiGLU, decode) do not serve."""
     traced: bool
     """torch.compile (or torch.export) traces this call: every step runs out of place (the compiler plans the
     buffers) and none is deferred; the Triton kernels are the same as in eager mode, traced as the custom ops
@@ -133,8 +137,8 @@ def plan_experts(
     weight_grads: WeightGrads | None = None,
 ) -> ExpertsPlan:
     """The plan of `hf_moe_grouped` on `num_rows` expert-sorted (token, slot) rows of `hidden_states` for
-    `experts` (anything with `gate_up_proj`, `down_proj`, `num_experts` and `config.hidden_act`)."""
-    gate_up_proj, down_proj = experts.gate_up_proj, experts.down_proj
+    `experts` (anything with `gate_up_proj` or `up_proj`, `down_proj`, `num_experts` and `config.hidden_act`)."""
+    (gate_up_proj, gated), down_proj = input_projection(experts), experts.down_proj
     num_experts, two_inter, hidden = gate_up_proj.shape
     dtype, traced = gate_up_proj.dtype, torch.compiler.is_compiling()
     triton = _setting("triton")
@@ -142,13 +146,13 @@ def plan_experts(
     grouped = _setting("grouped_mm")
     if grouped is None:
         grouped = hidden_states.is_cuda and dtype == torch.bfloat16 and _HAS_TORCH_GROUPED_MM
-    swiglu = triton and experts.config.hidden_act in ("silu", "swish")
+    swiglu = triton and gated and experts.config.hidden_act in ("silu", "swish")
     params = (gate_up_proj, down_proj)
     grad = torch.is_grad_enabled()
     gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton)
     plan = ExpertsPlan(
         gate_up_gemm=gate_up_gemm,
-        down_gemm=_gemm(num_rows, num_experts, two_inter // 2, hidden, grouped, triton),
+        down_gemm=_gemm(num_rows, num_experts, down_proj.shape[-1], hidden, grouped, triton),
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
         triton_rows=triton,
         triton_swiglu=swiglu,
@@ -166,6 +170,7 @@ def plan_experts(
             and all(p.is_leaf for p in params)
             and not traced
         ),
+        gated=gated,
         traced=traced,
     )
     forced = {name: value for name, value in _overrides.items() if name in _FIELDS}

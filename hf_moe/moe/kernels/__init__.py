@@ -4,7 +4,10 @@
 - `swiglu`: SwiGLU with the routing weight, forward and backward;
 - `grouped_gemm`: grouped GEMMs with TMA loads (Hopper or newer), the gate/up one with SwiGLU in its epilogue;
 - `decode`: weight-streaming kernels for few rows per expert at inference;
-- `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward.
+- `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward;
+- `product_key_top_k`: product-key routing's two-half top-k and k² merge;
+- `product_key_experts`: the singleton experts of product-key layers (token-centric forward, expert-sorted
+  backward), a torch custom op.
 
 Each launcher is also a torch custom op `hf_moe::<name>` (`library`), which torch.compile and torch.export
 trace as one node. Each module is imported on first attribute access (`kernels.gather.gather_rows(...)`), which
@@ -19,7 +22,11 @@ from types import ModuleType
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
 
-_KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "softmax_top_k")
+_KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "softmax_top_k", "product_key_top_k",
+                   "product_key_experts")
+
+PRODUCT_KEY_ACTIVATIONS = ("silu", "swish", "relu", "relu2")
+"""The activations `product_key_experts` computes (others run the torch path)."""
 
 
 def __getattr__(name: str) -> ModuleType:

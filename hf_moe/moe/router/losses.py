@@ -59,7 +59,6 @@ def switch_loss(
     reduce: Reduction | None = None,
 ) -> torch.Tensor:
     """[`load_balancing_loss`] from the `[E]` slot counts, as `E · (counts · prob_sum) / num_tokens²`."""
-    counts = counts.to(probs.dtype)
     if token_mask is None:
         # the token count is known on the host: no device scalar, no extra kernels (docs/decisions/router-host-ops.md)
         num_tokens = probs.shape[0]
@@ -68,10 +67,23 @@ def switch_loss(
         mask = token_mask.to(probs.dtype)
         num_tokens = mask.sum()
         prob_sum = mask @ probs
+    return switch_loss_from_sums(counts, prob_sum, num_tokens, num_experts, reduce)
+
+
+def switch_loss_from_sums(
+    counts: torch.Tensor,
+    prob_sum: torch.Tensor,
+    num_tokens: int | torch.Tensor,
+    num_experts: int,
+    reduce: Reduction | None = None,
+) -> torch.Tensor:
+    """[`switch_loss`] from the `[E]` slot counts, the `[E]` routing probabilities summed over the real tokens and
+    their number (for routers that sum the probabilities without a `[T, E]` tensor: product keys)."""
+    counts = counts.to(prob_sum.dtype)
     if reduce is not None:
         if not torch.is_tensor(num_tokens):
             # torch.full fills on the device: no host-to-device copy, so the layer stays CUDA-graph capturable
-            num_tokens = torch.full((), num_tokens, dtype=probs.dtype, device=probs.device)
+            num_tokens = torch.full((), num_tokens, dtype=prob_sum.dtype, device=prob_sum.device)
         counts = reduce(counts)
         num_tokens = reduce(num_tokens.detach())
         prob_sum = reduce(prob_sum)

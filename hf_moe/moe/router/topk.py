@@ -55,7 +55,7 @@ def _half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torc
     return logits.view(*x.shape[:-1], weight.shape[0])
 
 
-def _top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_lower_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores.topk(k)` over the last dim, with exactly tied scores going to the lower expert index on every device.
 
     Upcycling with granularity G gives the G experts of a virtual group identical router rows, so their scores are
@@ -102,7 +102,7 @@ class HfMoeRouter(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size)) if self.learned else None
+        self.weight = nn.Parameter(torch.empty(self.num_logits, config.hidden_size)) if self.learned else None
         if config.use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         else:
@@ -112,6 +112,11 @@ class HfMoeRouter(nn.Module):
         self.expert_load: torch.Tensor | None = None
         """Selections per expert since the last `update_expert_bias` (training only; not a buffer, so DDP's
         buffer broadcast leaves each rank's own counts alone)."""
+
+    @property
+    def num_logits(self) -> int:
+        """Rows of the gate `weight`: one logit per expert (routers that score experts otherwise override it)."""
+        return self.config.num_experts
 
     def set_loss_reduction(self, reduce: Reduction | None) -> None:
         """Take the switch load-balancing loss over the tokens of several ranks: `reduce(t)` returns the
@@ -168,7 +173,7 @@ class HfMoeRouter(nn.Module):
         selection = self.selection_scores(logits, scores)
         if self.config.n_group is not None:
             selection = self.limit_to_groups(selection)
-        top_k_values, top_k_index = _top_k(selection, self.top_k)
+        top_k_values, top_k_index = top_k_lower_index_first(selection, self.top_k)
         if self.config.topk_before_softmax:  # softmax over the k chosen logits only
             weights = logits.gather(1, top_k_index).softmax(dim=-1)
         else:
@@ -190,7 +195,7 @@ class HfMoeRouter(nn.Module):
             group_scores = groups.amax(dim=-1)
         else:
             group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(dim=-1)
-        kept = _top_k(group_scores, self.config.topk_group)[1]
+        kept = top_k_lower_index_first(group_scores, self.config.topk_group)[1]
         group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
         return groups.masked_fill(~group_mask[..., None], float("-inf")).view(num_tokens, -1)
 

@@ -1,0 +1,287 @@
+"""Product-key layers (one H200, bf16): hf-moe against FlashMoE's Triton module, peer-pytorch's PEER and a dense
+SwiGLU MLP of the same active parameters; forward, forward+backward, peak memory, outputs checked against each other.
+
+    python -m benchmarks.product_key_peers --flash-moe-git ...     # once, with network: fills .peers/
+    python -m benchmarks product-key --peers .peers                # on the GPU machine
+
+Parts (each row printed and written to the results file):
+- `flash`: FlashMoE's README example (H 1024, shared SwiGLU 4096, E 16,384, k 64, silu, no renormalisation) at each
+  `--tokens`: `FlashMoE` and the hf-moe block holding its weights (`conversions.flash_moe_block_state_dict`,
+  BatchNorm query as FlashMoE), forward (no grad) and forward+backward, peak memory, `rel_err` = ‖y_hf − y_flash‖ /
+  ‖y_flash‖ and ‖y_hf − y_fp32‖ / ‖y_fp32‖ against the same block in float32 on torch's ops;
+- `large`: hf-moe at E = 262,144 (512²), k 64, the same H and shared MLP (`--large-flash` adds FlashMoE there);
+- `peer`: `PEER(dim 1024, heads 8, 16,384 experts, 8 per head, softmax scores, SiLU)` against the hf-moe block with
+  `product_key_heads=8`, k 8, no query norm and no shared expert, holding PEER's weights (its query projection
+  folded into the keys);
+- `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
+  64);
+- `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?).
+
+`rel_err` compares bf16 outputs whose routing may differ on near-ties, so small values (≈1e-2) are expected; the
+float32 comparison is the kernel check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import types
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from conversions import flash_moe_block_state_dict, flash_moe_config_fields
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
+
+from .record import ResultFile
+from .timing import median_and_min
+
+HIDDEN, SHARED, EXPERTS, TOP_K = 1024, 4096, 16384, 64
+
+
+def add_peers(peers: Path) -> None:
+    """FlashMoE's folder and the unpacked wheels on `sys.path`. FlashMoE's `ops/utils.py` maps dtypes to cuTile's
+    at import; where cuTile (`cuda.tile`) is not installed a stand-in with those three names lets it import (its
+    Triton path never reads them)."""
+    sys.path.insert(0, str(peers / "flash_moe"))
+    try:
+        import cuda.tile  # noqa: F401
+    except ImportError:
+        stand_in = types.ModuleType("cuda.tile")
+        stand_in.float32, stand_in.float16, stand_in.bfloat16 = "float32", "float16", "bfloat16"
+        sys.modules.setdefault("cuda", types.ModuleType("cuda"))
+        sys.modules["cuda.tile"] = stand_in
+    site = Path(tempfile.mkdtemp(prefix="pk-peers-"))
+    for wheel in sorted((peers / "wheels").glob("*.whl")):
+        zipfile.ZipFile(wheel).extractall(site)
+    sys.path.insert(0, str(site))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, backward: bool = True) -> dict:
+    """Forward (no grad) and forward+backward median ms, and the peak memory (MiB) of each above what was allocated."""
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+
+    def forward():
+        with torch.no_grad():
+            return first(module(x))
+
+    grad = torch.randn_like(x)
+
+    def train():
+        first(module(x.requires_grad_(True))).backward(grad)
+        x.grad = None
+
+    row = {"module": name}
+    for what, fn in (("fwd", forward), ("fwd_bwd", train)) if backward else (("fwd", forward),):
+        try:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                fn()
+                torch.cuda.synchronize()
+                row[f"{what}_peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+            row[f"{what}_ms"] = round(median_and_min(fn, device, reps)[0] * 1e3, 3)
+        except Exception as error:  # a peer that cannot run a part: recorded, the suite goes on
+            row[f"{what}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+            traceback.print_exc(limit=2)
+        module.zero_grad(set_to_none=True)
+    return row
+
+
+def hf_block(fields: dict, device: str, dtype: torch.dtype) -> HfMoeSparseMoeBlock:
+    config = HfMoeConfig(num_hidden_layers=1, num_attention_heads=8, vocab_size=128, intermediate_size=SHARED,
+                         **fields)
+    config._experts_implementation = "hf_moe_gathered"
+    return HfMoeSparseMoeBlock(config).to(device=device, dtype=dtype)
+
+
+def init_flash(module: nn.Module, hidden: int) -> None:
+    """Tables at std H^-1/2 so that pre-activations are O(1) (FlashMoE's nn.Embedding default, N(0, 1), gives
+    pre-activations of std √H); the router gate at std 1/√H; a few batches of running statistics."""
+    with torch.no_grad():
+        module.down_embed.weight.normal_(0, hidden**-0.5)
+        module.up_embed.weight.normal_(0, hidden**-0.5)
+        module.router_gate.weight.normal_(0, hidden**-0.5)
+        module.router_norm.running_mean.normal_(0, 0.1)
+        module.router_norm.running_var.uniform_(0.8, 1.2)
+
+
+def flash_part(tokens: int, experts: int, reps: int, device: str, with_flash: bool, out: ResultFile,
+               hidden: int = HIDDEN, shared: int = SHARED, top_k: int = TOP_K) -> None:
+    fields = flash_moe_config_fields(hidden, shared, "silu", experts, top_k, norm_topk_prob=False)
+    block = hf_block(fields, device, torch.bfloat16).train()
+    x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+    rows = []
+    if with_flash:
+        from flash_moe.modules.flash_moe import FlashMoE, FlashMoEConfig
+
+        flash = FlashMoE(FlashMoEConfig(hidden, shared, "silu", experts, top_k, norm_topk_prob=False))
+        init_flash(flash, hidden)
+        flash = flash.to(device=device, dtype=torch.bfloat16).train()
+        block.load_state_dict(flash_moe_block_state_dict(flash.state_dict()))
+        with torch.no_grad():
+            y_flash = flash(x)[0]
+        rows.append(measure("flash_moe", flash, x, reps, device))
+    else:
+        with torch.no_grad():
+            block.experts.up_proj.normal_(0, hidden**-0.5)
+            block.experts.down_proj.normal_(0, hidden**-0.5)
+            block.router.weight.normal_(0, hidden**-0.5)
+    with torch.no_grad():
+        y_hf = block(x)
+        reference = hf_block(fields, device, torch.float32).train()
+        reference.load_state_dict(block.state_dict())
+        y_ref = torch_path(reference, x.float())
+    row = measure("hf_moe", block, x, reps, device)
+    row["rel_err_vs_fp32"] = rel_err(y_hf, y_ref)
+    if with_flash:
+        row["rel_err_vs_flash"] = rel_err(y_hf, y_flash)
+        rows[0]["rel_err_vs_fp32"] = rel_err(y_flash, y_ref)
+    rows.append(row)
+    for r in rows:
+        r.update(part="flash" if experts == EXPERTS else "large", tokens=tokens, experts=experts, top_k=top_k)
+        print(r, flush=True)
+        out.write(r)
+
+
+def torch_path(block: HfMoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block on torch's ops only (the Triton kernels switched off): the float32 reference."""
+    from hf_moe.moe import kernels
+
+    saved = kernels.HAS_TRITON
+    kernels.HAS_TRITON = False
+    try:
+        return block(x)
+    finally:
+        kernels.HAS_TRITON = saved
+
+
+def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN, experts: int = EXPERTS,
+              heads: int = 8, per_head: int = 8) -> None:
+    from PEER_pytorch import PEER
+
+    peer = PEER(hidden, heads=heads, num_experts=experts, num_experts_per_head=per_head, non_competing_scores=False,
+                activation=nn.SiLU).to(device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        peer.weight_down_embed.weight.normal_(0, hidden**-0.5)
+        peer.weight_up_embed.weight.normal_(0, hidden**-0.5)
+    fields = dict(hidden_size=hidden, hidden_act="silu", router_type="product_key", num_experts=experts,
+                  num_experts_per_tok=per_head, norm_topk_prob=True, moe_intermediate_size=1, gated_experts=False,
+                  product_key_heads=heads, product_key_query_norm="none")
+    block = hf_block(fields, device, torch.bfloat16).train()
+    num_keys, dim_key = math.isqrt(experts), peer.keys.shape[-1]
+    with torch.no_grad():  # logit (h, p, key) = keys[h, key, p] · W_q[p, h] x
+        w_q = peer.to_queries[0].weight.float().view(2, heads, dim_key, hidden)
+        folded = torch.einsum("hkpd,phdx->hpkx", peer.keys.float(), w_q).reshape(heads * 2 * num_keys, hidden)
+        block.router.weight.copy_(folded)
+        block.experts.up_proj.copy_(peer.weight_down_embed.weight[:, None, :])
+        block.experts.down_proj.copy_(peer.weight_up_embed.weight[:, :, None])
+    x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_peer, y_hf = peer(x), block(x)
+    rows = [measure("peer_pytorch", peer, x, reps, device), measure("hf_moe_peer_config", block, x, reps, device)]
+    rows[1]["rel_err_vs_peer"] = rel_err(y_hf, y_peer)
+    for r in rows:
+        r.update(part="peer", tokens=tokens, experts=experts, heads=heads, per_head=per_head)
+        print(r, flush=True)
+        out.write(r)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(hidden, 2 * inter, bias=False)
+        self.down = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(nn.functional.silu(gate) * up)
+
+
+def dense_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN, shared: int = SHARED,
+               top_k: int = TOP_K) -> None:
+    inter = shared + 64 * math.ceil(2 * top_k / 3 / 64)
+    mlp = SwiGLU(hidden, inter).to(device=device, dtype=torch.bfloat16)
+    x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
+    row = measure("dense_swiglu", mlp, x, reps, device)
+    row.update(part="dense", tokens=tokens, intermediate=inter)
+    print(row, flush=True)
+    out.write(row)
+
+
+def adamw_part(experts: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN) -> None:
+    tables = [nn.Parameter(torch.randn(experts, hidden, device=device, dtype=torch.bfloat16)) for _ in range(2)]
+    for t in tables:
+        t.grad = torch.randn_like(t)
+    optimizer = torch.optim.AdamW(tables, lr=1e-4, fused=device == "cuda")
+    optimizer.step()
+    row = {"part": "adamw", "experts": experts, "step_ms": round(median_and_min(optimizer.step, device, reps)[0] * 1e3,
+                                                                     3),
+           "state_mib": round(sum(s.numel() * s.element_size() for st in optimizer.state.values()
+                                  for s in st.values() if torch.is_tensor(s)) / 2**20, 1)}
+    print(row, flush=True)
+    out.write(row)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", default=os.environ.get("HF_MOE_PEERS", ".peers"))
+    parser.add_argument("--tokens", default="4096,16384")
+    parser.add_argument("--parts", default="flash,dense,large,adamw,peer", help="run in this order")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--large-flash", action="store_true", help="run FlashMoE at E = 262,144 too (very slow)")
+    parser.add_argument("--budget-s", type=float, default=420, help="start no part after this many seconds")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes (checks the suite itself, e.g. on CPU)")
+    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/...)")
+    args = parser.parse_args()
+    add_peers(Path(args.peers))
+    tokens = [int(t) for t in args.tokens.split(",")]
+    parts = args.parts.split(",")
+    shape = dict(hidden=64, shared=128, top_k=4) if args.smoke else {}
+    experts, large = (64, 256) if args.smoke else (EXPERTS, 512 * 512)
+    if args.smoke:
+        tokens = [8]
+    print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
+          flush=True)
+    started = time.monotonic()
+    plan = []  # in --parts order, each part at every --tokens before the next part
+    for part in parts:
+        for t in tokens if part != "adamw" else ():
+            if part == "flash":
+                plan.append(lambda t=t: flash_part(t, experts, args.reps, args.device, True, out, **shape))
+            elif part == "large":
+                plan.append(lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out, **shape))
+            elif part == "peer":
+                plan.append(lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
+                                                  **({"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {})))
+            elif part == "dense":
+                plan.append(lambda t=t: dense_part(t, args.reps, args.device, out, **shape))
+        if part == "adamw":
+            for e in (experts, large):
+                plan.append(lambda e=e: adamw_part(e, args.reps, args.device, out, hidden=shape.get("hidden", HIDDEN)))
+    with ResultFile(__name__, args.out) as out:
+        for step in plan:
+            if time.monotonic() - started > args.budget_s:
+                print(f"budget of {args.budget_s} s spent: skipping the remaining parts", flush=True)
+                break
+            try:
+                step()
+            except Exception:
+                traceback.print_exc()
+            if args.device == "cuda":
+                torch.cuda.empty_cache()
+    return 0

@@ -1,0 +1,115 @@
+"""Quality of product-key layers at equal active parameters and equal tokens (GPU, float32, a few minutes).
+
+A small decoder (H 256, 4 layers) on the standard library's Python sources (byte-level BPE, the quickstart's corpus)
+is trained from scratch three ways for the same steps and batches, and its held-out loss reported:
+
+- `dense`: SwiGLU MLPs of intermediate `I + 2k/3` (the active parameters of the product-key layer);
+- `product_key`: every MLP a product-key layer: a shared SwiGLU of intermediate I plus N² singleton experts, top-k;
+- `peer`: the same with `heads` product-key heads of k/heads experts each (PEER's multi-head form).
+
+    python -m benchmarks product-key-quality --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import math
+import os
+import sysconfig
+import time
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from hf_moe import HfMoeConfig, HfMoeForCausalLM
+
+from .record import ResultFile
+
+
+def corpus_blocks(vocab: int, block: int, max_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token blocks of the standard library's modules (every tenth file held out)."""
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    train, heldout, size = [], [], 0
+    for i, path in enumerate(files):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        (heldout if i % 10 == 0 else train).append(text)
+        size += len(text)
+        if size > max_bytes:
+            break
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(train, trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+
+    def blocks(texts: list[str]) -> torch.Tensor:
+        ids = [i for text in texts for i in tokenizer.encode(text).ids + [0]]
+        n = len(ids) // block
+        return torch.tensor(ids[: n * block]).view(n, block)
+
+    return blocks(train), blocks(heldout)
+
+
+def build(kind: str, args: argparse.Namespace) -> HfMoeForCausalLM:
+    common = dict(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.hidden // 64, max_position_embeddings=args.block, router_aux_loss_coef=0.0)
+    if kind == "dense":
+        inter = args.shared + math.ceil(2 * args.top_k / 3)
+        return HfMoeForCausalLM(HfMoeConfig(**common, intermediate_size=inter, moe_layers=[]))
+    heads = args.heads if kind == "peer" else 1
+    return HfMoeForCausalLM(HfMoeConfig(
+        **common, intermediate_size=args.shared, router_type="product_key", num_experts=args.keys**2,
+        num_experts_per_tok=args.top_k // heads, product_key_heads=heads, norm_topk_prob=kind == "peer",
+        moe_intermediate_size=1, gated_experts=False, num_shared_experts=1, shared_expert_intermediate_size=args.shared,
+    ))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--block", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--shared", type=int, default=512)
+    parser.add_argument("--keys", type=int, default=64, help="N: N² experts per layer")
+    parser.add_argument("--top-k", type=int, default=48)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    train, heldout = corpus_blocks(args.vocab, args.block, args.corpus_bytes)
+    heldout = heldout[:128].to(args.device)
+    print(f"{train.shape[0]} train blocks, {heldout.shape[0]} held-out blocks of {args.block}", flush=True)
+    with ResultFile(__name__, args.out) as out:
+        for kind in ("dense", "product_key", "peer"):
+            torch.manual_seed(0)
+            model = build(kind, args).to(args.device).train()
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+            order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+            started = time.perf_counter()
+            for step in range(args.steps):
+                rows = order[(step * args.batch + torch.arange(args.batch)) % train.shape[0]]
+                batch = train[rows].to(args.device)
+                loss = model(input_ids=batch, labels=batch).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - started
+            model.eval()
+            with torch.no_grad():
+                losses = [model(input_ids=b, labels=b).loss.item() for b in heldout.split(args.batch)]
+            total = sum(p.numel() for p in model.parameters())
+            row = {"model": kind, "heldout_loss": round(sum(losses) / len(losses), 4),
+                   "train_loss_last": round(loss.item(), 4), "params_m": round(total / 1e6, 2),
+                   "tokens": args.steps * args.batch * args.block, "train_s": round(seconds, 1)}
+            print(row, flush=True)
+            out.write(row)
+    return 0

@@ -1,0 +1,235 @@
+"""The singleton experts of product-key layers as Triton kernels, wrapped as the custom op
+`hf_moe::product_key_experts` (with its fake and its autograd, so torch.compile traces it as one node).
+
+`out[t] = Σⱼ w[t, j] · act(up[e]·x[t]) · down[e]` with `e = index[t, j]`, `up` and `down` two `[E, H]` tables.
+
+- Forward, one program per token: the token's k rows of `up` are dotted with x in `[k, BLOCK_H]` tiles (k rows in
+  flight at once), the activation and routing weight are applied to the k scalars, and the k rows of `down` are
+  summed into the output tile by tile. The gathered rows are never written to memory; the pre-activations
+  `[T, k]` (float32) are kept for backward.
+- Backward, token-centric for the inputs (one program per token: `g·down[e]`, then the gradients of the routing
+  weights and pre-activations and `grad_x = Σ grad_h · up[e]`), expert-centric for the tables: the (token, slot)
+  pairs are sorted by expert (stable, on the device), one program per distinct expert (at most `min(E, T·k)`
+  programs, each with work: idle programs exit on their first load) sums its pairs' contributions in sorted order
+  and writes its two rows; rows of experts without tokens stay zero. No atomics: results are deterministic. No host
+  sync anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    if ACT == 0:
+        return h / (1.0 + tl.exp(-h))
+    elif ACT == 1:
+        return tl.maximum(h, 0.0)
+    else:
+        r = tl.maximum(h, 0.0)
+        return r * r
+
+
+@triton.jit
+def _act_grad(h, ACT: tl.constexpr):
+    if ACT == 0:
+        s = 1.0 / (1.0 + tl.exp(-h))
+        return s * (1.0 + h * (1.0 - s))
+    elif ACT == 1:
+        return tl.where(h > 0, 1.0, 0.0)
+    else:
+        return 2.0 * tl.maximum(h, 0.0)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, out_ptr, pre_ptr,
+    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, BLOCK_K)
+    slot_ok = slots < TOP_K
+    experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
+    weights = tl.load(weight_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    cols = tl.arange(0, BLOCK_H)
+    pre = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_H):
+        col_ok = start + cols < hidden
+        x = tl.load(x_ptr + token * hidden + start + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rows = tl.load(up_ptr + experts[:, None] * hidden + start + cols[None, :],
+                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        pre += tl.sum(rows * x[None, :], axis=1)
+    tl.store(pre_ptr + token * TOP_K + slots, pre, mask=slot_ok)
+    coeff = tl.where(slot_ok, _act(pre, ACT) * weights, 0.0)
+    for start in range(0, hidden, BLOCK_H):
+        col_ok = start + cols < hidden
+        rows = tl.load(down_ptr + experts[:, None] * hidden + start + cols[None, :],
+                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        y = tl.sum(rows * coeff[:, None], axis=0)
+        tl.store(out_ptr + token * hidden + start + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _input_backward_kernel(
+    grad_out_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_x_ptr, grad_weight_ptr, grad_pre_ptr,
+    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slots = tl.arange(0, BLOCK_K)
+    slot_ok = slots < TOP_K
+    experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
+    weights = tl.load(weight_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    pre = tl.load(pre_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    cols = tl.arange(0, BLOCK_H)
+    grad_act = tl.zeros([BLOCK_K], dtype=tl.float32)  # g · down[e]
+    for start in range(0, hidden, BLOCK_H):
+        col_ok = start + cols < hidden
+        g = tl.load(grad_out_ptr + token * hidden + start + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rows = tl.load(down_ptr + experts[:, None] * hidden + start + cols[None, :],
+                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        grad_act += tl.sum(rows * g[None, :], axis=1)
+    tl.store(grad_weight_ptr + token * TOP_K + slots, grad_act * _act(pre, ACT), mask=slot_ok)
+    grad_pre = tl.where(slot_ok, grad_act * weights * _act_grad(pre, ACT), 0.0)
+    tl.store(grad_pre_ptr + token * TOP_K + slots, grad_pre, mask=slot_ok)
+    for start in range(0, hidden, BLOCK_H):
+        col_ok = start + cols < hidden
+        rows = tl.load(up_ptr + experts[:, None] * hidden + start + cols[None, :],
+                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        grad_x = tl.sum(rows * grad_pre[:, None], axis=0)
+        tl.store(grad_x_ptr + token * hidden + start + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _table_backward_kernel(
+    x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, run_start_ptr, pre_ptr, weight_ptr, grad_pre_ptr,
+    grad_up_ptr, grad_down_ptr, num_pairs, hidden: tl.constexpr,
+    TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    run = tl.program_id(0)
+    start = tl.load(run_start_ptr + run)
+    live = start < num_pairs  # runs past the number of distinct experts have no work
+    end = tl.load(run_start_ptr + run + 1)
+    expert = tl.load(sorted_expert_ptr + start, mask=live, other=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    for col in range(0, hidden, BLOCK_H):
+        col_ok = col + cols < hidden
+        grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
+        grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for position in range(start, end):
+            pair = tl.load(order_ptr + position)
+            token = pair // TOP_K
+            grad_pre = tl.load(grad_pre_ptr + pair)
+            coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair)
+            x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
+            g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
+            grad_up += grad_pre * x
+            grad_down += coeff * g
+        offs = expert * hidden + col + cols
+        tl.store(grad_up_ptr + offs, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok & live)
+        tl.store(grad_down_ptr + offs, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok & live)
+
+
+def _blocks(top_k: int, hidden: int) -> tuple[int, int]:
+    block_k = max(2, triton.next_power_of_2(top_k))
+    return block_k, max(16, min(triton.next_power_of_2(hidden), 4096 // block_k))
+
+
+@torch.library.custom_op("hf_moe::product_key_experts", mutates_args=())
+def product_key_experts_op(
+    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x [T, H]`, tables `up`, `down [E, H]`, `index [T, k]` (every entry a real expert), `weights [T, k]` float32
+    → `(out [T, H]` in x's dtype, `pre [T, k]` float32 pre-activations, kept for backward`)`."""
+    num_tokens, hidden = x.shape
+    top_k = index.shape[1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    if num_tokens:
+        block_k, block_h = _blocks(top_k, hidden)
+        _forward_kernel[(num_tokens,)](
+            x, up.contiguous(), down.contiguous(), index.contiguous(), weights.contiguous(), out, pre,
+            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h,
+        )
+    return out, pre
+
+
+@product_key_experts_op.register_fake
+def _(x, up, down, index, weights, act):
+    return x.new_empty(x.shape), x.new_empty(index.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_moe::product_key_experts_backward", mutates_args=())
+def product_key_experts_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor,
+    weights: torch.Tensor, pre: torch.Tensor, act: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients `(x, up, down, weights)` of [`product_key_experts_op`]'s output; the tables' gradients are dense
+    `[E, H]` with the untouched rows zero."""
+    num_tokens, hidden = x.shape
+    top_k = index.shape[1]
+    grad_out, x, up, down = grad_out.contiguous(), x.contiguous(), up.contiguous(), down.contiguous()
+    index, weights = index.contiguous(), weights.contiguous()
+    grad_x = torch.empty_like(x)
+    grad_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    grad_pre = torch.empty_like(grad_weights)
+    grad_up, grad_down = torch.zeros_like(up), torch.zeros_like(down)
+    if not num_tokens:
+        return grad_x, grad_up, grad_down, grad_weights
+    block_k, block_h = _blocks(top_k, hidden)
+    code = ACTIVATIONS[act]
+    _input_backward_kernel[(num_tokens,)](
+        grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, hidden,
+        TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h,
+    )
+    # expert-centric table gradients: pairs sorted by expert, one program per distinct expert (run)
+    num_pairs = num_tokens * top_k
+    key_dtype = torch.int32 if up.shape[0] < 2**31 else torch.int64
+    sorted_expert, order = torch.sort(index.reshape(-1).to(key_dtype), stable=True)
+    new_run = torch.ones_like(sorted_expert, dtype=torch.bool)
+    new_run[1:] = sorted_expert[1:] != sorted_expert[:-1]
+    run_id = torch.cumsum(new_run, 0) - 1
+    num_runs = min(up.shape[0], num_pairs)
+    # run_start[r]: first sorted position of run r; entries past the last run keep num_pairs (the end); pairs that
+    # start no run write the spare last slot, which the kernel never reads
+    run_start = torch.full((num_runs + 2,), num_pairs, dtype=torch.int64, device=x.device)
+    positions = torch.arange(num_pairs, device=x.device)
+    run_start.scatter_(0, torch.where(new_run, run_id, num_runs + 1), positions)
+    _table_backward_kernel[(num_runs,)](
+        x, grad_out, order, sorted_expert, run_start, pre, weights, grad_pre, grad_up, grad_down, num_pairs, hidden,
+        TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
+    )
+    return grad_x, grad_up, grad_down, grad_weights
+
+
+@product_key_experts_backward.register_fake
+def _(grad_out, x, up, down, index, weights, pre, act):
+    return x.new_empty(x.shape), up.new_empty(up.shape), down.new_empty(down.shape), weights.new_empty(weights.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, up, down, index, weights, act = inputs
+    ctx.save_for_backward(x, up, down, index, weights, output[1])
+    ctx.act = act
+
+
+def _backward(ctx, grad_out: torch.Tensor, _grad_pre: torch.Tensor | None):
+    x, up, down, index, weights, pre = ctx.saved_tensors
+    grad_x, grad_up, grad_down, grad_weights = product_key_experts_backward(
+        grad_out, x, up, down, index, weights, pre, ctx.act)
+    return grad_x, grad_up, grad_down, None, grad_weights, None
+
+
+product_key_experts_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def product_key_experts(
+    x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, act: str
+) -> torch.Tensor:
+    """`Σⱼ weights[t, j] · act(up[e]·x[t]) · down[e]` (`e = index[t, j]`, every entry a real expert) on CUDA."""
+    return product_key_experts_op(x, up, down, index, weights, act)[0]

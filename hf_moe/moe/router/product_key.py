@@ -1,0 +1,138 @@
+"""Product-key routing (`router_type="product_key"`): FlashMoE's Cartesian-product router and PEER's multi-head
+product keys over N² experts (docs/product_key.md).
+
+Each head's logits are two halves of N; expert `i·N + j` scores `s(i, j) = log_softmax(half₁)[i] +
+log_softmax(half₂)[j]`, so its probability is `p₁[i]·p₂[j]` and the N² probabilities sum to 1. The k best experts
+are found exactly from 2N + k² scores, never the N² of them: if `(i, j)` is among the k best pairs, i is among the
+k best of half 1 (otherwise the k rows ranked above it, each paired with j, would already be k better pairs), and j
+likewise; so the k best of the k² sums of the halves' top-k are the global k best. Ties go to the lower expert
+index, in the halves (lower i / j) and in the merge (lower i·N + j), which keeps the argument exact with ties.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...configuration_hf_moe import HfMoeConfig
+from .. import kernels
+from ..types import RouterOutput
+from .losses import expert_counts, router_z_loss, switch_loss_from_sums
+from .registry import register_router
+from .topk import HfMoeRouter, top_k_lower_index_first
+
+
+def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_probs [..., 2, N]` (each half's log-probabilities) → `(index [..., k] int64, score [..., k])`: the k
+    largest `log_probs[0, i] + log_probs[1, j]` over all N² pairs, as expert `i·N + j`, best first, ties to the lower
+    expert. Differentiable in `score` (a gather of the inputs). On CUDA with Triton (float32, `min(k, N)` ≤ 64) the
+    selection is one kernel (`hf_moe.moe.kernels.product_key_top_k`) that reads the halves once; elsewhere torch
+    ops on `[..., k, k]`."""
+    num_keys = log_probs.shape[-1]
+    if kernels.HAS_TRITON and log_probs.is_cuda and kernels.product_key_top_k.serves(log_probs, k):
+        first, second = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
+    else:
+        first, second = _pairs_torch(log_probs.detach(), k)
+    score = log_probs[..., 0, :].gather(-1, first) + log_probs[..., 1, :].gather(-1, second)
+    return first * num_keys + second, score
+
+
+def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(i [..., k], j [..., k])` of the k best pairs (see [`product_key_top_k`]) with torch ops."""
+    num_keys = log_probs.shape[-1]
+    candidates = min(k, num_keys)
+    values, index = top_k_lower_index_first(log_probs, candidates)  # [..., 2, c]
+    sums = values[..., 0, :, None] + values[..., 1, None, :]  # [..., c, c]
+    experts = index[..., 0, :, None] * num_keys + index[..., 1, None, :]
+    sums, experts = sums.flatten(-2), experts.flatten(-2)
+    by_expert = experts.argsort(dim=-1)  # the merge's ties go to the lower expert: rank candidates in expert order
+    _, best = top_k_lower_index_first(sums.gather(-1, by_expert), k)
+    chosen = experts.gather(-1, by_expert.gather(-1, best))
+    return torch.div(chosen, num_keys, rounding_mode="floor"), chosen % num_keys
+
+
+@register_router("product_key")
+class ProductKeyRouter(HfMoeRouter):
+    """Product-key router over `num_experts = N²` experts (`router_type="product_key"`; FlashMoE, and PEER with
+    `product_key_heads > 1`).
+
+    `logits = W·norm(x)`, `[T, heads·2N]` float32 (`norm`: `product_key_query_norm`); per head the k experts of the
+    largest `p₁[i]·p₂[j]` (found exactly from the halves' top-k, see the module docstring), combined with weights
+    `p₁[i]·p₂[j]`, renormalised over the head's k when `norm_topk_prob` (then equal to PEER's softmax over the k
+    selected key scores), times `routed_scaling_factor`. A token's `heads·k` slots are the heads' k in head order.
+
+    Statistics never build a `[T, N²]` tensor: the switch loss sums `p₁ ⊗ p₂` over tokens into `[N, N]`, the
+    z-loss is taken per half, and the routing entropy is the sum of the halves' entropies (averaged over heads).
+    """
+
+    def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
+        self.num_keys = math.isqrt(config.num_experts)
+        self.num_heads = config.product_key_heads
+        super().__init__(config, layer_idx)
+        norm = config.product_key_query_norm
+        self.norm = nn.BatchNorm1d(config.hidden_size, affine=False) if norm == "batch_norm" else None
+
+    @property
+    def num_logits(self) -> int:
+        return self.num_heads * 2 * self.num_keys
+
+    @property
+    def is_causal(self) -> bool:
+        """Batch statistics (BatchNorm in training) mix the tokens of the batch; everything else is per token."""
+        return not (self.norm is not None and self.training)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`W·norm(x)` in float32 (as [`HfMoeRouter.compute_logits`], after the query normalisation)."""
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        elif self.config.product_key_query_norm == "layer_norm":
+            hidden_states = F.layer_norm(hidden_states, hidden_states.shape[-1:])
+        return super().compute_logits(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        sequence_length: int | None = None,
+    ) -> RouterOutput:
+        num_tokens = hidden_states.shape[0]
+        logits = self.compute_logits(hidden_states)
+        log_probs = logits.view(num_tokens, self.num_heads, 2, self.num_keys).log_softmax(dim=-1)
+        top_k_index, score = product_key_top_k(log_probs, self.top_k)  # [T, heads, k]
+        weights = score.exp()
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.config.routed_scaling_factor != 1.0:
+            weights = weights * self.config.routed_scaling_factor
+        top_k_index, weights = top_k_index.flatten(1), weights.flatten(1)
+        counts = expert_counts(top_k_index, self.num_experts, token_mask)
+        probs = log_probs.exp()
+        mask = None if token_mask is None else token_mask.to(probs.dtype)
+        return RouterOutput(
+            logits=logits,
+            top_k_index=top_k_index,
+            top_k_weights=weights.to(hidden_states.dtype),
+            tokens_per_expert=counts,
+            aux_loss=self.aux_loss(probs, counts, mask),
+            z_loss=router_z_loss(logits.view(num_tokens * 2 * self.num_heads, self.num_keys),
+                                 None if token_mask is None else token_mask.repeat_interleave(2 * self.num_heads)),
+            token_mask=token_mask,
+            token_entropy=-(probs * log_probs).sum(dim=(-2, -1)).mean(dim=-1),
+        )
+
+    def aux_loss(self, probs: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """The switch loss `E · Σₑ fₑ·Pₑ` with `Pₑ` the mean over tokens and heads of `p₁[i]·p₂[j]`, summed as
+        `Σₜ p₁ᵀ p₂` (`[N, N]`, never `[T, N²]`)."""
+        if self.config.router_aux_loss_type == "none":
+            return probs.new_zeros(())
+        first, second = probs[:, :, 0], probs[:, :, 1]  # [T, heads, N]
+        if mask is not None:
+            first = first * mask[:, None, None]
+        prob_sum = torch.einsum("thi,thj->ij", first, second).reshape(-1) / self.num_heads
+        num_tokens = probs.shape[0] if mask is None else mask.sum()
+        return switch_loss_from_sums(counts, prob_sum, num_tokens, self.num_experts, self.loss_reduction)

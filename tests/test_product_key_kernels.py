@@ -1,0 +1,166 @@
+"""The product-key Triton kernels against float64 maths: the two-half top-k + k² merge against brute force over all
+N² pairs (ties included), the singleton experts' forward and backward against a float64 einsum, determinism, no host
+sync, the whole block on CUDA bf16 against the float64 loop of `test_product_key`, torch.compile and opcheck.
+
+Runs on a CUDA device; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1` with Triton installed), and
+skips otherwise (the CI suite has no Triton).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or not (CUDA or INTERPRETED),
+                                reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)")
+DEVICE = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+if INTERPRETED and not CUDA:
+    import triton.runtime.interpreter as _interpreter
+
+    _patch = _interpreter._patch_lang_tensor
+
+    def _patched(tensor, scope):  # numpy >= 2.3 refuses int() of a 1-element array, which the interpreter does
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _patched
+
+ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 2}
+
+
+@pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000)])
+def test_pairs_kernel_equals_brute_force(n, k, levels):
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+
+    torch.manual_seed(0)
+    rows = 3 if INTERPRETED and n > 16 else 6
+    log_probs = torch.randint(0, levels, (rows, 2, 2, n)).float().log_softmax(-1)
+    first, second = product_key_pairs(log_probs.to(DEVICE), k)
+    for t in range(rows):
+        for h in range(2):
+            lp = log_probs[t, h]  # float32 sums, as the kernel forms them
+            want = sorted(((float(lp[0, i] + lp[1, j]), i * n + j) for i in range(n) for j in range(n)),
+                          key=lambda p: (-p[0], p[1]))[:k]
+            got = (first[t, h] * n + second[t, h]).cpu().tolist()
+            assert got == [e for _, e in want], (t, h)
+
+
+@pytest.mark.parametrize("act", list(ACTS))
+def test_experts_kernel_forward_and_backward_equal_float64(act):
+    from hf_moe.moe.kernels.product_key_experts import product_key_experts
+
+    torch.manual_seed(0)
+    tokens, hidden, experts, top_k = (6, 40, 9, 4) if INTERPRETED else (300, 1024, 4096, 64)
+    dtype = torch.float32 if INTERPRETED else torch.bfloat16
+    x = (torch.randn(tokens, hidden) / 2).to(DEVICE, dtype).requires_grad_()
+    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE, dtype).requires_grad_()
+    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE, dtype).requires_grad_()
+    index = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
+    index[0, 1] = index[0, 0]  # a token choosing one expert twice
+    weights = torch.rand(tokens, top_k, device=DEVICE, requires_grad=True)
+    out = product_key_experts(x, up, down, index, weights, act)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, up, down, weights), grad)
+    ref = [t.detach().double().cpu().requires_grad_() for t in (x, up, down, weights)]
+    i = index.cpu()
+    want_out = torch.einsum("tk,tkh->th", ACTS[act](torch.einsum("tkh,th->tk", ref[1][i], ref[0])) * ref[3], ref[2][i])
+    want = torch.autograd.grad(want_out, ref, grad.double().cpu())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, g, w in zip(("out", "x", "up", "down", "weights"), (out, *got), (want_out, *want)):
+        err = ((g.double().cpu() - w).norm() / w.norm()).item()
+        assert err < tol, f"{name}: relative error {err:.2e}"
+    again = torch.autograd.grad(product_key_experts(x, up, down, index, weights, act), (x, up, down, weights), grad)
+    for g, h in zip(got, again):
+        assert torch.equal(g, h), "backward is not deterministic"
+    untouched = torch.ones(experts, dtype=torch.bool, device=DEVICE)
+    untouched[index.unique()] = False
+    assert got[1][untouched].abs().sum() == 0 and got[2][untouched].abs().sum() == 0
+
+
+@requires_cuda
+def test_cuda_block_equals_float64_loop_with_no_host_sync():
+    from hf_moe import HfMoeSparseMoeBlock
+
+    from .test_product_key import _config, layer_loop
+
+    torch.manual_seed(0)
+    config = _config(hidden_act="silu", hidden_size=64, num_experts=256, num_experts_per_tok=16)
+    config._experts_implementation = "hf_moe_gathered"
+    block64 = HfMoeSparseMoeBlock(config).double()
+    with torch.no_grad():
+        for p in block64.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(40, 64, dtype=torch.float64)
+    want = layer_loop(block64, x, config)
+    block = HfMoeSparseMoeBlock(config).cuda().bfloat16()
+    block.load_state_dict(block64.state_dict())
+    xb = x.cuda().bfloat16().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = block(xb)
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    err = ((out.double().cpu() - want).norm() / want.norm()).item()
+    assert err < 3e-2, err
+    assert block.experts.up_proj.grad is not None and block.router.weight.grad is not None
+
+
+@requires_cuda
+def test_cuda_compiled_block_has_no_graph_break_and_equals_float64():
+    """Compiled and eager bf16 blocks may pick different experts on near-ties (Inductor rounds the router's
+    normalisation differently), so each is compared with the float64 loop by relative norm, not with each other."""
+    from hf_moe import HfMoeSparseMoeBlock
+
+    from .test_product_key import _config, layer_loop
+
+    torch.manual_seed(0)
+    config = _config(hidden_act="relu2", hidden_size=64, num_experts=1024, num_experts_per_tok=16)
+    config._experts_implementation = "hf_moe_gathered"
+    block64 = HfMoeSparseMoeBlock(config).double()
+    with torch.no_grad():  # the block alone is not initialised (a model's _init_weights does that)
+        for p in block64.parameters():
+            p.normal_(0, 0.2)
+    block = HfMoeSparseMoeBlock(config).cuda().bfloat16()
+    block.load_state_dict(block64.state_dict())
+    x = torch.randn(2, 33, 64, device="cuda", dtype=torch.bfloat16)
+    want = layer_loop(block64, x.double().cpu().view(-1, 64), config).view(2, 33, 64)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(block)(x)
+    assert explanation.graph_break_count == 0, [r.reason for r in explanation.break_reasons]
+    compiled = torch.compile(block, fullgraph=True)
+    x_compiled, x_eager = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, eager = compiled(x_compiled), block(x_eager)
+    for name, out in (("compiled", got), ("eager", eager)):
+        err = ((out.double().cpu() - want).norm() / want.norm()).item()
+        assert err < 3e-2, f"{name}: relative error {err:.2e} against float64"
+    got.float().square().sum().backward()
+    eager.float().square().sum().backward()
+    err = ((x_compiled.grad - x_eager.grad).float().norm() / x_eager.grad.float().norm()).item()
+    assert err < 5e-2, f"input gradient, compiled vs eager: relative error {err:.2e}"
+
+
+@requires_cuda
+def test_cuda_custom_ops_pass_opcheck():
+    from hf_moe.moe.kernels.product_key_experts import product_key_experts_op
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 64, device="cuda", requires_grad=True)
+    up = torch.randn(100, 64, device="cuda", requires_grad=True)
+    down = torch.randn(100, 64, device="cuda", requires_grad=True)
+    index = torch.randint(0, 100, (8, 4), device="cuda")
+    weights = torch.rand(8, 4, device="cuda", requires_grad=True)
+    torch.library.opcheck(product_key_experts_op, (x, up, down, index, weights, "silu"),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    torch.library.opcheck(product_key_pairs, (torch.randn(8, 2, 2, 10, device="cuda").log_softmax(-1), 5),
+                          test_utils=("test_schema", "test_faketensor"))
