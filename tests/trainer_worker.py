@@ -118,6 +118,9 @@ def _fsdp2(trainer: Trainer) -> None:
 if __name__ == "__main__":
     if sys.argv[2] in ("ep", "fsdp"):
         expert_parallel_step(sys.argv[1], fsdp=sys.argv[2] == "fsdp")
+        # Every rank leaves the group together: a rank exiting while gloo's threads still serve the other aborts.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
         sys.exit(0)
     out, grad_accum, batch_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     grads, seen = aux_gradient(1234, grad_accum, batch_size)
