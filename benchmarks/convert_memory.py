@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from .record import ResultFile
-from .upcycle_memory import peak_rss, rss_now, same_tensors
+from .rss import print_table, report_step, run_child, same_tensors, save_in_memory_shards
 
-REPO = Path(__file__).resolve().parent.parent
 SHARD_BYTES = 10**9
 
 
@@ -83,9 +80,8 @@ def naive(src: Path, out: Path, args: argparse.Namespace) -> None:
     import re
 
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from conversions.safetensors_io import parse_size, shard_file_names
     from hf_moe.interop import ForeignCheckpoint
 
     config = ForeignCheckpoint.open(src).hf_moe_config()
@@ -104,21 +100,7 @@ def naive(src: Path, out: Path, args: argparse.Namespace) -> None:
             for e in range(config.num_experts)])
         state[p + "experts.down_proj"] = torch.stack([source[f"{p}experts.{e}.down_proj.weight"]
                                                       for e in range(config.num_experts)])
-    limit, shards, size = parse_size(args.max_shard_size), [{}], 0
-    for name, tensor in state.items():
-        if shards[-1] and size + tensor.nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
-    out.mkdir()
-    config.save_pretrained(out)
-    files = shard_file_names(len(shards))
-    for file, shard in zip(files, shards):
-        save_file(shard, out / file, metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_in_memory_shards(state, config, out, args.max_shard_size)
 
 
 def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
@@ -130,21 +112,8 @@ def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
 def child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> None:
     import conversions.converting  # noqa: F401  (imports torch and transformers before the baseline is taken)
 
-    baseline = rss_now()
-    start = time.perf_counter()
-    {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode](src, out, args)
-    seconds = time.perf_counter() - start
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(json.dumps({"mode": mode, "peak_rss": peak_rss(), "baseline_rss": baseline, "seconds": seconds,
-                      "bytes_written": written}))
-
-
-def run_child(mode: str, src: Path, out: Path, argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks", "convert-memory", *argv, "--child", mode, str(src), str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    step = {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode]
+    report_step(mode, lambda: step(src, out, args), out)
 
 
 def main() -> None:
@@ -166,7 +135,7 @@ def main() -> None:
     argv = sys.argv[1:]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        gen = run_child("generate", tmp, tmp / "qwen3_moe", argv)
+        gen = run_child("convert-memory", "generate", tmp, tmp / "qwen3_moe", argv)
         params = gen["bytes_written"] // 2
         print(f"source: random Qwen3-MoE, {params / 1e9:.2f}B parameters, {gen['bytes_written'] / 1e9:.2f} GB bf16 in "
               f"~{SHARD_BYTES / 1e9:.0f} GB shards (H={args.hidden}, I={args.moe_intermediate}, {args.experts} experts, "
@@ -176,15 +145,12 @@ def main() -> None:
                       "experts": args.experts, "moe_intermediate": args.moe_intermediate})
         results = {}
         for mode in ("streaming", "naive"):
-            results[mode] = run_child(mode, tmp / "qwen3_moe", tmp / mode, argv)
+            results[mode] = run_child("convert-memory", mode, tmp / "qwen3_moe", tmp / mode, argv)
             print(json.dumps(results[mode]), flush=True)
             record.write(results[mode])
         print(f"outputs identical: {same_tensors(tmp / 'streaming', tmp / 'naive')} tensors compared")
         s, n = results["streaming"], results["naive"]
-        print(f"{'path':<10} {'peak RSS':>10} {'above imports':>14} {'time':>8}")
-        for mode, r in results.items():
-            print(f"{mode:<10} {r['peak_rss'] / 2**30:>8.2f}GiB {(r['peak_rss'] - r['baseline_rss']) / 2**30:>11.2f}GiB "
-                  f"{r['seconds']:>7.1f}s")
+        print_table(results)
         print(f"streaming above imports = {(s['peak_rss'] - s['baseline_rss']) / SHARD_BYTES:.2f} source shards; "
               f"naive / streaming peak RSS {n['peak_rss'] / s['peak_rss']:.1f}x, time {n['seconds'] / s['seconds']:.2f}x")
         record.close()

@@ -17,27 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from .record import ResultFile
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def rss_now() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+from .rss import print_table, report_step, run_child, same_tensors, save_in_memory_shards
 
 
 def generate(path: Path, args: argparse.Namespace) -> None:
@@ -88,10 +73,9 @@ def _flush(path: Path, groups: list[dict], last: bool = False) -> None:
 def naive(src: Path, out: Path, args: argparse.Namespace) -> None:
     """Everything in memory: all source tensors, then the whole MoE state dict, then shard-by-shard save_file."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from conversions.init_methods import router_normal
-    from conversions.safetensors_io import parse_size, shard_file_names
     from conversions.sources import DenseSource, expected_shapes
     from conversions.upcycling import UpcycleConfig, _output_config, _validate
 
@@ -115,21 +99,7 @@ def naive(src: Path, out: Path, args: argparse.Namespace) -> None:
             state[name] = torch.stack([gate_up] * args.experts)
         elif name.endswith("down_proj"):
             state[name] = torch.stack([dense[prefix + "down_proj.weight"]] * args.experts)
-    limit, shards, size = parse_size(args.max_shard_size), [{}], 0
-    for name, tensor in state.items():
-        if shards[-1] and size + tensor.nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += tensor.nbytes
-    out.mkdir()
-    config.save_pretrained(out)
-    files = shard_file_names(len(shards))
-    for file, shard in zip(files, shards):
-        save_file(shard, out / file, metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
-        (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_in_memory_shards(state, config, out, args.max_shard_size)
 
 
 def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
@@ -142,36 +112,8 @@ def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
 def child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> None:
     import conversions  # noqa: F401  (imports torch and transformers before the baseline is taken)
 
-    baseline = rss_now()
-    start = time.perf_counter()
-    {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode](src, out, args)
-    seconds = time.perf_counter() - start
-    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(json.dumps({"mode": mode, "peak_rss": peak_rss(), "baseline_rss": baseline, "seconds": seconds,
-                      "bytes_written": written}))
-
-
-def run_child(mode: str, src: Path, out: Path, argv: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks", "upcycle-memory", *argv, "--child", mode, str(src), str(out)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def same_tensors(a: Path, b: Path) -> int:
-    """Compare every tensor of two checkpoints one at a time; returns how many were compared."""
-    import torch
-
-    from conversions.safetensors_io import SafetensorsReader
-
-    ra, rb = SafetensorsReader(a), SafetensorsReader(b)
-    if set(ra.tensors) != set(rb.tensors):
-        raise SystemExit(f"outputs hold different tensors: {sorted(set(ra.tensors) ^ set(rb.tensors))[:5]}")
-    for name in ra.tensors:
-        if not torch.equal(ra.get(name), rb.get(name)):
-            raise SystemExit(f"outputs differ in {name}")
-    return len(ra.tensors)
+    step = {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode]
+    report_step(mode, lambda: step(src, out, args), out)
 
 
 def main() -> None:
@@ -194,7 +136,7 @@ def main() -> None:
     argv = sys.argv[1:]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         tmp = Path(tmp)
-        gen = run_child("generate", tmp, tmp / "dense", argv)
+        gen = run_child("upcycle-memory", "generate", tmp, tmp / "dense", argv)
         params = gen["bytes_written"] // 2
         print(f"source: random Llama, {params / 1e9:.2f}B parameters, {gen['bytes_written'] / 1e9:.2f} GB bf16 "
               f"(H={args.hidden}, I={args.intermediate}, {args.layers} layers); upcycling to {args.experts} experts, "
@@ -205,16 +147,13 @@ def main() -> None:
                       "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                       "moe_layers": args.moe_layers})
         for mode in ("streaming", "naive"):
-            results[mode] = run_child(mode, tmp / "dense", tmp / mode, argv)
+            results[mode] = run_child("upcycle-memory", mode, tmp / "dense", tmp / mode, argv)
             print(json.dumps(results[mode]), flush=True)
             record.write(results[mode])
         compared = same_tensors(tmp / "streaming", tmp / "naive")
         print(f"outputs identical: {compared} tensors compared")
         s, n = results["streaming"], results["naive"]
-        print(f"{'path':<10} {'peak RSS':>10} {'above imports':>14} {'time':>8} {'write GB/s':>11}")
-        for mode, r in results.items():
-            print(f"{mode:<10} {r['peak_rss'] / 2**30:>8.2f}GiB {(r['peak_rss'] - r['baseline_rss']) / 2**30:>11.2f}GiB "
-                  f"{r['seconds']:>7.1f}s {r['bytes_written'] / r['seconds'] / 1e9:>11.3f}")
+        print_table(results, write_rate=True)
         print(f"output {s['bytes_written'] / 1e9:.2f} GB; naive / streaming: peak RSS "
               f"{n['peak_rss'] / s['peak_rss']:.1f}x (above imports "
               f"{(n['peak_rss'] - n['baseline_rss']) / max(1, s['peak_rss'] - s['baseline_rss']):.1f}x), "

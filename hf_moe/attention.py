@@ -46,6 +46,33 @@ def apply_partial_rotary_pos_emb(
     return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
 
 
+def attend(
+    module: nn.Module,
+    query_states: torch.Tensor,
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of `[B, heads, S, ·]` queries, keys and values through transformers' attention interface (the kernel
+    `module.config._attn_implementation` names), with the module's `scaling` and, in training, its
+    `attention_dropout`: (output `[B, S, heads · v_dim]`, attention weights or None)."""
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+        module.config._attn_implementation, eager_attention_forward
+    )
+    attn_output, attn_weights = attention_interface(
+        module,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout,
+        scaling=module.scaling,
+        **kwargs,
+    )
+    return attn_output.reshape(*attn_output.shape[:-2], -1).contiguous(), attn_weights
+
+
 class HfMoeAttention(nn.Module):
     """Grouped-query attention with RoPE (possibly partial), optional biases (Llama / Qwen2), q/k norm per head (Qwen3)
     or per projection (OLMoE), sliding window."""
@@ -99,19 +126,7 @@ class HfMoeAttention(nn.Module):
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+        attn_output, attn_weights = attend(
+            self, query_states, key_states, value_states, attention_mask, sliding_window=self.sliding_window, **kwargs
         )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         return self.o_proj(attn_output), attn_weights

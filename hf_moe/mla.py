@@ -10,15 +10,13 @@ keys and values. Parameter names are DeepSeek's, so its checkpoints map one to o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import HfMoeRMSNorm
+from .attention import HfMoeRMSNorm, attend
 from .configuration_hf_moe import HfMoeConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -112,18 +110,5 @@ class HfMoeMultiHeadLatentAttention(nn.Module):
         key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         query_states = torch.cat((q_nope, q_rope), dim=-1)
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
-        attn_output, attn_weights = attention_interface(
-            self,
-            query_states,
-            key_states,
-            value_states,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            **kwargs,
-        )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, **kwargs)
         return self.o_proj(attn_output), attn_weights

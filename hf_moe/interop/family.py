@@ -153,6 +153,52 @@ def dense_and_moe_layers(cfg: HfMoeConfig) -> tuple[list[int], list[int]]:
     return [i for i in range(cfg.num_hidden_layers) if i not in moe], moe
 
 
+# DeepSeek-style routed MoE (DeepSeek-V3, GLM-4-MoE): the first `first_k_dense_replace` layers dense, then MoE layers
+# with sigmoid scores, a selection-only expert bias, group-limited top-k, routed scaling and ungated shared experts;
+# the multi-token-prediction layers after the last layer are not part of the causal LM.
+DEEPSEEK_MOE_HANDLED = frozenset({
+    "intermediate_size", "moe_intermediate_size", "n_routed_experts", "num_local_experts", "first_k_dense_replace",
+    "n_shared_experts", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "num_nextn_predict_layers",
+    "num_mtp_layers"})
+
+
+def deepseek_moe_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
+    """The DeepSeek-style routed-MoE fields of a foreign config, as `HfMoeConfig` keyword arguments."""
+    return {
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "num_experts": cfg.n_routed_experts,
+        "first_k_dense": cfg.first_k_dense_replace or 0,
+        "num_shared_experts": cfg.n_shared_experts,
+        "scoring_func": "sigmoid",
+        "use_expert_bias": True,
+        "n_group": cfg.n_group,
+        "topk_group": cfg.topk_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": bool(cfg.norm_topk_prob),
+        "router_aux_loss_type": "none",
+    }
+
+
+def deepseek_moe_from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
+    """The DeepSeek-style routed-MoE fields of an hf-moe config, as the foreign config's keyword arguments (no
+    multi-token-prediction layers). The caller has checked that the config is DeepSeek-style."""
+    dense, _ = dense_and_moe_layers(cfg)
+    n_group = cfg.n_group or 1
+    return {
+        "intermediate_size": cfg.intermediate_size,
+        "moe_intermediate_size": cfg.moe_intermediate_size,
+        "n_routed_experts": cfg.num_experts,
+        "first_k_dense_replace": len(dense),
+        "n_shared_experts": cfg.num_shared_experts,
+        "n_group": n_group,
+        "topk_group": cfg.topk_group or n_group,
+        "routed_scaling_factor": cfg.routed_scaling_factor,
+        "norm_topk_prob": cfg.norm_topk_prob,
+        "num_nextn_predict_layers": 0,
+    }
+
+
 def signature(cfg: HfMoeConfig) -> dict[str, Any]:
     """What an hf-moe config computes at inference, in canonical form: two configs with equal signatures compute
     the same function from the same tensors. Training-only settings (loss coefficients, noise, bias update rate,

@@ -20,10 +20,13 @@ from transformers import PretrainedConfig
 from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
+    DEEPSEEK_MOE_HANDLED,
     MoeFamily,
     beyond_last_layer,
     common_from_hf_moe,
     common_to_hf_moe,
+    deepseek_moe_from_hf_moe,
+    deepseek_moe_to_hf_moe,
     dense_and_moe_layers,
     refuse,
 )
@@ -44,18 +47,7 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
         **{name: getattr(cfg, name) for name in _MLA_FIELDS},
         "rope_interleave": bool(cfg.rope_interleave),
         "attention_bias": cfg.attention_bias,
-        "intermediate_size": cfg.intermediate_size,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "num_experts": cfg.n_routed_experts,
-        "first_k_dense": cfg.first_k_dense_replace or 0,
-        "num_shared_experts": cfg.n_shared_experts,
-        "scoring_func": "sigmoid",
-        "use_expert_bias": True,
-        "n_group": cfg.n_group,
-        "topk_group": cfg.topk_group,
-        "routed_scaling_factor": cfg.routed_scaling_factor,
-        "norm_topk_prob": bool(cfg.norm_topk_prob),
-        "router_aux_loss_type": "none",
+        **deepseek_moe_to_hf_moe(cfg),
     }
 
 
@@ -93,16 +85,7 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         **{name: getattr(cfg, name) for name in _MLA_FIELDS},
         "rope_interleave": cfg.rope_interleave,
         "attention_bias": cfg.attention_bias,
-        "intermediate_size": cfg.intermediate_size,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "n_routed_experts": cfg.num_experts,
-        "first_k_dense_replace": len(dense),
-        "n_shared_experts": cfg.num_shared_experts,
-        "n_group": n_group,
-        "topk_group": cfg.topk_group or n_group,
-        "routed_scaling_factor": cfg.routed_scaling_factor,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "num_nextn_predict_layers": 0,
+        **deepseek_moe_from_hf_moe(cfg),
     }
 
 
@@ -111,10 +94,7 @@ DEEPSEEK_V3 = MoeFamily(
     architecture="DeepseekV3ForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | set(_MLA_FIELDS) | set(_ASSUMED) | {
-        "qk_head_dim", "rope_interleave", "attention_bias", "intermediate_size", "moe_intermediate_size",
-        "n_routed_experts", "num_local_experts", "first_k_dense_replace", "n_shared_experts", "n_group", "topk_group",
-        "routed_scaling_factor", "norm_topk_prob", "num_nextn_predict_layers", "num_mtp_layers", "pretraining_tp",
-        "ep_size", "aux_loss_alpha", "seq_aux"},
+    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(_MLA_FIELDS) | set(_ASSUMED) | {
+        "qk_head_dim", "rope_interleave", "attention_bias", "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux"},
     ignored=beyond_last_layer,
 )

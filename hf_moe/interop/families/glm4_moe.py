@@ -16,10 +16,13 @@ from transformers import PretrainedConfig
 from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
+    DEEPSEEK_MOE_HANDLED,
     MoeFamily,
     beyond_last_layer,
     common_from_hf_moe,
     common_to_hf_moe,
+    deepseek_moe_from_hf_moe,
+    deepseek_moe_to_hf_moe,
     dense_and_moe_layers,
     refuse,
 )
@@ -28,20 +31,9 @@ from ..family import (
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     return {
         **common_to_hf_moe(cfg),
-        "intermediate_size": cfg.intermediate_size,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "num_experts": cfg.n_routed_experts,
-        "first_k_dense": cfg.first_k_dense_replace,
-        "num_shared_experts": cfg.n_shared_experts,
-        "scoring_func": "sigmoid",
-        "use_expert_bias": True,
-        "n_group": cfg.n_group,
-        "topk_group": cfg.topk_group,
-        "routed_scaling_factor": cfg.routed_scaling_factor,
-        "norm_topk_prob": cfg.norm_topk_prob,
+        **deepseek_moe_to_hf_moe(cfg),
         "qkv_bias": cfg.attention_bias,
         "qk_norm": cfg.use_qk_norm,
-        "router_aux_loss_type": "none",
     }
 
 
@@ -64,21 +56,11 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
         raise refuse("glm4_moe", "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
                      "GLM-4-MoE's shared experts are n_shared_experts·moe_intermediate_size wide")
-    n_group = cfg.n_group or 1
     return {
         **common_from_hf_moe(cfg),
-        "intermediate_size": cfg.intermediate_size,
-        "moe_intermediate_size": cfg.moe_intermediate_size,
-        "n_routed_experts": cfg.num_experts,
-        "first_k_dense_replace": len(dense),
-        "n_shared_experts": cfg.num_shared_experts,
-        "n_group": n_group,
-        "topk_group": cfg.topk_group or n_group,
-        "routed_scaling_factor": cfg.routed_scaling_factor,
-        "norm_topk_prob": cfg.norm_topk_prob,
+        **deepseek_moe_from_hf_moe(cfg),
         "attention_bias": cfg.qkv_bias,
         "use_qk_norm": cfg.qk_norm,
-        "num_nextn_predict_layers": 0,
     }
 
 
@@ -87,10 +69,6 @@ GLM4_MOE = MoeFamily(
     architecture="Glm4MoeForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | {"intermediate_size", "moe_intermediate_size", "n_routed_experts",
-                                     "num_local_experts", "first_k_dense_replace", "n_shared_experts", "n_group",
-                                     "topk_group", "routed_scaling_factor", "norm_topk_prob", "attention_bias",
-                                     "use_qk_norm", "num_nextn_predict_layers", "num_mtp_layers",
-                                     "partial_rotary_factor"},
+    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | {"attention_bias", "use_qk_norm", "partial_rotary_factor"},
     ignored=beyond_last_layer,
 )
