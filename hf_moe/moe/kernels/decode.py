@@ -93,7 +93,7 @@ def _block_m(rows: int, num_experts: int) -> int:
     return min(128, max(16, triton.next_power_of_2(triton.cdiv(3 * rows, 2 * num_experts))))
 
 
-def _decode_experts_forward(
+def _decode_experts_forward_launcher(
     hidden_states: torch.Tensor,
     gate_up_proj: torch.Tensor,
     down_proj: torch.Tensor,
@@ -101,9 +101,12 @@ def _decode_experts_forward(
     order: torch.Tensor,
     position: torch.Tensor,
     offsets: torch.Tensor,
-    block: tuple[int, int, int, int] | None = None,
+    block: list[int] | None = None,
 ) -> torch.Tensor:
-    """[`decode_experts_forward`] with the given or the default block sizes."""
+    """`out[t] = Σ_slots weight · down(silu(gate(x)) ⊙ up(x))` for `hidden_states [T, H]` and the expert-sorted
+    slots (`order`, `position`, `offsets` as `sort_by_expert` returns them). `gate_up_proj [E, 2I, H]` and
+    `down_proj [E, H, I]` may have any strides. `block` overrides `(BLOCK_N, BLOCK_K, num_warps, num_stages)`
+    (for sweeps)."""
     num_tokens, hidden = hidden_states.shape
     num_experts, inter = gate_up_proj.shape[0], down_proj.shape[-1]
     top_k = top_k_weights.shape[-1]
@@ -127,40 +130,7 @@ def _decode_experts_forward(
     return gather_sum(y, position, offsets, num_tokens)
 
 
-def _decode_experts_forward_default(
-    hidden_states: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    order: torch.Tensor,
-    position: torch.Tensor,
-    offsets: torch.Tensor,
-) -> torch.Tensor:
-    return _decode_experts_forward(hidden_states, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
-
-
-_decode_experts_forward_op = register_kernel_op(
-    "decode_experts_forward", _decode_experts_forward_default,
-    lambda hidden_states, *_: torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
+decode_experts_forward = register_kernel_op(
+    "decode_experts_forward", _decode_experts_forward_launcher,
+    lambda hidden_states, *_, **__: torch.empty_like(hidden_states, memory_format=torch.contiguous_format),
 )
-
-
-def decode_experts_forward(
-    hidden_states: torch.Tensor,
-    gate_up_proj: torch.Tensor,
-    down_proj: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    order: torch.Tensor,
-    position: torch.Tensor,
-    offsets: torch.Tensor,
-    block: tuple[int, int, int, int] | None = None,
-) -> torch.Tensor:
-    """`out[t] = Σ_slots weight · down(silu(gate(x)) ⊙ up(x))` for `hidden_states [T, H]` and the expert-sorted
-    slots (`order`, `position`, `offsets` as `sort_by_expert` returns them). `gate_up_proj [E, 2I, H]` and
-    `down_proj [E, H, I]` may have any strides. `block` overrides `(BLOCK_N, BLOCK_K, num_warps, num_stages)`
-    (for sweeps; eager mode only)."""
-    if block is not None:
-        return _decode_experts_forward(
-            hidden_states, gate_up_proj, down_proj, top_k_weights, order, position, offsets, block
-        )
-    return _decode_experts_forward_op(hidden_states, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
