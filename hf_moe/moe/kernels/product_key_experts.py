@@ -47,6 +47,33 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 @triton.jit
+def _rows_dot(table_ptr, experts, slot_ok, vec_ptr, hidden: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_H: tl.constexpr):
+    """`[BLOCK_K]` float32: each slot's table row dotted with the `hidden` vector at `vec_ptr`, tile by tile."""
+    cols = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for start in range(0, hidden, BLOCK_H):
+        col_ok = start + cols < hidden
+        v = tl.load(vec_ptr + start + cols, mask=col_ok, other=0.0).to(tl.float32)
+        rows = tl.load(table_ptr + experts[:, None] * hidden + start + cols[None, :],
+                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(rows * v[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _store_rows_combined(table_ptr, experts, slot_ok, coeff, out_ptr, hidden: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Write `Σ_slots coeff · table[expert]` (the slots' rows weighted, summed) to the `hidden` vector at `out_ptr`."""
+    cols = tl.arange(0, BLOCK_H)
+    for start in range(0, hidden, BLOCK_H):
+        col_ok = start + cols < hidden
+        rows = tl.load(table_ptr + experts[:, None] * hidden + start + cols[None, :],
+                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+        y = tl.sum(rows * coeff[:, None], axis=0)
+        tl.store(out_ptr + start + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _forward_kernel(
     x_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, out_ptr, pre_ptr,
     hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -56,22 +83,10 @@ def _forward_kernel(
     slot_ok = slots < TOP_K
     experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
     weights = tl.load(weight_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
-    cols = tl.arange(0, BLOCK_H)
-    pre = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for start in range(0, hidden, BLOCK_H):
-        col_ok = start + cols < hidden
-        x = tl.load(x_ptr + token * hidden + start + cols, mask=col_ok, other=0.0).to(tl.float32)
-        rows = tl.load(up_ptr + experts[:, None] * hidden + start + cols[None, :],
-                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        pre += tl.sum(rows * x[None, :], axis=1)
+    pre = _rows_dot(up_ptr, experts, slot_ok, x_ptr + token * hidden, hidden, BLOCK_K, BLOCK_H)
     tl.store(pre_ptr + token * TOP_K + slots, pre, mask=slot_ok)
     coeff = tl.where(slot_ok, _act(pre, ACT) * weights, 0.0)
-    for start in range(0, hidden, BLOCK_H):
-        col_ok = start + cols < hidden
-        rows = tl.load(down_ptr + experts[:, None] * hidden + start + cols[None, :],
-                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        y = tl.sum(rows * coeff[:, None], axis=0)
-        tl.store(out_ptr + token * hidden + start + cols, y.to(out_ptr.dtype.element_ty), mask=col_ok)
+    _store_rows_combined(down_ptr, experts, slot_ok, coeff, out_ptr + token * hidden, hidden, BLOCK_H)
 
 
 @triton.jit
@@ -85,23 +100,12 @@ def _input_backward_kernel(
     experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
     weights = tl.load(weight_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     pre = tl.load(pre_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
-    cols = tl.arange(0, BLOCK_H)
-    grad_act = tl.zeros([BLOCK_K], dtype=tl.float32)  # g · down[e]
-    for start in range(0, hidden, BLOCK_H):
-        col_ok = start + cols < hidden
-        g = tl.load(grad_out_ptr + token * hidden + start + cols, mask=col_ok, other=0.0).to(tl.float32)
-        rows = tl.load(down_ptr + experts[:, None] * hidden + start + cols[None, :],
-                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        grad_act += tl.sum(rows * g[None, :], axis=1)
+    grad_act = _rows_dot(down_ptr, experts, slot_ok, grad_out_ptr + token * hidden, hidden, BLOCK_K,
+                         BLOCK_H)  # g · down[e]
     tl.store(grad_weight_ptr + token * TOP_K + slots, grad_act * _act(pre, ACT), mask=slot_ok)
     grad_pre = tl.where(slot_ok, grad_act * weights * _act_grad(pre, ACT), 0.0)
     tl.store(grad_pre_ptr + token * TOP_K + slots, grad_pre, mask=slot_ok)
-    for start in range(0, hidden, BLOCK_H):
-        col_ok = start + cols < hidden
-        rows = tl.load(up_ptr + experts[:, None] * hidden + start + cols[None, :],
-                       mask=slot_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        grad_x = tl.sum(rows * grad_pre[:, None], axis=0)
-        tl.store(grad_x_ptr + token * hidden + start + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=col_ok)
+    _store_rows_combined(up_ptr, experts, slot_ok, grad_pre, grad_x_ptr + token * hidden, hidden, BLOCK_H)
 
 
 @triton.jit
