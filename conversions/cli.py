@@ -11,10 +11,11 @@ import argparse
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib import metadata
 from types import FrameType
+from typing import Any
 
 from .upcycle_types import CONVERT_TARGETS, DTYPE_NAMES, ROUTER_INITS, SUPPORTED_TEXT, UpcycleConfig
 
@@ -131,24 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .upcycle_types import UpcycleError
     from .upcycling import upcycle
 
-    try:
-        with _sigterm_unwinds():
-            result = upcycle(args.src, args.out, config)
-    except (UpcycleError, UnsupportedSourceError, CheckpointError) as err:
-        print(f"hf-moe upcycle: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a read-only or full disk: the output folder is as it was
-        where = f": {err.filename}" if err.filename else f" (writing {args.out})"
-        print(f"hf-moe upcycle: error: {err.strerror or err}{where}; nothing was written.", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("hf-moe upcycle: interrupted; nothing was written.", file=sys.stderr)
-        return 128 + signal.SIGINT
-    except _Terminated:
-        print("hf-moe upcycle: terminated; nothing was written.", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    print(result.summary())
-    return 0
+    return _run("upcycle", args.out, (UpcycleError, UnsupportedSourceError, CheckpointError),
+                lambda: upcycle(args.src, args.out, config))
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -157,22 +142,30 @@ def _convert(args: argparse.Namespace) -> int:
 
     from .converting import convert
 
+    return _run("convert", args.out, (InteropError, CheckpointError), lambda: convert(
+        args.src, args.out, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+        progress=not args.no_progress, base_model=args.base_model))
+
+
+def _run(command: str, out: str, user_errors: tuple[type[Exception], ...], work: Callable[[], Any]) -> int:
+    """Run one writing command: its summary and 0, or one line on stderr and the exit status. Bad input (`user_errors`)
+    is 2; a read-only or full disk 1; SIGINT / SIGTERM 128 + the signal. The output folder is as it was on every
+    failure (the writers are atomic)."""
     try:
         with _sigterm_unwinds():
-            result = convert(args.src, args.out, args.to, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                             overwrite=args.overwrite, progress=not args.no_progress, base_model=args.base_model)
-    except (InteropError, CheckpointError) as err:
-        print(f"hf-moe convert: error: {err}", file=sys.stderr)
+            result = work()
+    except user_errors as err:
+        print(f"hf-moe {command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:
-        where = f": {err.filename}" if err.filename else f" (writing {args.out})"
-        print(f"hf-moe convert: error: {err.strerror or err}{where}; nothing was written.", file=sys.stderr)
+        where = f": {err.filename}" if err.filename else f" (writing {out})"
+        print(f"hf-moe {command}: error: {err.strerror or err}{where}; nothing was written.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("hf-moe convert: interrupted; nothing was written.", file=sys.stderr)
+        print(f"hf-moe {command}: interrupted; nothing was written.", file=sys.stderr)
         return 128 + signal.SIGINT
     except _Terminated:
-        print("hf-moe convert: terminated; nothing was written.", file=sys.stderr)
+        print(f"hf-moe {command}: terminated; nothing was written.", file=sys.stderr)
         return 128 + signal.SIGTERM
     print(result.summary())
     return 0
