@@ -4,10 +4,12 @@ selects; attention kernels come from transformers' attention interface."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
@@ -46,6 +48,24 @@ def apply_partial_rotary_pos_emb(
     return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
 
 
+# SDPA's backends without cuDNN's: cuDNN builds an execution plan for every new shape (tens of milliseconds on the
+# host), and eager inference meets a new key length at every decode step. docs/decisions/decode-attention.md.
+_SHAPE_STABLE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _inference_sdpa_backends(module: nn.Module, query_states: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Eager CUDA inference through SDPA leaves cuDNN's backend out; training (fixed shapes) and compiled code
+    (static shapes, traced once) keep torch's choice."""
+    if (
+        module.config._attn_implementation != "sdpa"
+        or not query_states.is_cuda
+        or torch.is_grad_enabled()
+        or torch.compiler.is_compiling()
+    ):
+        return contextlib.nullcontext()
+    return sdpa_kernel(_SHAPE_STABLE_SDPA)
+
+
 def attend(
     module: nn.Module,
     query_states: torch.Tensor,
@@ -60,16 +80,17 @@ def attend(
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
         module.config._attn_implementation, eager_attention_forward
     )
-    attn_output, attn_weights = attention_interface(
-        module,
-        query_states,
-        key_states,
-        value_states,
-        attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling,
-        **kwargs,
-    )
+    with _inference_sdpa_backends(module, query_states):
+        attn_output, attn_weights = attention_interface(
+            module,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not module.training else module.attention_dropout,
+            scaling=module.scaling,
+            **kwargs,
+        )
     return attn_output.reshape(*attn_output.shape[:-2], -1).contiguous(), attn_weights
 
 
