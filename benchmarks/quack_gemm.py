@@ -183,7 +183,8 @@ def first_call(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
 
 
 def run_case(gemm: str, macs: int, variants: dict[str, Variant], reps: int, base: dict) -> dict:
-    """One GEMM's row: first-call seconds and rel err of every variant, then the working ones timed alternated."""
+    """One GEMM's row: first-call seconds and rel err of every variant, then the working ones timed alternated
+    (median device ms, and the median host ms to issue the call)."""
     row = {**base, "gemm": gemm}
     working = {}
     for name, (fn, ref) in variants.items():
@@ -197,9 +198,11 @@ def run_case(gemm: str, macs: int, variants: dict[str, Variant], reps: int, base
         working[name] = fn
         del out
     if working:
-        ms = {name: s * 1e3 for name, s in device_times(working, "cuda", reps)[0].items()}
+        device_s, host_s = device_times(working, "cuda", reps)
+        ms = {name: seconds * 1e3 for name, seconds in device_s.items()}
         for name, value in ms.items():
             row[f"{name}_ms"] = value
+            row[f"{name}_host_ms"] = host_s[name] * 1e3  # host time to issue the call (quack's eager varlen path)
             row[f"{name}_tflops"] = 2 * macs / value / 1e9
         own = [ms[name] for name in OWN if name in ms]
         for name in ("quack", "quack-gated"):
