@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import site
+import sys
 import time
 from collections.abc import Callable
 
@@ -42,6 +45,11 @@ Variant = tuple[Callable[[], torch.Tensor], torch.Tensor]  # (call, its float32 
 
 def import_quack() -> tuple[object | None, str]:
     """quack's GEMM interface module, imported only here (never at this module's import), or None and why not."""
+    # nvidia-cutlass-dsl puts its `cutlass` package on sys.path through a .pth file, which Python reads only in site
+    # folders: an install with `pip install --target DIR` on PYTHONPATH needs DIR read as one.
+    for entry in list(sys.path):
+        if os.path.isfile(os.path.join(entry, "nvidia_cutlass_dsl_packages.pth")):
+            site.addsitedir(entry)
     try:
         from quack import gemm_interface
     except Exception as error:  # noqa: BLE001 - a broken install (missing CUDA libs) fails in many ways
