@@ -13,6 +13,7 @@ import sys
 SUITES = {  # name: one line (the list is read without importing torch)
     "layer": "MoE block and experts vs transformers' Qwen3-MoE block (and liger_fused): training step, memory, decode",
     "grouped-gemms": "each grouped GEMM of the experts' step, hf-moe's Triton kernels vs torch's; --step / --block A/B",
+    "quack-gemm": "quack-kernels' CuTe-DSL grouped GEMMs vs hf-moe's Triton and torch's, each GEMM of the step (GPU)",
     "router-fused": "the router's fused softmax -> top-k kernel vs torch's ops, interleaved A/B (GPU)",
     "router-host": "aten ops and host time of one router forward / forward+backward (CPU or GPU)",
     "ep-scaling": "expert-parallel tokens/s/GPU at P = 1, 2, 4, all-to-all time and bandwidth (torchrun)",
