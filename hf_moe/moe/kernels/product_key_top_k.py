@@ -15,10 +15,10 @@ One program per row (token, head) selects by ranks, never by repeated maxima:
 The sums are formed in float64, where the sum of two float32 log-probabilities is exact (whenever neither is more
 than 2²⁸ times the other in magnitude, or one is 0): the pruning in step 2 is exact only when every pair ranks
 strictly below the pairs that dominate it, which exact sums with ties to the lower expert guarantee and rounded
-float32 sums do not (two different sums can round to one, and the tie rule may then put the dominated pair first). The torch path of
-`hf_moe.moe.router.product_key` ranks by the same float64 sums, so both choose the same experts. NaN
-log-probabilities rank as −∞, so every output slot is written with an index in range. The selection is not
-differentiable; the caller gathers the chosen scores from the log-probabilities with torch ops.
+float32 sums do not (two different sums can round to one, and the tie rule may then put the dominated pair
+first). The torch path of `hf_moe.moe.router.product_key` ranks by the same float64 sums, so both choose the same
+experts. NaN log-probabilities rank as −∞, so every output slot is written with an index in range. The selection is
+not differentiable; the caller gathers the chosen scores from the log-probabilities with torch ops.
 """
 
 from __future__ import annotations
