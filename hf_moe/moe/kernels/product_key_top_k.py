@@ -3,9 +3,9 @@
 One program per row (token, head) selects by ranks, never by repeated maxima:
 
 1. Halves. A key's rank is the number of keys of its half that beat it (a larger log-probability, or an equal one
-   at a lower index), counted by comparisons over `[BLOCK_I, BLOCK_J]` tiles of the half (re-read from global
-   memory, where it stays in cache). The keys of rank < c = min(k, N) are stored at position rank of a per-row
-   scratch buffer, so the buffer holds each half's c best, best first.
+   at a lower index: one int64 comparison of ranking keys), counted over `[BLOCK_I, BLOCK_J]` tiles of the half
+   (re-read from global memory, where it stays in cache). The keys of rank < c = min(k, N) are stored at position
+   rank of a per-row scratch buffer, so the buffer holds each half's c best, best first.
 2. Merge. With both halves sorted, the pair of ranks (a, b) has the (a+1)(b+1) − 1 pairs (a' ≤ a, b' ≤ b) ranked
    above it, so it can be among the k best only if (a+1)(b+1) ≤ k: about k·ln k candidates instead of k². They
    come from a small device table of rank pairs ([`candidate_pairs`]); each candidate's rank among the candidates
@@ -39,21 +39,30 @@ def candidate_pairs(k: int, candidates: int, device: torch.device) -> torch.Tens
     Built once per (k, candidates, device) with device ops whose sizes are known on the host (a host-to-device copy
     of a host table would synchronise)."""
     key = (k, candidates, torch.device(device))
-    if key not in _PAIRS:
+    pairs = _PAIRS.get(key)
+    if pairs is None:
         rows = torch.arange(candidates, device=device)
         widths = (k // (rows + 1)).clamp(max=candidates)
         num_pairs = sum(min(candidates, k // (a + 1)) for a in range(candidates))
         first = torch.repeat_interleave(rows, widths, output_size=num_pairs)
         second = torch.arange(num_pairs, device=device) - (widths.cumsum(0) - widths)[first]
-        _PAIRS[key] = torch.stack([first, second]).to(torch.int32)
-    return _PAIRS[key]
+        pairs = torch.stack([first, second]).to(torch.int32)
+        if not (pairs.is_cuda and torch.cuda.is_current_stream_capturing()):  # in a capture only replays fill it
+            _PAIRS[key] = pairs
+    return pairs
 
 
 @triton.jit
-def _load_half(row_ptr, cols, num_keys):
-    """Log-probabilities at `cols`; −∞ past the half's end and for NaN."""
+def _half_keys(row_ptr, cols, num_keys):
+    """(log-probabilities, int64 ranking keys) at `cols`: a key is the value's order-preserving integer image (high
+    32 bits) and `2³¹ − 1 − index` (low 32 bits), so a larger key is a better key, ties to the lower index; NaN and
+    past the half's end rank as −∞ (past the end below every key of the half), −0 as +0."""
     values = tl.load(row_ptr + cols, mask=cols < num_keys, other=float("-inf"))
-    return tl.where(values == values, values, float("-inf"))
+    values = tl.where(values == values, values, float("-inf"))
+    values = tl.where(values == 0, 0.0, values)
+    bits = values.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed integer order
+    return values, (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
 
 @triton.jit
@@ -61,19 +70,16 @@ def _rank_half(row_ptr, value_ptr, index_ptr, num_keys,
                CANDIDATES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """Store the half's CANDIDATES best keys (value float32, index int32) at position rank, best first."""
     for start in range(0, num_keys, BLOCK_I):
-        keys = start + tl.arange(0, BLOCK_I)
-        values = _load_half(row_ptr, keys, num_keys)
+        cols = start + tl.arange(0, BLOCK_I)
+        values, keys = _half_keys(row_ptr, cols, num_keys)
         beaten_by = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
         for other_start in range(0, num_keys, BLOCK_J):
-            others = other_start + tl.arange(0, BLOCK_J)
-            other_values = _load_half(row_ptr, others, num_keys)  # past the end: −∞ at a higher index, never beats
-            beats = (other_values[None, :] > values[:, None]) | (
-                (other_values[None, :] == values[:, None]) & (others[None, :] < keys[:, None]))
-            beaten_by += beats.to(tl.int32)
+            _, others = _half_keys(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
+            beaten_by += (others[None, :] > keys[:, None]).to(tl.int32)
         rank = tl.sum(beaten_by, axis=1)
-        keep = (rank < CANDIDATES) & (keys < num_keys)
+        keep = (rank < CANDIDATES) & (cols < num_keys)
         tl.store(value_ptr + rank, values, mask=keep)
-        tl.store(index_ptr + rank, keys, mask=keep)
+        tl.store(index_ptr + rank, cols, mask=keep)
 
 
 @triton.jit
