@@ -15,7 +15,9 @@ Parts (each row printed and written to the results file):
   folded into the keys);
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
-- `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?).
+- `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
+- `selection`: the selection kernel alone (`hf_moe::product_key_pairs`, one head, k 64) at N = 128 and 512 on
+  random log-probabilities, its pairs checked equal to the torch path's (run on the CPU).
 
 `rel_err` compares bf16 outputs whose routing may differ on near-ties, so small values (≈1e-2) are expected; the
 float32 comparison is the kernel check.
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from conversions import flash_moe_block_state_dict, flash_moe_config_fields
-from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, product_key_top_k
 
 from .record import ResultFile
 from .timing import median_and_min
@@ -236,6 +238,21 @@ def adamw_part(experts: int, reps: int, device: str, out: ResultFile, hidden: in
     out.write(row)
 
 
+def selection_part(tokens: int, reps: int, device: str, out: ResultFile, top_k: int = TOP_K) -> None:
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs  # needs Triton
+
+    for n in (int(math.isqrt(EXPERTS)), 512):
+        log_probs = torch.randn(tokens, 1, 2, n, device=device).log_softmax(-1)
+        first, second = product_key_pairs(log_probs, top_k)
+        want, _ = product_key_top_k(log_probs.cpu(), top_k)
+        row = {"part": "selection", "tokens": tokens, "keys": n, "top_k": top_k,
+               "kernel_ms": round(median_and_min(lambda lp=log_probs: product_key_pairs(lp, top_k), device, reps)[0]
+                                  * 1e3, 4),
+               "equals_torch_path": torch.equal((first * n + second).cpu(), want)}
+        print(row, flush=True)
+        out.write(row)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", default=os.environ.get("HF_MOE_PEERS", ".peers"))
@@ -270,6 +287,9 @@ def main() -> int:
                                                   **({"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {})))
             elif part == "dense":
                 plan.append(lambda t=t: dense_part(t, args.reps, args.device, out, **shape))
+            elif part == "selection":
+                plan.append(lambda t=t: selection_part(t, args.reps, args.device, out,
+                                                       top_k=shape.get("top_k", TOP_K)))
         if part == "adamw":
             for e in (experts, large):
                 plan.append(lambda e=e: adamw_part(e, args.reps, args.device, out, hidden=shape.get("hidden", HIDDEN)))

@@ -17,12 +17,25 @@ from hf_moe.moe.router.product_key import _pairs_torch
 from .conftest import tiny_config
 
 
-def brute_force(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All N² sums of one head `[2, N]`, ranked by (score desc, expert asc), the first k."""
-    n, log_probs = log_probs.shape[-1], log_probs.detach()
+def brute_force(log_probs: torch.Tensor, k: int, sum_dtype: torch.dtype = torch.float64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """All N² sums of one head `[2, N]` (formed in `sum_dtype`; float64: exact for float32 halves), ranked by
+    (score desc, expert asc), the first k."""
+    n, log_probs = log_probs.shape[-1], log_probs.detach().to(sum_dtype)
     pairs = sorted(((float(log_probs[0, i] + log_probs[1, j]), i * n + j) for i in range(n) for j in range(n)),
                    key=lambda p: (-p[0], p[1]))[:k]
     return torch.tensor([e for _, e in pairs]), torch.tensor([s for s, _ in pairs], dtype=torch.float64)
+
+
+def near_tie_log_probs(rows: int, heads: int, n: int) -> torch.Tensor:
+    """float32 `[rows, heads, 2, N]` whose k best pairs differ when ranked by float32 sums: half 1's two best keys
+    are one float32 ulp apart (the worse one at the lower index, both near −0.5), half 2's keys are near −20, where
+    a float32 sum's ulp is 32 times larger, so rounding ties pairs that differ and the lower expert wins the tie."""
+    half_1 = -1 - torch.rand(rows, heads, n)
+    half_1[..., 0] = torch.nextafter(torch.tensor(-0.5), torch.tensor(-1.0))
+    half_1[..., 1] = -0.5
+    half_2 = -20 - torch.rand(rows, heads, n)
+    return torch.stack([half_1, half_2], dim=2)
 
 
 @pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (7, 4, 1000)],
@@ -39,6 +52,27 @@ def test_selection_equals_brute_force_over_all_pairs(n, k, levels):
             assert torch.equal(score[t, h], want_score)
     first, second = _pairs_torch(log_probs, k)
     assert torch.equal(first * n + second, index)
+
+
+@pytest.mark.parametrize("n,k", [(2, 3), (7, 13), (12, 64), (100, 64), (512, 64)],
+                         ids=["k>N", "k>N-odd", "k>N-12", "N=100", "N=512"])
+def test_float32_selection_ranks_by_exact_sums(n, k):
+    """float32 halves: the order is that of the exact (float64) sums, ties to the lower expert, also where float32
+    sums would merge two different sums (the first token of each head) and with several heads."""
+    torch.manual_seed(n)
+    rows, heads = (1, 2) if n >= 100 else (3, 3)
+    log_probs = torch.randn(rows, heads, 2, n).log_softmax(-1)
+    log_probs[0] = near_tie_log_probs(1, heads, n)[0]
+    index, score = product_key_top_k(log_probs, k)
+    assert score.dtype == torch.float32
+    for t in range(rows):
+        for h in range(heads):
+            want_index, _ = brute_force(log_probs[t, h], k)
+            assert torch.equal(index[t, h], want_index), (t, h)
+            want_score = log_probs[t, h, 0, want_index // n] + log_probs[t, h, 1, want_index % n]
+            assert torch.equal(score[t, h], want_score), (t, h)  # the float32 sum, gathered
+    if k > 1:  # the near-tie rows do tell the exact order from the float32 one
+        assert not torch.equal(brute_force(log_probs[0, 0], k, torch.float32)[0], index[0, 0])
 
 
 def _config(**overrides) -> HfMoeConfig:

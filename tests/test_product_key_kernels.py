@@ -1,6 +1,7 @@
-"""The product-key Triton kernels against float64 maths: the two-half top-k + k² merge against brute force over all
-N² pairs (ties included), the singleton experts' forward and backward against a float64 einsum, determinism, no host
-sync, the whole block on CUDA bf16 against the float64 loop of `test_product_key`, torch.compile and opcheck.
+"""The product-key Triton kernels against float64 maths: the two-half top-k + merge against brute force over all
+N² pairs (float64 sums, ties included), the singleton experts' forward and backward against a float64 einsum,
+determinism, no host sync, the whole block on CUDA bf16 against the float64 loop of `test_product_key`,
+torch.compile and opcheck.
 
 Runs on a CUDA device; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1` with Triton installed), and
 skips otherwise (the CI suite has no Triton).
@@ -36,21 +37,43 @@ if INTERPRETED and not CUDA:
 ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 2}
 
 
-@pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000)])
+@pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000),
+                                          (5, 1, 2), (7, 13, 2), (100, 64, 1000), (128, 64, 3), (512, 64, 1000)])
 def test_pairs_kernel_equals_brute_force(n, k, levels):
+    """Brute force over all N² float64 sums (exact for float32 halves), ties to the lower expert; several heads;
+    the torch path chooses the same pairs."""
     from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+    from hf_moe.moe.router.product_key import _pairs_torch
+
+    from .test_product_key import brute_force
 
     torch.manual_seed(0)
-    rows = 3 if INTERPRETED and n > 16 else 6
+    rows = (1 if n > 128 else 3) if INTERPRETED and n > 16 else 6
     log_probs = torch.randint(0, levels, (rows, 2, 2, n)).float().log_softmax(-1)
     first, second = product_key_pairs(log_probs.to(DEVICE), k)
     for t in range(rows):
         for h in range(2):
-            lp = log_probs[t, h]  # float32 sums, as the kernel forms them
-            want = sorted(((float(lp[0, i] + lp[1, j]), i * n + j) for i in range(n) for j in range(n)),
-                          key=lambda p: (-p[0], p[1]))[:k]
-            got = (first[t, h] * n + second[t, h]).cpu().tolist()
-            assert got == [e for _, e in want], (t, h)
+            got = (first[t, h] * n + second[t, h]).cpu()
+            assert torch.equal(got, brute_force(log_probs[t, h], k)[0]), (t, h)
+    want_first, want_second = _pairs_torch(log_probs, k)
+    assert torch.equal(first.cpu(), want_first) and torch.equal(second.cpu(), want_second)
+
+
+@pytest.mark.parametrize("n,k", [(2, 3), (12, 64), (128, 64)])
+def test_pairs_kernel_ranks_by_exact_sums(n, k):
+    """Sums that float32 would round together (`near_tie_log_probs`) are ranked by their exact value."""
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+
+    from .test_product_key import brute_force, near_tie_log_probs
+
+    torch.manual_seed(0)
+    log_probs = near_tie_log_probs(2, 3, n)
+    first, second = product_key_pairs(log_probs.to(DEVICE), k)
+    for t in range(2):
+        for h in range(3):
+            want = brute_force(log_probs[t, h], k)[0]
+            assert torch.equal((first[t, h] * n + second[t, h]).cpu(), want), (t, h)
+            assert not torch.equal(brute_force(log_probs[t, h], k, torch.float32)[0], want)
 
 
 @pytest.mark.parametrize("act", list(ACTS))

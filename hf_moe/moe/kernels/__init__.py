@@ -5,7 +5,8 @@
 - `grouped_gemm`: grouped GEMMs with TMA loads (Hopper or newer), the gate/up one with SwiGLU in its epilogue;
 - `decode`: weight-streaming kernels for few rows per expert at inference;
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward;
-- `product_key_top_k`: product-key routing's two-half top-k and k² merge;
+- `product_key_top_k`: product-key routing's exact selection (each half's top-k by ranks, then the pairs of ranks
+  that can still be in the top k);
 - `product_key_experts`: the singleton experts of product-key layers (token-centric forward, expert-sorted
   backward), a torch custom op.
 

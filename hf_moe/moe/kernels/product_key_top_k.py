@@ -1,12 +1,24 @@
-"""Product-key routing's selection as one Triton kernel: each half's top-k and the k² merge, per (token, head).
+"""Product-key routing's selection as one Triton kernel: each half's top-k and the merge, per (token, head).
 
-One program reads a row's two halves of N log-probabilities once, finds each half's k best keys, forms the k² sums
-in registers and extracts the k best of them: no `[T, N²]` tensor, no `[T, k²]` tensor in memory, no host sync.
-Every ranking key is the score's order-preserving integer image in the high 32 bits and `2³¹ − 1 − index` in the
-low 32, so one integer max gives the best score and, among equal scores, the lower key (halves) or the lower
-expert `i·N + j` (merge): the tie rule of `hf_moe.moe.router.product_key`. The selection is not differentiable;
-the caller gathers the chosen scores from the log-probabilities with torch ops, whose backward is a scatter into
-`[T, heads, 2, N]`.
+One program per row (token, head) selects by ranks, never by repeated maxima:
+
+1. Halves. A key's rank is the number of keys of its half that beat it (a larger log-probability, or an equal one
+   at a lower index: one int64 comparison of ranking keys), counted over `[BLOCK_I, BLOCK_J]` tiles of the half
+   (re-read from global memory, where it stays in cache). The keys of rank < c = min(k, N) are stored at position
+   rank of a per-row scratch buffer, so the buffer holds each half's c best, best first.
+2. Merge. With both halves sorted, the pair of ranks (a, b) has the (a+1)(b+1) − 1 pairs (a' ≤ a, b' ≤ b) ranked
+   above it, so it can be among the k best only if (a+1)(b+1) ≤ k: about k·ln k candidates instead of k². They
+   come from a small device table of rank pairs ([`candidate_pairs`]); each candidate's rank among the candidates
+   (sum desc, expert `i·N + j` asc) is counted the same way and the candidates of rank < k are stored at output
+   position rank.
+
+The sums are formed in float64, where the sum of two float32 log-probabilities is exact (whenever neither is more
+than 2²⁸ times the other in magnitude, or one is 0): the pruning in step 2 is exact only when every pair ranks
+strictly below the pairs that dominate it, which exact sums with ties to the lower expert guarantee and rounded
+float32 sums do not (two different sums can round to one, and the tie rule may then put the dominated pair
+first). The torch path of `hf_moe.moe.router.product_key` ranks by the same float64 sums, so both choose the same
+experts. NaN log-probabilities rank as −∞, so every output slot is written with an index in range. The selection is
+not differentiable; the caller gathers the chosen scores from the log-probabilities with torch ops.
 """
 
 from __future__ import annotations
@@ -16,62 +28,101 @@ import triton
 import triton.language as tl
 
 MAX_CANDIDATES = 64
-"""Largest `min(k, N)` the kernel serves (its k² sums live in registers); larger selections run the torch path."""
+"""Largest `min(k, N)` the kernel serves; larger selections run the torch path."""
+
+_PAIRS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def candidate_pairs(k: int, candidates: int, device: torch.device) -> torch.Tensor:
+    """`[2, P]` int32: the rank pairs (a, b), a and b < `candidates`, with (a+1)(b+1) ≤ k, ordered by a then b.
+
+    Built once per (k, candidates, device) with device ops whose sizes are known on the host (a host-to-device copy
+    of a host table would synchronise)."""
+    key = (k, candidates, torch.device(device))
+    pairs = _PAIRS.get(key)
+    if pairs is None:
+        rows = torch.arange(candidates, device=device)
+        widths = (k // (rows + 1)).clamp(max=candidates)
+        num_pairs = sum(min(candidates, k // (a + 1)) for a in range(candidates))
+        first = torch.repeat_interleave(rows, widths, output_size=num_pairs)
+        second = torch.arange(num_pairs, device=device) - (widths.cumsum(0) - widths)[first]
+        pairs = torch.stack([first, second]).to(torch.int32)
+        if not (pairs.is_cuda and torch.cuda.is_current_stream_capturing()):  # in a capture only replays fill it
+            _PAIRS[key] = pairs
+    return pairs
 
 
 @triton.jit
-def _ranking_key(value, index):
-    """int64 key ordering by (value desc, index asc) under `max`."""
-    bits = value.to(tl.int32, bitcast=True)
+def _half_keys(row_ptr, cols, num_keys):
+    """(log-probabilities, int64 ranking keys) at `cols`: a key is the value's order-preserving integer image (high
+    32 bits) and `2³¹ − 1 − index` (low 32 bits), so a larger key is a better key, ties to the lower index; NaN and
+    past the half's end rank as −∞ (past the end below every key of the half), −0 as +0."""
+    values = tl.load(row_ptr + cols, mask=cols < num_keys, other=float("-inf"))
+    values = tl.where(values == values, values, float("-inf"))
+    values = tl.where(values == 0, 0.0, values)
+    bits = values.to(tl.int32, bitcast=True)
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed integer order
-    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - index).to(tl.int64)
+    return values, (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
 
 
 @triton.jit
-def _key_value(key):
-    ordered = (key >> 32).to(tl.int32)
-    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
-    return bits.to(tl.float32, bitcast=True)
+def _rank_half(row_ptr, value_ptr, index_ptr, num_keys,
+               CANDIDATES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Store the half's CANDIDATES best keys (value float32, index int32) at position rank, best first."""
+    for start in range(0, num_keys, BLOCK_I):
+        cols = start + tl.arange(0, BLOCK_I)
+        values, keys = _half_keys(row_ptr, cols, num_keys)
+        beaten_by = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
+        for other_start in range(0, num_keys, BLOCK_J):
+            _, others = _half_keys(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
+            beaten_by += (others[None, :] > keys[:, None]).to(tl.int32)
+        rank = tl.sum(beaten_by, axis=1)
+        keep = (rank < CANDIDATES) & (cols < num_keys)
+        tl.store(value_ptr + rank, values, mask=keep)
+        tl.store(index_ptr + rank, cols, mask=keep)
 
 
 @triton.jit
-def _key_index(key):
-    return 0x7FFFFFFF - (key & 0x7FFFFFFF).to(tl.int32)  # bit 31 of the low word is always 0
-
-
-@triton.jit
-def _half_top_k(row_ptr, num_keys, CANDIDATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The CANDIDATES best keys of one half `[N]`: their values and indices `[BLOCK_C]`, best first."""
-    cols = tl.arange(0, BLOCK_N)
-    values = tl.load(row_ptr + cols, mask=cols < num_keys, other=0.0)
-    keys = tl.where(cols < num_keys, _ranking_key(values, cols), -(2**63))
-    slots = tl.arange(0, BLOCK_C)
-    best = tl.full([BLOCK_C], -(2**63), dtype=tl.int64)
-    for slot in range(CANDIDATES):
-        top = tl.max(keys, axis=0)
-        best = tl.where(slots == slot, top, best)
-        keys = tl.where(keys == top, -(2**63), keys)
-    return _key_value(best), _key_index(best), slots < CANDIDATES
+def _candidate(pairs_ptr, slots, value_ptr, index_ptr, num_keys, NUM_PAIRS: tl.constexpr, CANDIDATES: tl.constexpr):
+    """The candidates at `slots` of the pair table: (float64 sum, int64 expert); past the end (−∞, 2⁶²), which
+    never beats a candidate."""
+    valid = slots < NUM_PAIRS
+    a = tl.load(pairs_ptr + slots, mask=valid, other=0)
+    b = tl.load(pairs_ptr + NUM_PAIRS + slots, mask=valid, other=0)
+    sums = tl.load(value_ptr + a).to(tl.float64) + tl.load(value_ptr + CANDIDATES + b).to(tl.float64)
+    experts = tl.load(index_ptr + a).to(tl.int64) * num_keys + tl.load(index_ptr + CANDIDATES + b).to(tl.int64)
+    sums = tl.where(valid & (sums == sums), sums, float("-inf"))
+    return sums, tl.where(valid, experts, 2**62)
 
 
 @triton.jit
 def _product_key_pairs_kernel(
-    log_probs_ptr, first_ptr, second_ptr, num_keys,
-    TOP_K: tl.constexpr, CANDIDATES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    log_probs_ptr, pairs_ptr, value_ptr, index_ptr, first_ptr, second_ptr, num_keys,
+    TOP_K: tl.constexpr, CANDIDATES: tl.constexpr, NUM_PAIRS: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = log_probs_ptr + row * 2 * num_keys
-    value_1, index_1, ok_1 = _half_top_k(base, num_keys, CANDIDATES, BLOCK_N, BLOCK_C)
-    value_2, index_2, ok_2 = _half_top_k(base + num_keys, num_keys, CANDIDATES, BLOCK_N, BLOCK_C)
-    sums = value_1[:, None] + value_2[None, :]
-    experts = index_1[:, None] * num_keys + index_2[None, :]
-    keys = tl.where(ok_1[:, None] & ok_2[None, :], _ranking_key(sums, experts), -(2**63))
-    for slot in range(TOP_K):
-        top = tl.max(tl.max(keys, axis=1), axis=0)
-        expert = _key_index(top)
-        tl.store(first_ptr + row * TOP_K + slot, (expert // num_keys).to(tl.int64))
-        tl.store(second_ptr + row * TOP_K + slot, (expert % num_keys).to(tl.int64))
-        keys = tl.where(keys == top, -(2**63), keys)
+    values = value_ptr + row * 2 * CANDIDATES
+    indices = index_ptr + row * 2 * CANDIDATES
+    _rank_half(base, values, indices, num_keys, CANDIDATES, BLOCK_I, BLOCK_J)
+    _rank_half(base + num_keys, values + CANDIDATES, indices + CANDIDATES, num_keys, CANDIDATES, BLOCK_I, BLOCK_J)
+    tl.debug_barrier()  # the halves' stores, made by all threads, are read back by all threads below
+    for start in range(0, NUM_PAIRS, BLOCK_P):
+        slots = start + tl.arange(0, BLOCK_P)
+        sums, experts = _candidate(pairs_ptr, slots, values, indices, num_keys, NUM_PAIRS, CANDIDATES)
+        beaten_by = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.int32)
+        for other_start in range(0, NUM_PAIRS, BLOCK_Q):
+            others = other_start + tl.arange(0, BLOCK_Q)
+            other_sums, other_experts = _candidate(pairs_ptr, others, values, indices, num_keys, NUM_PAIRS,
+                                                   CANDIDATES)
+            beats = (other_sums[None, :] > sums[:, None]) | (
+                (other_sums[None, :] == sums[:, None]) & (other_experts[None, :] < experts[:, None]))
+            beaten_by += beats.to(tl.int32)
+        rank = tl.sum(beaten_by, axis=1)
+        keep = (slots < NUM_PAIRS) & (rank < TOP_K)
+        tl.store(first_ptr + row * TOP_K + rank, experts // num_keys, mask=keep)
+        tl.store(second_ptr + row * TOP_K + rank, experts % num_keys, mask=keep)
 
 
 def serves(log_probs: torch.Tensor, k: int) -> bool:
@@ -90,10 +141,16 @@ def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     second = torch.empty_like(first)
     candidates = min(k, num_keys)
     if rows.shape[0]:
+        pairs = candidate_pairs(k, candidates, log_probs.device)
+        num_pairs = pairs.shape[1]
+        values = torch.empty(rows.shape[0], 2, candidates, dtype=torch.float32, device=log_probs.device)
+        indices = torch.empty(rows.shape[0], 2, candidates, dtype=torch.int32, device=log_probs.device)
+        block_n, block_p = triton.next_power_of_2(num_keys), triton.next_power_of_2(num_pairs)
         _product_key_pairs_kernel[(rows.shape[0],)](
-            rows, first, second, num_keys, TOP_K=k, CANDIDATES=candidates,
-            BLOCK_N=triton.next_power_of_2(num_keys), BLOCK_C=max(2, triton.next_power_of_2(candidates)),
-            num_warps=8 if candidates > 32 else 4,
+            rows, pairs, values, indices, first, second, num_keys,
+            TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
+            BLOCK_I=max(2, min(128, block_n)), BLOCK_J=max(2, min(32, block_n)),
+            BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
         )
     shape = (*log_probs.shape[:-2], k)
     return first.view(shape), second.view(shape)

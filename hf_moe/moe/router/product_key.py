@@ -5,8 +5,14 @@ Each head's logits are two halves of N; expert `i·N + j` scores `s(i, j) = log_
 log_softmax(half₂)[j]`, so its probability is `p₁[i]·p₂[j]` and the N² probabilities sum to 1. The k best experts
 are found exactly from 2N + k² scores, never the N² of them: if `(i, j)` is among the k best pairs, i is among the
 k best of half 1 (otherwise the k rows ranked above it, each paired with j, would already be k better pairs), and j
-likewise; so the k best of the k² sums of the halves' top-k are the global k best. Ties go to the lower expert
-index, in the halves (lower i / j) and in the merge (lower i·N + j), which keeps the argument exact with ties.
+likewise; so the k best of the k² sums of the halves' top-k are the global k best.
+
+The order is a total one: pairs rank by the exact sum of their two float32 half log-probabilities, formed in float64
+(exact whenever neither is more than 2²⁸ times the other in magnitude), and ties go to the lower expert index, in the
+halves (lower i / j) and in the merge (lower i·N + j). The argument above, and the kernel's sharper pruning (the
+pair of half ranks (a, b) is dominated by (a+1)(b+1) − 1 pairs, so only those with (a+1)(b+1) ≤ k are candidates),
+need every pair to rank below the pairs that dominate it; with sums rounded to float32 two different sums can
+become equal and the tie rule can then rank a dominated pair first. The returned score is still the float32 sum.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ from .topk import HfMoeRouter, top_k_lower_index_first
 def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`log_probs [..., 2, N]` (each half's log-probabilities) → `(index [..., k] int64, score [..., k])`: the k
     largest `log_probs[0, i] + log_probs[1, j]` over all N² pairs, as expert `i·N + j`, best first, ties to the lower
-    expert. Differentiable in `score` (a gather of the inputs). On CUDA with Triton (float32, `min(k, N)` ≤ 64) the
-    selection is one kernel (`hf_moe.moe.kernels.product_key_top_k`) that reads the halves once; elsewhere torch
-    ops on `[..., k, k]`."""
+    expert, ranked by exact (float64) sums (see the module docstring). Differentiable in `score` (a gather of the
+    inputs, in their dtype). On CUDA with Triton (float32, `min(k, N)` ≤ 64) the selection is one kernel
+    (`hf_moe.moe.kernels.product_key_top_k`) that ranks each half and about k·ln k candidate pairs; elsewhere torch
+    ops on `[..., k, k]`; both choose the same experts."""
     num_keys = log_probs.shape[-1]
     if kernels.HAS_TRITON and log_probs.is_cuda and kernels.product_key_top_k.serves(log_probs, k):
         first, second = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
@@ -45,6 +52,7 @@ def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     num_keys = log_probs.shape[-1]
     candidates = min(k, num_keys)
     values, index = top_k_lower_index_first(log_probs, candidates)  # [..., 2, c]
+    values = values.double()  # exact sums of float32 halves: the order of the module docstring
     sums = values[..., 0, :, None] + values[..., 1, None, :]  # [..., c, c]
     experts = index[..., 0, :, None] * num_keys + index[..., 1, None, :]
     sums, experts = sums.flatten(-2), experts.flatten(-2)
