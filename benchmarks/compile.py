@@ -22,7 +22,7 @@ of ms each on an H200, torch 2.11), so it is paid by whichever model warms up fi
 no comparison of the models. Every model's generate is warmed up before any is timed, so no timed call finds caches
 another timed call filled.
 
-    python -m benchmarks compile                          # every part, qwen3 shape; no part or case starts after --budget-s
+    python -m benchmarks compile                          # every part, qwen3 shape (nothing starts after --budget-s)
     python -m benchmarks compile --shape mixtral --parts train,generate
     python -m benchmarks compile --tiny --shape mixtral   # CPU smoke run, float32
 

@@ -56,8 +56,8 @@ def build_models(shape: dict, layers: int, device: str, dtype: torch.dtype) -> d
 
 @torch.no_grad()
 def logits_check(models: dict[str, torch.nn.Module], device: str) -> dict:
-    """Row `logits_rel_err`: ‖hf-moe − transformers‖ / ‖transformers‖ of the logits of 2 × 32 random tokens, against
-    the tolerance of the models' dtype."""
+    """Row `logits_rel_err`: ‖hf-moe − transformers‖ / ‖transformers‖ of the logits of 2 × 32 random tokens,
+    against the tolerance of the models' dtype."""
     ours, peer = models["hf-moe"], models["transformers"]
     dtype = next(ours.parameters()).dtype
     ids = torch.randint(0, ours.config.vocab_size, (2, 32), device=device,
