@@ -14,13 +14,14 @@ timed, that the two compute the same function (bf16 on the GPU; float32 with `--
   piece by piece (router, sort, experts, whole block, in global and thread-local capture mode), with the full error
   of each capture that fails.
 
-`first_call_s` is the first call's seconds. Compiled training: dynamo + inductor compile of forward and backward plus
-one step. Static-cache generate: the whole generate whose decode step transformers compiles (and captures in CUDA
+`first_call_s` is the first call's seconds. Compiled training: the dynamo + inductor compile of forward and backward and
+the step itself. Static-cache generate: the whole generate whose decode step transformers compiles (and captures in CUDA
 graphs), once per batch size. Dynamic-cache generate: the same full generate as the timed one, run to reach steady
-state: it builds what a process makes once per shape, e.g. cuDNN's SDPA execution plan for every new KV length (tens
-of ms each on an H200, torch 2.11), so it is paid by whichever model warms up first (the first of `--models`) and is
-no comparison of the models. Every model's generate is warmed up before any is timed, so no timed call finds caches
-another timed call filled.
+state: it builds what a process makes once per shape, e.g. cuDNN's SDPA execution plan for every new KV length where
+SDPA picks cuDNN (~63 ms each on an H200 with torch 2.11; hf-moe's eager inference leaves cuDNN out, see
+docs/decisions/decode-attention.md). Such a process-wide cost is paid by whichever model first meets the shape, so
+this first_call_s is no comparison of the models. Every model's generate is warmed up before any is timed, so each
+timed call is steady state and none finds caches filled for it by the other model's timed call.
 
     python -m benchmarks compile                          # every part, qwen3 shape (nothing starts after --budget-s)
     python -m benchmarks compile --shape mixtral --parts train,generate
