@@ -22,7 +22,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "fsdp-memory": "per-rank parameter + gradient + AdamW bytes under FSDP2 + EP at W = 1, 2, 4 (CPU, launches torchrun)",
     "fsdp-gpu": "FSDP2 + EP wrapping on one GPU in bf16 (accelerate; CPU offload) vs float64 and plain bf16 (torchrun)",
     "ep-peer": "peer: transformers' native expert parallelism on ep-scaling's model (GPU, torchrun)",
-    "compile": "torch.compile vs eager, hf-moe vs transformers' Qwen3-MoE: training, generate, DSV3 decode capture (GPU)",
+    "compile": "torch.compile vs eager, hf-moe vs transformers' Qwen3-MoE / Mixtral: training, generate, DSV3 capture (GPU)",
     "product-key": "product-key layers vs FlashMoE, peer-pytorch's PEER and dense SwiGLU: fwd, fwd+bwd, memory (GPU)",
     "product-key-quality": "held-out loss of a small LM: product-key layers (and PEER heads) vs dense, equal active params",
     "upcycle-memory": "peak RSS and time of streaming upcycling vs a load-everything converter (CPU)",
