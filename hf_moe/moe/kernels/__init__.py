@@ -7,7 +7,9 @@
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward;
 - `product_key_top_k`: product-key routing's two-half top-k and k² merge;
 - `product_key_experts`: the singleton experts of product-key layers (token-centric forward, expert-sorted
-  backward), a torch custom op.
+  backward), a torch custom op;
+- `quack_gemm`: the experts' weight gradients with quack-kernels' grouped GEMM (optional; imports quack, not Triton,
+  and only when called).
 
 Each launcher is also a torch custom op `hf_moe::<name>` (`library`), which torch.compile and torch.export
 trace as one node. Each module is imported on first attribute access (`kernels.gather.gather_rows(...)`), which
@@ -23,7 +25,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
 
 _KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "softmax_top_k", "product_key_top_k",
-                   "product_key_experts")
+                   "product_key_experts", "quack_gemm")
 
 PRODUCT_KEY_ACTIVATIONS = ("silu", "swish", "relu", "relu2")
 """The activations `product_key_experts` computes (others run the torch path)."""
