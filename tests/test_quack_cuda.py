@@ -48,7 +48,7 @@ def grads(experts, index, weights, x, weight_grads=None, fn=grouped_experts_forw
     return [out.detach(), x.grad, weights.grad, experts.gate_up_proj.grad, experts.down_proj.grad]
 
 
-def test_quack_weight_grads_equal_torchs_and_the_float32_reference():
+def test_quack_weight_grads_equal_torchs_and_the_float64_reference():
     experts, index, weights, x, idle = setup()
     assert idle, "the routing must leave some experts idle"
     plan = plan_experts(experts, x, weights, index.numel())
