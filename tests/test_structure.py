@@ -122,3 +122,20 @@ def test_no_file_is_too_long_to_read(package):
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / package).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_quack_is_imported_only_inside_the_functions_of_its_kernel_module():
+    """quack-kernels is optional: hf-moe imports it (and its CuTe DSL, `cutlass`) only when a quack GEMM is asked
+    for, from `hf_moe.moe.kernels.quack_gemm`'s functions."""
+    optional = ("quack", "cutlass")
+    found = []
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        in_function = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                       for n in ast.walk(f)}
+        for node in ast.walk(tree):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(t.split(".")[0] in optional for t in targets):
+                found.append((name, id(node) in in_function))
+    assert found and all(where == ("hf_moe.moe.kernels.quack_gemm", True) for where in found), found

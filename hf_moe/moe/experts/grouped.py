@@ -18,7 +18,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .. import kernels
 from ..ops import gather_rows, gather_sum
 from .module import input_projection
-from .plan import ExpertsPlan, Gemm, WeightGrads, plan_experts
+from .plan import ExpertsPlan, Gemm, WeightGradGemm, WeightGrads, plan_experts
 
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -76,9 +76,12 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: G
     return per_expert_mm(a, b, offsets)
 
 
-def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool) -> torch.Tensor:
+def _grouped_mm_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: WeightGradGemm
+                            ) -> torch.Tensor:
     """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]` with `out[e] = a_eᵀ @ b_e` (zero for idle experts)."""
-    if grouped:
+    if gemm == "quack":
+        return kernels.quack_gemm.weight_grad(a, b, offsets)
+    if gemm == "grouped_mm":
         return _torch_grouped_mm(a.t(), b, offs=offsets)
     return per_expert_weight_grad(a, b, offsets)
 
@@ -159,18 +162,19 @@ def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
             param.grad.add_(grad)
 
 
-def _weight_grad_into(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, grouped: bool):
+def _weight_grad_into(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor,
+                      gemm: WeightGradGemm):
     """Deferred weight gradient: `param.grad += [a_eᵀ @ b_e]ₑ`."""
-    _accumulate_grad(param, _grouped_mm_weight_grad(a, b, offsets, grouped))
+    _accumulate_grad(param, _grouped_mm_weight_grad(a, b, offsets, gemm))
 
 
 def _weight_grad(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, plan: ExpertsPlan,
                  weight_grads: WeightGrads | None) -> torch.Tensor | None:
     """`param`'s gradient `[a_eᵀ @ b_e]ₑ` to return, or None once handed to `weight_grads` (deferred)."""
     if plan.defer_weight_grads:
-        weight_grads.defer(partial(_weight_grad_into, param, a, b, offsets, plan.tail_unwritten))
+        weight_grads.defer(partial(_weight_grad_into, param, a, b, offsets, plan.weight_grad_gemm))
         return None
-    return _grouped_mm_weight_grad(a, b, offsets, plan.tail_unwritten)
+    return _grouped_mm_weight_grad(a, b, offsets, plan.weight_grad_gemm)
 
 
 # The routed experts are two autograd nodes, split at the gate/up projection, so that under gradient accumulation

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 import torch
 from torch import nn
 
+from .. import kernels
 from ..ops import triton_serves
 from .module import input_projection
 
@@ -25,6 +26,11 @@ Gemm = Literal["triton", "grouped_mm", "per_expert"]
 operands do not meet TMA's alignment it falls back to torch's), torch's grouped GEMM (CUDA bf16: no host sync,
 rows past `offsets[-1]` left unwritten), or one `mm` per expert (reads the offsets on the host, zeroes those rows;
 a custom op, `hf_moe::per_expert_mm`, so torch.compile traces it as one node without a graph break)."""
+
+WeightGradGemm = Literal["quack", "grouped_mm", "per_expert"]
+"""How the expert weights' gradients (`out[e] = a_eᵀ @ b_e`) run: quack-kernels' grouped GEMM with variable-length
+K (`hf_moe.moe.kernels.quack_gemm`, optional), torch's grouped GEMM, or one `mm` per expert (the custom op
+`hf_moe::per_expert_weight_grad`). All three read only the rows before `offsets[-1]` and zero idle experts."""
 
 # hf-moe's Triton grouped GEMMs replace torch's for a projection only with at most this many (token, slot) rows per
 # expert on average (with more, torch's tiles are as fast or faster) and at least this many multiply-adds per GEMM
@@ -66,6 +72,9 @@ class ExpertsPlan:
     """The SwiGLU backward overwrites the saved gate/up projection with its gradient (eager Triton path only)."""
     decode: bool
     """Inference with few rows per expert: the decode kernels replace the whole grouped path."""
+    weight_grad_gemm: WeightGradGemm
+    """The expert weights' gradient GEMMs (both projections): quack's where it is installed and would otherwise be
+    torch's grouped GEMM (docs/decisions/quack.md)."""
     defer_weight_grads: bool
     """Backward hands the expert weights' gradients to `weight_grads` instead of returning them."""
     gated: bool
@@ -88,6 +97,7 @@ _SETTINGS = {
     "decode_rows_per_expert": lambda: DECODE_ROWS_PER_EXPERT,
     "triton": lambda: None,  # None: Triton kernels serve CUDA tensors when Triton is installed
     "grouped_mm": lambda: None,  # None: torch's grouped GEMM for CUDA bf16 tensors when torch has it
+    "quack": lambda: None,  # None: quack's weight gradients for CUDA bf16 tensors where quack runs (Hopper+)
 }
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExpertsPlan))
 _overrides: dict[str, object] = {}
@@ -97,7 +107,8 @@ _overrides: dict[str, object] = {}
 def override_plan(**changes: object) -> Iterator[None]:
     """Inside the block, every plan is computed with `changes` applied: a threshold (`own_gemm_rows_per_expert`,
     `own_gemm_min_multiply_adds`, `decode_rows_per_expert`), an availability (`triton=True`: treat the tensors as
-    served by the Triton kernels; `grouped_mm=True`: as served by torch's grouped GEMM; False: never), or a plan
+    served by the Triton kernels; `grouped_mm=True`: as served by torch's grouped GEMM; `quack=True`: as served by
+    quack's for the weight gradients; False: never), or a plan
     field forced to a value (e.g. `decode=False`, `gate_up_gemm="grouped_mm"`). Hold it over forward and backward."""
     unknown = sorted(set(changes) - set(_SETTINGS) - set(_FIELDS))
     if unknown:
@@ -146,6 +157,9 @@ def plan_experts(
     grouped = _setting("grouped_mm")
     if grouped is None:
         grouped = hidden_states.is_cuda and dtype == torch.bfloat16 and _HAS_TORCH_GROUPED_MM
+    quack = _setting("quack")
+    if quack is None:
+        quack = hidden_states.is_cuda and dtype == torch.bfloat16 and kernels.quack_gemm.available()
     swiglu = triton and gated and experts.config.hidden_act in ("silu", "swish")
     params = (gate_up_proj, down_proj)
     grad = torch.is_grad_enabled()
@@ -163,6 +177,7 @@ def plan_experts(
             and not (grad and any(t.requires_grad for t in (hidden_states, top_k_weights, *params)))
             and num_rows <= _setting("decode_rows_per_expert") * num_experts
         ),
+        weight_grad_gemm="per_expert" if not grouped else "quack" if quack else "grouped_mm",
         defer_weight_grads=(
             weight_grads is not None
             and grad

@@ -8,7 +8,9 @@
 - `product_key_top_k`: product-key routing's exact selection (each half's top-k by ranks, then the pairs of ranks
   that can still be in the top k);
 - `product_key_experts`: the singleton experts of product-key layers (token-centric forward, expert-sorted
-  backward), a torch custom op.
+  backward), a torch custom op;
+- `quack_gemm`: the experts' weight gradients with quack-kernels' grouped GEMM (optional; imports quack, not Triton,
+  and only when called).
 
 Each launcher is also a torch custom op `hf_moe::<name>` (`library`), which torch.compile and torch.export
 trace as one node. Each module is imported on first attribute access (`kernels.gather.gather_rows(...)`), which
@@ -24,7 +26,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
 
 _KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "softmax_top_k", "product_key_top_k",
-                   "product_key_experts")
+                   "product_key_experts", "quack_gemm")
 
 PRODUCT_KEY_ACTIVATIONS = ("silu", "swish", "relu", "relu2")
 """The activations `product_key_experts` computes (others run the torch path)."""

@@ -5,7 +5,7 @@ torch's grouped GEMM runs one tile configuration for every shape. With few rows 
 GPU time, and the gate/up GEMM with SwiGLU fused in saves the activation kernel's read of the `[S, 2I]` projection;
 with many rows per expert torch's are as fast or faster, and a launch costs more host time than torch's, which
 small GEMMs do not earn back in eager mode. So `hf_moe_grouped` takes these only where its plan says so
-(`hf_moe.moe.experts.plan`); the weight-gradient GEMMs stay torch's. Measurements and the rule:
+(`hf_moe.moe.experts.plan`); the weight-gradient GEMMs are torch's or quack's (`quack_gemm`). Measurements and the rule:
 docs/decisions/own-grouped-gemms.md.
 
 Tiling: each expert's rows are cut into BLOCK_M-row tiles, numbered over all experts in order; work item w is tile
