@@ -156,7 +156,7 @@ def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         _product_key_pairs_kernel[(rows.shape[0],)](
             rows, pairs, values, indices, first, second, num_keys,
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
-            BLOCK_I=max(2, min(128, block_n)), BLOCK_J=max(2, min(32, block_n)),
+            BLOCK_I=max(2, min(64, block_n)), BLOCK_J=max(2, min(32, block_n)),
             BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
         )
     shape = (*log_probs.shape[:-2], k)
