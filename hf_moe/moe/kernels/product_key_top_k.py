@@ -45,7 +45,7 @@ def candidate_pairs(k: int, candidates: int, device: torch.device) -> torch.Tens
         widths = (k // (rows + 1)).clamp(max=candidates)
         num_pairs = sum(min(candidates, k // (a + 1)) for a in range(candidates))
         first = torch.repeat_interleave(rows, widths, output_size=num_pairs)
-        second = torch.arange(num_pairs, device=device) - (widths.cumsum(0) - widths)[first]
+        second = torch.arange(num_pairs, device=device) - (widths.cumsum(0) - widths).index_select(0, first)
         pairs = torch.stack([first, second]).to(torch.int32)
         if not (pairs.is_cuda and torch.cuda.is_current_stream_capturing()):  # in a capture only replays fill it
             _PAIRS[key] = pairs
