@@ -38,7 +38,8 @@ ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 
 
 
 @pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000),
-                                          (5, 1, 2), (7, 13, 2), (100, 64, 1000), (128, 64, 3), (512, 64, 1000)])
+                                          (5, 1, 2), (7, 13, 2), (100, 64, 1000), (128, 64, 3), (300, 64, 3),
+                                          (512, 64, 1000)])
 def test_pairs_kernel_equals_brute_force(n, k, levels):
     """Brute force over all N² float64 sums (exact for float32 halves), ties to the lower expert; several heads;
     the torch path chooses the same pairs."""

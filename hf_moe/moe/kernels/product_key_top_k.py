@@ -3,8 +3,8 @@
 One program per row (token, head) selects by ranks, never by repeated maxima:
 
 1. Halves. A key's rank is the number of keys of its half that beat it (a larger log-probability, or an equal one
-   at a lower index: one int64 comparison of ranking keys), counted over `[BLOCK_I, BLOCK_J]` tiles of the half
-   (re-read from global memory, where it stays in cache). The keys of rank < c = min(k, N) are stored at position
+   at a lower index), counted over `[BLOCK_I, BLOCK_J]` tiles of the half (re-read from global memory, where it
+   stays in cache). The keys of rank < c = min(k, N) are stored at position
    rank of a per-row scratch buffer, so the buffer holds each half's c best, best first.
 2. Merge. With both halves sorted, the pair of ranks (a, b) has the (a+1)(b+1) − 1 pairs (a' ≤ a, b' ≤ b) ranked
    above it, so it can be among the k best only if (a+1)(b+1) ≤ k: about k·ln k candidates instead of k². They
@@ -45,7 +45,7 @@ def candidate_pairs(k: int, candidates: int, device: torch.device) -> torch.Tens
         widths = (k // (rows + 1)).clamp(max=candidates)
         num_pairs = sum(min(candidates, k // (a + 1)) for a in range(candidates))
         first = torch.repeat_interleave(rows, widths, output_size=num_pairs)
-        second = torch.arange(num_pairs, device=device) - (widths.cumsum(0) - widths)[first]
+        second = torch.arange(num_pairs, device=device) - (widths.cumsum(0) - widths).index_select(0, first)
         pairs = torch.stack([first, second]).to(torch.int32)
         if not (pairs.is_cuda and torch.cuda.is_current_stream_capturing()):  # in a capture only replays fill it
             _PAIRS[key] = pairs
@@ -53,29 +53,36 @@ def candidate_pairs(k: int, candidates: int, device: torch.device) -> torch.Tens
 
 
 @triton.jit
-def _half_keys(row_ptr, cols, num_keys):
-    """(log-probabilities, int64 ranking keys) at `cols`: a key is the value's order-preserving integer image (high
-    32 bits) and `2³¹ − 1 − index` (low 32 bits), so a larger key is a better key, ties to the lower index; NaN and
-    past the half's end rank as −∞ (past the end below every key of the half), −0 as +0."""
+def _load_half(row_ptr, cols, num_keys):
+    """Log-probabilities at `cols`; −∞ past the half's end (at an index above every key's) and for NaN."""
     values = tl.load(row_ptr + cols, mask=cols < num_keys, other=float("-inf"))
-    values = tl.where(values == values, values, float("-inf"))
-    values = tl.where(values == 0, 0.0, values)
-    bits = values.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed integer order
-    return values, (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+    return tl.where(values == values, values, float("-inf"))
 
 
 @triton.jit
 def _rank_half(row_ptr, value_ptr, index_ptr, num_keys,
                CANDIDATES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Store the half's CANDIDATES best keys (value float32, index int32) at position rank, best first."""
+    """Store the half's CANDIDATES best keys (value float32, index int32) at position rank, best first.
+
+    A key is beaten by the keys of larger value and by those of equal value at a lower index, so the chunks wholly
+    before a key's own `BLOCK_I` chunk count `≥`, those wholly after count `>` (one comparison per pair), and only
+    its own chunk compares indices too (`BLOCK_I` is a multiple of `BLOCK_J`)."""
     for start in range(0, num_keys, BLOCK_I):
         cols = start + tl.arange(0, BLOCK_I)
-        values, keys = _half_keys(row_ptr, cols, num_keys)
+        values = _load_half(row_ptr, cols, num_keys)
         beaten_by = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
-        for other_start in range(0, num_keys, BLOCK_J):
-            _, others = _half_keys(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
-            beaten_by += (others[None, :] > keys[:, None]).to(tl.int32)
+        for other_start in range(0, start, BLOCK_J):
+            others = _load_half(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
+            beaten_by += (others[None, :] >= values[:, None]).to(tl.int32)
+        for other_start in range(start, start + BLOCK_I, BLOCK_J):
+            other_cols = other_start + tl.arange(0, BLOCK_J)
+            others = _load_half(row_ptr, other_cols, num_keys)
+            beats = (others[None, :] > values[:, None]) | (
+                (others[None, :] == values[:, None]) & (other_cols[None, :] < cols[:, None]))
+            beaten_by += beats.to(tl.int32)
+        for other_start in range(start + BLOCK_I, num_keys, BLOCK_J):
+            others = _load_half(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
+            beaten_by += (others[None, :] > values[:, None]).to(tl.int32)
         rank = tl.sum(beaten_by, axis=1)
         keep = (rank < CANDIDATES) & (cols < num_keys)
         tl.store(value_ptr + rank, values, mask=keep)
@@ -149,7 +156,7 @@ def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         _product_key_pairs_kernel[(rows.shape[0],)](
             rows, pairs, values, indices, first, second, num_keys,
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
-            BLOCK_I=max(2, min(128, block_n)), BLOCK_J=max(2, min(32, block_n)),
+            BLOCK_I=max(2, min(64, block_n)), BLOCK_J=max(2, min(32, block_n)),
             BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
         )
     shape = (*log_probs.shape[:-2], k)
