@@ -16,8 +16,9 @@ Parts (each row printed and written to the results file):
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
 - `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
-- `selection`: the selection kernel alone (`hf_moe::product_key_pairs`, one head, k 64) at N = 128 and 512 on
-  random log-probabilities, its pairs checked equal to the torch path's (run on the CPU).
+- `selection`: the selection kernel alone (`hf_moe::product_key_pairs`) on random log-probabilities at one head,
+  k 64, N = 128 and 512, and at PEER's 8 heads, k 8, N 128; its pairs checked equal to the torch path's (run on
+  the CPU).
 
 `rel_err` compares bf16 outputs whose routing may differ on near-ties, so small values (≈1e-2) are expected; the
 float32 comparison is the kernel check.
@@ -241,14 +242,15 @@ def adamw_part(experts: int, reps: int, device: str, out: ResultFile, hidden: in
 def selection_part(tokens: int, reps: int, device: str, out: ResultFile, top_k: int = TOP_K) -> None:
     from hf_moe.moe.kernels.product_key_top_k import product_key_pairs  # needs Triton
 
-    for n in (int(math.isqrt(EXPERTS)), 512):
-        log_probs = torch.randn(tokens, 1, 2, n, device=device).log_softmax(-1)
-        first, second = product_key_pairs(log_probs, top_k)
-        want, _ = product_key_top_k(log_probs.cpu(), top_k)
-        row = {"part": "selection", "tokens": tokens, "keys": n, "top_k": top_k,
-               "kernel_ms": round(median_and_min(lambda lp=log_probs: product_key_pairs(lp, top_k), device, reps)[0]
+    n = int(math.isqrt(EXPERTS))
+    for heads, keys, k in ((1, n, top_k), (1, 512, top_k), (8, n, 8)):  # FlashMoE's, the large, PEER's selections
+        log_probs = torch.randn(tokens, heads, 2, keys, device=device).log_softmax(-1)
+        first, second = product_key_pairs(log_probs, k)
+        want, _ = product_key_top_k(log_probs.cpu(), k)
+        row = {"part": "selection", "tokens": tokens, "heads": heads, "keys": keys, "top_k": k,
+               "kernel_ms": round(median_and_min(lambda lp=log_probs, k=k: product_key_pairs(lp, k), device, reps)[0]
                                   * 1e3, 4),
-               "equals_torch_path": torch.equal((first * n + second).cpu(), want)}
+               "equals_torch_path": torch.equal((first * keys + second).cpu(), want)}
         print(row, flush=True)
         out.write(row)
 

@@ -39,7 +39,7 @@ ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 
 
 @pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000),
                                           (5, 1, 2), (7, 13, 2), (100, 64, 1000), (128, 64, 3), (300, 64, 3),
-                                          (512, 64, 1000)])
+                                          (512, 64, 1000), (600, 64, 1000)])
 def test_pairs_kernel_equals_brute_force(n, k, levels):
     """Brute force over all N² float64 sums (exact for float32 halves), ties to the lower expert; several heads;
     the torch path chooses the same pairs."""
@@ -58,6 +58,20 @@ def test_pairs_kernel_equals_brute_force(n, k, levels):
             assert torch.equal(got, brute_force(log_probs[t, h], k)[0]), (t, h)
     want_first, want_second = _pairs_torch(log_probs, k)
     assert torch.equal(first.cpu(), want_first) and torch.equal(second.cpu(), want_second)
+
+
+def test_pairs_kernel_at_peers_shape_equals_brute_force():
+    """PEER's selection (8 heads, k 8, N 128), ties included, against brute force over all N² float64 sums."""
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+
+    from .test_product_key import brute_force
+
+    torch.manual_seed(0)
+    log_probs = torch.randint(0, 4, (2, 8, 2, 128)).float().log_softmax(-1)
+    first, second = product_key_pairs(log_probs.to(DEVICE), 8)
+    for t in range(2):
+        for h in range(8):
+            assert torch.equal((first[t, h] * 128 + second[t, h]).cpu(), brute_force(log_probs[t, h], 8)[0]), (t, h)
 
 
 @pytest.mark.parametrize("n,k", [(2, 3), (12, 64), (128, 64)])

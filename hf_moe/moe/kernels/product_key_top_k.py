@@ -1,16 +1,15 @@
 """Product-key routing's selection as one Triton kernel: each half's top-k and the merge, per (token, head).
 
-One program per row (token, head) selects by ranks, never by repeated maxima:
+One program per row (token, head), never by repeated maxima:
 
-1. Halves. A key's rank is the number of keys of its half that beat it (a larger log-probability, or an equal one
-   at a lower index), counted over `[BLOCK_I, BLOCK_J]` tiles of the half (re-read from global memory, where it
-   stays in cache). The keys of rank < c = min(k, N) are stored at position
-   rank of a per-row scratch buffer, so the buffer holds each half's c best, best first.
+1. Halves. Each key is packed into one int64 that orders keys best first (larger log-probability, ties to the
+   lower index), and a bitonic top-k (`tl.topk`, N·log² c compare-exchanges rather than N² comparisons) keeps each
+   half's c = min(k, N) best, stored sorted to a per-row scratch buffer.
 2. Merge. With both halves sorted, the pair of ranks (a, b) has the (a+1)(b+1) − 1 pairs (a' ≤ a, b' ≤ b) ranked
    above it, so it can be among the k best only if (a+1)(b+1) ≤ k: about k·ln k candidates instead of k². They
-   come from a small device table of rank pairs ([`candidate_pairs`]); each candidate's rank among the candidates
-   (sum desc, expert `i·N + j` asc) is counted the same way and the candidates of rank < k are stored at output
-   position rank.
+   come from a small device table of rank pairs ([`candidate_pairs`]); each candidate's rank is the number of
+   candidates that beat it (larger sum, or an equal sum at a lower expert `i·N + j`), counted over tiles, and the
+   candidates of rank < k are stored at output position rank.
 
 The sums are formed in float64, where the sum of two float32 log-probabilities is exact (whenever neither is more
 than 2²⁸ times the other in magnitude, or one is 0): the pruning in step 2 is exact only when every pair ranks
@@ -29,6 +28,9 @@ import triton.language as tl
 
 MAX_CANDIDATES = 64
 """Largest `min(k, N)` the kernel serves; larger selections run the torch path."""
+
+MAX_CHUNK = 512
+"""Keys of a half held at once by the halves' top-k; longer halves are merged chunk by chunk."""
 
 _PAIRS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
@@ -53,40 +55,37 @@ def candidate_pairs(k: int, candidates: int, device: torch.device) -> torch.Tens
 
 
 @triton.jit
-def _load_half(row_ptr, cols, num_keys):
-    """Log-probabilities at `cols`; −∞ past the half's end (at an index above every key's) and for NaN."""
-    values = tl.load(row_ptr + cols, mask=cols < num_keys, other=float("-inf"))
-    return tl.where(values == values, values, float("-inf"))
+def _half_keys(log_probs_ptr, cols, num_keys):
+    """`[2, BLOCK]` int64 keys of both halves at `cols`, larger = better: the value's order-preserving int32 image in
+    the high 32 bits, `2³¹ − 1 − index` in the low ones (equal values: the lower index wins). NaN ranks as −∞;
+    past the half's end −∞ at an index above every key's, so those keys rank last."""
+    offsets = tl.arange(0, 2)[:, None] * num_keys + cols[None, :]
+    values = tl.load(log_probs_ptr + offsets, mask=cols[None, :] < num_keys, other=float("-inf"))
+    values = tl.where(values == values, values, float("-inf"))
+    bits = tl.where(values == 0, 0.0, values).to(tl.int32, bitcast=True)  # −0 ranks with +0
+    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols[None, :]).to(tl.int64)
 
 
 @triton.jit
-def _rank_half(row_ptr, value_ptr, index_ptr, num_keys,
-               CANDIDATES: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
-    """Store the half's CANDIDATES best keys (value float32, index int32) at position rank, best first.
+def _select_halves(log_probs_ptr, value_ptr, index_ptr, num_keys,
+                   CANDIDATES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store each half's CANDIDATES best keys (value float32, index int32) at positions 0..CANDIDATES−1, best first.
 
-    A key is beaten by the keys of larger value and by those of equal value at a lower index, so the chunks wholly
-    before a key's own `BLOCK_I` chunk count `≥`, those wholly after count `>` (one comparison per pair), and only
-    its own chunk compares indices too (`BLOCK_I` is a multiple of `BLOCK_J`)."""
-    for start in range(0, num_keys, BLOCK_I):
-        cols = start + tl.arange(0, BLOCK_I)
-        values = _load_half(row_ptr, cols, num_keys)
-        beaten_by = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.int32)
-        for other_start in range(0, start, BLOCK_J):
-            others = _load_half(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
-            beaten_by += (others[None, :] >= values[:, None]).to(tl.int32)
-        for other_start in range(start, start + BLOCK_I, BLOCK_J):
-            other_cols = other_start + tl.arange(0, BLOCK_J)
-            others = _load_half(row_ptr, other_cols, num_keys)
-            beats = (others[None, :] > values[:, None]) | (
-                (others[None, :] == values[:, None]) & (other_cols[None, :] < cols[:, None]))
-            beaten_by += beats.to(tl.int32)
-        for other_start in range(start + BLOCK_I, num_keys, BLOCK_J):
-            others = _load_half(row_ptr, other_start + tl.arange(0, BLOCK_J), num_keys)
-            beaten_by += (others[None, :] > values[:, None]).to(tl.int32)
-        rank = tl.sum(beaten_by, axis=1)
-        keep = (rank < CANDIDATES) & (cols < num_keys)
-        tl.store(value_ptr + rank, values, mask=keep)
-        tl.store(index_ptr + rank, cols, mask=keep)
+    Bitonic top-BLOCK_K (`tl.topk`) of each `BLOCK_N` chunk of the keys, merged into the running best: the
+    elementwise max of a descending and an ascending sorted run is a bitonic run holding the BLOCK_K best of both,
+    which one bitonic merge sorts. Keys are distinct, so the order is total and exact."""
+    best = tl.topk(_half_keys(log_probs_ptr, tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
+    for start in range(BLOCK_N, num_keys, BLOCK_N):
+        chunk = tl.topk(_half_keys(log_probs_ptr, start + tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+    ordered = (best >> 32).to(tl.int32)
+    values = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
+    indices = 0x7FFFFFFF - (best & 0x7FFFFFFF).to(tl.int32)
+    positions = tl.arange(0, 2)[:, None] * CANDIDATES + tl.arange(0, BLOCK_K)[None, :]
+    keep = tl.arange(0, BLOCK_K)[None, :] < CANDIDATES
+    tl.store(value_ptr + positions, values, mask=keep)
+    tl.store(index_ptr + positions, indices, mask=keep)
 
 
 @triton.jit
@@ -106,14 +105,13 @@ def _candidate(pairs_ptr, slots, value_ptr, index_ptr, num_keys, NUM_PAIRS: tl.c
 def _product_key_pairs_kernel(
     log_probs_ptr, pairs_ptr, value_ptr, index_ptr, first_ptr, second_ptr, num_keys,
     TOP_K: tl.constexpr, CANDIDATES: tl.constexpr, NUM_PAIRS: tl.constexpr,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = log_probs_ptr + row * 2 * num_keys
     values = value_ptr + row * 2 * CANDIDATES
     indices = index_ptr + row * 2 * CANDIDATES
-    _rank_half(base, values, indices, num_keys, CANDIDATES, BLOCK_I, BLOCK_J)
-    _rank_half(base + num_keys, values + CANDIDATES, indices + CANDIDATES, num_keys, CANDIDATES, BLOCK_I, BLOCK_J)
+    _select_halves(base, values, indices, num_keys, CANDIDATES, BLOCK_K, BLOCK_N)
     tl.debug_barrier()  # the halves' stores, made by all threads, are read back by all threads below
     for start in range(0, NUM_PAIRS, BLOCK_P):
         slots = start + tl.arange(0, BLOCK_P)
@@ -152,11 +150,11 @@ def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         num_pairs = pairs.shape[1]
         values = torch.empty(rows.shape[0], 2, candidates, dtype=torch.float32, device=log_probs.device)
         indices = torch.empty(rows.shape[0], 2, candidates, dtype=torch.int32, device=log_probs.device)
-        block_n, block_p = triton.next_power_of_2(num_keys), triton.next_power_of_2(num_pairs)
+        block_p = triton.next_power_of_2(num_pairs)
         _product_key_pairs_kernel[(rows.shape[0],)](
             rows, pairs, values, indices, first, second, num_keys,
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
-            BLOCK_I=max(2, min(64, block_n)), BLOCK_J=max(2, min(32, block_n)),
+            BLOCK_K=triton.next_power_of_2(candidates), BLOCK_N=min(MAX_CHUNK, triton.next_power_of_2(num_keys)),
             BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
         )
     shape = (*log_probs.shape[:-2], k)
