@@ -154,7 +154,8 @@ def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         _product_key_pairs_kernel[(rows.shape[0],)](
             rows, pairs, values, indices, first, second, num_keys,
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
-            BLOCK_K=triton.next_power_of_2(candidates), BLOCK_N=min(MAX_CHUNK, triton.next_power_of_2(num_keys)),
+            BLOCK_K=max(2, triton.next_power_of_2(candidates)),
+            BLOCK_N=max(2, min(MAX_CHUNK, triton.next_power_of_2(num_keys))),
             BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
         )
     shape = (*log_probs.shape[:-2], k)
