@@ -74,6 +74,20 @@ def test_pairs_kernel_at_peers_shape_equals_brute_force():
             assert torch.equal((first[t, h] * 128 + second[t, h]).cpu(), brute_force(log_probs[t, h], 8)[0]), (t, h)
 
 
+def test_pairs_kernel_ties_signed_zeros():
+    """−0 and +0 are equal log-probabilities: the lower index wins, whichever zero it holds (with k 2 each half
+    keeps its best two keys and the pruning drops the pair of second-ranked keys, so the halves' order decides)."""
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+
+    from .test_product_key import brute_force
+
+    log_probs = -torch.rand(1, 1, 2, 16) - 1
+    log_probs[..., 3], log_probs[..., 9] = -0.0, 0.0
+    first, second = product_key_pairs(log_probs.to(DEVICE), 2)
+    want = brute_force(log_probs[0, 0], 2)[0]
+    assert want[0] == 3 * 16 + 3 and torch.equal((first[0, 0] * 16 + second[0, 0]).cpu(), want)
+
+
 @pytest.mark.parametrize("n,k", [(2, 3), (12, 64), (128, 64)])
 def test_pairs_kernel_ranks_by_exact_sums(n, k):
     """Sums that float32 would round together (`near_tie_log_probs`) are ranked by their exact value."""
