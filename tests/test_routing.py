@@ -695,6 +695,60 @@ def test_z_loss_and_drop_fraction_are_computed_on_read(masked):
                                out.aux_loss, given).z_loss is given
 
 
+def _count_statistics_calls(monkeypatch) -> list[str]:
+    """Record each call of the functions that compute routing statistics, in the router modules that call them."""
+    from hf_moe.moe.router import product_key, topk
+
+    calls = []
+    for module, names in ((topk, ("expert_counts", "switch_loss", "sequence_load_balancing_loss")),
+                          (product_key, ("expert_counts", "switch_loss_from_sums"))):
+        for name in names:
+            function = getattr(module, name)
+
+            def counted(*args, _function=function, _name=name, **kwargs):
+                calls.append(_name)
+                return _function(*args, **kwargs)
+
+            monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["dropless", "dropping", "product_key"])
+def test_routing_statistics_are_computed_only_when_read(monkeypatch, case):
+    calls = _count_statistics_calls(monkeypatch)
+    overrides = {"dropping": dict(drop_tokens=True, eval_capacity_factor=0.5, min_capacity=1),
+                 "product_key": dict(router_type="product_key", num_experts=16, num_experts_per_tok=3,
+                                     moe_intermediate_size=1, gated_experts=False)}.get(case, {})
+    model = hf_moe.HfMoeForCausalLM(tiny_config(**overrides)).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    with torch.no_grad(), hf_moe.record_routing(model) as routings:
+        model(ids)
+    assert calls == [], "an inference forward computed routing statistics nobody read"
+    routing = routings[0]
+    num_experts = model.config.num_experts
+    assert routing.capacity is not None if case == "dropping" else routing.capacity is None
+    counts = [0.0] * num_experts  # the slots that reach an expert, after any dropping
+    for expert in routing.top_k_index.reshape(-1).tolist():
+        if expert < num_experts:
+            counts[expert] += 1
+    logits = routing.logits.double()
+    if case == "product_key":  # p(i·N + j) = p₁(i)·p₂(j) over N² experts
+        halves = logits.view(14, 2, 4).softmax(-1)
+        probs = (halves[:, 0, :, None] * halves[:, 1, None, :]).reshape(14, num_experts)
+        entropy = -(probs * probs.log()).sum(-1)
+        torch.testing.assert_close(routing.token_entropy, entropy.float(), rtol=1e-5, atol=1e-6)
+        selection = routing.top_k_index.tolist()
+    else:
+        probs = logits.softmax(-1)
+        assert routing.token_entropy is None  # the entropy metric takes it from probs
+        selection = [descending(row)[:2] for row in probs.tolist()]  # the aux loss sees it before dropping
+    expected = ref_switch_loss(probs.tolist(), selection, num_experts)
+    assert_rel_close(routing.aux_loss, torch.tensor(expected), 1e-5, "aux loss")
+    assert routing.tokens_per_expert.tolist() == counts
+    assert (sum(counts) < 28) == (case == "dropping")
+    assert "expert_counts" in calls and calls.count("expert_counts") <= 2
+
+
 # --------------------------------------------------------------------------------------- aux-loss-free balancing
 
 

@@ -22,12 +22,13 @@ from torch import nn
 
 from .block import HfMoeSparseMoeBlock, moe_blocks
 from .experts import base_layer
-from .types import RouterOutput
+from .types import ROUTER_STATISTICS, RouterOutput
 
-# RouterOutput tensors a graphed block returns next to its output; z_loss and drop_fraction follow when the router
-# set them, otherwise they are computed from these on first read, outside the graph.
+# RouterOutput tensors a graphed block returns next to its output (the router's statistics computed in the graph);
+# z_loss and drop_fraction follow when the router set them, otherwise they are computed from these on first read,
+# outside the graph; token_entropy follows when the router's statistics give one.
 _ROUTING_TENSORS = ("logits", "top_k_index", "top_k_weights", "tokens_per_expert", "aux_loss")
-_OPTIONAL_TENSORS = ("probs", "z_loss", "drop_fraction")
+_OPTIONAL_TENSORS = ("probs", "z_loss", "drop_fraction", "token_entropy")
 _NOT_DIFFERENTIABLE = ("top_k_index", "tokens_per_expert", "drop_fraction")
 
 
@@ -205,7 +206,10 @@ def capture_moe_cuda_graphs(
             mask = (torch.ones(batch_size * sequence_length, dtype=torch.bool, device=device),)
         with torch.no_grad():  # which optional routing tensors this router sets
             _, routing = block.compute(x, *mask)
-        optional = tuple(n for n in _OPTIONAL_TENSORS if isinstance(routing.given(n), torch.Tensor))
+        optional = tuple(
+            n for n in _OPTIONAL_TENSORS
+            if isinstance(getattr(routing, n) if n in ROUTER_STATISTICS else routing.given(n), torch.Tensor)
+        )
         functions.append(_BlockTensors(block, optional))
         samples.append((x, *mask))
         probes.append((optional, routing.capacity))

@@ -9,7 +9,8 @@ its residual (and its other experts). [`assigned_slots`] tells the two apart.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+from typing import Protocol
 
 import torch
 import torch.utils._pytree as pytree
@@ -57,6 +58,31 @@ class _ComputedOnRead:
         return getattr(output, self.slot, None)
 
 
+class RoutingStatistics(Protocol):
+    """What computes a [`RouterOutput`]'s routing statistics on first read: the router's settings and what the
+    output does not hold (the selection before capacity dropping, the sequence length)."""
+
+    def tokens_per_expert(self, output: RouterOutput) -> torch.Tensor: ...
+
+    def aux_loss(self, output: RouterOutput) -> torch.Tensor: ...
+
+    def token_entropy(self, output: RouterOutput) -> torch.Tensor | None: ...
+
+
+def _from_statistics(name: str) -> _ComputedOnRead:
+    """A field that `RouterOutput.statistics` computes on first read (None without statistics)."""
+
+    def compute(output: RouterOutput) -> torch.Tensor | None:
+        return None if output.statistics is None else getattr(output.statistics, name)(output)
+
+    return _ComputedOnRead(compute)
+
+
+ROUTER_STATISTICS = ("tokens_per_expert", "aux_loss", "token_entropy")
+"""The [`RouterOutput`] fields its `statistics` compute on first read: the router's forward leaves them out, so
+inference, where nobody reads them, launches none of their kernels."""
+
+
 @dataclass
 class RouterOutput:
     """What one MoE layer's router decided for a flat batch of T tokens.
@@ -67,8 +93,10 @@ class RouterOutput:
         top_k_index: `[T, k]` chosen experts; `num_experts` marks a dropped / unassigned (sentinel) slot
             (for expert choice k = E: column e is e where expert e took the token).
         top_k_weights: `[T, k]` combine weights (dtype of the hidden states), 0 on sentinel slots.
-        tokens_per_expert: `[E]` (token, slot) pairs each expert processes, padding and dropped slots excluded.
-        aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]).
+        tokens_per_expert: `[E]` (token, slot) pairs each expert processes, padding and dropped slots excluded;
+            when not given, computed by `statistics` on first read.
+        aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]); when not given, computed by
+            `statistics` on first read (from the selection before dropping).
         z_loss: router z-loss of this layer (see [`router_z_loss`]); when not given, computed from `logits` and
             `token_mask` on first read.
         probs: `[T, E]` float32 routing distribution (softmax, or sigmoid scores normalised per token) used by
@@ -78,21 +106,24 @@ class RouterOutput:
         drop_fraction: 0-dim float32: token choice: dropped real slots / real slots; expert choice: real tokens
             no expert took / real tokens. When not given (nothing can drop), 0 on first read.
         token_entropy: `[T]` entropy (nats) of each token's routing distribution, given by routers whose
-            distribution is never held as a `[T, E]` tensor (product keys: the sum of the two halves' entropies);
-            None: the routing-entropy metric computes it from `probs`.
+            distribution is never held as a `[T, E]` tensor (product keys: the sum of the two halves' entropies),
+            computed by `statistics` on first read; None: the routing-entropy metric computes it from `probs`.
+        statistics: what computes `tokens_per_expert`, `aux_loss` and `token_entropy` when they are read (the
+            router sets it); None when those are given. Not a pytree child: flattening computes those fields.
     """
 
     logits: torch.Tensor
     top_k_index: torch.Tensor
     top_k_weights: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    aux_loss: torch.Tensor
+    tokens_per_expert: torch.Tensor | None = _from_statistics("tokens_per_expert")
+    aux_loss: torch.Tensor | None = _from_statistics("aux_loss")
     z_loss: torch.Tensor | None = _ComputedOnRead(lambda output: router_z_loss(output.logits, output.token_mask))
     probs: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
     drop_fraction: torch.Tensor | None = _ComputedOnRead(lambda output: output.logits.new_zeros(()))
-    token_entropy: torch.Tensor | None = None
+    token_entropy: torch.Tensor | None = _from_statistics("token_entropy")
+    statistics: RoutingStatistics | None = field(default=None, repr=False, compare=False)
 
     def given(self, name: str) -> torch.Tensor | None:
         """Field `name` as it was set, without computing a field that is computed on read (None then)."""
@@ -101,13 +132,15 @@ class RouterOutput:
 
 
 # A pytree node, so that torch.export and torch.compile take a model output that holds RouterOutputs
-# (`output_router_logits=True`): its tensors are the children; `capacity` (an int or None) is the context. A field
-# computed on read that nobody read yet stays None (computed on read after unflattening too).
-_TENSOR_FIELDS = tuple(f.name for f in fields(RouterOutput) if f.name != "capacity")
+# (`output_router_logits=True`): its tensors are the children; `capacity` (an int or None) is the context. The
+# statistics, which need the router, are computed when flattened; another field computed on read that nobody read
+# yet stays None (computed on read after unflattening too).
+_TENSOR_FIELDS = tuple(f.name for f in fields(RouterOutput) if f.name not in ("capacity", "statistics"))
 
 
 def _flatten(output: RouterOutput) -> tuple[list[torch.Tensor | None], int | None]:
-    return [output.given(name) for name in _TENSOR_FIELDS], output.capacity
+    values = [getattr(output, name) if name in ROUTER_STATISTICS else output.given(name) for name in _TENSOR_FIELDS]
+    return values, output.capacity
 
 
 def _unflatten(values, capacity: int | None) -> RouterOutput:

@@ -177,5 +177,8 @@ def softmax_top_k(
     logits: torch.Tensor, top_k: int, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`logits [T, E]` float32 on CUDA → `(probs [T, E], top_k_index [T, k] int64, top_k_weights [T, k] float32)`:
-    the softmax, its k largest entries, and those entries (renormalised to sum to 1 when `normalize`)."""
-    return _SoftmaxTopK.apply(logits, top_k, normalize)
+    the softmax, its k largest entries, and those entries (renormalised to sum to 1 when `normalize`). Without
+    gradients (inference) the kernel runs as it is, without the autograd Function's host cost."""
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _SoftmaxTopK.apply(logits, top_k, normalize)
+    return _forward_op(logits, top_k, normalize)

@@ -6,9 +6,8 @@ import torch
 
 from ..capacity import expert_capacity
 from ..types import RouterOutput, assigned_slots
-from .losses import expert_counts
 from .registry import register_router
-from .topk import HfMoeRouter
+from .topk import HfMoeRouter, SelectionStatistics
 
 
 @register_router("expert_choice")
@@ -55,10 +54,10 @@ class ExpertChoiceRouter(HfMoeRouter):
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(hidden_states.dtype),
-            tokens_per_expert=expert_counts(top_k_index, self.num_experts, token_mask),
             aux_loss=logits.new_zeros(()),
             probs=self.routing_probs(scores),
             token_mask=token_mask,
             capacity=capacity,
             drop_fraction=untouched.sum() / real.sum().clamp(min=1.0),
+            statistics=SelectionStatistics(self, top_k_index),  # the counts, on read
         )

@@ -62,6 +62,33 @@ def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return torch.div(chosen, num_keys, rounding_mode="floor"), chosen % num_keys
 
 
+class ProductKeyStatistics:
+    """A product-key router's statistics, computed when its [`RouterOutput`] is read, from the halves'
+    log-probabilities `[T, heads, 2, N]` (their probabilities computed once, for the aux loss and the entropy)."""
+
+    def __init__(self, router: ProductKeyRouter, log_probs: torch.Tensor) -> None:
+        self.router = router
+        self.log_probs = log_probs
+        self._probs: torch.Tensor | None = None
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            self._probs = self.log_probs.exp()
+        return self._probs
+
+    def tokens_per_expert(self, output: RouterOutput) -> torch.Tensor:
+        return expert_counts(output.top_k_index, self.router.num_experts, output.token_mask)
+
+    def aux_loss(self, output: RouterOutput) -> torch.Tensor:
+        mask = None if output.token_mask is None else output.token_mask.to(self.probs.dtype)
+        return self.router.aux_loss(self.probs, output.tokens_per_expert, mask)
+
+    def token_entropy(self, output: RouterOutput) -> torch.Tensor:
+        """The sum of the halves' entropies, averaged over heads."""
+        return -(self.probs * self.log_probs).sum(dim=(-2, -1)).mean(dim=-1)
+
+
 @register_router("product_key")
 class ProductKeyRouter(HfMoeRouter):
     """Product-key router over `num_experts = N²` experts (`router_type="product_key"`; FlashMoE, and PEER with
@@ -118,19 +145,14 @@ class ProductKeyRouter(HfMoeRouter):
         if self.config.routed_scaling_factor != 1.0:
             weights = weights * self.config.routed_scaling_factor
         top_k_index, weights = top_k_index.flatten(1), weights.flatten(1)
-        counts = expert_counts(top_k_index, self.num_experts, token_mask)
-        probs = log_probs.exp()
-        mask = None if token_mask is None else token_mask.to(probs.dtype)
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(hidden_states.dtype),
-            tokens_per_expert=counts,
-            aux_loss=self.aux_loss(probs, counts, mask),
             z_loss=router_z_loss(logits.view(num_tokens * 2 * self.num_heads, self.num_keys),
                                  None if token_mask is None else token_mask.repeat_interleave(2 * self.num_heads)),
             token_mask=token_mask,
-            token_entropy=-(probs * log_probs).sum(dim=(-2, -1)).mean(dim=-1),
+            statistics=ProductKeyStatistics(self, log_probs),
         )
 
     def aux_loss(self, probs: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,8 @@ fused softmax → top-k kernel (docs/routing.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,6 +30,13 @@ most of the router's GPU time and the fused kernel wins; with few (Mixtral's 8) 
 _SELECTION_HOOKS = ("score", "selection_scores", "select", "routing_probs")
 
 
+def _float32_accumulated_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x [T, H] @ weight [E, H]ᵀ` of half-precision operands, accumulated in and returned as float32."""
+    if x.is_cuda:  # cuBLAS: half operands, float32 accumulation and float32 output
+        return torch.mm(x, weight.t(), out_dtype=torch.float32)
+    return torch.mm(x.float(), weight.float().t())  # no such kernel elsewhere: same values through float32
+
+
 class _Float32AccumulatedLinear(torch.autograd.Function):
     """`x [T, H] @ weight [E, H]ᵀ` of half-precision operands → float32 `[T, E]`; gradients in the operands'
     dtypes. Saves only the half operands (no float32 copy of x lives until backward)."""
@@ -35,9 +44,7 @@ class _Float32AccumulatedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        if x.is_cuda:  # cuBLAS: half operands, float32 accumulation and float32 output
-            return torch.mm(x, weight.t(), out_dtype=torch.float32)
-        return torch.mm(x.float(), weight.float().t())  # no such kernel elsewhere: same values through float32
+        return _float32_accumulated_mm(x, weight)
 
     @staticmethod
     def backward(ctx, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -50,8 +57,13 @@ class _Float32AccumulatedLinear(torch.autograd.Function):
 
 def _half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits `x·Wᵀ` in float32 from bf16/fp16 `x [..., H]` and `weight [E, H]`: the float32 GEMM's result
-    (up to summation order) at the cost of a half-precision GEMM; `x.grad` comes back in x's dtype."""
-    logits = _Float32AccumulatedLinear.apply(x.reshape(-1, x.shape[-1]), weight)
+    (up to summation order) at the cost of a half-precision GEMM; `x.grad` comes back in x's dtype. Without
+    gradients (inference) the GEMM runs as it is, without the autograd Function's host cost."""
+    flat = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        logits = _Float32AccumulatedLinear.apply(flat, weight)
+    else:
+        logits = _float32_accumulated_mm(flat, weight)
     return logits.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -261,13 +273,14 @@ class HfMoeRouter(nn.Module):
         token_mask: torch.Tensor | None,
         sequence_length: int | None,
     ) -> RouterOutput:
-        """Losses and counts from the selection, then capacity dropping: the parts every token-choice router
-        shares. The aux loss sees the selection before dropping (as GShard / DeepSpeed). The z-loss is left to
-        [`RouterOutput`], which computes it when read."""
-        counts = expert_counts(top_k_index, self.num_experts, token_mask)  # before dropping
-        aux_loss = self.aux_loss(probs, top_k_index, token_mask, sequence_length, counts)
+        """Capacity dropping and the output: the parts every token-choice router shares. The counts, the aux loss
+        (which sees the selection before dropping, as GShard / DeepSpeed) and the z-loss are left to
+        [`RouterOutput`], which computes them when read; only the aux-loss-free bias counts the selection here,
+        in training."""
+        selection = top_k_index
         if self.training and self.expert_bias is not None:
-            self.expert_load = counts.clone() if self.expert_load is None else self.expert_load + counts
+            counts = expert_counts(selection, self.num_experts, token_mask)
+            self.expert_load = counts if self.expert_load is None else self.expert_load + counts
         capacity = drop_fraction = None
         if self.config.drop_tokens:
             if token_mask is not None:  # padding never takes capacity from real tokens
@@ -281,17 +294,15 @@ class HfMoeRouter(nn.Module):
             )
             kept = assigned_slots(top_k_index, self.num_experts).sum()
             drop_fraction = (requested - kept).float() / requested.clamp(min=1).float()
-            counts = expert_counts(top_k_index, self.num_experts, token_mask)  # what is left after dropping
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(dtype),
-            tokens_per_expert=counts,
-            aux_loss=aux_loss,
             probs=probs,
             token_mask=token_mask,
             capacity=capacity,
             drop_fraction=drop_fraction,
+            statistics=SelectionStatistics(self, selection, sequence_length),
         )
 
     def aux_loss(
@@ -310,6 +321,30 @@ class HfMoeRouter(nn.Module):
             length = sequence_length or top_k_index.shape[0]
             return sequence_load_balancing_loss(probs, top_k_index, self.num_experts, length, token_mask)
         return probs.new_zeros(())
+
+
+@dataclass
+class SelectionStatistics:
+    """A token-choice router's statistics, computed when its [`RouterOutput`] is read: the counts of the slots
+    that reach an expert, and `router.aux_loss` of the `selection` `[T, k]` before capacity dropping."""
+
+    router: HfMoeRouter
+    selection: torch.Tensor
+    sequence_length: int | None = None
+
+    def tokens_per_expert(self, output: RouterOutput) -> torch.Tensor:
+        return expert_counts(output.top_k_index, self.router.num_experts, output.token_mask)
+
+    def aux_loss(self, output: RouterOutput) -> torch.Tensor:
+        if self.selection is output.top_k_index:  # nothing dropped: the counts are the selection's
+            counts = output.tokens_per_expert
+        else:
+            counts = expert_counts(self.selection, self.router.num_experts, output.token_mask)
+        return self.router.aux_loss(output.probs, self.selection, output.token_mask, self.sequence_length, counts)
+
+    def token_entropy(self, output: RouterOutput) -> None:
+        """None: the routing-entropy metric takes it from `output.probs`."""
+        return None
 
 
 @register_router("switch")
