@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from .record import ResultFile
-from .rss import print_table, report_step, run_child, same_tensors, save_in_memory_shards
+from .rss import print_table, report_step, run_child, save_in_memory_shards, streaming_against_naive
 
 SHARD_BYTES = 10**9
 
@@ -143,12 +143,7 @@ def main() -> None:
         record = ResultFile(__name__)
         record.write({"what": "source", "parameters": params, "hidden": args.hidden, "layers": args.layers,
                       "experts": args.experts, "moe_intermediate": args.moe_intermediate})
-        results = {}
-        for mode in ("streaming", "naive"):
-            results[mode] = run_child("convert-memory", mode, tmp / "qwen3_moe", tmp / mode, argv)
-            print(json.dumps(results[mode]), flush=True)
-            record.write(results[mode])
-        print(f"outputs identical: {same_tensors(tmp / 'streaming', tmp / 'naive')} tensors compared")
+        results = streaming_against_naive("convert-memory", tmp / "qwen3_moe", tmp, argv, record)
         s, n = results["streaming"], results["naive"]
         print_table(results)
         print(f"streaming above imports = {(s['peak_rss'] - s['baseline_rss']) / SHARD_BYTES:.2f} source shards; "

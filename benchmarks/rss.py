@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .record import ResultFile
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -51,6 +53,18 @@ def run_child(suite: str, mode: str, src: Path, out: Path, argv: list[str]) -> d
     if done.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def streaming_against_naive(suite: str, src: Path, workdir: Path, argv: list[str], record: ResultFile) -> dict[str, dict[str, Any]]:
+    """Run the `streaming` and the `naive` step of `suite` on `src`, each in a fresh process writing under
+    `workdir/<mode>`; print and `record.write` their rows and check that both wrote the same tensors."""
+    results = {}
+    for mode in ("streaming", "naive"):
+        results[mode] = run_child(suite, mode, src, workdir / mode, argv)
+        print(json.dumps(results[mode]), flush=True)
+        record.write(results[mode])
+    print(f"outputs identical: {same_tensors(workdir / 'streaming', workdir / 'naive')} tensors compared")
+    return results
 
 
 def print_table(results: dict[str, dict[str, Any]], write_rate: bool = False) -> None:

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from .record import ResultFile
-from .rss import print_table, report_step, run_child, same_tensors, save_in_memory_shards
+from .rss import print_table, report_step, run_child, save_in_memory_shards, streaming_against_naive
 
 
 def generate(path: Path, args: argparse.Namespace) -> None:
@@ -141,17 +141,11 @@ def main() -> None:
         print(f"source: random Llama, {params / 1e9:.2f}B parameters, {gen['bytes_written'] / 1e9:.2f} GB bf16 "
               f"(H={args.hidden}, I={args.intermediate}, {args.layers} layers); upcycling to {args.experts} experts, "
               f"top-{args.top_k}, moe_layers={args.moe_layers}")
-        results = {}
         record = ResultFile(__name__)
         record.write({"what": "source", "parameters": params, "hidden": args.hidden, "intermediate": args.intermediate,
                       "layers": args.layers, "experts": args.experts, "top_k": args.top_k,
                       "moe_layers": args.moe_layers})
-        for mode in ("streaming", "naive"):
-            results[mode] = run_child("upcycle-memory", mode, tmp / "dense", tmp / mode, argv)
-            print(json.dumps(results[mode]), flush=True)
-            record.write(results[mode])
-        compared = same_tensors(tmp / "streaming", tmp / "naive")
-        print(f"outputs identical: {compared} tensors compared")
+        results = streaming_against_naive("upcycle-memory", tmp / "dense", tmp, argv, record)
         s, n = results["streaming"], results["naive"]
         print_table(results, write_rate=True)
         print(f"output {s['bytes_written'] / 1e9:.2f} GB; naive / streaming: peak RSS "
