@@ -180,9 +180,13 @@ def deepseek_moe_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     }
 
 
-def deepseek_moe_from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
-    """The DeepSeek-style routed-MoE fields of an hf-moe config, as the foreign config's keyword arguments (no
-    multi-token-prediction layers). The caller has checked that the config is DeepSeek-style."""
+def deepseek_moe_from_hf_moe(cfg: HfMoeConfig, family: str) -> dict[str, Any]:
+    """The DeepSeek-style routed-MoE fields of an hf-moe config, as `family`'s config keyword arguments (no
+    multi-token-prediction layers). The caller has checked the routing is DeepSeek-style; the shared experts'
+    width, which such a config derives, is checked here."""
+    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
+        raise refuse(family, "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
+                     f"{family}'s shared experts are n_shared_experts·moe_intermediate_size wide")
     dense, _ = dense_and_moe_layers(cfg)
     n_group = cfg.n_group or 1
     return {

@@ -73,9 +73,6 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         raise refuse("deepseek_v3", "num_shared_experts", 0,
                      "DeepSeek-V3's MoE layers always have shared experts (qwen3_moe has none, but no multi-head "
                      "latent attention)")
-    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
-        raise refuse("deepseek_v3", "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
-                     "DeepSeek-V3's shared experts are n_shared_experts·moe_intermediate_size wide")
     n_group = cfg.n_group or 1
     if cfg.num_experts // n_group < 2:
         raise refuse("deepseek_v3", "n_group", cfg.n_group,
@@ -85,7 +82,7 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         **{name: getattr(cfg, name) for name in _MLA_FIELDS},
         "rope_interleave": cfg.rope_interleave,
         "attention_bias": cfg.attention_bias,
-        **deepseek_moe_from_hf_moe(cfg),
+        **deepseek_moe_from_hf_moe(cfg, "deepseek_v3"),
     }
 
 

@@ -53,12 +53,9 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     if cfg.attention_bias:
         raise refuse("glm4_moe", "attention_bias", True,
                      "GLM-4-MoE's o_proj has no bias (olmoe and qwen3_moe take attention_bias=True)")
-    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
-        raise refuse("glm4_moe", "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
-                     "GLM-4-MoE's shared experts are n_shared_experts·moe_intermediate_size wide")
     return {
         **common_from_hf_moe(cfg),
-        **deepseek_moe_from_hf_moe(cfg),
+        **deepseek_moe_from_hf_moe(cfg, "glm4_moe"),
         "attention_bias": cfg.qkv_bias,
         "use_qk_norm": cfg.qk_norm,
     }
