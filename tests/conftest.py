@@ -31,6 +31,10 @@ def tiny_config(**overrides) -> HfMoeConfig:
     return HfMoeConfig(**kwargs)
 
 
+FLOAT64_TOL = 1e-10
+"""Relative tolerance of a float64 multi-process run against one process: only the order of sums differs."""
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max|a-b| / max|b|: one number that is small only when the tensors agree everywhere."""
     a, b = a.detach().double(), b.detach().double()

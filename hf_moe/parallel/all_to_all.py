@@ -31,6 +31,12 @@ from .collectives import all_to_all
 from .weight_grad_queue import WEIGHT_GRADS
 
 
+def _routing_dtype(weights: torch.Tensor) -> torch.dtype:
+    """The dtype routing travels in: float32 (exact for half-precision weights and for expert ids below 2**24),
+    float64 for a float64 model, whose weights float32 would round."""
+    return torch.float64 if weights.dtype == torch.float64 else torch.float32
+
+
 def _reinterpret(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The bytes of the rows of 2-D `t` read as `dtype` (a copy when `t` is not contiguous)."""
     width = t.shape[1] * t.element_size() // dtype.itemsize
@@ -39,7 +45,7 @@ def _reinterpret(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _PackRows(torch.autograd.Function):
     """The send buffer: row r holds token `x[send_token[r]]` (rows from `num_sent`, a device tensor, on stay
-    unwritten) followed by the bytes of its float32 routing `meta[r]`, so one all-to-all carries both. Its backward
+    unwritten) followed by the bytes of its routing `meta[r]` (float32, or float64: [`_routing_dtype`]), so one all-to-all carries both. Its backward
     sums each token's rows (`gather_sum`) and hands back the routing's gradient."""
 
     @staticmethod
@@ -49,6 +55,7 @@ class _PackRows(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(row_of)
         ctx.hidden = hidden = x.shape[1]
+        ctx.meta_dtype = meta.dtype
         packed = x.new_empty(len(send_token), hidden + meta.shape[1] * meta.element_size() // x.element_size())
         packed[:, hidden:] = _reinterpret(meta, x.dtype)
         if len(send_token):
@@ -58,24 +65,25 @@ class _PackRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (row_of,) = ctx.saved_tensors
-        grad_meta = _reinterpret(grad[:, ctx.hidden :], torch.float32)
+        grad_meta = _reinterpret(grad[:, ctx.hidden :], ctx.meta_dtype)
         return gather_sum(grad[:, : ctx.hidden], row_of), grad_meta, None, None, None
 
 
 class _UnpackRows(torch.autograd.Function):
-    """Received rows → their tokens `[n, H]` (a view) and float32 routing; backward packs both gradients again."""
+    """Received rows → their tokens `[n, H]` (a view) and their routing in `meta_dtype`; backward packs both
+    gradients again."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, rows: torch.Tensor, hidden: int, meta_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.shape, ctx.hidden = rows.shape, hidden
-        return rows[:, :hidden], _reinterpret(rows[:, hidden:], torch.float32)
+        return rows[:, :hidden], _reinterpret(rows[:, hidden:], meta_dtype)
 
     @staticmethod
     def backward(ctx, grad_tokens: torch.Tensor, grad_meta: torch.Tensor):
         grad = grad_tokens.new_empty(ctx.shape)
         grad[:, : ctx.hidden] = grad_tokens
         grad[:, ctx.hidden :] = _reinterpret(grad_meta, grad.dtype)
-        return grad, None
+        return grad, None, None
 
 
 class _SumTokens(torch.autograd.Function):
@@ -103,8 +111,8 @@ def _plan(
     Returns `counts [2, P]` (tokens and slots bound for each rank), `send_token [R]` (the token of each send row:
     rank-major, token order within a rank, R = T·min(P, k) rows, the most a batch can need; rows past
     `counts[0].sum()` are padding), `row_of [T, P]` (the send row of token t for rank p, R where t does not go to
-    p) and `meta [R, 2k]` (float32: each row's routing restricted to its destination, the weights then the local
-    expert ids, `num_local` and weight 0 for experts elsewhere; ids below 2**24 are exact in float32).
+    p) and `meta [R, 2k]` (in [`_routing_dtype`]: each row's routing restricted to its destination, the weights then
+    the local expert ids, `num_local` and weight 0 for experts elsewhere).
     """
     num_tokens, top_k = top_k_index.shape
     device = top_k_index.device
@@ -122,7 +130,8 @@ def _plan(
     here = rank_of_slot[send_token] == dest
     local_index = torch.where(here, top_k_index[send_token] - dest * num_local, num_local)
     weights = top_k_weights[send_token].masked_fill(~here, 0.0)
-    meta = torch.cat([weights.float(), local_index.float()], dim=1)
+    dtype = _routing_dtype(top_k_weights)
+    meta = torch.cat([weights.to(dtype), local_index.to(dtype)], dim=1)
     return counts, send_token, row.view(ep_size, num_tokens).t(), meta
 
 
@@ -138,8 +147,9 @@ def _padded_plan(
     dest = torch.arange(ep_size, device=device)[:, None, None]
     here = torch.div(top_k_index, num_local, rounding_mode="floor")[None] == dest  # [P, T, k]
     local_index = torch.where(here, top_k_index[None] - dest * num_local, num_local)
-    weights = top_k_weights[None].float().masked_fill(~here, 0.0)
-    meta = torch.cat([weights, local_index.float()], dim=2).view(ep_size * num_tokens, 2 * top_k_index.shape[1])
+    dtype = _routing_dtype(top_k_weights)
+    weights = top_k_weights[None].to(dtype).masked_fill(~here, 0.0)
+    meta = torch.cat([weights, local_index.to(dtype)], dim=2).view(ep_size * num_tokens, 2 * top_k_index.shape[1])
     rows = torch.arange(ep_size * num_tokens, device=device)
     return rows % num_tokens, rows.view(ep_size, num_tokens).t(), meta
 
@@ -221,7 +231,7 @@ class AllToAllDispatcher:
             )
             num_slots = sum(received_slots)
         received_rows = all_to_all(send, output_splits, input_splits, self.group, self.weight_grads)
-        tokens, meta = _UnpackRows.apply(received_rows, x.shape[1])
+        tokens, meta = _UnpackRows.apply(received_rows, x.shape[1], meta.dtype)
         if self.sharded_experts:
             y = self._run_with_zero_row(experts, tokens, meta, top_k, routing.top_k_weights.dtype, num_slots)
         elif len(tokens):

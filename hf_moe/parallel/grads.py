@@ -80,6 +80,8 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     Under FSDP (`fully_shard_moe`) every gradient element lives on exactly one rank (non-expert shards over all
     ranks, expert shards over their EP and expert-data-parallel ranks), so the squares are summed over all ranks.
     A per-rank norm would differ between ranks and let the replicas of the non-expert weights drift apart.
+    Returned in float32, or float64 when a gradient is float64 (as `torch.nn.utils.clip_grad_norm_`): the clip
+    factor derives from it, and a float32 factor would round a float64 model's gradients.
     """
     if norm_type != 2.0:
         raise ValueError(f"norm_type={norm_type} is not supported under expert parallelism; expected 2.0.")
@@ -88,6 +90,10 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     # FSDP's CPU offload keeps gradients on the CPU; the sum goes where the process group communicates
     nccl = sharded and dist.get_backend() == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else next(model.parameters()).device
+
+    dtype = torch.float32
+    if any(p.grad is not None and p.grad.dtype == torch.float64 for p in model.parameters()):
+        dtype = torch.float64
 
     def squares(params: list[nn.Parameter]) -> torch.Tensor:
         total = torch.zeros((), dtype=torch.float64, device=device)
@@ -100,12 +106,12 @@ def grad_norm(model: nn.Module, norm_type: float = 2.0) -> torch.Tensor:
     if sharded:
         total = squares(expert) + squares(other)
         dist.all_reduce(total)
-        return total.sqrt().float()
+        return total.sqrt().to(dtype)
     expert_sq = squares(expert)
     groups = expert_parallel_groups(model)
     if groups is not None:
         dist.all_reduce(expert_sq, group=groups.ep_group)
-    return (squares(other) + expert_sq).sqrt().float()
+    return (squares(other) + expert_sq).sqrt().to(dtype)
 
 
 @torch.no_grad()
