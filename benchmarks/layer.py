@@ -38,6 +38,7 @@ import hf_moe
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs
 from hf_moe.moe.experts import LIGER_AVAILABLE, grouped_experts_forward, liger_fused_experts_forward
 from hf_moe.moe.experts.plan import override_plan
+from hf_moe.moe.kernels import quack_gemm
 
 from .record import ResultFile
 from .timing import cuda_graph_seconds, median_and_min
@@ -326,6 +327,11 @@ def main() -> None:
                             lambda: grouped_experts_forward(hf_block.experts, x2d, top_index, top_weights),
                             expert_leaves, flops, tokens, device, reps,
                         )
+                if not cpu and quack_gemm.available():  # the block with torch's grouped GEMM for weight gradients
+                    with override_plan(quack=False):
+                        res["hf-moe_without_quack"] = timed(
+                            lambda: run_block(hf_block, HF_IMPL, x), hf_leaves, flops, tokens, device, reps
+                        )
                 if not cpu and routing_kind == "uniform":  # the block's training step replayed from CUDA graphs
                     try:
                         capture_moe_cuda_graphs(hf_block, 1, tokens)
@@ -431,6 +437,13 @@ def print_summary(summary, cpu: bool) -> None:
                   f"{tf(elg, 'fwd_tflops')} / {tf(elg, 'fwdbwd_tflops')} | {ratio(elg, ehf)} | "
                   f"{hf.get('act_kb_per_token', 0):.1f} / {lg.get('act_kb_per_token', 0):.1f} | "
                   f"{hf.get('peak_fwdbwd_gb', 0):.2f} / {lg.get('peak_fwdbwd_gb', 0):.2f} |")
+    quack_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_without_quack" in res]
+    if quack_rows:
+        print("\n| case | hf-moe block fwd+bwd TFLOP/s, quack weight gradients / torch's | ratio |")
+        print("| --- | --- | --- |")
+        for key, res in quack_rows:
+            hf, torch_wg = res["hf-moe"], res["hf-moe_without_quack"]
+            print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} / {tf(torch_wg, 'fwdbwd_tflops')} | {ratio(torch_wg, hf)} |")
     decode_rows = [r for key, dense, r in summary if dense is None]
     if decode_rows:
         print("\n| decode (T=64, fwd) | eager ms | × floor | CUDA graph ms | × floor | floor ms |")
