@@ -76,7 +76,8 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
     out.loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in reference.named_parameters()}
     for r, result in enumerate(ranks):
-        assert_rel_close(result["logits"], out.logits[r * rows : (r + 1) * rows].detach(), FLOAT64_TOL, f"logits rank {r}")
+        assert_rel_close(result["logits"], out.logits[r * rows : (r + 1) * rows].detach(), FLOAT64_TOL,
+                         f"logits rank {r}")
         assert result["padded_dispatchers"] and all(result["padded_dispatchers"])
         assert_rel_close(result["padded_logits"], out.logits[r * rows : (r + 1) * rows].detach(), FLOAT64_TOL,
                          f"padded dispatch logits rank {r}")
@@ -132,7 +133,8 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
         logits = saved(batch).logits
         assert_rel_close(logits, reference.eval()(batch).logits, FLOAT64_TOL, "saved checkpoint vs reference")
     for r, result in enumerate(ranks):
-        assert_rel_close(result["final_logits"], logits[r * rows : (r + 1) * rows], FLOAT64_TOL, f"final logits rank {r}")
+        assert_rel_close(result["final_logits"], logits[r * rows : (r + 1) * rows], FLOAT64_TOL,
+                         f"final logits rank {r}")
 
 
 def test_compiled_expert_parallel_model_breaks_at_the_dispatcher_and_equals_eager(tmp_path):

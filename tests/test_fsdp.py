@@ -70,7 +70,8 @@ def check_steps(ranks: list[dict], ref: dict, first: int, what: str) -> None:
         for i, (logits, norm) in enumerate(zip(result["logits"], result["norms"])):
             step = first + i
             assert norm > fsdp_worker.MAX_NORM, f"{what}: clipping must be active (norm {norm})"
-            assert abs(norm - ref["norms"][step]) <= FLOAT64_TOL * ref["norms"][step], f"{what}: norm at step {step + 1}"
+            assert abs(norm - ref["norms"][step]) <= FLOAT64_TOL * ref["norms"][step], \
+                f"{what}: norm at step {step + 1}"
             assert_rel_close(logits, ref["logits"][step][r * rows : (r + 1) * rows], FLOAT64_TOL,
                              f"{what}: logits rank {r} step {step + 1}")
 

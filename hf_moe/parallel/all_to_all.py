@@ -45,8 +45,8 @@ def _reinterpret(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class _PackRows(torch.autograd.Function):
     """The send buffer: row r holds token `x[send_token[r]]` (rows from `num_sent`, a device tensor, on stay
-    unwritten) followed by the bytes of its routing `meta[r]` (float32, or float64: [`_routing_dtype`]), so one all-to-all carries both. Its backward
-    sums each token's rows (`gather_sum`) and hands back the routing's gradient."""
+    unwritten) followed by the bytes of its routing `meta[r]` (in [`_routing_dtype`]), so one all-to-all carries
+    both. Its backward sums each token's rows (`gather_sum`) and hands back the routing's gradient."""
 
     @staticmethod
     def forward(
