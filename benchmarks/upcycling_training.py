@@ -60,7 +60,6 @@ class MasterAdamW:
         return {n: m.detach().cpu().contiguous() for n, m in zip(self.names, self.masters)}
 
 
-
 def batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
     """Batches of `blocks` in an order that depends only on `seed`: a fresh permutation every epoch."""
     pending = np.zeros(0, dtype=np.int64)
@@ -74,6 +73,7 @@ def batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.
 
 
 def to_blocks(tokens: np.ndarray, seq_len: int, device: str) -> torch.Tensor:
+    """The token stream as `[n, seq_len]` blocks on `device`; the tail too short for a block is dropped."""
     n = tokens.size // seq_len
     return torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len).to(device)
 
