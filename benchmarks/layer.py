@@ -30,29 +30,18 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from transformers import Qwen3MoeConfig
 from transformers.integrations.moe import grouped_mm_experts_forward
-from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
 import hf_moe
-from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs
+from hf_moe import capture_moe_cuda_graphs
 from hf_moe.moe.experts import LIGER_AVAILABLE, grouped_experts_forward, liger_fused_experts_forward
 from hf_moe.moe.experts.plan import override_plan
 from hf_moe.moe.kernels import quack_gemm
 
+from .layer_blocks import HF_IMPL, LIGER_IMPL, PEER_IMPLS, SHAPES, build_blocks, forced_routing, run_block, set_routing
+from .layer_report import print_summary
 from .record import ResultFile
 from .timing import cuda_graph_seconds, median_and_min
-from .timing import ratio as factor
-
-SHAPES = {  # name: (hidden, moe_intermediate, experts, top_k)
-    "mixtral": (4096, 14336, 8, 2),
-    "qwen3": (2048, 768, 128, 8),
-    "dsv3": (7168, 2048, 256, 8),
-    "small": (512, 1024, 16, 2),
-}
-HF_IMPL = "hf_moe_grouped"
-PEER_IMPLS = ("grouped_mm", "eager")
-LIGER_IMPL = "liger_fused"
 
 
 def ceilings(device: str, dtype: torch.dtype) -> dict:
@@ -70,72 +59,6 @@ def ceilings(device: str, dtype: torch.dtype) -> dict:
     del src, dst
     torch.cuda.empty_cache()
     return out
-
-
-def build_blocks(shape: tuple[int, int, int, int], device: str, dtype: torch.dtype):
-    """hf-moe's block and transformers' Qwen3-MoE block sharing one set of weights."""
-    hidden, inter, experts, top_k = shape
-    cfg = HfMoeConfig(
-        hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
-        num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16,
-        num_key_value_heads=16, vocab_size=128,
-    )
-    cfg._experts_implementation = HF_IMPL
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf_block = HfMoeSparseMoeBlock(cfg).to(dtype)
-    with torch.no_grad():
-        for p in hf_block.parameters():
-            p.normal_(0, 0.02)
-    peer_cfg = Qwen3MoeConfig(
-        hidden_size=hidden, moe_intermediate_size=inter, num_experts=experts, num_experts_per_tok=top_k,
-        norm_topk_prob=True, num_hidden_layers=1,
-    )
-    with torch.device("meta"):
-        peer = Qwen3MoeSparseMoeBlock(peer_cfg)
-    peer.gate.weight = hf_block.router.weight
-    peer.experts.gate_up_proj = hf_block.experts.gate_up_proj
-    peer.experts.down_proj = hf_block.experts.down_proj
-    return hf_block, peer
-
-
-def forced_routing(kind: str, num_tokens: int, experts: int, top_k: int, device: str) -> torch.Tensor | None:
-    if kind == "uniform":
-        return None
-    if kind == "balanced":
-        slots = torch.arange(num_tokens * top_k, device=device)
-        return (slots % experts).view(num_tokens, top_k)
-    if kind == "skewed":
-        probs = 1.0 / torch.arange(1, experts + 1, device=device, dtype=torch.float32) ** 1.2
-        gen = torch.Generator(device=device).manual_seed(0)
-        return torch.multinomial(probs.expand(num_tokens, experts), top_k, replacement=False, generator=gen)
-    raise ValueError(f"routing must be uniform, balanced or skewed, got {kind!r}")
-
-
-def set_routing(hf_block, peer, index: torch.Tensor | None) -> None:
-    """Replace the experts each router picks by `index` (or restore the routers when `index` is None)."""
-    for mod in (hf_block.router, peer.gate):
-        mod.__dict__.pop("forward", None)
-    if index is None:
-        return
-    hf_router, peer_router = hf_block.router, peer.gate
-    hf_forward, peer_forward = type(hf_router).forward, type(peer_router).forward
-
-    def hf_forced(hidden_states, token_mask=None, **kwargs):
-        routing = hf_forward(hf_router, hidden_states, token_mask, **kwargs)
-        routing.top_k_index = index  # in place: dataclasses.replace would read (so compute) the lazy z-loss
-        return routing
-
-    def peer_forced(hidden_states):
-        logits, weights, _ = peer_forward(peer_router, hidden_states)
-        return logits, weights, index
-
-    hf_router.forward, peer_router.forward = hf_forced, peer_forced
-
-
-def run_block(block, impl: str, x: torch.Tensor) -> torch.Tensor:
-    block.experts.config._experts_implementation = impl
-    return block(x)
 
 
 def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops: float, num_tokens: int,
@@ -381,79 +304,6 @@ def main() -> None:
             torch.cuda.empty_cache()
     print_summary(summary, cpu)
     out_file.close()
-
-
-def print_summary(summary, cpu: bool) -> None:
-    """Markdown tables: one line per case with hf-moe, the peers and the ratios."""
-    key_ms = "fwdbwd_min_ms" if cpu else "fwdbwd_ms"
-    fmt = ".3f" if cpu else ".0f"
-
-    def tf(r: dict, k: str) -> str:
-        return f"{r[k]:{fmt}}" if k in r else "-"
-
-    def ratio(peer: dict, hf: dict) -> str:
-        return factor(peer[key_ms], hf[key_ms]) if key_ms in peer and key_ms in hf else "-"
-
-    unit = "TFLOP/s" if not cpu else "TFLOP/s (CPU)"
-    print(f"\n| case | dense-equiv {unit} | hf-moe block fwd / fwd+bwd | peer grouped_mm block fwd / fwd+bwd | "
-          "peer eager block fwd+bwd | block ratio vs grouped_mm / vs eager (fwd+bwd) | experts only: hf-moe / peer "
-          "grouped_mm fwd+bwd | experts ratio | hf-moe experts on torch's GEMMs fwd+bwd | activations KB/token "
-          "hf / peer | peak GB hf / peer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for key, dense, res in summary:
-        if dense is None:
-            continue
-        hf, gm, ea = res["hf-moe"], res.get("peer_grouped_mm", {}), res.get("peer_eager", {})
-        ehf, egm = res["experts_hf-moe"], res["experts_peer_grouped_mm"]
-        etg = res.get("experts_hf-moe_torch_gemms", {})
-        mem = lambda r, k, f: f"{r[k]:{f}}" if k in r else "-"  # noqa: E731
-        print(f"| {key} | {dense:{fmt}} | {tf(hf, 'fwd_tflops')} / {tf(hf, 'fwdbwd_tflops')} | "
-              f"{tf(gm, 'fwd_tflops')} / {tf(gm, 'fwdbwd_tflops')} | {tf(ea, 'fwdbwd_tflops')} | "
-              f"{ratio(gm, hf)} / {ratio(ea, hf)} | {tf(ehf, 'fwdbwd_tflops')} / {tf(egm, 'fwdbwd_tflops')} | "
-              f"{ratio(egm, ehf)} | {tf(etg, 'fwdbwd_tflops')} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
-              f"{mem(hf, 'peak_fwdbwd_gb', '.2f')} / {mem(gm, 'peak_fwdbwd_gb', '.2f')} |")
-    graphed_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_graphed" in res]
-    if graphed_rows:
-        print("\n| case | hf-moe block fwd+bwd, eager | in CUDA graphs (`capture_moe_cuda_graphs`) | graphed / eager | "
-              "graphed vs peer grouped_mm |")
-        print("| --- | --- | --- | --- | --- |")
-        for key, res in graphed_rows:
-            hf, gr, gm = res["hf-moe"], res["hf-moe_graphed"], res.get("peer_grouped_mm", {})
-            if "error" in gr:
-                print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} | {gr['error'][:80]} | - | - |")
-                continue
-            print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} | {tf(gr, 'fwdbwd_tflops')} | {ratio(hf, gr)} | "
-                  f"{ratio(gm, gr)} |")
-    liger_rows = [(key, res) for key, dense, res in summary if dense is not None and "liger" in res]
-    if liger_rows:
-        print("\n| case | hf-moe block fwd / fwd+bwd | liger block fwd / fwd+bwd | block ratio | hf-moe experts fwd / "
-              "fwd+bwd | liger experts fwd / fwd+bwd | experts ratio | activations KB/token hf / liger | "
-              "peak GB hf / liger |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for key, res in liger_rows:
-            hf, lg, ehf, elg = res["hf-moe"], res["liger"], res["experts_hf-moe"], res["experts_liger"]
-            print(f"| {key} | {tf(hf, 'fwd_tflops')} / {tf(hf, 'fwdbwd_tflops')} | {tf(lg, 'fwd_tflops')} / "
-                  f"{tf(lg, 'fwdbwd_tflops')} | {ratio(lg, hf)} | {tf(ehf, 'fwd_tflops')} / {tf(ehf, 'fwdbwd_tflops')} | "
-                  f"{tf(elg, 'fwd_tflops')} / {tf(elg, 'fwdbwd_tflops')} | {ratio(elg, ehf)} | "
-                  f"{hf.get('act_kb_per_token', 0):.1f} / {lg.get('act_kb_per_token', 0):.1f} | "
-                  f"{hf.get('peak_fwdbwd_gb', 0):.2f} / {lg.get('peak_fwdbwd_gb', 0):.2f} |")
-    quack_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_without_quack" in res]
-    if quack_rows:
-        print("\n| case | hf-moe block fwd+bwd TFLOP/s, quack weight gradients / torch's | ratio |")
-        print("| --- | --- | --- |")
-        for key, res in quack_rows:
-            hf, torch_wg = res["hf-moe"], res["hf-moe_without_quack"]
-            print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} / {tf(torch_wg, 'fwdbwd_tflops')} | {ratio(torch_wg, hf)} |")
-    decode_rows = [r for key, dense, r in summary if dense is None]
-    if decode_rows:
-        print("\n| decode (T=64, fwd) | eager ms | × floor | CUDA graph ms | × floor | floor ms |")
-        print("| --- | --- | --- | --- | --- | --- |")
-        for r in (r for r in decode_rows if "ms" in r):
-            g = f"{r['graph_ms']:.3f} | {r['graph_x_floor']:.2f}" if "graph_ms" in r else f"{r.get('graph_error', '-')} | -"
-            print(f"| {r['what']} | {r['ms']:.3f} | {r['x_floor']:.2f} | {g} | {r['floor_ms']:.3f} |")
-    if cpu:
-        print("\nCPU: TFLOP/s from medians; ratios from the fastest repetition (noise on a shared machine only adds "
-              "time).")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ and base (deterministic data and init) and write their rows to `--out-dir` (defa
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -34,32 +33,16 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks import upcycling_corpus
 from benchmarks.record import ResultFile
+from benchmarks.upcycling_metrics import Curve, expert_load, parameter_counts
+from benchmarks.upcycling_training import MasterAdamW, Schedule, Trainer, batches, to_blocks
+from benchmarks.upcycling_variants import VARIANTS, dense_model, model_kind, scratch_moe, upcycled_moe
 
-
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    upcycle: dict | None = None  # UpcycleConfig fields; None: not upcycled
-    scratch: bool = False
-
-
-VARIANTS = {
-    "a": Variant("dense, continued"),
-    "b": Variant("upcycled, 8 experts top-2 (copy)", dict(num_experts=8, top_k=2, init="copy")),
-    "c": Variant("drop-upcycled r=0.5, 8 experts top-2", dict(num_experts=8, top_k=2, init="drop:0.5")),
-    "d": Variant("virtual groups G=4: 32 experts top-4 + shared", dict(num_experts=32, top_k=4, granularity=4,
-                                                                       shared_experts=4)),
-    "e": Variant("MoE 8 experts top-2 from scratch (N+M tokens)", scratch=True),
-}
 TINY = dict(packages="stdlib", corpus_bytes=1_500_000, vocab_size=512, tokenizer_chars=1_500_000, seq_len=128,
             batch_size=16, hidden_size=64, intermediate_size=192, layers=2, heads=4, pretrain_steps=60,
             continue_steps=40, warmup_steps=6, eval_tokens=16_384, evals=4, device="cpu", dtype="float32",
@@ -120,136 +103,16 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-class MasterAdamW:
-    """AdamW on float32 master copies of a model's parameters; the model computes in its own (bf16) dtype."""
-
-    def __init__(self, model: torch.nn.Module, args: argparse.Namespace, dtype: torch.dtype) -> None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.masters = [p.detach().float().clone() for _, p in named]
-        with torch.no_grad():  # parameters only: buffers such as RoPE's inverse frequencies stay float32
-            for _, p in named:
-                p.data = p.data.to(dtype)
-        self.params = [p for _, p in model.named_parameters() if p.requires_grad]
-        decay = [m for m in self.masters if m.dim() >= 2]
-        no_decay = [m for m in self.masters if m.dim() < 2]
-        fused = self.masters[0].is_cuda
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-
-    def step(self, lr: float, clip: float = 1.0) -> None:
-        for p, m in zip(self.params, self.masters):
-            m.grad = p.grad.float() if p.grad is not None else torch.zeros_like(m)
-            p.grad = None
-        torch.nn.utils.clip_grad_norm_(self.masters, clip)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
-        with torch.no_grad():
-            for p, m in zip(self.params, self.masters):
-                p.copy_(m)
-                m.grad = None
-
-    def snapshot(self) -> dict:
-        return {"masters": [m.detach().clone() for m in self.masters], "opt": copy.deepcopy(self.opt.state_dict())}
-
-    def restore(self, snap: dict) -> None:
-        with torch.no_grad():
-            for p, m, saved in zip(self.params, self.masters, snap["masters"]):
-                m.copy_(saved)
-                p.copy_(saved)
-        self.opt.load_state_dict(copy.deepcopy(snap["opt"]))
-
-    def state_dict_fp32(self) -> dict[str, torch.Tensor]:
-        return {n: m.detach().cpu().contiguous() for n, m in zip(self.names, self.masters)}
-
-
-def batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Batches of `blocks` in an order that depends only on `seed`: a fresh permutation every epoch."""
-    pending = np.zeros(0, dtype=np.int64)
-    epoch = 0
-    while True:
-        while pending.size < batch_size:
-            perm = np.random.default_rng([seed, epoch]).permutation(blocks.shape[0])
-            pending, epoch = np.concatenate([pending, perm]), epoch + 1
-        idx, pending = pending[:batch_size], pending[batch_size:]
-        yield blocks[torch.from_numpy(idx).to(blocks.device)]
-
-
-def to_blocks(tokens: np.ndarray, seq_len: int, device: str) -> torch.Tensor:
-    n = tokens.size // seq_len
-    return torch.from_numpy(tokens[: n * seq_len].astype(np.int64)).view(n, seq_len).to(device)
-
-
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=blocks.device)
-    for chunk in blocks.split(batch_size):
-        logits = model(input_ids=chunk, use_cache=False).logits[:, :-1]
-        total += F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten(), reduction="sum")
-    model.train()
-    return total.item() / (blocks.shape[0] * (blocks.shape[1] - 1))
-
-
-@torch.no_grad()
-def expert_load(model: torch.nn.Module, blocks: torch.Tensor) -> list[float]:
-    """Per MoE layer: the busiest expert's share of routed tokens × the number of experts (1 = balanced)."""
-    model.eval()
-    outputs = model(input_ids=blocks, use_cache=False, output_router_logits=True).router_outputs
-    model.train()
-    loads = []
-    for r in outputs:
-        counts = r.tokens_per_expert.float()
-        loads.append(round((counts.max() / counts.sum() * counts.numel()).item(), 3))
-    return loads
-
-
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
-    """(total, active per token): routed expert weights count k/E of their size as active."""
-    total = active = 0
-    config = model.config
-    fraction = config.num_experts_per_tok / config.num_experts if hasattr(config, "num_experts") else 1.0
-    for name, p in model.named_parameters():
-        total += p.numel()
-        active += p.numel() * (fraction if ".mlp.experts." in name else 1.0)
-    return total, round(active)
-
-
-@dataclass
-class Schedule:
-    """Learning rate by step: linear warm-up to `peak`, constant, linear decay to 0 over the last `cooldown` steps."""
-
-    peak: float
-    warmup: int
-    steps: int
-    cooldown: int
-    offset: int = 0  # this many steps of the run ran under `before` (the pre-training schedule for e)
-    before: Callable[[int], float] | None = None
-
-    def __call__(self, step: int) -> float:
-        if step < self.offset:
-            return self.before(step)
-        step -= self.offset
-        lr = self.peak * min(1.0, (step + 1) / self.warmup) if self.warmup else self.peak
-        if step >= self.steps - self.cooldown:
-            lr *= (self.steps - step) / self.cooldown
-        return lr
-
-
-@dataclass
-class Curve:
-    points: list = field(default_factory=list)  # [tokens seen, held-out loss, mean train loss since last point]
-
-
 class Study:
+    """One call: the data, the sizing, the base, then each requested run, every row recorded as it comes."""
+
     def __init__(self, args: argparse.Namespace, work: str) -> None:
         self.args = args
         self.start = time.time()
         self.dtype = getattr(torch, args.dtype)
         self.tokens_per_step = args.batch_size * args.seq_len
         self.work = work  # checkpoints: the base and each upcycled model
+        self.moe_dir = os.path.join(work, "moe")  # where each upcycled model is written, then loaded from
         self.rates: dict[str, float] = {}
         self.rows: list[dict] = []
         path = None
@@ -284,6 +147,7 @@ class Study:
         corpus.info.update(eval_tokens=int(self.eval_blocks.numel()), train_blocks=int(self.train_blocks.shape[0]))
         self.corpus_info = corpus.info
         self.train_tokens = corpus.train.size
+        self.trainer = Trainer(a.device, a.batch_size, self.tokens_per_step, self.eval_blocks, self.log, self.left)
         self.log(f"corpus: {corpus.info['train_files']} train / {corpus.info['heldout_files']} held-out files, "
                  f"{corpus.train.size:,} train tokens, vocab {self.vocab_size}")
 
@@ -292,7 +156,7 @@ class Study:
         a = self.args
         if not a.pretrain_steps and a.time_budget:
             per_step = self.probe()
-            kinds = [self.kind(r[0]) for r in a.run_ids]
+            kinds = [model_kind(r[0]) for r in a.run_ids]
             # seconds per pre-training step, counting each run's share at M = ratio × N (e trains N + M)
             cost = per_step["dense"] + sum(per_step[k] * (a.continue_ratio + (r[0] == "e"))
                                            for k, r in zip(kinds, a.run_ids))
@@ -316,14 +180,14 @@ class Study:
         """Seconds per training step of the dense model, the upcycled 8x top-2 and the virtual-group model."""
         a = self.args
         torch.manual_seed(0)
-        model = self.dense_model()
+        model = dense_model(a, self.vocab_size, self.eos)
         self.base_dir = os.path.join(self.work, "probe")
         model.save_pretrained(self.base_dir)
         data = batches(self.train_blocks, a.batch_size, seed=7)
         per_step = {}
         for kind, variant in (("dense", None), ("moe", VARIANTS["b"]), ("moe-fine", VARIANTS["d"])):
             if variant is not None:
-                model = self.upcycled_moe(variant, 0)[0]
+                model = upcycled_moe(self.base_dir, self.moe_dir, variant, 0, a.aux_coef)[0]
             model = model.to(a.device)
             opt = MasterAdamW(model, a, self.dtype)
             timings = []
@@ -343,16 +207,12 @@ class Study:
         if self.args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    @staticmethod
-    def kind(key: str) -> str:
-        return "dense" if key == "a" else ("moe-fine" if key == "d" else "moe")
-
     def device_name(self) -> str:
         if self.args.device.startswith("cuda"):
             return torch.cuda.get_device_name(self.args.device)
         return platform.processor() or "cpu"
 
-    # models ----------------------------------------------------------------------------------------------------
+    # runs ------------------------------------------------------------------------------------------------------
     def emit_setup(self) -> None:
         a = self.args
         n, m = (a.pretrain_steps * self.tokens_per_step, a.continue_steps * self.tokens_per_step)
@@ -363,87 +223,6 @@ class Study:
                    "transformers": __import__("transformers").__version__, "python": platform.python_version(),
                    "tokens_per_step": self.tokens_per_step, "probe_s_per_step": getattr(self, "probe_rates", None),
                    "setup_s": round(time.time() - self.start)})
-
-    def dense_model(self):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        a = self.args
-        config = LlamaConfig(vocab_size=self.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-                             num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
-                             max_position_embeddings=a.seq_len, tie_word_embeddings=True, eos_token_id=self.eos,
-                             pad_token_id=self.eos, bos_token_id=None)
-        return LlamaForCausalLM(config)
-
-    def scratch_moe(self):
-        from conversions.sources import DenseSource
-        from hf_moe import HfMoeConfig, HfMoeForCausalLM
-
-        fields = DenseSource.open(self.base_dir).hf_moe_fields  # exactly the dense model's attention and norms
-        config = HfMoeConfig(**fields, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-                             router_aux_loss_coef=self.args.aux_coef)
-        return HfMoeForCausalLM(config)
-
-    def upcycled_moe(self, variant: Variant, seed: int):
-        from conversions import UpcycleConfig, upcycle
-        from hf_moe import HfMoeForCausalLM
-
-        out = os.path.join(self.work, "moe")
-        result = upcycle(self.base_dir, out, UpcycleConfig(**variant.upcycle, seed=seed, overwrite=True,
-                                                           progress=False))
-        model = HfMoeForCausalLM.from_pretrained(out, dtype=torch.float32, router_aux_loss_coef=self.args.aux_coef)
-        return model, result
-
-    # training --------------------------------------------------------------------------------------------------
-    def train(self, model, opt: MasterAdamW, data: Iterator[torch.Tensor], steps: range, lr: Callable[[int], float],
-              eval_at: set[int], curve: Curve, key: str) -> dict:
-        """Train over `steps` (global step numbers), evaluating before each step in `eval_at` and after the last."""
-        a = self.args
-        coef_aux = getattr(model.config, "router_aux_loss_coef", 0.0)
-        coef_z = getattr(model.config, "router_z_loss_coef", 0.0)
-        train_sum = torch.zeros((), device=a.device)
-        train_count, timed_tokens, timed = 0, 0, 0.0
-        warm = min(3, len(steps) - 1)  # the first steps (allocator, kernel caches) are not timed
-        stopped = False
-        sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
-
-        def evaluate(step: int) -> None:
-            mean = (train_sum / train_count).item() if train_count else None
-            loss = heldout_loss(model, self.eval_blocks, a.batch_size)
-            curve.points.append([step * self.tokens_per_step, round(loss, 5), None if mean is None else round(mean, 5)])
-            self.log(f"{key} step {step}: held-out {loss:.4f}" + ("" if mean is None else f", train {mean:.4f}"))
-
-        t0 = None
-        for i, step in enumerate(steps):
-            if step in eval_at:
-                if t0 is not None:
-                    sync()
-                    timed, t0 = timed + time.time() - t0, None
-                evaluate(step)
-                train_sum.zero_()
-                train_count = 0
-            if t0 is None and i >= warm:
-                sync()
-                t0 = time.time()
-            x = next(data)
-            out = model(input_ids=x, labels=x, use_cache=False)
-            out.loss.backward()
-            opt.step(lr(step))
-            with torch.no_grad():
-                lm = out.loss.detach()
-                if getattr(out, "aux_loss", None) is not None:
-                    lm = lm - coef_aux * out.aux_loss.detach() - coef_z * out.z_loss.detach()
-                train_sum += lm
-            train_count += 1
-            timed_tokens += self.tokens_per_step if i >= warm else 0
-            if self.left() < 0:
-                stopped = True
-                self.log(f"{key}: time budget reached at step {step}, stopping")
-                break
-        sync()
-        if t0 is not None:
-            timed += time.time() - t0
-        evaluate(step + 1)
-        return {"tokens_per_s": round(timed_tokens / timed) if timed > 0 else None, "incomplete": stopped}
 
     def peak_memory(self) -> float | None:
         """GiB allocated at the peak of the run, above what was allocated before it (the token stream, the base)."""
@@ -465,12 +244,13 @@ class Study:
         a = self.args
         torch.manual_seed(0)
         self.reset_memory()
-        model = self.dense_model().to(a.device)
+        model = dense_model(a, self.vocab_size, self.eos).to(a.device)
         opt = MasterAdamW(model, a, self.dtype)
         self.pretrain_lr = Schedule(a.lr, a.warmup_steps, a.pretrain_steps, 0)
         curve = Curve()
-        stats = self.train(model, opt, batches(self.train_blocks, a.batch_size, seed=12345), range(a.pretrain_steps),
-                           self.pretrain_lr, self.eval_points(0, a.pretrain_steps) - {0}, curve, "base")
+        data = batches(self.train_blocks, a.batch_size, seed=12345)
+        stats = self.trainer.train(model, opt, data, range(a.pretrain_steps), self.pretrain_lr,
+                                   self.eval_points(0, a.pretrain_steps) - {0}, curve, "base")
         self.rates["dense"] = stats["tokens_per_s"] or 1.0
         self.base_dir = os.path.join(self.work, "base")
         model.save_pretrained(self.base_dir, state_dict=opt.state_dict_fp32())
@@ -487,7 +267,7 @@ class Study:
         variant = VARIANTS[key]
         P, C = a.pretrain_steps, a.continue_steps
         steps = range(P + C) if variant.scratch else range(P, P + C)
-        kind = self.kind(key)
+        kind = model_kind(key)
         probed = getattr(self, "probe_rates", None)
         if kind in self.rates:
             rate = self.rates[kind]
@@ -515,11 +295,11 @@ class Study:
             lr = Schedule(a.lr, 0, C, cool, offset=P, before=self.pretrain_lr)
         elif variant.scratch:
             torch.manual_seed(100 + seed)
-            model = self.scratch_moe().to(a.device)
+            model = scratch_moe(self.base_dir, a.aux_coef).to(a.device)
             opt = MasterAdamW(model, a, self.dtype)
             lr = Schedule(a.lr, 0, C, cool, offset=P, before=self.pretrain_lr)
         else:
-            model, result = self.upcycled_moe(variant, seed)
+            model, result = upcycled_moe(self.base_dir, self.moe_dir, variant, seed, a.aux_coef)
             model = model.to(a.device)
             opt = MasterAdamW(model, a, self.dtype)
             lr = Schedule(a.lr * a.upcycle_lr_scale, round(a.rewarm_frac * C), C, cool, offset=P,
@@ -534,7 +314,7 @@ class Study:
         else:
             data = batches(self.train_blocks, a.batch_size, seed=1000 + seed)
             eval_at = self.eval_points(P, C)
-        stats = self.train(model, opt, data, steps, lr, eval_at, curve, run_id)
+        stats = self.trainer.train(model, opt, data, steps, lr, eval_at, curve, run_id)
         if kind != "dense":
             self.rates.setdefault(kind, stats["tokens_per_s"] or 1.0)
             extra["max_expert_load"] = expert_load(model, self.eval_blocks[: a.batch_size])
