@@ -77,11 +77,11 @@ def naive(src: Path, out: Path, args: argparse.Namespace) -> None:
 
     from conversions.init_methods import router_normal
     from conversions.sources import DenseSource, expected_shapes
-    from conversions.upcycling import UpcycleConfig, _output_config, _validate
+    from conversions.upcycling import UpcycleConfig, plan_upcycle, upcycled_config
 
     source = DenseSource.open(src)
-    plan = _validate(UpcycleConfig(num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers), source)
-    config = _output_config(source, plan)
+    plan = plan_upcycle(UpcycleConfig(num_experts=args.experts, top_k=args.top_k, moe_layers=args.moe_layers), source)
+    config = upcycled_config(source, plan)
     dense = {}
     for file in sorted(src.glob("*.safetensors")):
         dense.update(load_file(file))

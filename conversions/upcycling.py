@@ -71,7 +71,7 @@ def _is_power_of_two(x: float) -> bool:
 
 
 @dataclass
-class _Plan:
+class UpcyclePlan:
     """The validated settings of one conversion."""
 
     config: UpcycleConfig
@@ -96,7 +96,9 @@ class _Plan:
         return ""
 
 
-def _validate(cfg: UpcycleConfig, source: DenseSource) -> _Plan:
+def plan_upcycle(cfg: UpcycleConfig, source: DenseSource) -> UpcyclePlan:
+    """`cfg` checked against `source`: the settings of the conversion, or an `UpcycleError` naming the bad value."""
+
     def fail(name: str, value, expected: str) -> None:
         raise UpcycleError(f"{name}={value!r} is invalid: expected {expected}.")
 
@@ -148,7 +150,7 @@ def _validate(cfg: UpcycleConfig, source: DenseSource) -> _Plan:
         fail("calibration_file", str(cfg.calibration_file), "an existing text file")
     moe_layers = parse_moe_layers(cfg.moe_layers, source.hf_moe_fields["num_hidden_layers"])
     shared_copies = N // G
-    return _Plan(
+    return UpcyclePlan(
         config=cfg,
         init=init,
         moe_layers=moe_layers,
@@ -159,7 +161,8 @@ def _validate(cfg: UpcycleConfig, source: DenseSource) -> _Plan:
     )
 
 
-def _output_config(source: DenseSource, plan: _Plan) -> HfMoeConfig:
+def upcycled_config(source: DenseSource, plan: UpcyclePlan) -> HfMoeConfig:
+    """The MoE model's config: the source's fields with the plan's experts, router and shared experts."""
     cfg = plan.config
     intermediate = source.hf_moe_fields["intermediate_size"]
     config = HfMoeConfig(
@@ -178,7 +181,7 @@ def _output_config(source: DenseSource, plan: _Plan) -> HfMoeConfig:
     return config
 
 
-def _kmeans_routers(source: DenseSource, plan: _Plan, progress: bool) -> dict[int, torch.Tensor]:
+def _kmeans_routers(source: DenseSource, plan: UpcyclePlan, progress: bool) -> dict[int, torch.Tensor]:
     """Router rows from k-means centroids of each MoE layer's MLP inputs, running the dense model layer by layer.
 
     Memory: one dense layer in float32, the embedding matrix in float32, T·H·16 bytes for T calibration tokens
@@ -216,7 +219,7 @@ def _kmeans_routers(source: DenseSource, plan: _Plan, progress: bool) -> dict[in
     return routers
 
 
-def _planned_tensors(source: DenseSource, plan: _Plan, out_config: HfMoeConfig,
+def _planned_tensors(source: DenseSource, plan: UpcyclePlan, out_config: HfMoeConfig,
                      routers: dict[int, torch.Tensor]) -> list[PlannedTensor]:
     """Every output tensor in the order the model defines them, each with a producer reading the source lazily."""
     cfg, reader, dtype = plan.config, source.reader, plan.dtype
@@ -290,10 +293,10 @@ def upcycle(src: str | os.PathLike, out: str | os.PathLike, config: UpcycleConfi
     config = config or UpcycleConfig()
     src, out = Path(src), Path(out)
     source = DenseSource.open(src)
-    plan = _validate(config, source)
+    plan = plan_upcycle(config, source)
     card_fields = source_card_fields(src)
     check_output(src, out, config.overwrite, UpcycleError)
-    out_config = _output_config(source, plan)
+    out_config = upcycled_config(source, plan)
     routers = _kmeans_routers(source, plan, config.progress) if config.router_init == "kmeans" else {}
     tensors = _planned_tensors(source, plan, out_config, routers)
     shards = plan_shards(tensors, parse_size(config.max_shard_size))
