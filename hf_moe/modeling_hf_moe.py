@@ -301,7 +301,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
-            output_router_outputs=True,  # the router losses and metrics come from them
+            # the router losses and metrics come from them; recording installs output hooks on every layer, which
+            # inference that reads neither (generate) should not pay for
+            output_router_outputs=labels is not None or output_router_logits or output_router_metrics,
             return_dict=True,
             **kwargs,
         )
