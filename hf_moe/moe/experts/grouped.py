@@ -39,7 +39,8 @@ def _per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> t
         if end > start:
             torch.mm(a[start:end], b[expert], out=out[start:end])
         start = end
-    out[start:].zero_()
+    if start < out.shape[0]:  # dropped rows
+        out[start:].zero_()
     return out
 
 
@@ -113,7 +114,8 @@ def _gated_act(
     the combine is a plain sum."""
     if triton:
         return kernels.swiglu.swiglu_forward(gate_up, weight, offsets)
-    weight = weight[:, None].to(gate_up.dtype)
+    weight = weight[:, None]
+    weight = weight if weight.dtype == gate_up.dtype else weight.to(gate_up.dtype)
     # act(up) may be `up` itself (an identity activation): scale out of place
     return act_fn(gate_up) * weight if not gated else _activation(gate_up, act_fn, gated).mul_(weight)
 
@@ -373,27 +375,28 @@ def grouped_experts_forward(
         return torch.zeros_like(hidden_states)
     token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
     plan = plan_experts(self, hidden_states, top_k_weights, order.numel(), weight_grads)
-    x = hidden_states.to(self.down_proj.dtype)
-    if plan.decode:
-        out = kernels.decode.decode_experts_forward(
-            x, self.gate_up_proj, self.down_proj, top_k_weights, order, position, offsets
-        )
-        return out.to(hidden_states.dtype)
-    weight = top_k_weights.detach().reshape(-1).index_select(0, order)  # each sorted row's routing weight
-    by_token = position.view(x.shape[0], -1)
+    dtype = self.down_proj.dtype
+    x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     gate_up_proj, down_proj = input_projection(self)[0], self.down_proj
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj, top_k_weights))):
-        # nothing to differentiate (inference): the two nodes' forward steps without autograd's host cost
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_up_proj, down_proj, top_k_weights)
+    )
+    if plan.decode:
+        out = kernels.decode.decode_experts_forward(x, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
+    elif not differentiable:  # inference: the two nodes' forward steps without autograd's host cost
+        weight = top_k_weights.reshape(-1).index_select(0, order)  # each sorted row's routing weight
         act = _gate_up_forward(x, gate_up_proj, weight, token, offsets, self.act_fn, plan)[2]
-        return _down_forward(act, down_proj, by_token, offsets, plan).to(hidden_states.dtype)
-    gate_up, act = _GateUpFunction.apply(
-        x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan, weight_grads
-    )
-    out = _DownFunction.apply(
-        gate_up, act, top_k_weights, down_proj, weight, token, by_token, offsets, self.act_fn,
-        plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
-    )
-    return out.to(hidden_states.dtype)
-
+        out = _down_forward(act, down_proj, position.view(x.shape[0], -1), offsets, plan)
+    else:
+        weight = top_k_weights.detach().reshape(-1).index_select(0, order)
+        by_token = position.view(x.shape[0], -1)
+        gate_up, act = _GateUpFunction.apply(
+            x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan, weight_grads
+        )
+        out = _DownFunction.apply(
+            gate_up, act, top_k_weights, down_proj, weight, token, by_token, offsets, self.act_fn,
+            plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
+        )
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)
