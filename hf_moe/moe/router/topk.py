@@ -181,7 +181,8 @@ class HfMoeRouter(nn.Module):
         if jitter:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.linear(x, weight)
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
@@ -209,7 +210,7 @@ class HfMoeRouter(nn.Module):
             # the chosen scores themselves when nothing was added to them for the selection
             weights = top_k_values if selection is scores else scores.gather(1, top_k_index)
             if self.norm_topk_prob:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+                weights = weights / weights.sum(dim=-1, keepdim=True).add_(1e-20)
         if self.routed_scaling_factor != 1.0:
             weights = weights * self.routed_scaling_factor
         return top_k_index, weights
@@ -307,7 +308,7 @@ class HfMoeRouter(nn.Module):
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
-            top_k_weights=weights.to(dtype),
+            top_k_weights=weights if weights.dtype == dtype else weights.to(dtype),
             probs=probs,
             token_mask=token_mask,
             capacity=capacity,
