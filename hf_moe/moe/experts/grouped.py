@@ -330,11 +330,12 @@ class _DownFunction(torch.autograd.Function):
 
 
 def sort_by_expert(
-    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None, with_token: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T·k (token, slot) pairs by expert without a host sync.
 
-    Returns `token [S]` (source token of each sorted row), `order [S]` (flat slot index of each sorted row),
+    Returns `token [S]` (source token of each sorted row; None with `with_token=False`, for callers that read the
+    token from `order` themselves, as the decode kernels do), `order [S]` (flat slot index of each sorted row),
     `position [T·k]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
     each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When the caller knows
     the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong to other ranks),
@@ -350,7 +351,7 @@ def sort_by_expert(
     if num_slots is not None and num_slots < flat.numel():
         order = order[: num_slots + 1]
         position = position.clamp_(max=num_slots)
-    token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor")
+    token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor") if with_token else None
     return token, order, position, offsets
 
 
@@ -373,8 +374,9 @@ def grouped_experts_forward(
     """
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
-    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
-    plan = plan_experts(self, hidden_states, top_k_weights, order.numel(), weight_grads)
+    num_rows = top_k_index.numel() if num_slots is None else min(num_slots + 1, top_k_index.numel())
+    plan = plan_experts(self, hidden_states, top_k_weights, num_rows, weight_grads)
+    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots, not plan.decode)
     dtype = self.down_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     gate_up_proj, down_proj = input_projection(self)[0], self.down_proj
