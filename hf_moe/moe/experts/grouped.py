@@ -60,12 +60,9 @@ def _per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Ten
 
 _per_expert_mm_op = torch.library.custom_op("hf_moe::per_expert_mm", _per_expert_mm, mutates_args=())
 _per_expert_mm_op.register_fake(lambda a, b, offsets: a.new_empty(a.shape[0], b.shape[-1]))
-_per_expert_weight_grad_op = torch.library.custom_op(
-    "hf_moe::per_expert_weight_grad", _per_expert_weight_grad, mutates_args=()
-)
-_per_expert_weight_grad_op.register_fake(
-    lambda a, b, offsets: a.new_empty(offsets.shape[0], a.shape[1], b.shape[1])
-)
+_per_expert_weight_grad_op = torch.library.custom_op("hf_moe::per_expert_weight_grad", _per_expert_weight_grad,
+                                                     mutates_args=())
+_per_expert_weight_grad_op.register_fake(lambda a, b, offsets: a.new_empty(offsets.shape[0], a.shape[1], b.shape[1]))
 
 
 def per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -380,9 +377,8 @@ def grouped_experts_forward(
     dtype = self.down_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     gate_up_proj, down_proj = input_projection(self)[0], self.down_proj
-    differentiable = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, gate_up_proj, down_proj, top_k_weights)
-    )
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj,
+                                                                                  top_k_weights))
     if plan.decode:
         out = kernels.decode.decode_experts_forward(x, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
     elif not differentiable:  # inference: the two nodes' forward steps without autograd's host cost
@@ -392,9 +388,8 @@ def grouped_experts_forward(
     else:
         weight = top_k_weights.detach().reshape(-1).index_select(0, order)
         by_token = position.view(x.shape[0], -1)
-        gate_up, act = _GateUpFunction.apply(
-            x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan, weight_grads
-        )
+        gate_up, act = _GateUpFunction.apply(x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan,
+                                             weight_grads)
         out = _DownFunction.apply(
             gate_up, act, top_k_weights, down_proj, weight, token, by_token, offsets, self.act_fn,
             plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
