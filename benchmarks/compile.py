@@ -10,6 +10,9 @@ timed, that the two compute the same function (bf16 on the GPU; float32 with `--
 - `train`: forward + backward of 4 × 2048 tokens, eager and `torch.compile(model)`, tokens/s, first-call seconds,
   peak memory;
 - `generate`: 128 new tokens (greedy), dynamic cache eager and static cache compiled, at batch 16 and 1;
+- `decode`: eager dynamic-cache greedy decoding, ms per step at each `--batches` size (`--new-tokens` per call,
+  `--reps` rounds alternating the models; with `--tiny` the CPU's host time per step, which eager decoding at
+  batch 1 is bound by on a GPU too);
 - `capture`: a DeepSeek-V3-shaped block (H 7168, I 2048, E 256, k 8) at 64 decode tokens captured in a CUDA graph
   piece by piece (router, sort, experts, whole block, in global and thread-local capture mode), with the full error
   of each capture that fails.
@@ -26,6 +29,7 @@ timed call is steady state and none finds caches filled for it by the other mode
     python -m benchmarks compile                          # every part, qwen3 shape (nothing starts after --budget-s)
     python -m benchmarks compile --shape mixtral --parts train,generate
     python -m benchmarks compile --tiny --shape mixtral   # CPU smoke run, float32
+    python -m benchmarks compile --parts decode --batches 1,16 --new-tokens 64   # eager decode ms/step
 
 Prints one line per measurement, then a summary: the table, hf-moe / transformers ratios, issue 18's targets as
 `target X: measured Y (met|not met)`, the first-call seconds and the check. Rows go to
@@ -167,6 +171,31 @@ def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict]
         release(device)
 
 
+def decode(models: dict, new_tokens: int, device: str, record: Callable[[dict], None], batches: tuple[int, ...],
+           reps: int, deadline: float = float("inf")) -> None:
+    """Eager dynamic-cache greedy decoding, ms per step: (a generate of `new_tokens` − one of 1 new token) /
+    (`new_tokens` − 1), so the prompt's prefill cancels; the median over `reps` rounds that alternate the models,
+    after a warm-up of both calls (at bs1 this is host time: the GPU work of a step is far shorter)."""
+    vocab = next(iter(models.values())).config.vocab_size
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    for batch in batches:
+        if past(deadline, f"decode_bs{batch}", record):
+            continue
+        ids = torch.randint(0, vocab, (batch, 32), device=device, generator=torch.Generator(device).manual_seed(4))
+        calls = {(name, n): lambda m=model, n=n: m.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+                 for name, model in models.items() for n in (new_tokens, 1)}
+        for call in calls.values():
+            call()
+        steps: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(reps):
+            for name in models:
+                full, one = (first_call_seconds(calls[name, n], device) for n in (new_tokens, 1))
+                steps[name].append((full - one) / (new_tokens - 1))
+        for name, values in steps.items():
+            record({"what": f"decode_bs{batch}_{name}", "ms_per_step": 1e3 * sorted(values)[len(values) // 2],
+                    "batch": batch, "new_tokens": new_tokens, "reps": reps})
+
+
 def capture(record: Callable[[dict], None]) -> None:
     """Capture a DeepSeek-V3-shaped block's decode step, and each of its pieces alone, in CUDA graphs."""
     from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
@@ -260,7 +289,7 @@ def capture_in_subprocess(record: Callable[[dict], None]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="capture,train,generate", help="comma list of capture, train, generate")
+    ap.add_argument("--parts", default="capture,train,generate", help="comma list of capture, train, generate, decode")
     ap.add_argument("--shape", default="qwen3", choices=sorted(SHAPES), help="the layers' shape (default qwen3)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 qwen3, 2 mixtral)")
     ap.add_argument("--reps", type=int, default=5)
@@ -304,7 +333,7 @@ def main() -> None:
                 continue
             if part == "capture" and device == "cuda":  # in a subprocess: a failed capture breaks the process
                 capture_in_subprocess(record)
-            elif part in ("train", "generate"):
+            elif part in ("train", "generate", "decode"):
                 if models is None:
                     built = time.perf_counter()
                     models = build_models(shape, layers, device, dtype)
@@ -314,13 +343,15 @@ def main() -> None:
                     except Exception as e:  # noqa: BLE001 - a failed check is reported, and fails the run
                         record(error_row("logits_rel_err", e))
                     models = {name: models[name] for name in names}
+                batches = tuple(int(b) for b in a.batches.split(","))
                 if part == "train":
                     train(models, a.reps, seq, device, record, tuple(a.modes.split(",")), deadline)
+                elif part == "decode":
+                    decode(models, a.new_tokens, device, record, batches, a.reps, deadline)
                 else:
-                    generate(models, a.new_tokens, device, record, tuple(int(b) for b in a.batches.split(",")),
-                             deadline)
+                    generate(models, a.new_tokens, device, record, batches, deadline)
             else:
-                raise SystemExit(f"unknown part {part!r}; expected capture, train or generate")
+                raise SystemExit(f"unknown part {part!r}; expected capture, train, generate or decode")
             print(f"[{part} done at {time.perf_counter() - start:.0f} s]", flush=True)
     summary(rows)
     if check_failed(rows):

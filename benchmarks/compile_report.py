@@ -61,6 +61,10 @@ def summary(rows: list[dict]) -> None:
     for label, ours, theirs in pairs:
         r = ratio(by, ours, theirs)
         print(f"hf-moe / transformers, {label}: {r and round(r, 3)}")
+    for batch in sorted({r["batch"] for r in rows if "ms_per_step" in r}):
+        ours, theirs = (by.get(f"decode_bs{batch}_{name}", {}).get("ms_per_step") for name in ("hf-moe", "transformers"))
+        print(f"eager decode bs{batch} ms/step: hf-moe {ours and round(ours, 3)}, transformers "
+              f"{theirs and round(theirs, 3)}, hf-moe / transformers {ours and theirs and round(ours / theirs, 3)}")
     print()
     for line in target_lines(by):
         print(line)

@@ -53,14 +53,17 @@ def apply_partial_rotary_pos_emb(
 _SHAPE_STABLE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _inference_sdpa_backends(module: nn.Module, query_states: torch.Tensor) -> contextlib.AbstractContextManager:
+def inference_sdpa_backends(implementation: str, states: torch.Tensor) -> contextlib.AbstractContextManager:
     """Eager CUDA inference through SDPA leaves cuDNN's backend out; training (fixed shapes) and compiled code
-    (static shapes, traced once) keep torch's choice."""
+    (static shapes, traced once) keep torch's choice. `implementation` is the config's `_attn_implementation`,
+    `states` the tensors attended over. Entered once around all layers by the model (each entry costs host time)
+    and by `attend` for a module called on its own; nothing to do where cuDNN's backend is off already."""
     if (
-        module.config._attn_implementation != "sdpa"
-        or not query_states.is_cuda
+        implementation != "sdpa"
+        or not states.is_cuda
         or torch.is_grad_enabled()
         or torch.compiler.is_compiling()
+        or not torch.backends.cuda.cudnn_sdp_enabled()
     ):
         return contextlib.nullcontext()
     return sdpa_kernel(_SHAPE_STABLE_SDPA)
@@ -77,10 +80,9 @@ def attend(
     """Attention of `[B, heads, S, ·]` queries, keys and values through transformers' attention interface (the kernel
     `module.config._attn_implementation` names), with the module's `scaling` and, in training, its
     `attention_dropout`: (output `[B, S, heads · v_dim]`, attention weights or None)."""
-    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-        module.config._attn_implementation, eager_attention_forward
-    )
-    with _inference_sdpa_backends(module, query_states):
+    implementation = module.config._attn_implementation
+    attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    with inference_sdpa_backends(implementation, query_states):
         attn_output, attn_weights = attention_interface(
             module,
             query_states,
@@ -116,6 +118,7 @@ class HfMoeAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
         self.qk_norm_per_projection = config.qk_norm and config.qk_norm_scope == "projection"
+        self.qk_norm_per_head = config.qk_norm and not self.qk_norm_per_projection
         if config.qk_norm:
             per_head = not self.qk_norm_per_projection
             q_width = self.head_dim if per_head else config.num_attention_heads * self.head_dim
@@ -137,7 +140,7 @@ class HfMoeAttention(nn.Module):
         if self.qk_norm_per_projection:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
-        if self.config.qk_norm and not self.qk_norm_per_projection:
+        if self.qk_norm_per_head:
             query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)

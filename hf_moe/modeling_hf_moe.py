@@ -21,7 +21,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import HfMoeAttention, HfMoeRMSNorm, HfMoeRotaryEmbedding
+from .attention import HfMoeAttention, HfMoeRMSNorm, HfMoeRotaryEmbedding, inference_sdpa_backends
 from .configuration_hf_moe import HfMoeConfig
 from .mla import HfMoeMultiHeadLatentAttention
 from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
@@ -244,17 +244,18 @@ class HfMoeModel(HfMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                position_embeddings=position_embeddings,
-                token_mask=token_mask,
-                input_ids=input_ids,
-                **kwargs,
-            )
+        with inference_sdpa_backends(self.config._attn_implementation, hidden_states):
+            for layer in self.layers:
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=causal_mask,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    position_embeddings=position_embeddings,
+                    token_mask=token_mask,
+                    input_ids=input_ids,
+                    **kwargs,
+                )
         return HfMoeModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values if use_cache else None,
@@ -301,7 +302,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
-            output_router_outputs=True,  # the router losses and metrics come from them
+            # the router losses and metrics come from them; recording installs output hooks on every layer, which
+            # inference that reads neither (generate) should not pay for
+            output_router_outputs=labels is not None or output_router_logits or output_router_metrics,
             return_dict=True,
             **kwargs,
         )

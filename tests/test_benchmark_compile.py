@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.compile import decode
 from benchmarks.compile_models import TINY, build_models, logits_check
-from benchmarks.compile_report import check_failed, target_lines
+from benchmarks.compile_report import check_failed, summary, target_lines
 
 
 @pytest.mark.parametrize("shape", sorted(TINY))
@@ -40,3 +41,13 @@ def test_target_lines():
         "target compiled generate bs1 hf-moe / transformers >= 1.0: measured - (not measured)",
         "target hf-moe generate bs1 compiled / eager <= 2.0: measured 3.0 (not met)",
     ]
+
+
+def test_decode_part_times_both_models_and_reports_their_ratio(capsys):
+    models = build_models(TINY["qwen3"], 2, "cpu", torch.float32)
+    rows: list[dict] = []
+    decode(models, 3, "cpu", rows.append, (1,), reps=1)
+    assert [r["what"] for r in rows] == ["decode_bs1_hf-moe", "decode_bs1_transformers"]
+    assert all(isinstance(r["ms_per_step"], float) and r["batch"] == 1 for r in rows)
+    summary(rows)
+    assert "eager decode bs1 ms/step: hf-moe " in capsys.readouterr().out

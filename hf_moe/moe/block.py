@@ -11,7 +11,7 @@ from torch import nn
 
 from ..configuration_hf_moe import HfMoeConfig
 from .dispatch import LocalDispatcher
-from .experts import base_layer, build_experts
+from .experts import build_experts
 from .mlp import HfMoeMLP
 from .router.registry import build_router
 from .types import RouterOutput
@@ -56,6 +56,8 @@ class HfMoeSparseMoeBlock(nn.Module):
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
         super().__init__()
         self.router = build_router(config, layer_idx)
+        self.router_reads_token_ids = self.router.reads_token_ids
+        """Whether the router routes by token id (read once: a PEFT wrapper added later routes as its router)."""
         self.experts = build_experts(config)
         self.shared_experts = HfMoeMLP(config, config.shared_expert_size) if config.shared_expert_size else None
         self.shared_expert_gate = (
@@ -97,7 +99,7 @@ class HfMoeSparseMoeBlock(nn.Module):
         """The block's computation, always eager (what CUDA graphs capture): the output and the router's decisions."""
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        if not base_layer(self.router).reads_token_ids:
+        if not self.router_reads_token_ids:
             input_ids = None
         routing = self.router(
             x,

@@ -25,11 +25,12 @@ _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(
 
 # The per-expert GEMMs read the offsets on the host, which is free on the CPU but a data-dependent value to
 # torch.compile; as custom ops they are one opaque node of known output shape, so the block compiles with no graph
-# break (torch's grouped GEMM cannot stand in: its compile-time shape function accepts bf16 only).
+# break (torch's grouped GEMM cannot stand in: its compile-time shape function accepts bf16 only). Eager calls run
+# the function itself, as the Triton launchers do (`hf_moe.moe.kernels.library`): the dispatcher's host time would
+# be paid on every call.
 
 
-@torch.library.custom_op("hf_moe::per_expert_mm", mutates_args=())
-def per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`a [S, K]` sorted by expert, `b [E, K, N]` → `[S, N]`: rows of expert e = `a_e @ b[e]`, rows past
     `offsets[-1]` zero. One `mm` per expert."""
     out = a.new_empty(a.shape[0], b.shape[-1])
@@ -38,17 +39,12 @@ def per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> to
         if end > start:
             torch.mm(a[start:end], b[expert], out=out[start:end])
         start = end
-    out[start:].zero_()
+    if start < out.shape[0]:  # dropped rows
+        out[start:].zero_()
     return out
 
 
-@per_expert_mm.register_fake
-def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return a.new_empty(a.shape[0], b.shape[-1])
-
-
-@torch.library.custom_op("hf_moe::per_expert_weight_grad", mutates_args=())
-def per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def _per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]`: `out[e] = a_eᵀ @ b_e`, zero for idle experts. One `mm`
     per expert."""
     out = a.new_empty(offsets.numel(), a.shape[1], b.shape[1])
@@ -62,9 +58,22 @@ def per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tens
     return out
 
 
-@per_expert_weight_grad.register_fake
-def _(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return a.new_empty(offsets.shape[0], a.shape[1], b.shape[1])
+_per_expert_mm_op = torch.library.custom_op("hf_moe::per_expert_mm", _per_expert_mm, mutates_args=())
+_per_expert_mm_op.register_fake(lambda a, b, offsets: a.new_empty(a.shape[0], b.shape[-1]))
+_per_expert_weight_grad_op = torch.library.custom_op("hf_moe::per_expert_weight_grad", _per_expert_weight_grad,
+                                                     mutates_args=())
+_per_expert_weight_grad_op.register_fake(lambda a, b, offsets: a.new_empty(offsets.shape[0], a.shape[1], b.shape[1]))
+
+
+def per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[`_per_expert_mm`]: the custom op `hf_moe::per_expert_mm` while torch.compile or torch.export trace."""
+    return (_per_expert_mm_op if torch.compiler.is_compiling() else _per_expert_mm)(a, b, offsets)
+
+
+def per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[`_per_expert_weight_grad`]: the custom op `hf_moe::per_expert_weight_grad` while torch.compile or
+    torch.export trace."""
+    return (_per_expert_weight_grad_op if torch.compiler.is_compiling() else _per_expert_weight_grad)(a, b, offsets)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: Gemm) -> torch.Tensor:
@@ -102,7 +111,8 @@ def _gated_act(
     the combine is a plain sum."""
     if triton:
         return kernels.swiglu.swiglu_forward(gate_up, weight, offsets)
-    weight = weight[:, None].to(gate_up.dtype)
+    weight = weight[:, None]
+    weight = weight if weight.dtype == gate_up.dtype else weight.to(gate_up.dtype)
     # act(up) may be `up` itself (an identity activation): scale out of place
     return act_fn(gate_up) * weight if not gated else _activation(gate_up, act_fn, gated).mul_(weight)
 
@@ -177,6 +187,33 @@ def _weight_grad(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor, offsets:
     return _grouped_mm_weight_grad(a, b, offsets, plan.weight_grad_gemm)
 
 
+def _gate_up_forward(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    weight: torch.Tensor,
+    token: torch.Tensor,
+    offsets: torch.Tensor,
+    act_fn: nn.Module,
+    plan: ExpertsPlan,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate/up step: `(x_sorted [S, H], gate_up [S, 2I], act [S, I])` (see [`_GateUpFunction`])."""
+    x_sorted = gather_rows(x, token, offsets, triton=plan.triton_rows)
+    if plan.fused_gate_up_swiglu:  # unfused where the Triton kernel does not support the operands
+        gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
+    else:
+        gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)
+        act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu, plan.gated)
+    return x_sorted, gate_up, act
+
+
+def _down_forward(
+    act: torch.Tensor, down_proj: torch.Tensor, by_token: torch.Tensor, offsets: torch.Tensor, plan: ExpertsPlan
+) -> torch.Tensor:
+    """The down step and the combine: `[T, H]` (see [`_DownFunction`])."""
+    y = _grouped_mm(act, down_proj.transpose(1, 2), offsets, plan.down_gemm)
+    return gather_sum(y, by_token, offsets, triton=plan.triton_rows)
+
+
 # The routed experts are two autograd nodes, split at the gate/up projection, so that under gradient accumulation
 # autograd adds the down projection's weight gradient into `.grad` (and frees it) before the gate/up node's backward
 # allocates the gate/up projection's: one expert weight gradient is alive at a time, never both (the
@@ -201,12 +238,7 @@ class _GateUpFunction(torch.autograd.Function):
         plan: ExpertsPlan,
         weight_grads: WeightGrads | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x_sorted = gather_rows(x, token, offsets, triton=plan.triton_rows)
-        if plan.fused_gate_up_swiglu:  # unfused where the Triton kernel does not support the operands
-            gate_up, act = kernels.grouped_gemm.gate_up_swiglu(x_sorted, gate_up_proj, weight, offsets)
-        else:
-            gate_up = _grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets, plan.gate_up_gemm)
-            act = _gated_act(gate_up, weight, offsets, act_fn, plan.triton_swiglu, plan.gated)
+        x_sorted, gate_up, act = _gate_up_forward(x, gate_up_proj, weight, token, offsets, act_fn, plan)
         ctx.mark_non_differentiable(act)
         ctx.set_materialize_grads(False)  # no zero gradient for `act`: nothing reads it
         ctx.save_for_backward(x_sorted, gate_up_proj, by_token, offsets)
@@ -256,12 +288,11 @@ class _DownFunction(torch.autograd.Function):
         plan: ExpertsPlan,
         weight_grads: WeightGrads | None,
     ) -> torch.Tensor:
-        y = _grouped_mm(act, down_proj.transpose(1, 2), offsets, plan.down_gemm)
         ctx.save_for_backward(gate_up, down_proj, weight, token, by_token, offsets)
         ctx.gate_up_consumed = False
         ctx.act_fn, ctx.fused_silu, ctx.weights_dtype = act_fn, fused_silu, top_k_weights.dtype
         ctx.plan, ctx.weight_grads = plan, weight_grads
-        return gather_sum(y, by_token, offsets, triton=plan.triton_rows)
+        return _down_forward(act, down_proj, by_token, offsets, plan)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -296,11 +327,12 @@ class _DownFunction(torch.autograd.Function):
 
 
 def sort_by_expert(
-    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None, with_token: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T·k (token, slot) pairs by expert without a host sync.
 
-    Returns `token [S]` (source token of each sorted row), `order [S]` (flat slot index of each sorted row),
+    Returns `token [S]` (source token of each sorted row; None with `with_token=False`, for callers that read the
+    token from `order` themselves, as the decode kernels do), `order [S]` (flat slot index of each sorted row),
     `position [T·k]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
     each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When the caller knows
     the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong to other ranks),
@@ -316,7 +348,7 @@ def sort_by_expert(
     if num_slots is not None and num_slots < flat.numel():
         order = order[: num_slots + 1]
         position = position.clamp_(max=num_slots)
-    token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor")
+    token = torch.div(order, top_k_index.shape[-1], rounding_mode="floor") if with_token else None
     return token, order, position, offsets
 
 
@@ -339,24 +371,29 @@ def grouped_experts_forward(
     """
     if hidden_states.shape[0] == 0:
         return torch.zeros_like(hidden_states)
-    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots)
-    plan = plan_experts(self, hidden_states, top_k_weights, order.numel(), weight_grads)
-    x = hidden_states.to(self.down_proj.dtype)
+    num_rows = top_k_index.numel() if num_slots is None else min(num_slots + 1, top_k_index.numel())
+    plan = plan_experts(self, hidden_states, top_k_weights, num_rows, weight_grads)
+    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots, not plan.decode)
+    dtype = self.down_proj.dtype
+    x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
+    gate_up_proj, down_proj = input_projection(self)[0], self.down_proj
+    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj,
+                                                                                  top_k_weights))
     if plan.decode:
-        out = kernels.decode.decode_experts_forward(
-            x, self.gate_up_proj, self.down_proj, top_k_weights, order, position, offsets
+        out = kernels.decode.decode_experts_forward(x, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
+    elif not differentiable:  # inference: the two nodes' forward steps without autograd's host cost
+        weight = top_k_weights.reshape(-1).index_select(0, order)  # each sorted row's routing weight
+        act = _gate_up_forward(x, gate_up_proj, weight, token, offsets, self.act_fn, plan)[2]
+        out = _down_forward(act, down_proj, position.view(x.shape[0], -1), offsets, plan)
+    else:
+        weight = top_k_weights.detach().reshape(-1).index_select(0, order)
+        by_token = position.view(x.shape[0], -1)
+        gate_up, act = _GateUpFunction.apply(x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan,
+                                             weight_grads)
+        out = _DownFunction.apply(
+            gate_up, act, top_k_weights, down_proj, weight, token, by_token, offsets, self.act_fn,
+            plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
         )
-        return out.to(hidden_states.dtype)
-    weight = top_k_weights.detach().reshape(-1).index_select(0, order)  # each sorted row's routing weight
-    by_token = position.view(x.shape[0], -1)
-    gate_up, act = _GateUpFunction.apply(
-        x, input_projection(self)[0], weight, token, by_token, offsets, self.act_fn, plan, weight_grads
-    )
-    out = _DownFunction.apply(
-        gate_up, act, top_k_weights, self.down_proj, weight, token, by_token, offsets, self.act_fn,
-        plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
-    )
-    return out.to(hidden_states.dtype)
-
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)

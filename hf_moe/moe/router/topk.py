@@ -114,6 +114,13 @@ class HfMoeRouter(nn.Module):
         self.num_experts = config.num_experts
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        # the settings read on every call, held as plain attributes: a config attribute read costs a microsecond or
+        # more of host time (transformers' config __getattribute__), which decoding pays per layer and step
+        self.scoring_func = config.scoring_func
+        self.n_group = config.n_group
+        self.topk_before_softmax = config.topk_before_softmax
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.drop_tokens = config.drop_tokens
         self.weight = nn.Parameter(torch.empty(self.num_logits, config.hidden_size)) if self.learned else None
         if config.use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
@@ -124,6 +131,16 @@ class HfMoeRouter(nn.Module):
         self.expert_load: torch.Tensor | None = None
         """Selections per expert since the last `update_expert_bias` (training only; not a buffer, so DDP's
         buffer broadcast leaves each rank's own counts alone)."""
+        self.fusable_softmax_top_k = (
+            config.scoring_func == "softmax"
+            and self.expert_bias is None
+            and config.n_group is None
+            and not config.topk_before_softmax
+            and FUSED_TOP_K_MIN_EXPERTS <= self.num_experts <= 1024
+            and self.top_k <= self.num_experts
+            and all(getattr(type(self), hook) is getattr(HfMoeRouter, hook) for hook in _SELECTION_HOOKS)
+        )
+        """The part of [`fuses_softmax_top_k`] that the config and the class decide, settled once."""
 
     @property
     def num_logits(self) -> int:
@@ -164,10 +181,11 @@ class HfMoeRouter(nn.Module):
         if jitter:
             eps = self.config.router_jitter_noise
             x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.linear(x, weight)
 
     def score(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits.sigmoid() if self.config.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        return logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
 
     def selection_scores(self, logits: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """What top-k ranks: the scores, plus Gumbel noise in training and the aux-loss-free bias."""
@@ -183,18 +201,18 @@ class HfMoeRouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(top_k_index [T, k], top_k_weights [T, k] float32)` for every token."""
         selection = self.selection_scores(logits, scores)
-        if self.config.n_group is not None:
+        if self.n_group is not None:
             selection = self.limit_to_groups(selection)
         top_k_values, top_k_index = top_k_lower_index_first(selection, self.top_k)
-        if self.config.topk_before_softmax:  # softmax over the k chosen logits only
+        if self.topk_before_softmax:  # softmax over the k chosen logits only
             weights = logits.gather(1, top_k_index).softmax(dim=-1)
         else:
             # the chosen scores themselves when nothing was added to them for the selection
             weights = top_k_values if selection is scores else scores.gather(1, top_k_index)
             if self.norm_topk_prob:
-                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        if self.config.routed_scaling_factor != 1.0:
-            weights = weights * self.config.routed_scaling_factor
+                weights = weights / weights.sum(dim=-1, keepdim=True).add_(1e-20)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         return top_k_index, weights
 
     def limit_to_groups(self, selection: torch.Tensor) -> torch.Tensor:
@@ -213,7 +231,7 @@ class HfMoeRouter(nn.Module):
 
     def routing_probs(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-token distribution over experts for the aux loss and metrics."""
-        if self.config.scoring_func == "sigmoid":
+        if self.scoring_func == "sigmoid":
             return scores / (scores.sum(dim=-1, keepdim=True) + 1e-20)
         return scores
 
@@ -233,8 +251,8 @@ class HfMoeRouter(nn.Module):
             from ..kernels.softmax_top_k import softmax_top_k
 
             probs, top_k_index, weights = softmax_top_k(logits, self.top_k, self.norm_topk_prob)
-            if self.config.routed_scaling_factor != 1.0:
-                weights = weights * self.config.routed_scaling_factor
+            if self.routed_scaling_factor != 1.0:
+                weights = weights * self.routed_scaling_factor
         else:
             scores = self.score(logits)
             top_k_index, weights = self.select(logits, scores, input_ids)
@@ -248,19 +266,12 @@ class HfMoeRouter(nn.Module):
         ops `hf_moe::softmax_top_k` and `hf_moe::softmax_top_k_backward`. Decided on the host from flags and types
         (docs/decisions/fused-router-top-k.md). Both paths route identically, so overriding this to force one
         (tests, benchmarks) changes only speed."""
-        config = self.config
         return (
             logits.is_cuda
             and logits.dtype == torch.float32
             and kernels.HAS_TRITON
-            and config.scoring_func == "softmax"
-            and self.expert_bias is None
-            and not (self.training and config.router_gumbel_noise)
-            and config.n_group is None
-            and not config.topk_before_softmax
-            and FUSED_TOP_K_MIN_EXPERTS <= self.num_experts <= 1024
-            and self.top_k <= self.num_experts
-            and all(getattr(type(self), hook) is getattr(HfMoeRouter, hook) for hook in _SELECTION_HOOKS)
+            and self.fusable_softmax_top_k
+            and not (self.training and self.config.router_gumbel_noise)
         )
 
     def finish(
@@ -282,7 +293,7 @@ class HfMoeRouter(nn.Module):
             counts = expert_counts(selection, self.num_experts, token_mask)
             self.expert_load = counts if self.expert_load is None else self.expert_load + counts
         capacity = drop_fraction = None
-        if self.config.drop_tokens:
+        if self.drop_tokens:
             if token_mask is not None:  # padding never takes capacity from real tokens
                 top_k_index = top_k_index.masked_fill(~token_mask[:, None], self.num_experts)
             capacity = expert_capacity(self.config, top_k_index.shape[0], self.training)
@@ -297,7 +308,7 @@ class HfMoeRouter(nn.Module):
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
-            top_k_weights=weights.to(dtype),
+            top_k_weights=weights if weights.dtype == dtype else weights.to(dtype),
             probs=probs,
             token_mask=token_mask,
             capacity=capacity,
