@@ -88,6 +88,13 @@ class ProductKeyStatistics:
         """The sum of the halves' entropies, averaged over heads."""
         return -(self.probs * self.log_probs).sum(dim=(-2, -1)).mean(dim=-1)
 
+    def z_loss(self, output: RouterOutput) -> torch.Tensor:
+        """The z-loss of each head's two halves, each half a softmax over its N logits."""
+        mask = output.token_mask
+        halves = 2 * self.router.num_heads
+        return router_z_loss(output.logits.view(-1, self.router.num_keys),
+                             None if mask is None else mask.repeat_interleave(halves))
+
 
 @register_router("product_key")
 class ProductKeyRouter(HfMoeRouter):
@@ -149,8 +156,6 @@ class ProductKeyRouter(HfMoeRouter):
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(hidden_states.dtype),
-            z_loss=router_z_loss(logits.view(num_tokens * 2 * self.num_heads, self.num_keys),
-                                 None if token_mask is None else token_mask.repeat_interleave(2 * self.num_heads)),
             token_mask=token_mask,
             statistics=ProductKeyStatistics(self, log_probs),
         )
