@@ -50,8 +50,8 @@ def test_selection_equals_brute_force_over_all_pairs(n, k, levels):
             want_index, want_score = brute_force(log_probs[t, h], k)
             assert torch.equal(index[t, h], want_index), (t, h, index[t, h], want_index)
             assert torch.equal(score[t, h], want_score)
-    first, second = _pairs_torch(log_probs, k)
-    assert torch.equal(first * n + second, index)
+    experts, keys = _pairs_torch(log_probs, k)
+    assert torch.equal(experts, index) and torch.equal(keys[..., 0, :] * n + keys[..., 1, :] - n, index)
 
 
 @pytest.mark.parametrize("n,k", [(2, 3), (7, 13), (12, 64), (100, 64), (512, 64)],
