@@ -218,5 +218,6 @@ def test_cuda_custom_ops_pass_opcheck():
     weights = torch.rand(8, 4, device="cuda", requires_grad=True)
     torch.library.opcheck(product_key_experts_op, (x, up, down, index, weights, "silu"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(torch.ops.hf_moe.product_key_pairs.default, (torch.randn(8, 2, 2, 10, device="cuda").log_softmax(-1), 5),
+    log_probs = torch.randn(8, 2, 2, 10, device="cuda").log_softmax(-1)
+    torch.library.opcheck(torch.ops.hf_moe.product_key_pairs.default, (log_probs, 5),
                           test_utils=("test_schema", "test_faketensor"))
