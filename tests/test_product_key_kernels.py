@@ -142,6 +142,40 @@ def test_experts_kernel_forward_and_backward_equal_float64(act):
     assert got[1][untouched].abs().sum() == 0 and got[2][untouched].abs().sum() == 0
 
 
+def test_experts_kernel_skips_sentinel_slots_and_reads_half_precision_weights():
+    """Slots whose index is the sentinel E contribute nothing and get zero weight gradients, whatever their weight;
+    bf16 weights are read as they are and their gradient comes back in bf16; the no-grad call (the launcher alone)
+    equals the differentiable one bit for bit."""
+    from hf_moe.moe.kernels.product_key_experts import product_key_experts
+
+    torch.manual_seed(0)
+    tokens, hidden, experts, top_k = 5, 24, 7, 4
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    index = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
+    index[0, 2], index[3, 0], index[3, 3] = experts, experts, experts
+    weights = torch.rand(tokens, top_k, device=DEVICE).bfloat16().requires_grad_()
+    out = product_key_experts(x, up, down, index, weights, "silu")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, up, down, weights), grad)
+    assert got[3].dtype == torch.bfloat16
+    real = (index < experts).cpu()
+    ref = [t.detach().double().cpu().requires_grad_() for t in (x, up, down, weights)]
+    i = index.cpu().clamp(max=experts - 1)
+    coeff = F.silu(torch.einsum("tkh,th->tk", ref[1][i], ref[0])) * ref[3] * real
+    want_out = torch.einsum("tk,tkh->th", coeff, ref[2][i])
+    want = torch.autograd.grad(want_out, ref, grad.double().cpu())
+    for name, g, w in zip(("out", "x", "up", "down"), (out, *got[:3]), (want_out, *want[:3])):
+        err = ((g.double().cpu() - w).norm() / w.norm()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    grad_weights = got[3].double().cpu()
+    assert (grad_weights[~real] == 0).all()
+    torch.testing.assert_close(grad_weights[real], want[3][real].bfloat16().double(), rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(product_key_experts(x, up, down, index, weights, "silu"), out)
+
+
 @requires_cuda
 def test_cuda_block_equals_float64_loop_with_no_host_sync():
     from hf_moe import HfMoeSparseMoeBlock
@@ -208,6 +242,7 @@ def test_cuda_compiled_block_has_no_graph_break_and_equals_float64():
 
 @requires_cuda
 def test_cuda_custom_ops_pass_opcheck():
+    from hf_moe.moe.kernels import product_key_top_k  # noqa: F401 (registers hf_moe::product_key_pairs)
     from hf_moe.moe.kernels.product_key_experts import product_key_experts_op
 
     torch.manual_seed(0)
