@@ -117,6 +117,8 @@ class ProductKeyRouter(HfMoeRouter):
         super().__init__(config, layer_idx)
         norm = config.product_key_query_norm
         self.norm = nn.BatchNorm1d(config.hidden_size, affine=False) if norm == "batch_norm" else None
+        self.layer_norm_query = norm == "layer_norm"
+        self.scaling = config.routed_scaling_factor  # read once: a config attribute costs µs of host time per read
 
     @property
     def num_logits(self) -> int:
@@ -131,7 +133,7 @@ class ProductKeyRouter(HfMoeRouter):
         """`W·norm(x)` in float32 (as [`HfMoeRouter.compute_logits`], after the query normalisation)."""
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        elif self.config.product_key_query_norm == "layer_norm":
+        elif self.layer_norm_query:
             hidden_states = F.layer_norm(hidden_states, hidden_states.shape[-1:])
         return super().compute_logits(hidden_states)
 
@@ -150,8 +152,8 @@ class ProductKeyRouter(HfMoeRouter):
         weights = score.exp()
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.config.routed_scaling_factor != 1.0:
-            weights = weights * self.config.routed_scaling_factor
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         top_k_index, weights = top_k_index.flatten(1), weights.flatten(1)
         return RouterOutput(
             logits=logits,
