@@ -154,7 +154,7 @@ def test_experts_kernel_skips_sentinel_slots_and_reads_half_precision_weights():
     up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
     down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
     index = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
-    index[0, 2], index[3, 0], index[3, 3] = experts, experts, experts
+    index[0, 2], index[3, 0], index[3, 3], index[4, 1] = experts, experts, experts, experts + 3
     weights = torch.rand(tokens, top_k, device=DEVICE).bfloat16().requires_grad_()
     out = product_key_experts(x, up, down, index, weights, "silu")
     grad = torch.randn_like(out)

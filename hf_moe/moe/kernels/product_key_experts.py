@@ -203,11 +203,11 @@ def product_key_experts_backward(
         grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, up.shape[0], hidden,
         TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h,
     )
-    # expert-centric table gradients: pairs sorted by expert, one program per distinct expert (run); sentinel slots
-    # (index E) sort last and their run writes nothing
+    # expert-centric table gradients: pairs sorted by expert, one program per distinct expert (run); sentinel slots,
+    # all read as index E, sort last and their one run writes nothing
     num_pairs = num_tokens * top_k
     key_dtype = torch.int32 if up.shape[0] < 2**31 else torch.int64
-    sorted_expert, order = torch.sort(index.reshape(-1).to(key_dtype), stable=True)
+    sorted_expert, order = torch.sort(index.reshape(-1).clamp(max=up.shape[0]).to(key_dtype), stable=True)
     new_run = torch.ones_like(sorted_expert, dtype=torch.bool)
     new_run[1:] = sorted_expert[1:] != sorted_expert[:-1]
     run_id = torch.cumsum(new_run, 0) - 1
