@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +45,7 @@ from conversions import flash_moe_block_state_dict, flash_moe_config_fields
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, product_key_top_k
 
 from .record import ResultFile
-from .timing import median_and_min
+from .timing import median_and_min, timed_rounds
 
 HIDDEN, SHARED, EXPERTS, TOP_K = 1024, 4096, 16384, 64
 
@@ -71,8 +72,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
+def gpu_work(fn, device: str) -> dict:
+    """What one call of `fn` runs on the GPU (torch.profiler, CUDA activity): `kernels` launched and `gpu_ms`, the sum
+    of their durations. Against the timed ms it tells how much of a call the GPU waits for the host."""
+    if device != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    return {"kernels": sum(e.count for e in events),
+            "gpu_ms": round(sum(e.self_device_time_total for e in events) / 1e3, 3)}
+
+
 def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, backward: bool = True) -> dict:
-    """Forward (no grad) and forward+backward median ms, and the peak memory (MiB) of each above what was allocated."""
+    """Forward (no grad) and forward+backward median ms (`timing.timed_rounds`: each call from an idle device, timed
+    with CUDA events), the median host ms to issue each call, the kernels each call launches and their summed GPU
+    time, and the peak memory (MiB) of each above what was allocated."""
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
 
     def forward():
@@ -96,7 +114,10 @@ def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: st
                 fn()
                 torch.cuda.synchronize()
                 row[f"{what}_peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-            row[f"{what}_ms"] = round(median_and_min(fn, device, reps)[0] * 1e3, 3)
+            runs = timed_rounds({what: fn}, device, reps)[what]
+            row[f"{what}_ms"] = round(statistics.median(d for d, _ in runs) * 1e3, 3)
+            row[f"{what}_host_ms"] = round(statistics.median(h for _, h in runs) * 1e3, 3)
+            row.update({f"{what}_{key}": value for key, value in gpu_work(fn, device).items()})
         except Exception as error:  # a peer that cannot run a part: recorded, the suite goes on
             row[f"{what}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
             traceback.print_exc(limit=2)
@@ -245,12 +266,12 @@ def selection_part(tokens: int, reps: int, device: str, out: ResultFile, top_k: 
     n = int(math.isqrt(EXPERTS))
     for heads, keys, k in ((1, n, top_k), (1, 512, top_k), (8, n, 8)):  # FlashMoE's, the large, PEER's selections
         log_probs = torch.randn(tokens, heads, 2, keys, device=device).log_softmax(-1)
-        first, second = product_key_pairs(log_probs, k)
+        experts, _ = product_key_pairs(log_probs, k)
         want, _ = product_key_top_k(log_probs.cpu(), k)
         row = {"part": "selection", "tokens": tokens, "heads": heads, "keys": keys, "top_k": k,
                "kernel_ms": round(median_and_min(lambda lp=log_probs, k=k: product_key_pairs(lp, k), device, reps)[0]
                                   * 1e3, 4),
-               "equals_torch_path": torch.equal((first * keys + second).cpu(), want)}
+               "equals_torch_path": torch.equal(experts.cpu(), want)}
         print(row, flush=True)
         out.write(row)
 

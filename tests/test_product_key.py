@@ -50,8 +50,8 @@ def test_selection_equals_brute_force_over_all_pairs(n, k, levels):
             want_index, want_score = brute_force(log_probs[t, h], k)
             assert torch.equal(index[t, h], want_index), (t, h, index[t, h], want_index)
             assert torch.equal(score[t, h], want_score)
-    first, second = _pairs_torch(log_probs, k)
-    assert torch.equal(first * n + second, index)
+    experts, keys = _pairs_torch(log_probs, k)
+    assert torch.equal(experts, index) and torch.equal(keys[..., 0, :] * n + keys[..., 1, :] - n, index)
 
 
 @pytest.mark.parametrize("n,k", [(2, 3), (7, 13), (12, 64), (100, 64), (512, 64)],
@@ -328,3 +328,20 @@ def test_trainer_logs_router_metrics_over_all_pairs(tmp_path):
     for entry in logged:  # entropy of the product distribution: at most log 64, close to it at initialisation
         assert 0.9 * torch.log(torch.tensor(64.0)).item() < entry["moe/routing_entropy"] <= 4.16
         assert 0 < entry["moe/experts_used"] <= 1 and entry["moe/aux_loss"] > 0
+
+
+def test_z_loss_computed_on_read_survives_flattening():
+    """The per-half z-loss is computed only when read, and flattening (export, compile) carries it: the unflattened
+    output, which has no statistics, must not recompute it as one softmax over all `heads·2N` logits."""
+    import torch.utils._pytree as pytree
+
+    torch.manual_seed(0)
+    block = _block(_config(product_key_heads=2))
+    x = torch.randn(5, 16, dtype=torch.float64)
+    routing = block.router(x)
+    assert routing.given("z_loss") is None
+    values, spec = pytree.tree_flatten(routing)
+    rebuilt = pytree.tree_unflatten(values, spec)
+    want = torch.logsumexp(routing.logits.view(5, 4, 6), -1).square().mean()
+    torch.testing.assert_close(rebuilt.z_loss, want)
+    torch.testing.assert_close(routing.z_loss, want)

@@ -37,13 +37,25 @@ if INTERPRETED and not CUDA:
 ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 2}
 
 
+def _pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection kernel's `(experts, keys)` on the CPU, its key positions (`i`, `N + j`) checked against its
+    experts `i·N + j`."""
+    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
+
+    n = log_probs.shape[-1]
+    experts, keys = (t.cpu() for t in product_key_pairs(log_probs.to(DEVICE), k))
+    assert keys.shape == (*experts.shape[:-1], 2, k)
+    assert ((keys[..., 0, :] < n) & (keys[..., 1, :] >= n)).all()
+    assert torch.equal(keys[..., 0, :] * n + keys[..., 1, :] - n, experts)
+    return experts, keys
+
+
 @pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000),
                                           (5, 1, 2), (7, 13, 2), (100, 64, 1000), (128, 64, 3), (300, 64, 3),
                                           (512, 64, 1000), (600, 64, 1000)])
 def test_pairs_kernel_equals_brute_force(n, k, levels):
     """Brute force over all N² float64 sums (exact for float32 halves), ties to the lower expert; several heads;
     the torch path chooses the same pairs."""
-    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
     from hf_moe.moe.router.product_key import _pairs_torch
 
     from .test_product_key import brute_force
@@ -51,57 +63,50 @@ def test_pairs_kernel_equals_brute_force(n, k, levels):
     torch.manual_seed(0)
     rows = (1 if n > 128 else 3) if INTERPRETED and n > 16 else 6
     log_probs = torch.randint(0, levels, (rows, 2, 2, n)).float().log_softmax(-1)
-    first, second = product_key_pairs(log_probs.to(DEVICE), k)
+    experts, keys = _pairs(log_probs, k)
     for t in range(rows):
         for h in range(2):
-            got = (first[t, h] * n + second[t, h]).cpu()
-            assert torch.equal(got, brute_force(log_probs[t, h], k)[0]), (t, h)
-    want_first, want_second = _pairs_torch(log_probs, k)
-    assert torch.equal(first.cpu(), want_first) and torch.equal(second.cpu(), want_second)
+            assert torch.equal(experts[t, h], brute_force(log_probs[t, h], k)[0]), (t, h)
+    want_experts, want_keys = _pairs_torch(log_probs, k)
+    assert torch.equal(experts, want_experts) and torch.equal(keys, want_keys)
 
 
 def test_pairs_kernel_at_peers_shape_equals_brute_force():
     """PEER's selection (8 heads, k 8, N 128), ties included, against brute force over all N² float64 sums."""
-    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
-
     from .test_product_key import brute_force
 
     torch.manual_seed(0)
     log_probs = torch.randint(0, 4, (2, 8, 2, 128)).float().log_softmax(-1)
-    first, second = product_key_pairs(log_probs.to(DEVICE), 8)
+    experts, _ = _pairs(log_probs, 8)
     for t in range(2):
         for h in range(8):
-            assert torch.equal((first[t, h] * 128 + second[t, h]).cpu(), brute_force(log_probs[t, h], 8)[0]), (t, h)
+            assert torch.equal(experts[t, h], brute_force(log_probs[t, h], 8)[0]), (t, h)
 
 
 def test_pairs_kernel_ties_signed_zeros():
     """−0 and +0 are equal log-probabilities: the lower index wins, whichever zero it holds (with k 2 each half
     keeps its best two keys and the pruning drops the pair of second-ranked keys, so the halves' order decides)."""
-    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
-
     from .test_product_key import brute_force
 
     log_probs = -torch.rand(1, 1, 2, 16) - 1
     log_probs[..., 3], log_probs[..., 9] = -0.0, 0.0
-    first, second = product_key_pairs(log_probs.to(DEVICE), 2)
+    experts, _ = _pairs(log_probs, 2)
     want = brute_force(log_probs[0, 0], 2)[0]
-    assert want[0] == 3 * 16 + 3 and torch.equal((first[0, 0] * 16 + second[0, 0]).cpu(), want)
+    assert want[0] == 3 * 16 + 3 and torch.equal(experts[0, 0], want)
 
 
 @pytest.mark.parametrize("n,k", [(2, 3), (12, 64), (128, 64)])
 def test_pairs_kernel_ranks_by_exact_sums(n, k):
     """Sums that float32 would round together (`near_tie_log_probs`) are ranked by their exact value."""
-    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
-
     from .test_product_key import brute_force, near_tie_log_probs
 
     torch.manual_seed(0)
     log_probs = near_tie_log_probs(2, 3, n)
-    first, second = product_key_pairs(log_probs.to(DEVICE), k)
+    experts, _ = _pairs(log_probs, k)
     for t in range(2):
         for h in range(3):
             want = brute_force(log_probs[t, h], k)[0]
-            assert torch.equal((first[t, h] * n + second[t, h]).cpu(), want), (t, h)
+            assert torch.equal(experts[t, h], want), (t, h)
             assert not torch.equal(brute_force(log_probs[t, h], k, torch.float32)[0], want)
 
 
@@ -135,6 +140,40 @@ def test_experts_kernel_forward_and_backward_equal_float64(act):
     untouched = torch.ones(experts, dtype=torch.bool, device=DEVICE)
     untouched[index.unique()] = False
     assert got[1][untouched].abs().sum() == 0 and got[2][untouched].abs().sum() == 0
+
+
+def test_experts_kernel_skips_sentinel_slots_and_reads_half_precision_weights():
+    """Slots whose index is the sentinel E contribute nothing and get zero weight gradients, whatever their weight;
+    bf16 weights are read as they are and their gradient comes back in bf16; the no-grad call (the launcher alone)
+    equals the differentiable one bit for bit."""
+    from hf_moe.moe.kernels.product_key_experts import product_key_experts
+
+    torch.manual_seed(0)
+    tokens, hidden, experts, top_k = 5, 24, 7, 4
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    index = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
+    index[0, 2], index[3, 0], index[3, 3], index[4, 1] = experts, experts, experts, experts + 3
+    weights = torch.rand(tokens, top_k, device=DEVICE).bfloat16().requires_grad_()
+    out = product_key_experts(x, up, down, index, weights, "silu")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, up, down, weights), grad)
+    assert got[3].dtype == torch.bfloat16
+    real = (index < experts).cpu()
+    ref = [t.detach().double().cpu().requires_grad_() for t in (x, up, down, weights)]
+    i = index.cpu().clamp(max=experts - 1)
+    coeff = F.silu(torch.einsum("tkh,th->tk", ref[1][i], ref[0])) * ref[3] * real
+    want_out = torch.einsum("tk,tkh->th", coeff, ref[2][i])
+    want = torch.autograd.grad(want_out, ref, grad.double().cpu())
+    for name, g, w in zip(("out", "x", "up", "down"), (out, *got[:3]), (want_out, *want[:3])):
+        err = ((g.double().cpu() - w).norm() / w.norm()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+    grad_weights = got[3].double().cpu()
+    assert (grad_weights[~real] == 0).all()
+    torch.testing.assert_close(grad_weights[real], want[3][real].bfloat16().double(), rtol=1e-2, atol=1e-3)
+    with torch.no_grad():
+        assert torch.equal(product_key_experts(x, up, down, index, weights, "silu"), out)
 
 
 @requires_cuda
@@ -203,8 +242,8 @@ def test_cuda_compiled_block_has_no_graph_break_and_equals_float64():
 
 @requires_cuda
 def test_cuda_custom_ops_pass_opcheck():
+    from hf_moe.moe.kernels import product_key_top_k  # noqa: F401 (registers hf_moe::product_key_pairs)
     from hf_moe.moe.kernels.product_key_experts import product_key_experts_op
-    from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
 
     torch.manual_seed(0)
     x = torch.randn(8, 64, device="cuda", requires_grad=True)
@@ -214,5 +253,6 @@ def test_cuda_custom_ops_pass_opcheck():
     weights = torch.rand(8, 4, device="cuda", requires_grad=True)
     torch.library.opcheck(product_key_experts_op, (x, up, down, index, weights, "silu"),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-    torch.library.opcheck(product_key_pairs, (torch.randn(8, 2, 2, 10, device="cuda").log_softmax(-1), 5),
+    log_probs = torch.randn(8, 2, 2, 10, device="cuda").log_softmax(-1)
+    torch.library.opcheck(torch.ops.hf_moe.product_key_pairs.default, (log_probs, 5),
                           test_utils=("test_schema", "test_faketensor"))

@@ -22,11 +22,11 @@ from torch import nn
 
 from .block import HfMoeSparseMoeBlock, moe_blocks
 from .experts import base_layer
-from .types import ROUTER_STATISTICS, RouterOutput
+from .types import RouterOutput
 
 # RouterOutput tensors a graphed block returns next to its output (the router's statistics computed in the graph);
-# z_loss and drop_fraction follow when the router set them, otherwise they are computed from these on first read,
-# outside the graph; token_entropy follows when the router's statistics give one.
+# z_loss and drop_fraction follow when the router set them (or its statistics compute the z_loss), otherwise they are
+# computed from these on first read, outside the graph; token_entropy follows when the router's statistics give one.
 _ROUTING_TENSORS = ("logits", "top_k_index", "top_k_weights", "tokens_per_expert", "aux_loss")
 _OPTIONAL_TENSORS = ("probs", "z_loss", "drop_fraction", "token_entropy")
 _NOT_DIFFERENTIABLE = ("top_k_index", "tokens_per_expert", "drop_fraction")
@@ -208,7 +208,7 @@ def capture_moe_cuda_graphs(
             _, routing = block.compute(x, *mask)
         optional = tuple(
             n for n in _OPTIONAL_TENSORS
-            if isinstance(getattr(routing, n) if n in ROUTER_STATISTICS else routing.given(n), torch.Tensor)
+            if isinstance(routing.carried(n), torch.Tensor)
         )
         functions.append(_BlockTensors(block, optional))
         samples.append((x, *mask))

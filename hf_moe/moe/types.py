@@ -68,6 +68,8 @@ class RoutingStatistics(Protocol):
 
     def token_entropy(self, output: RouterOutput) -> torch.Tensor | None: ...
 
+    # Optional: `z_loss(output)`, for routers whose z-loss is not `router_z_loss` of their logits.
+
 
 def _from_statistics(name: str) -> _ComputedOnRead:
     """A field that `RouterOutput.statistics` computes on first read (None without statistics)."""
@@ -76,6 +78,13 @@ def _from_statistics(name: str) -> _ComputedOnRead:
         return None if output.statistics is None else getattr(output.statistics, name)(output)
 
     return _ComputedOnRead(compute)
+
+
+def _z_loss(output: RouterOutput) -> torch.Tensor:
+    """The statistics' `z_loss` where they define one (routers whose logits are not one softmax, e.g. product keys'
+    halves), else [`router_z_loss`] of the logits."""
+    z_loss = getattr(output.statistics, "z_loss", None)
+    return router_z_loss(output.logits, output.token_mask) if z_loss is None else z_loss(output)
 
 
 ROUTER_STATISTICS = ("tokens_per_expert", "aux_loss", "token_entropy")
@@ -97,8 +106,8 @@ class RouterOutput:
             when not given, computed by `statistics` on first read.
         aux_loss: load-balancing loss of this layer (see [`load_balancing_loss`]); when not given, computed by
             `statistics` on first read (from the selection before dropping).
-        z_loss: router z-loss of this layer (see [`router_z_loss`]); when not given, computed from `logits` and
-            `token_mask` on first read.
+        z_loss: router z-loss of this layer (see [`router_z_loss`]); when not given, computed on first read by
+            `statistics` where they define `z_loss`, else from `logits` and `token_mask`.
         probs: `[T, E]` float32 routing distribution (softmax, or sigmoid scores normalised per token) used by
             the aux loss and the routing-entropy metric.
         token_mask: `[T]` real (non-padding) tokens, or None when every token is real.
@@ -117,7 +126,7 @@ class RouterOutput:
     top_k_weights: torch.Tensor
     tokens_per_expert: torch.Tensor | None = _from_statistics("tokens_per_expert")
     aux_loss: torch.Tensor | None = _from_statistics("aux_loss")
-    z_loss: torch.Tensor | None = _ComputedOnRead(lambda output: router_z_loss(output.logits, output.token_mask))
+    z_loss: torch.Tensor | None = _ComputedOnRead(_z_loss)
     probs: torch.Tensor | None = None
     token_mask: torch.Tensor | None = None
     capacity: int | None = None
@@ -130,6 +139,13 @@ class RouterOutput:
         field = type(self).__dict__.get(name)
         return field.given(self) if isinstance(field, _ComputedOnRead) else getattr(self, name)
 
+    def carried(self, name: str) -> torch.Tensor | None:
+        """Field `name` as flattening and CUDA graphs carry it: what `statistics` compute is computed now (they do
+        not travel), any other field as it was set (None: computed again on read from the carried fields)."""
+        if name in ROUTER_STATISTICS or (name == "z_loss" and hasattr(self.statistics, "z_loss")):
+            return getattr(self, name)
+        return self.given(name)
+
 
 # A pytree node, so that torch.export and torch.compile take a model output that holds RouterOutputs
 # (`output_router_logits=True`): its tensors are the children; `capacity` (an int or None) is the context. The
@@ -139,7 +155,7 @@ _TENSOR_FIELDS = tuple(f.name for f in fields(RouterOutput) if f.name not in ("c
 
 
 def _flatten(output: RouterOutput) -> tuple[list[torch.Tensor | None], int | None]:
-    values = [getattr(output, name) if name in ROUTER_STATISTICS else output.given(name) for name in _TENSOR_FIELDS]
+    values = [output.carried(name) for name in _TENSOR_FIELDS]
     return values, output.capacity
 
 

@@ -35,22 +35,17 @@ def gathered_experts_forward(
     """hf-moe's token-centric experts implementation (`hf_moe_gathered`), see the module docstring."""
     up_proj, gated = input_projection(self)
     down_proj, num_experts = self.down_proj, self.num_experts
+    x = hidden_states.to(down_proj.dtype)
+    act = self.config.hidden_act
+    if not gated and down_proj.shape[-1] == 1 and act in kernels.PRODUCT_KEY_ACTIVATIONS and triton_serves(x):
+        out = kernels.product_key_experts.product_key_experts(  # skips sentinel slots itself
+            x, up_proj.reshape(num_experts, -1), down_proj.reshape(num_experts, -1), top_k_index, top_k_weights, act
+        )
+        return out.to(hidden_states.dtype)
     num_tokens, top_k = top_k_index.shape
     valid = top_k_index < num_experts
     index = top_k_index.clamp(max=num_experts - 1)
     weights = top_k_weights.masked_fill(~valid, 0.0)
-    x = hidden_states.to(down_proj.dtype)
-    if (
-        not gated
-        and down_proj.shape[-1] == 1
-        and self.config.hidden_act in kernels.PRODUCT_KEY_ACTIVATIONS
-        and triton_serves(x)
-    ):
-        out = kernels.product_key_experts.product_key_experts(
-            x, up_proj.reshape(num_experts, -1), down_proj.reshape(num_experts, -1), index, weights.to(torch.float32),
-            self.config.hidden_act,
-        )
-        return out.to(hidden_states.dtype)
     hidden, rows = x.shape[-1], up_proj.shape[1]
     up = F.embedding(index, up_proj.reshape(num_experts, -1)).view(num_tokens, top_k, rows, hidden)
     projected = torch.einsum("tkrh,th->tkr", up, x)

@@ -2,6 +2,8 @@
 `hf_moe::product_key_experts` (with its fake and its autograd, so torch.compile traces it as one node).
 
 `out[t] = Σⱼ w[t, j] · act(up[e]·x[t]) · down[e]` with `e = index[t, j]`, `up` and `down` two `[E, H]` tables.
+Sentinel slots (`e ≥ E`) contribute nothing and get zero gradients; the routing weights come in any float dtype and
+are read as float32, so the caller casts and masks nothing.
 
 - Forward, one program per token: the token's k rows of `up` are dotted with x in `[k, BLOCK_H]` tiles (k rows in
   flight at once), the activation and routing weight are applied to the k scalars, and the k rows of `down` are
@@ -74,51 +76,58 @@ def _store_rows_combined(table_ptr, experts, slot_ok, coeff, out_ptr, hidden: tl
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, out_ptr, pre_ptr,
-    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
-):
-    token = tl.program_id(0).to(tl.int64)
+def _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A token's slots: `(slots, slot_ok, experts int64, live, weights float32)`; `live` excludes sentinel slots
+    (index ≥ num_experts), whose weight reads as 0 and whose rows are never read."""
     slots = tl.arange(0, BLOCK_K)
     slot_ok = slots < TOP_K
     experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
-    weights = tl.load(weight_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
-    pre = _rows_dot(up_ptr, experts, slot_ok, x_ptr + token * hidden, hidden, BLOCK_K, BLOCK_H)
+    live = slot_ok & (experts < num_experts)
+    weights = tl.load(weight_ptr + token * TOP_K + slots, mask=live, other=0.0).to(tl.float32)
+    return slots, slot_ok, experts, live, weights
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, out_ptr, pre_ptr, num_experts,
+    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    slots, slot_ok, experts, live, weights = _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K, BLOCK_K)
+    pre = _rows_dot(up_ptr, experts, live, x_ptr + token * hidden, hidden, BLOCK_K, BLOCK_H)
     tl.store(pre_ptr + token * TOP_K + slots, pre, mask=slot_ok)
-    coeff = tl.where(slot_ok, _act(pre, ACT) * weights, 0.0)
-    _store_rows_combined(down_ptr, experts, slot_ok, coeff, out_ptr + token * hidden, hidden, BLOCK_H)
+    coeff = tl.where(live, _act(pre, ACT) * weights, 0.0)
+    _store_rows_combined(down_ptr, experts, live, coeff, out_ptr + token * hidden, hidden, BLOCK_H)
 
 
 @triton.jit
 def _input_backward_kernel(
     grad_out_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_x_ptr, grad_weight_ptr, grad_pre_ptr,
-    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    slots = tl.arange(0, BLOCK_K)
-    slot_ok = slots < TOP_K
-    experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
-    weights = tl.load(weight_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
+    slots, slot_ok, experts, live, weights = _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K, BLOCK_K)
     pre = tl.load(pre_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
-    grad_act = _rows_dot(down_ptr, experts, slot_ok, grad_out_ptr + token * hidden, hidden, BLOCK_K,
+    grad_act = _rows_dot(down_ptr, experts, live, grad_out_ptr + token * hidden, hidden, BLOCK_K,
                          BLOCK_H)  # g · down[e]
-    tl.store(grad_weight_ptr + token * TOP_K + slots, grad_act * _act(pre, ACT), mask=slot_ok)
-    grad_pre = tl.where(slot_ok, grad_act * weights * _act_grad(pre, ACT), 0.0)
+    tl.store(grad_weight_ptr + token * TOP_K + slots, tl.where(live, grad_act * _act(pre, ACT), 0.0), mask=slot_ok)
+    grad_pre = tl.where(live, grad_act * weights * _act_grad(pre, ACT), 0.0)
     tl.store(grad_pre_ptr + token * TOP_K + slots, grad_pre, mask=slot_ok)
-    _store_rows_combined(up_ptr, experts, slot_ok, grad_pre, grad_x_ptr + token * hidden, hidden, BLOCK_H)
+    _store_rows_combined(up_ptr, experts, live, grad_pre, grad_x_ptr + token * hidden, hidden, BLOCK_H)
 
 
 @triton.jit
 def _table_backward_kernel(
     x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, run_start_ptr, pre_ptr, weight_ptr, grad_pre_ptr,
-    grad_up_ptr, grad_down_ptr, num_pairs, hidden: tl.constexpr,
+    grad_up_ptr, grad_down_ptr, num_pairs, num_experts, hidden: tl.constexpr,
     TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     run = tl.program_id(0)
     start = tl.load(run_start_ptr + run)
-    live = start < num_pairs  # runs past the number of distinct experts have no work
-    end = tl.load(run_start_ptr + run + 1)
-    expert = tl.load(sorted_expert_ptr + start, mask=live, other=0).to(tl.int64)
+    expert = tl.load(sorted_expert_ptr + start, mask=start < num_pairs, other=num_experts).to(tl.int64)
+    live = expert < num_experts  # runs past the distinct experts, and the sentinel slots' run, have no work
+    end = tl.where(live, tl.load(run_start_ptr + run + 1), start)
     cols = tl.arange(0, BLOCK_H)
     for col in range(0, hidden, BLOCK_H):
         col_ok = col + cols < hidden
@@ -128,7 +137,7 @@ def _table_backward_kernel(
             pair = tl.load(order_ptr + position)
             token = pair // TOP_K
             grad_pre = tl.load(grad_pre_ptr + pair)
-            coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair)
+            coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
             x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
             g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
             grad_up += grad_pre * x
@@ -143,12 +152,12 @@ def _blocks(top_k: int, hidden: int) -> tuple[int, int]:
     return block_k, max(16, min(triton.next_power_of_2(hidden), 4096 // block_k))
 
 
-@torch.library.custom_op("hf_moe::product_key_experts", mutates_args=())
-def product_key_experts_op(
+def _experts_forward(
     x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, act: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`x [T, H]`, tables `up`, `down [E, H]`, `index [T, k]` (every entry a real expert), `weights [T, k]` float32
-    → `(out [T, H]` in x's dtype, `pre [T, k]` float32 pre-activations, kept for backward`)`."""
+    """`x [T, H]`, tables `up`, `down [E, H]`, `index [T, k]` (entries ≥ E are sentinel slots, which contribute
+    nothing), `weights [T, k]` (any float dtype, read as float32) → `(out [T, H]` in x's dtype, `pre [T, k]`
+    float32 pre-activations, kept for backward`)`."""
     num_tokens, hidden = x.shape
     top_k = index.shape[1]
     x = x.contiguous()
@@ -157,10 +166,13 @@ def product_key_experts_op(
     if num_tokens:
         block_k, block_h = _blocks(top_k, hidden)
         _forward_kernel[(num_tokens,)](
-            x, up.contiguous(), down.contiguous(), index.contiguous(), weights.contiguous(), out, pre,
+            x, up.contiguous(), down.contiguous(), index.contiguous(), weights.contiguous(), out, pre, up.shape[0],
             hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h,
         )
     return out, pre
+
+
+product_key_experts_op = torch.library.custom_op("hf_moe::product_key_experts", _experts_forward, mutates_args=())
 
 
 @product_key_experts_op.register_fake
@@ -173,8 +185,8 @@ def product_key_experts_backward(
     grad_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor,
     weights: torch.Tensor, pre: torch.Tensor, act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients `(x, up, down, weights)` of [`product_key_experts_op`]'s output; the tables' gradients are dense
-    `[E, H]` with the untouched rows zero."""
+    """Gradients `(x, up, down, weights)` of [`product_key_experts_op`]'s output (the weights' in their dtype);
+    the tables' gradients are dense `[E, H]` with the untouched rows zero."""
     num_tokens, hidden = x.shape
     top_k = index.shape[1]
     grad_out, x, up, down = grad_out.contiguous(), x.contiguous(), up.contiguous(), down.contiguous()
@@ -184,17 +196,18 @@ def product_key_experts_backward(
     grad_pre = torch.empty_like(grad_weights)
     grad_up, grad_down = torch.zeros_like(up), torch.zeros_like(down)
     if not num_tokens:
-        return grad_x, grad_up, grad_down, grad_weights
+        return grad_x, grad_up, grad_down, grad_weights.to(weights.dtype)
     block_k, block_h = _blocks(top_k, hidden)
     code = ACTIVATIONS[act]
     _input_backward_kernel[(num_tokens,)](
-        grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, hidden,
+        grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, up.shape[0], hidden,
         TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h,
     )
-    # expert-centric table gradients: pairs sorted by expert, one program per distinct expert (run)
+    # expert-centric table gradients: pairs sorted by expert, one program per distinct expert (run); sentinel slots,
+    # all read as index E, sort last and their one run writes nothing
     num_pairs = num_tokens * top_k
     key_dtype = torch.int32 if up.shape[0] < 2**31 else torch.int64
-    sorted_expert, order = torch.sort(index.reshape(-1).to(key_dtype), stable=True)
+    sorted_expert, order = torch.sort(index.reshape(-1).clamp(max=up.shape[0]).to(key_dtype), stable=True)
     new_run = torch.ones_like(sorted_expert, dtype=torch.bool)
     new_run[1:] = sorted_expert[1:] != sorted_expert[:-1]
     run_id = torch.cumsum(new_run, 0) - 1
@@ -205,10 +218,10 @@ def product_key_experts_backward(
     positions = torch.arange(num_pairs, device=x.device)
     run_start.scatter_(0, torch.where(new_run, run_id, num_runs + 1), positions)
     _table_backward_kernel[(num_runs,)](
-        x, grad_out, order, sorted_expert, run_start, pre, weights, grad_pre, grad_up, grad_down, num_pairs, hidden,
-        TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
+        x, grad_out, order, sorted_expert, run_start, pre, weights, grad_pre, grad_up, grad_down, num_pairs,
+        up.shape[0], hidden, TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
     )
-    return grad_x, grad_up, grad_down, grad_weights
+    return grad_x, grad_up, grad_down, grad_weights.to(weights.dtype)
 
 
 @product_key_experts_backward.register_fake
@@ -220,9 +233,12 @@ def _setup_context(ctx, inputs, output) -> None:
     x, up, down, index, weights, act = inputs
     ctx.save_for_backward(x, up, down, index, weights, output[1])
     ctx.act = act
+    ctx.set_materialize_grads(False)  # `pre` gets no gradient: no zeros for it
 
 
-def _backward(ctx, grad_out: torch.Tensor, _grad_pre: torch.Tensor | None):
+def _backward(ctx, grad_out: torch.Tensor | None, _grad_pre: torch.Tensor | None):
+    if grad_out is None:
+        return None, None, None, None, None, None
     x, up, down, index, weights, pre = ctx.saved_tensors
     grad_x, grad_up, grad_down, grad_weights = product_key_experts_backward(
         grad_out, x, up, down, index, weights, pre, ctx.act)
@@ -235,5 +251,11 @@ product_key_experts_op.register_autograd(_backward, setup_context=_setup_context
 def product_key_experts(
     x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, act: str
 ) -> torch.Tensor:
-    """`Σⱼ weights[t, j] · act(up[e]·x[t]) · down[e]` (`e = index[t, j]`, every entry a real expert) on CUDA."""
-    return product_key_experts_op(x, up, down, index, weights, act)[0]
+    """`Σⱼ weights[t, j] · act(up[e]·x[t]) · down[e]` (`e = index[t, j]`; entries ≥ E are sentinel slots, which
+    contribute nothing) on CUDA. The custom op (with its autograd) while torch.compile traces or gradients are
+    needed; otherwise its launcher alone, without the op's dispatch and autograd host time."""
+    if torch.compiler.is_compiling() or (
+        torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad or weights.requires_grad)
+    ):
+        return product_key_experts_op(x, up, down, index, weights, act)[0]
+    return _experts_forward(x, up, down, index, weights, act)[0]

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .library import register_kernel_op
+
 MAX_CANDIDATES = 64
 """Largest `min(k, N)` the kernel serves; larger selections run the torch path."""
 
@@ -103,7 +105,7 @@ def _candidate(pairs_ptr, slots, value_ptr, index_ptr, num_keys, NUM_PAIRS: tl.c
 
 @triton.jit
 def _product_key_pairs_kernel(
-    log_probs_ptr, pairs_ptr, value_ptr, index_ptr, first_ptr, second_ptr, num_keys,
+    log_probs_ptr, pairs_ptr, value_ptr, index_ptr, expert_ptr, key_ptr, num_keys,
     TOP_K: tl.constexpr, CANDIDATES: tl.constexpr, NUM_PAIRS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -126,8 +128,10 @@ def _product_key_pairs_kernel(
             beaten_by += beats.to(tl.int32)
         rank = tl.sum(beaten_by, axis=1)
         keep = (slots < NUM_PAIRS) & (rank < TOP_K)
-        tl.store(first_ptr + row * TOP_K + rank, experts // num_keys, mask=keep)
-        tl.store(second_ptr + row * TOP_K + rank, experts % num_keys, mask=keep)
+        first = experts // num_keys
+        tl.store(expert_ptr + row * TOP_K + rank, experts, mask=keep)
+        tl.store(key_ptr + row * 2 * TOP_K + rank, first, mask=keep)
+        tl.store(key_ptr + (row * 2 + 1) * TOP_K + rank, experts - first * num_keys + num_keys, mask=keep)
 
 
 def serves(log_probs: torch.Tensor, k: int) -> bool:
@@ -135,15 +139,14 @@ def serves(log_probs: torch.Tensor, k: int) -> bool:
     return log_probs.dtype == torch.float32 and min(k, log_probs.shape[-1]) <= MAX_CANDIDATES
 
 
-@torch.library.custom_op("hf_moe::product_key_pairs", mutates_args=())
-def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`log_probs [..., 2, N]` float32 → `(i [..., k], j [..., k])` int64: the k best pairs (see
-    `hf_moe.moe.router.product_key.product_key_top_k`), best first. A custom op, so torch.compile traces it as one
-    node."""
+def _product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`log_probs [..., 2, N]` float32 → `(experts [..., k], keys [..., 2, k])` int64: the k best pairs (see
+    `hf_moe.moe.router.product_key.product_key_top_k`), best first, as experts `i·N + j` and as the positions of
+    their two keys in the flattened `[..., 2·N]` row (`i`, then `N + j`), which one gather reads."""
     num_keys = log_probs.shape[-1]
     rows = log_probs.contiguous().view(-1, 2, num_keys)
-    first = torch.empty(rows.shape[0], k, dtype=torch.int64, device=log_probs.device)
-    second = torch.empty_like(first)
+    experts = torch.empty(rows.shape[0], k, dtype=torch.int64, device=log_probs.device)
+    keys = torch.empty(rows.shape[0], 2, k, dtype=torch.int64, device=log_probs.device)
     candidates = min(k, num_keys)
     if rows.shape[0]:
         pairs = candidate_pairs(k, candidates, log_probs.device)
@@ -152,17 +155,20 @@ def product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
         indices = torch.empty(rows.shape[0], 2, candidates, dtype=torch.int32, device=log_probs.device)
         block_p = triton.next_power_of_2(num_pairs)
         _product_key_pairs_kernel[(rows.shape[0],)](
-            rows, pairs, values, indices, first, second, num_keys,
+            rows, pairs, values, indices, experts, keys, num_keys,
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
             BLOCK_K=max(2, triton.next_power_of_2(candidates)),
             BLOCK_N=max(2, min(MAX_CHUNK, triton.next_power_of_2(num_keys))),
             BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
         )
-    shape = (*log_probs.shape[:-2], k)
-    return first.view(shape), second.view(shape)
+    batch = log_probs.shape[:-2]
+    return experts.view(*batch, k), keys.view(*batch, 2, k)
 
 
-@product_key_pairs.register_fake
-def _(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    shape = (*log_probs.shape[:-2], k)
-    return (log_probs.new_empty(shape, dtype=torch.int64), log_probs.new_empty(shape, dtype=torch.int64))
+def _fake(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = log_probs.shape[:-2]
+    return (log_probs.new_empty((*batch, k), dtype=torch.int64), log_probs.new_empty((*batch, 2, k),
+                                                                                      dtype=torch.int64))
+
+
+product_key_pairs = register_kernel_op("product_key_pairs", _product_key_pairs, _fake)

@@ -34,21 +34,21 @@ from .topk import HfMoeRouter, top_k_lower_index_first
 def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`log_probs [..., 2, N]` (each half's log-probabilities) → `(index [..., k] int64, score [..., k])`: the k
     largest `log_probs[0, i] + log_probs[1, j]` over all N² pairs, as expert `i·N + j`, best first, ties to the lower
-    expert, ranked by exact (float64) sums (see the module docstring). Differentiable in `score` (a gather of the
-    inputs, in their dtype). On CUDA with Triton (float32, `min(k, N)` ≤ 64) the selection is one kernel
-    (`hf_moe.moe.kernels.product_key_top_k`) that ranks each half and about k·ln k candidate pairs; elsewhere torch
-    ops on `[..., k, k]`; both choose the same experts."""
-    num_keys = log_probs.shape[-1]
+    expert, ranked by exact (float64) sums (see the module docstring). Differentiable in `score` (one gather of the
+    two keys from the inputs and their sum, in the inputs' dtype). On CUDA with Triton (float32, `min(k, N)` ≤ 64)
+    the selection is one kernel (`hf_moe.moe.kernels.product_key_top_k`) that ranks each half and about k·ln k
+    candidate pairs; elsewhere torch ops on `[..., k, k]`; both choose the same experts."""
     if kernels.HAS_TRITON and log_probs.is_cuda and kernels.product_key_top_k.serves(log_probs, k):
-        first, second = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
+        index, keys = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
     else:
-        first, second = _pairs_torch(log_probs.detach(), k)
-    score = log_probs[..., 0, :].gather(-1, first) + log_probs[..., 1, :].gather(-1, second)
-    return first * num_keys + second, score
+        index, keys = _pairs_torch(log_probs.detach(), k)
+    score = log_probs.flatten(-2).gather(-1, keys.flatten(-2)).unflatten(-1, (2, k)).sum(dim=-2)
+    return index, score
 
 
 def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(i [..., k], j [..., k])` of the k best pairs (see [`product_key_top_k`]) with torch ops."""
+    """`(experts [..., k], keys [..., 2, k])` of the k best pairs (see [`product_key_top_k`]) with torch ops: the
+    experts `i·N + j` and their keys' positions `i`, `N + j` in the flattened `[..., 2·N]` row."""
     num_keys = log_probs.shape[-1]
     candidates = min(k, num_keys)
     values, index = top_k_lower_index_first(log_probs, candidates)  # [..., 2, c]
@@ -59,7 +59,8 @@ def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     by_expert = experts.argsort(dim=-1)  # the merge's ties go to the lower expert: rank candidates in expert order
     _, best = top_k_lower_index_first(sums.gather(-1, by_expert), k)
     chosen = experts.gather(-1, by_expert.gather(-1, best))
-    return torch.div(chosen, num_keys, rounding_mode="floor"), chosen % num_keys
+    first = torch.div(chosen, num_keys, rounding_mode="floor")
+    return chosen, torch.stack([first, chosen - first * num_keys + num_keys], dim=-2)
 
 
 class ProductKeyStatistics:
@@ -88,6 +89,13 @@ class ProductKeyStatistics:
         """The sum of the halves' entropies, averaged over heads."""
         return -(self.probs * self.log_probs).sum(dim=(-2, -1)).mean(dim=-1)
 
+    def z_loss(self, output: RouterOutput) -> torch.Tensor:
+        """The z-loss of each head's two halves, each half a softmax over its N logits."""
+        mask = output.token_mask
+        halves = 2 * self.router.num_heads
+        return router_z_loss(output.logits.view(-1, self.router.num_keys),
+                             None if mask is None else mask.repeat_interleave(halves))
+
 
 @register_router("product_key")
 class ProductKeyRouter(HfMoeRouter):
@@ -109,6 +117,8 @@ class ProductKeyRouter(HfMoeRouter):
         super().__init__(config, layer_idx)
         norm = config.product_key_query_norm
         self.norm = nn.BatchNorm1d(config.hidden_size, affine=False) if norm == "batch_norm" else None
+        self.layer_norm_query = norm == "layer_norm"
+        self.scaling = config.routed_scaling_factor  # read once: a config attribute costs µs of host time per read
 
     @property
     def num_logits(self) -> int:
@@ -123,7 +133,7 @@ class ProductKeyRouter(HfMoeRouter):
         """`W·norm(x)` in float32 (as [`HfMoeRouter.compute_logits`], after the query normalisation)."""
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        elif self.config.product_key_query_norm == "layer_norm":
+        elif self.layer_norm_query:
             hidden_states = F.layer_norm(hidden_states, hidden_states.shape[-1:])
         return super().compute_logits(hidden_states)
 
@@ -142,15 +152,13 @@ class ProductKeyRouter(HfMoeRouter):
         weights = score.exp()
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        if self.config.routed_scaling_factor != 1.0:
-            weights = weights * self.config.routed_scaling_factor
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         top_k_index, weights = top_k_index.flatten(1), weights.flatten(1)
         return RouterOutput(
             logits=logits,
             top_k_index=top_k_index,
             top_k_weights=weights.to(hidden_states.dtype),
-            z_loss=router_z_loss(logits.view(num_tokens * 2 * self.num_heads, self.num_keys),
-                                 None if token_mask is None else token_mask.repeat_interleave(2 * self.num_heads)),
             token_mask=token_mask,
             statistics=ProductKeyStatistics(self, log_probs),
         )
