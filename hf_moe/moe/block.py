@@ -101,6 +101,10 @@ class HfMoeSparseMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         if not self.router_reads_token_ids:
             input_ids = None
+        # The shared experts' GEMMs go first: the GPU runs them while the host issues the router's small kernels.
+        shared = None if self.shared_experts is None else self.shared_experts(x)
+        if shared is not None and self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
         routing = self.router(
             x,
             token_mask,
@@ -108,10 +112,7 @@ class HfMoeSparseMoeBlock(nn.Module):
             sequence_length=shape[1] if hidden_states.dim() == 3 else None,
         )
         out = self.dispatcher(x, routing, self.experts)
-        if self.shared_experts is not None:
-            shared = self.shared_experts(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        if shared is not None:
             out = out + shared
         return out.view(shape), routing
 
