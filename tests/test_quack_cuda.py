@@ -17,8 +17,8 @@ from hf_moe.moe.kernels import quack_gemm
 from hf_moe.parallel.weight_grad_queue import WeightGradQueue
 
 from .conftest import rel_err
-from .test_compile_cuda import cuda_block, forward_backward
 from .experts_cases import make_experts, make_routing, reference
+from .test_compile_cuda import cuda_block, forward_backward
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and quack_gemm.available()),
                                 reason="needs a Hopper (or newer) GPU and quack-kernels")
