@@ -31,6 +31,8 @@ def tiny_config(**overrides) -> HfMoeConfig:
     return HfMoeConfig(**kwargs)
 
 
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
 FLOAT64_TOL = 1e-10
 """Relative tolerance of a float64 multi-process run against one process: only the order of sums differs."""
 

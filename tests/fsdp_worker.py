@@ -30,7 +30,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
 from hf_moe import HfMoeForCausalLM, HfMoeRouter, moe_blocks  # noqa: E402
 from hf_moe.parallel import finish_gradients, fully_shard_moe, save_expert_parallel  # noqa: E402
-from tests.ep_worker import local_rows, skew_routing, to_cpu  # noqa: E402
+from tests.worker_cases import local_rows, skew_routing, to_cpu  # noqa: E402
 
 LR, MAX_NORM, STEPS = 1e-3, 0.5, 3
 ROUTER_FORWARD = HfMoeRouter.forward

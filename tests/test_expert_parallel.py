@@ -18,6 +18,7 @@ from hf_moe.parallel import init_expert_parallel
 
 from . import ep_worker
 from .conftest import FLOAT64_TOL, assert_rel_close, tiny_config
+from .worker_cases import skew_routing
 
 WORKER = os.path.join(os.path.dirname(__file__), "ep_worker.py")
 
@@ -56,7 +57,7 @@ def test_expert_parallel_training_equals_one_process(tmp_path, monkeypatch, worl
         from hf_moe import HfMoeRouter
 
         monkeypatch.setattr(HfMoeRouter, "forward", HfMoeRouter.forward)  # restored after the test
-        ep_worker.skew_routing()
+        skew_routing()
     ranks = [torch.load(tmp_path / f"train{r}.pt") for r in range(world)]
     for r, result in enumerate(ranks):  # the dispatcher alone, fp32, skewed routings, a rank without tokens
         for what, err in result["dispatcher_errors"].items():

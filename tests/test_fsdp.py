@@ -16,8 +16,9 @@ from peft import PeftModel
 
 from hf_moe import HfMoeForCausalLM, HfMoeRouter
 
-from . import ep_worker, fsdp_worker
+from . import fsdp_worker
 from .conftest import FLOAT64_TOL, assert_rel_close, rel_err, tiny_config
+from .worker_cases import skew_routing
 
 WORKER = os.path.join(os.path.dirname(__file__), "fsdp_worker.py")
 
@@ -138,7 +139,7 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
     assert_rel_close(bf16["logits"], ref["logits"][0][:2].float(), 3e-2, "bf16 compute vs float64 one process")
 
     monkeypatch.setattr(HfMoeRouter, "forward", HfMoeRouter.forward)  # restored after the test
-    ep_worker.skew_routing()
+    skew_routing()
     ref = reference_run(HfMoeForCausalLM.from_pretrained(tmp_path / "model"), batch, steps)
     check_steps([r[4] for r in train], ref, 0, "W=4 P=4 skewed, activation checkpointing")
     check_params(train[0][4]["full"], ref["params"][steps - 1], f"W=4 P=4 skewed after step {steps}")

@@ -17,7 +17,7 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from hf_moe import LIGER_AVAILABLE, HfMoeConfig, HfMoeForCausalLM, liger_fused_experts_forward
 
-from .test_experts_backends import NAMES, forward_and_grads, make_experts, reference, rel_err
+from .experts_cases import NAMES, forward_and_grads, make_experts, reference, rel_err
 
 requires_liger_cuda = pytest.mark.skipif(
     not (torch.cuda.is_available() and LIGER_AVAILABLE), reason="needs a CUDA device and liger-kernel"

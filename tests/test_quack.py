@@ -20,7 +20,7 @@ from hf_moe.moe.kernels import quack_gemm
 from hf_moe.parallel.weight_grad_queue import WeightGradQueue
 
 from .conftest import rel_err
-from .test_experts_backends import NAMES, forward_and_grads, make_experts, make_routing, reference
+from .experts_cases import NAMES, forward_and_grads, make_experts, make_routing, reference
 
 
 def _plan(experts, **changes):
@@ -127,7 +127,7 @@ sys.meta_path.insert(0, Block())
 import torch
 import hf_moe
 from hf_moe.moe.kernels import quack_gemm
-from tests.test_experts_backends import make_experts, make_routing
+from tests.experts_cases import make_experts, make_routing
 from hf_moe.moe.experts import grouped_experts_forward
 experts = make_experts()
 index, weights = make_routing(9, experts.num_experts, 2, "uniform")

@@ -17,8 +17,8 @@ from hf_moe.moe.kernels import quack_gemm
 from hf_moe.parallel.weight_grad_queue import WeightGradQueue
 
 from .conftest import rel_err
+from .experts_cases import make_experts, make_routing, reference
 from .test_compile_cuda import cuda_block, forward_backward
-from .test_experts_backends import make_experts, make_routing, reference
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and quack_gemm.available()),
                                 reason="needs a Hopper (or newer) GPU and quack-kernels")
@@ -38,7 +38,7 @@ def setup():
 
 def grads(experts, index, weights, x, weight_grads=None, fn=grouped_experts_forward):
     """Output and the gradients w.r.t. x, weights, gate_up_proj and down_proj of a fixed projection of the output
-    (the projection of `test_experts_backends.reference`, the float64 reference loop on the CPU)."""
+    (the projection of `experts_cases.reference`, the float64 reference loop on the CPU)."""
     experts.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_(True)
     weights = weights.detach().requires_grad_(True)
