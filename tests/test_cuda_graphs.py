@@ -17,9 +17,7 @@ from hf_moe import HfMoeForCausalLM, capture_moe_cuda_graphs, release_moe_cuda_g
 from hf_moe.integrations import lora_config
 from hf_moe.parallel import AllToAllDispatcher
 
-from .conftest import assert_rel_close, tiny_config
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from .conftest import assert_rel_close, requires_cuda, tiny_config
 
 
 def test_refuses_a_model_that_cannot_be_captured():

@@ -20,7 +20,7 @@ from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
 from hf_moe.mla import HfMoeMultiHeadLatentAttention
 from hf_moe.moe.block import HfMoeSparseMoeBlock
 
-from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, tiny_config
+from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, requires_cuda, tiny_config
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "mscale": 0.9,
         "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
@@ -316,9 +316,6 @@ def test_lora_on_an_imported_deepseek_v3_adapts_the_latent_projections_merges_an
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     with torch.no_grad():
         assert_rel_close(exported(ids).logits, want, 1e-5, "merged LoRA exported to deepseek_v3")
-
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @requires_cuda

@@ -117,7 +117,7 @@ def test_only_hf_moe_parallel_talks_to_the_network():
     assert offenders == []
 
 
-@pytest.mark.parametrize("package", PACKAGES)
+@pytest.mark.parametrize("package", [*PACKAGES, "tests", "examples"])
 def test_no_file_is_too_long_to_read(package):
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / package).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > MAX_LINES}
