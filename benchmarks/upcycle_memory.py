@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
     parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.hidden < 128 or args.hidden % 128:
+        parser.error(f"--hidden {args.hidden}: expected a multiple of 128 (the attention heads are 128 wide)")
     if args.child:
         mode, src, out = args.child
         child(mode, Path(src), Path(out), args)
