@@ -18,62 +18,10 @@ from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from .. import kernels
 from ..ops import gather_rows, gather_sum
 from .module import input_projection
+from .per_expert import per_expert_mm, per_expert_weight_grad
 from .plan import ExpertsPlan, Gemm, WeightGradGemm, WeightGrads, plan_experts
 
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-# The per-expert GEMMs read the offsets on the host, which is free on the CPU but a data-dependent value to
-# torch.compile; as custom ops they are one opaque node of known output shape, so the block compiles with no graph
-# break (torch's grouped GEMM cannot stand in: its compile-time shape function accepts bf16 only). Eager calls run
-# the function itself, as the Triton launchers do (`hf_moe.moe.kernels.library`): the dispatcher's host time would
-# be paid on every call.
-
-
-def _per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`a [S, K]` sorted by expert, `b [E, K, N]` → `[S, N]`: rows of expert e = `a_e @ b[e]`, rows past
-    `offsets[-1]` zero. One `mm` per expert."""
-    out = a.new_empty(a.shape[0], b.shape[-1])
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(a[start:end], b[expert], out=out[start:end])
-        start = end
-    if start < out.shape[0]:  # dropped rows
-        out[start:].zero_()
-    return out
-
-
-def _per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """`a [S, M]`, `b [S, N]` sorted by expert → `[E, M, N]`: `out[e] = a_eᵀ @ b_e`, zero for idle experts. One `mm`
-    per expert."""
-    out = a.new_empty(offsets.numel(), a.shape[1], b.shape[1])
-    start = 0
-    for expert, end in enumerate(offsets.tolist()):
-        if end > start:
-            torch.mm(a[start:end].t(), b[start:end], out=out[expert])
-        else:
-            out[expert].zero_()
-        start = end
-    return out
-
-
-_per_expert_mm_op = torch.library.custom_op("hf_moe::per_expert_mm", _per_expert_mm, mutates_args=())
-_per_expert_mm_op.register_fake(lambda a, b, offsets: a.new_empty(a.shape[0], b.shape[-1]))
-_per_expert_weight_grad_op = torch.library.custom_op("hf_moe::per_expert_weight_grad", _per_expert_weight_grad,
-                                                     mutates_args=())
-_per_expert_weight_grad_op.register_fake(lambda a, b, offsets: a.new_empty(offsets.shape[0], a.shape[1], b.shape[1]))
-
-
-def per_expert_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[`_per_expert_mm`]: the custom op `hf_moe::per_expert_mm` while torch.compile or torch.export trace."""
-    return (_per_expert_mm_op if torch.compiler.is_compiling() else _per_expert_mm)(a, b, offsets)
-
-
-def per_expert_weight_grad(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[`_per_expert_weight_grad`]: the custom op `hf_moe::per_expert_weight_grad` while torch.compile or
-    torch.export trace."""
-    return (_per_expert_weight_grad_op if torch.compiler.is_compiling() else _per_expert_weight_grad)(a, b, offsets)
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, gemm: Gemm) -> torch.Tensor:
@@ -377,8 +325,9 @@ def grouped_experts_forward(
     dtype = self.down_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     gate_up_proj, down_proj = input_projection(self)[0], self.down_proj
-    differentiable = torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate_up_proj, down_proj,
-                                                                                  top_k_weights))
+    differentiable = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_up_proj, down_proj, top_k_weights)
+    )
     if plan.decode:
         out = kernels.decode.decode_experts_forward(x, gate_up_proj, down_proj, top_k_weights, order, position, offsets)
     elif not differentiable:  # inference: the two nodes' forward steps without autograd's host cost
@@ -388,12 +337,14 @@ def grouped_experts_forward(
     else:
         weight = top_k_weights.detach().reshape(-1).index_select(0, order)
         by_token = position.view(x.shape[0], -1)
-        gate_up, act = _GateUpFunction.apply(x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan,
-                                             weight_grads)
+        gate_up, act = _GateUpFunction.apply(
+            x, gate_up_proj, weight, token, by_token, offsets, self.act_fn, plan, weight_grads
+        )
         out = _DownFunction.apply(
             gate_up, act, top_k_weights, down_proj, weight, token, by_token, offsets, self.act_fn,
             plan.gated and self.config.hidden_act in ("silu", "swish"), plan, weight_grads,
         )
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
 
 ALL_EXPERTS_FUNCTIONS.register("hf_moe_grouped", grouped_experts_forward)
