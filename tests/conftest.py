@@ -1,5 +1,6 @@
 """Shared helpers: tiny configs and a relative-error assertion. Tests never reach a hub."""
 
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +31,17 @@ def tiny_config(**overrides) -> HfMoeConfig:
     kwargs.update(overrides)
     return HfMoeConfig(**kwargs)
 
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") and not torch.cuda.is_available():
+    import triton.runtime.interpreter as _interpreter
+
+    _patch = _interpreter._patch_lang_tensor
+
+    def _patched(tensor, scope):  # numpy >= 2.3 refuses int() of a 1-element array, which the interpreter does
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    _interpreter._patch_lang_tensor = _patched
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -23,17 +23,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or no
 DEVICE = "cuda" if CUDA else "cpu"
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
-if INTERPRETED and not CUDA:
-    import triton.runtime.interpreter as _interpreter
-
-    _patch = _interpreter._patch_lang_tensor
-
-    def _patched(tensor, scope):  # numpy >= 2.3 refuses int() of a 1-element array, which the interpreter does
-        _patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    _interpreter._patch_lang_tensor = _patched
-
 ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 2}
 
 

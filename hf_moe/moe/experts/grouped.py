@@ -16,7 +16,7 @@ from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .. import kernels
-from ..ops import gather_rows, gather_sum
+from ..ops import gather_rows, gather_sum, triton_serves
 from .module import input_projection
 from .per_expert import per_expert_mm, per_expert_weight_grad
 from .plan import ExpertsPlan, Gemm, WeightGradGemm, WeightGrads, plan_experts
@@ -274,19 +274,40 @@ class _DownFunction(torch.autograd.Function):
         return grad_gate_up, None, grad_top_k_weights, grad_down_proj, None, None, None, None, None, None, None, None
 
 
+# The Triton sort (`hf_moe.moe.kernels.sort_by_expert`, one launch) replaces torch's sort with at most this many
+# (token, slot) pairs and experts: it compares every pair with every pair and expert, which at these sizes is one
+# wave of at most 8 programs, while torch's sort costs a dozen launches and its host ops at any size (decode is
+# host-bound). Rule: docs/decisions/decode-attention.md.
+TRITON_SORT_MAX_PAIRS = 1024
+TRITON_SORT_MAX_EXPERTS = 1024
+
+
 def sort_by_expert(
-    top_k_index: torch.Tensor, num_experts: int, num_slots: int | None = None, with_token: bool = True
+    top_k_index: torch.Tensor,
+    num_experts: int,
+    num_slots: int | None = None,
+    with_token: bool = True,
+    triton: bool | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T·k (token, slot) pairs by expert without a host sync.
 
     Returns `token [S]` (source token of each sorted row; None with `with_token=False`, for callers that read the
-    token from `order` themselves, as the decode kernels do), `order [S]` (flat slot index of each sorted row),
-    `position [T·k]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]` (int32 end row of
-    each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When the caller knows
-    the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong to other ranks),
-    only those rows and one dropped row are kept (S = num_slots + 1) and every dropped slot points at that row.
+    token from `order` themselves, as the decode kernels do), `order [S]` (flat slot index of each sorted row; ties
+    in flat index order), `position [T·k]` (sorted row of each flat slot: the inverse of `order`) and `offsets [E]`
+    (int32 end row of each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When
+    the caller knows the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong
+    to other ranks), only those rows and one dropped row are kept (S = num_slots + 1) and every dropped slot points
+    at that row. With few pairs and experts one Triton kernel computes all of it where Triton serves the tensors
+    (`triton=None`: decided from the device; the experts pass their plan's choice), torch ops elsewhere.
     """
     flat = top_k_index.reshape(-1)
+    if (
+        (triton_serves(flat) if triton is None else triton)
+        and flat.numel() <= TRITON_SORT_MAX_PAIRS
+        and num_experts <= TRITON_SORT_MAX_EXPERTS
+    ):
+        token, order, position, offsets = kernels.sort_by_expert.sort_by_expert(top_k_index, num_experts, num_slots)
+        return token if with_token else None, order, position, offsets
     # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
     key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
     sorted_expert, order = torch.sort(flat.to(key_dtype), stable=True)
@@ -321,7 +342,9 @@ def grouped_experts_forward(
         return torch.zeros_like(hidden_states)
     num_rows = top_k_index.numel() if num_slots is None else min(num_slots + 1, top_k_index.numel())
     plan = plan_experts(self, hidden_states, top_k_weights, num_rows, weight_grads)
-    token, order, position, offsets = sort_by_expert(top_k_index, self.num_experts, num_slots, not plan.decode)
+    token, order, position, offsets = sort_by_expert(
+        top_k_index, self.num_experts, num_slots, not plan.decode, plan.triton_rows
+    )
     dtype = self.down_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)
     gate_up_proj, down_proj = input_projection(self)[0], self.down_proj

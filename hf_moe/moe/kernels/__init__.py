@@ -4,6 +4,7 @@
 - `swiglu`: SwiGLU with the routing weight, forward and backward;
 - `grouped_gemm`: grouped GEMMs with TMA loads (Hopper or newer), the gate/up one with SwiGLU in its epilogue;
 - `decode`: weight-streaming kernels for few rows per expert at inference;
+- `sort_by_expert`: the (token, slot) pairs ordered by expert in one launch, for few pairs (decode);
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward;
 - `product_key_top_k`: product-key routing's exact selection (each half's top-k by ranks, then the pairs of ranks
   that can still be in the top k);
@@ -25,8 +26,8 @@ from types import ModuleType
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
 
-_KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "softmax_top_k", "product_key_top_k",
-                   "product_key_experts", "quack_gemm")
+_KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "sort_by_expert", "softmax_top_k",
+                   "product_key_top_k", "product_key_experts", "quack_gemm")
 
 PRODUCT_KEY_ACTIVATIONS = ("silu", "swish", "relu", "relu2")
 """The activations `product_key_experts` computes (others run the torch path)."""

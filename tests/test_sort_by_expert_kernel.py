@@ -1,0 +1,170 @@
+"""The Triton sort by expert (`hf_moe.moe.kernels.sort_by_expert`) against a plain-Python stable sort and counts:
+random ids, one expert for all, sentinel slots, `num_slots` truncation, one pair, the size limits; the torch path
+beyond them; opcheck, torch.compile and CUDA-graph capture.
+
+Runs on a CUDA device (`python -m pytest tests/test_sort_by_expert_kernel.py`); on the CPU only under Triton's
+interpreter (`TRITON_INTERPRET=1` with Triton installed), and skips otherwise (the CI suite has no Triton).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from hf_moe.moe.experts.grouped import TRITON_SORT_MAX_EXPERTS, TRITON_SORT_MAX_PAIRS, sort_by_expert
+
+CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)",
+)
+DEVICE = "cuda" if CUDA else "cpu"
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def _reference(ids: list[list[int]], num_experts: int, num_slots: int | None):
+    """`(token, order, position, offsets)` as Python lists: a stable sort of the flat pairs by expert id (ties in
+    flat index order), its inverse, counts of ids ≤ e, and the truncation to `num_slots + 1` rows."""
+    flat = [e for row in ids for e in row]
+    top_k = len(ids[0])
+    order = sorted(range(len(flat)), key=lambda i: (flat[i], i))
+    position = [0] * len(flat)
+    for row, i in enumerate(order):
+        position[i] = row
+    offsets = [sum(1 for e in flat if e <= expert) for expert in range(num_experts)]
+    if num_slots is not None and num_slots < len(flat):
+        order = order[: num_slots + 1]
+        position = [min(p, num_slots) for p in position]
+    return [i // top_k for i in order], order, position, offsets
+
+
+def _check(ids: torch.Tensor, num_experts: int, num_slots: int | None = None) -> None:
+    token, order, position, offsets = sort_by_expert(ids.to(DEVICE), num_experts, num_slots, triton=True)
+    want = _reference(ids.tolist(), num_experts, num_slots)
+    for name, got, expected, dtype in zip(("token", "order", "position", "offsets"), (token, order, position, offsets),
+                                          want, (torch.int64, torch.int64, torch.int64, torch.int32)):
+        assert got.dtype == dtype, f"{name}: dtype {got.dtype}, expected {dtype}"
+        assert got.cpu().tolist() == expected, name
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch) -> list[int]:
+    """Counts the calls of the kernel's entry point, so each test shows that the kernel (not torch) sorted."""
+    from hf_moe.moe.kernels import sort_by_expert as module
+
+    calls = []
+    original = module.sort_by_expert
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "sort_by_expert", counting)
+    return calls
+
+
+@pytest.mark.parametrize("num_experts", [8, 128, TRITON_SORT_MAX_EXPERTS])
+@pytest.mark.parametrize("tokens,top_k", [(1, 1), (1, 8), (3, 2), (16, 8), (TRITON_SORT_MAX_PAIRS // 8, 8)])
+def test_random_ids_equal_a_stable_python_sort(kernel_calls, num_experts, tokens, top_k):
+    gen = torch.Generator().manual_seed(tokens * 1000 + num_experts)
+    _check(torch.randint(0, num_experts, (tokens, top_k), generator=gen), num_experts)
+    assert kernel_calls
+
+
+@pytest.mark.parametrize("num_experts", [8, 128, TRITON_SORT_MAX_EXPERTS])
+def test_one_expert_for_all_pairs_keeps_the_flat_order(kernel_calls, num_experts):
+    for expert in (0, num_experts // 2, num_experts - 1):
+        _check(torch.full((37, 4), expert), num_experts)
+    _check(torch.full((TRITON_SORT_MAX_PAIRS // 2, 2), 3), num_experts)
+    assert kernel_calls
+
+
+@pytest.mark.parametrize("num_experts", [8, 128])
+def test_sentinel_slots_sort_last_past_the_last_offset(kernel_calls, num_experts):
+    gen = torch.Generator().manual_seed(num_experts)
+    ids = torch.randint(0, num_experts, (24, 4), generator=gen)
+    ids[torch.rand(24, 4, generator=gen) < 0.4] = num_experts
+    _check(ids, num_experts)
+    _check(torch.full((5, 2), num_experts), num_experts)  # every slot dropped
+    ids[0, 0] = num_experts + 3  # ids past the sentinel keep their value order
+    _check(ids, num_experts)
+    assert kernel_calls
+
+
+@pytest.mark.parametrize("num_experts", [8, 128, TRITON_SORT_MAX_EXPERTS])
+def test_num_slots_keeps_the_real_rows_and_one_dropped_row(kernel_calls, num_experts):
+    """As under expert parallelism: `num_slots` real slots, the rest sentinels; also a `num_slots` at and past the
+    number of pairs (nothing cut) and one below the real slots (the rule applied as it is)."""
+    gen = torch.Generator().manual_seed(num_experts)
+    ids = torch.full((64, 8), num_experts)
+    real = torch.rand(64, 8, generator=gen) < 0.2
+    ids[real] = torch.randint(0, num_experts, (int(real.sum()),), generator=gen)
+    num_real = int(real.sum())
+    for num_slots in (num_real, 0, num_real // 2, ids.numel() - 1, ids.numel(), ids.numel() + 5):
+        _check(ids, num_experts, num_slots)
+    _check(torch.tensor([[num_experts]]), num_experts, 0)
+    assert kernel_calls
+
+
+def test_int32_and_strided_ids(kernel_calls):
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 16, (8, 12), generator=gen)
+    _check(ids.to(torch.int32), 16)
+    _check(ids.t(), 16)  # not contiguous
+    assert kernel_calls
+
+
+def test_past_the_limits_torch_sorts(kernel_calls):
+    gen = torch.Generator().manual_seed(0)
+    _check(torch.randint(0, 8, (TRITON_SORT_MAX_PAIRS // 4 + 1, 4), generator=gen), 8)
+    _check(torch.randint(0, TRITON_SORT_MAX_EXPERTS + 1, (4, 2), generator=gen), TRITON_SORT_MAX_EXPERTS + 1)
+    assert not kernel_calls
+
+
+def test_without_token_returns_none():
+    token, order, _, _ = sort_by_expert(torch.tensor([[2, 0], [1, 2]], device=DEVICE), 4, with_token=False,
+                                        triton=True)
+    assert token is None and order.cpu().tolist() == [1, 2, 0, 3]
+
+
+def test_op_passes_opcheck():
+    from hf_moe.moe.kernels import sort_by_expert as module  # noqa: F401  (registers the op)
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (6, 4), generator=gen).to(DEVICE)  # 9: a sentinel of 8 experts
+    for num_slots in (None, ids.numel() - 1, (ids < 8).sum().item()):
+        torch.library.opcheck(torch.ops.hf_moe.sort_by_expert.default, (ids, 8, num_slots))
+
+
+def test_compiled_sort_is_the_op_and_equals_eager():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 9, (5, 2), generator=gen).to(DEVICE)
+
+    def sort(ids):
+        return sort_by_expert(ids, 8, 6, triton=True)
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(sort)(ids)
+    assert explanation.graph_break_count == 0
+    assert "hf_moe.sort_by_expert" in "\n".join(g.print_readable(print_output=False) for g in explanation.graphs)
+    for got, want in zip(torch.compile(sort, fullgraph=True)(ids), sort(ids)):
+        assert torch.equal(got, want)
+
+
+@requires_cuda
+def test_kernel_is_captured_in_a_cuda_graph_and_replays_new_ids():
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 128, (16, 8), generator=gen).cuda()
+    sort_by_expert(ids, 128)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = sort_by_expert(ids, 128)
+    for seed in range(3):
+        ids.copy_(torch.randint(0, 129, (16, 8), generator=torch.Generator().manual_seed(seed + 1)))
+        graph.replay()
+        want = _reference(ids.tolist(), 128, None)
+        assert [t.cpu().tolist() for t in outs] == list(want)
