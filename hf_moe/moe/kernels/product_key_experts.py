@@ -11,11 +11,11 @@ are read as float32, so the caller casts and masks nothing.
   `[T, k]` (float32) are kept for backward.
 - Backward, token-centric for the inputs (one program per token: `g·down[e]`, then the gradients of the routing
   weights and pre-activations and `grad_x = Σ grad_h · up[e]`; it also writes the sort keys), expert-centric for
-  the tables: the (token, slot) pairs are sorted by expert (stable, on the device), one program per sorted
-  position; the program at the first position of an expert's run finds the run's end, sums its pairs'
-  contributions in sorted order and writes the expert's two rows, the others exit on their first loads. Rows of
-  experts without tokens stay zero. No atomics: results are deterministic. No host sync anywhere, and no host op
-  between the two backward kernels but the sort.
+  the tables: the (token, slot) pairs are sorted by expert (stable, on the device); each program looks at a few
+  sorted positions in turn, and for each that starts an expert's run it finds the run's end, sums the run's
+  contributions in sorted order and writes the expert's two rows. Rows of experts without tokens stay zero. No
+  atomics: results are deterministic. No host sync anywhere, and no host op between the two backward kernels but
+  the sort.
 - In eager mode the launchers run without the custom ops' dispatch (an `autograd.Function` when gradients are
   needed); while torch.compile or torch.export trace, the custom ops with their registered autograd.
 """
@@ -27,6 +27,9 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
+# sorted positions per table-backward program: most positions start no run, and a program per position would be
+# mostly programs that exit at once; a few per program keep far more programs than the GPU holds at a time
+_POSITIONS_PER_PROGRAM = 8
 
 
 @triton.jit
@@ -128,37 +131,38 @@ def _input_backward_kernel(
 def _table_backward_kernel(
     x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr,
     num_pairs, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_SCAN: tl.constexpr,
+    POSITIONS: tl.constexpr, BLOCK_SCAN: tl.constexpr,
 ):
-    start = tl.program_id(0)
-    expert = tl.load(sorted_expert_ptr + start)
-    previous = tl.load(sorted_expert_ptr + start - 1, mask=start > 0, other=-1)
-    # the program at the first position of an expert's run owns the run; the others (and the sentinels') exit
-    if (expert < num_experts) & (expert != previous):
-        scan = tl.arange(0, BLOCK_SCAN)
-        end = start + 1
-        step = tl.full([], BLOCK_SCAN, tl.int32)
-        while step == BLOCK_SCAN:  # the run ends at the first position of another expert (or at num_pairs)
-            ahead = tl.load(sorted_expert_ptr + end + scan, mask=end + scan < num_pairs, other=num_experts)
-            step = tl.min(tl.where(ahead == expert, BLOCK_SCAN, scan))
-            end += step
-        row = expert.to(tl.int64) * hidden
-        cols = tl.arange(0, BLOCK_H)
-        for col in range(0, hidden, BLOCK_H):
-            col_ok = col + cols < hidden
-            grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
-            grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
-            for position in range(start, end):
-                pair = tl.load(order_ptr + position)
-                token = pair // TOP_K
-                grad_pre = tl.load(grad_pre_ptr + pair)
-                coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
-                x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
-                g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
-                grad_up += grad_pre * x
-                grad_down += coeff * g
-            tl.store(grad_up_ptr + row + col + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
-            tl.store(grad_down_ptr + row + col + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
+    first = tl.program_id(0) * POSITIONS
+    for start in range(first, tl.minimum(first + POSITIONS, num_pairs)):
+        expert = tl.load(sorted_expert_ptr + start)
+        previous = tl.load(sorted_expert_ptr + start - 1, mask=start > 0, other=-1)
+        # the first position of an expert's run owns the run; the others (and the sentinels' positions) do nothing
+        if (expert < num_experts) & (expert != previous):
+            scan = tl.arange(0, BLOCK_SCAN)
+            end = start + 1
+            step = tl.full([], BLOCK_SCAN, tl.int32)
+            while step == BLOCK_SCAN:  # the run ends at the first position of another expert (or at num_pairs)
+                ahead = tl.load(sorted_expert_ptr + end + scan, mask=end + scan < num_pairs, other=num_experts)
+                step = tl.min(tl.where(ahead == expert, BLOCK_SCAN, scan))
+                end += step
+            row = expert.to(tl.int64) * hidden
+            cols = tl.arange(0, BLOCK_H)
+            for col in range(0, hidden, BLOCK_H):
+                col_ok = col + cols < hidden
+                grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
+                grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
+                for position in range(start, end):
+                    pair = tl.load(order_ptr + position)
+                    token = pair // TOP_K
+                    grad_pre = tl.load(grad_pre_ptr + pair)
+                    coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
+                    x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
+                    g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
+                    grad_up += grad_pre * x
+                    grad_down += coeff * g
+                tl.store(grad_up_ptr + row + col + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
+                tl.store(grad_down_ptr + row + col + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _blocks(top_k: int, hidden: int) -> tuple[int, int]:
@@ -218,13 +222,14 @@ def _experts_backward(
         grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, keys, up.shape[0], hidden,
         TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h,
     )
-    # expert-centric table gradients: pairs sorted by expert (stable), one program per sorted position, of which the
-    # first of each expert's run sums the run's pairs in sorted order and writes the expert's two rows
+    # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
+    # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows
     num_pairs = num_tokens * top_k
     sorted_expert, order = torch.sort(keys.view(-1), stable=True)
-    _table_backward_kernel[(num_pairs,)](
+    _table_backward_kernel[(triton.cdiv(num_pairs, _POSITIONS_PER_PROGRAM),)](
         x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, num_pairs, up.shape[0], hidden,
-        TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024), BLOCK_SCAN=64,
+        TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024), POSITIONS=_POSITIONS_PER_PROGRAM,
+        BLOCK_SCAN=64,
     )
     return grad_x, grad_up, grad_down, grad_weights
 
