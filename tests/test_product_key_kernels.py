@@ -165,6 +165,55 @@ def test_experts_kernel_skips_sentinel_slots_and_reads_half_precision_weights():
         assert torch.equal(product_key_experts(x, up, down, index, weights, "silu"), out)
 
 
+@pytest.mark.parametrize("tokens,hidden,experts,top_k", [(100, 8, 2, 2), (3, 20, 500, 4), (4, 1100, 3, 2)])
+def test_experts_kernel_table_gradients_for_long_runs_singletons_and_wide_rows(tokens, hidden, experts, top_k):
+    """The table gradients against float64 where the expert-sorted runs are longer than the kernel's 64-position
+    scan for a run's end (T·k ≫ E), where nearly every run is one pair (E ≫ T·k), and where a row spans two
+    column tiles (H > 1024); sentinel slots (E and above) among them get nothing. The custom op (what
+    torch.compile traces) and the eager path give the same bits."""
+    from hf_moe.moe.kernels.product_key_experts import product_key_experts, product_key_experts_op
+
+    torch.manual_seed(0)
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    index = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
+    index[1, 0], index[2, top_k - 1] = experts, experts + 2
+    weights = torch.rand(tokens, top_k, device=DEVICE, requires_grad=True)
+    grad = torch.randn(tokens, hidden, device=DEVICE)
+    leaves = (x, up, down, weights)
+    got = torch.autograd.grad(product_key_experts(x, up, down, index, weights, "relu2"), leaves, grad)
+    via_op = torch.autograd.grad(product_key_experts_op(x, up, down, index, weights, "relu2")[0], leaves, grad)
+    real = (index < experts).cpu()
+    ref = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    i = index.cpu().clamp(max=experts - 1)
+    coeff = torch.relu(torch.einsum("tkh,th->tk", ref[1][i], ref[0])) ** 2 * ref[3] * real
+    want = torch.autograd.grad(torch.einsum("tk,tkh->th", coeff, ref[2][i]), ref, grad.double().cpu())
+    for name, g, w, h in zip(("x", "up", "down", "weights"), got, want, via_op):
+        err = ((g.double().cpu() - w).norm() / w.norm()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+        assert torch.equal(g, h), f"{name}: the op and the eager path differ"
+
+
+@requires_cuda
+def test_cuda_bf16_weight_gradients_are_the_float32_ones_rounded():
+    """The weights' gradient does not depend on their values: with bf16 weights it is, bit for bit, the float32
+    gradient (the same weights as float32) rounded to nearest even, as `Tensor.to` rounds."""
+    from hf_moe.moe.kernels.product_key_experts import product_key_experts
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    up, down = (torch.randn(512, 256, device="cuda", dtype=torch.bfloat16) / 16 for _ in range(2))
+    index = torch.randint(0, 513, (64, 16), device="cuda")
+    weights = torch.rand(64, 16, device="cuda").bfloat16()
+    grad = torch.randn_like(x)
+    grads = []
+    for w in (weights, weights.float()):
+        w = w.requires_grad_()
+        grads.append(torch.autograd.grad(product_key_experts(x, up, down, index, w, "silu"), w, grad)[0])
+    assert grads[0].dtype == torch.bfloat16 and torch.equal(grads[0], grads[1].bfloat16())
+
+
 @requires_cuda
 def test_cuda_block_equals_float64_loop_with_no_host_sync():
     from hf_moe import HfMoeSparseMoeBlock

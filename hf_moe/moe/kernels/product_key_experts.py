@@ -10,11 +10,14 @@ are read as float32, so the caller casts and masks nothing.
   summed into the output tile by tile. The gathered rows are never written to memory; the pre-activations
   `[T, k]` (float32) are kept for backward.
 - Backward, token-centric for the inputs (one program per token: `g·down[e]`, then the gradients of the routing
-  weights and pre-activations and `grad_x = Σ grad_h · up[e]`), expert-centric for the tables: the (token, slot)
-  pairs are sorted by expert (stable, on the device), one program per distinct expert (at most `min(E, T·k)`
-  programs, each with work: idle programs exit on their first load) sums its pairs' contributions in sorted order
-  and writes its two rows; rows of experts without tokens stay zero. No atomics: results are deterministic. No host
-  sync anywhere.
+  weights and pre-activations and `grad_x = Σ grad_h · up[e]`; it also writes the sort keys), expert-centric for
+  the tables: the (token, slot) pairs are sorted by expert (stable, on the device); each program looks at a few
+  sorted positions in turn, and for each that starts an expert's run it finds the run's end, sums the run's
+  contributions in sorted order and writes the expert's two rows. Rows of experts without tokens stay zero. No
+  atomics: results are deterministic. No host sync anywhere, and no host op between the two backward kernels but
+  the sort.
+- In eager mode the launchers run without the custom ops' dispatch (an `autograd.Function` when gradients are
+  needed); while torch.compile or torch.export trace, the custom ops with their registered autograd.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import triton
 import triton.language as tl
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
+# sorted positions per table-backward program: most positions start no run, and a program per position would be
+# mostly programs that exit at once; a few per program keep far more programs than the GPU holds at a time
+_POSITIONS_PER_PROGRAM = 8
 
 
 @triton.jit
@@ -103,15 +109,19 @@ def _forward_kernel(
 @triton.jit
 def _input_backward_kernel(
     grad_out_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_x_ptr, grad_weight_ptr, grad_pre_ptr,
-    num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+    key_ptr, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     slots, slot_ok, experts, live, weights = _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K, BLOCK_K)
+    # the table backward's sort keys: the experts, every sentinel as num_experts (fits the key dtype)
+    tl.store(key_ptr + token * TOP_K + slots, tl.minimum(experts, num_experts).to(key_ptr.dtype.element_ty),
+             mask=slot_ok)
     pre = tl.load(pre_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     grad_act = _rows_dot(down_ptr, experts, live, grad_out_ptr + token * hidden, hidden, BLOCK_K,
                          BLOCK_H)  # g · down[e]
-    tl.store(grad_weight_ptr + token * TOP_K + slots, tl.where(live, grad_act * _act(pre, ACT), 0.0), mask=slot_ok)
+    grad_weight = tl.where(live, grad_act * _act(pre, ACT), 0.0)
+    tl.store(grad_weight_ptr + token * TOP_K + slots, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=slot_ok)
     grad_pre = tl.where(live, grad_act * weights * _act_grad(pre, ACT), 0.0)
     tl.store(grad_pre_ptr + token * TOP_K + slots, grad_pre, mask=slot_ok)
     _store_rows_combined(up_ptr, experts, live, grad_pre, grad_x_ptr + token * hidden, hidden, BLOCK_H)
@@ -119,32 +129,40 @@ def _input_backward_kernel(
 
 @triton.jit
 def _table_backward_kernel(
-    x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, run_start_ptr, pre_ptr, weight_ptr, grad_pre_ptr,
-    grad_up_ptr, grad_down_ptr, num_pairs, num_experts, hidden: tl.constexpr,
-    TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
+    x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr,
+    num_pairs, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
+    POSITIONS: tl.constexpr, BLOCK_SCAN: tl.constexpr,
 ):
-    run = tl.program_id(0)
-    start = tl.load(run_start_ptr + run)
-    expert = tl.load(sorted_expert_ptr + start, mask=start < num_pairs, other=num_experts).to(tl.int64)
-    live = expert < num_experts  # runs past the distinct experts, and the sentinel slots' run, have no work
-    end = tl.where(live, tl.load(run_start_ptr + run + 1), start)
-    cols = tl.arange(0, BLOCK_H)
-    for col in range(0, hidden, BLOCK_H):
-        col_ok = col + cols < hidden
-        grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
-        grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for position in range(start, end):
-            pair = tl.load(order_ptr + position)
-            token = pair // TOP_K
-            grad_pre = tl.load(grad_pre_ptr + pair)
-            coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
-            x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
-            g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
-            grad_up += grad_pre * x
-            grad_down += coeff * g
-        offs = expert * hidden + col + cols
-        tl.store(grad_up_ptr + offs, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok & live)
-        tl.store(grad_down_ptr + offs, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok & live)
+    first = tl.program_id(0) * POSITIONS
+    for start in range(first, tl.minimum(first + POSITIONS, num_pairs)):
+        expert = tl.load(sorted_expert_ptr + start)
+        previous = tl.load(sorted_expert_ptr + start - 1, mask=start > 0, other=-1)
+        # the first position of an expert's run owns the run; the others (and the sentinels' positions) do nothing
+        if (expert < num_experts) & (expert != previous):
+            scan = tl.arange(0, BLOCK_SCAN)
+            end = start + 1
+            step = tl.full([], BLOCK_SCAN, tl.int32)
+            while step == BLOCK_SCAN:  # the run ends at the first position of another expert (or at num_pairs)
+                ahead = tl.load(sorted_expert_ptr + end + scan, mask=end + scan < num_pairs, other=num_experts)
+                step = tl.min(tl.where(ahead == expert, BLOCK_SCAN, scan))
+                end += step
+            row = expert.to(tl.int64) * hidden
+            cols = tl.arange(0, BLOCK_H)
+            for col in range(0, hidden, BLOCK_H):
+                col_ok = col + cols < hidden
+                grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
+                grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
+                for position in range(start, end):
+                    pair = tl.load(order_ptr + position)
+                    token = pair // TOP_K
+                    grad_pre = tl.load(grad_pre_ptr + pair)
+                    coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
+                    x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
+                    g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
+                    grad_up += grad_pre * x
+                    grad_down += coeff * g
+                tl.store(grad_up_ptr + row + col + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
+                tl.store(grad_down_ptr + row + col + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _blocks(top_k: int, hidden: int) -> tuple[int, int]:
@@ -180,48 +198,45 @@ def _(x, up, down, index, weights, act):
     return x.new_empty(x.shape), x.new_empty(index.shape, dtype=torch.float32)
 
 
-@torch.library.custom_op("hf_moe::product_key_experts_backward", mutates_args=())
-def product_key_experts_backward(
+def _experts_backward(
     grad_out: torch.Tensor, x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor,
     weights: torch.Tensor, pre: torch.Tensor, act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients `(x, up, down, weights)` of [`product_key_experts_op`]'s output (the weights' in their dtype);
-    the tables' gradients are dense `[E, H]` with the untouched rows zero."""
+    """Gradients `(x, up, down, weights)` of [`_experts_forward`]'s output (the weights' in their dtype); the
+    tables' gradients are dense `[E, H]` with the untouched rows zero."""
     num_tokens, hidden = x.shape
     top_k = index.shape[1]
     grad_out, x, up, down = grad_out.contiguous(), x.contiguous(), up.contiguous(), down.contiguous()
     index, weights = index.contiguous(), weights.contiguous()
     grad_x = torch.empty_like(x)
-    grad_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
-    grad_pre = torch.empty_like(grad_weights)
+    grad_weights = torch.empty_like(weights)
     grad_up, grad_down = torch.zeros_like(up), torch.zeros_like(down)
     if not num_tokens:
-        return grad_x, grad_up, grad_down, grad_weights.to(weights.dtype)
+        return grad_x, grad_up, grad_down, grad_weights
+    grad_pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+    # the sort keys (written by the input kernel): every sentinel as E, so all of them sort last
+    keys = torch.empty(num_tokens, top_k, dtype=torch.int32 if up.shape[0] < 2**31 else torch.int64, device=x.device)
     block_k, block_h = _blocks(top_k, hidden)
     code = ACTIVATIONS[act]
     _input_backward_kernel[(num_tokens,)](
-        grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, up.shape[0], hidden,
+        grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, keys, up.shape[0], hidden,
         TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h,
     )
-    # expert-centric table gradients: pairs sorted by expert, one program per distinct expert (run); sentinel slots,
-    # all read as index E, sort last and their one run writes nothing
+    # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
+    # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows
     num_pairs = num_tokens * top_k
-    key_dtype = torch.int32 if up.shape[0] < 2**31 else torch.int64
-    sorted_expert, order = torch.sort(index.reshape(-1).clamp(max=up.shape[0]).to(key_dtype), stable=True)
-    new_run = torch.ones_like(sorted_expert, dtype=torch.bool)
-    new_run[1:] = sorted_expert[1:] != sorted_expert[:-1]
-    run_id = torch.cumsum(new_run, 0) - 1
-    num_runs = min(up.shape[0], num_pairs)
-    # run_start[r]: first sorted position of run r; entries past the last run keep num_pairs (the end); pairs that
-    # start no run write the spare last slot, which the kernel never reads
-    run_start = torch.full((num_runs + 2,), num_pairs, dtype=torch.int64, device=x.device)
-    positions = torch.arange(num_pairs, device=x.device)
-    run_start.scatter_(0, torch.where(new_run, run_id, num_runs + 1), positions)
-    _table_backward_kernel[(num_runs,)](
-        x, grad_out, order, sorted_expert, run_start, pre, weights, grad_pre, grad_up, grad_down, num_pairs,
-        up.shape[0], hidden, TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
+    sorted_expert, order = torch.sort(keys.view(-1), stable=True)
+    _table_backward_kernel[(triton.cdiv(num_pairs, _POSITIONS_PER_PROGRAM),)](
+        x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, num_pairs, up.shape[0], hidden,
+        TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024), POSITIONS=_POSITIONS_PER_PROGRAM,
+        BLOCK_SCAN=64,
     )
-    return grad_x, grad_up, grad_down, grad_weights.to(weights.dtype)
+    return grad_x, grad_up, grad_down, grad_weights
+
+
+product_key_experts_backward = torch.library.custom_op(
+    "hf_moe::product_key_experts_backward", _experts_backward, mutates_args=()
+)
 
 
 @product_key_experts_backward.register_fake
@@ -239,23 +254,38 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_out: torch.Tensor | None, _grad_pre: torch.Tensor | None):
     if grad_out is None:
         return None, None, None, None, None, None
-    x, up, down, index, weights, pre = ctx.saved_tensors
-    grad_x, grad_up, grad_down, grad_weights = product_key_experts_backward(
-        grad_out, x, up, down, index, weights, pre, ctx.act)
+    grad_x, grad_up, grad_down, grad_weights = product_key_experts_backward(grad_out, *ctx.saved_tensors, ctx.act)
     return grad_x, grad_up, grad_down, None, grad_weights, None
 
 
 product_key_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _ProductKeyExperts(torch.autograd.Function):
+    """The op's forward and backward launchers as one autograd node, for eager training: the same kernels as the op
+    (bit-identical results) without the custom ops' dispatch and their autograd wrapper's host time."""
+
+    @staticmethod
+    def forward(ctx, x, up, down, index, weights, act: str) -> torch.Tensor:
+        out, pre = _experts_forward(x, up, down, index, weights, act)
+        ctx.save_for_backward(x, up, down, index, weights, pre)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_x, grad_up, grad_down, grad_weights = _experts_backward(grad_out, *ctx.saved_tensors, ctx.act)
+        return grad_x, grad_up, grad_down, None, grad_weights, None
+
+
 def product_key_experts(
     x: torch.Tensor, up: torch.Tensor, down: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, act: str
 ) -> torch.Tensor:
     """`Σⱼ weights[t, j] · act(up[e]·x[t]) · down[e]` (`e = index[t, j]`; entries ≥ E are sentinel slots, which
-    contribute nothing) on CUDA. The custom op (with its autograd) while torch.compile traces or gradients are
-    needed; otherwise its launcher alone, without the op's dispatch and autograd host time."""
-    if torch.compiler.is_compiling() or (
-        torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad or weights.requires_grad)
-    ):
+    contribute nothing) on CUDA. The custom op (with its autograd) while torch.compile or torch.export trace; in
+    eager mode the launchers alone, as an autograd node when gradients are needed, without the op's dispatch."""
+    if torch.compiler.is_compiling():
         return product_key_experts_op(x, up, down, index, weights, act)[0]
+    if torch.is_grad_enabled() and (x.requires_grad or up.requires_grad or down.requires_grad or weights.requires_grad):
+        return _ProductKeyExperts.apply(x, up, down, index, weights, act)
     return _experts_forward(x, up, down, index, weights, act)[0]
