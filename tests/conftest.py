@@ -45,6 +45,19 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Wraps `module.name` so that each call appends to the returned list (which path ran, not what it computed)."""
+    calls: list[int] = []
+    original = getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    return calls
+
 FLOAT64_TOL = 1e-10
 """Relative tolerance of a float64 multi-process run against one process: only the order of sums differs."""
 

@@ -12,7 +12,7 @@ import torch
 from hf_moe import HfMoeForCausalLM
 from hf_moe.moe.experts import grouped_experts_forward
 
-from .conftest import requires_cuda
+from .conftest import count_calls, requires_cuda
 from .experts_cases import make_experts, make_routing, mostly_elsewhere, reference, rel_err
 
 
@@ -20,15 +20,7 @@ def _decode_calls(monkeypatch) -> list[int]:
     """Counts calls of the decode kernels' entry point."""
     from hf_moe.moe.kernels import decode
 
-    calls = []
-    original = decode.decode_experts_forward
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(decode, "decode_experts_forward", counting)
-    return calls
+    return count_calls(monkeypatch, decode, "decode_experts_forward")
 
 
 def _grouped_path(experts, x, index, weights, **kwargs):

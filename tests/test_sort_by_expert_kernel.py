@@ -16,13 +16,14 @@ import torch
 
 from hf_moe.moe.experts.grouped import TRITON_SORT_MAX_EXPERTS, TRITON_SORT_MAX_PAIRS, sort_by_expert
 
+from .conftest import count_calls, requires_cuda
+
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or not (CUDA or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)",
 )
 DEVICE = "cuda" if CUDA else "cpu"
-requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 
 
 def _reference(ids: list[list[int]], num_experts: int, num_slots: int | None):
@@ -55,15 +56,7 @@ def kernel_calls(monkeypatch) -> list[int]:
     """Counts the calls of the kernel's entry point, so each test shows that the kernel (not torch) sorted."""
     from hf_moe.moe.kernels import sort_by_expert as module
 
-    calls = []
-    original = module.sort_by_expert
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, "sort_by_expert", counting)
-    return calls
+    return count_calls(monkeypatch, module, "sort_by_expert")
 
 
 @pytest.mark.parametrize("num_experts", [8, 128, TRITON_SORT_MAX_EXPERTS])
