@@ -251,31 +251,35 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # `pre` gets no gradient: no zeros for it
 
 
-def _backward(ctx, grad_out: torch.Tensor | None, _grad_pre: torch.Tensor | None):
+def _input_grads(ctx, grad_out: torch.Tensor | None, backward) -> tuple:
+    """The node's gradients for `(x, up, down, index, weights, act)` from a backward (op or launcher)."""
     if grad_out is None:
         return None, None, None, None, None, None
-    grad_x, grad_up, grad_down, grad_weights = product_key_experts_backward(grad_out, *ctx.saved_tensors, ctx.act)
+    grad_x, grad_up, grad_down, grad_weights = backward(grad_out, *ctx.saved_tensors, ctx.act)
     return grad_x, grad_up, grad_down, None, grad_weights, None
+
+
+def _backward(ctx, grad_out: torch.Tensor | None, _grad_pre: torch.Tensor | None):
+    return _input_grads(ctx, grad_out, product_key_experts_backward)
 
 
 product_key_experts_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _ProductKeyExperts(torch.autograd.Function):
-    """The op's forward and backward launchers as one autograd node, for eager training: the same kernels as the op
-    (bit-identical results) without the custom ops' dispatch and their autograd wrapper's host time."""
+    """The op's forward and backward launchers as one autograd node, for eager training: the same kernels, saved
+    tensors and gradients as the op (bit-identical results) without the custom ops' dispatch and their autograd
+    wrapper's host time."""
 
     @staticmethod
     def forward(ctx, x, up, down, index, weights, act: str) -> torch.Tensor:
-        out, pre = _experts_forward(x, up, down, index, weights, act)
-        ctx.save_for_backward(x, up, down, index, weights, pre)
-        ctx.act = act
-        return out
+        output = _experts_forward(x, up, down, index, weights, act)
+        _setup_context(ctx, (x, up, down, index, weights, act), output)
+        return output[0]
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        grad_x, grad_up, grad_down, grad_weights = _experts_backward(grad_out, *ctx.saved_tensors, ctx.act)
-        return grad_x, grad_up, grad_down, None, grad_weights, None
+    def backward(ctx, grad_out: torch.Tensor | None):
+        return _input_grads(ctx, grad_out, _experts_backward)
 
 
 def product_key_experts(
