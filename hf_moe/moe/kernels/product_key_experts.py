@@ -5,17 +5,17 @@
 Sentinel slots (`e ≥ E`) contribute nothing and get zero gradients; the routing weights come in any float dtype and
 are read as float32, so the caller casts and masks nothing.
 
-- Forward, one program per token: the token's k rows of `up` are dotted with x in `[k, BLOCK_H]` tiles (k rows in
-  flight at once), the activation and routing weight are applied to the k scalars, and the k rows of `down` are
-  summed into the output tile by tile. The gathered rows are never written to memory; the pre-activations
-  `[T, k]` (float32) are kept for backward.
-- Backward, token-centric for the inputs (one program per token: `g·down[e]`, then the gradients of the routing
-  weights and pre-activations and `grad_x = Σ grad_h · up[e]`; it also writes the sort keys), expert-centric for
+- Forward, token-centric in two passes (one program per token each): the token's k rows of `up` are dotted with x
+  in `[k, BLOCK_H]` tiles (k rows in flight at once), giving the pre-activations `[T, k]` (float32, kept for
+  backward) and the coefficients `w · act(pre)`; then the k rows of `down` are summed into the output with those
+  coefficients, tile by tile. The gathered rows are never written to memory. Two passes rather than one so that
+  each reads one table: the rows a pass touches then stay in L2 for the other tokens that read them.
+- Backward, token-centric for the inputs in the same two passes (`g·down[e]` gives the gradients of the routing
+  weights and pre-activations and writes the sort keys; then `grad_x = Σ grad_pre · up[e]`), expert-centric for
   the tables: the (token, slot) pairs are sorted by expert (stable, on the device); each program looks at a few
   sorted positions in turn, and for each that starts an expert's run it finds the run's end, sums the run's
   contributions in sorted order and writes the expert's two rows. Rows of experts without tokens stay zero. No
-  atomics: results are deterministic. No host sync anywhere, and no host op between the two backward kernels but
-  the sort.
+  atomics: results are deterministic. No host sync anywhere; the sort is the only host op between the kernels.
 - In eager mode the launchers run without the custom ops' dispatch (an `autograd.Function` when gradients are
   needed); while torch.compile or torch.export trace, the custom ops with their registered autograd.
 """
@@ -30,6 +30,9 @@ ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
 # sorted positions per table-backward program: most positions start no run, and a program per position would be
 # mostly programs that exit at once; a few per program keep far more programs than the GPU holds at a time
 _POSITIONS_PER_PROGRAM = 8
+# warps of the token-centric programs: their [k, BLOCK_H] tiles of gathered rows are memory-bound, and 2 warps keep
+# more programs (more rows in flight) per SM than 4 (docs/decisions/product-key-kernels.md)
+_TOKEN_WARPS = 2
 
 
 @triton.jit
@@ -82,36 +85,57 @@ def _store_rows_combined(table_ptr, experts, slot_ok, coeff, out_ptr, hidden: tl
 
 
 @triton.jit
-def _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A token's slots: `(slots, slot_ok, experts int64, live, weights float32)`; `live` excludes sentinel slots
-    (index ≥ num_experts), whose weight reads as 0 and whose rows are never read."""
+def _token_experts(index_ptr, token, num_experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A token's slots: `(slots, slot_ok, experts int64, live)`; `live` excludes sentinel slots (index ≥
+    num_experts), whose rows are never read."""
     slots = tl.arange(0, BLOCK_K)
     slot_ok = slots < TOP_K
     experts = tl.load(index_ptr + token * TOP_K + slots, mask=slot_ok, other=0).to(tl.int64)
-    live = slot_ok & (experts < num_experts)
+    return slots, slot_ok, experts, slot_ok & (experts < num_experts)
+
+
+@triton.jit
+def _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[`_token_experts`] and the slots' routing weights as float32 (0 on sentinel slots)."""
+    slots, slot_ok, experts, live = _token_experts(index_ptr, token, num_experts, TOP_K, BLOCK_K)
     weights = tl.load(weight_ptr + token * TOP_K + slots, mask=live, other=0.0).to(tl.float32)
     return slots, slot_ok, experts, live, weights
 
 
 @triton.jit
-def _forward_kernel(
-    x_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, out_ptr, pre_ptr, num_experts,
+def _pre_activation_kernel(
+    x_ptr, up_ptr, index_ptr, weight_ptr, pre_ptr, coeff_ptr, num_experts,
     hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """Forward, pass 1: each slot's pre-activation `up[e]·x[t]` and its coefficient `w · act(pre)` (0 on sentinel
+    slots)."""
     token = tl.program_id(0).to(tl.int64)
     slots, slot_ok, experts, live, weights = _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K, BLOCK_K)
     pre = _rows_dot(up_ptr, experts, live, x_ptr + token * hidden, hidden, BLOCK_K, BLOCK_H)
     tl.store(pre_ptr + token * TOP_K + slots, pre, mask=slot_ok)
-    coeff = tl.where(live, _act(pre, ACT) * weights, 0.0)
-    _store_rows_combined(down_ptr, experts, live, coeff, out_ptr + token * hidden, hidden, BLOCK_H)
+    tl.store(coeff_ptr + token * TOP_K + slots, tl.where(live, _act(pre, ACT) * weights, 0.0), mask=slot_ok)
+
+
+@triton.jit
+def _combine_kernel(
+    table_ptr, index_ptr, coeff_ptr, out_ptr, num_experts,
+    hidden: tl.constexpr, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Pass 2 (forward: `down` and the coefficients; input backward: `up` and the pre-activations' gradients):
+    `out[t] = Σ_slots coeff · table[e]`, sentinel slots skipped."""
+    token = tl.program_id(0).to(tl.int64)
+    slots, _, experts, live = _token_experts(index_ptr, token, num_experts, TOP_K, BLOCK_K)
+    coeff = tl.load(coeff_ptr + token * TOP_K + slots, mask=live, other=0.0)
+    _store_rows_combined(table_ptr, experts, live, coeff, out_ptr + token * hidden, hidden, BLOCK_H)
 
 
 @triton.jit
 def _input_backward_kernel(
-    grad_out_ptr, up_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_x_ptr, grad_weight_ptr, grad_pre_ptr,
-    key_ptr, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    grad_out_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_weight_ptr, grad_pre_ptr, key_ptr, num_experts,
+    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
+    """Input backward, pass 1: the gradients of the routing weights and pre-activations from `g · down[e]`, and the
+    table backward's sort keys."""
     token = tl.program_id(0).to(tl.int64)
     slots, slot_ok, experts, live, weights = _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K, BLOCK_K)
     # the table backward's sort keys: the experts, every sentinel as num_experts (fits the key dtype)
@@ -124,7 +148,6 @@ def _input_backward_kernel(
     tl.store(grad_weight_ptr + token * TOP_K + slots, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=slot_ok)
     grad_pre = tl.where(live, grad_act * weights * _act_grad(pre, ACT), 0.0)
     tl.store(grad_pre_ptr + token * TOP_K + slots, grad_pre, mask=slot_ok)
-    _store_rows_combined(up_ptr, experts, live, grad_pre, grad_x_ptr + token * hidden, hidden, BLOCK_H)
 
 
 @triton.jit
@@ -183,9 +206,15 @@ def _experts_forward(
     pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     if num_tokens:
         block_k, block_h = _blocks(top_k, hidden)
-        _forward_kernel[(num_tokens,)](
-            x, up.contiguous(), down.contiguous(), index.contiguous(), weights.contiguous(), out, pre, up.shape[0],
-            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h,
+        index = index.contiguous()
+        coeff = torch.empty_like(pre)
+        _pre_activation_kernel[(num_tokens,)](
+            x, up.contiguous(), index, weights.contiguous(), pre, coeff, up.shape[0],
+            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_TOKEN_WARPS,
+        )
+        _combine_kernel[(num_tokens,)](
+            down.contiguous(), index, coeff, out, up.shape[0], hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
+            num_warps=_TOKEN_WARPS,
         )
     return out, pre
 
@@ -219,8 +248,12 @@ def _experts_backward(
     block_k, block_h = _blocks(top_k, hidden)
     code = ACTIVATIONS[act]
     _input_backward_kernel[(num_tokens,)](
-        grad_out, up, down, index, weights, pre, grad_x, grad_weights, grad_pre, keys, up.shape[0], hidden,
-        TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h,
+        grad_out, down, index, weights, pre, grad_weights, grad_pre, keys, up.shape[0], hidden,
+        TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_TOKEN_WARPS,
+    )
+    _combine_kernel[(num_tokens,)](
+        up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
+        num_warps=_TOKEN_WARPS,
     )
     # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
     # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows

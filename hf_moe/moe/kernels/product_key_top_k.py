@@ -34,6 +34,11 @@ MAX_CANDIDATES = 64
 MAX_CHUNK = 512
 """Keys of a half held at once by the halves' top-k; longer halves are merged chunk by chunk."""
 
+# Candidates ranked per tile side in the merge. A row's work is small and bound by latency (the scratch round trip,
+# the barrier), so one warp per row keeps the most rows in flight; at one warp 32 × 32 tiles fit its registers
+# (docs/decisions/product-key-kernels.md).
+_BLOCK_PAIRS = 32
+
 _PAIRS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
@@ -159,7 +164,7 @@ def _product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, t
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
             BLOCK_K=max(2, triton.next_power_of_2(candidates)),
             BLOCK_N=max(2, min(MAX_CHUNK, triton.next_power_of_2(num_keys))),
-            BLOCK_P=max(2, min(64, block_p)), BLOCK_Q=max(2, min(32, block_p)), num_warps=4,
+            BLOCK_P=max(2, min(_BLOCK_PAIRS, block_p)), BLOCK_Q=max(2, min(_BLOCK_PAIRS, block_p)), num_warps=1,
         )
     batch = log_probs.shape[:-2]
     return experts.view(*batch, k), keys.view(*batch, 2, k)
