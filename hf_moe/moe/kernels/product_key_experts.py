@@ -30,9 +30,10 @@ ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
 # sorted positions per table-backward program: most positions start no run, and a program per position would be
 # mostly programs that exit at once; a few per program keep far more programs than the GPU holds at a time
 _POSITIONS_PER_PROGRAM = 8
-# warps of the token-centric programs: their [k, BLOCK_H] tiles of gathered rows are memory-bound, and 2 warps keep
-# more programs (more rows in flight) per SM than 4 (docs/decisions/product-key-kernels.md)
-_TOKEN_WARPS = 2
+# warps of the token-centric programs: their [k, BLOCK_H] tiles of gathered rows are memory-bound, and fewer warps
+# keep more programs (more rows in flight) per SM; measured best: 2 in forward, 1 in the input backward, whose first
+# pass also writes the sort keys and gradients (docs/decisions/product-key-kernels.md)
+_FORWARD_WARPS, _BACKWARD_WARPS = 2, 1
 
 
 @triton.jit
@@ -210,11 +211,11 @@ def _experts_forward(
         coeff = torch.empty_like(pre)
         _pre_activation_kernel[(num_tokens,)](
             x, up.contiguous(), index, weights.contiguous(), pre, coeff, up.shape[0],
-            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_TOKEN_WARPS,
+            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_FORWARD_WARPS,
         )
         _combine_kernel[(num_tokens,)](
             down.contiguous(), index, coeff, out, up.shape[0], hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
-            num_warps=_TOKEN_WARPS,
+            num_warps=_FORWARD_WARPS,
         )
     return out, pre
 
@@ -249,11 +250,11 @@ def _experts_backward(
     code = ACTIVATIONS[act]
     _input_backward_kernel[(num_tokens,)](
         grad_out, down, index, weights, pre, grad_weights, grad_pre, keys, up.shape[0], hidden,
-        TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_TOKEN_WARPS,
+        TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_BACKWARD_WARPS,
     )
     _combine_kernel[(num_tokens,)](
         up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
-        num_warps=_TOKEN_WARPS,
+        num_warps=_BACKWARD_WARPS,
     )
     # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
     # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows
