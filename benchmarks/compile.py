@@ -9,7 +9,9 @@ timed, that the two compute the same function (bf16 on the GPU; float32 with `--
 
 - `train`: forward + backward of 4 × 2048 tokens, eager and `torch.compile(model)`, tokens/s, first-call seconds,
   peak memory;
-- `generate`: 128 new tokens (greedy), dynamic cache eager and static cache compiled, at batch 16 and 1;
+- `generate`: 128 new tokens (greedy), dynamic cache eager and static cache compiled, at batch 16 and 1; for hf-moe
+  also static cache with `compile_config=hf_moe.CUDAGraphConfig()` (the eager step replayed from CUDA graphs, no
+  compile: `_graphs` rows);
 - `decode`: eager dynamic-cache greedy decoding, ms per step at each `--batches` size (`--new-tokens` per call,
   `--reps` rounds alternating the models; with `--tiny` the CPU's host time per step, which eager decoding at
   batch 1 is bound by on a GPU too);
@@ -48,6 +50,8 @@ import traceback
 from collections.abc import Callable
 
 import torch
+
+from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
 
 from .compile_models import SHAPES, TINY, build_models, logits_check
 from .compile_report import check_failed, summary
@@ -144,13 +148,17 @@ def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict]
         model.eval()
     for batch in batches:
         ids = torch.randint(0, vocab, (batch, 64), device=device, generator=torch.Generator(device).manual_seed(2))
-        for cache in ("dynamic", "static"):
+        for cache in ("dynamic", "static", "graphs"):
             kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            if cache == "static":
+            if cache != "dynamic":
                 kwargs["cache_implementation"] = "static"  # transformers compiles the decode step on CUDA
+            if cache == "graphs":  # hf-moe's eager decode step replayed from CUDA graphs instead
+                kwargs["compile_config"] = CUDAGraphConfig()
             first = {}
             for name, model in models.items():
                 what = f"generate_bs{batch}_{name}_{cache}"
+                if cache == "graphs" and not isinstance(model, HfMoeForCausalLM):
+                    continue
                 if past(deadline, what, record):
                     continue
                 try:

@@ -13,6 +13,8 @@ TARGETS = (
     ("compiled generate bs1 hf-moe / transformers", "generate_bs1_hf-moe_static", "generate_bs1_transformers_static",
      ">=", 1.0),
     ("hf-moe generate bs1 compiled / eager", "generate_bs1_hf-moe_static", "generate_bs1_hf-moe_dynamic", "<=", 2.0),
+    ("hf-moe generate bs1 compiled / eager CUDA-graph decode (no compile)", "generate_bs1_hf-moe_static",
+     "generate_bs1_hf-moe_graphs", "<=", 2.0),
 )
 _COMPARE = {">=": operator.ge, "<=": operator.le}
 
@@ -53,6 +55,11 @@ def summary(rows: list[dict]) -> None:
             e, c = tps(f"generate_bs{batch}_{name}_dynamic"), tps(f"generate_bs{batch}_{name}_static")
             print(f"| generate bs{batch} {name} (dynamic eager / static compiled) | {e and round(e, 1)} | "
                   f"{c and round(c, 1)} | {e and c and round(c / e, 3)} |")
+    for batch in (16, 1):
+        g, c = tps(f"generate_bs{batch}_hf-moe_graphs"), tps(f"generate_bs{batch}_hf-moe_static")
+        if g:
+            print(f"| generate bs{batch} hf-moe, static cache, CUDA-graph decode (no compile) | - | {round(g, 1)} | "
+                  f"compiled / graphs {c and round(c / g, 3)} |")
     pairs = [("train compiled", "train_hf-moe_compiled", "train_transformers_compiled"),
              ("train eager", "train_hf-moe_eager", "train_transformers_eager"),
              ("generate bs16 static", "generate_bs16_hf-moe_static", "generate_bs16_transformers_static"),

@@ -13,6 +13,7 @@ from transformers import (
 
 from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. after a plain `import hf_moe`)
 from .configuration_hf_moe import HfMoeConfig
+from .decode_graphs import CUDAGraphConfig
 from .interop import InteropError, MoeFamily, register_family
 from .modeling_hf_moe import (
     HfMoeCausalLMOutputWithPast,
@@ -52,6 +53,7 @@ AutoModelForCausalLM.register(HfMoeConfig, HfMoeForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HfMoeConfig, HfMoeForSequenceClassification, exist_ok=True)
 
 __all__ = [
+    "CUDAGraphConfig",
     "capture_moe_cuda_graphs",
     "release_moe_cuda_graphs",
     "ROUTER_CLASSES",

@@ -7,13 +7,14 @@ Attention, RoPE and RMSNorm (`hf_moe.attention`), masks and the KV cache come fr
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin
+from transformers.generation import CompileConfig, GenerationMixin
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
@@ -23,6 +24,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .attention import HfMoeAttention, HfMoeRMSNorm, HfMoeRotaryEmbedding, inference_sdpa_backends
 from .configuration_hf_moe import HfMoeConfig
+from .decode_graphs import CUDAGraphConfig, decode_graphs
 from .mla import HfMoeMultiHeadLatentAttention
 from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
@@ -343,6 +345,13 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    def get_compiled_call(self, compile_config: CompileConfig | None) -> Callable:
+        """transformers' compiled forward for static-cache decoding, or with `compile_config=CUDAGraphConfig()` the
+        eager forward replayed from CUDA graphs (`hf_moe.decode_graphs`)."""
+        if isinstance(compile_config, CUDAGraphConfig):
+            return decode_graphs(self).for_generate(compile_config)
+        return super().get_compiled_call(compile_config)
 
     def generate(self, *args, **kwargs):
         """transformers' `generate`, refused for routers that are not causal (expert choice): they pick tokens

@@ -53,7 +53,7 @@ class _GraphedBlock:
                  optional: tuple[str, ...], capacity: int | None, block: nn.Module) -> None:
         self.graphed, self.shape, self.dtype, self.masked = graphed, shape, dtype, masked
         self.optional, self.capacity = optional, capacity
-        self.parameters = _parameter_state(block)
+        self.parameters = parameter_state(block)
         self._pending: weakref.ref | None = None  # autograd node of the last replay, until its backward starts
 
     def serves(self, block: nn.Module, hidden_states: torch.Tensor, token_mask: torch.Tensor | None) -> bool:
@@ -70,7 +70,7 @@ class _GraphedBlock:
             and (token_mask is not None) == self.masked
         ):
             return False
-        if _parameter_state(block) != self.parameters:
+        if parameter_state(block) != self.parameters:
             warnings.warn(
                 "An MoE block's parameters changed after capture_moe_cuda_graphs (an adapter added, a weight replaced, "
                 "moved or frozen); its CUDA graphs would still read the old ones, so they are dropped and the block "
@@ -114,9 +114,9 @@ def _backward_started(graphed: weakref.ref, grad_outputs: tuple[torch.Tensor, ..
         owner._pending = None
 
 
-def _parameter_state(block: nn.Module) -> tuple[tuple[int, int, bool], ...]:
-    """What the graphs of `block` depend on: each parameter's identity, memory and whether it takes a gradient."""
-    return tuple((id(p), p.data_ptr(), p.requires_grad) for p in block.parameters())
+def parameter_state(module: nn.Module) -> tuple[tuple[int, int, bool], ...]:
+    """What CUDA graphs of `module` depend on: each parameter's identity, memory and whether it takes a gradient."""
+    return tuple((id(p), p.data_ptr(), p.requires_grad) for p in module.parameters())
 
 
 @contextlib.contextmanager

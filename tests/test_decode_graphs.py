@@ -1,0 +1,126 @@
+"""CUDA-graph decoding (`hf_moe.CUDAGraphConfig`) on the CPU: where it cannot serve, generate is exactly what it
+was; the graph bookkeeping (keys, replay buffers, least-recently-used eviction, dropped graphs) with the CUDA-only
+capture replaced by a stand-in. The graphs themselves run in tests/test_decode_graphs_cuda.py."""
+
+import gc
+import weakref
+
+import pytest
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
+from hf_moe.decode_graphs import CapturedStep, DecodeGraphs, decode_graphs
+
+from .conftest import tiny_config
+
+
+def tiny_model() -> HfMoeForCausalLM:
+    torch.manual_seed(0)
+    return HfMoeForCausalLM(tiny_config()).eval()
+
+
+def test_generate_on_cpu_is_unchanged():
+    """transformers uses a compile config only on a GPU: on the CPU the static-cache generate stays eager."""
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 5))
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    dynamic = model.generate(ids, **kwargs)
+    graphs = model.generate(ids, cache_implementation="static", compile_config=CUDAGraphConfig(), **kwargs)
+    assert torch.equal(graphs, dynamic)
+
+
+def test_compiled_call_is_the_models_decode_graphs_and_runs_cpu_steps_eagerly():
+    model = tiny_model()
+    step = model.get_compiled_call(CUDAGraphConfig())
+    assert step.__self__ is decode_graphs(model) is decode_graphs(model)
+    assert decode_graphs(tiny_model()) is not decode_graphs(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 4))
+    with torch.no_grad():
+        assert torch.equal(step(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert not decode_graphs(model).graphs
+
+
+def test_max_graphs_must_be_positive():
+    with pytest.raises(ValueError, match="max_graphs must be at least 1, got 0"):
+        tiny_model().get_compiled_call(CUDAGraphConfig(max_graphs=0))
+
+
+def test_graphs_do_not_keep_the_model_alive():
+    model = tiny_model()
+    decode_graphs(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+
+
+class _Cache:
+    is_compileable = True
+
+
+class _StandInGraph:
+    """Replays like a CUDA graph: recomputes the recorded step from the static inputs into the static output."""
+
+    def __init__(self, inputs, output):
+        self.inputs, self.output, self.replays = inputs, output, 0
+
+    def replay(self):
+        self.replays += 1
+        self.output.logits.copy_(self.inputs["input_ids"].float() * 2)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """A model whose logits are 2·input_ids, with `DecodeGraphs`' CUDA-only parts replaced: every call serves, and a
+    capture runs the step eagerly and records a stand-in graph over static copies of the inputs."""
+    model = torch.nn.Linear(1, 1).eval()
+    captures = []
+
+    def forward(input_ids, **kwargs):
+        return CausalLMOutputWithPast(logits=input_ids.float() * 2)
+
+    def capture(self, tensors, others):
+        inputs = {name: t.clone() for name, t in tensors.items()}
+        graph = _StandInGraph(inputs, forward(**inputs))
+        captures.append(graph)
+        return forward(**tensors), CapturedStep(graph, inputs, graph.output, others["past_key_values"])
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
+    monkeypatch.setattr(DecodeGraphs, "_capture", capture)
+    return model, captures
+
+
+def test_steps_replay_the_graph_of_their_shape_and_cache(stand_in):
+    model, captures = stand_in
+    graphs = DecodeGraphs(model)
+    step = graphs.for_generate(CUDAGraphConfig(max_graphs=2))
+    cache, other_cache = _Cache(), _Cache()
+    first = step(input_ids=torch.tensor([[3]]), past_key_values=cache, use_cache=True)
+    assert len(captures) == 1 and first.logits.tolist() == [[6.0]]
+    second = step(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+    assert captures[0].replays == 1 and second.logits.tolist() == [[10.0]]
+    step(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True)
+    assert second.logits.tolist() == [[10.0]], "a replay overwrote an earlier step's returned logits"
+    step(input_ids=torch.tensor([[1], [2]]), past_key_values=cache, use_cache=True)  # another batch size
+    step(input_ids=torch.tensor([[1]]), past_key_values=other_cache, use_cache=True)  # another cache
+    assert len(captures) == 3 and len(graphs.graphs) == 2  # the least recently used (batch 1, `cache`) dropped
+    out = step(input_ids=torch.tensor([[4]]), past_key_values=cache, use_cache=True)
+    assert len(captures) == 4 and out.logits.tolist() == [[8.0]]
+    step(input_ids=torch.tensor([[4]]), past_key_values=cache, use_cache=False)  # another argument value
+    assert len(captures) == 5
+
+
+def test_graphs_of_replaced_parameters_are_dropped(stand_in):
+    model, captures = stand_in
+    graphs = DecodeGraphs(model)
+    step = graphs.for_generate(CUDAGraphConfig())
+    cache = _Cache()
+    step(input_ids=torch.tensor([[3]]), past_key_values=cache)
+    assert len(graphs.graphs) == 1
+    graphs.for_generate(CUDAGraphConfig())
+    assert len(graphs.graphs) == 1  # nothing changed: kept
+    model.weight = torch.nn.Parameter(torch.ones(1, 1))
+    graphs.for_generate(CUDAGraphConfig())
+    assert not graphs.graphs

@@ -1,0 +1,89 @@
+"""CUDA-graph decoding on a GPU: static-cache generate through `hf_moe.CUDAGraphConfig` equals the same generate run
+eagerly (`disable_compile=True`: the same kernels, so the same tokens and logits) and dynamic-cache greedy decoding,
+at batch 1 and with left padding, over successive calls, through the MoE paths' Triton kernels."""
+
+import pytest
+import torch
+
+from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
+from hf_moe.decode_graphs import decode_graphs
+
+from .conftest import requires_cuda, tiny_config
+
+pytestmark = requires_cuda
+
+CONFIGS = {
+    "topk": {},
+    "shared_expert": {"num_shared_experts": 1, "shared_expert_gate": True},
+    "product_key": {"router_type": "product_key", "num_experts": 49, "num_experts_per_tok": 5,
+                    "moe_intermediate_size": 1, "gated_experts": False, "hidden_act": "relu2"},
+    "mla": {"num_key_value_heads": 4, "kv_lora_rank": 12, "q_lora_rank": 10, "qk_rope_head_dim": 4, "v_head_dim": 6,
+            "qk_nope_head_dim": 8},
+}
+LOGITS_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def cuda_model(dtype: torch.dtype, **overrides) -> HfMoeForCausalLM:
+    torch.manual_seed(0)
+    return HfMoeForCausalLM(tiny_config(**overrides)).to("cuda", dtype).eval()
+
+
+def greedy(model, ids, mask=None, *, cache="static", graphs=False, new_tokens=10):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    if cache == "static":
+        kwargs["cache_implementation"] = "static"
+        kwargs.update(compile_config=CUDAGraphConfig()) if graphs else kwargs.update(disable_compile=True)
+    return model.generate(ids, attention_mask=mask, **kwargs)
+
+
+def assert_same_generation(got, want, dtype):
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, w) in enumerate(zip(got.logits, want.logits, strict=True)):
+        torch.testing.assert_close(g, w, rtol=LOGITS_TOL[dtype], atol=LOGITS_TOL[dtype], msg=f"step {step}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", list(CONFIGS))
+def test_graphed_generate_equals_eager_static_generate(case, dtype):
+    model = cuda_model(dtype, **CONFIGS[case])
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), device="cuda")
+    got = greedy(model, ids, graphs=True)
+    assert len(decode_graphs(model).graphs) == 1  # the decode steps were served by one graph
+    assert_same_generation(got, greedy(model, ids), dtype)
+
+
+def test_graphed_generate_equals_dynamic_cache_greedy_decoding():
+    model = cuda_model(torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (2, 5), device="cuda")
+    assert torch.equal(greedy(model, ids, graphs=True).sequences, greedy(model, ids, cache="dynamic").sequences)
+
+
+def test_left_padded_batch():
+    model = cuda_model(torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (3, 7), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :1] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    assert_same_generation(greedy(model, ids, mask, graphs=True), greedy(model, ids, mask), torch.float32)
+
+
+def test_successive_calls_reuse_or_recapture():
+    model = cuda_model(torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), device="cuda")
+    first = greedy(model, ids, graphs=True)
+    again = greedy(model, ids, graphs=True)  # the same cache shape: transformers resets its cache, the graph replays
+    assert_same_generation(again, first, torch.float32)
+    other = torch.randint(1, model.config.vocab_size, (2, 9), device="cuda")
+    assert_same_generation(greedy(model, other, graphs=True, new_tokens=6), greedy(model, other, new_tokens=6),
+                           torch.float32)
+    assert_same_generation(greedy(model, ids, graphs=True), first, torch.float32)
+
+
+def test_replaced_weights_are_read_after_recapture():
+    model = cuda_model(torch.float32)
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), device="cuda")
+    greedy(model, ids, graphs=True)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    assert_same_generation(greedy(model, ids, graphs=True), greedy(model, ids), torch.float32)
