@@ -15,6 +15,7 @@ as transformers does with any compile config it cannot use.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,9 +43,12 @@ class CUDAGraphConfig(CompileConfig):
 
 
 class CapturedStep:
-    """One captured decode step: its static input tensors, its output and the cache it writes to."""
+    """One captured decode step: its static input tensors, its output and the cache it writes to (`graph` None: the
+    step could not be captured, and such steps run eagerly)."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], output: Any, cache: Any) -> None:
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph | None, inputs: dict[str, torch.Tensor], output: Any, cache: Any
+    ) -> None:
         self.graph, self.inputs, self.output = graph, inputs, output
         self.cache = weakref.ref(cache)
 
@@ -104,7 +108,7 @@ class DecodeGraphs:
         graph = self.graphs.get(key)
         if graph is not None and graph.cache() is cache:
             self.graphs.move_to_end(key)
-            return graph.replay(tensors)
+            return graph.replay(tensors) if graph.graph is not None else self.model(**kwargs)
         output, graph = self._capture(tensors, others)
         self.graphs[key] = graph
         while len(self.graphs) > self.max_graphs:
@@ -137,8 +141,16 @@ class DecodeGraphs:
             output = self.model(**inputs, **others)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            static_output = self.model(**inputs, **others)
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static_output = self.model(**inputs, **others)
+        except RuntimeError as error:  # the step waits for the GPU somewhere (e.g. float32 experts looping on the host)
+            warnings.warn(
+                f"The decode step could not be captured in a CUDA graph ({str(error).splitlines()[0]}); this batch "
+                "decodes eagerly. bf16/fp16 models run their experts on device-only kernels, which capture.",
+                stacklevel=4,
+            )
+            return output, CapturedStep(None, {}, None, others.get("past_key_values"))
         return output, CapturedStep(graph, inputs, static_output, others.get("past_key_values"))
 
 
