@@ -3,7 +3,8 @@
 Both blocks share the same expert and router weights. For each shape, token count and routing it prints the
 time, the TFLOP/s of active expert FLOPs (2·T·k·3·H·I forward, three times that forward+backward), the
 activation memory the forward keeps for backward and the peak memory of forward+backward (per token), and the
-hf-moe / peer ratios; plus the dense-equivalent GEMM (one `[T·k, H] @ [H, 3I]` product) as the ceiling, and
+hf-moe / peer ratios; each call is timed from an idle GPU, and on a GPU forward+backward is also timed back to back
+(`fwdbwd_b2b_*`: the host issues the next call while the GPU runs the last, as for the layers of a model); plus the dense-equivalent GEMM (one `[T·k, H] @ [H, 3I]` product) as the ceiling, and
 decode (T = 64, forward only) against the HBM floor = bytes of the experts touched / measured copy bandwidth.
 
     python -m benchmarks layer                 # GPU: all shapes, T ∈ {4096, 8192, 16384}, three routings
@@ -41,7 +42,7 @@ from hf_moe.moe.kernels import quack_gemm
 from .layer_blocks import HF_IMPL, LIGER_IMPL, PEER_IMPLS, SHAPES, build_blocks, forced_routing, run_block, set_routing
 from .layer_report import print_summary
 from .record import ResultFile
-from .timing import cuda_graph_seconds, median_and_min
+from .timing import cuda_graph_seconds, median_and_min, ms_per_call
 
 
 def ceilings(device: str, dtype: torch.dtype) -> dict:
@@ -88,6 +89,9 @@ def measure(call: Callable[[], torch.Tensor], leaves: list[torch.Tensor], flops:
     if device == "cpu":
         row.update(fwd_min_ms=t_fwd_min * 1e3, fwdbwd_min_ms=t_fb_min * 1e3)
     else:
+        # back to back, as a layer runs inside a model: the host issues the next call while the GPU works
+        b2b_ms = ms_per_call(fwd_bwd, max(reps, 10), device)
+        row.update(fwdbwd_b2b_ms=b2b_ms, fwdbwd_b2b_tflops=3 * flops / b2b_ms / 1e9)
         for p in leaves:
             p.grad = None
         if accumulate:

@@ -61,6 +61,15 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
                   f"{tf(elg, 'fwd_tflops')} / {tf(elg, 'fwdbwd_tflops')} | {ratio(elg, ehf)} | "
                   f"{hf.get('act_kb_per_token', 0):.1f} / {lg.get('act_kb_per_token', 0):.1f} | "
                   f"{hf.get('peak_fwdbwd_gb', 0):.2f} / {lg.get('peak_fwdbwd_gb', 0):.2f} |")
+    b2b_rows = [(key, res) for key, dense, res in summary if dense is not None and "fwdbwd_b2b_tflops" in res["hf-moe"]]
+    if b2b_rows:
+        print("\n| case | fwd+bwd TFLOP/s from an idle GPU / back to back: hf-moe | peer grouped_mm | "
+              "hf-moe without quack |")
+        print("| --- | --- | --- | --- |")
+        for key, res in b2b_rows:
+            cells = [f"{tf(r, 'fwdbwd_tflops')} / {tf(r, 'fwdbwd_b2b_tflops')}" if r else "-"
+                     for r in (res["hf-moe"], res.get("peer_grouped_mm"), res.get("hf-moe_without_quack"))]
+            print(f"| {key} | {' | '.join(cells)} |")
     quack_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_without_quack" in res]
     if quack_rows:
         print("\n| case | hf-moe block fwd+bwd TFLOP/s, quack weight gradients / torch's | ratio |")
