@@ -52,6 +52,7 @@ from collections.abc import Callable
 import torch
 
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
+from hf_moe.decode_graphs import decode_graphs
 
 from .compile_models import SHAPES, TINY, build_models, logits_check
 from .compile_report import check_failed, summary
@@ -171,6 +172,8 @@ def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict]
                     seconds = seconds_per_call(lambda: model.generate(ids, **kwargs), 1, device)
                     row = {"what": what, "tokens_per_s": batch * new_tokens / seconds, "s": seconds,
                            "first_call_s": first_s, "compiled": "_compiled_call" in model.__dict__}
+                    if cache == "graphs":  # 1: every call replayed the first call's graph
+                        row["graphs_captured"] = len(decode_graphs(model).graphs)
                 except Exception as e:  # noqa: BLE001
                     row = error_row(what, e)
                 record(row)

@@ -10,7 +10,9 @@ device counter, so one graph replays every later step of the same batch.
 Usage: `model.generate(..., cache_implementation="static", compile_config=hf_moe.CUDAGraphConfig())`. transformers
 asks the model for its compiled forward when the cache is static and the device a GPU; `HfMoeForCausalLM` then
 returns [`DecodeGraphs.step`] instead of a compiled forward. Elsewhere (CPU, a dynamic cache) generate runs eagerly,
-as transformers does with any compile config it cannot use.
+as transformers does with any compile config it cannot use. A replay runs the step's kernels and nothing else: no
+Python, so no module hooks (`record_routing`, user hooks), and no cache whose state lives on the host (sliding
+windows, offloading), which decode eagerly.
 """
 
 from __future__ import annotations
@@ -24,51 +26,63 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import StaticLayer
 from transformers.generation.configuration_utils import CompileConfig
 
 from .moe.cuda_graphs import parameter_state
 
-# Keyword arguments a decode step may carry besides tensors: values that must be equal for a graph to serve, or that
-# a graph of the plain step cannot produce (what is recorded by hooks: attentions, hidden states, router outputs).
+# Outputs recorded by hooks (attentions, hidden states, router outputs): a graph replays kernels, not hooks.
 _RECORDED_OUTPUTS = ("output_attentions", "output_hidden_states", "output_router_logits", "output_router_metrics")
 
 
 @dataclass
 class CUDAGraphConfig(CompileConfig):
     """A `compile_config` for `generate` that makes `HfMoeForCausalLM` replay its static-cache decode step from
-    CUDA graphs instead of compiling it: `max_graphs` graphs are kept per model (one per batch size and cache),
-    the least recently used one dropped first."""
+    CUDA graphs instead of compiling it: `max_graphs` graphs are kept per model (one per batch size and cache
+    memory), the least recently used one dropped first."""
 
     max_graphs: int = 4
 
 
 class CapturedStep:
-    """One captured decode step: its static input tensors, its output and the cache it writes to (`graph` None: the
-    step could not be captured, and such steps run eagerly)."""
+    """One captured decode step: its static input tensors and the logits it writes (`graph` None: the step could
+    not be captured). It holds no cache: a replay returns the cache of the step it serves."""
 
-    def __init__(
-        self, graph: torch.cuda.CUDAGraph | None, inputs: dict[str, torch.Tensor], output: Any, cache: Any
-    ) -> None:
-        self.graph, self.inputs, self.output = graph, inputs, output
-        self.cache = weakref.ref(cache)
+    def __init__(self, graph: torch.cuda.CUDAGraph | None, inputs: dict[str, torch.Tensor],
+                 logits: torch.Tensor | None, output_type: type) -> None:
+        self.graph, self.inputs, self.logits, self.output_type = graph, inputs, logits, output_type
 
-    def replay(self, tensors: dict[str, torch.Tensor]) -> Any:
+    def replay(self, tensors: dict[str, torch.Tensor], cache: Any) -> Any:
         for name, tensor in tensors.items():
             self.inputs[name].copy_(tensor)
         self.graph.replay()
-        return _detached_output(self.output)
+        # the logits copied out of the graph's memory: the next replay overwrites it
+        return self.output_type(logits=self.logits.clone(), past_key_values=cache)
 
 
-def _detached_output(output: Any) -> Any:
-    """The step's output with its logits copied out of the graph's memory (the next replay overwrites it)."""
-    fields = {key: value for key, value in output.items()}
-    fields["logits"] = fields["logits"].clone()
-    return type(output)(**fields)
+def _cache_memory(cache: Any) -> tuple | None:
+    """What a graph of a step on `cache` writes to: each layer's key, value and length tensors (address, shape) —
+    or None where replaying is not the step: a layer other than transformers' plain `StaticLayer` (a sliding
+    window rolls by a host counter that a replay would not advance), an uninitialised layer, offloaded layers
+    (moved by the host every step)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or getattr(cache, "offloading", False):
+        return None
+    if not all(type(layer) is StaticLayer and layer.is_initialized for layer in layers):
+        return None
+    return tuple((t.data_ptr(), t.shape) for layer in layers
+                 for t in (layer.keys, layer.values, layer.cumulative_length))
+
+
+def _module_state(model: nn.Module) -> tuple:
+    """What graphs of `model` read besides their inputs: its parameters and buffers (identity and memory)."""
+    return parameter_state(model), tuple((id(b), b.data_ptr()) for b in model.buffers())
 
 
 class DecodeGraphs:
-    """The CUDA graphs of one model's decode steps, keyed by what a graph depends on: the tensors' shapes, dtypes
-    and devices, the cache object, and the other arguments' values. A step no graph can serve runs eagerly.
+    """The CUDA graphs of one model's decode steps, keyed by what a graph depends on: the tensors' shapes, dtypes,
+    devices and strides, the memory of the cache it writes, the other arguments' values and autocast. A step no
+    graph can serve runs eagerly.
 
     Kept outside the model ([`decode_graphs`]), which it holds weakly: the model stays free of CUDA graphs (it can
     be copied, pickled or deleted as before)."""
@@ -76,82 +90,94 @@ class DecodeGraphs:
     def __init__(self, model: nn.Module) -> None:
         self._model = weakref.ref(model)
         self.graphs: OrderedDict[tuple, CapturedStep] = OrderedDict()
-        self.parameters = parameter_state(model)
+        self.state = _module_state(model)
         self.max_graphs = CUDAGraphConfig.max_graphs
+        self.uncapturable: str | None = None  # why a step of this model could not be captured
+        self.stream: torch.cuda.Stream | None = None
 
     @property
     def model(self) -> nn.Module:
         return self._model()
 
     def for_generate(self, config: CUDAGraphConfig) -> Callable[..., Any]:
-        """The forward of one `generate` call's decode steps. Graphs captured on other parameters (an adapter added,
-        weights moved or replaced since) are dropped here, once per call."""
+        """The forward of one `generate` call's decode steps. Graphs captured on other parameters or buffers (an
+        adapter added, weights moved or replaced since) are dropped here, once per call."""
         if config.max_graphs < 1:
             raise ValueError(f"CUDAGraphConfig.max_graphs must be at least 1, got {config.max_graphs}")
         self.max_graphs = config.max_graphs
-        state = parameter_state(self.model)
-        if state != self.parameters:
+        state = _module_state(self.model)
+        if state != self.state:
             self.graphs.clear()
-            self.parameters = state
+            self.state, self.uncapturable = state, None
         return self.step
 
     def step(self, **kwargs: Any) -> Any:
         tensors = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
         others = {name: value for name, value in kwargs.items() if name not in tensors}
-        if not self._serves(tensors, others):
-            return self.model(**kwargs)
         cache = others.get("past_key_values")
+        memory = _cache_memory(cache)
+        if memory is None or self.uncapturable is not None or not self._serves(tensors, others):
+            return self.model(**kwargs)
         key = (
             tuple((name, t.shape, t.dtype, t.device, t.stride()) for name, t in sorted(tensors.items())),
-            tuple((name, id(value) if name == "past_key_values" else value) for name, value in sorted(others.items())),
+            tuple((name, value) for name, value in sorted(others.items()) if name != "past_key_values"),
+            memory,
+            torch.is_autocast_enabled("cuda"),
         )
         graph = self.graphs.get(key)
-        if graph is not None and graph.cache() is cache:
+        if graph is not None:
             self.graphs.move_to_end(key)
-            return graph.replay(tensors) if graph.graph is not None else self.model(**kwargs)
+            return graph.replay(tensors, cache)
         output, graph = self._capture(tensors, others)
-        self.graphs[key] = graph
-        while len(self.graphs) > self.max_graphs:
-            self.graphs.popitem(last=False)
+        if graph is not None:
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
         return output
 
     def _serves(self, tensors: dict[str, torch.Tensor], others: dict[str, Any]) -> bool:
-        """A plain inference step on CUDA tensors with a static cache, asking for nothing hooks record."""
-        cache = others.get("past_key_values")
+        """A plain inference decode step (one token per sequence) on CUDA tensors, asking for nothing hooks record
+        (in its arguments or its config's defaults)."""
+        config = self.model.config
+        ids = tensors.get("input_ids")
         return (
             not torch.is_grad_enabled()
             and not self.model.training
-            and bool(tensors)
+            and ids is not None
+            and ids.dim() == 2
+            and ids.shape[1] == 1
             and all(t.is_cuda and not t.requires_grad for t in tensors.values())
-            and cache is not None
-            and getattr(cache, "is_compileable", False)
-            and not any(others.get(name) for name in _RECORDED_OUTPUTS)
+            and not any(getattr(config, name, False) if others.get(name) is None else others[name]
+                        for name in _RECORDED_OUTPUTS)
             and all(value is None or isinstance(value, (bool, int, float, str)) for name, value in others.items()
                     if name != "past_key_values")
         )
 
-    def _capture(self, tensors: dict[str, torch.Tensor], others: dict[str, Any]) -> tuple[Any, CapturedStep]:
+    def _capture(self, tensors: dict[str, torch.Tensor], others: dict[str, Any]) -> tuple[Any, CapturedStep | None]:
         """Run this step eagerly (its output is this step's result; it also warms up what the step launches), then
-        capture the same step reading static copies of its input tensors. Capture records kernels without running
-        them, so the cache is written once, by the eager run."""
+        capture the same step reading static copies of its input tensors, on the same side stream. Capture records
+        kernels without running them, so the cache is written once, by the eager run."""
         inputs = {name: t.clone() for name, t in tensors.items()}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
             output = self.model(**inputs, **others)
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 static_output = self.model(**inputs, **others)
         except RuntimeError as error:  # the step waits for the GPU somewhere (e.g. float32 experts looping on the host)
+            cause = error.__context__ if isinstance(error.__context__, RuntimeError) else error
+            self.uncapturable = str(cause).splitlines()[0]
             warnings.warn(
-                f"The decode step could not be captured in a CUDA graph ({str(error).splitlines()[0]}); this batch "
-                "decodes eagerly. bf16/fp16 models run their experts on device-only kernels, which capture.",
+                f"The decode step could not be captured in a CUDA graph ({self.uncapturable}); this model decodes "
+                "eagerly. bf16/fp16 models run their experts on device-only kernels, which capture.",
                 stacklevel=4,
             )
-            return output, CapturedStep(None, {}, None, others.get("past_key_values"))
-        return output, CapturedStep(graph, inputs, static_output, others.get("past_key_values"))
+            return output, None
+        return output, CapturedStep(graph, inputs, static_output.logits, type(static_output))
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, DecodeGraphs] = weakref.WeakKeyDictionary()

@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from transformers import StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
@@ -55,19 +56,23 @@ def test_graphs_do_not_keep_the_model_alive():
     assert alive() is None
 
 
-class _Cache:
-    is_compileable = True
+def static_cache(layers: int = 2, sliding_window: int | None = None) -> StaticCache:
+    """A transformers StaticCache whose layers are allocated (as after a prefill), on the CPU."""
+    cache = StaticCache(config=tiny_config(num_hidden_layers=layers, sliding_window=sliding_window), max_cache_len=8)
+    for layer in cache.layers:
+        layer.lazy_initialization(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+    return cache
 
 
 class _StandInGraph:
-    """Replays like a CUDA graph: recomputes the recorded step from the static inputs into the static output."""
+    """Replays like a CUDA graph: recomputes the recorded step from the static inputs into the static logits."""
 
-    def __init__(self, inputs, output):
-        self.inputs, self.output, self.replays = inputs, output, 0
+    def __init__(self, inputs, logits):
+        self.inputs, self.logits, self.replays = inputs, logits, 0
 
     def replay(self):
         self.replays += 1
-        self.output.logits.copy_(self.inputs["input_ids"].float() * 2)
+        self.logits.copy_(self.inputs["input_ids"].float() * 2)
 
 
 @pytest.fixture
@@ -77,14 +82,14 @@ def stand_in(monkeypatch):
     model = torch.nn.Linear(1, 1).eval()
     captures = []
 
-    def forward(input_ids, **kwargs):
-        return CausalLMOutputWithPast(logits=input_ids.float() * 2)
+    def forward(input_ids, past_key_values=None, **kwargs):
+        return CausalLMOutputWithPast(logits=input_ids.float() * 2, past_key_values=past_key_values)
 
     def capture(self, tensors, others):
         inputs = {name: t.clone() for name, t in tensors.items()}
-        graph = _StandInGraph(inputs, forward(**inputs))
+        graph = _StandInGraph(inputs, forward(**inputs).logits)
         captures.append(graph)
-        return forward(**tensors), CapturedStep(graph, inputs, graph.output, others["past_key_values"])
+        return forward(**tensors, **others), CapturedStep(graph, inputs, graph.logits, CausalLMOutputWithPast)
 
     monkeypatch.setattr(model, "forward", forward)
     monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
@@ -96,15 +101,15 @@ def test_steps_replay_the_graph_of_their_shape_and_cache(stand_in):
     model, captures = stand_in
     graphs = DecodeGraphs(model)
     step = graphs.for_generate(CUDAGraphConfig(max_graphs=2))
-    cache, other_cache = _Cache(), _Cache()
+    cache, other_cache = static_cache(), static_cache()
     first = step(input_ids=torch.tensor([[3]]), past_key_values=cache, use_cache=True)
     assert len(captures) == 1 and first.logits.tolist() == [[6.0]]
     second = step(input_ids=torch.tensor([[5]]), past_key_values=cache, use_cache=True)
-    assert captures[0].replays == 1 and second.logits.tolist() == [[10.0]]
+    assert captures[0].replays == 1 and second.logits.tolist() == [[10.0]] and second.past_key_values is cache
     step(input_ids=torch.tensor([[7]]), past_key_values=cache, use_cache=True)
     assert second.logits.tolist() == [[10.0]], "a replay overwrote an earlier step's returned logits"
     step(input_ids=torch.tensor([[1], [2]]), past_key_values=cache, use_cache=True)  # another batch size
-    step(input_ids=torch.tensor([[1]]), past_key_values=other_cache, use_cache=True)  # another cache
+    step(input_ids=torch.tensor([[1]]), past_key_values=other_cache, use_cache=True)  # another cache's memory
     assert len(captures) == 3 and len(graphs.graphs) == 2  # the least recently used (batch 1, `cache`) dropped
     out = step(input_ids=torch.tensor([[4]]), past_key_values=cache, use_cache=True)
     assert len(captures) == 4 and out.logits.tolist() == [[8.0]]
@@ -112,15 +117,34 @@ def test_steps_replay_the_graph_of_their_shape_and_cache(stand_in):
     assert len(captures) == 5
 
 
-def test_graphs_of_replaced_parameters_are_dropped(stand_in):
+def test_caches_a_replay_cannot_advance_decode_eagerly(stand_in):
+    """A sliding window rolls by a host counter, an offloaded cache moves layers on the host, an unallocated layer has
+    no memory yet: none of that happens in a replay."""
     model, captures = stand_in
+    step = DecodeGraphs(model).for_generate(CUDAGraphConfig())
+    offloaded = static_cache()
+    offloaded.offloading = True
+    unallocated = StaticCache(config=tiny_config(), max_cache_len=8)
+    for cache in (static_cache(sliding_window=4), offloaded, unallocated, None):
+        out = step(input_ids=torch.tensor([[3]]), past_key_values=cache)
+        assert out.logits.tolist() == [[6.0]]
+    assert not captures
+
+
+def test_graphs_of_replaced_parameters_or_buffers_are_dropped(stand_in):
+    model, captures = stand_in
+    model.register_buffer("scale", torch.ones(1))
     graphs = DecodeGraphs(model)
-    step = graphs.for_generate(CUDAGraphConfig())
-    cache = _Cache()
-    step(input_ids=torch.tensor([[3]]), past_key_values=cache)
-    assert len(graphs.graphs) == 1
-    graphs.for_generate(CUDAGraphConfig())
-    assert len(graphs.graphs) == 1  # nothing changed: kept
-    model.weight = torch.nn.Parameter(torch.ones(1, 1))
-    graphs.for_generate(CUDAGraphConfig())
-    assert not graphs.graphs
+    cache = static_cache()
+    for replace in (None, lambda: setattr(model, "weight", torch.nn.Parameter(torch.ones(1, 1))),
+                    lambda: setattr(model, "scale", torch.zeros(1))):
+        step = graphs.for_generate(CUDAGraphConfig())
+        step(input_ids=torch.tensor([[3]]), past_key_values=cache)
+        assert len(graphs.graphs) == 1
+        if replace is None:
+            graphs.for_generate(CUDAGraphConfig())
+            assert len(graphs.graphs) == 1  # nothing changed: kept
+            continue
+        replace()
+        graphs.for_generate(CUDAGraphConfig())
+        assert not graphs.graphs

@@ -100,3 +100,24 @@ def test_replaced_weights_are_read_after_recapture():
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
     assert_same_generation(greedy(model, ids, graphs=True), greedy(model, ids), torch.bfloat16)
     assert captured(model) == [True]
+
+
+def test_plain_generate_calls_reuse_the_graph():
+    """A finished generate frees its cache: the next one's cache, where the allocator gives it the same memory,
+    replays the graph, otherwise it is captured anew; either way the same tokens."""
+    model = cuda_model(torch.bfloat16)
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), device="cuda")
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+    first = model.generate(ids, compile_config=CUDAGraphConfig(), **kwargs)
+    again = model.generate(ids, compile_config=CUDAGraphConfig(), **kwargs)
+    assert torch.equal(first, again) and torch.equal(first, model.generate(ids, disable_compile=True, **kwargs))
+    assert captured(model) in ([True], [True, True])  # reused when the allocator gave the same memory
+
+
+@pytest.mark.parametrize("overrides", [{"sliding_window": 4}, {"output_router_logits": True}],
+                         ids=["sliding_window", "recorded_outputs"])
+def test_steps_a_replay_cannot_serve_decode_eagerly(overrides):
+    model = cuda_model(torch.bfloat16, **overrides)
+    ids = torch.randint(1, model.config.vocab_size, (1, 6), device="cuda")
+    assert_same_generation(greedy(model, ids, graphs=True), greedy(model, ids), torch.bfloat16)
+    assert not decode_graphs(model).graphs
