@@ -44,7 +44,7 @@ def assert_same_generation(got, want, dtype):
 
 
 def captured(model) -> list[bool]:
-    return [isinstance(step, CapturedStep) and step.graph is not None for step in decode_graphs(model).graphs.values()]
+    return [isinstance(step, CapturedStep) for step in decode_graphs(model).graphs.values()]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -55,7 +55,7 @@ def test_graphed_generate_equals_eager_static_generate(case, dtype):
     if dtype == torch.float32 and case != "product_key":  # float32 experts loop over experts on the host: no capture
         with pytest.warns(UserWarning, match="could not be captured"):
             got = greedy(model, ids, graphs=True)
-        assert captured(model) == [False]
+        assert decode_graphs(model).uncapturable and not decode_graphs(model).graphs  # eager from then on
     else:
         got = greedy(model, ids, graphs=True)
         assert captured(model) == [True]  # every decode step was served by one graph
