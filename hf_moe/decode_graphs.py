@@ -45,11 +45,11 @@ class CUDAGraphConfig(CompileConfig):
 
 
 class CapturedStep:
-    """One captured decode step: its static input tensors and the logits it writes (`graph` None: the step could
-    not be captured). It holds no cache: a replay returns the cache of the step it serves."""
+    """One captured decode step: its static input tensors and the logits it writes. It holds no cache: a replay
+    returns the cache of the step it serves."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph | None, inputs: dict[str, torch.Tensor],
-                 logits: torch.Tensor | None, output_type: type) -> None:
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: dict[str, torch.Tensor], logits: torch.Tensor,
+                 output_type: type) -> None:
         self.graph, self.inputs, self.logits, self.output_type = graph, inputs, logits, output_type
 
     def replay(self, tensors: dict[str, torch.Tensor], cache: Any) -> Any:
@@ -112,6 +112,7 @@ class DecodeGraphs:
         return self.step
 
     def step(self, **kwargs: Any) -> Any:
+        """One decode step (the model's keyword arguments): replayed, captured on its first call, or eager."""
         tensors = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
         others = {name: value for name, value in kwargs.items() if name not in tensors}
         cache = others.get("past_key_values")
