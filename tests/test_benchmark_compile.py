@@ -33,13 +33,15 @@ def test_logits_check_fails_on_a_changed_weight():
 def test_target_lines():
     rows = {"train_hf-moe_compiled": 130.0, "train_transformers_compiled": 100.0,
             "generate_bs16_hf-moe_static": 140.0, "generate_bs16_transformers_static": 100.0,
-            "generate_bs1_hf-moe_static": 300.0, "generate_bs1_hf-moe_dynamic": 100.0}
+            "generate_bs1_hf-moe_static": 300.0, "generate_bs1_hf-moe_dynamic": 100.0,
+            "generate_bs1_hf-moe_graphs": 200.0}
     lines = target_lines({what: {"tokens_per_s": tps} for what, tps in rows.items()})
     assert lines == [
         "target compiled training hf-moe / transformers >= 1.3: measured 1.3 (met)",
         "target compiled generate bs16 hf-moe / transformers >= 1.5: measured 1.4 (not met)",
         "target compiled generate bs1 hf-moe / transformers >= 1.0: measured - (not measured)",
         "target hf-moe generate bs1 compiled / eager <= 2.0: measured 3.0 (not met)",
+        "target hf-moe generate bs1 compiled / eager CUDA-graph decode (no compile) <= 2.0: measured 1.5 (met)",
     ]
 
 
