@@ -2,7 +2,9 @@
 was; the graph bookkeeping (keys, replay buffers, least-recently-used eviction, dropped graphs) with the CUDA-only
 capture replaced by a stand-in. The graphs themselves run in tests/test_decode_graphs_cuda.py."""
 
+import contextlib
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -148,3 +150,52 @@ def test_graphs_of_replaced_parameters_or_buffers_are_dropped(stand_in):
         replace()
         graphs.for_generate(CUDAGraphConfig())
         assert not graphs.graphs
+
+
+def test_a_step_that_cannot_be_captured_warns_once_and_decodes_eagerly(monkeypatch):
+    """The capture fails (as a step that waits for the GPU does): the step's eager result is returned, the warning
+    names the first cause, and no later step tries again until the parameters change."""
+    model = torch.nn.Linear(1, 1).eval()
+    calls = []
+
+    def forward(input_ids, **kwargs):
+        calls.append(input_ids)
+        return CausalLMOutputWithPast(logits=input_ids.float() * 2)
+
+    class FailingCapture:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            try:
+                raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+            except RuntimeError:
+                raise RuntimeError("operation failed due to a previous error during capture")  # noqa: B904
+
+        def __exit__(self, *exc):
+            return False
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    graphs = DecodeGraphs(model)
+    step = graphs.for_generate(CUDAGraphConfig())
+    cache = static_cache()
+    with pytest.warns(UserWarning, match="could not be captured in a CUDA graph \\(Cannot copy between CPU and CUDA"):
+        out = step(input_ids=torch.tensor([[3]]), past_key_values=cache)
+    assert out.logits.tolist() == [[6.0]] and len(calls) == 1 and not graphs.graphs
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert step(input_ids=torch.tensor([[5]]), past_key_values=cache).logits.tolist() == [[10.0]]
+    assert len(calls) == 2  # eager, no capture attempted
+    model.weight = torch.nn.Parameter(torch.ones(1, 1))
+    graphs.for_generate(CUDAGraphConfig())
+    assert graphs.uncapturable is None  # new parameters: capturing is tried again
