@@ -274,12 +274,14 @@ class _DownFunction(torch.autograd.Function):
         return grad_gate_up, None, grad_top_k_weights, grad_down_proj, None, None, None, None, None, None, None, None
 
 
-# The Triton sort (`hf_moe.moe.kernels.sort_by_expert`, one launch) replaces torch's sort with at most this many
-# (token, slot) pairs and experts: it compares every pair with every pair and expert, which at these sizes is one
-# wave of at most 8 programs, while torch's sort costs a dozen launches and its host ops at any size (decode is
-# host-bound). Rule: docs/decisions/decode-attention.md.
-TRITON_SORT_MAX_PAIRS = 1024
+# The Triton sorts (`hf_moe.moe.kernels.sort_by_expert`) replace torch's sort with at most this many experts and
+# (token, slot) pairs: one launch that compares every pair with every pair and expert up to
+# TRITON_SORT_ONE_LAUNCH_MAX_PAIRS (one wave of at most 8 programs), a counting sort in two launches above; torch's
+# sort costs a dozen launches and its host ops at any size. Past the pair limit the counting sort's table (blocks ×
+# experts, read by every program) outgrows its use and torch's sort runs. Rule: docs/decisions/sort-by-expert.md.
 TRITON_SORT_MAX_EXPERTS = 1024
+TRITON_SORT_ONE_LAUNCH_MAX_PAIRS = 1024
+TRITON_SORT_MAX_PAIRS = 1 << 20
 
 
 def sort_by_expert(
@@ -297,8 +299,10 @@ def sort_by_expert(
     (int32 end row of each expert). Slots with index ≥ `num_experts` sort last and lie past `offsets[-1]`. When
     the caller knows the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong
     to other ranks), only those rows and one dropped row are kept (S = num_slots + 1) and every dropped slot points
-    at that row. With few pairs and experts one Triton kernel computes all of it where Triton serves the tensors
-    (`triton=None`: decided from the device; the experts pass their plan's choice), torch ops elsewhere.
+    at that row. Triton kernels compute all of it where Triton serves the tensors (`triton=None`: decided from the
+    device; the experts pass their plan's choice) and the sizes are within the limits above, torch ops elsewhere;
+    the outputs are the same (the counting sort orders ids past the sentinel `num_experts` as the sentinel, in flat
+    order, where torch's sort orders them by value: all of them lie past `offsets[-1]`).
     """
     flat = top_k_index.reshape(-1)
     if (
@@ -306,7 +310,10 @@ def sort_by_expert(
         and flat.numel() <= TRITON_SORT_MAX_PAIRS
         and num_experts <= TRITON_SORT_MAX_EXPERTS
     ):
-        token, order, position, offsets = kernels.sort_by_expert.sort_by_expert(top_k_index, num_experts, num_slots)
+        kernel = kernels.sort_by_expert
+        one_launch = flat.numel() <= TRITON_SORT_ONE_LAUNCH_MAX_PAIRS
+        sort = kernel.sort_by_expert if one_launch else kernel.counting_sort_by_expert
+        token, order, position, offsets = sort(top_k_index, num_experts, num_slots)
         return token if with_token else None, order, position, offsets
     # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
     key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
@@ -343,7 +350,7 @@ def grouped_experts_forward(
     num_rows = top_k_index.numel() if num_slots is None else min(num_slots + 1, top_k_index.numel())
     plan = plan_experts(self, hidden_states, top_k_weights, num_rows, weight_grads)
     token, order, position, offsets = sort_by_expert(
-        top_k_index, self.num_experts, num_slots, not plan.decode, plan.triton_rows
+        top_k_index, self.num_experts, num_slots, not plan.decode, plan.triton_sort
     )
     dtype = self.down_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)

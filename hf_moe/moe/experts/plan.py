@@ -66,6 +66,9 @@ class ExpertsPlan:
     """The gate/up GEMM computes SwiGLU and the routing weight in its epilogue (Triton, stored weight layout)."""
     triton_rows: bool
     """Gather and gather-sum (combine) run as Triton kernels (`hf_moe.moe.ops`), else torch ops."""
+    triton_sort: bool
+    """The (token, slot) pairs are ordered by expert with Triton kernels within their size limits, else with
+    torch's sort (`hf_moe.moe.experts.grouped.sort_by_expert`; same outputs)."""
     triton_swiglu: bool
     """SwiGLU forward and backward run as Triton kernels (SiLU only), else torch ops."""
     in_place_backward: bool
@@ -169,6 +172,7 @@ def plan_experts(
         down_gemm=_gemm(num_rows, num_experts, down_proj.shape[-1], hidden, grouped, triton),
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
         triton_rows=triton,
+        triton_sort=triton,
         triton_swiglu=swiglu,
         in_place_backward=swiglu and not traced,
         decode=(

@@ -4,7 +4,8 @@
 - `swiglu`: SwiGLU with the routing weight, forward and backward;
 - `grouped_gemm`: grouped GEMMs with TMA loads (Hopper or newer), the gate/up one with SwiGLU in its epilogue;
 - `decode`: weight-streaming kernels for few rows per expert at inference;
-- `sort_by_expert`: the (token, slot) pairs ordered by expert in one launch, for few pairs (decode);
+- `sort_by_expert`: the (token, slot) pairs ordered by expert: one launch for few pairs (decode), a counting sort in
+  two launches for many;
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward;
 - `product_key_top_k`: product-key routing's exact selection (each half's top-k by ranks, then the pairs of ranks
   that can still be in the top k);
