@@ -304,17 +304,17 @@ def sort_by_expert(
     the outputs are the same (the counting sort orders ids past the sentinel `num_experts` as the sentinel, in flat
     order, where torch's sort orders them by value: all of them lie past `offsets[-1]`).
     """
-    flat = top_k_index.reshape(-1)
+    num_pairs = top_k_index.numel()
     if (
-        (triton_serves(flat) if triton is None else triton)
-        and flat.numel() <= TRITON_SORT_MAX_PAIRS
+        (triton_serves(top_k_index) if triton is None else triton)
+        and num_pairs <= TRITON_SORT_MAX_PAIRS
         and num_experts <= TRITON_SORT_MAX_EXPERTS
     ):
-        kernel = kernels.sort_by_expert
-        one_launch = flat.numel() <= TRITON_SORT_ONE_LAUNCH_MAX_PAIRS
-        sort = kernel.sort_by_expert if one_launch else kernel.counting_sort_by_expert
+        sorts = kernels.sort_by_expert
+        sort = sorts.sort_by_expert if num_pairs <= TRITON_SORT_ONE_LAUNCH_MAX_PAIRS else sorts.counting_sort_by_expert
         token, order, position, offsets = sort(top_k_index, num_experts, num_slots)
         return token if with_token else None, order, position, offsets
+    flat = top_k_index.reshape(-1)
     # Narrow keys: radix sort passes scale with the key width, and expert ids need few bits.
     key_dtype = torch.int16 if num_experts < torch.iinfo(torch.int16).max else torch.int32
     sorted_expert, order = torch.sort(flat.to(key_dtype), stable=True)

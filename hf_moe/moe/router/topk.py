@@ -59,12 +59,12 @@ def _half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torc
     """Router logits `x·Wᵀ` in float32 from bf16/fp16 `x [..., H]` and `weight [E, H]`: the float32 GEMM's result
     (up to summation order) at the cost of a half-precision GEMM; `x.grad` comes back in x's dtype. Without
     gradients (inference) the GEMM runs as it is, without the autograd Function's host cost."""
-    flat = x.reshape(-1, x.shape[-1])
+    flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # the MoE block's [T, H]: no view op to issue
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         logits = _Float32AccumulatedLinear.apply(flat, weight)
     else:
         logits = _float32_accumulated_mm(flat, weight)
-    return logits.view(*x.shape[:-1], weight.shape[0])
+    return logits if x.dim() == 2 else logits.view(*x.shape[:-1], weight.shape[0])
 
 
 def top_k_lower_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
