@@ -16,6 +16,7 @@ SUITES = {  # name: one line (the list is read without importing torch)
     "quack-gemm": "quack-kernels' CuTe-DSL grouped GEMMs vs hf-moe's Triton and torch's, each GEMM of the step (GPU)",
     "router-fused": "the router's fused softmax -> top-k kernel vs torch's ops, interleaved A/B (GPU)",
     "router-host": "aten ops and host time of one router forward / forward+backward (CPU or GPU)",
+    "sort-by-expert": "ordering the pairs by expert: torch's sort vs the one-launch and counting Triton sorts (GPU)",
     "ep-scaling": "expert-parallel tokens/s/GPU at P = 1, 2, 4, all-to-all time and bandwidth (torchrun)",
     "ep-equivalence": "expert parallel vs one process vs float64: logits, loss, gradients (torchrun, NCCL or gloo)",
     "ep-load-memory": "peak host memory of a sharded from_pretrained at P = 1, 2, 4 (CPU, launches torchrun itself)",
