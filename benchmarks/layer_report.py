@@ -70,15 +70,15 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
             cells = [f"{tf(r, 'fwdbwd_tflops')} / {tf(r, 'fwdbwd_b2b_tflops')}" if r else "-"
                      for r in (res["hf-moe"], res.get("peer_grouped_mm"), res.get("hf-moe_without_quack"))]
             print(f"| {key} | {' | '.join(cells)} |")
-    sort_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_torch_sort" in res]
+    sort_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_counting_sort" in res]
     if sort_rows:
-        print("\n| case | hf-moe block TFLOP/s fwd / fwd+bwd / fwd+bwd back to back: Triton sort | torch's sort | "
+        print("\n| case | hf-moe block TFLOP/s fwd / fwd+bwd / fwd+bwd back to back: counting sort | torch's sort | "
               "fwd+bwd ratio |")
         print("| --- | --- | --- | --- |")
         for key, res in sort_rows:
             cells = [" / ".join(tf(r, k) for k in ("fwd_tflops", "fwdbwd_tflops", "fwdbwd_b2b_tflops"))
-                     for r in (res["hf-moe"], res["hf-moe_torch_sort"])]
-            print(f"| {key} | {cells[0]} | {cells[1]} | {ratio(res['hf-moe_torch_sort'], res['hf-moe'])} |")
+                     for r in (res["hf-moe_counting_sort"], res["hf-moe"])]
+            print(f"| {key} | {cells[0]} | {cells[1]} | {ratio(res['hf-moe'], res['hf-moe_counting_sort'])} |")
     quack_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_without_quack" in res]
     if quack_rows:
         print("\n| case | hf-moe block fwd+bwd TFLOP/s, quack weight gradients / torch's | ratio |")

@@ -52,7 +52,8 @@ def _check(ids: torch.Tensor, num_experts: int, num_slots: int | None = None, bl
     """The sort of `ids` by the rule (`block_size=None`) or by the counting sort with `block_size` pairs per
     program equals the reference."""
     if block_size is None:
-        token, order, position, offsets = sort_by_expert(ids.to(DEVICE), num_experts, num_slots, triton=True)
+        token, order, position, offsets = sort_by_expert(ids.to(DEVICE), num_experts, num_slots, triton=True,
+                                                         counting=True)
     else:
         from hf_moe.moe.kernels.sort_by_expert import counting_sort_by_expert
 
@@ -245,6 +246,15 @@ def test_the_rule_counts_past_the_one_launch_limit(kernel_calls, counting_calls)
     assert len(counting_calls) == 2 and kernel_calls
 
 
+def test_without_counting_many_pairs_go_to_torch_sort(kernel_calls, counting_calls):
+    """The counting sort is opt-in (`counting=True`, the plan's `counting_sort`) until measured on a GPU."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 13, (TRITON_SORT_ONE_LAUNCH_MAX_PAIRS // 4 + 1, 4), generator=gen)
+    got = sort_by_expert(ids.to(DEVICE), 13, triton=True)
+    assert [t.cpu().tolist() for t in got] == list(_reference(ids.tolist(), 13, None))
+    assert not kernel_calls and not counting_calls
+
+
 def test_counting_op_passes_opcheck():
     from hf_moe.moe.kernels import sort_by_expert as module  # noqa: F401  (registers the op)
 
@@ -259,7 +269,7 @@ def test_compiled_counting_sort_is_the_op_and_equals_eager():
     ids = torch.randint(0, 9, (TRITON_SORT_ONE_LAUNCH_MAX_PAIRS // 2 + 3, 2), generator=gen).to(DEVICE)
 
     def sort(ids):
-        return sort_by_expert(ids, 8, 900, triton=True)
+        return sort_by_expert(ids, 8, 900, triton=True, counting=True)
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(sort)(ids)
@@ -282,7 +292,7 @@ def test_counting_sort_at_training_sizes_equals_torch_sort(counting_calls, token
     skewed = torch.multinomial(probs.expand(tokens, -1), top_k, generator=gen)
     dropped = skewed.masked_fill(torch.rand(tokens, top_k, device="cuda", generator=gen) < 0.5, num_experts)
     for ids in (torch.randint(0, num_experts, (tokens, top_k), device="cuda", generator=gen), skewed, dropped):
-        got = sort_by_expert(ids, num_experts, triton=True)
+        got = sort_by_expert(ids, num_experts, triton=True, counting=True)
         want = sort_by_expert(ids, num_experts, triton=False)
         for a, b in zip(got, want):
             assert torch.equal(a, b)
@@ -294,11 +304,11 @@ def test_counting_sort_at_training_sizes_equals_torch_sort(counting_calls, token
 @requires_cuda
 def test_counting_sort_is_captured_in_a_cuda_graph_and_replays_new_ids():
     ids = torch.randint(0, 128, (512, 8), generator=torch.Generator().manual_seed(0)).cuda()
-    sort_by_expert(ids, 128)  # compile outside the capture
+    sort_by_expert(ids, 128, counting=True)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = sort_by_expert(ids, 128)
+        outs = sort_by_expert(ids, 128, counting=True)
     for seed in range(3):
         ids.copy_(torch.randint(0, 129, (512, 8), generator=torch.Generator().manual_seed(seed + 1)))
         graph.replay()

@@ -290,6 +290,7 @@ def sort_by_expert(
     num_slots: int | None = None,
     with_token: bool = True,
     triton: bool | None = None,
+    counting: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Order the T·k (token, slot) pairs by expert without a host sync.
 
@@ -300,14 +301,15 @@ def sort_by_expert(
     the caller knows the number of real slots (`num_slots`, e.g. under expert parallelism, where most slots belong
     to other ranks), only those rows and one dropped row are kept (S = num_slots + 1) and every dropped slot points
     at that row. Triton kernels compute all of it where Triton serves the tensors (`triton=None`: decided from the
-    device; the experts pass their plan's choice) and the sizes are within the limits above, torch ops elsewhere;
+    device; the experts pass their plan's choice) and the sizes are within the limits above — more pairs than the
+    one-launch kernel serves only with `counting` (the plan's `counting_sort`) —, torch ops elsewhere;
     the outputs are the same (the counting sort orders ids past the sentinel `num_experts` as the sentinel, in flat
     order, where torch's sort orders them by value: all of them lie past `offsets[-1]`).
     """
     num_pairs = top_k_index.numel()
     if (
         (triton_serves(top_k_index) if triton is None else triton)
-        and num_pairs <= TRITON_SORT_MAX_PAIRS
+        and num_pairs <= (TRITON_SORT_MAX_PAIRS if counting else TRITON_SORT_ONE_LAUNCH_MAX_PAIRS)
         and num_experts <= TRITON_SORT_MAX_EXPERTS
     ):
         sorts = kernels.sort_by_expert
@@ -350,7 +352,7 @@ def grouped_experts_forward(
     num_rows = top_k_index.numel() if num_slots is None else min(num_slots + 1, top_k_index.numel())
     plan = plan_experts(self, hidden_states, top_k_weights, num_rows, weight_grads)
     token, order, position, offsets = sort_by_expert(
-        top_k_index, self.num_experts, num_slots, not plan.decode, plan.triton_sort
+        top_k_index, self.num_experts, num_slots, not plan.decode, plan.triton_sort, plan.counting_sort
     )
     dtype = self.down_proj.dtype
     x = hidden_states if hidden_states.dtype == dtype else hidden_states.to(dtype)

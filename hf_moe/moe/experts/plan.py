@@ -44,6 +44,10 @@ OWN_GEMM_MIN_MULTIPLY_ADDS = 1 << 35
 # and the general path's extra kernels and partial tiles cost more. Rule and measurements:
 # docs/decisions/decode-kernels.md.
 DECODE_ROWS_PER_EXPERT = 32
+# The counting sort by expert (two Triton launches, above the one-launch kernel's 1024 pairs) is built and tested
+# under Triton's interpreter but not yet run on a GPU: until it is, prefill and training order their pairs with
+# torch's sort unless asked (`override_plan(counting_sort=True)`; docs/decisions/sort-by-expert.md).
+COUNTING_SORT = False
 
 _HAS_TORCH_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
@@ -69,6 +73,9 @@ class ExpertsPlan:
     triton_sort: bool
     """The (token, slot) pairs are ordered by expert with Triton kernels within their size limits, else with
     torch's sort (`hf_moe.moe.experts.grouped.sort_by_expert`; same outputs)."""
+    counting_sort: bool
+    """With `triton_sort`, the counting sort orders more pairs than the one-launch kernel serves (see
+    `COUNTING_SORT`)."""
     triton_swiglu: bool
     """SwiGLU forward and backward run as Triton kernels (SiLU only), else torch ops."""
     in_place_backward: bool
@@ -101,6 +108,7 @@ _SETTINGS = {
     "triton": lambda: None,  # None: Triton kernels serve CUDA tensors when Triton is installed
     "grouped_mm": lambda: None,  # None: torch's grouped GEMM for CUDA bf16 tensors when torch has it
     "quack": lambda: None,  # None: quack's weight gradients for CUDA bf16 tensors where quack runs (Hopper+)
+    "counting_sort": lambda: COUNTING_SORT,
 }
 _FIELDS = tuple(f.name for f in dataclasses.fields(ExpertsPlan))
 _overrides: dict[str, object] = {}
@@ -173,6 +181,7 @@ def plan_experts(
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
         triton_rows=triton,
         triton_sort=triton,
+        counting_sort=triton and bool(_setting("counting_sort")),
         triton_swiglu=swiglu,
         in_place_backward=swiglu and not traced,
         decode=(
