@@ -298,14 +298,16 @@ def test_lora_on_an_imported_deepseek_v3_adapts_the_latent_projections_merges_an
     from hf_moe.integrations import lora_config
 
     reference, path = save_deepseek(tmp_path, num_hidden_layers=2)
-    model = get_peft_model(HfMoeForCausalLM.from_pretrained(path), lora_config(r=2, init_lora_weights=False)).eval()
+    # float64: merged and adapted differ by rounding only, which in float32 can flip a near-tied routing choice
+    model = HfMoeForCausalLM.from_pretrained(path, dtype=torch.float64)
+    model = get_peft_model(model, lora_config(r=2, init_lora_weights=False)).eval()
     adapted = {name.split(".lora_A")[0].rsplit(".", 1)[-1]
                for name, _ in model.named_parameters() if "self_attn" in name and "lora_A" in name}
     assert adapted == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
     ids = torch.randint(0, 97, (2, 7))
     with torch.no_grad():
         adapted_logits = model(ids).logits
-        assert (adapted_logits - reference(ids).logits).abs().max() > 1e-3, "the adapter changes the model"
+        assert (adapted_logits - reference(ids).logits.double()).abs().max() > 1e-3, "the adapter changes the model"
     merged = model.merge_and_unload()
     with torch.no_grad():
         want = merged(ids).logits
@@ -313,9 +315,9 @@ def test_lora_on_an_imported_deepseek_v3_adapts_the_latent_projections_merges_an
     assert_rel_close(want, adapted_logits, 1e-3, "merged vs adapted")
     merged.save_pretrained(tmp_path / "merged")
     convert(tmp_path / "merged", tmp_path / "exported", to="deepseek_v3", progress=False)
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "exported", dtype=torch.float32).eval()
     with torch.no_grad():
-        assert_rel_close(exported(ids).logits, want, 1e-5, "merged LoRA exported to deepseek_v3")
+        assert_rel_close(exported(ids).logits, merged.float()(ids).logits, 1e-5, "merged LoRA exported to deepseek_v3")
 
 
 @requires_cuda
