@@ -6,6 +6,11 @@ from __future__ import annotations
 from .timing import ratio as factor
 
 
+def _cases(summary: list[tuple[str, float | None, dict]], name: str) -> list[tuple[str, dict]]:
+    """The training cases (key, results) that measured implementation `name`."""
+    return [(key, res) for key, dense, res in summary if dense is not None and name in res]
+
+
 def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> None:
     """Markdown tables: one line per case with hf-moe, the peers and the ratios. `summary` holds (case,
     dense-equivalent TFLOP/s, results by implementation) for the training cases and (case, None, row) for decode."""
@@ -36,7 +41,7 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
               f"{ratio(gm, hf)} / {ratio(ea, hf)} | {tf(ehf, 'fwdbwd_tflops')} / {tf(egm, 'fwdbwd_tflops')} | "
               f"{ratio(egm, ehf)} | {tf(etg, 'fwdbwd_tflops')} | {mem(hf, 'act_kb_per_token', '.1f')} / {mem(gm, 'act_kb_per_token', '.1f')} | "
               f"{mem(hf, 'peak_fwdbwd_gb', '.2f')} / {mem(gm, 'peak_fwdbwd_gb', '.2f')} |")
-    graphed_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_graphed" in res]
+    graphed_rows = _cases(summary, "hf-moe_graphed")
     if graphed_rows:
         print("\n| case | hf-moe block fwd+bwd, eager | in CUDA graphs (`capture_moe_cuda_graphs`) | graphed / eager | "
               "graphed vs peer grouped_mm |")
@@ -48,7 +53,7 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
                 continue
             print(f"| {key} | {tf(hf, 'fwdbwd_tflops')} | {tf(gr, 'fwdbwd_tflops')} | {ratio(hf, gr)} | "
                   f"{ratio(gm, gr)} |")
-    liger_rows = [(key, res) for key, dense, res in summary if dense is not None and "liger" in res]
+    liger_rows = _cases(summary, "liger")
     if liger_rows:
         print("\n| case | hf-moe block fwd / fwd+bwd | liger block fwd / fwd+bwd | block ratio | hf-moe experts fwd / "
               "fwd+bwd | liger experts fwd / fwd+bwd | experts ratio | activations KB/token hf / liger | "
@@ -70,7 +75,7 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
             cells = [f"{tf(r, 'fwdbwd_tflops')} / {tf(r, 'fwdbwd_b2b_tflops')}" if r else "-"
                      for r in (res["hf-moe"], res.get("peer_grouped_mm"), res.get("hf-moe_without_quack"))]
             print(f"| {key} | {' | '.join(cells)} |")
-    sort_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_counting_sort" in res]
+    sort_rows = _cases(summary, "hf-moe_counting_sort")
     if sort_rows:
         print("\n| case | hf-moe block TFLOP/s fwd / fwd+bwd / fwd+bwd back to back: counting sort | torch's sort | "
               "fwd+bwd ratio |")
@@ -79,7 +84,7 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
             cells = [" / ".join(tf(r, k) for k in ("fwd_tflops", "fwdbwd_tflops", "fwdbwd_b2b_tflops"))
                      for r in (res["hf-moe_counting_sort"], res["hf-moe"])]
             print(f"| {key} | {cells[0]} | {cells[1]} | {ratio(res['hf-moe'], res['hf-moe_counting_sort'])} |")
-    quack_rows = [(key, res) for key, dense, res in summary if dense is not None and "hf-moe_without_quack" in res]
+    quack_rows = _cases(summary, "hf-moe_without_quack")
     if quack_rows:
         print("\n| case | hf-moe block fwd+bwd TFLOP/s, quack weight gradients / torch's | ratio |")
         print("| --- | --- | --- |")
