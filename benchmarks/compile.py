@@ -54,7 +54,7 @@ import torch
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
 from hf_moe.decode_graphs import decode_graphs
 
-from .compile_models import SHAPES, TINY, build_models, logits_check
+from .compile_models import SHAPES, TINY, build_models, logits_check, with_llama_norms
 from .compile_report import check_failed, summary
 from .record import ResultFile
 from .timing import median_and_min, synchronize
@@ -307,15 +307,17 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="training sequence length, batch 4 (default 2048; 128 tiny)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no part or case after this many seconds")
-    ap.add_argument("--models", default="hf-moe,transformers", help="comma list of hf-moe, transformers")
+    ap.add_argument("--models", default="hf-moe,transformers",
+                    help="comma list of hf-moe, transformers, hf-moe-llama-norm (hf-moe with transformers' "
+                         "eight-operator RMSNorm instead of torch's fused one)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU in float32 (a smoke run)")
     ap.add_argument("--out", default=None, help="results .jsonl (default: benchmarks/results/compile-<time>.jsonl)")
     a = ap.parse_args()
     names = a.models.split(",")
-    if not names or set(names) - {"hf-moe", "transformers"}:
-        raise SystemExit(f"--models {a.models!r}: expected a comma list of hf-moe, transformers")
+    if not names or set(names) - {"hf-moe", "transformers", "hf-moe-llama-norm"}:
+        raise SystemExit(f"--models {a.models!r}: expected a comma list of hf-moe, transformers, hf-moe-llama-norm")
     device, dtype = ("cpu", torch.float32) if a.tiny else ("cuda", torch.bfloat16)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("python -m benchmarks compile needs a CUDA device (or --tiny: a CPU smoke run)")
@@ -353,6 +355,8 @@ def main() -> None:
                         record(logits_check(models, device))
                     except Exception as e:  # noqa: BLE001 - a failed check is reported, and fails the run
                         record(error_row("logits_rel_err", e))
+                    if "hf-moe-llama-norm" in names:
+                        models["hf-moe-llama-norm"] = with_llama_norms(models["hf-moe"])
                     models = {name: models[name] for name in names}
                 batches = tuple(int(b) for b in a.batches.split(","))
                 if part == "train":

@@ -10,11 +10,14 @@ GPU this adds the time to write and read the weights once (a few GB).
 from __future__ import annotations
 
 import tempfile
+from copy import deepcopy
 
 import torch
 import transformers
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from hf_moe import HfMoeForCausalLM
+from hf_moe.attention import HfMoeRMSNorm
 from hf_moe.interop import FAMILIES
 
 # `model_type` + the family's transformers config fields; `layers`: the default number of decoder layers.
@@ -52,6 +55,17 @@ def build_models(shape: dict, layers: int, device: str, dtype: torch.dtype) -> d
         peer.save_pretrained(folder)
         ours = HfMoeForCausalLM.from_pretrained(folder, dtype=dtype, device=device)
     return {"hf-moe": ours, "transformers": peer}
+
+
+def with_llama_norms(model: HfMoeForCausalLM) -> HfMoeForCausalLM:
+    """A copy of `model` whose RMSNorms are transformers' `LlamaRMSNorm` (eight operators each, the normalised
+    values rounded to the input's dtype before the weight), as hf-moe's were before they became torch's fused
+    `rms_norm`: the `hf-moe-llama-norm` model, an A/B of that change in one process."""
+    copy = deepcopy(model)
+    for module in copy.modules():
+        if isinstance(module, HfMoeRMSNorm):
+            module.__class__ = LlamaRMSNorm  # the parent class: same parameters and attributes, Llama's forward
+    return copy
 
 
 @torch.no_grad()

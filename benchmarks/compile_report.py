@@ -47,8 +47,10 @@ def summary(rows: list[dict]) -> None:
 
     print("\n| case | eager tok/s | compiled tok/s | compiled / eager |")
     print("| --- | --- | --- | --- |")
-    for name in ("transformers", "hf-moe"):
+    for name in ("transformers", "hf-moe", "hf-moe-llama-norm"):
         e, c = tps(f"train_{name}_eager"), tps(f"train_{name}_compiled")
+        if name == "hf-moe-llama-norm" and not (e or c):
+            continue
         print(f"| train {name} | {e and round(e)} | {c and round(c)} | {e and c and round(c / e, 3)} |")
     for batch in (16, 1):
         for name in ("transformers", "hf-moe"):
@@ -72,6 +74,10 @@ def summary(rows: list[dict]) -> None:
         ours, theirs = (by.get(f"decode_bs{batch}_{name}", {}).get("ms_per_step") for name in ("hf-moe", "transformers"))
         print(f"eager decode bs{batch} ms/step: hf-moe {ours and round(ours, 3)}, transformers "
               f"{theirs and round(theirs, 3)}, hf-moe / transformers {ours and theirs and round(ours / theirs, 3)}")
+        llama = by.get(f"decode_bs{batch}_hf-moe-llama-norm", {}).get("ms_per_step")
+        if llama:
+            print(f"eager decode bs{batch} ms/step: hf-moe with Llama's RMSNorm {round(llama, 3)}, fused / Llama's "
+                  f"{ours and round(ours / llama, 3)}")
     print()
     for line in target_lines(by):
         print(line)

@@ -34,3 +34,40 @@ def test_cuda_eager_inference_attention_leaves_cudnn_out_and_training_keeps_it(m
     model.train()
     model(ids, labels=ids).loss.backward()
     assert seen and all(seen), seen
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cuda_rms_norm_is_one_fused_operator_with_float64_outputs_and_gradients(dtype):
+    """On CUDA the decoder's RMSNorm issues one operator (torch's fused `rms_norm`, where Llama's issues eight), and
+    its output and gradients equal the float64 formula's to the dtype's rounding."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hf_moe.attention import HfMoeRMSNorm
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    norm = HfMoeRMSNorm(256, eps=1e-6).cuda().to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn(256))
+    x = (3 * torch.randn(2, 7, 256, device="cuda")).to(dtype).requires_grad_(True)
+    with torch.no_grad(), Ops() as ops:
+        norm(x)
+    assert ops.seen == ["aten._fused_rms_norm"], ops.seen
+
+    x64, w64 = x.detach().double().requires_grad_(True), norm.weight.detach().double().requires_grad_(True)
+    expected = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    out = norm(x)
+    out.backward(grad.to(dtype))
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for got, want in ((out, expected), (x.grad, x64.grad), (norm.weight.grad, w64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() < tol

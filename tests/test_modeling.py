@@ -254,3 +254,34 @@ def test_loading_refuses_a_checkpoint_whose_moe_tensors_do_not_match(tmp_path, d
     with pytest.raises(ValueError, match="does not match this model's MoE layers") as error:
         HfMoeForCausalLM.from_pretrained(tmp_path)
     assert name in str(error.value) or "w1" in str(error.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rms_norm_equals_float64_maths_and_transformers_in_float32(dtype):
+    """The decoder's RMSNorm (torch's `rms_norm`) against the float64 formula: in bf16 within one rounding of the
+    output (Llama's rounds twice), in float32 within a few (the reduction), in float64 to float64's precision (Llama's
+    computes float64 in float32); bit for bit transformers' `LlamaRMSNorm` in float32. A weight in another dtype
+    promotes as Llama's does."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from hf_moe.attention import HfMoeRMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 5, 96, generator=generator)).to(dtype)[..., :64]  # rows not contiguous
+    weight = (1 + 0.2 * torch.randn(64, generator=generator)).to(dtype)
+    ours, llama = HfMoeRMSNorm(64, eps=1e-5).to(dtype), LlamaRMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        llama.weight.copy_(weight)
+    x64, w64 = x.double(), weight.double()
+    expected = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    out = ours(x)
+    assert out.dtype == dtype
+    roundings = 1 if dtype == torch.bfloat16 else 4
+    ulp = torch.finfo(dtype).eps * expected.abs().clamp_min(torch.finfo(dtype).tiny)
+    assert ((out.double() - expected).abs() <= roundings * ulp).all()
+    if dtype == torch.float32:
+        assert torch.equal(out, llama(x))
+    with torch.no_grad():
+        mixed = ours.float()(x.to(torch.bfloat16))
+    assert mixed.dtype == torch.float32
