@@ -43,7 +43,7 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
                         rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
                                          "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
     "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
                         routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
                         qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, attention_bias=True,
                         rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
@@ -289,7 +289,7 @@ def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, o
 
     config = tiny_config(**{**dict(num_key_value_heads=4, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
                                    v_head_dim=6, rope_interleave=True, norm_topk_prob=False, num_shared_experts=1,
-                                   n_group=3, topk_group=2, group_score="max", routed_scaling_factor=2.0), **overrides})
+                                   n_group=2, topk_group=1, group_score="max", routed_scaling_factor=2.0), **overrides})
     model = HfMoeForCausalLM(config).eval()
     randomize(model)
     model.save_pretrained(tmp_path / "model")
