@@ -1,5 +1,5 @@
 """The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]` and
-`hf-moe convert SRC OUT [--to hf_moe|mixtral|qwen2_moe|qwen3_moe|olmoe|glm4_moe|deepseek_v3|auto]`.
+`hf-moe convert SRC OUT [--to hf_moe|mixtral|qwen2_moe|qwen3_moe|olmoe|glm4_moe|deepseek_v3|deepseek_v2|auto]`.
 
 Building the parser imports neither torch nor transformers (`--help` and `--version` answer at once); the
 converter is imported when a command runs.
@@ -92,11 +92,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-progress", action="store_true", help="hide progress bars")
     conv = commands.add_parser(
         "convert",
-        help="convert an MoE checkpoint between hf-moe and mixtral/qwen2_moe/qwen3_moe/olmoe/glm4_moe/deepseek_v3, "
-             "exactly",
+        help="convert an MoE checkpoint between hf-moe and mixtral/qwen2_moe/qwen3_moe/olmoe/glm4_moe/deepseek_v3/"
+             "deepseek_v2, exactly",
         description="Convert an MoE checkpoint folder (safetensors; hf_moe, mixtral, qwen2_moe, qwen3_moe, olmoe, "
-                    "glm4_moe or deepseek_v3) into another layout, streaming one tensor at a time. The result computes "
-                    "the same logits; what the target family cannot express is refused and nothing is written.",
+                    "glm4_moe, deepseek_v3 or deepseek_v2) into another layout, streaming one tensor at a time. The "
+                    "result computes the same logits; what the target family cannot express is refused and nothing "
+                    "is written.",
         formatter_class=_DefaultsHelpFormatter,
     )
     conv.add_argument("src", help="MoE checkpoint folder (config.json + safetensors)")

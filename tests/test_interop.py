@@ -1,6 +1,8 @@
-"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3) in and out, against
-transformers' own classes: tiny random models built and saved by transformers, every weight and buffer randomised so
-that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every refusal."""
+"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, deepseek_v2) in and out,
+against transformers' own classes: tiny random models built and saved by transformers, every weight and buffer
+randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
+refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
+greedy routing (which ignores the groups its config names)."""
 
 import json
 import os
@@ -23,7 +25,7 @@ from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
-FAMILIES = {
+FAMILIES = {  # test case → its transformers config (of `model_type` where the case is not named after one)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
                       shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False),
@@ -40,6 +42,16 @@ FAMILIES = {
                         v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
                         rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
                                          "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, attention_bias=True,
+                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                         "mscale": 0.9, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+    "deepseek_v2_lite": dict(model_type="deepseek_v2", n_routed_experts=6, num_experts_per_tok=3,
+                             moe_intermediate_size=16, n_shared_experts=1, topk_method="greedy", n_group=2,
+                             topk_group=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=10,
+                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -58,9 +70,10 @@ def randomize(model: torch.nn.Module) -> None:
                 tensor.copy_(0.1 * noise)
 
 
-def build(model_type: str, folder) -> torch.nn.Module:
-    """A tiny random model of `model_type` saved by transformers into `folder`; returns it in evaluation mode."""
-    config = AutoConfig.for_model(model_type, **{**BASE, **FAMILIES[model_type]})
+def build(case: str, folder) -> torch.nn.Module:
+    """The tiny random model of test case `case` saved by transformers into `folder`; returns it in evaluation mode."""
+    kwargs = {**BASE, **FAMILIES[case]}
+    config = AutoConfig.for_model(kwargs.pop("model_type", case), **kwargs)
     model = AutoModelForCausalLM.from_config(config)
     randomize(model)
     model.save_pretrained(folder)
@@ -69,7 +82,7 @@ def build(model_type: str, folder) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    """model_type → (folder, transformers model), built once for the module."""
+    """test case → (folder, transformers model), built once for the module."""
     root = tmp_path_factory.mktemp("foreign")
     return {name: (root / name, build(name, root / name)) for name in FAMILIES}
 
@@ -151,6 +164,10 @@ def edit_config(folder, dest, **changes) -> None:
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
     ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "max_window_layers=1"),
     ("qwen3_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
+    ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+    ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=True"),
+    ("deepseek_v2", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
+    ("deepseek_v2_lite", {"mlp_bias": True}, "mlp_bias=True"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -210,7 +227,7 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     assert (tmp_path / "hf" / "generation_config.json").is_file() and (tmp_path / "hf" / "README.md").is_file()
     assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1, "max_shard_size shards the output"
 
-    result = convert(tmp_path / "hf", tmp_path / "back", to=model_type, progress=False)
+    result = convert(tmp_path / "hf", tmp_path / "back", to=reference.config.model_type, progress=False)
     assert result.config.architectures == [type(reference).__name__]
     original, back = tensors(folder), tensors(tmp_path / "back")
     assert sorted(back) == sorted(original), "the export names tensors as transformers saves them"
@@ -231,6 +248,8 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("mixtral", "olmoe", "sliding_window"),
     ("deepseek_v3", "glm4_moe", "kv_lora_rank"),
     ("glm4_moe", "deepseek_v3", "kv_lora_rank"),
+    ("deepseek_v2", "deepseek_v3", "scoring_func"),
+    ("deepseek_v3", "deepseek_v2", "scoring_func"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
@@ -253,6 +272,36 @@ def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, 
         with pytest.raises(InteropError, match=named):
             convert(tmp_path / "model", tmp_path / to, to=to, progress=False)
         assert not (tmp_path / to).exists()
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({}, None),
+    (dict(group_score="top2_sum"), "group_score='top2_sum'"),
+    (dict(rope_interleave=False), "rope_interleave=False"),
+    (dict(norm_topk_prob=True), "norm_topk_prob=True"),
+    (dict(use_expert_bias=True), "use_expert_bias=True"),
+    (dict(moe_layers=[0]), r"moe_layers=\[0\]"),
+])
+def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, overrides, named):
+    """An hf-moe model with MLA, softmax scores, group-limited routing by each group's best expert and no
+    renormalisation goes to deepseek_v2 (`--to auto` too) with its logits; what DeepSeek-V2 lacks is refused."""
+    from .conftest import tiny_config
+
+    config = tiny_config(**{**dict(num_key_value_heads=4, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                                   v_head_dim=6, rope_interleave=True, norm_topk_prob=False, num_shared_experts=1,
+                                   n_group=2, topk_group=1, group_score="max", routed_scaling_factor=2.0), **overrides})
+    model = HfMoeForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "model")
+    if named is not None:
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / "out", to="deepseek_v2", progress=False)
+        return
+    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "deepseek_v2"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert exported.config.topk_method == "group_limited_greedy"
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → deepseek_v2")
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):

@@ -153,6 +153,10 @@ def dense_and_moe_layers(cfg: HfMoeConfig) -> tuple[list[int], list[int]]:
     return [i for i in range(cfg.num_hidden_layers) if i not in moe], moe
 
 
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+"""Multi-head latent attention's widths (`hf_moe.mla`): the same names in DeepSeek-V2/V3's configs and hf-moe's."""
+
+
 # DeepSeek-style routed MoE (DeepSeek-V3, GLM-4-MoE): the first `first_k_dense_replace` layers dense, then MoE layers
 # with sigmoid scores, a selection-only expert bias, group-limited top-k, routed scaling and ungated shared experts;
 # the multi-token-prediction layers after the last layer are not part of the causal LM.

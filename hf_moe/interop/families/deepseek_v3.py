@@ -21,6 +21,7 @@ from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
     DEEPSEEK_MOE_HANDLED,
+    MLA_FIELDS,
     MoeFamily,
     beyond_last_layer,
     common_from_hf_moe,
@@ -31,7 +32,6 @@ from ..family import (
     refuse,
 )
 
-_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # DeepSeek's own config.json fields that transformers' class does not read: the value its code takes as given.
 _ASSUMED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
 
@@ -44,7 +44,7 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
                          "the checkpoint's own code and transformers' disagree")
     return {
         **common_to_hf_moe(cfg),
-        **{name: getattr(cfg, name) for name in _MLA_FIELDS},
+        **{name: getattr(cfg, name) for name in MLA_FIELDS},
         "rope_interleave": bool(cfg.rope_interleave),
         "attention_bias": cfg.attention_bias,
         **deepseek_moe_to_hf_moe(cfg),
@@ -63,23 +63,23 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
                      "MoE; no family with multi-head latent attention takes another pattern")
     if cfg.scoring_func != "sigmoid":
         raise refuse("deepseek_v3", "scoring_func", cfg.scoring_func,
-                     "DeepSeek-V3 scores experts with a sigmoid (softmax routers export to mixtral, qwen2_moe, "
-                     "qwen3_moe or olmoe)")
+                     "DeepSeek-V3 scores experts with a sigmoid (softmax routers export to deepseek_v2 with "
+                     "multi-head latent attention, else to mixtral, qwen2_moe, qwen3_moe or olmoe)")
     if not cfg.use_expert_bias:
         raise refuse("deepseek_v3", "use_expert_bias", False,
                      "DeepSeek-V3 always selects with a score correction bias; set use_expert_bias=True (a zero bias "
                      "selects the same experts)")
     if moe and cfg.num_shared_experts == 0:
         raise refuse("deepseek_v3", "num_shared_experts", 0,
-                     "DeepSeek-V3's MoE layers always have shared experts (qwen3_moe has none, but no multi-head "
-                     "latent attention)")
+                     "DeepSeek-V3's MoE layers always have shared experts (as DeepSeek-V2's; qwen3_moe has none, but "
+                     "no multi-head latent attention)")
     n_group = cfg.n_group or 1
     if cfg.num_experts // n_group < 2:
         raise refuse("deepseek_v3", "n_group", cfg.n_group,
                      "DeepSeek-V3 ranks a group by its two best experts, so every group needs at least two")
     return {
         **common_from_hf_moe(cfg),
-        **{name: getattr(cfg, name) for name in _MLA_FIELDS},
+        **{name: getattr(cfg, name) for name in MLA_FIELDS},
         "rope_interleave": cfg.rope_interleave,
         "attention_bias": cfg.attention_bias,
         **deepseek_moe_from_hf_moe(cfg, "deepseek_v3"),
@@ -91,7 +91,7 @@ DEEPSEEK_V3 = MoeFamily(
     architecture="DeepseekV3ForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(_MLA_FIELDS) | set(_ASSUMED) | {
+    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(MLA_FIELDS) | set(_ASSUMED) | {
         "qk_head_dim", "rope_interleave", "attention_bias", "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux"},
     ignored=beyond_last_layer,
 )
