@@ -40,6 +40,9 @@ FAMILIES = {
                         v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
                         rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
                                          "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+    "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                  first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
+                  head_dim=16, attention_bias=True, sliding_window=6, max_window_layers=0),
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -151,6 +154,9 @@ def edit_config(folder, dest, **changes) -> None:
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
     ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "max_window_layers=1"),
     ("qwen3_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
+    ("dots1", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types=['full_attention'"),
+    ("dots1", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters['partial_rotary_factor']=0.5"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -231,6 +237,9 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("mixtral", "olmoe", "sliding_window"),
     ("deepseek_v3", "glm4_moe", "kv_lora_rank"),
     ("glm4_moe", "deepseek_v3", "kv_lora_rank"),
+    ("glm4_moe", "dots1", "qkv_bias"),
+    ("qwen3_moe", "dots1", "scoring_func"),
+    ("dots1", "glm4_moe", "attention_bias"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):

@@ -1,11 +1,12 @@
 """The built-in foreign families, one entry each (see `hf_moe.interop` for the contract)."""
 
 from .deepseek_v3 import DEEPSEEK_V3
+from .dots1 import DOTS1
 from .glm4_moe import GLM4_MOE
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .qwen_moe import QWEN2_MOE, QWEN3_MOE
 
-BUILTIN_FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3)
+BUILTIN_FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, DOTS1)
 
-__all__ = ["BUILTIN_FAMILIES", "DEEPSEEK_V3", "GLM4_MOE", "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE"]
+__all__ = ["BUILTIN_FAMILIES", "DEEPSEEK_V3", "DOTS1", "GLM4_MOE", "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE"]
