@@ -43,6 +43,9 @@ FAMILIES = {
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
                   first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                   head_dim=16, attention_bias=True, sliding_window=6, max_window_layers=0),
+    "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                       n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False, attention_bias=True,
+                       head_dim=16),
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -157,6 +160,7 @@ def edit_config(folder, dest, **changes) -> None:
     ("dots1", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types=['full_attention'"),
     ("dots1", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters['partial_rotary_factor']=0.5"),
+    ("solar_open", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -240,6 +244,7 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("glm4_moe", "dots1", "qkv_bias"),
     ("qwen3_moe", "dots1", "scoring_func"),
     ("dots1", "glm4_moe", "attention_bias"),
+    ("glm4_moe", "solar_open", "moe_layers"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
