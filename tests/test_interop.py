@@ -46,6 +46,11 @@ FAMILIES = {
     "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                        n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False, attention_bias=True,
                        head_dim=16),
+    "glm4_moe_lite": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                          n_group=2, topk_group=1, routed_scaling_factor=1.8, num_hidden_layers=3,
+                          mlp_layer_types=["sparse", "dense", "sparse"], num_key_value_heads=4, q_lora_rank=None,
+                          kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, rope_interleave=False,
+                          attention_bias=True),
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -161,6 +166,8 @@ def edit_config(folder, dest, **changes) -> None:
     ("dots1", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters['partial_rotary_factor']=0.5"),
     ("solar_open", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
+    ("glm4_moe_lite", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
+    ("glm4_moe_lite", {"topk_method": "group_limited_greedy"}, "topk_method='group_limited_greedy'"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -245,6 +252,8 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("qwen3_moe", "dots1", "scoring_func"),
     ("dots1", "glm4_moe", "attention_bias"),
     ("glm4_moe", "solar_open", "moe_layers"),
+    ("glm4_moe_lite", "deepseek_v3", "moe_layers"),
+    ("dots1", "glm4_moe_lite", "kv_lora_rank"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):

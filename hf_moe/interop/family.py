@@ -205,10 +205,10 @@ def deepseek_moe_from_hf_moe(cfg: HfMoeConfig, family: str) -> dict[str, Any]:
     }
 
 
-def require_biased_sigmoid_routing(cfg: HfMoeConfig, family: str, *, shared_experts: bool) -> None:
-    """Refuses an hf-moe config whose routing `family` cannot express: it scores experts with a sigmoid and selects
-    with an expert bias (DeepSeek-V3's `e_score_correction_bias`), and its MoE layers always have shared experts
-    (`shared_experts=True`) or never do."""
+def require_deepseek_routing(cfg: HfMoeConfig, family: str) -> None:
+    """Refuses an hf-moe config whose routing the DeepSeek-style `family` cannot express: it scores experts with a
+    sigmoid, selects with an expert bias (`e_score_correction_bias`), ranks a group by its two best experts and always
+    has shared experts."""
     if cfg.scoring_func != "sigmoid":
         raise refuse(family, "scoring_func", cfg.scoring_func,
                      f"{family} scores experts with a sigmoid (softmax routers export to mixtral, qwen2_moe, qwen3_moe "
@@ -217,14 +217,23 @@ def require_biased_sigmoid_routing(cfg: HfMoeConfig, family: str, *, shared_expe
         raise refuse(family, "use_expert_bias", False,
                      f"{family} always selects with an expert bias; set use_expert_bias=True (a zero bias selects the "
                      "same experts)")
-    if shared_experts and cfg.num_shared_experts == 0:
+    if cfg.num_experts // (cfg.n_group or 1) < 2:
+        raise refuse(family, "n_group", cfg.n_group,
+                     f"{family} ranks a group by its two best experts, so every group needs at least two")
+    if cfg.num_shared_experts == 0:
         raise refuse(family, "num_shared_experts", 0,
                      f"{family}'s MoE layers always have shared experts (qwen3_moe, mixtral, olmoe and minimax_m2 "
                      "have none)")
-    if not shared_experts and cfg.shared_expert_size:
-        raise refuse(family, "num_shared_experts", cfg.num_shared_experts,
-                     f"{family} has no shared experts (glm4_moe, deepseek_v3, dots1, solar_open and glm4_moe_lite take "
-                     "ungated ones, qwen2_moe one gated)")
+
+
+MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "rope_interleave",
+              "attention_bias")
+"""Multi-head latent attention's fields (`hf_moe.mla`), named alike in hf-moe's config and DeepSeek-V3's."""
+
+
+def mla_fields(cfg: PretrainedConfig | HfMoeConfig) -> dict[str, Any]:
+    """The multi-head latent attention fields of a DeepSeek-style config or of an hf-moe one, for the other."""
+    return {name: bool(getattr(cfg, name)) if name == "rope_interleave" else getattr(cfg, name) for name in MLA_FIELDS}
 
 
 def require_rotary_factor(family: str, rope: dict[str, Any] | None, why: str) -> None:

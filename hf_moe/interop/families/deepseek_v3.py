@@ -21,6 +21,7 @@ from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
     DEEPSEEK_MOE_HANDLED,
+    MLA_FIELDS,
     MoeFamily,
     beyond_last_layer,
     common_from_hf_moe,
@@ -28,27 +29,18 @@ from ..family import (
     deepseek_moe_from_hf_moe,
     deepseek_moe_to_hf_moe,
     dense_and_moe_layers,
+    mla_fields,
     refuse,
+    refuse_unread,
 )
 
-_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 # DeepSeek's own config.json fields that transformers' class does not read: the value its code takes as given.
 _ASSUMED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    for field_name, value in _ASSUMED.items():
-        if getattr(cfg, field_name, value) != value:
-            raise refuse("deepseek_v3", field_name, getattr(cfg, field_name),
-                         f"transformers' DeepseekV3 computes {field_name}={value!r} whatever config.json says, so "
-                         "the checkpoint's own code and transformers' disagree")
-    return {
-        **common_to_hf_moe(cfg),
-        **{name: getattr(cfg, name) for name in _MLA_FIELDS},
-        "rope_interleave": bool(cfg.rope_interleave),
-        "attention_bias": cfg.attention_bias,
-        **deepseek_moe_to_hf_moe(cfg),
-    }
+    refuse_unread("deepseek_v3", cfg, _ASSUMED)
+    return {**common_to_hf_moe(cfg), **mla_fields(cfg), **deepseek_moe_to_hf_moe(cfg)}
 
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
@@ -77,13 +69,7 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     if cfg.num_experts // n_group < 2:
         raise refuse("deepseek_v3", "n_group", cfg.n_group,
                      "DeepSeek-V3 ranks a group by its two best experts, so every group needs at least two")
-    return {
-        **common_from_hf_moe(cfg),
-        **{name: getattr(cfg, name) for name in _MLA_FIELDS},
-        "rope_interleave": cfg.rope_interleave,
-        "attention_bias": cfg.attention_bias,
-        **deepseek_moe_from_hf_moe(cfg, "deepseek_v3"),
-    }
+    return {**common_from_hf_moe(cfg), **mla_fields(cfg), **deepseek_moe_from_hf_moe(cfg, "deepseek_v3")}
 
 
 DEEPSEEK_V3 = MoeFamily(
@@ -91,7 +77,7 @@ DEEPSEEK_V3 = MoeFamily(
     architecture="DeepseekV3ForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(_MLA_FIELDS) | set(_ASSUMED) | {
-        "qk_head_dim", "rope_interleave", "attention_bias", "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux"},
+    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(MLA_FIELDS) | set(_ASSUMED) | {
+        "qk_head_dim", "pretraining_tp", "ep_size", "aux_loss_alpha", "seq_aux"},
     ignored=beyond_last_layer,
 )

@@ -24,7 +24,7 @@ from ..family import (
     deepseek_moe_to_hf_moe,
     dense_and_moe_layers,
     refuse,
-    require_biased_sigmoid_routing,
+    require_deepseek_routing,
     require_rotary_factor,
 )
 
@@ -56,7 +56,7 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     dense, moe = dense_and_moe_layers(cfg)
-    require_biased_sigmoid_routing(cfg, "dots1", shared_experts=True)
+    require_deepseek_routing(cfg, "dots1")
     if moe != list(range(len(dense), cfg.num_hidden_layers)):
         raise refuse("dots1", "moe_layers", moe,
                      "Dots1's dense layers are the first first_k_dense_replace ones and every later layer is MoE "

@@ -26,7 +26,7 @@ from ..family import (
     dense_and_moe_layers,
     refuse,
     refuse_unread,
-    require_biased_sigmoid_routing,
+    require_deepseek_routing,
     require_rotary_factor,
 )
 
@@ -44,7 +44,7 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     dense, moe = dense_and_moe_layers(cfg)
-    require_biased_sigmoid_routing(cfg, "solar_open", shared_experts=True)
+    require_deepseek_routing(cfg, "solar_open")
     if dense:
         raise refuse("solar_open", "moe_layers", moe,
                      "every SolarOpen layer is MoE (glm4_moe, deepseek_v3 and dots1 take dense first layers, "
