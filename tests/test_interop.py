@@ -51,6 +51,8 @@ FAMILIES = {
                           mlp_layer_types=["sparse", "dense", "sparse"], num_key_value_heads=4, q_lora_rank=None,
                           kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, rope_interleave=False,
                           attention_bias=True),
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=16, rotary_dim=8,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -112,10 +114,10 @@ def test_direct_load_computes_what_transformers_computes(saved, model_type):
     assert_cached_greedy_equals_full_forward(model, prompt, 5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "minimax_m2"])
 def test_fused_expert_tensors_load_like_per_expert_ones(saved, tmp_path, model_type):
-    """transformers 5's in-memory layout (`mlp.experts.gate_up_proj [E, 2I, H]`, Mixtral's `mlp` included) saved as
-    is loads the same model."""
+    """transformers 5's in-memory layout (`mlp.experts.gate_up_proj [E, 2I, H]`, Mixtral's and MiniMax-M2's `mlp`
+    included, with MiniMax-M2's expert bias on the block) saved as is loads the same model."""
     folder, reference = saved[model_type]
     shutil.copytree(folder, tmp_path / "fused")
     os.remove(tmp_path / "fused" / "model.safetensors")
@@ -168,6 +170,9 @@ def edit_config(folder, dest, **changes) -> None:
     ("solar_open", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
     ("glm4_moe_lite", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
     ("glm4_moe_lite", {"topk_method": "group_limited_greedy"}, "topk_method='group_limited_greedy'"),
+    ("minimax_m2", {"rotary_dim": 4}, "rotary_dim=4"),
+    ("minimax_m2", {"attn_type_list": [0, 1]}, "attn_type_list=[0, 1]"),
+    ("minimax_m2", {"use_routing_bias": False}, "use_routing_bias=False"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -254,6 +259,9 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("glm4_moe", "solar_open", "moe_layers"),
     ("glm4_moe_lite", "deepseek_v3", "moe_layers"),
     ("dots1", "glm4_moe_lite", "kv_lora_rank"),
+    ("minimax_m2", "mixtral", "qk_norm"),
+    ("olmoe", "minimax_m2", "scoring_func"),
+    ("glm4_moe", "minimax_m2", "routed_scaling_factor"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
