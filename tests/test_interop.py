@@ -1,6 +1,7 @@
-"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3) in and out, against
-transformers' own classes: tiny random models built and saved by transformers, every weight and buffer randomised so
-that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every refusal."""
+"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
+glm4_moe_lite, minimax_m2) in and out, against transformers' own classes: tiny random models built and saved by
+transformers, every weight and buffer randomised so that a wrong mapping shows; direct loading, expert-parallel loading,
+conversion both ways and every refusal."""
 
 import json
 import os
@@ -267,6 +268,19 @@ def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tm
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
         convert(saved[model_type][0], tmp_path / "out", to=to, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_two_families_express_exports_to_either(saved, tmp_path):
+    """A DeepSeek-V3 model is also a GLM-4-MoE-Lite one (the same latent attention and routing, the dense-then-MoE
+    layers named one by one): transformers' Glm4MoeLite class computes its logits from the export, and `auto` keeps
+    the family registered first."""
+    folder, reference = saved["deepseek_v3"]
+    assert convert(folder, tmp_path / "auto", to="auto", progress=False).target_type == "deepseek_v3"
+    convert(folder, tmp_path / "lite", to="glm4_moe_lite", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "lite")
+    assert type(exported).__name__ == "Glm4MoeLiteForCausalLM"
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(reference, ids, mask), 1e-5, "deepseek_v3 as glm4_moe_lite")
 
 
 @pytest.mark.parametrize("overrides,named", [
