@@ -195,12 +195,14 @@ def test_checkpoints_with_missing_or_extra_tensors_are_refused(saved, tmp_path):
             HfMoeForCausalLM.from_pretrained(tmp_path / what)
 
 
-def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(saved, tmp_path):
-    folder, reference = saved["glm4_moe"]
+@pytest.mark.parametrize("model_type", ["glm4_moe", "glm4_moe_lite"])
+def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(saved, tmp_path, model_type):
+    folder, reference = saved[model_type]
     shutil.copytree(folder, tmp_path / "mtp")
     with safe_open(folder / "model.safetensors", "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    tensors["model.layers.2.eh_proj.weight"] = torch.randn(32, 64)  # the MTP layer after the last one
+    last = reference.config.num_hidden_layers
+    tensors[f"model.layers.{last}.eh_proj.weight"] = torch.randn(32, 64)  # the MTP layer after the last one
     save_file(tensors, tmp_path / "mtp" / "model.safetensors")
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mtp"), ids), logits(reference, ids), 1e-5)
