@@ -1,5 +1,5 @@
 """The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]` and
-`hf-moe convert SRC OUT [--to hf_moe|mixtral|qwen2_moe|qwen3_moe|olmoe|glm4_moe|deepseek_v3|deepseek_v2|auto]`.
+`hf-moe convert SRC OUT [--to hf_moe|FAMILY|auto]` (FAMILY: a foreign family of `hf_moe.interop`, e.g. qwen3_moe).
 
 Building the parser imports neither torch nor transformers (`--help` and `--version` answer at once); the
 converter is imported when a command runs.
@@ -92,10 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-progress", action="store_true", help="hide progress bars")
     conv = commands.add_parser(
         "convert",
-        help="convert an MoE checkpoint between hf-moe and mixtral/qwen2_moe/qwen3_moe/olmoe/glm4_moe/deepseek_v3/"
-             "deepseek_v2, exactly",
-        description="Convert an MoE checkpoint folder (safetensors; hf_moe, mixtral, qwen2_moe, qwen3_moe, olmoe, "
-                    "glm4_moe, deepseek_v3 or deepseek_v2) into another layout, streaming one tensor at a time. The "
+        help="convert an MoE checkpoint between hf-moe and a foreign family (the --to choices), exactly",
+        description="Convert an MoE checkpoint folder (safetensors; hf_moe or a foreign family: the --to choices) "
+                    "into another layout, streaming one tensor at a time. The "
                     "result computes the same logits; what the target family cannot express is refused and nothing "
                     "is written.",
         formatter_class=_DefaultsHelpFormatter,

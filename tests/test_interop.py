@@ -1,8 +1,8 @@
-"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, deepseek_v2) in and out,
-against transformers' own classes: tiny random models built and saved by transformers, every weight and buffer
-randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
-refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
-greedy routing (which ignores the groups its config names)."""
+"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
+glm4_moe_lite, minimax_m2, deepseek_v2) in and out, against transformers' own classes: tiny random models built and
+saved by transformers, every weight and buffer randomised so that a wrong mapping shows; direct loading,
+expert-parallel loading, conversion both ways and every refusal. DeepSeek-V2 has two cases: group-limited greedy with a
+q latent and YaRN, and V2-Lite's plain q_proj with greedy routing (which ignores the groups its config names)."""
 
 import json
 import os
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from conversions import convert
 from conversions.cli import main as cli_main
@@ -22,62 +22,9 @@ from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
+from .interop_cases import BASE, FAMILIES, batch, build, logits, randomize
 
-BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
-FAMILIES = {  # test case → its transformers config (of `model_type` where the case is not named after one)
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
-                      shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16,
-                      decoder_sparse_step=2, norm_topk_prob=True),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2, attention_bias=True, tie_word_embeddings=True),
-    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-                     first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
-                     attention_bias=True, head_dim=16,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                        num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                        v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
-                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
-                                         "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
-    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                        routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
-                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, attention_bias=True,
-                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
-                                         "mscale": 0.9, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
-    "deepseek_v2_lite": dict(model_type="deepseek_v2", n_routed_experts=6, num_experts_per_tok=3,
-                             moe_intermediate_size=16, n_shared_experts=1, topk_method="greedy", n_group=2,
-                             topk_group=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=10,
-                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
-}
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """Every parameter and persistent buffer random (norm weights around 1), so each one changes the logits."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            noise = torch.randn(tensor.shape, generator=generator)
-            if "norm" in name:
-                tensor.copy_(1 + 0.2 * noise)
-            elif "gate.weight" in name and "experts" not in name:
-                tensor.copy_(0.5 * noise)  # routers: varied routing
-            else:
-                tensor.copy_(0.1 * noise)
-
-
-def build(case: str, folder) -> torch.nn.Module:
-    """The tiny random model of test case `case` saved by transformers into `folder`; returns it in evaluation mode."""
-    kwargs = {**BASE, **FAMILIES[case]}
-    config = AutoConfig.for_model(kwargs.pop("model_type", case), **kwargs)
-    model = AutoModelForCausalLM.from_config(config)
-    randomize(model)
-    model.save_pretrained(folder)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -85,19 +32,6 @@ def saved(tmp_path_factory):
     """test case → (folder, transformers model), built once for the module."""
     root = tmp_path_factory.mktemp("foreign")
     return {name: (root / name, build(name, root / name)) for name in FAMILIES}
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and a left-padded attention mask (padding must not change routing or attention)."""
-    ids = torch.randint(3, BASE["vocab_size"], (3, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    return ids, mask
-
-
-def logits(model, ids, mask=None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -114,10 +48,10 @@ def test_direct_load_computes_what_transformers_computes(saved, model_type):
     assert_cached_greedy_equals_full_forward(model, prompt, 5)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "minimax_m2"])
 def test_fused_expert_tensors_load_like_per_expert_ones(saved, tmp_path, model_type):
-    """transformers 5's in-memory layout (`mlp.experts.gate_up_proj [E, 2I, H]`, Mixtral's `mlp` included) saved as
-    is loads the same model."""
+    """transformers 5's in-memory layout (`mlp.experts.gate_up_proj [E, 2I, H]`, Mixtral's and MiniMax-M2's `mlp`
+    included, with MiniMax-M2's expert bias on the block) saved as is loads the same model."""
     folder, reference = saved[model_type]
     shutil.copytree(folder, tmp_path / "fused")
     os.remove(tmp_path / "fused" / "model.safetensors")
@@ -164,6 +98,15 @@ def edit_config(folder, dest, **changes) -> None:
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
     ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "max_window_layers=1"),
     ("qwen3_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
+    ("dots1", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types=['full_attention'"),
+    ("dots1", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters['partial_rotary_factor']=0.5"),
+    ("solar_open", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
+    ("glm4_moe_lite", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
+    ("glm4_moe_lite", {"topk_method": "group_limited_greedy"}, "topk_method='group_limited_greedy'"),
+    ("minimax_m2", {"rotary_dim": 4}, "rotary_dim=4"),
+    ("minimax_m2", {"attn_type_list": [0, 1]}, "attn_type_list=[0, 1]"),
+    ("minimax_m2", {"use_routing_bias": False}, "use_routing_bias=False"),
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=True"),
     ("deepseek_v2", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
@@ -189,12 +132,14 @@ def test_checkpoints_with_missing_or_extra_tensors_are_refused(saved, tmp_path):
             HfMoeForCausalLM.from_pretrained(tmp_path / what)
 
 
-def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(saved, tmp_path):
-    folder, reference = saved["glm4_moe"]
+@pytest.mark.parametrize("model_type", ["glm4_moe", "glm4_moe_lite"])
+def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(saved, tmp_path, model_type):
+    folder, reference = saved[model_type]
     shutil.copytree(folder, tmp_path / "mtp")
     with safe_open(folder / "model.safetensors", "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    tensors["model.layers.2.eh_proj.weight"] = torch.randn(32, 64)  # the MTP layer after the last one
+    last = reference.config.num_hidden_layers
+    tensors[f"model.layers.{last}.eh_proj.weight"] = torch.randn(32, 64)  # the MTP layer after the last one
     save_file(tensors, tmp_path / "mtp" / "model.safetensors")
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mtp"), ids), logits(reference, ids), 1e-5)
@@ -248,6 +193,15 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("mixtral", "olmoe", "sliding_window"),
     ("deepseek_v3", "glm4_moe", "kv_lora_rank"),
     ("glm4_moe", "deepseek_v3", "kv_lora_rank"),
+    ("glm4_moe", "dots1", "qkv_bias"),
+    ("qwen3_moe", "dots1", "scoring_func"),
+    ("dots1", "glm4_moe", "attention_bias"),
+    ("glm4_moe", "solar_open", "moe_layers"),
+    ("glm4_moe_lite", "deepseek_v3", "moe_layers"),
+    ("dots1", "glm4_moe_lite", "kv_lora_rank"),
+    ("minimax_m2", "mixtral", "qk_norm"),
+    ("olmoe", "minimax_m2", "scoring_func"),
+    ("glm4_moe", "minimax_m2", "routed_scaling_factor"),
     ("deepseek_v2", "deepseek_v3", "scoring_func"),
     ("deepseek_v3", "deepseek_v2", "scoring_func"),
 ])
@@ -255,6 +209,19 @@ def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tm
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
         convert(saved[model_type][0], tmp_path / "out", to=to, progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_two_families_express_exports_to_either(saved, tmp_path):
+    """A DeepSeek-V3 model is also a GLM-4-MoE-Lite one (the same latent attention and routing, the dense-then-MoE
+    layers named one by one): transformers' Glm4MoeLite class computes its logits from the export, and `auto` keeps
+    the family registered first."""
+    folder, reference = saved["deepseek_v3"]
+    assert convert(folder, tmp_path / "auto", to="auto", progress=False).target_type == "deepseek_v3"
+    convert(folder, tmp_path / "lite", to="glm4_moe_lite", progress=False)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "lite")
+    assert type(exported).__name__ == "Glm4MoeLiteForCausalLM"
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(reference, ids, mask), 1e-5, "deepseek_v3 as glm4_moe_lite")
 
 
 @pytest.mark.parametrize("overrides,named", [
@@ -305,6 +272,11 @@ def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, o
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):
+    from conversions.upcycle_types import CONVERT_TARGETS
+    from hf_moe.interop import FAMILIES as REGISTERED
+
+    assert CONVERT_TARGETS == ("hf_moe", *REGISTERED, "auto")  # every built-in family is a --to choice, in order
+    assert cli_main(["convert", str(saved["dots1"][0]), str(tmp_path / "dots1"), "--to", "dots1", "--no-progress"]) == 0
     folder = saved["mixtral"][0]
     assert cli_main(["convert", str(folder), str(tmp_path / "out"), "--to", "auto", "--no-progress"]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]

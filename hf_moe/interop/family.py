@@ -167,12 +167,14 @@ DEEPSEEK_MOE_HANDLED = frozenset({
 
 
 def deepseek_moe_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    """The DeepSeek-style routed-MoE fields of a foreign config, as `HfMoeConfig` keyword arguments."""
+    """The DeepSeek-style routed-MoE fields of a foreign config, as `HfMoeConfig` keyword arguments. A config
+    without `first_k_dense_replace` or without `intermediate_size` (SolarOpen: every layer MoE, no dense MLP) maps
+    to every layer MoE."""
     return {
-        "intermediate_size": cfg.intermediate_size,
+        "intermediate_size": getattr(cfg, "intermediate_size", None) or cfg.moe_intermediate_size,
         "moe_intermediate_size": cfg.moe_intermediate_size,
         "num_experts": cfg.n_routed_experts,
-        "first_k_dense": cfg.first_k_dense_replace or 0,
+        "first_k_dense": getattr(cfg, "first_k_dense_replace", None) or 0,
         "num_shared_experts": cfg.n_shared_experts,
         "scoring_func": "sigmoid",
         "use_expert_bias": True,
@@ -205,6 +207,53 @@ def deepseek_moe_from_hf_moe(cfg: HfMoeConfig, family: str) -> dict[str, Any]:
         "norm_topk_prob": cfg.norm_topk_prob,
         "num_nextn_predict_layers": 0,
     }
+
+
+def require_deepseek_routing(cfg: HfMoeConfig, family: str) -> None:
+    """Refuses an hf-moe config whose routing the DeepSeek-style `family` cannot express: it scores experts with a
+    sigmoid, selects with an expert bias (`e_score_correction_bias`), ranks a group by its two best experts and always
+    has shared experts."""
+    if cfg.scoring_func != "sigmoid":
+        raise refuse(family, "scoring_func", cfg.scoring_func,
+                     f"{family} scores experts with a sigmoid (softmax routers export to mixtral, qwen2_moe, qwen3_moe "
+                     "or olmoe)")
+    if not cfg.use_expert_bias:
+        raise refuse(family, "use_expert_bias", False,
+                     f"{family} always selects with an expert bias; set use_expert_bias=True (a zero bias selects the "
+                     "same experts)")
+    if cfg.num_experts // (cfg.n_group or 1) < 2:
+        raise refuse(family, "n_group", cfg.n_group,
+                     f"{family} ranks a group by its two best experts, so every group needs at least two")
+    if cfg.num_shared_experts == 0:
+        raise refuse(family, "num_shared_experts", 0,
+                     f"{family}'s MoE layers always have shared experts (qwen3_moe, mixtral, olmoe and minimax_m2 "
+                     "have none)")
+
+
+def mla_fields(cfg: PretrainedConfig | HfMoeConfig) -> dict[str, Any]:
+    """The multi-head latent attention fields of a DeepSeek-V3-style config or of an hf-moe one, for the other: the
+    widths (`MLA_FIELDS`), whether RoPE rotates adjacent pairs, and the projections' biases."""
+    return {**{name: getattr(cfg, name) for name in MLA_FIELDS}, "rope_interleave": bool(cfg.rope_interleave),
+            "attention_bias": cfg.attention_bias}
+
+
+def require_rotary_factor(family: str, rope: dict[str, Any] | None, why: str) -> None:
+    """Refuses a `partial_rotary_factor` other than 1 in `rope` (a RoPE parameters dict) for a `family` whose
+    attention rotates every dimension of a head; `why` says whose attention does."""
+    factor = (rope or {}).get("partial_rotary_factor", 1.0)
+    if factor != 1.0:
+        raise refuse(family, "rope_parameters['partial_rotary_factor']", factor,
+                     f"{why} (glm4_moe and minimax_m2 take partial rotary)")
+
+
+def refuse_unread(family: str, cfg: PretrainedConfig, assumed: dict[str, Any]) -> None:
+    """Refuses a foreign config whose fields that transformers' class does not read (the checkpoint's own config.json
+    fields) say other than what the class computes: field → the value its code takes as given."""
+    for field_name, value in assumed.items():
+        if getattr(cfg, field_name, value) != value:
+            raise refuse(family, field_name, getattr(cfg, field_name),
+                         f"transformers' {family} class computes {field_name}={value!r} whatever config.json says, so "
+                         "the checkpoint's own code and transformers' disagree")
 
 
 def signature(cfg: HfMoeConfig) -> dict[str, Any]:

@@ -2,11 +2,17 @@
 
 from .deepseek_v2 import DEEPSEEK_V2
 from .deepseek_v3 import DEEPSEEK_V3
+from .dots1 import DOTS1
 from .glm4_moe import GLM4_MOE
+from .glm4_moe_lite import GLM4_MOE_LITE
+from .minimax_m2 import MINIMAX_M2
 from .mixtral import MIXTRAL
 from .olmoe import OLMOE
 from .qwen_moe import QWEN2_MOE, QWEN3_MOE
+from .solar_open import SOLAR_OPEN
 
-BUILTIN_FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, DEEPSEEK_V2)
+BUILTIN_FAMILIES = (MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, GLM4_MOE, DEEPSEEK_V3, DOTS1, SOLAR_OPEN, GLM4_MOE_LITE,
+                    MINIMAX_M2, DEEPSEEK_V2)
 
-__all__ = ["BUILTIN_FAMILIES", "DEEPSEEK_V2", "DEEPSEEK_V3", "GLM4_MOE", "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE"]
+__all__ = ["BUILTIN_FAMILIES", "DEEPSEEK_V2", "DEEPSEEK_V3", "DOTS1", "GLM4_MOE", "GLM4_MOE_LITE", "MINIMAX_M2",
+           "MIXTRAL", "OLMOE", "QWEN2_MOE", "QWEN3_MOE", "SOLAR_OPEN"]

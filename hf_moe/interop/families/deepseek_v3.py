@@ -29,7 +29,9 @@ from ..family import (
     deepseek_moe_from_hf_moe,
     deepseek_moe_to_hf_moe,
     dense_and_moe_layers,
+    mla_fields,
     refuse,
+    refuse_unread,
 )
 
 # DeepSeek's own config.json fields that transformers' class does not read: the value its code takes as given.
@@ -37,18 +39,8 @@ _ASSUMED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_fre
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    for field_name, value in _ASSUMED.items():
-        if getattr(cfg, field_name, value) != value:
-            raise refuse("deepseek_v3", field_name, getattr(cfg, field_name),
-                         f"transformers' DeepseekV3 computes {field_name}={value!r} whatever config.json says, so "
-                         "the checkpoint's own code and transformers' disagree")
-    return {
-        **common_to_hf_moe(cfg),
-        **{name: getattr(cfg, name) for name in MLA_FIELDS},
-        "rope_interleave": bool(cfg.rope_interleave),
-        "attention_bias": cfg.attention_bias,
-        **deepseek_moe_to_hf_moe(cfg),
-    }
+    refuse_unread("deepseek_v3", cfg, _ASSUMED)
+    return {**common_to_hf_moe(cfg), **mla_fields(cfg), **deepseek_moe_to_hf_moe(cfg)}
 
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
@@ -63,27 +55,21 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
                      "MoE; no family with multi-head latent attention takes another pattern")
     if cfg.scoring_func != "sigmoid":
         raise refuse("deepseek_v3", "scoring_func", cfg.scoring_func,
-                     "DeepSeek-V3 scores experts with a sigmoid (softmax routers export to deepseek_v2 with "
-                     "multi-head latent attention, else to mixtral, qwen2_moe, qwen3_moe or olmoe)")
+                     "DeepSeek-V3 scores experts with a sigmoid (softmax routers export to mixtral, qwen2_moe, "
+                     "qwen3_moe or olmoe)")
     if not cfg.use_expert_bias:
         raise refuse("deepseek_v3", "use_expert_bias", False,
                      "DeepSeek-V3 always selects with a score correction bias; set use_expert_bias=True (a zero bias "
                      "selects the same experts)")
     if moe and cfg.num_shared_experts == 0:
         raise refuse("deepseek_v3", "num_shared_experts", 0,
-                     "DeepSeek-V3's MoE layers always have shared experts (as DeepSeek-V2's; qwen3_moe has none, but "
-                     "no multi-head latent attention)")
+                     "DeepSeek-V3's MoE layers always have shared experts (qwen3_moe has none, but no multi-head "
+                     "latent attention)")
     n_group = cfg.n_group or 1
     if cfg.num_experts // n_group < 2:
         raise refuse("deepseek_v3", "n_group", cfg.n_group,
                      "DeepSeek-V3 ranks a group by its two best experts, so every group needs at least two")
-    return {
-        **common_from_hf_moe(cfg),
-        **{name: getattr(cfg, name) for name in MLA_FIELDS},
-        "rope_interleave": cfg.rope_interleave,
-        "attention_bias": cfg.attention_bias,
-        **deepseek_moe_from_hf_moe(cfg, "deepseek_v3"),
-    }
+    return {**common_from_hf_moe(cfg), **mla_fields(cfg), **deepseek_moe_from_hf_moe(cfg, "deepseek_v3")}
 
 
 DEEPSEEK_V3 = MoeFamily(

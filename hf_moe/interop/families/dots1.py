@@ -1,0 +1,92 @@
+"""dots.llm1 (`model_type="dots1"`): Qwen3's attention (per-head q/k RMSNorm, `attention_bias` on q/k/v and o, a
+sliding window on the layers from `max_window_layers` on) with DeepSeek-V3's MoE: the first `first_k_dense_replace`
+layers dense, then MoE layers with sigmoid scores, an expert bias (`e_score_correction_bias`) for selection only,
+group-limited top-k, routed scaling and `n_shared_experts` ungated shared experts.
+
+Its rotary embedding rotates every dimension of a head (a `partial_rotary_factor` is refused), and hf-moe imports
+the sliding window when it covers every layer or none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from ...configuration_hf_moe import HfMoeConfig
+from ..family import (
+    COMMON_HANDLED,
+    DEEPSEEK_MOE_HANDLED,
+    MoeFamily,
+    common_from_hf_moe,
+    common_to_hf_moe,
+    deepseek_moe_from_hf_moe,
+    deepseek_moe_to_hf_moe,
+    dense_and_moe_layers,
+    refuse,
+    require_deepseek_routing,
+    require_rotary_factor,
+)
+
+_FULL_ROTARY = "Dots1's attention rotates every dimension of a head"
+
+
+def _sliding_window(cfg: PretrainedConfig) -> int | None:
+    types = set(cfg.layer_types)
+    if cfg.sliding_window is None or types == {"full_attention"}:
+        return None
+    if types != {"sliding_attention"}:
+        raise refuse("dots1", "layer_types", cfg.layer_types,
+                     "the layers mix full and sliding attention (max_window_layers between 0 and num_hidden_layers); "
+                     "hf-moe applies one sliding_window to every layer or to none")
+    return cfg.sliding_window
+
+
+def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
+    fields = common_to_hf_moe(cfg)
+    require_rotary_factor("dots1", fields["rope_parameters"], _FULL_ROTARY)
+    return {
+        **fields,
+        **deepseek_moe_to_hf_moe(cfg),
+        "attention_bias": cfg.attention_bias,
+        "qk_norm": True,
+        "sliding_window": _sliding_window(cfg),
+    }
+
+
+def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
+    dense, moe = dense_and_moe_layers(cfg)
+    require_deepseek_routing(cfg, "dots1")
+    if moe != list(range(len(dense), cfg.num_hidden_layers)):
+        raise refuse("dots1", "moe_layers", moe,
+                     "Dots1's dense layers are the first first_k_dense_replace ones and every later layer is MoE "
+                     "(glm4_moe_lite takes any pattern)")
+    if not cfg.qk_norm or cfg.qk_norm_scope != "head":
+        raise refuse("dots1", "qk_norm_scope" if cfg.qk_norm else "qk_norm",
+                     cfg.qk_norm_scope if cfg.qk_norm else False,
+                     "Dots1 always normalises q and k per head (glm4_moe's q/k norm is optional, olmoe and "
+                     "minimax_m2 normalise the whole projection)")
+    if cfg.qkv_bias and not cfg.attention_bias:
+        raise refuse("dots1", "qkv_bias", True,
+                     "Dots1's attention_bias puts a bias on o_proj too (glm4_moe and solar_open take q/k/v biases "
+                     "alone)")
+    require_rotary_factor("dots1", cfg.rope_parameters, _FULL_ROTARY)
+    window = cfg.sliding_window
+    moe_fields = deepseek_moe_from_hf_moe(cfg, "dots1")
+    moe_fields.pop("num_nextn_predict_layers")  # Dots1 has no multi-token-prediction layers
+    return {
+        **common_from_hf_moe(cfg),
+        **moe_fields,
+        "attention_bias": cfg.attention_bias,
+        "sliding_window": window,
+        "max_window_layers": 0 if window is not None else cfg.num_hidden_layers,
+    }
+
+
+DOTS1 = MoeFamily(
+    model_type="dots1",
+    architecture="Dots1ForCausalLM",
+    to_hf_moe=to_hf_moe,
+    from_hf_moe=from_hf_moe,
+    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | {"attention_bias", "sliding_window", "max_window_layers"},
+)
