@@ -14,9 +14,8 @@ import math
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import HfMoeRMSNorm, attend
+from .attention import HfMoeRMSNorm, apply_partial_rotary_pos_emb, attend
 from .configuration_hf_moe import HfMoeConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -32,11 +31,6 @@ def yarn_softmax_mscale(rope_parameters: dict | None) -> float:
     if params.get("rope_type", "default") == "default" or not mscale_all_dim or factor <= 1:
         return 1.0
     return (0.1 * mscale_all_dim * math.log(factor) + 1.0) ** 2
-
-
-def deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """`(x0, x1, x2, x3, …)` → `(x0, x2, …, x1, x3, …)`: RoPE on adjacent pairs becomes RoPE on the two halves."""
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
 
 
 class HfMoeMultiHeadLatentAttention(nn.Module):
@@ -79,12 +73,9 @@ class HfMoeMultiHeadLatentAttention(nn.Module):
     def rotate(
         self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on the rotary parts; with `rope_interleave` the pairs are adjacent, so they are laid out as halves
-        first (queries and keys alike, so their dot products are unchanged)."""
-        if self.config.rope_interleave:
-            q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
+        """RoPE on the rotary parts (adjacent pairs with `rope_interleave`)."""
         cos, sin = position_embeddings
-        return apply_rotary_pos_emb(q_rope, k_rope, cos, sin)
+        return apply_partial_rotary_pos_emb(q_rope, k_rope, cos, sin, self.config.rope_interleave)
 
     def forward(
         self,

@@ -225,6 +225,7 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
         qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
         qk_norm_scope=cfg.qk_norm_scope if cfg.qk_norm else None,
+        qk_norm_order=cfg.qk_norm_order if cfg.qk_norm else None,
         moe_layers=moe, intermediate_size=cfg.intermediate_size if dense else None,
         moe_intermediate_size=cfg.moe_intermediate_size if moe else None,
         shared_expert_size=cfg.shared_expert_size, norm_topk_prob=renormalised,
