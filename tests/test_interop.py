@@ -52,6 +52,8 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
                              moe_intermediate_size=16, n_shared_experts=1, topk_method="greedy", n_group=2,
                              topk_group=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=10,
                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
+    "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
+                         num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -168,6 +170,8 @@ def edit_config(folder, dest, **changes) -> None:
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=True"),
     ("deepseek_v2", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
     ("deepseek_v2_lite", {"mlp_bias": True}, "mlp_bias=True"),
+    ("ernie4_5_moe", {"use_bias": True}, "use_bias=True"),
+    ("ernie4_5_moe", {"moe_norm_min": 1e-6}, "moe_norm_min=1e-06"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -250,6 +254,9 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("glm4_moe", "deepseek_v3", "kv_lora_rank"),
     ("deepseek_v2", "deepseek_v3", "scoring_func"),
     ("deepseek_v3", "deepseek_v2", "scoring_func"),
+    ("ernie4_5_moe", "qwen3_moe", "qk_norm"),
+    ("ernie4_5_moe", "mixtral", "use_expert_bias"),
+    ("qwen3_moe", "ernie4_5_moe", "rope_interleave"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
@@ -302,6 +309,35 @@ def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, o
     assert exported.config.topk_method == "group_limited_greedy"
     ids, mask = batch()
     assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → deepseek_v2")
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({}, None),
+    (dict(rope_interleave=False), "rope_interleave=False"),
+    (dict(use_expert_bias=False), "use_expert_bias=False"),
+    (dict(moe_layers=[0, 1, 3]), r"moe_layers=\[0, 1, 3\]"),
+    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
+    (dict(qkv_bias=True), "qkv_bias=True"),
+])
+def test_ernie_exports_interleaved_rope_models_with_any_layer_interval(tmp_path, overrides, named):
+    """An hf-moe model with RoPE on adjacent pairs, an expert bias on softmax scores and ungated shared experts in
+    every other layer goes to ernie4_5_moe (`--to auto` too) with its logits; what ERNIE-4.5 lacks is refused."""
+    from .conftest import tiny_config
+
+    config = tiny_config(**{**dict(num_hidden_layers=4, moe_layers=[1, 3], rope_interleave=True, use_expert_bias=True,
+                                   num_shared_experts=2, moe_intermediate_size=16), **overrides})
+    model = HfMoeForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "model")
+    if named is not None:
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / "out", to="ernie4_5_moe", progress=False)
+        return
+    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "ernie4_5_moe"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → ernie4_5_moe")
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):
