@@ -54,6 +54,7 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
     "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
                          num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
 }
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -172,6 +173,11 @@ def edit_config(folder, dest, **changes) -> None:
     ("deepseek_v2_lite", {"mlp_bias": True}, "mlp_bias=True"),
     ("ernie4_5_moe", {"use_bias": True}, "use_bias=True"),
     ("ernie4_5_moe", {"moe_norm_min": 1e-6}, "moe_norm_min=1e-06"),
+    ("hunyuan_v1_moe", {"moe_topk": [2, 1]}, "moe_topk=[2, 1]"),
+    ("hunyuan_v1_moe", {"moe_intermediate_size": [16, 16]}, "moe_intermediate_size=[16, 16]"),
+    ("hunyuan_v1_moe", {"use_qk_norm": False}, "use_qk_norm=False"),
+    ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "alpha": 1000.0,
+                                            "rope_theta": 10000.0}}, "rope_parameters['alpha']=1000.0"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -257,6 +263,8 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("ernie4_5_moe", "qwen3_moe", "qk_norm"),
     ("ernie4_5_moe", "mixtral", "use_expert_bias"),
     ("qwen3_moe", "ernie4_5_moe", "rope_interleave"),
+    ("hunyuan_v1_moe", "qwen3_moe", "qk_norm_order"),
+    ("qwen3_moe", "hunyuan_v1_moe", "qk_norm_order"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
@@ -338,6 +346,43 @@ def test_ernie_exports_interleaved_rope_models_with_any_layer_interval(tmp_path,
     assert (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
     ids, mask = batch()
     assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → ernie4_5_moe")
+
+
+def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
+    """Tencent's config.json gives `moe_topk` (and the fields transformers' class ignores) per layer: equal entries
+    import as the one value."""
+    folder, reference = saved["hunyuan_v1_moe"]
+    edit_config(folder, tmp_path / "lists", moe_topk=[2, 2], num_shared_expert=[1, 1], use_qk_norm=True)
+    ids, mask = batch()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "lists")
+    assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, "hunyuan with per-layer lists")
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({}, None),
+    (dict(qk_norm_order="before_rope"), "qk_norm_order='before_rope'"),
+    (dict(moe_layers=[1]), r"moe_layers=\[1\]"),
+    (dict(moe_intermediate_size=16), "moe_intermediate_size=16"),
+    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
+])
+def test_hunyuan_exports_models_normalising_q_and_k_after_rope(tmp_path, overrides, named):
+    """An hf-moe model with q/k norm after RoPE, every layer MoE and one ungated shared expert as wide as the routed
+    ones goes to hunyuan_v1_moe (`--to auto` too) with its logits; what Hunyuan-MoE lacks is refused."""
+    from .conftest import tiny_config
+
+    config = tiny_config(**{**dict(qk_norm=True, qk_norm_order="after_rope", moe_intermediate_size=64,
+                                   num_shared_experts=1, shared_expert_intermediate_size=64), **overrides})
+    model = HfMoeForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "model")
+    if named is not None:
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / "out", to="hunyuan_v1_moe", progress=False)
+        return
+    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "hunyuan_v1_moe"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → hunyuan_v1_moe")
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):
