@@ -1,5 +1,6 @@
 """The `hf-moe` command line: `hf-moe upcycle SRC OUT --num-experts 8 --top-k 2 [...]` and
-`hf-moe convert SRC OUT [--to hf_moe|mixtral|qwen2_moe|qwen3_moe|olmoe|glm4_moe|deepseek_v3|deepseek_v2|auto]`.
+`hf-moe convert SRC OUT [--to hf_moe|mixtral|qwen2_moe|qwen3_moe|olmoe|glm4_moe|deepseek_v3|deepseek_v2|ernie4_5_moe|
+hunyuan_v1_moe|auto]`.
 
 Building the parser imports neither torch nor transformers (`--help` and `--version` answer at once); the
 converter is imported when a command runs.
@@ -93,11 +94,11 @@ def _parser() -> argparse.ArgumentParser:
     conv = commands.add_parser(
         "convert",
         help="convert an MoE checkpoint between hf-moe and mixtral/qwen2_moe/qwen3_moe/olmoe/glm4_moe/deepseek_v3/"
-             "deepseek_v2, exactly",
+             "deepseek_v2/ernie4_5_moe/hunyuan_v1_moe, exactly",
         description="Convert an MoE checkpoint folder (safetensors; hf_moe, mixtral, qwen2_moe, qwen3_moe, olmoe, "
-                    "glm4_moe, deepseek_v3 or deepseek_v2) into another layout, streaming one tensor at a time. The "
-                    "result computes the same logits; what the target family cannot express is refused and nothing "
-                    "is written.",
+                    "glm4_moe, deepseek_v3, deepseek_v2, ernie4_5_moe or hunyuan_v1_moe) into another layout, "
+                    "streaming one tensor at a time. The result computes the same logits; what the target family "
+                    "cannot express is refused and nothing is written.",
         formatter_class=_DefaultsHelpFormatter,
     )
     conv.add_argument("src", help="MoE checkpoint folder (config.json + safetensors)")

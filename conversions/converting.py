@@ -1,5 +1,5 @@
 """Checkpoint conversion between hf-moe and the foreign MoE families (mixtral, qwen2_moe, qwen3_moe, olmoe,
-glm4_moe, deepseek_v3, deepseek_v2), either way, exactly or not at all.
+glm4_moe, deepseek_v3, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe), either way, exactly or not at all.
 
     from conversions import convert
     convert("./Qwen3-30B-A3B", "./qwen3-hf-moe")                 # import: an hf-moe checkpoint
@@ -137,9 +137,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, to: str = "hf_moe", 
             base_model: str | None = None) -> ConvertResult:
     """Convert the MoE checkpoint folder `src` (hf_moe or a foreign family) into `out` in the layout `to`:
     `"hf_moe"` (default), a family (`"mixtral"`, `"qwen2_moe"`, `"qwen3_moe"`, `"olmoe"`, `"glm4_moe"`,
-    `"deepseek_v3"`, `"deepseek_v2"`) or `"auto"` (the source's own family for a foreign source, else the first
-    family that expresses the model exactly, else hf_moe). `dtype` is `"auto"` (each tensor's own) or a float dtype
-    name; the expert bias stays float32.
+    `"deepseek_v3"`, `"deepseek_v2"`, `"ernie4_5_moe"`, `"hunyuan_v1_moe"`) or `"auto"` (the source's own family
+    for a foreign source, else the first family that expresses the model exactly, else hf_moe). `dtype` is `"auto"`
+    (each tensor's own) or a float dtype name; the expert bias stays float32.
 
     Validates and plans everything before writing; raises `ConvertError`/`InteropError` (a `ValueError`) naming the
     field or tensor that cannot be converted exactly, `CheckpointError` for unreadable sources. Tokenizer, chat

@@ -1,8 +1,9 @@
-"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, deepseek_v2) in and out,
-against transformers' own classes: tiny random models built and saved by transformers, every weight and buffer
-randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
-refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
-greedy routing (which ignores the groups its config names)."""
+"""Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, deepseek_v2, ernie4_5_moe,
+hunyuan_v1_moe) in and out, against transformers' own classes: tiny random models built and saved by transformers
+(the cases are in `interop_cases.py`), every weight and buffer randomised so that a wrong mapping shows; direct
+loading, expert-parallel loading, conversion both ways and every refusal. DeepSeek-V2 has two cases: group-limited
+greedy with a q latent and YaRN, and V2-Lite's plain q_proj with greedy routing (which ignores the groups its config
+names)."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from conversions import convert
 from conversions.cli import main as cli_main
@@ -22,65 +23,9 @@ from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
+from .interop_cases import BASE, FAMILIES, batch, build, edit_config, logits, randomize, tensors
 
-BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
-FAMILIES = {  # test case → its transformers config (of `model_type` where the case is not named after one)
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
-                      shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False),
-    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16,
-                      decoder_sparse_step=2, norm_topk_prob=True),
-    "olmoe": dict(num_experts=4, num_experts_per_tok=2, attention_bias=True, tie_word_embeddings=True),
-    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-                     first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
-                     attention_bias=True, head_dim=16,
-                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
-    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
-                        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-                        num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                        v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
-                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
-                                         "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
-    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
-                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
-                        routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
-                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, attention_bias=True,
-                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
-                                         "mscale": 0.9, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
-    "deepseek_v2_lite": dict(model_type="deepseek_v2", n_routed_experts=6, num_experts_per_tok=3,
-                             moe_intermediate_size=16, n_shared_experts=1, topk_method="greedy", n_group=2,
-                             topk_group=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=10,
-                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
-    "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
-                         num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
-    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
-}
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
-
-
-def randomize(model: torch.nn.Module) -> None:
-    """Every parameter and persistent buffer random (norm weights around 1), so each one changes the logits."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            noise = torch.randn(tensor.shape, generator=generator)
-            if "norm" in name:
-                tensor.copy_(1 + 0.2 * noise)
-            elif "gate.weight" in name and "experts" not in name:
-                tensor.copy_(0.5 * noise)  # routers: varied routing
-            else:
-                tensor.copy_(0.1 * noise)
-
-
-def build(case: str, folder) -> torch.nn.Module:
-    """The tiny random model of test case `case` saved by transformers into `folder`; returns it in evaluation mode."""
-    kwargs = {**BASE, **FAMILIES[case]}
-    config = AutoConfig.for_model(kwargs.pop("model_type", case), **kwargs)
-    model = AutoModelForCausalLM.from_config(config)
-    randomize(model)
-    model.save_pretrained(folder)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -88,19 +33,6 @@ def saved(tmp_path_factory):
     """test case → (folder, transformers model), built once for the module."""
     root = tmp_path_factory.mktemp("foreign")
     return {name: (root / name, build(name, root / name)) for name in FAMILIES}
-
-
-def batch() -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids and a left-padded attention mask (padding must not change routing or attention)."""
-    ids = torch.randint(3, BASE["vocab_size"], (3, 11))
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    return ids, mask
-
-
-def logits(model, ids, mask=None) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -155,13 +87,6 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
             assert set(result["experts"][name].values()) == {num_experts // 2}, "each rank holds half the experts"
 
 
-def edit_config(folder, dest, **changes) -> None:
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    config.update(changes)
-    (dest / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("model_type,changes,named", [
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
@@ -188,13 +113,13 @@ def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, mode
 def test_checkpoints_with_missing_or_extra_tensors_are_refused(saved, tmp_path):
     folder, reference = saved["glm4_moe"]
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    for what, tensors, named in [
+    for what, state_dict, named in [
         ("missing", {k: v for k, v in state.items() if k != "model.layers.1.mlp.gate.e_score_correction_bias"},
          "lacks"),
         ("extra", {**state, "model.layers.1.mlp.gate.bias": torch.zeros(8)}, "model.layers.1.mlp.gate.bias"),
     ]:
         shutil.copytree(folder, tmp_path / what)
-        save_file(tensors, tmp_path / what / "model.safetensors")
+        save_file(state_dict, tmp_path / what / "model.safetensors")
         with pytest.raises(InteropError, match=named):
             HfMoeForCausalLM.from_pretrained(tmp_path / what)
 
@@ -208,15 +133,6 @@ def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(save
     save_file(tensors, tmp_path / "mtp" / "model.safetensors")
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mtp"), ids), logits(reference, ids), 1e-5)
-
-
-def tensors(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder (single file or shards)."""
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return out
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)

@@ -1,5 +1,5 @@
-"""Foreign MoE checkpoints in and out: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4-MoE, DeepSeek-V3 and DeepSeek-V2,
-exactly or not at all.
+"""Foreign MoE checkpoints in and out: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4-MoE, DeepSeek-V3, DeepSeek-V2,
+ERNIE-4.5-MoE and Hunyuan-MoE-V1, exactly or not at all.
 
     model = HfMoeForCausalLM.from_pretrained("./Qwen3-30B-A3B")             # a transformers checkpoint folder
     model = HfMoeForCausalLM.from_pretrained("./Mixtral-8x7B", expert_parallel_size=8)   # this rank's experts only
@@ -29,9 +29,11 @@ How a family is added (the contract; `families/mixtral.py` is the shortest examp
    Routed experts are read from the per-expert layout transformers 5 saves
    (`{moe_module}.{experts}.{e}.{gate|up|down}.weight`, names from `expert_names`) or from fused
    `{experts}.gate_up_proj [E, 2I, H]` / `{experts}.down_proj [E, H, I]`, and exported per expert. `ignored` names
-   foreign tensors the family's own class does not load either (GLM's multi-token-prediction layers).
-5. Tests: add the family's tiny transformers config to `tests/test_interop.py::FAMILIES`; every check there (logits,
-   cached generate, both conversions, bit-exact round trip, refusals, expert-parallel load) then covers it.
+   foreign tensors the family's own class does not load either (GLM's multi-token-prediction layers);
+   `expert_bias_as_row` reads and writes the expert bias as a `[1, E]` row (ERNIE-4.5).
+5. Tests: add the family's tiny transformers config to `tests/interop_cases.py::FAMILIES`; every check of
+   `tests/test_interop.py` (logits, cached generate, both conversions, bit-exact round trip, refusals,
+   expert-parallel load) then covers it.
 
 Decoder features an import needs (a new attention, norm or routing variant) are `HfMoeConfig` fields with
 validation; the family maps onto them. A new field that changes what the model computes must also enter `signature`

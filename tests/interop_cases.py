@@ -1,0 +1,95 @@
+"""The foreign families' test cases, shared by `test_interop.py`: a tiny transformers config per case, the builder
+that saves a randomised model of it, and the helpers that compare checkpoints and logits."""
+
+import json
+import shutil
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
+
+BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+FAMILIES = {  # test case → its transformers config (of `model_type` where the case is not named after one)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
+                      shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16,
+                      decoder_sparse_step=2, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2, attention_bias=True, tie_word_embeddings=True),
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                     first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, use_qk_norm=True,
+                     attention_bias=True, head_dim=16,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+                        first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                        num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
+                        v_head_dim=6, rope_interleave=True, num_nextn_predict_layers=0,
+                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                         "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
+                        first_k_dense_replace=1, topk_method="group_limited_greedy", n_group=2, topk_group=1,
+                        routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
+                        qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, attention_bias=True,
+                        rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                         "mscale": 0.9, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+    "deepseek_v2_lite": dict(model_type="deepseek_v2", n_routed_experts=6, num_experts_per_tok=3,
+                             moe_intermediate_size=16, n_shared_experts=1, topk_method="greedy", n_group=2,
+                             topk_group=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=10,
+                             qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
+    "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
+                         num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
+}
+
+def randomize(model: torch.nn.Module) -> None:
+    """Every parameter and persistent buffer random (norm weights around 1), so each one changes the logits."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            noise = torch.randn(tensor.shape, generator=generator)
+            if "norm" in name:
+                tensor.copy_(1 + 0.2 * noise)
+            elif "gate.weight" in name and "experts" not in name:
+                tensor.copy_(0.5 * noise)  # routers: varied routing
+            else:
+                tensor.copy_(0.1 * noise)
+
+
+def build(case: str, folder) -> torch.nn.Module:
+    """The tiny random model of test case `case` saved by transformers into `folder`; returns it in evaluation mode."""
+    kwargs = {**BASE, **FAMILIES[case]}
+    config = AutoConfig.for_model(kwargs.pop("model_type", case), **kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    randomize(model)
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and a left-padded attention mask (padding must not change routing or attention)."""
+    ids = torch.randint(3, BASE["vocab_size"], (3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    return ids, mask
+
+
+def logits(model, ids, mask=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def edit_config(folder, dest, **changes) -> None:
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(changes)
+    (dest / "config.json").write_text(json.dumps(config))
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (single file or shards)."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out
