@@ -3,10 +3,10 @@ q/k RMSNorm after RoPE (`qk_norm_order="after_rope"`), every layer MoE: softmax 
 renormalised, plus one ungated shared MLP (`shared_mlp`) `intermediate_size` wide, the width of every routed expert
 too. The router is `gate.wg`.
 
-transformers' class reads a few fields of Tencent's config.json only for their shape or not at all: the per-layer
-lists `moe_topk` and `num_experts` are imported when every layer has the same value (hf-moe's MoE layers share one),
-and `use_qk_norm`, `use_mixed_mlp_moe`, `num_shared_expert`, `moe_intermediate_size`, `use_cla`, `use_mla`,
-`mlp_bias` and `moe_layer_num_skipped` must say what the class computes whatever they say; other values are refused.
+Tencent's config.json may give fields per layer, as lists: `moe_topk` and `num_experts` are imported when every layer
+has the same value (hf-moe's MoE layers share one). It also carries fields transformers' class does not read:
+`use_qk_norm`, `use_mixed_mlp_moe`, `num_shared_expert`, `moe_intermediate_size`, `use_cla`, `use_mla`, `mlp_bias` and
+`moe_layer_num_skipped` are accepted only when they say what the class computes anyway; other values are refused.
 RoPE with a fixed NTK `alpha` (`rope_parameters["alpha"]`, which transformers 5.17 and 5.23 compute differently
 beyond `max_position_embeddings`) is refused.
 """
