@@ -123,9 +123,9 @@ class HfMoePreTrainedModel(PreTrainedModel):
         `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`.
 
         A local checkpoint folder of another MoE family (`hf_moe.interop.FAMILIES`: mixtral, qwen2_moe, qwen3_moe,
-        olmoe, glm4_moe, deepseek_v3, deepseek_v2) loads directly: its config is mapped field by field and its
-        tensors renamed and fused on the fly, so the model computes what the family's transformers class computes, or
-        `InteropError` names what hf-moe cannot express."""
+        olmoe, glm4_moe, deepseek_v3, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe) loads directly: its config is
+        mapped field by field and its tensors renamed and fused on the fly, so the model computes what the family's
+        transformers class computes, or `InteropError` names what hf-moe cannot express."""
         from .interop import FAMILIES, checkpoint_model_type
 
         config = kwargs.get("config")

@@ -98,7 +98,7 @@ class ForeignCheckpoint:
     def read(self, plan: TensorPlan, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """The hf-moe tensor of `plan`; for expert tensors only experts `[start, end)` when given."""
         if not plan.experts:
-            return self.reader.get(plan.sources[0][0])
+            return self.reader.get(plan.sources[0][0]).reshape(plan.shape)
         if not plan.per_expert:
             return self.reader.get(plan.sources[0][0], start, end)
         experts = plan.sources[slice(start, end)]
