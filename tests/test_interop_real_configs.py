@@ -50,9 +50,8 @@ def shrink(config: dict) -> dict:
         tiny["first_k_dense_replace"] = dense
     if "attn_type_list" in config:
         tiny["attn_type_list"] = config["attn_type_list"][: tiny["num_hidden_layers"]]
-    for key in ("max_window_layers",):
-        if key in config:
-            tiny[key] = min(config[key], tiny["num_hidden_layers"])
+    if "max_window_layers" in config:
+        tiny["max_window_layers"] = min(config["max_window_layers"], tiny["num_hidden_layers"])
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
     tiny["num_attention_heads"] = 4
     tiny["num_key_value_heads"] = 4 if kv_heads == heads else 2
@@ -87,7 +86,8 @@ def write(config: dict, folder: Path) -> Path:
 
 
 def reads_rotary_dim(config) -> bool:
-    """Whether transformers' MiniMax-M2 class rotates `rotary_dim` dimensions (versions before 5.2x rotate all)."""
+    """Whether transformers' MiniMax-M2 class rotates `rotary_dim` dimensions (older versions ignore the field and
+    rotate the whole head, which hf-moe refuses to import as either function)."""
     factor = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
     return int(config.head_dim * factor) == config.rotary_dim
 
