@@ -18,6 +18,10 @@ from .family import FAMILIES, InteropError, MoeFamily
 from .plan import TensorPlan, check_against, tensor_plans
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# config.json fields that tell a loader where to find code, not what the model computes: `auto_map` names the
+# checkpoint's own classes for `trust_remote_code`; hf-moe reads the config with transformers' class, as AutoConfig
+# does without remote code.
+_LOADER_FIELDS = frozenset({"auto_map"})
 
 
 def checkpoint_model_type(path: str | os.PathLike) -> str | None:
@@ -34,7 +38,7 @@ def checkpoint_model_type(path: str | os.PathLike) -> str | None:
 def unhandled_fields(family: MoeFamily, cfg: PretrainedConfig) -> dict[str, Any]:
     """Family-specific fields of `cfg` the family's mapping does not handle and whose value is not the default of
     the family's config class (a field hf-moe does not know may change what the model computes)."""
-    generic = set(PretrainedConfig().to_dict())
+    generic = set(PretrainedConfig().to_dict()) | _LOADER_FIELDS
     defaults = family.foreign_config().to_dict()
     return {k: v for k, v in cfg.to_dict().items()
             if k not in generic and k not in family.handled_fields and defaults.get(k) != v}
