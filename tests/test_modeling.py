@@ -307,3 +307,19 @@ def test_rope_on_adjacent_pairs_of_a_partial_rotary_head_equals_ernies_rotation(
     expected = theirs_q @ theirs_k.repeat_interleave(2, dim=1).transpose(-1, -2)
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(ours_q[..., 8:], q[..., 8:]), "the dimensions past the rotary ones pass through"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere2_moe"])
+def test_loading_a_model_type_hf_moe_does_not_import_is_refused_by_name(tmp_path, model_type):
+    """A dense checkpoint, or an MoE one of a family hf-moe does not import, is refused naming its model_type and
+    what to do instead (before, transformers loaded it into an HfMoeConfig it does not describe and failed later)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_moe.interop import InteropError
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(InteropError, match=rf"model_type='{model_type}'.*hf-moe upcycle.*AutoModelForCausalLM"):
+        HfMoeForCausalLM.from_pretrained(tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)).__name__.lower().startswith(model_type.split("_")[0])
