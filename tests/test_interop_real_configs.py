@@ -160,6 +160,10 @@ def test_tiny_model_of_real_config_computes_what_transformers_computes(tmp_path,
     ("deepseek-r1", {"topk_method": "greedy"}, "topk_method='greedy'"),
     ("deepseek-v2.5", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ("minimax-m2.5", {"use_routing_bias": False}, "use_routing_bias=False"),
+    ("ernie-4.5-21b-a3b", {"use_bias": True}, "use_bias=True"),
+    ("hunyuan-a13b", {"use_cla": True}, "use_cla=True"),
+    ("hunyuan-a13b", {"moe_drop_tokens": True}, "moe_drop_tokens=True"),
+    ("hunyuan-a13b", {"attention_head_dim": 64}, "attention_head_dim=64"),
 ])
 def test_real_config_saying_other_than_transformers_computes_is_refused(tmp_path, name, changes, named):
     """The checkpoint's own fields that transformers' class does not read are still checked against what it
