@@ -110,7 +110,7 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
     ("hunyuan_v1_moe", {"moe_topk": [2, 1]}, "moe_topk=[2, 1]"),
     ("hunyuan_v1_moe", {"moe_intermediate_size": [16, 16]}, "moe_intermediate_size=[16, 16]"),
     ("hunyuan_v1_moe", {"use_qk_norm": False}, "use_qk_norm=False"),
-    ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "alpha": 1000.0,
+    ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "alpha": 1000.0,
                                             "rope_theta": 10000.0}}, "rope_parameters['alpha']=1000.0"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):

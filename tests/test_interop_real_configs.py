@@ -13,8 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1RotaryEmbedding
 
 from hf_moe import HfMoeForCausalLM
+from hf_moe.attention import HfMoeRotaryEmbedding
 from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
 
 from .conftest import assert_rel_close
@@ -28,14 +30,26 @@ VOCAB = 64
 _TINY = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
          "max_position_embeddings": 64, "q_lora_rank": 12, "kv_lora_rank": 10, "qk_nope_head_dim": 8,
          "qk_rope_head_dim": 4, "v_head_dim": 6}
-_EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts")
+_EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+_TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk")
+_PER_LAYER = ("moe_topk", "moe_intermediate_size", "num_shared_expert")  # Hunyuan's lists, one entry per layer
 
 
 def real_config(name: str) -> dict:
-    """The checkpoint's config.json, less its quantization."""
+    """The checkpoint's config.json, less its quantization. Tencent's release of Hunyuan-A13B names the model type
+    and the head width as its own code does (`hunyuan`, `attention_head_dim`); transformers' class reads them as
+    `hunyuan_v1_moe` and `head_dim` (without `head_dim` it cannot build the model), so both are given here."""
     config = json.loads((CONFIGS / f"{name}.json").read_text())
     config.pop("quantization_config", None)
+    if config["model_type"] == "hunyuan":
+        config.update(model_type="hunyuan_v1_moe", head_dim=config["attention_head_dim"])
     return config
+
+
+def top_k(config: dict) -> int:
+    """The number of experts a token is routed to, under whichever name the family's config.json gives it."""
+    value = next(config[k] for k in _TOP_K if k in config)
+    return value[0] if isinstance(value, list) else value
 
 
 def shrink(config: dict) -> dict:
@@ -44,10 +58,14 @@ def shrink(config: dict) -> dict:
     head and YaRN's factor are kept."""
     tiny = dict(config)
     tiny.update({k: v for k, v in _TINY.items() if tiny.get(k) is not None})
-    dense = 1 if config.get("first_k_dense_replace") else 0
-    tiny["num_hidden_layers"] = dense + 2
+    dense = 1 if config.get("first_k_dense_replace") or config.get("moe_layer_start_index") else 0
+    tiny["num_hidden_layers"] = layers = dense + 2
     if "first_k_dense_replace" in config:
         tiny["first_k_dense_replace"] = dense
+    if "moe_layer_start_index" in config:  # ERNIE-4.5: MoE from this layer to moe_layer_end_index
+        tiny["moe_layer_start_index"] = dense
+        if config.get("moe_layer_end_index", -1) != -1:
+            tiny["moe_layer_end_index"] = layers - 1
     if "attn_type_list" in config:
         tiny["attn_type_list"] = config["attn_type_list"][: tiny["num_hidden_layers"]]
     if "max_window_layers" in config:
@@ -59,13 +77,24 @@ def shrink(config: dict) -> dict:
         tiny["head_dim"] = 16
         if config.get("rotary_dim"):
             tiny["rotary_dim"] = 16 * config["rotary_dim"] // config["head_dim"]
+        if "attention_head_dim" in config:
+            tiny["attention_head_dim"] = 16
+    if "org_vocab_size" in config:
+        tiny["org_vocab_size"] = VOCAB
     if config.get("shared_expert_intermediate_size"):
         ratio = config["shared_expert_intermediate_size"] // config["moe_intermediate_size"]
         tiny["shared_expert_intermediate_size"] = ratio * _TINY["moe_intermediate_size"]
     for key in _EXPERT_COUNTS:
         if key in config:
             tiny[key] = 8
-    tiny["num_experts_per_tok"] = 2
+    tiny[next((k for k in _TOP_K if k in config), "num_experts_per_tok")] = 2
+    for key in _PER_LAYER:  # per-layer lists: one tiny entry per tiny layer, the routed experts' width kept
+        if isinstance(config.get(key), list):
+            value = {"moe_topk": 2, "num_shared_expert": config[key][0]}.get(key)
+            if key == "moe_intermediate_size":
+                same = config[key][0] == config["intermediate_size"]
+                value = tiny["intermediate_size"] if same else _TINY["moe_intermediate_size"]
+            tiny[key] = [value] * layers
     if (config.get("n_group") or 1) > 1:
         limited = config["topk_group"] < config["n_group"]
         tiny["n_group"], tiny["topk_group"] = 4, 2 if limited else 4
@@ -106,7 +135,7 @@ def test_real_config_is_accepted(tmp_path, name):
     assert (ours.hidden_size, ours.num_hidden_layers, ours.vocab_size) == (
         raw["hidden_size"], raw["num_hidden_layers"], raw["vocab_size"])
     assert ours.num_experts == next(raw[k] for k in _EXPERT_COUNTS if k in raw)
-    assert ours.num_experts_per_tok == raw["num_experts_per_tok"]
+    assert ours.num_experts_per_tok == top_k(raw)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -131,6 +160,10 @@ def test_tiny_model_of_real_config_computes_what_transformers_computes(tmp_path,
     ("deepseek-r1", {"topk_method": "greedy"}, "topk_method='greedy'"),
     ("deepseek-v2.5", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ("minimax-m2.5", {"use_routing_bias": False}, "use_routing_bias=False"),
+    ("ernie-4.5-21b-a3b", {"use_bias": True}, "use_bias=True"),
+    ("hunyuan-a13b", {"use_cla": True}, "use_cla=True"),
+    ("hunyuan-a13b", {"moe_drop_tokens": True}, "moe_drop_tokens=True"),
+    ("hunyuan-a13b", {"attention_head_dim": 64}, "attention_head_dim=64"),
 ])
 def test_real_config_saying_other_than_transformers_computes_is_refused(tmp_path, name, changes, named):
     """The checkpoint's own fields that transformers' class does not read are still checked against what it
@@ -154,3 +187,20 @@ def test_minimax_multi_token_prediction_modules_are_left_out_as_transformers_doe
     save_file(tensors, tmp_path / "model.safetensors")
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path), ids), logits(reference, ids), 1e-5)
+
+
+def test_hunyuan_ntk_alpha_rope_is_plain_rope_over_the_stretched_base(tmp_path):
+    """Hunyuan-A13B's RoPE (`"dynamic"` with `alpha=1000`) imports as plain RoPE over `rope_theta · alpha^(d/(d-2))`:
+    hf-moe's rotary embedding gives the cos/sin of transformers' class at positions up to max_position_embeddings,
+    and past it those of transformers 5.23, whose frequencies are fixed; transformers 5.17's class switches there to
+    dynamic NTK scaling of the unstretched base, which hf-moe does not follow."""
+    raw = real_config("hunyuan-a13b")
+    config = AutoConfig.from_pretrained(write(raw, tmp_path))
+    ours = HfMoeRotaryEmbedding(to_hf_moe_config(FAMILIES["hunyuan_v1_moe"], config))
+    x, limit = torch.zeros(1), raw["max_position_embeddings"]
+    for positions, within in ((torch.tensor([[0, 1, 4097, limit - 1]]), True),
+                              (torch.tensor([[0, limit, 4 * limit]]), False)):
+        reference = HunYuanMoEV1RotaryEmbedding(config)  # a fresh one: 5.17's keeps the frequencies it grew
+        gap = max((e - g).abs().max().item() for e, g in zip(reference(x, positions), ours(x, positions), strict=True))
+        fixed = within or reference.rope_type != "dynamic"  # 5.23 names it "ntk_alpha" and never recomputes it
+        assert (gap < 1e-6) == fixed, f"positions {positions.tolist()}: cos/sin differ by {gap}"

@@ -4,11 +4,15 @@ renormalised, plus one ungated shared MLP (`shared_mlp`) `intermediate_size` wid
 too. The router is `gate.wg`.
 
 Tencent's config.json may give fields per layer, as lists: `moe_topk` and `num_experts` are imported when every layer
-has the same value (hf-moe's MoE layers share one). It also carries fields transformers' class does not read:
-`use_qk_norm`, `use_mixed_mlp_moe`, `num_shared_expert`, `moe_intermediate_size`, `use_cla`, `use_mla`, `mlp_bias` and
-`moe_layer_num_skipped` are accepted only when they say what the class computes anyway; other values are refused.
-RoPE with a fixed NTK `alpha` (`rope_parameters["alpha"]`, which transformers 5.17 and 5.23 compute differently
-beyond `max_position_embeddings`) is refused.
+has the same value (hf-moe's MoE layers share one). It also carries fields transformers' class does not read: those
+about the decoder (`_ASSUMED`) are accepted only when they say what the class computes anyway, other values are
+refused; those about parts that are not the causal LM (vision tower, multimodal token ids, classification head, the
+cross-layer attention factor that only `use_cla` would use; `_IGNORED`) are ignored.
+
+RoPE `"dynamic"` with an NTK `alpha` (Hunyuan-A13B's release) is, in transformers 5.23, plain RoPE over a stretched
+base `rope_theta · alpha^(d/(d-2))` (`d` = head_dim) at every position, which is what hf-moe imports. transformers
+5.17 computes the same up to `max_position_embeddings`; past it, it recomputes the frequencies as dynamic NTK scaling
+of `rope_theta` by `factor`, dropping `alpha`, until a call no longer than `max_position_embeddings` resets them.
 """
 
 from __future__ import annotations
@@ -32,12 +36,36 @@ def _uniform(field_name: str, value: Any) -> Any:
 
 
 _ASSUMED = ("use_qk_norm", "use_mixed_mlp_moe", "num_shared_expert", "moe_intermediate_size", "use_cla", "use_mla",
-            "mlp_bias", "moe_layer_num_skipped")
+            "mlp_bias", "moe_layer_num_skipped", "attention_head_dim", "org_vocab_size", "norm_type", "norm_topk_prob",
+            "routed_scaling_factor", "group_limited_greedy", "moe_drop_tokens", "moe_random_routing_dropped_token",
+            "use_rotary_pos_emb", "position_embedding_xdrope", "add_classification_head")
+_IGNORED = frozenset({
+    "anyres_pooling_size", "anyres_vit_max_image_size", "anyres_vit_two_views", "vit_add_patchemb_bias",
+    "vit_input_resolution", "vit_mapping_type", "vit_norm_type", "vit_patch", "vit_path", "vit_remove_prenorm",
+    "vit_token", "vit_type", "vit_used_rms_norm", "num_media_embeds", "image_token_id", "im_start_id", "im_end_id",
+    "im_newline_id", "mask_init_id", "text_start_id", "text_end_id", "video_start_id", "video_end_id", "pad_id",
+    "xdrope_section", "class_num", "pool_type", "skip_cls_token", "dense_list", "cla_share_factor"})
+
+
+def _head_dim(cfg: PretrainedConfig) -> int:
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def _assumed(cfg: PretrainedConfig) -> dict[str, Any]:
     """Tencent's config.json fields that transformers' class does not read, with the value its code computes."""
-    return dict(zip(_ASSUMED, (True, True, 1, cfg.intermediate_size, False, False, False, 0), strict=True))
+    values = (True, True, 1, cfg.intermediate_size, False, False, False, 0, _head_dim(cfg), cfg.vocab_size, "rms", True,
+              1.0, False, False, False, True, False, False)
+    return dict(zip(_ASSUMED, values, strict=True))
+
+
+def _ntk_alpha_rope(rope: dict[str, Any], head_dim: int) -> dict[str, Any]:
+    """transformers 5.23's fixed NTK-alpha RoPE (`"dynamic"` with an `alpha`) as plain RoPE over the stretched base;
+    the other keys of `rope` (`factor`, YaRN's betas and mscales) are not read by it."""
+    if rope.get("rope_type") != "dynamic" or not rope["alpha"]:
+        raise refuse("hunyuan_v1_moe", "rope_parameters['alpha']", rope["alpha"],
+                     f"transformers' HunYuanMoEV1 reads alpha only with rope_type 'dynamic' (got "
+                     f"{rope.get('rope_type')!r}), where Tencent's code may read it otherwise")
+    return {"rope_type": "default", "rope_theta": rope["rope_theta"] * rope["alpha"] ** (head_dim / (head_dim - 2))}
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
@@ -47,11 +75,11 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
             raise refuse("hunyuan_v1_moe", field_name, given,
                          f"transformers' HunYuanMoEV1 computes {field_name}={value!r} whatever config.json says, so "
                          "the checkpoint's own code and transformers' disagree")
-    if "alpha" in (cfg.rope_parameters or {}):
-        raise refuse("hunyuan_v1_moe", "rope_parameters['alpha']", cfg.rope_parameters["alpha"],
-                     "hf-moe has no NTK-alpha RoPE (transformers' versions differ on it past max_position_embeddings)")
+    fields = common_to_hf_moe(cfg)
+    if "alpha" in fields["rope_parameters"]:
+        fields["rope_parameters"] = _ntk_alpha_rope(fields["rope_parameters"], fields["head_dim"])
     return {
-        **common_to_hf_moe(cfg),
+        **fields,
         "num_experts_per_tok": _uniform("moe_topk", cfg.moe_topk),
         "num_experts": _uniform("num_experts", cfg.num_experts),
         "attention_bias": cfg.attention_bias,
@@ -108,7 +136,7 @@ HUNYUAN_V1_MOE = MoeFamily(
     architecture="HunYuanMoEV1ForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | set(_ASSUMED) | {
+    handled_fields=COMMON_HANDLED | set(_ASSUMED) | _IGNORED | {
         "intermediate_size", "num_experts", "moe_topk", "attention_bias", "pretraining_tp", "eod_token_id",
         "sep_token_id"},
     router="gate.wg.weight",
