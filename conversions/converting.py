@@ -75,7 +75,7 @@ class _Source:
         checkpoint = ForeignCheckpoint.open(path)
         config = checkpoint.hf_moe_config()
         plans = {p.name: p for p in checkpoint.plans(expected_shapes(config), config)}
-        dtypes = {name: checkpoint.reader.tensors[p.foreign_names[0]].dtype for name, p in plans.items()}
+        dtypes = {name: checkpoint.dtype(p) for name, p in plans.items()}
         return cls(path, model_type, config, lambda name, s=None, e=None: checkpoint.read(plans[name], s, e), dtypes)
 
 
