@@ -109,15 +109,24 @@ class ForeignCheckpoint:
         name = plan.foreign_names[0]
         return compute_dtype(self.config) if name in self.scales else self.reader.tensors[name].dtype
 
-    def read(self, plan: TensorPlan, start: int | None = None, end: int | None = None) -> torch.Tensor:
-        """The hf-moe tensor of `plan`; for expert tensors only experts `[start, end)` when given. FP8 tensors are
-        dequantized here, one tensor (or one expert's projections) at a time, to float32; the caller casts."""
-        if not plan.experts:
-            return self._get(plan.sources[0][0])
-        if not plan.per_expert:
-            return self._get(plan.sources[0][0], start, end)
-        experts = plan.sources[slice(start, end)]
-        return torch.stack([torch.cat(self._get_many(list(parts))) for parts in experts])
+    def read(self, plan: TensorPlan, start: int | None = None, end: int | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The hf-moe tensor of `plan` in `dtype` (default: as stored, float32 for FP8 tensors); for expert tensors
+        only experts `[start, end)` when given. FP8 tensors are dequantized here, one tensor or one expert at a time,
+        each cast to `dtype` before the next is read, so the float32 values of more than one are never held."""
+        name = plan.sources[0][0]
+        if not plan.experts or (not plan.per_expert and name not in self.scales):
+            value = self._get(name, start, end) if plan.experts else self._get(name)
+            return value if dtype is None else value.to(dtype)
+        experts = range(plan.shape[0])[slice(start, end)]
+        stored = torch.float32 if name in self.scales else self.reader.tensors[name].dtype
+        out = torch.empty((len(experts), *plan.shape[1:]), dtype=dtype or stored)
+        for i, e in enumerate(experts):
+            if plan.per_expert:
+                out[i] = torch.cat(self._get_many(list(plan.sources[e])))
+            else:
+                out[i] = self._get(name, e, e + 1)[0]
+        return out
 
     def _get(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
         if name not in self.scales:
