@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from conversions import convert
+from conversions.sources import expected_shapes
 from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import ForeignCheckpoint, InteropError
 
@@ -148,10 +149,8 @@ def test_every_expert_range_reads_the_dequantized_rows(saved, case, layout):
     scale rows they need, even where a block starts in the previous expert."""
     folder, _, dequantized = saved[case, layout]
     checkpoint = ForeignCheckpoint.open(folder)
-    model = HfMoeForCausalLM.from_pretrained(folder)
-    from hf_moe.interop.load import expected_shapes
-
-    plans = [p for p in checkpoint.plans(expected_shapes(model, model.config), model.config) if p.experts]
+    config = checkpoint.hf_moe_config()
+    plans = [p for p in checkpoint.plans(expected_shapes(config), config) if p.experts]
     assert plans and all(name in checkpoint.scales for p in plans for name in p.foreign_names)
     for plan in plans:
         full = dequantized[plan.sources[0][0]]
