@@ -125,12 +125,10 @@ def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[Pl
                 for name, shape in expected.items()]
     plans = tensor_plans(FAMILIES[target], expected, source.config.moe_layer_indices)
     planned = []
-    for foreign, hf_name, expert, rows in export_sources(plans):
-        shape = expected[hf_name]
+    for foreign, shape, hf_name, expert, rows in export_sources(plans):
         if expert is None:
-            produce = whole(lambda n=hf_name: source.read(n).to(out_dtype(n)))
+            produce = whole(lambda n=hf_name, s=shape: source.read(n).to(out_dtype(n)).reshape(s))
         else:
-            shape = (rows.stop - rows.start, *shape[2:])
             produce = whole(lambda n=hf_name, e=expert, r=rows: source.read(n, e, e + 1)[0, r].to(out_dtype(n)))
         planned.append(PlannedTensor(foreign, tuple(shape), out_dtype(hf_name), produce))
     return planned

@@ -1,6 +1,7 @@
 """Attention, RoPE and RMSNorm of the hf-moe decoder: Llama's, with the biases (Llama / Qwen2), q/k norm per head
-(Qwen3) or over the whole projection (OLMoE), partial rotary (GLM-4-MoE) and sliding window (Mistral) the config
-selects; attention kernels come from transformers' attention interface."""
+(Qwen3) or over the whole projection (OLMoE), before RoPE or after it (Hunyuan-MoE), partial rotary (GLM-4-MoE),
+RoPE on adjacent pairs (ERNIE-4.5) and sliding window (Mistral) the config selects; attention kernels come from
+transformers' attention interface."""
 
 from __future__ import annotations
 
@@ -47,14 +48,25 @@ class HfMoeRotaryEmbedding(LlamaRotaryEmbedding):
         return inv_freq.to(device), 1.0
 
 
+def deinterleave(x: torch.Tensor) -> torch.Tensor:
+    """`(x0, x1, x2, x3, …)` → `(x0, x2, …, x1, x3, …)`: RoPE on adjacent pairs becomes RoPE on the two halves."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
 def apply_partial_rotary_pos_emb(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on the first `cos.shape[-1]` dimensions of each head; the others pass through unchanged."""
+    """RoPE on the first `cos.shape[-1]` dimensions of each head; the others pass through unchanged. The rotated
+    pairs are the two halves of those dimensions, or adjacent pairs `(x0, x1), (x2, x3), …` when `interleave`: these
+    are laid out as halves first, in queries and keys alike, so that their dot products are those of RoPE on
+    adjacent pairs."""
     rotary_dim = cos.shape[-1]
+    q_rot, k_rot = q[..., :rotary_dim], k[..., :rotary_dim]
+    if interleave:
+        q_rot, k_rot = deinterleave(q_rot), deinterleave(k_rot)
+    q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
     if rotary_dim == q.shape[-1]:
-        return apply_rotary_pos_emb(q, k, cos, sin)
-    q_rot, k_rot = apply_rotary_pos_emb(q[..., :rotary_dim], k[..., :rotary_dim], cos, sin)
+        return q_rot, k_rot
     return torch.cat([q_rot, q[..., rotary_dim:]], dim=-1), torch.cat([k_rot, k[..., rotary_dim:]], dim=-1)
 
 
@@ -107,8 +119,9 @@ def attend(
 
 
 class HfMoeAttention(nn.Module):
-    """Grouped-query attention with RoPE (possibly partial), optional biases (Llama / Qwen2), q/k norm per head (Qwen3)
-    or per projection (OLMoE), sliding window."""
+    """Grouped-query attention with RoPE (possibly partial, possibly on adjacent pairs), optional biases (Llama /
+    Qwen2), q/k norm per head before RoPE (Qwen3) or after it (Hunyuan-MoE) or per projection (OLMoE), sliding
+    window."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -120,6 +133,7 @@ class HfMoeAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.sliding_window = config.sliding_window
+        self.rope_interleave = config.rope_interleave  # read once: a config attribute costs µs of host time per read
         qkv_bias = config.attention_bias or config.qkv_bias
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=qkv_bias)
@@ -128,7 +142,8 @@ class HfMoeAttention(nn.Module):
             config.num_attention_heads * self.head_dim, config.hidden_size, bias=config.attention_bias
         )
         self.qk_norm_per_projection = config.qk_norm and config.qk_norm_scope == "projection"
-        self.qk_norm_per_head = config.qk_norm and not self.qk_norm_per_projection
+        self.qk_norm_after_rope = config.qk_norm and config.qk_norm_order == "after_rope"
+        self.qk_norm_per_head = config.qk_norm and not self.qk_norm_per_projection and not self.qk_norm_after_rope
         if config.qk_norm:
             per_head = not self.qk_norm_per_projection
             q_width = self.head_dim if per_head else config.num_attention_heads * self.head_dim
@@ -156,7 +171,11 @@ class HfMoeAttention(nn.Module):
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
         cos, sin = position_embeddings
-        query_states, key_states = apply_partial_rotary_pos_emb(query_states, key_states, cos, sin)
+        query_states, key_states = apply_partial_rotary_pos_emb(
+            query_states, key_states, cos, sin, self.rope_interleave
+        )
+        if self.qk_norm_after_rope:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 

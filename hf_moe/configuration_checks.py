@@ -131,7 +131,7 @@ def validate_mla(config: Any, fail: Fail) -> None:
     """The multi-head latent attention fields of `config` (whose integer fields were already checked): none set
     without `kv_lora_rank`, all widths set with it, and the rest of the attention consistent with it."""
     if config.kv_lora_rank is None:
-        for field in (*LATENT_DIMS, "rope_interleave"):
+        for field in LATENT_DIMS:
             if getattr(config, field):
                 fail(field, getattr(config, field), "unset unless kv_lora_rank is set (multi-head latent attention)")
         return

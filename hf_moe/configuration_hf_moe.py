@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 from .configuration_checks import is_finite_number, validate_mla, validate_routing
 
 QK_NORM_SCOPES = ("head", "projection")
+QK_NORM_ORDERS = ("before_rope", "after_rope")
 
 
 def _invalid(field: str, value: Any, expected: str) -> ValueError:
@@ -46,21 +47,25 @@ class HfMoeConfig(PretrainedConfig):
         output_router_logits (`bool`): return each MoE layer's router logits on the model output.
         output_router_metrics (`bool`): return per-layer router metrics (see `hf_moe.router_metrics`) on the output.
         qkv_bias (`bool`): bias on q/k/v only (Qwen2). `attention_bias` puts a bias on q/k/v and o (Llama).
-        qk_norm (`bool`): RMSNorm of q and k before RoPE (Qwen3, OLMoE, GLM-4-MoE's `use_qk_norm`).
+        qk_norm (`bool`): RMSNorm of q and k (Qwen3, OLMoE, GLM-4-MoE's `use_qk_norm`, Hunyuan-MoE).
         qk_norm_scope (`str`): what `qk_norm` normalises: `"head"` (default), each head of `head_dim` values
             (Qwen3, GLM-4-MoE); `"projection"`, the whole q and k projections (`num_attention_heads·head_dim` and
             `num_key_value_heads·head_dim` values) before they are split into heads (OLMoE; not under
             transformers' tensor parallelism, whose plan shards those projections across ranks).
+        qk_norm_order (`str`): when the per-head `qk_norm` applies: `"before_rope"` (default; Qwen3, GLM-4-MoE) or
+            `"after_rope"`, on the rotated queries and keys (Hunyuan-MoE). The two differ unless both dimensions of
+            every rotated pair have the same norm weight.
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
         rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type`, `rope_theta`, scaling).
             `partial_rotary_factor` in (0, 1] rotates only the first `int(head_dim·factor)` dimensions of each head
             and passes the rest through unchanged (GLM-4-MoE uses 0.5).
+        rope_interleave (`bool`): RoPE rotates adjacent pairs `(x0, x1), (x2, x3), …` (ERNIE-4.5's and DeepSeek's
+            checkpoints) instead of the two halves of the rotated dimensions.
         kv_lora_rank (`int`, *optional*): set, the attention is multi-head latent attention (DeepSeek-V2/V3,
             `hf_moe.mla`): per token, one cached `kv_lora_rank`-wide latent from which each head's keys and values are
             expanded; then `head_dim` is the rotary width. With it: `qk_nope_head_dim`, `qk_rope_head_dim`,
             `v_head_dim` (required), a head's query/key width without and with RoPE and its value width;
-            `q_lora_rank`, queries through a normed latent of that width (`None`: one `q_proj`); `rope_interleave`,
-            RoPE on adjacent pairs `(x0, x1), (x2, x3), …` (DeepSeek's checkpoints) instead of the two halves.
+            `q_lora_rank`, queries through a normed latent of that width (`None`: one `q_proj`).
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -164,6 +169,7 @@ class HfMoeConfig(PretrainedConfig):
     qkv_bias: bool = False
     qk_norm: bool = False
     qk_norm_scope: str = "head"
+    qk_norm_order: str = "before_rope"
     sliding_window: int | None = None
     q_lora_rank: int | None = None
     kv_lora_rank: int | None = None
@@ -308,6 +314,14 @@ class HfMoeConfig(PretrainedConfig):
             fail("qk_norm_scope", self.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
         if self.qk_norm_scope != "head" and not self.qk_norm:
             fail("qk_norm_scope", self.qk_norm_scope, "'head' (the default) unless qk_norm=True")
+        if self.qk_norm_order not in QK_NORM_ORDERS:
+            fail("qk_norm_order", self.qk_norm_order, f"one of {QK_NORM_ORDERS}")
+        if self.qk_norm_order == "after_rope" and (not self.qk_norm or self.qk_norm_scope != "head"):
+            fail("qk_norm_order", self.qk_norm_order, "'before_rope' (the default) unless qk_norm=True with "
+                 "qk_norm_scope='head'")
+        if self.qk_norm_order == "after_rope" and self.rope_interleave:
+            # RoPE on adjacent pairs leaves a head's dimensions regrouped as halves, which a norm weight would not fit.
+            fail("qk_norm_order", self.qk_norm_order, "'before_rope' with rope_interleave=True")
         validate_mla(self, fail)
         self._validate_partial_rotary(fail)
         if self.shared_expert_gate and self.shared_expert_size == 0:

@@ -14,9 +14,8 @@ import math
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from .attention import HfMoeRMSNorm, attend
+from .attention import HfMoeRMSNorm, apply_partial_rotary_pos_emb, attend
 from .configuration_hf_moe import HfMoeConfig
 
 LATENT_NORM_EPS = 1e-6
@@ -34,11 +33,6 @@ def yarn_softmax_mscale(rope_parameters: dict | None) -> float:
     return (0.1 * mscale_all_dim * math.log(factor) + 1.0) ** 2
 
 
-def deinterleave(x: torch.Tensor) -> torch.Tensor:
-    """`(x0, x1, x2, x3, …)` → `(x0, x2, …, x1, x3, …)`: RoPE on adjacent pairs becomes RoPE on the two halves."""
-    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-
-
 class HfMoeMultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention with DeepSeek's parameter names; the attention kernel comes from transformers'
     attention interface (eager, sdpa, flex, flash) and the cache from transformers' `Cache`."""
@@ -52,6 +46,8 @@ class HfMoeMultiHeadLatentAttention(nn.Module):
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
+        self.q_lora_rank = config.q_lora_rank  # read once: a config attribute costs µs of host time per read
+        self.rope_interleave = config.rope_interleave
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.num_key_value_groups = 1  # every head has its own keys and values (expanded from the latent)
         self.scaling = self.qk_head_dim**-0.5 * yarn_softmax_mscale(config.rope_parameters)
@@ -72,19 +68,16 @@ class HfMoeMultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=bias)
 
     def project_queries(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self.config.q_lora_rank is None:
+        if self.q_lora_rank is None:
             return self.q_proj(hidden_states)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(hidden_states)))
 
     def rotate(
         self, q_rope: torch.Tensor, k_rope: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE on the rotary parts; with `rope_interleave` the pairs are adjacent, so they are laid out as halves
-        first (queries and keys alike, so their dot products are unchanged)."""
-        if self.config.rope_interleave:
-            q_rope, k_rope = deinterleave(q_rope), deinterleave(k_rope)
+        """RoPE on the rotary parts (adjacent pairs with `rope_interleave`)."""
         cos, sin = position_embeddings
-        return apply_rotary_pos_emb(q_rope, k_rope, cos, sin)
+        return apply_partial_rotary_pos_emb(q_rope, k_rope, cos, sin, self.rope_interleave)
 
     def forward(
         self,

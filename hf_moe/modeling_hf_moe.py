@@ -122,11 +122,12 @@ class HfMoePreTrainedModel(PreTrainedModel):
         reads only its E/P experts from the checkpoint and tokens reach them through all-to-all (see
         `hf_moe.parallel`); `global_aux_loss` and `padded_dispatch` go to `hf_moe.parallel.expert_parallelize`.
 
-        A local checkpoint folder of another MoE family (`hf_moe.interop.FAMILIES`: mixtral, qwen2_moe, qwen3_moe,
-        olmoe, glm4_moe, deepseek_v3, deepseek_v2) loads directly: its config is mapped field by field and its
-        tensors renamed and fused on the fly, so the model computes what the family's transformers class computes, or
-        `InteropError` names what hf-moe cannot express."""
-        from .interop import FAMILIES, checkpoint_model_type
+        A local checkpoint folder of another MoE family (`hf_moe.interop.FAMILIES`: Mixtral, Qwen-MoE, DeepSeek, GLM,
+        ...) loads directly: its config is mapped field by field and its tensors renamed and fused on the fly, so the
+        model computes what the family's transformers class computes, or `InteropError` names what hf-moe cannot
+        express. A folder of any other model type is refused (`InteropError`), never loaded into a config it does not
+        describe."""
+        from .interop import FAMILIES, InteropError, checkpoint_model_type
 
         config = kwargs.get("config")
         if expert_parallel_size is None and config is not None:
@@ -134,6 +135,12 @@ class HfMoePreTrainedModel(PreTrainedModel):
         foreign = None
         if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
             foreign = checkpoint_model_type(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
+        if foreign not in (None, "hf_moe", *FAMILIES) and config is None:
+            raise InteropError(
+                f"{pretrained_model_name_or_path} holds a model_type={foreign!r} checkpoint, which hf-moe does not "
+                f"import: it loads its own checkpoints (model_type 'hf_moe') and the MoE families "
+                f"{', '.join(FAMILIES)}. A dense model becomes an MoE with `hf-moe upcycle`; any other model loads "
+                "with transformers' own class (AutoModelForCausalLM).")
         if expert_parallel_size is None and foreign in FAMILIES and not model_args:
             from .interop.load import load_foreign_pretrained
 

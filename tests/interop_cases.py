@@ -1,8 +1,11 @@
-"""The foreign-family test cases of `tests/test_interop.py`: one tiny transformers config per case (every family, two
-for DeepSeek-V2), the model built and saved from it with every weight random, and the batch and logits the tests
-compare."""
+"""The foreign families' test cases, shared by `test_interop.py`: a tiny transformers config per case, the builder
+that saves a randomised model of it, and the helpers that compare checkpoints and logits."""
+
+import json
+import shutil
 
 import torch
+from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -47,6 +50,9 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
                              moe_intermediate_size=16, n_shared_experts=1, topk_method="greedy", n_group=2,
                              topk_group=1, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=10,
                              qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),  # greedy ignores the groups
+    "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
+                         num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
 }
 
 
@@ -85,3 +91,19 @@ def batch() -> tuple[torch.Tensor, torch.Tensor]:
 def logits(model, ids, mask=None) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits
+
+
+def edit_config(folder, dest, **changes) -> None:
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    config.update(changes)
+    (dest / "config.json").write_text(json.dumps(config))
+
+
+def tensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (single file or shards)."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    return out

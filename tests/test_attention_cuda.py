@@ -36,10 +36,12 @@ def test_cuda_eager_inference_attention_leaves_cudnn_out_and_training_keeps_it(m
     assert seen and all(seen), seen
 
 
+@pytest.mark.parametrize("contiguous", [True, False])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_rms_norm_is_one_fused_operator_with_float64_outputs_and_gradients(dtype):
+def test_cuda_rms_norm_is_one_fused_operator_with_float64_outputs_and_gradients(dtype, contiguous):
     """On CUDA the decoder's RMSNorm issues one operator (torch's fused `rms_norm`, where Llama's issues eight), and
-    its output and gradients equal the float64 formula's to the dtype's rounding."""
+    its output and gradients equal the float64 formula's to the dtype's rounding, also for rows of a wider tensor
+    (MLA normalises a slice of its latent projection)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from hf_moe.attention import HfMoeRMSNorm
@@ -57,10 +59,11 @@ def test_cuda_rms_norm_is_one_fused_operator_with_float64_outputs_and_gradients(
     norm = HfMoeRMSNorm(256, eps=1e-6).cuda().to(dtype)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.2 * torch.randn(256))
-    x = (3 * torch.randn(2, 7, 256, device="cuda")).to(dtype).requires_grad_(True)
+    wide = (3 * torch.randn(2, 7, 256 if contiguous else 320, device="cuda")).to(dtype).requires_grad_(True)
+    x = wide[..., :256]
     with torch.no_grad(), Ops() as ops:
         norm(x)
-    assert ops.seen == ["aten._fused_rms_norm"], ops.seen
+    assert ops.seen[-1:] == ["aten._fused_rms_norm"] and len(ops.seen) <= (1 if contiguous else 2), ops.seen
 
     x64, w64 = x.detach().double().requires_grad_(True), norm.weight.detach().double().requires_grad_(True)
     expected = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
@@ -69,5 +72,5 @@ def test_cuda_rms_norm_is_one_fused_operator_with_float64_outputs_and_gradients(
     out = norm(x)
     out.backward(grad.to(dtype))
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
-    for got, want in ((out, expected), (x.grad, x64.grad), (norm.weight.grad, w64.grad)):
+    for got, want in ((out, expected), (wide.grad[..., :256], x64.grad), (norm.weight.grad, w64.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < tol

@@ -196,7 +196,6 @@ def test_mla_model_saves_and_loads_back(tmp_path):
     ("overrides", "field", "expected"),
     [
         ({"qk_nope_head_dim": 8}, "qk_nope_head_dim", "unset unless kv_lora_rank"),
-        ({"rope_interleave": True}, "rope_interleave", "unset unless kv_lora_rank"),
         ({"kv_lora_rank": 8, "qk_rope_head_dim": 4, "v_head_dim": 8}, "qk_nope_head_dim", "a positive integer"),
         ({"kv_lora_rank": 0}, "kv_lora_rank", "a positive integer or None"),
         ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 3, "v_head_dim": 8}, "qk_rope_head_dim",

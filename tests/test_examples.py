@@ -164,3 +164,32 @@ def test_finetune_ep_under_accelerate_launch_saves_and_resumes(tiny_moe_dir, tmp
     after_four = HfMoeForCausalLM.from_pretrained(saved)
     experts_before, experts_after = after_two.model.layers[0].mlp.experts, after_four.model.layers[0].mlp.experts
     assert not torch.equal(experts_after.down_proj, experts_before.down_proj)
+
+
+def test_trainer_lora_fine_tunes_a_foreign_checkpoint_and_exports_it_back(tiny_moe_dir, tmp_path):
+    """A Qwen3-MoE checkpoint saved by transformers goes in, is LoRA-trained on its experts, merged, and comes out as
+    Qwen3-MoE again: transformers' own class loads the export and computes the merged model's logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_moe_dir)
+    config = AutoConfig.for_model("qwen3_moe", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                  moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8, norm_topk_prob=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "qwen3")
+    tokenizer.save_pretrained(tmp_path / "qwen3")
+    text = tmp_path / "train.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 200)
+    out = run_example("trainer_lora.py", str(tmp_path / "qwen3"), "--output-dir", str(tmp_path / "lora"),
+                      "--train-file", str(text), "--max-steps", "4", "--batch-size", "2", "--block-size", "16",
+                      "--lr", "1e-2", "--export-to", "auto")
+    line = next(line for line in out.splitlines() if line.startswith("merged model written as"))
+    assert "qwen3_moe" in line and "Qwen3MoeForCausalLM" in line, line
+    assert float(line.rsplit("rel err ", 1)[1]) <= 1e-5, line
+    exported = json.loads((tmp_path / "lora" / "merged-qwen3_moe" / "config.json").read_text())
+    assert exported["architectures"] == ["Qwen3MoeForCausalLM"]
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3")
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged-qwen3_moe")
+    ids = torch.randint(0, len(tokenizer), (1, 8))
+    with torch.no_grad():
+        assert not torch.allclose(served(ids).logits, original(ids).logits), "the merged adapter must change it"

@@ -1,8 +1,9 @@
 """Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
-glm4_moe_lite, minimax_m2, deepseek_v2) in and out, against transformers' own classes: tiny random models built and
-saved by transformers, every weight and buffer randomised so that a wrong mapping shows; direct loading,
-expert-parallel loading, conversion both ways and every refusal. DeepSeek-V2 has two cases: group-limited greedy with a
-q latent and YaRN, and V2-Lite's plain q_proj with greedy routing (which ignores the groups its config names)."""
+glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe) in and out, against transformers' own classes:
+tiny random models built and saved by transformers (the cases are in `interop_cases.py`), every weight and buffer
+randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
+refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
+greedy routing (which ignores the groups its config names)."""
 
 import json
 import os
@@ -22,7 +23,7 @@ from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
-from .interop_cases import BASE, FAMILIES, batch, build, logits, randomize
+from .interop_cases import BASE, FAMILIES, batch, build, edit_config, logits, randomize, tensors
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -86,13 +87,6 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
             assert set(result["experts"][name].values()) == {num_experts // 2}, "each rank holds half the experts"
 
 
-def edit_config(folder, dest, **changes) -> None:
-    shutil.copytree(folder, dest)
-    config = json.loads((dest / "config.json").read_text())
-    config.update(changes)
-    (dest / "config.json").write_text(json.dumps(config))
-
-
 @pytest.mark.parametrize("model_type,changes,named", [
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
@@ -111,6 +105,13 @@ def edit_config(folder, dest, **changes) -> None:
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob=True"),
     ("deepseek_v2", {"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
     ("deepseek_v2_lite", {"mlp_bias": True}, "mlp_bias=True"),
+    ("ernie4_5_moe", {"use_bias": True}, "use_bias=True"),
+    ("ernie4_5_moe", {"moe_norm_min": 1e-6}, "moe_norm_min=1e-06"),
+    ("hunyuan_v1_moe", {"moe_topk": [2, 1]}, "moe_topk=[2, 1]"),
+    ("hunyuan_v1_moe", {"moe_intermediate_size": [16, 16]}, "moe_intermediate_size=[16, 16]"),
+    ("hunyuan_v1_moe", {"use_qk_norm": False}, "use_qk_norm=False"),
+    ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "alpha": 1000.0,
+                                            "rope_theta": 10000.0}}, "rope_parameters['alpha']=1000.0"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -121,13 +122,13 @@ def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, mode
 def test_checkpoints_with_missing_or_extra_tensors_are_refused(saved, tmp_path):
     folder, reference = saved["glm4_moe"]
     state = {k: v.contiguous() for k, v in reference.state_dict().items()}
-    for what, tensors, named in [
+    for what, state_dict, named in [
         ("missing", {k: v for k, v in state.items() if k != "model.layers.1.mlp.gate.e_score_correction_bias"},
          "lacks"),
         ("extra", {**state, "model.layers.1.mlp.gate.bias": torch.zeros(8)}, "model.layers.1.mlp.gate.bias"),
     ]:
         shutil.copytree(folder, tmp_path / what)
-        save_file(tensors, tmp_path / what / "model.safetensors")
+        save_file(state_dict, tmp_path / what / "model.safetensors")
         with pytest.raises(InteropError, match=named):
             HfMoeForCausalLM.from_pretrained(tmp_path / what)
 
@@ -143,15 +144,6 @@ def test_glm_multi_token_prediction_layers_are_ignored_as_transformers_does(save
     save_file(tensors, tmp_path / "mtp" / "model.safetensors")
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mtp"), ids), logits(reference, ids), 1e-5)
-
-
-def tensors(folder) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint folder (single file or shards)."""
-    out = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, "pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
-    return out
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
@@ -204,6 +196,11 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("glm4_moe", "minimax_m2", "routed_scaling_factor"),
     ("deepseek_v2", "deepseek_v3", "scoring_func"),
     ("deepseek_v3", "deepseek_v2", "scoring_func"),
+    ("ernie4_5_moe", "qwen3_moe", "qk_norm"),
+    ("ernie4_5_moe", "mixtral", "use_expert_bias"),
+    ("qwen3_moe", "ernie4_5_moe", "rope_interleave"),
+    ("hunyuan_v1_moe", "qwen3_moe", "qk_norm_order"),
+    ("qwen3_moe", "hunyuan_v1_moe", "qk_norm_order"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
@@ -269,6 +266,72 @@ def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, o
     assert exported.config.topk_method == "group_limited_greedy"
     ids, mask = batch()
     assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → deepseek_v2")
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({}, None),
+    (dict(rope_interleave=False), "rope_interleave=False"),
+    (dict(use_expert_bias=False), "use_expert_bias=False"),
+    (dict(moe_layers=[0, 1, 3]), r"moe_layers=\[0, 1, 3\]"),
+    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
+    (dict(qkv_bias=True), "qkv_bias=True"),
+])
+def test_ernie_exports_interleaved_rope_models_with_any_layer_interval(tmp_path, overrides, named):
+    """An hf-moe model with RoPE on adjacent pairs, an expert bias on softmax scores and ungated shared experts in
+    every other layer goes to ernie4_5_moe (`--to auto` too) with its logits; what ERNIE-4.5 lacks is refused."""
+    from .conftest import tiny_config
+
+    config = tiny_config(**{**dict(num_hidden_layers=4, moe_layers=[1, 3], rope_interleave=True, use_expert_bias=True,
+                                   num_shared_experts=2, moe_intermediate_size=16), **overrides})
+    model = HfMoeForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "model")
+    if named is not None:
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / "out", to="ernie4_5_moe", progress=False)
+        return
+    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "ernie4_5_moe"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → ernie4_5_moe")
+
+
+def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
+    """Tencent's config.json gives `moe_topk` (and the fields transformers' class ignores) per layer: equal entries
+    import as the one value."""
+    folder, reference = saved["hunyuan_v1_moe"]
+    edit_config(folder, tmp_path / "lists", moe_topk=[2, 2], num_shared_expert=[1, 1], use_qk_norm=True)
+    ids, mask = batch()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "lists")
+    assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, "hunyuan with per-layer lists")
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({}, None),
+    (dict(qk_norm_order="before_rope"), "qk_norm_order='before_rope'"),
+    (dict(moe_layers=[1]), r"moe_layers=\[1\]"),
+    (dict(moe_intermediate_size=16), "moe_intermediate_size=16"),
+    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
+])
+def test_hunyuan_exports_models_normalising_q_and_k_after_rope(tmp_path, overrides, named):
+    """An hf-moe model with q/k norm after RoPE, every layer MoE and one ungated shared expert as wide as the routed
+    ones goes to hunyuan_v1_moe (`--to auto` too) with its logits; what Hunyuan-MoE lacks is refused."""
+    from .conftest import tiny_config
+
+    config = tiny_config(**{**dict(qk_norm=True, qk_norm_order="after_rope", moe_intermediate_size=64,
+                                   num_shared_experts=1, shared_expert_intermediate_size=64), **overrides})
+    model = HfMoeForCausalLM(config).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "model")
+    if named is not None:
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / "out", to="hunyuan_v1_moe", progress=False)
+        return
+    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "hunyuan_v1_moe"
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → hunyuan_v1_moe")
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):

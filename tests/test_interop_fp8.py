@@ -13,22 +13,24 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conversions import convert
 from conversions.sources import expected_shapes
 from hf_moe import HfMoeForCausalLM
-from hf_moe.interop import ForeignCheckpoint, InteropError
+from hf_moe.interop import FAMILIES, ForeignCheckpoint, InteropError, to_hf_moe_config
 
 from .conftest import assert_rel_close
 from .interop_cases import BASE, batch, build, logits
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
+CONFIGS = Path(__file__).parent / "data" / "configs"  # released config.json files (tests/test_interop_real_configs.py)
 BLOCK = (7, 20)
 FP8_MAX = 448.0  # the largest float8 e4m3fn value
 # (test case, expert layout): per-expert tensors as transformers saves them; fused `experts.gate_up_proj [E, 2I, H]`
@@ -291,3 +293,20 @@ def test_float8_tensors_without_quantization_config_are_refused(saved, tmp_path)
     (tmp_path / "bare" / "config.json").write_text(json.dumps(config))
     with pytest.raises(InteropError, match="quant_method 'fp8'"):
         HfMoeForCausalLM.from_pretrained(tmp_path / "bare")
+
+
+@pytest.mark.parametrize("name,refused", [("deepseek-v3", None), ("deepseek-r1", None),
+                                          ("glm-4.7", "quant_method='modelopt'")])
+def test_released_quantization_configs(tmp_path, name, refused):
+    """DeepSeek-V3's and R1's own config.json, FP8 `quantization_config` included, map to an unquantized
+    bfloat16 HfMoeConfig; GLM-4.7's NVFP4 (modelopt) release is refused naming its method."""
+    (tmp_path / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
+    config = AutoConfig.from_pretrained(tmp_path)
+    family = FAMILIES[config.model_type]
+    if refused:
+        with pytest.raises(InteropError, match=refused):
+            to_hf_moe_config(family, config)
+        return
+    assert config.quantization_config["quant_method"] == "fp8"
+    ours = to_hf_moe_config(family, config)
+    assert ours.dtype == torch.bfloat16 and "quantization_config" not in ours.to_dict()

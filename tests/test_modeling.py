@@ -47,7 +47,8 @@ def test_save_and_reload_with_auto_gives_identical_logits(tmp_path, tie):
         assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 4}, {"qk_norm": True, "qkv_bias": True}])
+@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 4}, {"qk_norm": True, "qkv_bias": True},
+                                       {"qk_norm": True, "qk_norm_order": "after_rope"}, {"rope_interleave": True}])
 def test_greedy_generate_with_cache_equals_full_forward_without_cache(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, 97, (2, 5))
@@ -285,3 +286,40 @@ def test_rms_norm_equals_float64_maths_and_transformers_in_float32(dtype):
     with torch.no_grad():
         mixed = ours.float()(x.to(torch.bfloat16))
     assert mixed.dtype == torch.float32
+
+
+def test_rope_on_adjacent_pairs_of_a_partial_rotary_head_equals_ernies_rotation():
+    """`rope_interleave` on the rotated part of a head (`partial_rotary_factor` < 1, a combination no imported family
+    has): the q·k products of ERNIE-4.5's own RoPE on adjacent pairs over those dimensions, the others unrotated."""
+    from transformers.models.ernie4_5.modeling_ernie4_5 import apply_rotary_pos_emb as ernie_rope
+
+    from hf_moe.attention import HfMoeRotaryEmbedding, apply_partial_rotary_pos_emb
+
+    config = tiny_config(head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 100.0,
+                                                       "partial_rotary_factor": 0.5}, rope_interleave=True)
+    generator = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 16, generator=generator), torch.randn(2, 2, 7, 16, generator=generator)
+    cos, sin = HfMoeRotaryEmbedding(config)(q, torch.arange(7)[None].expand(2, -1))
+    ours_q, ours_k = apply_partial_rotary_pos_emb(q, k, cos, sin, interleave=True)
+    rot_q, rot_k = ernie_rope(q[..., :8], k[..., :8], cos, sin)
+    theirs_q, theirs_k = torch.cat([rot_q, q[..., 8:]], -1), torch.cat([rot_k, k[..., 8:]], -1)
+    scores = ours_q @ ours_k.repeat_interleave(2, dim=1).transpose(-1, -2)
+    expected = theirs_q @ theirs_k.repeat_interleave(2, dim=1).transpose(-1, -2)
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours_q[..., 8:], q[..., 8:]), "the dimensions past the rotary ones pass through"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere2_moe"])
+def test_loading_a_model_type_hf_moe_does_not_import_is_refused_by_name(tmp_path, model_type):
+    """A dense checkpoint, or an MoE one of a family hf-moe does not import, is refused naming its model_type and
+    what to do instead (before, transformers loaded it into an HfMoeConfig it does not describe and failed later)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hf_moe.interop import InteropError
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(InteropError, match=rf"model_type='{model_type}'.*hf-moe upcycle.*AutoModelForCausalLM"):
+        HfMoeForCausalLM.from_pretrained(tmp_path)
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)).__name__.lower().startswith(model_type.split("_")[0])

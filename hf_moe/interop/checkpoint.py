@@ -18,6 +18,11 @@ from .family import FAMILIES, InteropError, MoeFamily
 from .fp8 import FLOAT_DTYPES, Fp8Blocks, compute_dtype, fp8_blocks, read_dequantized, scale_pairs
 from .plan import TensorPlan, check_against, tensor_plans
 
+# config.json fields that tell a loader where to find code, not what the model computes: `auto_map` names the
+# checkpoint's own classes for `trust_remote_code`; hf-moe reads the config with transformers' class, as AutoConfig
+# does without remote code.
+_LOADER_FIELDS = frozenset({"auto_map"})
+
 
 def checkpoint_model_type(path: str | os.PathLike) -> str | None:
     """The `model_type` in a local folder's config.json (None when it is no local folder with one)."""
@@ -34,7 +39,7 @@ def unhandled_fields(family: MoeFamily, cfg: PretrainedConfig) -> dict[str, Any]
     """Family-specific fields of `cfg` the family's mapping does not handle and whose value is not the default of
     the family's config class (a field hf-moe does not know may change what the model computes).
     `quantization_config` is the FP8 reader's (`fp8_blocks`)."""
-    generic = set(PretrainedConfig().to_dict()) | {"quantization_config"}
+    generic = set(PretrainedConfig().to_dict()) | _LOADER_FIELDS | {"quantization_config"}
     defaults = family.foreign_config().to_dict()
     return {k: v for k, v in cfg.to_dict().items()
             if k not in generic and k not in family.handled_fields and defaults.get(k) != v}
@@ -116,7 +121,7 @@ class ForeignCheckpoint:
         each cast to `dtype` before the next is read, so the float32 values of more than one are never held."""
         name = plan.sources[0][0]
         if not plan.experts or (not plan.per_expert and name not in self.scales):
-            value = self._get(name, start, end) if plan.experts else self._get(name)
+            value = self._get(name, start, end) if plan.experts else self._get(name).reshape(plan.shape)
             return value if dtype is None else value.to(dtype)
         experts = range(plan.shape[0])[slice(start, end)]
         stored = torch.float32 if name in self.scales else self.reader.tensors[name].dtype

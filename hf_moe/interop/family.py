@@ -60,6 +60,8 @@ class MoeFamily:
     expert_names: ExpertNames = ExpertNames()
     shared_experts: str = "shared_experts"
     shared_expert_gate: str = "shared_expert_gate.weight"
+    expert_bias_as_row: bool = False
+    """The expert bias is saved as one `[1, E]` row (ERNIE-4.5's, one row per expert group) rather than `[E]`."""
     renames: tuple[tuple[str, str], ...] = ()
     """Extra `(hf-moe regex, foreign replacement)` pairs applied with `re.sub` to every hf-moe name outside the
     routed experts, after the MoE-block names above (e.g. attention projections named otherwise)."""
@@ -113,7 +115,8 @@ COMMON_HANDLED = frozenset(COMMON_FIELDS) | {"rope_parameters", "rope_scaling", 
 
 def common_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     """The fields every family shares, plus RoPE and the resolved `head_dim`."""
-    fields = {name: getattr(cfg, name) for name in COMMON_FIELDS}
+    fields = {name: getattr(cfg, name) for name in COMMON_FIELDS if name != "attention_dropout"}
+    fields["attention_dropout"] = getattr(cfg, "attention_dropout", 0.0)  # ERNIE-4.5 has none: it never drops
     fields["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     rope = dict(cfg.rope_parameters or {})
     if "partial_rotary_factor" not in rope and getattr(cfg, "partial_rotary_factor", None) is not None:
@@ -274,6 +277,7 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
         qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
         qk_norm_scope=cfg.qk_norm_scope if cfg.qk_norm else None,
+        qk_norm_order=cfg.qk_norm_order if cfg.qk_norm else None,
         moe_layers=moe, intermediate_size=cfg.intermediate_size if dense else None,
         moe_intermediate_size=cfg.moe_intermediate_size if moe else None,
         shared_expert_size=cfg.shared_expert_size, norm_topk_prob=renormalised,

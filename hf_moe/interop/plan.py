@@ -23,13 +23,15 @@ class TensorPlan:
 
     `sources[e]` are the foreign tensors of expert `e` concatenated along their dim 0 (`per_expert`: gate then up
     for `gate_up_proj`, down for `down_proj`); otherwise `sources == ((name,),)`, one foreign tensor of the same
-    shape (the routed experts' fused tensor when `experts`, read by expert rows)."""
+    shape (the routed experts' fused tensor when `experts`, read by expert rows), or of `foreign_shape` when set:
+    the same values in another shape (ERNIE-4.5's `[1, E]` expert bias)."""
 
     name: str
     shape: tuple[int, ...]
     sources: tuple[tuple[str, ...], ...]
     experts: bool = False
     per_expert: bool = False
+    foreign_shape: tuple[int, ...] | None = None
 
     @property
     def foreign_names(self) -> list[str]:
@@ -45,7 +47,9 @@ def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_la
     for name, shape in expected.items():
         match = _EXPERTS.fullmatch(name)
         if match is None:
-            plans.append(TensorPlan(name, shape, ((family.foreign_name(name, moe),),)))
+            as_row = family.expert_bias_as_row and name.endswith(".router.expert_bias")
+            plans.append(TensorPlan(name, shape, ((family.foreign_name(name, moe),),),
+                                    foreign_shape=(1, *shape) if as_row else None))
             continue
         layer, part = match.groups()
         prefix = f"model.layers.{layer}.{family.moe_module}.{family.experts}."
@@ -62,7 +66,7 @@ def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_la
 def part_shape(plan: TensorPlan) -> tuple[int, ...]:
     """The shape of one foreign tensor of `plan`."""
     if not plan.per_expert:
-        return plan.shape
+        return plan.foreign_shape or plan.shape
     rows = plan.shape[1] // len(plan.sources[0])
     return (rows, *plan.shape[2:])
 
@@ -87,15 +91,16 @@ def check_against(plans: list[TensorPlan], family: MoeFamily, have: dict[str, tu
         raise InteropError(f"{where}: tensor shapes disagree with config.json: {wrong[:4]}.")
 
 
-def export_sources(plans: list[TensorPlan]) -> list[tuple[str, str, int | None, slice | None]]:
-    """For every foreign tensor an export writes, in order: (foreign name, hf-moe name, expert or None, rows of that
-    expert or None). Experts are written in the per-expert layout."""
+def export_sources(plans: list[TensorPlan]) -> list[tuple[str, tuple[int, ...], str, int | None, slice | None]]:
+    """For every foreign tensor an export writes, in order: (foreign name, its shape, hf-moe name, expert or None,
+    rows of that expert or None). Experts are written in the per-expert layout."""
     out = []
     for plan in plans:
         if not plan.experts:
-            out.append((plan.sources[0][0], plan.name, None, None))
+            out.append((plan.sources[0][0], part_shape(plan), plan.name, None, None))
             continue
         rows = plan.shape[1] // len(plan.sources[0])
         for e, parts in enumerate(plan.sources):
-            out += [(name, plan.name, e, slice(j * rows, (j + 1) * rows)) for j, name in enumerate(parts)]
+            out += [(name, part_shape(plan), plan.name, e, slice(j * rows, (j + 1) * rows))
+                    for j, name in enumerate(parts)]
     return out

@@ -4,7 +4,8 @@ layers dense, then MoE layers with sigmoid scores, an expert bias (`e_score_corr
 group-limited top-k, routed scaling and `n_shared_experts` ungated shared experts.
 
 Its rotary embedding rotates every dimension of a head (a `partial_rotary_factor` is refused), and hf-moe imports
-the sliding window when it covers every layer or none.
+the sliding window when it covers every layer or none. The released checkpoints' config.json also names
+`scoring_func`, which transformers' class does not read (it always scores with a sigmoid): any other value is refused.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from ..family import (
     deepseek_moe_to_hf_moe,
     dense_and_moe_layers,
     refuse,
+    refuse_unread,
     require_deepseek_routing,
     require_rotary_factor,
 )
 
 _FULL_ROTARY = "Dots1's attention rotates every dimension of a head"
+# rednote's own config.json fields that transformers' class does not read: the value its code takes as given.
+_ASSUMED = {"scoring_func": "sigmoid"}
 
 
 def _sliding_window(cfg: PretrainedConfig) -> int | None:
@@ -43,6 +47,7 @@ def _sliding_window(cfg: PretrainedConfig) -> int | None:
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
+    refuse_unread("dots1", cfg, _ASSUMED)
     fields = common_to_hf_moe(cfg)
     require_rotary_factor("dots1", fields["rope_parameters"], _FULL_ROTARY)
     return {
@@ -88,5 +93,6 @@ DOTS1 = MoeFamily(
     architecture="Dots1ForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | {"attention_bias", "sliding_window", "max_window_layers"},
+    handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(_ASSUMED) | {"attention_bias", "sliding_window",
+                                                                         "max_window_layers"},
 )

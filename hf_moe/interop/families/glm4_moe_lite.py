@@ -4,7 +4,8 @@ sigmoid scores, an expert bias (`e_score_correction_bias`) for selection only, g
 and `n_shared_experts` ungated shared experts. The attention's tensors keep DeepSeek's names in hf-moe.
 
 Its config class has no `first_k_dense_replace`; a config.json that carries one beside `mlp_layer_types` must agree
-with it, and DeepSeek's `scoring_func` and `topk_method` must say what transformers' class computes. The
+with it, and DeepSeek's `scoring_func` and `topk_method` must say what transformers' class computes; a top-level
+`partial_rotary_factor` (transformers versions that keep it beside `rope_parameters`) must be 1. The
 multi-token-prediction layers after the last layer (`num_nextn_predict_layers`) are not part of the causal LM and are
 not loaded.
 """
@@ -79,6 +80,7 @@ GLM4_MOE_LITE = MoeFamily(
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
     handled_fields=COMMON_HANDLED | DEEPSEEK_MOE_HANDLED | set(MLA_FIELDS) | set(_ASSUMED) | {
-        "qk_head_dim", "rope_interleave", "attention_bias", "pretraining_tp", "mlp_layer_types"},
+        "qk_head_dim", "rope_interleave", "attention_bias", "pretraining_tp", "mlp_layer_types",
+        "partial_rotary_factor"},
     ignored=beyond_last_layer,
 )

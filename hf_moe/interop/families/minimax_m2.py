@@ -5,8 +5,11 @@ partial rotary (`rotary_dim` of each head's dimensions).
 
 MiniMax's own config.json fields that transformers' class does not read are read for what they mean: sigmoid scores
 with a routing bias, q/k norm over the layer's projection, no shared expert, no routed scaling, no sliding window and
-full attention in every layer (`attn_type_list`). `rotary_dim` must agree with the rotary width transformers' class
-uses (`rope_parameters["partial_rotary_factor"]`, which recent versions derive from it and older ones leave at 1).
+full attention in every layer (`attn_type_list`). Its multi-token-prediction modules (`use_mtp`, `num_mtp_modules`,
+`mtp_transformer_layers`) are not part of the causal LM: transformers' class builds none, and hf-moe loads none
+(layers after the last one are ignored, as for DeepSeek-V3 and GLM-4.5). `rotary_dim` must agree with the rotary
+width transformers' class uses (`rope_parameters["partial_rotary_factor"]`, which recent versions derive from it and
+older ones leave at 1).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..family import (
     COMMON_HANDLED,
     ExpertNames,
     MoeFamily,
+    beyond_last_layer,
     common_from_hf_moe,
     common_to_hf_moe,
     dense_and_moe_layers,
@@ -30,6 +34,8 @@ from ..family import (
 # MiniMax's config.json fields that transformers' class does not read: the value its code takes as given.
 _ASSUMED = {"scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True, "qk_norm_type": "per_layer",
             "shared_intermediate_size": 0, "routed_scaling_factor": 1.0, "sliding_window": None}
+# MiniMax's multi-token-prediction modules: they size modules outside the causal LM, whatever their values.
+_MTP_FIELDS = ("use_mtp", "num_mtp_modules", "mtp_transformer_layers")
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
@@ -103,8 +109,9 @@ MINIMAX_M2 = MoeFamily(
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
     handled_fields=COMMON_HANDLED | set(_ASSUMED) | {"intermediate_size", "num_local_experts", "router_jitter_noise",
-                                                     "rotary_dim", "attn_type_list"},
+                                                     "rotary_dim", "attn_type_list", *_MTP_FIELDS},
     moe_module="block_sparse_moe",
     expert_bias="e_score_correction_bias",
     expert_names=ExpertNames(gate="w1", up="w3", down="w2"),
+    ignored=beyond_last_layer,
 )

@@ -149,9 +149,8 @@ class ProductKeyRouter(HfMoeRouter):
         logits = self.compute_logits(hidden_states)
         log_probs = logits.view(num_tokens, self.num_heads, 2, self.num_keys).log_softmax(dim=-1)
         top_k_index, score = product_key_top_k(log_probs, self.top_k)  # [T, heads, k]
-        weights = score.exp()
-        if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        # renormalised over the head's k: exp(s) / Σ exp(s) is a softmax of the scores (one operator, not three)
+        weights = score.softmax(dim=-1) if self.norm_topk_prob else score.exp()
         if self.scaling != 1.0:
             weights = weights * self.scaling
         top_k_index, weights = top_k_index.flatten(1), weights.flatten(1)

@@ -1,0 +1,156 @@
+"""The config.json files of released MoE checkpoints (`tests/data/configs/`, sources in its SOURCES.md) import: each
+is read by transformers' own class and mapped to an `HfMoeConfig`, and a tiny model of the same config (every size
+shrunk, every ratio and feature flag kept: groups, partial rotary, q/k norm, shared experts, dense first layers, MLA
+ranks, YaRN) computes, loaded by hf-moe, the logits transformers' class computes from the same random weights.
+
+A `quantization_config` (DeepSeek-R1's FP8, GLM-4.7's NVFP4) is dropped here: these tests are about the
+architecture; FP8 checkpoints and these configs' quantization are tested in `tests/test_interop_fp8.py`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_moe import HfMoeForCausalLM
+from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
+
+from .conftest import assert_rel_close
+from .interop_cases import batch, build, logits, randomize
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+NAMES = sorted(path.stem for path in CONFIGS.glob("*.json"))
+VOCAB = 64
+
+# field → its tiny value; ratios that matter are kept by `shrink` below.
+_TINY = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
+         "max_position_embeddings": 64, "q_lora_rank": 12, "kv_lora_rank": 10, "qk_nope_head_dim": 8,
+         "qk_rope_head_dim": 4, "v_head_dim": 6}
+_EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts")
+
+
+def real_config(name: str) -> dict:
+    """The checkpoint's config.json, less its quantization."""
+    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    config.pop("quantization_config", None)
+    return config
+
+
+def shrink(config: dict) -> dict:
+    """A tiny config with the same features: sizes shrunk, while dense first layers, group-limited routing (fewer
+    groups kept than exist), GQA versus MHA, shared experts' width relative to a routed expert, the rotated share of a
+    head and YaRN's factor are kept."""
+    tiny = dict(config)
+    tiny.update({k: v for k, v in _TINY.items() if tiny.get(k) is not None})
+    dense = 1 if config.get("first_k_dense_replace") else 0
+    tiny["num_hidden_layers"] = dense + 2
+    if "first_k_dense_replace" in config:
+        tiny["first_k_dense_replace"] = dense
+    if "attn_type_list" in config:
+        tiny["attn_type_list"] = config["attn_type_list"][: tiny["num_hidden_layers"]]
+    if "max_window_layers" in config:
+        tiny["max_window_layers"] = min(config["max_window_layers"], tiny["num_hidden_layers"])
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads", config["num_attention_heads"])
+    tiny["num_attention_heads"] = 4
+    tiny["num_key_value_heads"] = 4 if kv_heads == heads else 2
+    if config.get("head_dim"):
+        tiny["head_dim"] = 16
+        if config.get("rotary_dim"):
+            tiny["rotary_dim"] = 16 * config["rotary_dim"] // config["head_dim"]
+    if config.get("shared_expert_intermediate_size"):
+        ratio = config["shared_expert_intermediate_size"] // config["moe_intermediate_size"]
+        tiny["shared_expert_intermediate_size"] = ratio * _TINY["moe_intermediate_size"]
+    for key in _EXPERT_COUNTS:
+        if key in config:
+            tiny[key] = 8
+    tiny["num_experts_per_tok"] = 2
+    if (config.get("n_group") or 1) > 1:
+        limited = config["topk_group"] < config["n_group"]
+        tiny["n_group"], tiny["topk_group"] = 4, 2 if limited else 4
+    rope = config.get("rope_scaling")
+    if rope and "original_max_position_embeddings" in rope:  # YaRN: the same factor over a shorter context
+        tiny["rope_scaling"] = {**rope, "original_max_position_embeddings": 16}
+        tiny["max_position_embeddings"] = int(16 * rope["factor"])
+    tiny.update(bos_token_id=1, eos_token_id=2)  # token ids inside the tiny vocabulary
+    if config.get("pad_token_id") is not None:
+        tiny["pad_token_id"] = 0
+    return tiny
+
+
+def write(config: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def reads_rotary_dim(config) -> bool:
+    """Whether transformers' MiniMax-M2 class rotates `rotary_dim` dimensions (older versions ignore the field and
+    rotate the whole head, which hf-moe refuses to import as either function)."""
+    factor = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    return int(config.head_dim * factor) == config.rotary_dim
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_real_config_is_accepted(tmp_path, name):
+    """The checkpoint's own config.json (full size) maps to an HfMoeConfig of the same shape."""
+    raw = real_config(name)
+    config = AutoConfig.from_pretrained(write(raw, tmp_path))
+    family = FAMILIES[raw["model_type"]]
+    if raw["model_type"] == "minimax_m2" and not reads_rotary_dim(config):
+        with pytest.raises(InteropError, match="rotary_dim=64"):
+            to_hf_moe_config(family, config)
+        return
+    ours = to_hf_moe_config(family, config)
+    assert (ours.hidden_size, ours.num_hidden_layers, ours.vocab_size) == (
+        raw["hidden_size"], raw["num_hidden_layers"], raw["vocab_size"])
+    assert ours.num_experts == next(raw[k] for k in _EXPERT_COUNTS if k in raw)
+    assert ours.num_experts_per_tok == raw["num_experts_per_tok"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_model_of_real_config_computes_what_transformers_computes(tmp_path, name):
+    tiny = shrink(real_config(name))
+    config = AutoConfig.from_pretrained(write(tiny, tmp_path / "config"))
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(reference)
+    reference.save_pretrained(tmp_path / "model")
+    if tiny["model_type"] == "minimax_m2" and not reads_rotary_dim(config):
+        with pytest.raises(InteropError, match="rotary_dim"):
+            HfMoeForCausalLM.from_pretrained(tmp_path / "model")
+        return
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    ids, mask = batch()
+    assert_rel_close(logits(model, ids, mask), logits(reference.eval(), ids, mask), 1e-5, f"{name} logits")
+
+
+@pytest.mark.parametrize("name,changes,named", [
+    ("dots-llm1-inst", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ("glm-4.7-flash", {"scoring_func": "softmax"}, "scoring_func='softmax'"),
+    ("deepseek-r1", {"topk_method": "greedy"}, "topk_method='greedy'"),
+    ("deepseek-v2.5", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
+    ("minimax-m2.5", {"use_routing_bias": False}, "use_routing_bias=False"),
+])
+def test_real_config_saying_other_than_transformers_computes_is_refused(tmp_path, name, changes, named):
+    """The checkpoint's own fields that transformers' class does not read are still checked against what it
+    computes."""
+    raw = {**real_config(name), **changes}
+    with pytest.raises(InteropError, match=named):
+        to_hf_moe_config(FAMILIES[raw["model_type"]], AutoConfig.from_pretrained(write(raw, tmp_path)))
+
+
+def test_minimax_multi_token_prediction_modules_are_left_out_as_transformers_does(tmp_path):
+    """MiniMax-M2's config.json names multi-token-prediction modules that transformers' class does not build; a
+    checkpoint carrying them as layers after the last one loads the causal LM alone."""
+    reference = build("minimax_m2", tmp_path)
+    mtp = {k: v for k, v in real_config("minimax-m2.5").items() if "mtp" in k}
+    assert mtp == {"use_mtp": True, "num_mtp_modules": 3, "mtp_transformer_layers": 1}
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **mtp}))
+    tensors = load_file(tmp_path / "model.safetensors")
+    last = reference.config.num_hidden_layers
+    tensors[f"model.layers.{last}.self_attn.q_proj.weight"] = torch.randn(64, 32)
+    save_file(tensors, tmp_path / "model.safetensors")
+    ids, _ = batch()
+    assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path), ids), logits(reference, ids), 1e-5)
