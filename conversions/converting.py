@@ -9,7 +9,9 @@ Every tensor is planned first (`hf_moe.interop`: the family's config mapping and
 source tensor, or one expert of one, at a time, into shards whose headers are written up front, so peak memory is
 about one tensor, never the model. Output appears complete or not at all (`conversions.output`). An export writes the
 per-expert layout and `architectures` transformers 5 saves for the family, and anything the family cannot express
-is refused before anything is written, naming the field and the families that could take it.
+is refused before anything is written, naming the field and the families that could take it. An FP8 source
+(`quantization_config` `quant_method: "fp8"`) is dequantized as it is read and written unquantized, in its compute
+dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class _Source:
         checkpoint = ForeignCheckpoint.open(path)
         config = checkpoint.hf_moe_config()
         plans = {p.name: p for p in checkpoint.plans(expected_shapes(config), config)}
-        dtypes = {name: checkpoint.reader.tensors[p.foreign_names[0]].dtype for name, p in plans.items()}
+        dtypes = {name: checkpoint.dtype(p) for name, p in plans.items()}
         return cls(path, model_type, config, lambda name, s=None, e=None: checkpoint.read(plans[name], s, e), dtypes)
 
 

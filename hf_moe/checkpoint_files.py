@@ -16,7 +16,7 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Weights in pickle formats: named in the error, never opened (unpickling can run arbitrary code).
 _PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 _DTYPES_BY_NAME = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                   "I64": torch.int64, "I32": torch.int32}
+                   "I64": torch.int64, "I32": torch.int32, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):

@@ -4,7 +4,7 @@ shrunk, every ratio and feature flag kept: groups, partial rotary, q/k norm, sha
 ranks, YaRN) computes, loaded by hf-moe, the logits transformers' class computes from the same random weights.
 
 A `quantization_config` (DeepSeek-R1's FP8, GLM-4.7's NVFP4) is dropped here: these tests are about the
-architecture, and quantized weights are another matter."""
+architecture; FP8 checkpoints and these configs' quantization are tested in `tests/test_interop_fp8.py`."""
 
 import json
 from pathlib import Path

@@ -33,6 +33,11 @@ How a family is added (the contract; `families/mixtral.py` is the shortest examp
 5. Tests: add the family's tiny transformers config to `tests/test_interop.py::FAMILIES`; every check there (logits,
    cached generate, both conversions, bit-exact round trip, refusals, expert-parallel load) then covers it.
 
+FP8 checkpoints (transformers' fine-grained `quant_method: "fp8"`: float8 weights beside `*_scale_inv` block scales)
+need nothing from a family: `fp8.py` refuses what it cannot read exactly and `ForeignCheckpoint.read`, the one reader
+of the direct load, the expert-parallel load and the conversions, dequantizes each tensor or expert as it reads it.
+The model and every conversion's output are unquantized.
+
 Decoder features an import needs (a new attention, norm or routing variant) are `HfMoeConfig` fields with
 validation; the family maps onto them. A new field that changes what the model computes must also enter `signature`
 (`family.py`), or exports to families lacking it would not be refused. transformers' own conversion machinery

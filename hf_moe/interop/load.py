@@ -87,10 +87,11 @@ def load_checkpoint(model_class: type, checkpoint: ForeignCheckpoint, config: Hf
     model = materialize(model_class, config, device, dtype, expert_range)
     plans: dict[str, TensorPlan] = {p.name: p for p in checkpoint.plans(expected_shapes(model, config), config)}
     start, end = expert_range or (None, None)
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
 
     def read(name: str) -> torch.Tensor | None:
         plan = plans.get(name)
-        return None if plan is None else checkpoint.read(plan, start, end)
+        return None if plan is None else checkpoint.read(plan, start, end, dtypes[name])
 
     return fill(model, config, read)
 
