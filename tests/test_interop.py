@@ -238,6 +238,26 @@ def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, 
         assert not (tmp_path / to).exists()
 
 
+def export_by_auto(tmp_path, settings: dict, family: str, named: str | None):
+    """A random hf-moe model of `tiny_config(**settings)`, saved. With `named`, converting it to `family` is refused
+    naming that and None is returned; else `--to auto` picks `family` and the export, loaded by transformers' class,
+    computes the model's logits: returns the export."""
+    from .conftest import tiny_config
+
+    model = HfMoeForCausalLM(tiny_config(**settings)).eval()
+    randomize(model)
+    model.save_pretrained(tmp_path / "model")
+    if named is not None:
+        with pytest.raises(InteropError, match=named):
+            convert(tmp_path / "model", tmp_path / "out", to=family, progress=False)
+        return None
+    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == family
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids, mask = batch()
+    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, f"hf_moe → {family}")
+    return exported
+
+
 @pytest.mark.parametrize("overrides,named", [
     ({}, None),
     (dict(group_score="top2_sum"), "group_score='top2_sum'"),
@@ -249,23 +269,12 @@ def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, 
 def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, overrides, named):
     """An hf-moe model with MLA, softmax scores, group-limited routing by each group's best expert and no
     renormalisation goes to deepseek_v2 (`--to auto` too) with its logits; what DeepSeek-V2 lacks is refused."""
-    from .conftest import tiny_config
-
-    config = tiny_config(**{**dict(num_key_value_heads=4, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
-                                   v_head_dim=6, rope_interleave=True, norm_topk_prob=False, num_shared_experts=1,
-                                   n_group=2, topk_group=1, group_score="max", routed_scaling_factor=2.0), **overrides})
-    model = HfMoeForCausalLM(config).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path / "model")
-    if named is not None:
-        with pytest.raises(InteropError, match=named):
-            convert(tmp_path / "model", tmp_path / "out", to="deepseek_v2", progress=False)
-        return
-    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "deepseek_v2"
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert exported.config.topk_method == "group_limited_greedy"
-    ids, mask = batch()
-    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → deepseek_v2")
+    exported = export_by_auto(tmp_path, {**dict(num_key_value_heads=4, kv_lora_rank=10, qk_nope_head_dim=8,
+                                                qk_rope_head_dim=4, v_head_dim=6, rope_interleave=True,
+                                                norm_topk_prob=False, num_shared_experts=1, n_group=2, topk_group=1,
+                                                group_score="max", routed_scaling_factor=2.0), **overrides},
+                              "deepseek_v2", named)
+    assert exported is None or exported.config.topk_method == "group_limited_greedy"
 
 
 @pytest.mark.parametrize("overrides,named", [
@@ -279,22 +288,10 @@ def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, o
 def test_ernie_exports_interleaved_rope_models_with_any_layer_interval(tmp_path, overrides, named):
     """An hf-moe model with RoPE on adjacent pairs, an expert bias on softmax scores and ungated shared experts in
     every other layer goes to ernie4_5_moe (`--to auto` too) with its logits; what ERNIE-4.5 lacks is refused."""
-    from .conftest import tiny_config
-
-    config = tiny_config(**{**dict(num_hidden_layers=4, moe_layers=[1, 3], rope_interleave=True, use_expert_bias=True,
-                                   num_shared_experts=2, moe_intermediate_size=16), **overrides})
-    model = HfMoeForCausalLM(config).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path / "model")
-    if named is not None:
-        with pytest.raises(InteropError, match=named):
-            convert(tmp_path / "model", tmp_path / "out", to="ernie4_5_moe", progress=False)
-        return
-    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "ernie4_5_moe"
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
-    ids, mask = batch()
-    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → ernie4_5_moe")
+    exported = export_by_auto(tmp_path, {**dict(num_hidden_layers=4, moe_layers=[1, 3], rope_interleave=True,
+                                                use_expert_bias=True, num_shared_experts=2, moe_intermediate_size=16),
+                                         **overrides}, "ernie4_5_moe", named)
+    assert exported is None or (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
 
 
 def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
@@ -317,21 +314,9 @@ def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
 def test_hunyuan_exports_models_normalising_q_and_k_after_rope(tmp_path, overrides, named):
     """An hf-moe model with q/k norm after RoPE, every layer MoE and one ungated shared expert as wide as the routed
     ones goes to hunyuan_v1_moe (`--to auto` too) with its logits; what Hunyuan-MoE lacks is refused."""
-    from .conftest import tiny_config
-
-    config = tiny_config(**{**dict(qk_norm=True, qk_norm_order="after_rope", moe_intermediate_size=64,
-                                   num_shared_experts=1, shared_expert_intermediate_size=64), **overrides})
-    model = HfMoeForCausalLM(config).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path / "model")
-    if named is not None:
-        with pytest.raises(InteropError, match=named):
-            convert(tmp_path / "model", tmp_path / "out", to="hunyuan_v1_moe", progress=False)
-        return
-    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == "hunyuan_v1_moe"
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    ids, mask = batch()
-    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, "hf_moe → hunyuan_v1_moe")
+    export_by_auto(tmp_path, {**dict(qk_norm=True, qk_norm_order="after_rope", moe_intermediate_size=64,
+                                     num_shared_experts=1, shared_expert_intermediate_size=64), **overrides},
+                   "hunyuan_v1_moe", named)
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):
