@@ -189,13 +189,26 @@ def deepseek_moe_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     }
 
 
+def require_dense_then_moe(cfg: HfMoeConfig, family: str, why: str) -> None:
+    """Refuses an hf-moe config whose MoE layers are not all the layers after its dense ones (the
+    `first_k_dense_replace` pattern of `family`); `why` is the refusal's explanation."""
+    dense, moe = dense_and_moe_layers(cfg)
+    if moe != list(range(len(dense), cfg.num_hidden_layers)):
+        raise refuse(family, "moe_layers", moe, why)
+
+
+def require_shared_width(cfg: HfMoeConfig, family: str, why: str) -> None:
+    """Refuses an hf-moe config whose shared experts are not `num_shared_experts · moe_intermediate_size` wide, the
+    width `family`'s config derives; `why` is the refusal's explanation."""
+    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
+        raise refuse(family, "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size, why)
+
+
 def deepseek_moe_from_hf_moe(cfg: HfMoeConfig, family: str) -> dict[str, Any]:
     """The DeepSeek-style routed-MoE fields of an hf-moe config, as `family`'s config keyword arguments (no
     multi-token-prediction layers). The caller has checked the routing is DeepSeek-style; the shared experts'
     width, which such a config derives, is checked here."""
-    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
-        raise refuse(family, "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
-                     f"{family}'s shared experts are n_shared_experts·moe_intermediate_size wide")
+    require_shared_width(cfg, family, f"{family}'s shared experts are n_shared_experts·moe_intermediate_size wide")
     dense, _ = dense_and_moe_layers(cfg)
     n_group = cfg.n_group or 1
     return {

@@ -28,6 +28,8 @@ from ..family import (
     common_to_hf_moe,
     dense_and_moe_layers,
     refuse,
+    require_dense_then_moe,
+    require_shared_width,
 )
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")
@@ -87,10 +89,9 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         raise refuse("deepseek_v2", "rope_interleave", False,
                      "DeepSeek-V2 rotates adjacent pairs (deepseek_v3 takes RoPE on the two halves)")
     dense, moe = dense_and_moe_layers(cfg)
-    if moe != list(range(len(dense), cfg.num_hidden_layers)):
-        raise refuse("deepseek_v2", "moe_layers", moe,
-                     "DeepSeek-V2's dense layers are the first first_k_dense_replace ones and every later layer is "
-                     "MoE; no family with multi-head latent attention takes another pattern")
+    require_dense_then_moe(cfg, "deepseek_v2",
+                           "DeepSeek-V2's dense layers are the first first_k_dense_replace ones and every later layer "
+                           "is MoE; no family with multi-head latent attention takes another pattern")
     if cfg.scoring_func != "softmax":
         raise refuse("deepseek_v2", "scoring_func", cfg.scoring_func,
                      "DeepSeek-V2 scores experts with a softmax (deepseek_v3 takes sigmoid scores)")
@@ -107,9 +108,8 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         raise refuse("deepseek_v2", "num_shared_experts", 0,
                      "DeepSeek-V2's MoE layers always have shared experts (qwen3_moe has none, but no multi-head "
                      "latent attention)")
-    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
-        raise refuse("deepseek_v2", "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
-                     "DeepSeek-V2's shared experts are n_shared_experts·moe_intermediate_size wide")
+    require_shared_width(cfg, "deepseek_v2",
+                         "DeepSeek-V2's shared experts are n_shared_experts·moe_intermediate_size wide")
     grouped = cfg.n_group is not None and cfg.topk_group < cfg.n_group  # a limit keeping every group is none
     if grouped and cfg.group_score != "max":
         raise refuse("deepseek_v2", "group_score", cfg.group_score,

@@ -32,6 +32,7 @@ from ..family import (
     mla_fields,
     refuse,
     refuse_unread,
+    require_dense_then_moe,
 )
 
 # DeepSeek's own config.json fields that transformers' class does not read: the value its code takes as given.
@@ -49,10 +50,9 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
                      "DeepSeek-V3's attention is multi-head latent attention (grouped-query models export to mixtral, "
                      "qwen2_moe, qwen3_moe, olmoe or glm4_moe)")
     dense, moe = dense_and_moe_layers(cfg)
-    if moe != list(range(len(dense), cfg.num_hidden_layers)):
-        raise refuse("deepseek_v3", "moe_layers", moe,
-                     "DeepSeek-V3's dense layers are the first first_k_dense_replace ones and every later layer is "
-                     "MoE; no family with multi-head latent attention takes another pattern")
+    require_dense_then_moe(cfg, "deepseek_v3",
+                           "DeepSeek-V3's dense layers are the first first_k_dense_replace ones and every later layer "
+                           "is MoE; no family with multi-head latent attention takes another pattern")
     if cfg.scoring_func != "sigmoid":
         raise refuse("deepseek_v3", "scoring_func", cfg.scoring_func,
                      "DeepSeek-V3 scores experts with a sigmoid (softmax routers export to mixtral, qwen2_moe, "

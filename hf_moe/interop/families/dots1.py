@@ -23,10 +23,10 @@ from ..family import (
     common_to_hf_moe,
     deepseek_moe_from_hf_moe,
     deepseek_moe_to_hf_moe,
-    dense_and_moe_layers,
     refuse,
     refuse_unread,
     require_deepseek_routing,
+    require_dense_then_moe,
     require_rotary_factor,
 )
 
@@ -60,12 +60,10 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
 
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
-    dense, moe = dense_and_moe_layers(cfg)
     require_deepseek_routing(cfg, "dots1")
-    if moe != list(range(len(dense), cfg.num_hidden_layers)):
-        raise refuse("dots1", "moe_layers", moe,
-                     "Dots1's dense layers are the first first_k_dense_replace ones and every later layer is MoE "
-                     "(glm4_moe_lite takes any pattern)")
+    require_dense_then_moe(cfg, "dots1",
+                           "Dots1's dense layers are the first first_k_dense_replace ones and every later layer is MoE"
+                           " (glm4_moe_lite takes any pattern)")
     if not cfg.qk_norm or cfg.qk_norm_scope != "head":
         raise refuse("dots1", "qk_norm_scope" if cfg.qk_norm else "qk_norm",
                      cfg.qk_norm_scope if cfg.qk_norm else False,

@@ -17,7 +17,15 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ...configuration_hf_moe import HfMoeConfig
-from ..family import COMMON_HANDLED, MoeFamily, common_from_hf_moe, common_to_hf_moe, dense_and_moe_layers, refuse
+from ..family import (
+    COMMON_HANDLED,
+    MoeFamily,
+    common_from_hf_moe,
+    common_to_hf_moe,
+    dense_and_moe_layers,
+    refuse,
+    require_shared_width,
+)
 
 DEFAULT_NORM_MIN = 1e-12
 _MOE_FIELDS = frozenset({"intermediate_size", "moe_intermediate_size", "moe_num_experts", "moe_k",
@@ -87,9 +95,8 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
     if cfg.shared_expert_gate:
         raise refuse("ernie4_5_moe", "shared_expert_gate", True,
                      "ERNIE-4.5's shared experts are ungated (qwen2_moe takes a gated shared expert)")
-    if cfg.shared_expert_size != cfg.num_shared_experts * cfg.moe_intermediate_size:
-        raise refuse("ernie4_5_moe", "shared_expert_intermediate_size", cfg.shared_expert_intermediate_size,
-                     "ERNIE-4.5's shared experts are moe_num_shared_experts·moe_intermediate_size wide")
+    require_shared_width(cfg, "ernie4_5_moe",
+                         "ERNIE-4.5's shared experts are moe_num_shared_experts·moe_intermediate_size wide")
     start, end, interval = _layer_range(cfg)
     fields = common_from_hf_moe(cfg)
     del fields["attention_dropout"]  # not an ERNIE-4.5 field: its attention never drops

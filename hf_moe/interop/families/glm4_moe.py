@@ -23,8 +23,8 @@ from ..family import (
     common_to_hf_moe,
     deepseek_moe_from_hf_moe,
     deepseek_moe_to_hf_moe,
-    dense_and_moe_layers,
     refuse,
+    require_dense_then_moe,
 )
 
 
@@ -38,14 +38,12 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
 
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
-    dense, moe = dense_and_moe_layers(cfg)
     if cfg.scoring_func != "sigmoid":
         raise refuse("glm4_moe", "scoring_func", cfg.scoring_func,
                      "GLM-4-MoE routes with sigmoid scores (mixtral, qwen2_moe, qwen3_moe and olmoe take softmax)")
-    if moe != list(range(len(dense), cfg.num_hidden_layers)):
-        raise refuse("glm4_moe", "moe_layers", moe,
-                     "GLM-4-MoE's dense layers are the first first_k_dense_replace ones and every later layer is MoE "
-                     "(qwen2_moe and qwen3_moe take any pattern)")
+    require_dense_then_moe(cfg, "glm4_moe",
+                           "GLM-4-MoE's dense layers are the first first_k_dense_replace ones and every later layer is"
+                           " MoE (qwen2_moe and qwen3_moe take any pattern)")
     if not cfg.use_expert_bias:
         raise refuse("glm4_moe", "use_expert_bias", False,
                      "GLM-4-MoE always selects with an expert bias; set use_expert_bias=True (a zero bias selects "
