@@ -53,6 +53,9 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
     "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
                          num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
+    "hy_v3": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_shared_experts=2, head_dim=16,
+                  num_hidden_layers=3, mlp_layer_types=["sparse", "dense", "sparse"], router_scaling_factor=2.5,
+                  attention_bias=True),
 }
 
 

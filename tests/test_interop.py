@@ -1,7 +1,7 @@
 """Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
-glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe) in and out, against transformers' own classes:
-tiny random models built and saved by transformers (the cases are in `interop_cases.py`), every weight and buffer
-randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
+glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe, hy_v3) in and out, against transformers' own
+classes: tiny random models built and saved by transformers (the cases are in `interop_cases.py`), every weight and
+buffer randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
 refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
 greedy routing (which ignores the groups its config names)."""
 
@@ -112,6 +112,10 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
     ("hunyuan_v1_moe", {"use_qk_norm": False}, "use_qk_norm=False"),
     ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "alpha": 1000.0,
                                             "rope_theta": 10000.0}}, "rope_parameters['alpha']=1000.0"),
+    ("hy_v3", {"route_norm": False}, "route_norm=False"),
+    ("hy_v3", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
+    ("hy_v3", {"expert_hidden_dim": 32}, "expert_hidden_dim=32"),
+    ("hy_v3", {"mlp_bias": True}, "mlp_bias=True"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -201,6 +205,10 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("qwen3_moe", "ernie4_5_moe", "rope_interleave"),
     ("hunyuan_v1_moe", "qwen3_moe", "qk_norm_order"),
     ("qwen3_moe", "hunyuan_v1_moe", "qk_norm_order"),
+    ("hy_v3", "hunyuan_v1_moe", "qk_norm_order"),
+    ("hy_v3", "glm4_moe", "moe_layers"),
+    ("qwen3_moe", "hy_v3", "scoring_func"),
+    ("glm4_moe", "hy_v3", "qkv_bias"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
@@ -317,6 +325,24 @@ def test_hunyuan_exports_models_normalising_q_and_k_after_rope(tmp_path, overrid
     export_by_auto(tmp_path, {**dict(qk_norm=True, qk_norm_order="after_rope", moe_intermediate_size=64,
                                      num_shared_experts=1, shared_expert_intermediate_size=64), **overrides},
                    "hunyuan_v1_moe", named)
+
+
+@pytest.mark.parametrize("overrides,named", [
+    ({}, None),
+    (dict(qk_norm_order="after_rope"), "qk_norm_order='after_rope'"),
+    (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
+    (dict(n_group=2, topk_group=1), "n_group=2"),
+])
+def test_hy_v3_exports_sigmoid_models_with_any_moe_layers(tmp_path, overrides, named):
+    """An hf-moe model with per-head q/k norm, sigmoid scores with an expert bias, renormalised and scaled, and
+    ungated shared experts in any layers goes to hy_v3 (`--to auto` too) with its logits; what Hy3 lacks is
+    refused."""
+    exported = export_by_auto(tmp_path, {**dict(num_hidden_layers=3, moe_layers=[0, 2], qk_norm=True,
+                                                scoring_func="sigmoid", use_expert_bias=True, norm_topk_prob=True,
+                                                routed_scaling_factor=2.0, num_shared_experts=1,
+                                                moe_intermediate_size=16), **overrides}, "hy_v3", named)
+    assert exported is None or exported.config.mlp_layer_types == ["sparse", "dense", "sparse"]
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):

@@ -79,6 +79,8 @@ def shrink(config: dict) -> dict:
             tiny["rotary_dim"] = 16 * config["rotary_dim"] // config["head_dim"]
         if "attention_head_dim" in config:
             tiny["attention_head_dim"] = 16
+    if "expert_hidden_dim" in config:  # Hy3's second name for the routed experts' width
+        tiny["expert_hidden_dim"] = tiny["moe_intermediate_size"]
     if "org_vocab_size" in config:
         tiny["org_vocab_size"] = VOCAB
     if config.get("shared_expert_intermediate_size"):
@@ -164,6 +166,8 @@ def test_tiny_model_of_real_config_computes_what_transformers_computes(tmp_path,
     ("hunyuan-a13b", {"use_cla": True}, "use_cla=True"),
     ("hunyuan-a13b", {"moe_drop_tokens": True}, "moe_drop_tokens=True"),
     ("hunyuan-a13b", {"attention_head_dim": 64}, "attention_head_dim=64"),
+    ("hy3", {"first_k_dense_replace": 3}, "first_k_dense_replace=3"),
+    ("hy3", {"moe_router_use_sigmoid": False}, "moe_router_use_sigmoid=False"),
 ])
 def test_real_config_saying_other_than_transformers_computes_is_refused(tmp_path, name, changes, named):
     """The checkpoint's own fields that transformers' class does not read are still checked against what it
