@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1RotaryEmbedding
 
+from conversions import convert
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRotaryEmbedding
 from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
@@ -208,3 +209,19 @@ def test_hunyuan_ntk_alpha_rope_is_plain_rope_over_the_stretched_base(tmp_path):
         gap = max((e - g).abs().max().item() for e, g in zip(reference(x, positions), ours(x, positions), strict=True))
         fixed = within or reference.rope_type != "dynamic"  # 5.23 names it "ntk_alpha" and never recomputes it
         assert (gap < 1e-6) == fixed, f"positions {positions.tolist()}: cos/sin differ by {gap}"
+
+
+def test_an_hf_moe_model_of_hy3_shape_exports_by_auto_to_dots1(tmp_path):
+    """Hy3's release (one dense layer, then MoE; no attention bias) is also a dots.llm1 model: an hf-moe checkpoint of
+    it goes to dots1 by `--to auto` (registered earlier), whose class computes the same logits, while the Hy3 folder
+    itself keeps its family."""
+    config = AutoConfig.from_pretrained(write(shrink(real_config("hy3")), tmp_path / "config"))
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(reference)
+    reference.save_pretrained(tmp_path / "hy3")
+    assert convert(tmp_path / "hy3", tmp_path / "same", to="auto", progress=False).target_type == "hy_v3"
+    convert(tmp_path / "hy3", tmp_path / "hf", progress=False)
+    assert convert(tmp_path / "hf", tmp_path / "dots1", to="auto", progress=False).target_type == "dots1"
+    ids, mask = batch()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dots1")
+    assert_rel_close(logits(exported, ids, mask), logits(reference.eval(), ids, mask), 1e-5, "hy3 as dots1")
