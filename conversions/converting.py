@@ -8,8 +8,9 @@ or not at all.
 Every tensor is planned first (`hf_moe.interop`: the family's config mapping and tensor names), then streamed: one
 source tensor, or one expert of one, at a time, into shards whose headers are written up front, so peak memory is
 about one tensor, never the model. Output appears complete or not at all (`conversions.output`). An export writes the
-per-expert layout and `architectures` transformers 5 saves for the family, and anything the family cannot express
-is refused before anything is written, naming the field and the families that could take it. An FP8 source
+expert layout (per expert, or fused for Mistral 4) and `architectures` transformers 5 saves for the family, and
+anything the family cannot express is refused before anything is written, naming the field and the families that
+could take it. An FP8 source
 (`quantization_config` `quant_method: "fp8"`) is dequantized as it is read and written unquantized, in its compute
 dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
 """
@@ -31,9 +32,9 @@ from hf_moe.interop import (
     ForeignCheckpoint,
     checkpoint_model_type,
     export_config,
+    export_plans,
     export_sources,
     families_for,
-    tensor_plans,
 )
 
 from .convert_types import ConvertError, ConvertResult
@@ -109,7 +110,8 @@ def _dtype(name: str) -> torch.dtype | None:
 
 
 def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[PlannedTensor]:
-    """Every output tensor with a producer that reads the source lazily (one expert at a time for expert tensors)."""
+    """Every output tensor with a producer that reads the source lazily (one expert at a time for expert tensors
+    written per expert; a fused one, which families saved fused get, one layer's experts at a time)."""
     expected = expected_shapes(source.config)
 
     def out_dtype(hf_name: str) -> torch.dtype:
@@ -123,7 +125,7 @@ def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[Pl
                               experts(name, shape[0]) if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
                               else whole(lambda name=name: source.read(name).to(out_dtype(name))))
                 for name, shape in expected.items()]
-    plans = tensor_plans(FAMILIES[target], expected, source.config.moe_layer_indices)
+    plans = export_plans(FAMILIES[target], expected, source.config.moe_layer_indices)
     planned = []
     for foreign, shape, hf_name, expert, rows in export_sources(plans):
         if expert is None:

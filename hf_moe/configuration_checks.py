@@ -129,12 +129,24 @@ LATENT_DIMS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_di
 
 def validate_mla(config: Any, fail: Fail) -> None:
     """The multi-head latent attention fields of `config` (whose integer fields were already checked): none set
-    without `kv_lora_rank`, all widths set with it, and the rest of the attention consistent with it."""
+    without `kv_lora_rank`, all widths set with it, and the rest of the attention consistent with it, Llama 4's
+    query temperature (`rope_parameters["llama_4_scaling_beta"]`) included, which only MLA reads."""
+    rope = config.rope_parameters or {}
     if config.kv_lora_rank is None:
         for field in LATENT_DIMS:
             if getattr(config, field):
                 fail(field, getattr(config, field), "unset unless kv_lora_rank is set (multi-head latent attention)")
+        if "llama_4_scaling_beta" in rope:
+            fail("rope_parameters['llama_4_scaling_beta']", rope["llama_4_scaling_beta"],
+                 "unset unless kv_lora_rank is set (only multi-head latent attention reads it)")
         return
+    if "llama_4_scaling_beta" in rope:
+        beta, original = rope["llama_4_scaling_beta"], rope.get("original_max_position_embeddings")
+        if not is_finite_number(beta):
+            fail("rope_parameters['llama_4_scaling_beta']", beta, "a finite number")
+        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+            fail("rope_parameters['original_max_position_embeddings']", original,
+                 "a positive integer with llama_4_scaling_beta (the context past which the queries are scaled)")
     for field in LATENT_DIMS[1:]:
         if getattr(config, field) is None:
             fail(field, None, "a positive integer when kv_lora_rank is set (multi-head latent attention)")

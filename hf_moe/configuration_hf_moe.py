@@ -58,7 +58,9 @@ class HfMoeConfig(PretrainedConfig):
         sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
         rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type`, `rope_theta`, scaling).
             `partial_rotary_factor` in (0, 1] rotates only the first `int(head_dim·factor)` dimensions of each head
-            and passes the rest through unchanged (GLM-4-MoE uses 0.5).
+            and passes the rest through unchanged (GLM-4-MoE uses 0.5). `llama_4_scaling_beta` β (with
+            `original_max_position_embeddings` L; multi-head latent attention only, Mistral-Small-4) multiplies the
+            queries at position p by Llama 4's temperature `1 + β·ln(1 + ⌊p / L⌋)`.
         rope_interleave (`bool`): RoPE rotates adjacent pairs `(x0, x1), (x2, x3), …` (ERNIE-4.5's and DeepSeek's
             checkpoints) instead of the two halves of the rotated dimensions.
         kv_lora_rank (`int`, *optional*): set, the attention is multi-head latent attention (DeepSeek-V2/V3,

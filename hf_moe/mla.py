@@ -4,7 +4,9 @@ Keys and values come from one low-rank latent per token: `kv_a_proj_with_mqa` ma
 `kv_lora_rank`-wide latent (RMS-normed) and one `qk_rope_head_dim`-wide RoPE key shared by every head; `kv_b_proj`
 expands the latent into each head's non-rotary key part and its value. Queries go through their own normed
 `q_lora_rank` latent, or one `q_proj`. The KV cache holds the latent and the rotated shared key, not the expanded
-keys and values. Parameter names are DeepSeek's, so its checkpoints map one to one.
+keys and values. Parameter names are DeepSeek's, so its checkpoints map one to one. With
+`rope_parameters["llama_4_scaling_beta"]` (Mistral-Small-4) the queries are scaled by Llama 4's position-dependent
+attention temperature.
 """
 
 from __future__ import annotations
@@ -33,6 +35,21 @@ def yarn_softmax_mscale(rope_parameters: dict | None) -> float:
     return (0.1 * mscale_all_dim * math.log(factor) + 1.0) ** 2
 
 
+def llama_4_query_scale(rope_parameters: dict | None) -> tuple[float, int] | None:
+    """`(β, L)` of Llama 4's attention temperature (Mistral-Small-4: `rope_parameters["llama_4_scaling_beta"]` and
+    `["original_max_position_embeddings"]`), or None when the config sets no β."""
+    params = rope_parameters or {}
+    beta = params.get("llama_4_scaling_beta")
+    return None if beta is None else (beta, params["original_max_position_embeddings"])
+
+
+def scale_queries(queries: torch.Tensor, position_ids: torch.Tensor, beta: float, original: int) -> torch.Tensor:
+    """Queries `[B, heads, S, ·]` times Llama 4's temperature `1 + β·ln(1 + ⌊position / L⌋)`: 1 inside the original
+    context `L`, growing with the log of the number of contexts past it (sharper attention far out)."""
+    scale = 1 + beta * torch.log(1 + torch.floor(position_ids / original))
+    return queries * scale[:, None, :, None].to(queries.dtype)
+
+
 class HfMoeMultiHeadLatentAttention(nn.Module):
     """Multi-head latent attention with DeepSeek's parameter names; the attention kernel comes from transformers'
     attention interface (eager, sdpa, flex, flash) and the cache from transformers' `Cache`."""
@@ -51,6 +68,7 @@ class HfMoeMultiHeadLatentAttention(nn.Module):
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.num_key_value_groups = 1  # every head has its own keys and values (expanded from the latent)
         self.scaling = self.qk_head_dim**-0.5 * yarn_softmax_mscale(config.rope_parameters)
+        self.query_scale = llama_4_query_scale(config.rope_parameters)
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         bias = config.attention_bias
@@ -102,6 +120,8 @@ class HfMoeMultiHeadLatentAttention(nn.Module):
         k_nope, value_states = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         key_states = torch.cat((k_nope, k_rope.expand(-1, k_nope.shape[1], -1, -1)), dim=-1)
         query_states = torch.cat((q_nope, q_rope), dim=-1)
+        if self.query_scale is not None:
+            query_states = scale_queries(query_states, kwargs["position_ids"], *self.query_scale)
 
         attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, **kwargs)
         return self.o_proj(attn_output), attn_weights

@@ -23,7 +23,7 @@ from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
-from .interop_cases import BASE, FAMILIES, batch, build, edit_config, logits, randomize, tensors
+from .interop_cases import BASE, FAMILIES, batch, build, edit_config, load_foreign, logits, tensors
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 
@@ -116,6 +116,16 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
     ("hy_v3", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
     ("hy_v3", {"expert_hidden_dim": 32}, "expert_hidden_dim=32"),
     ("hy_v3", {"mlp_bias": True}, "mlp_bias=True"),
+    ("mistral4", {"n_shared_experts": 0}, "n_shared_experts=0"),
+    ("mistral4", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}},
+     "rope_parameters['llama_4_scaling_beta']=None"),
+    ("mistral4", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "llama_4_scaling_beta": 0.1,
+                                      "original_max_position_embeddings": 4}},
+     "rope_parameters['rope_type']='default'"),
+    ("mistral4", {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                      "partial_rotary_factor": 0.5, "llama_4_scaling_beta": 0.1,
+                                      "original_max_position_embeddings": 4}},
+     "rope_parameters['partial_rotary_factor']=0.5"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -173,7 +183,7 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     original, back = tensors(folder), tensors(tmp_path / "back")
     assert sorted(back) == sorted(original), "the export names tensors as transformers saves them"
     assert all(torch.equal(back[k], original[k]) for k in original), "exported tensors are the original bits"
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    exported = load_foreign(tmp_path / "back")
     assert type(exported) is type(reference)
     assert_rel_close(logits(exported, ids, mask), expected, 1e-5, f"hf_moe → {model_type}")
 
@@ -209,6 +219,10 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("hy_v3", "glm4_moe", "moe_layers"),
     ("qwen3_moe", "hy_v3", "scoring_func"),
     ("glm4_moe", "hy_v3", "qkv_bias"),
+    ("mistral4", "deepseek_v3", "scoring_func"),
+    ("deepseek_v3", "mistral4", "scoring_func"),
+    ("deepseek_v2", "mistral4", "group_score"),
+    ("mistral4", "deepseek_v2", "norm_topk_prob"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):
@@ -246,62 +260,6 @@ def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, 
         assert not (tmp_path / to).exists()
 
 
-def export_by_auto(tmp_path, settings: dict, family: str, named: str | None):
-    """A random hf-moe model of `tiny_config(**settings)`, saved. With `named`, converting it to `family` is refused
-    naming that and None is returned; else `--to auto` picks `family` and the export, loaded by transformers' class,
-    computes the model's logits: returns the export."""
-    from .conftest import tiny_config
-
-    model = HfMoeForCausalLM(tiny_config(**settings)).eval()
-    randomize(model)
-    model.save_pretrained(tmp_path / "model")
-    if named is not None:
-        with pytest.raises(InteropError, match=named):
-            convert(tmp_path / "model", tmp_path / "out", to=family, progress=False)
-        return None
-    assert convert(tmp_path / "model", tmp_path / "out", to="auto", progress=False).target_type == family
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    ids, mask = batch()
-    assert_rel_close(logits(exported, ids, mask), logits(model, ids, mask), 1e-5, f"hf_moe → {family}")
-    return exported
-
-
-@pytest.mark.parametrize("overrides,named", [
-    ({}, None),
-    (dict(group_score="top2_sum"), "group_score='top2_sum'"),
-    (dict(rope_interleave=False), "rope_interleave=False"),
-    (dict(norm_topk_prob=True), "norm_topk_prob=True"),
-    (dict(use_expert_bias=True), "use_expert_bias=True"),
-    (dict(moe_layers=[0]), r"moe_layers=\[0\]"),
-])
-def test_deepseek_v2_exports_softmax_mla_models_and_refuses_the_rest(tmp_path, overrides, named):
-    """An hf-moe model with MLA, softmax scores, group-limited routing by each group's best expert and no
-    renormalisation goes to deepseek_v2 (`--to auto` too) with its logits; what DeepSeek-V2 lacks is refused."""
-    exported = export_by_auto(tmp_path, {**dict(num_key_value_heads=4, kv_lora_rank=10, qk_nope_head_dim=8,
-                                                qk_rope_head_dim=4, v_head_dim=6, rope_interleave=True,
-                                                norm_topk_prob=False, num_shared_experts=1, n_group=2, topk_group=1,
-                                                group_score="max", routed_scaling_factor=2.0), **overrides},
-                              "deepseek_v2", named)
-    assert exported is None or exported.config.topk_method == "group_limited_greedy"
-
-
-@pytest.mark.parametrize("overrides,named", [
-    ({}, None),
-    (dict(rope_interleave=False), "rope_interleave=False"),
-    (dict(use_expert_bias=False), "use_expert_bias=False"),
-    (dict(moe_layers=[0, 1, 3]), r"moe_layers=\[0, 1, 3\]"),
-    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
-    (dict(qkv_bias=True), "qkv_bias=True"),
-])
-def test_ernie_exports_interleaved_rope_models_with_any_layer_interval(tmp_path, overrides, named):
-    """An hf-moe model with RoPE on adjacent pairs, an expert bias on softmax scores and ungated shared experts in
-    every other layer goes to ernie4_5_moe (`--to auto` too) with its logits; what ERNIE-4.5 lacks is refused."""
-    exported = export_by_auto(tmp_path, {**dict(num_hidden_layers=4, moe_layers=[1, 3], rope_interleave=True,
-                                                use_expert_bias=True, num_shared_experts=2, moe_intermediate_size=16),
-                                         **overrides}, "ernie4_5_moe", named)
-    assert exported is None or (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
-
-
 def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
     """Tencent's config.json gives `moe_topk` (and the fields transformers' class ignores) per layer: equal entries
     import as the one value."""
@@ -310,39 +268,6 @@ def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
     ids, mask = batch()
     model = HfMoeForCausalLM.from_pretrained(tmp_path / "lists")
     assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, "hunyuan with per-layer lists")
-
-
-@pytest.mark.parametrize("overrides,named", [
-    ({}, None),
-    (dict(qk_norm_order="before_rope"), "qk_norm_order='before_rope'"),
-    (dict(moe_layers=[1]), r"moe_layers=\[1\]"),
-    (dict(moe_intermediate_size=16), "moe_intermediate_size=16"),
-    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
-])
-def test_hunyuan_exports_models_normalising_q_and_k_after_rope(tmp_path, overrides, named):
-    """An hf-moe model with q/k norm after RoPE, every layer MoE and one ungated shared expert as wide as the routed
-    ones goes to hunyuan_v1_moe (`--to auto` too) with its logits; what Hunyuan-MoE lacks is refused."""
-    export_by_auto(tmp_path, {**dict(qk_norm=True, qk_norm_order="after_rope", moe_intermediate_size=64,
-                                     num_shared_experts=1, shared_expert_intermediate_size=64), **overrides},
-                   "hunyuan_v1_moe", named)
-
-
-@pytest.mark.parametrize("overrides,named", [
-    ({}, None),
-    (dict(qk_norm_order="after_rope"), "qk_norm_order='after_rope'"),
-    (dict(norm_topk_prob=False), "norm_topk_prob=False"),
-    (dict(shared_expert_gate=True), "shared_expert_gate=True"),
-    (dict(n_group=2, topk_group=1), "n_group=2"),
-])
-def test_hy_v3_exports_sigmoid_models_with_any_moe_layers(tmp_path, overrides, named):
-    """An hf-moe model with per-head q/k norm, sigmoid scores with an expert bias, renormalised and scaled, and
-    ungated shared experts in any layers goes to hy_v3 (`--to auto` too) with its logits; what Hy3 lacks is
-    refused."""
-    exported = export_by_auto(tmp_path, {**dict(num_hidden_layers=3, moe_layers=[0, 2], qk_norm=True,
-                                                scoring_func="sigmoid", use_expert_bias=True, norm_topk_prob=True,
-                                                routed_scaling_factor=2.0, num_shared_experts=1,
-                                                moe_intermediate_size=16), **overrides}, "hy_v3", named)
-    assert exported is None or exported.config.mlp_layer_types == ["sparse", "dense", "sparse"]
 
 
 def test_cli_converts_and_refuses(saved, tmp_path, capsys):

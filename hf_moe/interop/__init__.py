@@ -28,7 +28,8 @@ How a family is added (the contract; `families/mixtral.py` is the shortest examp
    `shared_expert_gate.weight` become the family's `router`, `expert_bias`, `shared_experts`, `shared_expert_gate`.
    Routed experts are read from the per-expert layout transformers 5 saves
    (`{moe_module}.{experts}.{e}.{gate|up|down}.weight`, names from `expert_names`) or from fused
-   `{experts}.gate_up_proj [E, 2I, H]` / `{experts}.down_proj [E, H, I]`, and exported per expert. `ignored` names
+   `{experts}.gate_up_proj [E, 2I, H]` / `{experts}.down_proj [E, H, I]`, and exported per expert (fused where
+   transformers saves the family so, `saves_fused_experts`). `ignored` names
    foreign tensors the family's own class does not load either (GLM's multi-token-prediction layers).
 5. Tests: add the family's tiny transformers config to `tests/test_interop.py::FAMILIES`; every check there (logits,
    cached generate, both conversions, bit-exact round trip, refusals, expert-parallel load) then covers it.
@@ -63,7 +64,7 @@ from .family import (
     register_family,
     signature,
 )
-from .plan import TensorPlan, export_sources, tensor_plans
+from .plan import TensorPlan, export_plans, export_sources, tensor_plans
 
 for _family in BUILTIN_FAMILIES:
     register_family(_family)
@@ -81,6 +82,7 @@ __all__ = [
     "common_to_hf_moe",
     "differences",
     "export_config",
+    "export_plans",
     "export_sources",
     "families_for",
     "refuse",

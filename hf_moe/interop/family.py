@@ -60,6 +60,9 @@ class MoeFamily:
     expert_names: ExpertNames = ExpertNames()
     shared_experts: str = "shared_experts"
     shared_expert_gate: str = "shared_expert_gate.weight"
+    saves_fused_experts: bool = False
+    """transformers saves this family's routed experts as its model holds them, fused (`experts.gate_up_proj
+    [E, 2I, H]`, `experts.down_proj [E, H, I]`; Mistral 4 has no per-expert conversion): an export writes them so."""
     expert_bias_as_row: bool = False
     """The expert bias is saved as one `[1, E]` row (ERNIE-4.5's, one row per expert group) rather than `[E]`."""
     renames: tuple[tuple[str, str], ...] = ()
@@ -114,11 +117,12 @@ COMMON_HANDLED = frozenset(COMMON_FIELDS) | {"rope_parameters", "rope_scaling", 
 
 
 def common_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    """The fields every family shares, plus RoPE and the resolved `head_dim`."""
+    """The fields every family shares, plus RoPE and the resolved `head_dim`. Llama 4's query temperature
+    (`rope_parameters["llama_4_scaling_beta"]`) is left out: only the families whose class reads it map it."""
     fields = {name: getattr(cfg, name) for name in COMMON_FIELDS if name != "attention_dropout"}
     fields["attention_dropout"] = getattr(cfg, "attention_dropout", 0.0)  # ERNIE-4.5 has none: it never drops
     fields["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rope = dict(cfg.rope_parameters or {})
+    rope = {k: v for k, v in (cfg.rope_parameters or {}).items() if k != "llama_4_scaling_beta"}
     if "partial_rotary_factor" not in rope and getattr(cfg, "partial_rotary_factor", None) is not None:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor  # versions that keep it beside rope_parameters
     fields["rope_parameters"] = rope

@@ -63,6 +63,17 @@ def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_la
     return plans
 
 
+def export_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]],
+                 moe_layers: Iterable[int]) -> list[TensorPlan]:
+    """The plans of an export to `family`: routed experts in the per-expert layout, or fused where transformers saves
+    the family's experts so (`saves_fused_experts`)."""
+    fused = set()
+    if family.saves_fused_experts:
+        fused = {f"model.layers.{m[1]}.{family.moe_module}.{family.experts}.{m[2]}"
+                 for m in map(_EXPERTS.fullmatch, expected) if m is not None}
+    return tensor_plans(family, expected, moe_layers, fused)
+
+
 def part_shape(plan: TensorPlan) -> tuple[int, ...]:
     """The shape of one foreign tensor of `plan`."""
     if not plan.per_expert:
@@ -93,10 +104,10 @@ def check_against(plans: list[TensorPlan], family: MoeFamily, have: dict[str, tu
 
 def export_sources(plans: list[TensorPlan]) -> list[tuple[str, tuple[int, ...], str, int | None, slice | None]]:
     """For every foreign tensor an export writes, in order: (foreign name, its shape, hf-moe name, expert or None,
-    rows of that expert or None). Experts are written in the per-expert layout."""
+    rows of that expert or None). Experts are written per expert, or whole where the plan reads them fused."""
     out = []
     for plan in plans:
-        if not plan.experts:
+        if not plan.per_expert:
             out.append((plan.sources[0][0], part_shape(plan), plan.name, None, None))
             continue
         rows = plan.shape[1] // len(plan.sources[0])
