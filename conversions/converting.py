@@ -10,9 +10,8 @@ source tensor, or one expert of one, at a time, into shards whose headers are wr
 about one tensor, never the model. Output appears complete or not at all (`conversions.output`). An export writes the
 expert layout (per expert, or fused for Mistral 4) and `architectures` transformers 5 saves for the family, and
 anything the family cannot express is refused before anything is written, naming the field and the families that
-could take it. An FP8 source
-(`quantization_config` `quant_method: "fp8"`) is dequantized as it is read and written unquantized, in its compute
-dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
+could take it. An FP8 source (`quantization_config` `quant_method: "fp8"`) is dequantized as it is read and written
+unquantized, in its compute dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
 """
 
 from __future__ import annotations
