@@ -4,6 +4,7 @@ written out here token by token in float64 (outputs and gradients), and against 
 full forward, the chunked rule equals the recurrent one across chunk boundaries, compiled equals eager."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -172,8 +173,8 @@ def test_cached_decode_equals_one_full_forward(prefill):
 
 @pytest.mark.parametrize("length", [1, 7, 8, 9, 25])
 def test_chunked_rule_equals_recurrent_rule_across_chunk_boundaries(length):
-    """From a nonzero initial state, lengths below, at and across multiples of the chunk (8): outputs and final
-    states of the two algorithms agree to float64 rounding."""
+    """From a nonzero initial state, lengths below, at and across multiples of the chunk (8): outputs, final states
+    and the gradients of every input of the two algorithms agree to float64 rounding."""
     torch.manual_seed(3)
     batch, heads, dk, dv = 2, 3, 5, 4
     q, k = (F.normalize(torch.randn(batch, length, heads, dk, dtype=torch.float64), dim=-1) for _ in range(2))
@@ -181,10 +182,17 @@ def test_chunked_rule_equals_recurrent_rule_across_chunk_boundaries(length):
     log_decay = -torch.rand(batch, length, heads, dtype=torch.float64) * 0.5
     beta = torch.rand(batch, length, heads, dtype=torch.float64)
     state = torch.randn(batch, heads, dk, dv, dtype=torch.float64)
-    chunked = chunk_gated_delta_rule(q, k, v, log_decay, beta, state, chunk_size=8)
-    recurrent = recurrent_gated_delta_rule(q, k, v, log_decay, beta, state)
-    assert_rel_close(chunked[0], recurrent[0], 1e-12, what="outputs")
-    assert_rel_close(chunked[1], recurrent[1], 1e-12, what="final state")
+    inputs = [t.requires_grad_() for t in (q, k, v, log_decay, beta, state)]
+    weights = torch.randn_like(v), torch.randn_like(state)
+    results = {}
+    for name, rule in [("chunked", partial(chunk_gated_delta_rule, chunk_size=8)),
+                       ("recurrent", recurrent_gated_delta_rule)]:
+        out, final = rule(*inputs)
+        grads = torch.autograd.grad((out * weights[0]).sum() + (final * weights[1]).sum(), inputs)
+        results[name] = (out, final, *grads)
+    for what, chunked, recurrent in zip(["outputs", "final state", "dq", "dk", "dv", "dg", "dbeta", "dstate"],
+                                        results["chunked"], results["recurrent"]):
+        assert_rel_close(chunked, recurrent, 1e-12, what=what)
 
 
 def test_gradients_equal_float64_autograd_of_the_definition():
@@ -216,7 +224,7 @@ def test_bfloat16_close_to_transformers_and_to_float64():
     with torch.no_grad():
         out = ours(x, mask, layer)
         assert out.dtype == torch.bfloat16 and layer.recurrent_states[0].dtype == torch.float32
-        assert_rel_close(out.float(), reference(x, attention_mask=mask).float(), 1e-2, what="transformers bf16")
+        assert_rel_close(out.float(), reference(x, attention_mask=mask).float(), 1e-3, what="transformers bf16")
         assert_rel_close(out.double(), reference_forward(float64_parameters(ours), x, mask), 3e-2, what="float64")
 
 
