@@ -52,23 +52,23 @@ def randomise(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def module(dtype: torch.dtype = torch.float32) -> GatedDeltaNet:
-    return randomise(GatedDeltaNet(SIZES)).to(dtype)
+def module(dtype: torch.dtype = torch.float32, sizes: GatedDeltaNetSizes = SIZES) -> GatedDeltaNet:
+    return randomise(GatedDeltaNet(sizes)).to(dtype)
 
 
-def transformers_pair(family: str) -> tuple[torch.nn.Module, GatedDeltaNet, object]:
+def transformers_pair(family: str, sizes: GatedDeltaNetSizes = SIZES) -> tuple[torch.nn.Module, GatedDeltaNet, object]:
     """transformers' mixer of `family` with random weights, hf-moe's with the same weights, and the config."""
     config_class, mixer_class = FAMILIES[family]
-    config = config_class(hidden_size=SIZES.hidden_size, linear_num_key_heads=SIZES.num_key_heads,
-                          linear_num_value_heads=SIZES.num_value_heads, linear_key_head_dim=SIZES.key_head_dim,
-                          linear_value_head_dim=SIZES.value_head_dim, linear_conv_kernel_dim=SIZES.conv_kernel_size,
-                          rms_norm_eps=SIZES.norm_eps, num_hidden_layers=1, layer_types=["linear_attention"])
+    config = config_class(hidden_size=sizes.hidden_size, linear_num_key_heads=sizes.num_key_heads,
+                          linear_num_value_heads=sizes.num_value_heads, linear_key_head_dim=sizes.key_head_dim,
+                          linear_value_head_dim=sizes.value_head_dim, linear_conv_kernel_dim=sizes.conv_kernel_size,
+                          rms_norm_eps=sizes.norm_eps, num_hidden_layers=1, layer_types=["linear_attention"])
     reference = randomise(mixer_class(config, 0))
     state = reference.state_dict()
     if family == "qwen3_next":
-        split = split_qwen3_next_projections(state.pop("in_proj_qkvz.weight"), state.pop("in_proj_ba.weight"), SIZES)
+        split = split_qwen3_next_projections(state.pop("in_proj_qkvz.weight"), state.pop("in_proj_ba.weight"), sizes)
         state.update({f"{name}.weight": tensor for name, tensor in split.items()})
-    ours = GatedDeltaNet(SIZES)
+    ours = GatedDeltaNet(sizes)
     ours.load_state_dict(state)
     return reference, ours, config
 
@@ -77,10 +77,10 @@ def left_padding_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
     return torch.stack([torch.arange(length) >= pad for pad in pads]).long()
 
 
-def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor | None = None,
+                      s: GatedDeltaNetSizes = SIZES) -> torch.Tensor:
     """The mixer from its definition in float64, one token at a time, with the paper's state `S` `[Dv, Dk]`:
     `S_t = S_{t-1} · α_t (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ`, `o_t = S_t q_t`. `p`: the module's parameters."""
-    s = SIZES
     x = x.double() if mask is None else x.double() * mask[..., None]
     batch, length, _ = x.shape
     mixed = x @ p["in_proj_qkv.weight"].T
@@ -112,7 +112,7 @@ def reference_forward(p: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.T
 
 
 def float64_parameters(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: t.detach().double().requires_grad_() for name, t in m.named_parameters()}
+    return {name: t.detach().cpu().double().requires_grad_() for name, t in m.named_parameters()}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -125,7 +125,9 @@ def test_equals_transformers_prefill_and_cached_decode(family, padded):
     reference, ours, config = transformers_pair(family)
     x = torch.randn(2, 19, SIZES.hidden_size)
     mask = left_padding_mask(2, 11, [0, 5]) if padded else None
-    cache, layer = DynamicCache(config=config), LinearAttentionLayer()
+    # Each side its own DynamicCache from the same config: the layer transformers builds for "linear_attention"
+    # is hf-moe's state container too, in 5.17 and 5.23 alike.
+    cache, layer = DynamicCache(config=config), DynamicCache(config=config).layers[0]
     with torch.no_grad():
         assert_rel_close(ours(x), reference(x), what="no cache")
         for start, stop in [(0, 11), (11, 16), (16, 17), (17, 18), (18, 19)]:
