@@ -19,7 +19,6 @@ last `conv_kernel_size` convolution inputs and the float32 recurrent state, so `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +130,6 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(sizes.value_head_dim, sizes.norm_eps)
         self.out_proj = nn.Linear(sizes.value_dim, hidden, bias=False)
         self.activation = ACT2FN[sizes.activation]
-        self.rule = partial(chunk_gated_delta_rule, chunk_size=sizes.chunk_size)
 
     def short_convolution(self, mixed: torch.Tensor, cache_layer: LinearAttentionLayer | None) -> torch.Tensor:
         """Causal depthwise convolution then the activation, `[B, T, C]` → `[B, T, C]`. With a cache, the window is
@@ -175,8 +173,10 @@ class GatedDeltaNet(nn.Module):
         rate = F.softplus(self.in_proj_a(hidden_states).to(compute) + self.dt_bias.to(compute))
         log_decay = -self.A_log.to(compute).exp() * rate
 
-        rule = recurrent_gated_delta_rule if length == 1 else self.rule
-        core, state = rule(query, key, value, log_decay, beta, recurrent_state)
+        if length == 1:
+            core, state = recurrent_gated_delta_rule(query, key, value, log_decay, beta, recurrent_state)
+        else:
+            core, state = chunk_gated_delta_rule(query, key, value, log_decay, beta, recurrent_state, sizes.chunk_size)
         if cache_layer is not None:
             cache_layer.update_recurrent_state(state)
 
