@@ -282,6 +282,9 @@ class HfMoeAttention(nn.Module):
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, self.sinks,
+        sinks = self.sinks
+        if hasattr(sinks, "to_local"):  # sharded by head under transformers' tensor parallelism (a DTensor)
+            sinks = sinks.to_local()
+        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, sinks,
                                            sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(attn_output), attn_weights
