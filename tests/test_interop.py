@@ -22,7 +22,7 @@ from conversions.cli import main as cli_main
 from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
-from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
+from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, tiny_config
 from .interop_cases import BASE, FAMILIES, batch, build, edit_config, logits, randomize, tensors
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
@@ -90,9 +90,9 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
 @pytest.mark.parametrize("model_type,changes,named", [
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "max_window_layers=1"),
     ("qwen3_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
-    ("dots1", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types=['full_attention'"),
+    ("qwen2_moe", {"layer_types": ["sliding_attention", "full_attention", "full_attention"]}, "sliding_window=0"),
+    ("dots1", {"layer_types": ["full_attention", "chunked_attention"]}, "layer_types=['full_attention'"),
     ("dots1", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters['partial_rotary_factor']=0.5"),
     ("solar_open", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
@@ -226,8 +226,6 @@ def test_a_model_two_families_express_exports_to_either(saved, tmp_path):
     (dict(router_type="expert_choice"), "router_type='expert_choice'"),
 ])
 def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, named):
-    from .conftest import tiny_config
-
     HfMoeForCausalLM(tiny_config(**overrides)).save_pretrained(tmp_path / "model")
     for to in ("mixtral", "qwen3_moe", "auto"):
         if to == "auto":
@@ -242,8 +240,6 @@ def export_by_auto(tmp_path, settings: dict, family: str, named: str | None):
     """A random hf-moe model of `tiny_config(**settings)`, saved. With `named`, converting it to `family` is refused
     naming that and None is returned; else `--to auto` picks `family` and the export, loaded by transformers' class,
     computes the model's logits: returns the export."""
-    from .conftest import tiny_config
-
     model = HfMoeForCausalLM(tiny_config(**settings)).eval()
     randomize(model)
     model.save_pretrained(tmp_path / "model")
@@ -292,6 +288,29 @@ def test_ernie_exports_interleaved_rope_models_with_any_layer_interval(tmp_path,
                                                 use_expert_bias=True, num_shared_experts=2, moe_intermediate_size=16),
                                          **overrides}, "ernie4_5_moe", named)
     assert exported is None or (exported.config.moe_layer_start_index, exported.config.moe_layer_interval) == (1, 2)
+
+
+@pytest.mark.parametrize("family,layer_types,named", [
+    ("qwen2_moe", ["sliding_attention", "full_attention", "sliding_attention"], None),  # the even layers slide
+    ("qwen2_moe", ["full_attention", "sliding_attention", "full_attention"], r"layer_types=\['full_attention'"),
+    ("qwen2_moe", None, r"layer_types=\['sliding_attention', 'sliding_attention', 'sliding_attention'\]"),
+    ("dots1", ["full_attention", "sliding_attention", "sliding_attention"], None),  # the last layers slide
+    ("dots1", None, None),
+    ("dots1", ["sliding_attention", "full_attention", "sliding_attention"], r"layer_types=\['sliding_attention'"),
+])
+def test_mixed_attention_layers_export_where_the_family_s_max_window_layers_gives_them(tmp_path, family, layer_types,
+                                                                                       named):
+    """Qwen2-MoE slides on its even layers below `max_window_layers`, Dots1 on its layers from `max_window_layers`
+    on: a model whose sliding layers are those exports (`--to auto` too) with its logits, the others are refused."""
+    settings = dict(num_hidden_layers=3, sliding_window=4, layer_types=layer_types)
+    if family == "qwen2_moe":
+        settings.update(num_shared_experts=1, shared_expert_gate=True, qkv_bias=True)
+    else:
+        settings.update(first_k_dense=1, scoring_func="sigmoid", use_expert_bias=True, n_group=3, topk_group=2,
+                        num_shared_experts=1, qk_norm=True, attention_bias=True, routed_scaling_factor=2.0)
+    exported = export_by_auto(tmp_path, settings, family, named)
+    if exported is not None:
+        assert exported.config.layer_types == tiny_config(**settings).attention_layer_types
 
 
 def test_hunyuan_per_layer_lists_with_one_value_import(saved, tmp_path):
