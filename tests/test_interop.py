@@ -224,6 +224,7 @@ def test_a_model_two_families_express_exports_to_either(saved, tmp_path):
 @pytest.mark.parametrize("overrides,named", [
     (dict(drop_tokens=True), "drop_tokens=True"),
     (dict(router_type="expert_choice"), "router_type='expert_choice'"),
+    (dict(attention_sinks=True), "attention_sinks=True"),
 ])
 def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, named):
     HfMoeForCausalLM(tiny_config(**overrides)).save_pretrained(tmp_path / "model")
