@@ -240,6 +240,8 @@ class HfMoeConfig(PretrainedConfig):
         if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
             # checked before transformers' post-init, which would read a string as a list of characters
             raise _invalid("layer_types", self.layer_types, "None or a list of attention types, one per layer")
+        if isinstance(self.layer_types, tuple):
+            self.layer_types = list(self.layer_types)  # as config.json gives it back
         super().__post_init__(**kwargs)
         self._validate()
         # Resolved here (as LlamaConfig does), so code reading `config.head_dim` (cache sizing, transformers' tests,
