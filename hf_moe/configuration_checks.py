@@ -15,6 +15,7 @@ ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
 ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
 PRODUCT_KEY_QUERY_NORMS = ("layer_norm", "batch_norm", "none")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 Fail = Callable[[str, Any, str], None]
 
 
@@ -123,6 +124,21 @@ def validate_product_key(config: Any, fail: Fail) -> None:
             fail(field, value, f"{allowed!r} with router_type='product_key'")
 
 
+def validate_layer_types(config: Any, fail: Fail) -> None:
+    """`layer_types`: None, or one known attention type per layer; sliding layers need a `sliding_window`."""
+    types = config.layer_types
+    if types is None:
+        return
+    if not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers:
+        fail("layer_types", types, f"None or a list of num_hidden_layers={config.num_hidden_layers} attention types "
+             f"(each one of {ATTENTION_LAYER_TYPES})")
+    bad = [t for t in types if t not in ATTENTION_LAYER_TYPES]
+    if bad:
+        fail("layer_types", types, f"one of {ATTENTION_LAYER_TYPES} per layer (bad: {bad[0]!r})")
+    if "sliding_attention" in types and config.sliding_window is None:
+        fail("layer_types", types, "no 'sliding_attention' layer unless sliding_window is set")
+
+
 LATENT_DIMS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 """The widths that only multi-head latent attention has (besides `kv_lora_rank`, which selects it)."""
 
@@ -158,7 +174,7 @@ def validate_mla(config: Any, fail: Fail) -> None:
     if config.num_key_value_heads != config.num_attention_heads:
         fail("num_key_value_heads", config.num_key_value_heads, f"num_attention_heads={config.num_attention_heads} "
              "with multi-head latent attention (every head expands its own keys and values from the latent)")
-    for field in ("qkv_bias", "qk_norm", "sliding_window"):
+    for field in ("qkv_bias", "qk_norm", "sliding_window", "attention_sinks"):
         if getattr(config, field):
             fail(field, getattr(config, field), "off with multi-head latent attention (kv_lora_rank set)")
     factor = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)

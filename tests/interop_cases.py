@@ -18,6 +18,9 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
                       shared_expert_intermediate_size=24, mlp_only_layers=[1], norm_topk_prob=False),
+    "qwen2_moe_mixed": dict(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                            num_hidden_layers=3, shared_expert_intermediate_size=24, use_sliding_window=True,
+                            sliding_window=4, max_window_layers=3),  # even layers slide (transformers 5's rule)
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, head_dim=16,
                       decoder_sparse_step=2, norm_topk_prob=True),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2, attention_bias=True, tie_word_embeddings=True),
@@ -34,6 +37,9 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=2,
                   first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True,
                   head_dim=16, attention_bias=True, sliding_window=6, max_window_layers=0),
+    "dots1_mixed": dict(model_type="dots1", n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                        n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, head_dim=16,
+                        sliding_window=4, max_window_layers=1),  # full attention, then a sliding layer
     "solar_open": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
                        n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False, attention_bias=True,
                        head_dim=16),

@@ -22,7 +22,7 @@ from conversions.cli import main as cli_main
 from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
-from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
+from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close, tiny_config
 from .interop_cases import BASE, FAMILIES, batch, build, edit_config, load_foreign, logits, tensors
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
@@ -90,9 +90,9 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
 @pytest.mark.parametrize("model_type,changes,named", [
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise=0.1"),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, "max_window_layers=1"),
     ("qwen3_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
-    ("dots1", {"layer_types": ["full_attention", "sliding_attention"]}, "layer_types=['full_attention'"),
+    ("qwen2_moe", {"layer_types": ["sliding_attention", "full_attention", "full_attention"]}, "sliding_window=0"),
+    ("dots1", {"layer_types": ["full_attention", "chunked_attention"]}, "layer_types=['full_attention'"),
     ("dots1", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters['partial_rotary_factor']=0.5"),
     ("solar_open", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
@@ -246,10 +246,9 @@ def test_a_model_two_families_express_exports_to_either(saved, tmp_path):
 @pytest.mark.parametrize("overrides,named", [
     (dict(drop_tokens=True), "drop_tokens=True"),
     (dict(router_type="expert_choice"), "router_type='expert_choice'"),
+    (dict(attention_sinks=True), "attention_sinks=True"),
 ])
 def test_hf_moe_only_settings_are_refused_for_every_family(tmp_path, overrides, named):
-    from .conftest import tiny_config
-
     HfMoeForCausalLM(tiny_config(**overrides)).save_pretrained(tmp_path / "model")
     for to in ("mixtral", "qwen3_moe", "auto"):
         if to == "auto":

@@ -129,3 +129,26 @@ def test_llama_4_query_temperature_exports_only_to_mistral4(tmp_path):
     export_by_auto(tmp_path / "m4", settings, "mistral4", None)
     yarn = {k: v for k, v in settings["rope_parameters"].items() if k != "llama_4_scaling_beta"}
     export_by_auto(tmp_path / "plain", {**settings, "rope_parameters": yarn}, "deepseek_v2", None)
+
+
+@pytest.mark.parametrize("family,layer_types,named", [
+    ("qwen2_moe", ["sliding_attention", "full_attention", "sliding_attention"], None),  # the even layers slide
+    ("qwen2_moe", ["full_attention", "sliding_attention", "full_attention"], r"layer_types=\['full_attention'"),
+    ("qwen2_moe", None, r"layer_types=\['sliding_attention', 'sliding_attention', 'sliding_attention'\]"),
+    ("dots1", ["full_attention", "sliding_attention", "sliding_attention"], None),  # the last layers slide
+    ("dots1", None, None),
+    ("dots1", ["sliding_attention", "full_attention", "sliding_attention"], r"layer_types=\['sliding_attention'"),
+])
+def test_mixed_attention_layers_export_where_the_family_s_max_window_layers_gives_them(tmp_path, family, layer_types,
+                                                                                       named):
+    """Qwen2-MoE slides on its even layers below `max_window_layers`, Dots1 on its layers from `max_window_layers`
+    on: a model whose sliding layers are those exports (`--to auto` too) with its logits, the others are refused."""
+    settings = dict(num_hidden_layers=3, sliding_window=4, layer_types=layer_types)
+    if family == "qwen2_moe":
+        settings.update(num_shared_experts=1, shared_expert_gate=True, qkv_bias=True)
+    else:
+        settings.update(first_k_dense=1, scoring_func="sigmoid", use_expert_bias=True, n_group=3, topk_group=2,
+                        num_shared_experts=1, qk_norm=True, attention_bias=True, routed_scaling_factor=2.0)
+    exported = export_by_auto(tmp_path, settings, family, named)
+    if exported is not None:
+        assert exported.config.layer_types == tiny_config(**settings).attention_layer_types

@@ -37,9 +37,12 @@ def run_tensor_parallel(tmp_path, config) -> tuple[torch.Tensor, list[dict]]:
 
 
 def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
-    # The vocabulary divides by the ranks: transformers 5.17 gathers a colwise lm_head only in equal chunks.
+    # The vocabulary divides by the ranks: transformers 5.17 gathers a colwise lm_head only in equal chunks. The
+    # attention sinks are sharded by head with the heads.
     config = tiny_config(first_k_dense=1, num_hidden_layers=3, num_shared_experts=1, shared_expert_gate=True,
-                         qk_norm=True, attention_bias=True, router_aux_loss_coef=0.05, vocab_size=96)
+                         qk_norm=True, attention_bias=True, router_aux_loss_coef=0.05, vocab_size=96,
+                         attention_sinks=True, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     batch, ranks = run_tensor_parallel(tmp_path, config)
 
     reference = HfMoeForCausalLM.from_pretrained(tmp_path / "model")

@@ -143,6 +143,28 @@ def refuse(family: str, field_name: str, value: Any, why: str) -> InteropError:
     return InteropError(f"{family}: {field_name}={value!r} cannot be expressed exactly: {why}.")
 
 
+def attention_layers_to_hf_moe(family: str, layer_types: list[str], sliding_window: int | None) -> dict[str, Any]:
+    """`sliding_window` and `layer_types` of an hf-moe config from a foreign config's per-layer attention types (as
+    its class resolved them) and window: `layer_types` only where the layers mix full and sliding attention, no
+    window where no layer slides."""
+    types = list(layer_types)
+    unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
+    if unknown:
+        raise refuse(family, "layer_types", types,
+                     f"hf-moe's layers attend to everything or within a sliding window (not {unknown[0]!r})")
+    if "sliding_attention" not in types:
+        return {"sliding_window": None, "layer_types": None}
+    if not sliding_window:
+        raise refuse(family, "sliding_window", sliding_window,
+                     f"layer_types={types} names sliding layers, whose mask a window of {sliding_window!r} empties")
+    return {"sliding_window": sliding_window, "layer_types": types if "full_attention" in types else None}
+
+
+def sliding_layers(cfg: HfMoeConfig) -> list[int]:
+    """The indices of an hf-moe config's sliding-window layers."""
+    return [i for i, kind in enumerate(cfg.attention_layer_types) if kind == "sliding_attention"]
+
+
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -286,11 +308,13 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
     grouped = cfg.n_group is not None and cfg.topk_group < cfg.n_group  # a group limit that keeps every group is none
     sig = {name: getattr(cfg, name) for name in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-        "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "qk_norm", "router_type",
+        "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "attention_sinks", "qk_norm",
+        "router_type",
         "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
         "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
         "v_head_dim", "rope_interleave")}
     sig.update(
+        sliding_window=cfg.sliding_window if sliding_layers(cfg) else None, layer_types=cfg.attention_layer_types,
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
         qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
         qk_norm_scope=cfg.qk_norm_scope if cfg.qk_norm else None,
