@@ -285,7 +285,7 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "qk_norm", "router_type",
         "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
         "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-        "v_head_dim", "rope_interleave")}
+        "v_head_dim", "rope_interleave", "index_topk", "index_n_heads", "index_head_dim", "indexer_rope_interleave")}
     sig.update(
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
         qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
