@@ -81,8 +81,8 @@ class HfMoeLightningIndexer(nn.Module):
         keys: torch.Tensor,
         attention_mask: torch.Tensor | None,
     ) -> torch.Tensor | None:
-        """`attention_mask` (4D `[B, 1, S, T]`, boolean or additive, or None for causal attention over keys that
-        end with the queries) with every key outside each query's `index_topk` best masked too."""
+        """`attention_mask` (4D `[B, 1, S, T]`, boolean or additive, or None: causal as SDPA takes it) with every key
+        outside each query's `index_topk` best masked too."""
         implementation = self.config._attn_implementation
         if implementation not in SPARSE_ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"DeepSeek sparse attention (index_topk={self.topk}) needs attn_implementation in "
@@ -91,9 +91,10 @@ class HfMoeLightningIndexer(nn.Module):
         num_queries, num_keys = queries.shape[2], keys.shape[2]
         if num_keys <= self.topk:
             return attention_mask  # every key is kept
-        if attention_mask is None:
-            query_index = torch.arange(num_keys - num_queries, num_keys, device=keys.device)
-            attention_mask = (torch.arange(num_keys, device=keys.device) <= query_index[:, None])[None, None]
+        if attention_mask is None:  # what SDPA does without a mask: each of several queries sees keys 0..its own
+            # index (a forward without cache, a prefill into a static one), a lone query sees every key
+            last_seen = torch.arange(num_queries, device=keys.device) + (num_keys - 1 if num_queries == 1 else 0)
+            attention_mask = (torch.arange(num_keys, device=keys.device) <= last_seen[:, None])[None, None]
         elif not (torch.is_tensor(attention_mask) and attention_mask.dim() == 4):
             raise ValueError("DeepSeek sparse attention needs a 4D attention mask [B, 1, S, T] or None, got "
                              f"{type(attention_mask).__name__} of shape {getattr(attention_mask, 'shape', None)}.")
