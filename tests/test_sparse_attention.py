@@ -16,7 +16,7 @@ from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import FAMILIES, to_hf_moe_config
 from hf_moe.sparse_attention import HfMoeLightningIndexer
 
-from .conftest import assert_rel_close, tiny_config
+from .conftest import assert_rel_close, requires_cuda, tiny_config
 
 DSA = dict(num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4,
            v_head_dim=6, rope_interleave=True, index_topk=3, index_n_heads=6, index_head_dim=8)
@@ -231,3 +231,20 @@ def test_attention_kernels_without_a_dense_mask_are_refused():
     indexer, hidden, latent, rope, _ = indexer_inputs(config, batch=1, length=4, pad=0)
     with pytest.raises(ValueError, match="attn_implementation in \\('eager', 'sdpa'\\).*'flex_attention'"):
         indexer.sparse_mask(hidden, *indexer.project(hidden, latent, rope), None)
+
+
+@requires_cuda
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_cuda_logits_and_greedy_generation_equal_transformers(tmp_path, attn_implementation):
+    """On the GPU, float32 without TF32: a saved DeepSeek-V3.2 loaded by hf-moe (default experts) computes
+    transformers' logits and greedy generation, the selection included."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    reference, _, _ = transformers_pair()
+    reference.save_pretrained(tmp_path)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=attn_implementation).cuda().eval()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path, attn_implementation=attn_implementation, device="cuda").eval()
+    ids = torch.randint(0, 61, (2, 11), device="cuda")
+    with torch.no_grad():
+        assert_rel_close(model(ids).logits, reference(ids).logits, 1e-5, "logits")
+    want = reference.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False), want)
