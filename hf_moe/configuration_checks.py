@@ -181,3 +181,31 @@ def validate_mla(config: Any, fail: Fail) -> None:
     if factor != 1.0:
         fail("rope_parameters['partial_rotary_factor']", factor,
              "1.0 with multi-head latent attention (qk_rope_head_dim is the rotated width)")
+
+
+SPARSE_ATTENTION_DIMS = ("index_topk", "index_n_heads", "index_head_dim")
+"""The sizes of DeepSeek sparse attention's lightning indexer (`hf_moe.sparse_attention`), set together."""
+
+
+def validate_sparse_attention(config: Any, fail: Fail) -> None:
+    """The DeepSeek sparse attention fields of `config` (whose multi-head latent attention fields were checked): all
+    unset, or all positive integers on multi-head latent attention with a query latent, the indexer's head at least
+    as wide as the RoPE part it rotates."""
+    if not isinstance(config.indexer_rope_interleave, bool):
+        fail("indexer_rope_interleave", config.indexer_rope_interleave, "True or False")
+    if config.index_topk is None:
+        for field in (*SPARSE_ATTENTION_DIMS[1:], "indexer_rope_interleave"):
+            if getattr(config, field):
+                fail(field, getattr(config, field), "unset unless index_topk is set (DeepSeek sparse attention)")
+        return
+    for field in SPARSE_ATTENTION_DIMS:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail(field, value, "a positive integer with DeepSeek sparse attention (index_topk set)")
+    if config.kv_lora_rank is None or config.q_lora_rank is None:
+        field = "kv_lora_rank" if config.kv_lora_rank is None else "q_lora_rank"
+        fail(field, None, "a positive integer with index_topk set: the indexer ranks keys for multi-head latent "
+             "attention and projects its queries from the query latent")
+    if config.index_head_dim < config.qk_rope_head_dim:
+        fail("index_head_dim", config.index_head_dim,
+             f"at least qk_rope_head_dim={config.qk_rope_head_dim} (RoPE rotates that many of its dimensions)")

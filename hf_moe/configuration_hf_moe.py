@@ -13,7 +13,13 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from .configuration_checks import is_finite_number, validate_layer_types, validate_mla, validate_routing
+from .configuration_checks import (
+    is_finite_number,
+    validate_layer_types,
+    validate_mla,
+    validate_routing,
+    validate_sparse_attention,
+)
 
 QK_NORM_SCOPES = ("head", "projection")
 QK_NORM_ORDERS = ("before_rope", "after_rope")
@@ -74,6 +80,10 @@ class HfMoeConfig(PretrainedConfig):
             expanded; then `head_dim` is the rotary width. With it: `qk_nope_head_dim`, `qk_rope_head_dim`,
             `v_head_dim` (required), a head's query/key width without and with RoPE and its value width;
             `q_lora_rank`, queries through a normed latent of that width (`None`: one `q_proj`).
+        index_topk (`int`, *optional*): set (with `kv_lora_rank` and `q_lora_rank`), DeepSeek sparse attention
+            (`hf_moe.sparse_attention`; DeepSeek-V3.2, GLM-5): a lightning indexer of `index_n_heads` heads of
+            `index_head_dim` (required with it) ranks the earlier tokens and each query attends to its `index_topk`
+            best only; `indexer_rope_interleave` rotates the indexer's adjacent pairs (GLM-5) instead of halves.
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -188,6 +198,10 @@ class HfMoeConfig(PretrainedConfig):
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     rope_interleave: bool = False
+    index_topk: int | None = None
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    indexer_rope_interleave: bool = False
     attention_dropout: float = 0.0
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -349,6 +363,7 @@ class HfMoeConfig(PretrainedConfig):
             fail("qk_norm_order", self.qk_norm_order, "'before_rope' with rope_interleave=True")
         validate_layer_types(self, fail)
         validate_mla(self, fail)
+        validate_sparse_attention(self, fail)
         self._validate_partial_rotary(fail)
         if self.shared_expert_gate and self.shared_expert_size == 0:
             fail("shared_expert_gate", True, "False when there is no shared expert (num_shared_experts=0)")

@@ -14,6 +14,9 @@ from hf_moe.interop import FAMILIES as REGISTERED
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+DSA = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+           routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8,
+           qk_rope_head_dim=4, v_head_dim=6, index_n_heads=8, index_head_dim=8)
 FAMILIES = {  # test case → its transformers config (of `model_type` where the case is not named after one)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,
@@ -63,6 +66,14 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
     "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
                          num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
+    # DeepSeek sparse attention: each query keeps its index_topk best keys of the test sequences' 11, or all of them
+    "deepseek_v32": dict(DSA, index_topk=4, first_k_dense_replace=1, n_group=4, topk_group=2,
+                         rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32,
+                                          "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0}),
+    "deepseek_v32_keeps_all": dict(DSA, model_type="deepseek_v32", index_topk=16, first_k_dense_replace=0, n_group=1,
+                                   topk_group=1),
+    "glm_moe_dsa": dict(DSA, index_topk=5, index_head_dim=12, num_hidden_layers=3, first_k_dense_replace=1,
+                        mlp_layer_types=["dense", "sparse", "sparse"], n_group=2, topk_group=1, attention_bias=True),
     "hy_v3": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, num_shared_experts=2, head_dim=16,
                   num_hidden_layers=3, mlp_layer_types=["sparse", "dense", "sparse"], router_scaling_factor=2.5,
                   attention_bias=True),

@@ -1,9 +1,11 @@
 """Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
-glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe, hy_v3) in and out, against transformers' own
-classes: tiny random models built and saved by transformers (the cases are in `interop_cases.py`), every weight and
-buffer randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
+glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe, hy_v3, mistral4, deepseek_v32, glm_moe_dsa) in
+and out, against transformers' own classes: tiny random models built and saved by transformers (the cases are in
+`interop_cases.py`), every weight and buffer randomised so that a wrong mapping shows; direct loading, expert-parallel
+loading, conversion both ways and every
 refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
-greedy routing (which ignores the groups its config names)."""
+greedy routing (which ignores the groups its config names); DeepSeek-V3.2 two: an indexer that keeps 4 of the test
+sequences' 11 keys per query, and one that keeps them all."""
 
 import json
 import os
@@ -112,6 +114,10 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
     ("hunyuan_v1_moe", {"use_qk_norm": False}, "use_qk_norm=False"),
     ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "alpha": 1000.0,
                                             "rope_theta": 10000.0}}, "rope_parameters['alpha']=1000.0"),
+    ("deepseek_v32", {"indexer_rope_interleave": True}, "indexer_rope_interleave=True"),
+    ("deepseek_v32", {"rope_interleave": False}, "rope_interleave=False"),
+    ("glm_moe_dsa", {"indexer_rope_interleave": False}, "indexer_rope_interleave=False"),
+    ("glm_moe_dsa", {"indexer_types": ["full", "shared", "full"]}, "indexer_types=['full', 'shared', 'full']"),
     ("hy_v3", {"route_norm": False}, "route_norm=False"),
     ("hy_v3", {"first_k_dense_replace": 1}, "first_k_dense_replace=1"),
     ("hy_v3", {"expert_hidden_dim": 32}, "expert_hidden_dim=32"),
@@ -215,6 +221,10 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("qwen3_moe", "ernie4_5_moe", "rope_interleave"),
     ("hunyuan_v1_moe", "qwen3_moe", "qk_norm_order"),
     ("qwen3_moe", "hunyuan_v1_moe", "qk_norm_order"),
+    ("deepseek_v32", "deepseek_v3", "index_topk"),
+    ("deepseek_v3", "deepseek_v32", "index_topk"),
+    ("glm_moe_dsa", "deepseek_v32", "indexer_rope_interleave"),
+    ("deepseek_v32", "glm_moe_dsa", "indexer_rope_interleave"),
     ("hy_v3", "hunyuan_v1_moe", "qk_norm_order"),
     ("hy_v3", "glm4_moe", "moe_layers"),
     ("qwen3_moe", "hy_v3", "scoring_func"),

@@ -1,7 +1,8 @@
 """The config.json files of released MoE checkpoints (`tests/data/configs/`, sources in its SOURCES.md) import: each
 is read by transformers' own class and mapped to an `HfMoeConfig`, and a tiny model of the same config (every size
 shrunk, every ratio and feature flag kept: groups, partial rotary, q/k norm, shared experts, dense first layers, MLA
-ranks, YaRN) computes, loaded by hf-moe, the logits transformers' class computes from the same random weights.
+ranks, YaRN, sparse attention) computes, loaded by hf-moe, the logits transformers' class computes from the same random
+weights.
 
 A `quantization_config` (DeepSeek-R1's FP8, GLM-4.7's NVFP4) is dropped here: these tests are about the
 architecture; FP8 checkpoints and these configs' quantization are tested in `tests/test_interop_fp8.py`."""
@@ -30,7 +31,7 @@ VOCAB = 64
 # field → its tiny value; ratios that matter are kept by `shrink` below.
 _TINY = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
          "max_position_embeddings": 64, "q_lora_rank": 12, "kv_lora_rank": 10, "qk_nope_head_dim": 8,
-         "qk_rope_head_dim": 4, "v_head_dim": 6}
+         "qk_rope_head_dim": 4, "v_head_dim": 6, "index_topk": 4, "index_n_heads": 4, "index_head_dim": 8}
 _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 _TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk")
 _PER_LAYER = ("moe_topk", "moe_intermediate_size", "num_shared_expert")  # Hunyuan's lists, one entry per layer
@@ -56,7 +57,8 @@ def top_k(config: dict) -> int:
 def shrink(config: dict) -> dict:
     """A tiny config with the same features: sizes shrunk, while dense first layers, group-limited routing (fewer
     groups kept than exist), GQA versus MHA, shared experts' width relative to a routed expert, the rotated share of a
-    head and YaRN's factor are kept."""
+    head, YaRN's factor and a sparse attention indexer's selection (4 of the test batch's 11 keys; the rotated half of
+    its head) are kept."""
     tiny = dict(config)
     tiny.update({k: v for k, v in _TINY.items() if tiny.get(k) is not None})
     dense = 1 if config.get("first_k_dense_replace") or config.get("moe_layer_start_index") else 0
@@ -167,6 +169,10 @@ def test_tiny_model_of_real_config_computes_what_transformers_computes(tmp_path,
     ("hunyuan-a13b", {"use_cla": True}, "use_cla=True"),
     ("hunyuan-a13b", {"moe_drop_tokens": True}, "moe_drop_tokens=True"),
     ("hunyuan-a13b", {"attention_head_dim": 64}, "attention_head_dim=64"),
+    ("deepseek-v3.2", {"indexer_rope_interleave": True}, "indexer_rope_interleave=True"),
+    ("glm-5.1", {"rope_interleave": False}, "rope_interleave=False"),
+    ("glm-5.1", {"index_topk_freq": 4, "index_skip_topk_offset": 3},
+     "indexer_types=\\['full', 'full', 'full', 'shared'"),
     ("hy3", {"first_k_dense_replace": 3}, "first_k_dense_replace=3"),
     ("hy3", {"moe_router_use_sigmoid": False}, "moe_router_use_sigmoid=False"),
 ])

@@ -1,6 +1,6 @@
 """Foreign MoE checkpoints in and out: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4-MoE, DeepSeek-V3, dots.llm1, Solar
-Open, GLM-4-MoE-Lite, MiniMax-M2, DeepSeek-V2, ERNIE-4.5-MoE, Hunyuan-MoE-V1, Hy3 and Mistral 4, exactly or not at
-all.
+Open, GLM-4-MoE-Lite, MiniMax-M2, DeepSeek-V2, ERNIE-4.5-MoE, Hunyuan-MoE-V1, Hy3, Mistral 4, DeepSeek-V3.2 and
+GLM-MoE-DSA (GLM-5), exactly or not at all.
 
     model = HfMoeForCausalLM.from_pretrained("./Qwen3-30B-A3B")             # a transformers checkpoint folder
     model = HfMoeForCausalLM.from_pretrained("./Mixtral-8x7B", expert_parallel_size=8)   # this rank's experts only

@@ -312,7 +312,7 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         "router_type",
         "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
         "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-        "v_head_dim", "rope_interleave")}
+        "v_head_dim", "rope_interleave", "index_topk", "index_n_heads", "index_head_dim", "indexer_rope_interleave")}
     sig.update(
         sliding_window=cfg.sliding_window if sliding_layers(cfg) else None, layer_types=cfg.attention_layer_types,
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
