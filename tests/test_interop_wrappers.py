@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from conversions import convert
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRotaryEmbedding
-from hf_moe.interop import WRAPPERS, InteropError
+from hf_moe.interop import WRAPPERS, InteropError, to_hf_moe_config
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
 from .interop_cases import BASE, batch, edit_config, load_foreign, logits, randomize, tensors
+from .test_interop_real_configs import shrink, write
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
 TEXT = {k: v for k, v in BASE.items() if k != "intermediate_size"} | {"intermediate_size": 40}
@@ -63,6 +65,7 @@ CASES = {  # wrapper model_type → its config's text_config and vision_config, 
         projection_hidden_size=16),
 }
 FAMILY = {"qwen3_vl_moe": "qwen3_moe", "glm4v_moe": "glm4_moe", "mistral3": "mistral4", "kimi_k25": "deepseek_v3"}
+RELEASED = Path(__file__).parent / "data" / "configs" / "vlm"  # sources in ../SOURCES.md
 
 
 def wrapper_class(model_type: str):
@@ -240,3 +243,34 @@ def test_multimodal_rope_with_one_text_position_is_plain_rope_bit_for_bit(saved,
     x = torch.zeros(1, dtype=torch.float32)
     for expected, got in zip(theirs(x, positions[None].expand(3, -1, -1)), ours(x, positions), strict=True):
         assert torch.equal(expected, got)
+
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in RELEASED.glob("*.json")))
+def test_released_configs_import_and_their_tiny_models_compute_what_the_wrapper_computes(tmp_path, name):
+    """A release's own config.json (full size) maps to the language model's HfMoeConfig; a tiny model of it (the text
+    model shrunk as `test_interop_real_configs` shrinks a family's, the mRoPE sections to the tiny heads, a one-block
+    vision tower) computes, imported, the wrapper's logits."""
+    raw = json.loads((RELEASED / f"{name}.json").read_text())
+    config = AutoConfig.from_pretrained(write(raw, tmp_path / "full"))
+    ours = to_hf_moe_config(*WRAPPERS[raw["model_type"]].family_config(config, head_stored=True))
+    text = raw["text_config"]
+    assert (ours.hidden_size, ours.num_hidden_layers, ours.head_dim, ours.tie_word_embeddings) == (
+        text["hidden_size"], text["num_hidden_layers"], text["head_dim"], False)
+    assert (ours.num_experts, ours.num_experts_per_tok, ours.norm_topk_prob) == (
+        text.get("num_experts") or text["n_routed_experts"], text["num_experts_per_tok"], True)
+    assert "mrope_section" not in ours.rope_parameters
+
+    tiny_text = shrink(text)
+    for key in ("rope_scaling", "rope_parameters"):
+        if key in tiny_text:  # the sections cover the tiny heads' rotated frequencies (8 of 16, 4 of 8 for GLM)
+            rotated = int(16 * tiny_text[key].get("partial_rotary_factor", 1.0)) // 2
+            tiny_text[key] = {**tiny_text[key], "mrope_section": [rotated - 2 * (rotated // 3)] + [rotated // 3] * 2}
+    vision = {**raw["vision_config"], "depth": 1, "hidden_size": 16, "num_heads": 2, "intermediate_size": 16,
+              "out_hidden_size": tiny_text["hidden_size"], "deepstack_visual_indexes": [0], "patch_size": 4}
+    tiny = {**raw, "text_config": tiny_text, "vision_config": vision}
+    reference = wrapper_class(raw["model_type"])(AutoConfig.from_pretrained(write(tiny, tmp_path / "tiny")))
+    randomize(reference)
+    reference.to(torch.float32).save_pretrained(tmp_path / "model")
+    ids, mask = batch()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+    assert_rel_close(logits(model, ids, mask), logits(reference.eval(), ids, mask), 1e-5, f"{name} logits")

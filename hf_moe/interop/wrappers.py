@@ -79,19 +79,26 @@ class VlmWrapper:
                        reader: SafetensorsReader) -> tuple[MoeFamily, PretrainedConfig, LanguageModelTensors]:
         """(the family, its config of the language model, its tensors under the family's names) of a checkpoint of
         this wrapper with config `config` and files `reader`."""
+        tensors = LanguageModelTensors(self, reader, config.get_text_config())
+        return (*self.family_config(config, head_stored="lm_head.weight" in tensors), tensors)
+
+    def family_config(self, config: PretrainedConfig, head_stored: bool) -> tuple[MoeFamily, PretrainedConfig]:
+        """(the family, its config) of the language model of a wrapper config `config`, whose checkpoint stores a
+        head of its own or not (`head_stored`)."""
         text = config.get_text_config()
         family = FAMILIES[self.family_type(getattr(text, "model_type", None))]
-        tensors = LanguageModelTensors(self, reader, text)
         fields = self.text_fields(text) if self.text_fields else dict(text.to_dict())
         for name in _NOT_FAMILY_FIELDS:
             fields.pop(name, None)
-        fields["tie_word_embeddings"] = bool(config.tie_word_embeddings) and "lm_head.weight" not in tensors.tensors
+        fields["tie_word_embeddings"] = bool(config.tie_word_embeddings) and not head_stored
         fields["dtype"] = getattr(text, "dtype", None) or getattr(config, "dtype", None)
         if getattr(config, "quantization_config", None) is not None:
             fields["quantization_config"] = config.quantization_config
         try:
-            return family, family.foreign_config(**fields), tensors
+            return family, family.foreign_config(**fields)
         except (TypeError, ValueError) as err:
+            if isinstance(err, InteropError):
+                raise
             raise InteropError(f"{self.model_type}: its text_config does not make a {family.model_type} config: "
                                f"{err}") from err
 
