@@ -7,6 +7,7 @@ expert-parallel load and the refusals."""
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,8 +64,17 @@ CASES = {  # wrapper model_type → its config's text_config and vision_config, 
         vision_config=dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
                            patch_size=4, pos_emb_height=4, pos_emb_width=4),
         projection_hidden_size=16),
+    "ernie4_5_vl_moe": dict(  # text and vision experts of other widths; MoE layers 1 and 3
+        tie_word_embeddings=False,
+        text_config=dict(**{**TEXT, "num_hidden_layers": 4}, mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+                         moe_num_experts=4, moe_k=2, moe_intermediate_size=[8, 4], moe_num_shared_experts=1,
+                         head_dim=16, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                       "mrope_section": [3, 3, 2]}),
+        vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, patch_size=4)),
 }
-FAMILY = {"qwen3_vl_moe": "qwen3_moe", "glm4v_moe": "glm4_moe", "mistral3": "mistral4", "kimi_k25": "deepseek_v3"}
+FAMILY = {"qwen3_vl_moe": "qwen3_moe", "glm4v_moe": "glm4_moe", "mistral3": "mistral4", "kimi_k25": "deepseek_v3",
+          "ernie4_5_vl_moe": "ernie4_5_moe"}
+VISION_PARTS = ("visual", "vision", "projector", "resampler", "weight_1")
 RELEASED = Path(__file__).parent / "data" / "configs" / "vlm"  # sources in ../SOURCES.md
 
 
@@ -106,8 +116,9 @@ def test_language_model_computes_what_the_wrapper_computes_for_text(saved, model
     finally:
         logging.getLogger("hf_moe.interop.wrappers").removeHandler(records)
     assert len(records.messages) == 1 and "vision tower" in records.messages[0], records.messages
-    vision = [name for name in tensors(folder) if "language_model" not in name and not name.startswith("lm_head")]
-    assert vision and str(len(vision)) in records.messages[0], "the warning counts the vision tower's tensors"
+    vision = [name for name in tensors(folder) if any(part in name for part in VISION_PARTS)
+              or (model_type == "ernie4_5_vl_moe" and re.search(r"experts\.[4-7]\.", name))]  # its vision experts
+    assert vision and f" {len(vision)} tensors" in records.messages[0], "the warning counts the vision tower's tensors"
     assert not any("visual" in n or "vision" in n or "projector" in n for n in model.state_dict())
     ids, mask = batch()
     assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, f"{model_type} logits")
@@ -122,7 +133,9 @@ def test_language_model_computes_what_the_wrapper_computes_for_text(saved, model
 def test_released_layouts_load_as_transformers_loads_them(saved, tmp_path):
     """Qwen3-VL-MoE's release stores the fused experts transposed (`[E, H, 2I]`, `[E, I, H]`), and a state dict saved
     as transformers 5 holds it names Mistral 3's language model `model.language_model.*` (transformers saves the
-    older `language_model.model.*`): transformers' classes and hf-moe read both as the saved model."""
+    older `language_model.model.*`) and ERNIE-4.5-VL's text experts `text_moe` (transformers saves the release's
+    layout: text and vision experts in one list, the router transposed): transformers' classes and hf-moe read each
+    as the saved model."""
     ids, mask = batch()
     folder, reference = saved["qwen3_vl_moe"]
     shutil.copytree(folder, tmp_path / "qwen")
@@ -142,6 +155,15 @@ def test_released_layouts_load_as_transformers_loads_them(saved, tmp_path):
     expected = logits(reference, ids, mask)
     assert_rel_close(logits(wrapper_class("mistral3").from_pretrained(tmp_path / "mistral"), ids, mask), expected)
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "mistral"), ids, mask), expected)
+
+    folder, reference = saved["ernie4_5_vl_moe"]  # `text_moe` / `vision_moe` modules, the router not transposed
+    shutil.copytree(folder, tmp_path / "ernie")
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    save_file(state, tmp_path / "ernie" / "model.safetensors")
+    assert "model.language_model.layers.1.mlp.text_moe.gate.weight" in state
+    expected = logits(reference, ids, mask)
+    assert_rel_close(logits(wrapper_class("ernie4_5_vl_moe").from_pretrained(tmp_path / "ernie"), ids, mask), expected)
+    assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "ernie"), ids, mask), expected)
 
 
 def test_a_stored_head_is_read_even_where_the_wrapper_config_ties_it(saved, tmp_path):
@@ -209,12 +231,14 @@ def test_expert_parallel_load_of_wrapped_language_models_equals_one_process(save
     ("qwen3_vl_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
     ("glm4v_moe", {"use_qk_norm": True}, "use_qk_norm=True"),
     ("glm4v_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),
+    ("ernie4_5_vl_moe", {"mlp_layer_types": ["sparse", "dense", "sparse", "sparse"]}, "mlp_layer_types=['sparse'"),
+    ("ernie4_5_vl_moe", {"moe_layer_start_index": 0}, "moe_layer_start_index=0"),
 ])
 def test_text_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, edit, named):
     folder, _ = saved[model_type]
     text = json.loads((folder / "config.json").read_text())["text_config"]
     edit_config(folder, tmp_path / "edited", text_config={**text, **edit.get("text_config", edit)})
-    with pytest.raises(InteropError, match=named.replace("(", r"\(")):
+    with pytest.raises(InteropError, match=named.replace("(", r"\(").replace("[", r"\[")):
         HfMoeForCausalLM.from_pretrained(tmp_path / "edited")
 
 

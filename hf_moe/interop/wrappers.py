@@ -29,11 +29,12 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
 from ..checkpoint_files import SafetensorsReader, TensorInfo
-from .family import FAMILIES, InteropError, MoeFamily, refuse_unread
+from .family import FAMILIES, InteropError, MoeFamily, refuse, refuse_unread
 
 logger = logging.get_logger(__name__)
 
 _SCALE = "_scale_inv"
+TRANSPOSED, FIRST_ROW, VISION = "transposed", "first row", "vision"
 _EXPERTS = re.compile(r"model\.layers\.\d+\.mlp\.experts\.(gate_up_proj|down_proj)")
 _MROPE_KEYS = ("mrope_section", "mrope_interleaved")
 # the multimodal token ids some releases repeat in their text_config; no text model reads them
@@ -50,9 +51,10 @@ class VlmWrapper:
     `text_models`: `(text_config.model_type, family model_type)` pairs; `text_fields(text_config)` gives the family
     config's keyword arguments (by default the text config's own fields: the text config is the family's class).
     `names`: `(regex, replacement)` pairs, the first that matches a stored tensor's name giving its family name;
-    `vision`: regexes of the tensors outside the language model. `transposed_experts`: fused expert tensors may be
-    stored as `[E, H, 2I]` / `[E, I, H]` (Qwen3-VL-MoE's release) and are read transposed where their shape says so,
-    as transformers' loader does (a shape equal to the model's is read as is).
+    `vision`: regexes of the tensors outside the language model. `layout(stored name, family name, shape,
+    text_config)` says how a tensor is stored where not as the family stores it: [`TRANSPOSED`] (its last two dims
+    swapped), [`FIRST_ROW`] (the first row of a stack, kept as a `[1, ...]` row) or [`VISION`] (the vision tower's
+    after all), `None` for as the family stores it.
     """
 
     model_type: str
@@ -61,7 +63,7 @@ class VlmWrapper:
     names: tuple[tuple[str, str], ...]
     vision: tuple[str, ...]
     text_fields: Callable[[PretrainedConfig], dict[str, Any]] | None = None
-    transposed_experts: bool = False
+    layout: Callable[[str, str, tuple[int, ...], PretrainedConfig], str | None] | None = None
 
     def family_type(self, text_model_type: str | None) -> str:
         """The family that reads this wrapper's text model of `text_model_type` (None: the wrapper's default)."""
@@ -105,46 +107,54 @@ class VlmWrapper:
 
 class LanguageModelTensors:
     """The language model's tensors in a wrapper's checkpoint, named as the family names them: the part of
-    [`SafetensorsReader`]'s interface the interop readers use (`tensors`, `get`, `get_many`). A tensor stored
-    transposed is read transposed; the vision tower's tensors are left out and named in a warning."""
+    [`SafetensorsReader`]'s interface the interop readers use (`tensors`, `get`, `get_many`). A tensor stored in
+    another layout (`VlmWrapper.layout`) is read in the family's; the vision tower's tensors are left out and named in
+    a warning."""
 
     def __init__(self, wrapper: VlmWrapper, reader: SafetensorsReader, text: PretrainedConfig) -> None:
         self.folder = reader.folder
         self._reader = reader
-        self._sources: dict[str, tuple[str, bool]] = {}  # family name → (stored name, transposed)
+        self._sources: dict[str, tuple[str, str | None]] = {}  # family name → (stored name, layout)
         self.tensors: dict[str, TensorInfo] = {}
         vision = []
         for stored, info in reader.tensors.items():
-            if any(re.match(pattern, stored) for pattern in wrapper.vision):
+            name = None if any(re.match(p, stored) for p in wrapper.vision) else _renamed(wrapper.names, stored)
+            how = wrapper.layout(stored, name, tuple(info.shape), text) if name and wrapper.layout else None
+            if name is None or how == VISION:
                 vision.append(stored)
                 continue
-            name = _renamed(wrapper.names, stored)
             if name in self._sources:
                 raise InteropError(f"{reader.folder}: {stored} and {self._sources[name][0]} are both the language "
                                    f"model's {name}; a checkpoint holds each tensor once.")
-            transposed = wrapper.transposed_experts and _transposed_expert(name, info.shape, text)
-            shape = (*info.shape[:-2], info.shape[-1], info.shape[-2]) if transposed else info.shape
-            self._sources[name] = (stored, transposed)
-            self.tensors[name] = TensorInfo(info.file, tuple(shape), info.dtype)
-        scaled = sorted(stored for stored, transposed in self._sources.values()
-                        if transposed and stored + _SCALE in reader.tensors)
+            shape = tuple(info.shape)
+            if how == TRANSPOSED:
+                shape = (*shape[:-2], shape[-1], shape[-2])
+            elif how == FIRST_ROW:
+                shape = (1, *shape[1:])
+            self._sources[name] = (stored, how)
+            self.tensors[name] = TensorInfo(info.file, shape, info.dtype)
+        scaled = sorted(stored for stored, how in self._sources.values() if how and stored + _SCALE in reader.tensors)
         if scaled:
-            raise InteropError(f"{reader.folder}: FP8 expert tensors stored transposed ({scaled[:2]}); hf-moe reads "
-                               "block scales of tensors in the layout transformers holds them only.")
+            raise InteropError(f"{reader.folder}: FP8 tensors stored in another layout than the family's "
+                               f"({scaled[:2]}); hf-moe reads the block scales of tensors stored as the family's.")
         if vision:
-            prefixes = sorted({".".join(name.split(".")[:2]) for name in vision})
+            kinds = sorted({re.sub(r"\.(weight|bias)$", "", re.sub(r"\.\d+\.", ".*.", name)) for name in vision})
+            listed = ", ".join(kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
             logger.warning(f"{wrapper.model_type} checkpoint {reader.folder}: the language model is read; the "
-                           f"{len(vision)} tensors of the vision tower and projector ({', '.join(prefixes[:6])}) "
-                           "are left out.")
+                           f"{len(vision)} tensors of the vision tower and projector are left out ({listed}).")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
     def get(self, name: str, start: int | None = None, end: int | None = None) -> torch.Tensor:
         """The tensor `name` (rows `[start, end)` of its dim 0 when given) in the family's layout."""
-        stored, transposed = self._sources[name]
+        stored, how = self._sources[name]
+        if how == FIRST_ROW:
+            return self._reader.get(stored, 0, 1)[start:end]
+        if how == TRANSPOSED and len(self._reader.tensors[stored].shape) == 2:  # rows of the transpose: read it all
+            return self._reader.get(stored).T.contiguous()[start:end]
         value = self._reader.get(stored, start, end)
-        return value.transpose(-1, -2).contiguous() if transposed else value
+        return value.transpose(-1, -2).contiguous() if how == TRANSPOSED else value
 
     def get_many(self, names: list[str]) -> list[torch.Tensor]:
         if any(self._sources[name][1] for name in names):
@@ -159,15 +169,16 @@ def _renamed(names: tuple[tuple[str, str], ...], stored: str) -> str:
     return stored
 
 
-def _transposed_expert(name: str, shape: tuple[int, ...], text: PretrainedConfig) -> bool:
-    """Whether the fused expert tensor `name` of `shape` is stored transposed: its last two dims swapped relative to
-    the `[E, 2I, H]` / `[E, H, I]` transformers' model holds (a shape equal to the model's is not)."""
+def _transposed_experts(stored: str, name: str, shape: tuple[int, ...], text: PretrainedConfig) -> str | None:
+    """Qwen3-VL-MoE's release stores its fused experts as `[E, H, 2I]` / `[E, I, H]`, transposed relative to the
+    `[E, 2I, H]` / `[E, H, I]` transformers' model holds (and saves); as transformers' loader does, a shape equal to
+    the model's is read as is, the transposed one transposed."""
     match = _EXPERTS.fullmatch(name)
     if match is None or len(shape) != 3:
-        return False
+        return None
     rows = 2 * text.moe_intermediate_size if match.group(1) == "gate_up_proj" else text.hidden_size
     cols = text.hidden_size if match.group(1) == "gate_up_proj" else text.moe_intermediate_size
-    return tuple(shape[1:]) == (cols, rows) and (rows, cols) != (cols, rows)
+    return TRANSPOSED if tuple(shape[1:]) == (cols, rows) and rows != cols else None
 
 
 def _text_fields(text: PretrainedConfig) -> dict[str, Any]:
@@ -194,6 +205,37 @@ def glm4v_moe_text(text: PretrainedConfig) -> dict[str, Any]:
     return {**_text_fields(text), "use_qk_norm": False}
 
 
+def ernie4_5_vl_moe_text(text: PretrainedConfig) -> dict[str, Any]:
+    """ERNIE-4.5-VL's text model as ERNIE-4.5-MoE: its text experts (the first width of `moe_intermediate_size`),
+    routed by the text router, are the model for text; the MoE layers `mlp_layer_types` names become ERNIE-4.5's
+    start, end and interval (their own fields, which transformers' class does not read, must agree)."""
+    types = text.mlp_layer_types
+    sparse = [i for i, kind in enumerate(types) if kind == "sparse"]
+    layers = next(({"moe_layer_start_index": sparse[0], "moe_layer_end_index": sparse[-1], "moe_layer_interval": n}
+                   for n in range(1, len(types) + 1)
+                   if sparse and [i for i in range(sparse[0], sparse[-1] + 1) if (i + 1) % n == 0] == sparse), None)
+    if layers is None:
+        raise refuse("ernie4_5_vl_moe", "mlp_layer_types", types,
+                     "ERNIE-4.5's MoE layers are every moe_layer_interval-th layer between two indices")
+    refuse_unread("ernie4_5_vl_moe", text, layers)
+    fields = {k: v for k, v in _text_fields(text).items() if k != "mlp_layer_types"}
+    return {**fields, **layers, "moe_intermediate_size": text.moe_intermediate_size[0]}
+
+
+def _ernie_layout(stored: str, name: str, shape: tuple[int, ...], text: PretrainedConfig) -> str | None:
+    """ERNIE-4.5-VL's release (which transformers' save writes back) stores the text and vision experts of a layer as
+    experts `0 … E-1` and `E … 2E-1`, the text router as `mlp.gate.weight [H, E]` (transposed; the vision router is
+    `weight_1`) and both routers' expert biases as the rows of one `[2, E]` `mlp.moe_statics` tensor."""
+    expert = re.fullmatch(r"model\.layers\.\d+\.mlp\.experts\.(\d+)\..+", stored)
+    if expert is not None:
+        return VISION if int(expert.group(1)) >= text.moe_num_experts else None
+    if re.fullmatch(r"model\.layers\.\d+\.mlp\.gate\.weight", stored):
+        return TRANSPOSED
+    if re.fullmatch(r"model\.layers\.\d+\.mlp\.moe_statics\.e_score_correction_bias", stored) and len(shape) == 2:
+        return FIRST_ROW
+    return None
+
+
 _IN_MEMORY = ((r"model\.language_model\.", "model."),)  # transformers 5's module names, which it saves for these
 _LLAVA = ((r"language_model\.model\.", "model."), (r"language_model\.lm_head\.", "lm_head."), *_IN_MEMORY)
 
@@ -204,7 +246,7 @@ QWEN3_VL_MOE = VlmWrapper(
     names=_IN_MEMORY,
     vision=(r"model\.visual\.",),
     text_fields=qwen3_vl_moe_text,
-    transposed_experts=True,
+    layout=_transposed_experts,
 )
 GLM4V_MOE = VlmWrapper(
     model_type="glm4v_moe",
@@ -229,6 +271,19 @@ KIMI_K25 = VlmWrapper(
     names=((r"language_model\.model\.blocks\.", "model.layers."), *_LLAVA),
     vision=(r"(model\.)?(vision_tower|mm_projector)\.",),
 )
+ERNIE4_5_VL_MOE = VlmWrapper(
+    model_type="ernie4_5_vl_moe",
+    architecture="Ernie4_5_VLMoeForConditionalGeneration",
+    text_models=(("ernie4_5_vl_moe_text", "ernie4_5_moe"),),
+    names=((r"model\.language_model\.layers\.(\d+)\.mlp\.text_moe\.gate\.moe_statics\.",
+            r"model.layers.\1.mlp.moe_statics."),
+           (r"model\.language_model\.layers\.(\d+)\.mlp\.text_moe\.", r"model.layers.\1.mlp."), *_IN_MEMORY),
+    vision=(r"(model\.)?(vision_model|vision_tower|resampler_model)\.", r"model\.layers\.\d+\.mlp\.gate\.weight_1$",
+            r"model\.language_model\.layers\.\d+\.mlp\.vision_moe\."),
+    text_fields=ernie4_5_vl_moe_text,
+    layout=_ernie_layout,
+)
 
-WRAPPERS: dict[str, VlmWrapper] = {w.model_type: w for w in (QWEN3_VL_MOE, GLM4V_MOE, MISTRAL3, KIMI_K25)}
+WRAPPERS: dict[str, VlmWrapper] = {w.model_type: w for w in (QWEN3_VL_MOE, GLM4V_MOE, MISTRAL3, KIMI_K25,
+                                                             ERNIE4_5_VL_MOE)}
 """transformers vision-language `model_type` → [`VlmWrapper`]: the checkpoints whose language model hf-moe imports."""
