@@ -45,6 +45,14 @@ CASES = {  # wrapper model_type → its config's text_config and vision_config, 
                                           "partial_rotary_factor": 0.5}),
         vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, out_hidden_size=32,
                            patch_size=4, image_size=16)),
+    "glm46v": dict(  # GLM-4.6V's wrapper around GLM-4.5V's MoE text model
+        text_config=dict(model_type="glm4v_moe_text", **TEXT, n_routed_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=8, n_shared_experts=2, first_k_dense_replace=0, head_dim=16,
+                         attention_bias=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2],
+                                          "partial_rotary_factor": 0.5}),
+        vision_config=dict(model_type="glm4v_moe_vision", depth=1, hidden_size=16, num_heads=2, intermediate_size=16,
+                           out_hidden_size=32, patch_size=4, image_size=16)),
     "mistral3": dict(
         tie_word_embeddings=False,
         text_config=dict(model_type="mistral4", **{**TEXT, "num_key_value_heads": 4}, n_routed_experts=8,
@@ -72,8 +80,8 @@ CASES = {  # wrapper model_type → its config's text_config and vision_config, 
                                                        "mrope_section": [3, 3, 2]}),
         vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=16, patch_size=4)),
 }
-FAMILY = {"qwen3_vl_moe": "qwen3_moe", "glm4v_moe": "glm4_moe", "mistral3": "mistral4", "kimi_k25": "deepseek_v3",
-          "ernie4_5_vl_moe": "ernie4_5_moe"}
+FAMILY = {"qwen3_vl_moe": "qwen3_moe", "glm4v_moe": "glm4_moe", "glm46v": "glm4_moe", "mistral3": "mistral4",
+          "kimi_k25": "deepseek_v3", "ernie4_5_vl_moe": "ernie4_5_moe"}
 VISION_PARTS = ("visual", "vision", "projector", "resampler", "weight_1")
 RELEASED = Path(__file__).parent / "data" / "configs" / "vlm"  # sources in ../SOURCES.md
 
@@ -228,6 +236,7 @@ def test_expert_parallel_load_of_wrapped_language_models_equals_one_process(save
 
 @pytest.mark.parametrize("model_type,edit,named", [
     ("mistral3", {"text_config": {"model_type": "mistral"}}, "text_config.model_type='mistral'"),
+    ("glm46v", {"text_config": {"model_type": "glm4v_text"}}, "text_config.model_type='glm4v_text'"),
     ("qwen3_vl_moe", {"norm_topk_prob": False}, "norm_topk_prob=False"),
     ("glm4v_moe", {"use_qk_norm": True}, "use_qk_norm=True"),
     ("glm4v_moe", {"a_field_from_the_future": 3}, "a_field_from_the_future"),

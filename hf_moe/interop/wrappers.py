@@ -256,6 +256,14 @@ GLM4V_MOE = VlmWrapper(
     vision=(r"model\.visual\.",),
     text_fields=glm4v_moe_text,
 )
+GLM46V = VlmWrapper(  # GLM-4.6V's wrapper, around any GLM text model: the MoE one imports
+    model_type="glm46v",
+    architecture="Glm46VForConditionalGeneration",
+    text_models=(("glm4v_moe_text", "glm4_moe"),),
+    names=_IN_MEMORY,
+    vision=(r"model\.visual\.",),
+    text_fields=glm4v_moe_text,
+)
 MISTRAL3 = VlmWrapper(
     model_type="mistral3",
     architecture="Mistral3ForConditionalGeneration",
@@ -284,6 +292,6 @@ ERNIE4_5_VL_MOE = VlmWrapper(
     layout=_ernie_layout,
 )
 
-WRAPPERS: dict[str, VlmWrapper] = {w.model_type: w for w in (QWEN3_VL_MOE, GLM4V_MOE, MISTRAL3, KIMI_K25,
+WRAPPERS: dict[str, VlmWrapper] = {w.model_type: w for w in (QWEN3_VL_MOE, GLM4V_MOE, GLM46V, MISTRAL3, KIMI_K25,
                                                              ERNIE4_5_VL_MOE)}
 """transformers vision-language `model_type` → [`VlmWrapper`]: the checkpoints whose language model hf-moe imports."""
