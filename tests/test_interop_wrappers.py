@@ -26,6 +26,7 @@ from hf_moe.interop import WRAPPERS, InteropError, to_hf_moe_config
 
 from .conftest import assert_cached_greedy_equals_full_forward, assert_rel_close
 from .interop_cases import BASE, batch, edit_config, load_foreign, logits, randomize, tensors
+from .test_interop_fp8 import is_linear_weight, quantize
 from .test_interop_real_configs import shrink, write
 
 WORKER = os.path.join(os.path.dirname(__file__), "interop_worker.py")
@@ -307,3 +308,37 @@ def test_released_configs_import_and_their_tiny_models_compute_what_the_wrapper_
     ids, mask = batch()
     model = HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
     assert_rel_close(logits(model, ids, mask), logits(reference.eval(), ids, mask), 1e-5, f"{name} logits")
+
+
+def test_fp8_language_model_reads_dequantized_and_transposed_fp8_experts_are_refused(saved, tmp_path):
+    """A GLM-4.5V checkpoint in transformers' fine-grained FP8 (the language model's and the vision tower's
+    projections, per expert) imports as the wrapper with the dequantized language model computes; FP8 experts stored
+    transposed (Qwen3-VL-MoE's layout) are refused, naming them."""
+    folder, _ = saved["glm4v_moe"]
+    stored = load_file(folder / "model.safetensors")
+    quantized, exact = dict(stored), dict(stored)
+    qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [7, 20]}
+    for name in [n for n in stored if is_linear_weight(n) and stored[n].ndim == 2]:
+        quantized[name], quantized[name + "_scale_inv"], dequantized = quantize(stored[name], False, (7, 20))
+        exact[name] = dequantized.float()
+    assert "model.visual.blocks.0.attn.qkv.weight_scale_inv" in quantized
+    assert "model.language_model.layers.1.mlp.experts.3.up_proj.weight_scale_inv" in quantized
+    for name, state in (("fp8", quantized), ("twin", exact)):
+        shutil.copytree(folder, tmp_path / name)
+        save_file(state, tmp_path / name / "model.safetensors")
+    edit_config(tmp_path / "fp8", tmp_path / "fp8-config", quantization_config=qc)
+    twin = wrapper_class("glm4v_moe").from_pretrained(tmp_path / "twin")  # the dequantized weights
+    ids, mask = batch()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "fp8-config", dtype=torch.float32)
+    assert_rel_close(logits(model, ids, mask), logits(twin.eval(), ids, mask), 1e-5, "FP8 GLM-4.5V")
+
+    folder, _ = saved["qwen3_vl_moe"]
+    stored = load_file(folder / "model.safetensors")
+    name = "model.language_model.layers.0.mlp.experts.down_proj"
+    stored[name], stored[name + "_scale_inv"], _ = quantize(stored[name].transpose(1, 2).contiguous(), False, (7, 20))
+    shutil.copytree(folder, tmp_path / "qwen")
+    save_file(stored, tmp_path / "qwen" / "model.safetensors")
+    edit_config(tmp_path / "qwen", tmp_path / "qwen-fp8", quantization_config=qc)
+    with pytest.raises(InteropError, match=rf"FP8 tensors stored in another layout.*{name}"):
+        HfMoeForCausalLM.from_pretrained(tmp_path / "qwen-fp8")
+
