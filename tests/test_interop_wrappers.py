@@ -321,7 +321,7 @@ def test_fp8_language_model_reads_dequantized_and_transposed_fp8_experts_are_ref
     for name in [n for n in stored if is_linear_weight(n) and stored[n].ndim == 2]:
         quantized[name], quantized[name + "_scale_inv"], dequantized = quantize(stored[name], False, (7, 20))
         exact[name] = dequantized.float()
-    assert "model.visual.blocks.0.attn.qkv.weight_scale_inv" in quantized
+    assert "model.visual.blocks.0.attn.proj.weight_scale_inv" in quantized
     assert "model.language_model.layers.1.mlp.experts.3.up_proj.weight_scale_inv" in quantized
     for name, state in (("fp8", quantized), ("twin", exact)):
         shutil.copytree(folder, tmp_path / name)
