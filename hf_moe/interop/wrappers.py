@@ -46,7 +46,8 @@ _NOT_FAMILY_FIELDS = ("model_type", "architectures", "transformers_version", "ba
 
 @dataclass(frozen=True)
 class VlmWrapper:
-    """One transformers vision-language `model_type` whose language model is a family's.
+    """One transformers vision-language `model_type` whose language model is a family's; `architecture` is the class
+    whose text-only function the import reproduces.
 
     `text_models`: `(text_config.model_type, family model_type)` pairs; `text_fields(text_config)` gives the family
     config's keyword arguments (by default the text config's own fields: the text config is the family's class).
@@ -82,7 +83,14 @@ class VlmWrapper:
         """(the family, its config of the language model, its tensors under the family's names) of a checkpoint of
         this wrapper with config `config` and files `reader`."""
         tensors = LanguageModelTensors(self, reader, config.get_text_config())
-        return (*self.family_config(config, head_stored="lm_head.weight" in tensors), tensors)
+        family, family_config = self.family_config(config, head_stored="lm_head.weight" in tensors)
+        if tensors.left_out:
+            kinds = sorted({re.sub(r"\.(weight|bias)$", "", re.sub(r"\.\d+\.", ".*.", n)) for n in tensors.left_out})
+            listed = ", ".join(kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
+            logger.warning(f"{self.model_type} checkpoint {reader.folder}: the language model is read; the "
+                           f"{len(tensors.left_out)} tensors of the vision tower and projector are left out "
+                           f"({listed}).")
+        return family, family_config, tensors
 
     def family_config(self, config: PretrainedConfig, head_stored: bool) -> tuple[MoeFamily, PretrainedConfig]:
         """(the family, its config) of the language model of a wrapper config `config`, whose checkpoint stores a
@@ -108,20 +116,19 @@ class VlmWrapper:
 class LanguageModelTensors:
     """The language model's tensors in a wrapper's checkpoint, named as the family names them: the part of
     [`SafetensorsReader`]'s interface the interop readers use (`tensors`, `get`, `get_many`). A tensor stored in
-    another layout (`VlmWrapper.layout`) is read in the family's; the vision tower's tensors are left out and named in
-    a warning."""
+    another layout (`VlmWrapper.layout`) is read in the family's; the vision tower's tensors are left out
+    (`left_out`: their stored names)."""
 
     def __init__(self, wrapper: VlmWrapper, reader: SafetensorsReader, text: PretrainedConfig) -> None:
-        self.folder = reader.folder
         self._reader = reader
         self._sources: dict[str, tuple[str, str | None]] = {}  # family name → (stored name, layout)
         self.tensors: dict[str, TensorInfo] = {}
-        vision = []
+        self.left_out: list[str] = []
         for stored, info in reader.tensors.items():
             name = None if any(re.match(p, stored) for p in wrapper.vision) else _renamed(wrapper.names, stored)
             how = wrapper.layout(stored, name, tuple(info.shape), text) if name and wrapper.layout else None
             if name is None or how == VISION:
-                vision.append(stored)
+                self.left_out.append(stored)
                 continue
             if name in self._sources:
                 raise InteropError(f"{reader.folder}: {stored} and {self._sources[name][0]} are both the language "
@@ -137,11 +144,6 @@ class LanguageModelTensors:
         if scaled:
             raise InteropError(f"{reader.folder}: FP8 tensors stored in another layout than the family's "
                                f"({scaled[:2]}); hf-moe reads the block scales of tensors stored as the family's.")
-        if vision:
-            kinds = sorted({re.sub(r"\.(weight|bias)$", "", re.sub(r"\.\d+\.", ".*.", name)) for name in vision})
-            listed = ", ".join(kinds[:6]) + (f" and {len(kinds) - 6} more" if len(kinds) > 6 else "")
-            logger.warning(f"{wrapper.model_type} checkpoint {reader.folder}: the language model is read; the "
-                           f"{len(vision)} tensors of the vision tower and projector are left out ({listed}).")
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
