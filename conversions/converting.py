@@ -28,6 +28,7 @@ from hf_moe import HfMoeConfig
 from hf_moe.checkpoint_files import CheckpointError, SafetensorsReader
 from hf_moe.interop import (
     FAMILIES,
+    WRAPPERS,
     ForeignCheckpoint,
     checkpoint_model_type,
     export_config,
@@ -92,6 +93,11 @@ def _check_hf_moe_tensors(path: Path, reader: SafetensorsReader, expected: dict[
 
 
 def _target(source: _Source, to: str) -> str:
+    if to in WRAPPERS:
+        families = ", ".join(sorted({family for _, family in WRAPPERS[to].text_models}))
+        raise ConvertError(f"to={to!r}: hf-moe writes a language model, not a {to} checkpoint with its vision tower; "
+                           f"export the language model as its family ({families}, or to='auto'), and keep the "
+                           "original checkpoint for the vision tower.")
     if to not in TARGETS:
         raise ConvertError(f"to={to!r} is invalid: expected one of {', '.join(TARGETS)}.")
     if to != "auto":

@@ -35,6 +35,10 @@ How a family is added (the contract; `families/mixtral.py` is the shortest examp
 5. Tests: add the family's tiny transformers config to `tests/test_interop.py::FAMILIES`; every check there (logits,
    cached generate, both conversions, bit-exact round trip, refusals, expert-parallel load) then covers it.
 
+Vision-language checkpoints whose language model is a family's (Qwen3-VL-MoE, GLM-4.5V, Mistral-Small-4's
+`mistral3`, Kimi-K2.5: `wrappers.WRAPPERS`) import as that language model: the same reading, its tensors named as
+the family names them, the vision tower's left out and named in a warning.
+
 FP8 checkpoints (transformers' fine-grained `quant_method: "fp8"`: float8 weights beside `*_scale_inv` block scales)
 need nothing from a family: `fp8.py` refuses what it cannot read exactly and `ForeignCheckpoint.read`, the one reader
 of the direct load, the expert-parallel load and the conversions, dequantizes each tensor or expert as it reads it.
@@ -66,6 +70,7 @@ from .family import (
     signature,
 )
 from .plan import TensorPlan, export_plans, export_sources, tensor_plans
+from .wrappers import WRAPPERS, VlmWrapper
 
 for _family in BUILTIN_FAMILIES:
     register_family(_family)
@@ -78,6 +83,8 @@ __all__ = [
     "InteropError",
     "MoeFamily",
     "TensorPlan",
+    "VlmWrapper",
+    "WRAPPERS",
     "checkpoint_model_type",
     "common_from_hf_moe",
     "common_to_hf_moe",
