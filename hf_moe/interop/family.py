@@ -182,6 +182,24 @@ def dense_and_moe_layers(cfg: HfMoeConfig) -> tuple[list[int], list[int]]:
     return [i for i in range(cfg.num_hidden_layers) if i not in moe], moe
 
 
+def moe_layers_from_types(family: str, cfg: PretrainedConfig, class_name: str) -> list[int]:
+    """The MoE layers of a config that names each layer's MLP (`mlp_layer_types`, `"sparse"` or `"dense"`); a
+    `first_k_dense_replace` beside it (the authors' field, which transformers' class ignores) must name the same."""
+    moe = [i for i, kind in enumerate(cfg.mlp_layer_types) if kind == "sparse"]
+    first_dense = getattr(cfg, "first_k_dense_replace", None)
+    if first_dense is not None and moe != list(range(first_dense, cfg.num_hidden_layers)):
+        raise refuse(family, "first_k_dense_replace", first_dense,
+                     f"transformers' {class_name} ignores it and takes its MoE layers from mlp_layer_types="
+                     f"{cfg.mlp_layer_types}, so the checkpoint's own code and transformers' disagree")
+    return moe
+
+
+def mlp_layer_types(cfg: HfMoeConfig) -> list[str]:
+    """An hf-moe config's MoE layers as `mlp_layer_types` (`"sparse"` / `"dense"` per layer)."""
+    moe = set(cfg.moe_layer_indices)
+    return ["sparse" if i in moe else "dense" for i in range(cfg.num_hidden_layers)]
+
+
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 """Multi-head latent attention's widths (`hf_moe.mla`): the same names in DeepSeek-V2/V3's configs and hf-moe's."""
 

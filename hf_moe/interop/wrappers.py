@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -258,14 +258,8 @@ GLM4V_MOE = VlmWrapper(
     vision=(r"model\.visual\.",),
     text_fields=glm4v_moe_text,
 )
-GLM46V = VlmWrapper(  # GLM-4.6V's wrapper, around any GLM text model: the MoE one imports
-    model_type="glm46v",
-    architecture="Glm46VForConditionalGeneration",
-    text_models=(("glm4v_moe_text", "glm4_moe"),),
-    names=_IN_MEMORY,
-    vision=(r"model\.visual\.",),
-    text_fields=glm4v_moe_text,
-)
+# GLM-4.6V's wrapper, around any GLM text model: the MoE one imports, as GLM-4.5V's
+GLM46V = replace(GLM4V_MOE, model_type="glm46v", architecture="Glm46VForConditionalGeneration")
 MISTRAL3 = VlmWrapper(
     model_type="mistral3",
     architecture="Mistral3ForConditionalGeneration",

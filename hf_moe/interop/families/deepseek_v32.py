@@ -29,7 +29,7 @@ from ..family import (
     common_to_hf_moe,
     deepseek_moe_from_hf_moe,
     deepseek_moe_to_hf_moe,
-    dense_and_moe_layers,
+    mlp_layer_types,
     refuse,
     refuse_unread,
     require_deepseek_routing,
@@ -85,7 +85,6 @@ def dsa_from_hf_moe(family: str, cfg: HfMoeConfig, indexer_rope_interleave: bool
     require_dense_then_moe(cfg, family,
                            f"{family}'s own code takes its dense layers from first_k_dense_replace: the first ones, "
                            "then every layer MoE")
-    _, moe = dense_and_moe_layers(cfg)
     fields = common_from_hf_moe(cfg)
     fields.pop("head_dim")  # the class sets head_dim to qk_rope_head_dim
     moe_fields = deepseek_moe_from_hf_moe(cfg, family)
@@ -95,7 +94,7 @@ def dsa_from_hf_moe(family: str, cfg: HfMoeConfig, indexer_rope_interleave: bool
         **{name: getattr(cfg, name) for name in MLA_FIELDS},
         "attention_bias": cfg.attention_bias,
         **moe_fields,
-        "mlp_layer_types": ["sparse" if i in moe else "dense" for i in range(cfg.num_hidden_layers)],
+        "mlp_layer_types": mlp_layer_types(cfg),
         **{name: getattr(cfg, name) for name in SPARSE_ATTENTION_FIELDS},
     }
 

@@ -26,6 +26,8 @@ from ..family import (
     common_from_hf_moe,
     common_to_hf_moe,
     dense_and_moe_layers,
+    mlp_layer_types,
+    moe_layers_from_types,
     refuse,
     refuse_unread,
     require_shared_width,
@@ -41,12 +43,7 @@ _IGNORED = frozenset({"enable_moe_fp32_combine", "enable_attention_fp32_softmax"
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     refuse_unread("hy_v3", cfg, {**_ASSUMED, "expert_hidden_dim": cfg.moe_intermediate_size})
-    moe = [i for i, kind in enumerate(cfg.mlp_layer_types) if kind == "sparse"]
-    first_dense = getattr(cfg, "first_k_dense_replace", None)
-    if first_dense is not None and moe != list(range(first_dense, cfg.num_hidden_layers)):
-        raise refuse("hy_v3", "first_k_dense_replace", first_dense,
-                     f"transformers' HYV3 ignores it and takes its MoE layers from mlp_layer_types="
-                     f"{cfg.mlp_layer_types}, so the checkpoint's own code and transformers' disagree")
+    moe = moe_layers_from_types("hy_v3", cfg, "HYV3")
     if cfg.mlp_bias:
         raise refuse("hy_v3", "mlp_bias", True, "hf-moe's dense and shared-expert MLPs have no biases")
     if not cfg.num_shared_experts:
@@ -109,7 +106,7 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         "num_experts": cfg.num_experts,
         "num_shared_experts": cfg.num_shared_experts,
         "router_scaling_factor": cfg.routed_scaling_factor,
-        "mlp_layer_types": ["sparse" if i in moe else "dense" for i in range(cfg.num_hidden_layers)],
+        "mlp_layer_types": mlp_layer_types(cfg),
     }
 
 
