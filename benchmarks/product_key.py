@@ -12,8 +12,8 @@ Parts (each row printed and written to the results file):
 - `large`: hf-moe at E = 262,144 (512²), k 64, the same H and shared MLP (`--large-flash` adds FlashMoE there);
 - `peer`: `PEER(dim 1024, heads 8, 16,384 experts, 8 per head, softmax scores, SiLU)` against the hf-moe block with
   `product_key_heads=8`, k 8, no query norm and no shared expert, holding PEER's weights (its query projection
-  folded into the keys); with `--compile` both under `torch.compile` as well (`first_call_s`: the first forward,
-  compile included);
+  folded into the keys); with `--compile MODES` both under `torch.compile` in each mode as well (`first_call_s`:
+  the first forward, compile included; `reduce-overhead` replays CUDA graphs, which a fixed-shape user can do);
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
 - `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
@@ -195,7 +195,7 @@ def torch_path(block: HfMoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN, experts: int = EXPERTS,
-              heads: int = 8, per_head: int = 8, compiled: bool = False) -> None:
+              heads: int = 8, per_head: int = 8, compile_modes: tuple[str, ...] = ()) -> None:
     from PEER_pytorch import PEER
 
     peer = PEER(hidden, heads=heads, num_experts=experts, num_experts_per_head=per_head, non_competing_scores=False,
@@ -219,9 +219,13 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
         y_peer, y_hf = peer(x), block(x)
     rows = [measure("peer_pytorch", peer, x, reps, device), measure("hf_moe_peer_config", block, x, reps, device)]
     rows[1]["rel_err_vs_peer"] = rel_err(y_hf, y_peer)
-    if compiled:  # each under torch.compile too: a peer's best configuration counts (first call = compile time)
-        for name, module in (("peer_pytorch_compiled", peer), ("hf_moe_peer_config_compiled", block)):
-            module = torch.compile(module)
+    # each under torch.compile too: a peer's best configuration counts (first call = compile time); "reduce-overhead"
+    # replays CUDA graphs, so a host-bound module is timed by its GPU work
+    for mode in compile_modes:
+        suffix = "_compiled" if mode == "default" else f"_compiled_{mode.replace('-', '_')}"
+        for name, module in (("peer_pytorch" + suffix, peer), ("hf_moe_peer_config" + suffix, block)):
+            torch._dynamo.reset()
+            module = torch.compile(module, mode=mode)
             started = time.perf_counter()
             with torch.no_grad():
                 module(x)
@@ -294,12 +298,15 @@ def main() -> int:
     parser.add_argument("--large-flash", action="store_true", help="run FlashMoE at E = 262,144 too (very slow)")
     parser.add_argument("--budget-s", type=float, default=420, help="start no part after this many seconds")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--compile", action="store_true", help="peer part: also both modules under torch.compile")
+    parser.add_argument("--compile", nargs="?", const="default", default="",
+                        help="peer part: also both modules under torch.compile, in these modes (comma-separated; "
+                             "no value: the default mode), e.g. default,reduce-overhead")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (checks the suite itself, e.g. on CPU)")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/...)")
     args = parser.parse_args()
     add_peers(Path(args.peers))
     tokens = [int(t) for t in args.tokens.split(",")]
+    compile_modes = tuple(filter(None, args.compile.split(",")))
     parts = args.parts.split(",")
     shape = dict(hidden=64, shared=128, top_k=4) if args.smoke else {}
     experts, large = (64, 256) if args.smoke else (EXPERTS, 512 * 512)
@@ -316,8 +323,9 @@ def main() -> int:
             elif part == "large":
                 plan.append(lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out, **shape))
             elif part == "peer":
-                plan.append(lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts, compiled=args.compile,
-                                                  **({"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {})))
+                small = {"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {}
+                plan.append(lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
+                                                  compile_modes=compile_modes, **small))
             elif part == "dense":
                 plan.append(lambda t=t: dense_part(t, args.reps, args.device, out, **shape))
             elif part == "selection":
