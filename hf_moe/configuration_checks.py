@@ -149,6 +149,9 @@ def validate_mla(config: Any, fail: Fail) -> None:
     for field in ("qkv_bias", "qk_norm", "sliding_window"):
         if getattr(config, field):
             fail(field, getattr(config, field), "off with multi-head latent attention (kv_lora_rank set)")
+    if config.attention_multiplier is not None:
+        fail("attention_multiplier", config.attention_multiplier, "None with multi-head latent attention (its "
+             "softmax scale is the query/key width's inverse square root times YaRN's mscale)")
     factor = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
     if factor != 1.0:
         fail("rope_parameters['partial_rotary_factor']", factor,

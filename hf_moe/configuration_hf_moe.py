@@ -17,6 +17,7 @@ from .configuration_checks import is_finite_number, validate_mla, validate_routi
 
 QK_NORM_SCOPES = ("head", "projection")
 QK_NORM_ORDERS = ("before_rope", "after_rope")
+NORM_PLACEMENTS = ("pre", "post")
 
 
 def _invalid(field: str, value: Any, expected: str) -> ValueError:
@@ -66,6 +67,15 @@ class HfMoeConfig(PretrainedConfig):
             expanded; then `head_dim` is the rotary width. With it: `qk_nope_head_dim`, `qk_rope_head_dim`,
             `v_head_dim` (required), a head's query/key width without and with RoPE and its value width;
             `q_lora_rank`, queries through a normed latent of that width (`None`: one `q_proj`).
+        attention_multiplier (`float`, *optional*): the attention's softmax scale; `None` (default) is
+            `head_dim**-0.5` (Granite sets it, e.g. `1/head_dim`). Not with multi-head latent attention.
+        embedding_multiplier (`float`): multiplies the input embeddings, those passed as `inputs_embeds` too (Granite).
+        residual_multiplier (`float`): multiplies the attention's and the MLP's outputs before each is added to the
+            residual stream (Granite).
+        logits_scaling (`float`): the logits are divided by it (Granite).
+        norm_placement (`str`): where a layer's RMSNorms sit: `"pre"` (default; Llama), on the attention's and the
+            MLP's inputs (`input_layernorm`, `post_attention_layernorm`); `"post"` (OLMo-2, FlexOlmo), on their
+            outputs before each residual add (`post_attention_layernorm`, `post_feedforward_layernorm`).
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -177,6 +187,11 @@ class HfMoeConfig(PretrainedConfig):
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     rope_interleave: bool = False
+    attention_multiplier: float | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    norm_placement: str = "pre"
     attention_dropout: float = 0.0
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -277,7 +292,8 @@ class HfMoeConfig(PretrainedConfig):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 fail(field, value, "a positive integer or None")
-        for field in ("rms_norm_eps", "initializer_range"):
+        for field in ("rms_norm_eps", "initializer_range", "embedding_multiplier", "residual_multiplier",
+                      "logits_scaling"):
             if not is_finite_number(getattr(self, field)) or getattr(self, field) <= 0:
                 fail(field, getattr(self, field), "a positive finite number")
         for field in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -310,6 +326,11 @@ class HfMoeConfig(PretrainedConfig):
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 fail("moe_layers", self.moe_layers,
                      f"distinct layer indices in [0, {self.num_hidden_layers}) (bad: {bad or 'duplicates'})")
+        scale = self.attention_multiplier
+        if scale is not None and (not is_finite_number(scale) or scale <= 0):
+            fail("attention_multiplier", scale, "a positive finite number or None")
+        if self.norm_placement not in NORM_PLACEMENTS:
+            fail("norm_placement", self.norm_placement, f"one of {NORM_PLACEMENTS}")
         if self.qk_norm_scope not in QK_NORM_SCOPES:
             fail("qk_norm_scope", self.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
         if self.qk_norm_scope != "head" and not self.qk_norm:

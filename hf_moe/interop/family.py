@@ -285,7 +285,8 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "qk_norm", "router_type",
         "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
         "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-        "v_head_dim", "rope_interleave")}
+        "v_head_dim", "rope_interleave", "embedding_multiplier", "residual_multiplier", "logits_scaling",
+        "norm_placement")}
     sig.update(
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
         qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
@@ -296,6 +297,8 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         shared_expert_size=cfg.shared_expert_size, norm_topk_prob=renormalised,
         n_group=cfg.n_group if grouped else None, topk_group=cfg.topk_group if grouped else None,
         group_score=cfg.group_score if grouped else None,
+        # the softmax scale grouped-query attention uses (MLA's own is fixed by its widths and RoPE)
+        attention_multiplier=None if cfg.is_mla else cfg.attention_multiplier or cfg.head_dim**-0.5,
     )
     return sig
 
