@@ -123,15 +123,16 @@ def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[Pl
                               experts(name, shape[0]) if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
                               else whole(lambda name=name: source.read(name).to(out_dtype(name))))
                 for name, shape in expected.items()]
+    def block(hf_name: str, expert: int | None, rows: slice | None, shape: tuple[int, ...]) -> torch.Tensor:
+        value = source.read(hf_name) if expert is None else source.read(hf_name, expert, expert + 1)
+        return (value if rows is None else value[0, rows]).to(out_dtype(hf_name)).reshape(-1, *shape[1:])
+
+    def blocks(parts: list, shape: tuple[int, ...]) -> Callable[[], Iterator[torch.Tensor]]:
+        return lambda: (block(*part, shape) for part in parts)
+
     plans = tensor_plans(FAMILIES[target], expected, source.config.moe_layer_indices)
-    planned = []
-    for foreign, shape, hf_name, expert, rows in export_sources(plans):
-        if expert is None:
-            produce = whole(lambda n=hf_name, s=shape: source.read(n).to(out_dtype(n)).reshape(s))
-        else:
-            produce = whole(lambda n=hf_name, e=expert, r=rows: source.read(n, e, e + 1)[0, r].to(out_dtype(n)))
-        planned.append(PlannedTensor(foreign, tuple(shape), out_dtype(hf_name), produce))
-    return planned
+    return [PlannedTensor(foreign, tuple(shape), out_dtype(parts[0][0]), blocks(parts, tuple(shape)))
+            for foreign, shape, parts in export_sources(plans)]
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, to: str = "hf_moe", *, dtype: str = "auto",

@@ -53,6 +53,12 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
     "ernie4_5_moe": dict(moe_num_experts=6, moe_k=2, moe_intermediate_size=16, moe_num_shared_experts=2,
                          num_hidden_layers=4, moe_layer_start_index=1, moe_layer_interval=2),  # MoE layers 1, 3
     "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, head_dim=16, attention_bias=True, tie_word_embeddings=True),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                       attention_multiplier=0.125, logits_scaling=6.0, attention_bias=True),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
+                             residual_multiplier=0.5, attention_multiplier=0.0625, logits_scaling=3.0,
+                             shared_intermediate_size=24, tie_word_embeddings=True),
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True),
 }
 
 

@@ -1,9 +1,9 @@
 """Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
-glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe) in and out, against transformers' own classes:
-tiny random models built and saved by transformers (the cases are in `interop_cases.py`), every weight and buffer
-randomised so that a wrong mapping shows; direct loading, expert-parallel loading, conversion both ways and every
-refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
-greedy routing (which ignores the groups its config names)."""
+glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe, granitemoe, granitemoeshared, flex_olmo) in and
+out, against transformers' own classes: tiny random models built and saved by transformers (the cases are in
+`interop_cases.py`), every weight and buffer randomised so that a wrong mapping shows; direct loading, expert-parallel
+loading, conversion both ways and every refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and
+YaRN, and V2-Lite's plain q_proj with greedy routing (which ignores the groups its config names)."""
 
 import json
 import os
@@ -112,6 +112,9 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
     ("hunyuan_v1_moe", {"use_qk_norm": False}, "use_qk_norm=False"),
     ("hunyuan_v1_moe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "alpha": 1000.0,
                                             "rope_theta": 10000.0}}, "rope_parameters['alpha']=1000.0"),
+    ("granitemoe", {"mlp_bias": True}, "mlp_bias"),
+    ("granitemoeshared", {"residual_multiplier": -0.5}, "residual_multiplier=-0.5"),
+    ("flex_olmo", {"clip_qkv": 8.0}, "clip_qkv"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -201,6 +204,10 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("qwen3_moe", "ernie4_5_moe", "rope_interleave"),
     ("hunyuan_v1_moe", "qwen3_moe", "qk_norm_order"),
     ("qwen3_moe", "hunyuan_v1_moe", "qk_norm_order"),
+    ("granitemoe", "mixtral", "embedding_multiplier"),
+    ("mixtral", "granitemoe", "sliding_window"),
+    ("granitemoeshared", "granitemoe", "shared_expert_size"),
+    ("olmoe", "flex_olmo", "norm_placement"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):

@@ -62,6 +62,16 @@ class MoeFamily:
     shared_expert_gate: str = "shared_expert_gate.weight"
     expert_bias_as_row: bool = False
     """The expert bias is saved as one `[1, E]` row (ERNIE-4.5's, one row per expert group) rather than `[E]`."""
+    fused_experts: tuple[str, str] | None = None
+    """The family saves its routed experts fused only, as these two tensors of the MoE module, `[E, 2I, H]` (each
+    expert's gate rows, then its up rows) and `[E, H, I]` (Granite's `input_linear.weight`, `output_linear.weight`):
+    they are read and written so, never per expert."""
+    shared_expert_names: ExpertNames = ExpertNames()
+    """The shared experts' projections; `gate == up` names one tensor holding both, the gate's rows first (Granite's
+    `input_linear`)."""
+    shared_experts_in_layer: bool = False
+    """The shared experts are a module of the decoder layer (`model.layers.{i}.{shared_experts}`, Granite's
+    `shared_mlp`) rather than of the MoE module."""
     renames: tuple[tuple[str, str], ...] = ()
     """Extra `(hf-moe regex, foreign replacement)` pairs applied with `re.sub` to every hf-moe name outside the
     routed experts, after the MoE-block names above (e.g. attention projections named otherwise)."""
@@ -74,6 +84,11 @@ class MoeFamily:
 
     def foreign_name(self, name: str, moe_layers: set[int]) -> str:
         """The foreign name of the hf-moe tensor `name` (the routed experts excluded: see `hf_moe.interop.plan`)."""
+        return self.foreign_rows(name, moe_layers)[0]
+
+    def foreign_rows(self, name: str, moe_layers: set[int]) -> tuple[str, int, int]:
+        """`(foreign name, k, n)`: the hf-moe tensor `name` is the k-th of `n` equal blocks of rows of that foreign
+        tensor, `n = 1` being all of it (the routed experts excluded: see `hf_moe.interop.plan`)."""
         match = _MOE_PART.fullmatch(name)
         if match and int(match.group(1)) in moe_layers:
             layer, part = match.group(1), match.group(2)
@@ -81,15 +96,22 @@ class MoeFamily:
             for ours, theirs in (("router.weight", self.router), ("router.expert_bias", self.expert_bias),
                                  ("shared_expert_gate.weight", self.shared_expert_gate)):
                 if part == ours:
-                    return prefix + theirs
-            if part.startswith("shared_experts."):
-                return prefix + self.shared_experts + part[len("shared_experts"):]
+                    return prefix + theirs, 0, 1
+            shared = _SHARED_PROJECTION.fullmatch(part)
+            if shared:
+                names, projection = self.shared_expert_names, shared.group(1)
+                theirs = {"gate_proj": names.gate, "up_proj": names.up, "down_proj": names.down}[projection]
+                where = f"model.layers.{layer}." if self.shared_experts_in_layer else prefix
+                stacked = names.gate == names.up and projection != "down_proj"
+                block, blocks = (int(projection == "up_proj"), 2) if stacked else (0, 1)
+                return f"{where}{self.shared_experts}.{theirs}.weight", block, blocks
         for pattern, replacement in self.renames:
             name = re.sub(pattern, replacement, name)
-        return name
+        return name, 0, 1
 
 
 _MOE_PART = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
+_SHARED_PROJECTION = re.compile(r"shared_experts\.(gate_proj|up_proj|down_proj)\.weight")
 
 FAMILIES: dict[str, MoeFamily] = {}
 """transformers `model_type` → [`MoeFamily`]: the foreign families hf-moe imports and exports."""
