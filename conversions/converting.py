@@ -123,11 +123,13 @@ def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[Pl
                               experts(name, shape[0]) if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
                               else whole(lambda name=name: source.read(name).to(out_dtype(name))))
                 for name, shape in expected.items()]
+
     def block(hf_name: str, expert: int | None, rows: slice | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """One block of rows (see `export_sources`) of a foreign tensor of `shape`."""
         value = source.read(hf_name) if expert is None else source.read(hf_name, expert, expert + 1)
         return (value if rows is None else value[0, rows]).to(out_dtype(hf_name)).reshape(-1, *shape[1:])
 
-    def blocks(parts: list, shape: tuple[int, ...]) -> Callable[[], Iterator[torch.Tensor]]:
+    def blocks(parts: list[tuple], shape: tuple[int, ...]) -> Callable[[], Iterator[torch.Tensor]]:
         return lambda: (block(*part, shape) for part in parts)
 
     plans = tensor_plans(FAMILIES[target], expected, source.config.moe_layer_indices)

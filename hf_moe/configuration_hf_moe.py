@@ -72,7 +72,7 @@ class HfMoeConfig(PretrainedConfig):
         embedding_multiplier (`float`): multiplies the input embeddings, those passed as `inputs_embeds` too (Granite).
         residual_multiplier (`float`): multiplies the attention's and the MLP's outputs before each is added to the
             residual stream (Granite).
-        logits_scaling (`float`): the logits are divided by it (Granite).
+        logits_scaling (`float`): the causal LM's logits are divided by it (Granite).
         norm_placement (`str`): where a layer's RMSNorms sit: `"pre"` (default; Llama), on the attention's and the
             MLP's inputs (`input_layernorm`, `post_attention_layernorm`); `"post"` (OLMo-2, FlexOlmo), on their
             outputs before each residual add (`post_attention_layernorm`, `post_feedforward_layernorm`).

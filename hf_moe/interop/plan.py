@@ -53,12 +53,12 @@ def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_la
         match = _EXPERTS.fullmatch(name)
         if match is None:
             foreign, block, blocks = family.foreign_rows(name, moe)
-            as_row = family.expert_bias_as_row and name.endswith(".router.expert_bias")
-            if blocks > 1:
+            if blocks > 1:  # rows of a foreign tensor stacking several hf-moe tensors
                 plans.append(TensorPlan(name, shape, ((foreign,),), foreign_shape=(blocks * shape[0], *shape[1:]),
                                         rows=(block * shape[0], (block + 1) * shape[0])))
-            else:
-                plans.append(TensorPlan(name, shape, ((foreign,),), foreign_shape=(1, *shape) if as_row else None))
+                continue
+            as_row = family.expert_bias_as_row and name.endswith(".router.expert_bias")
+            plans.append(TensorPlan(name, shape, ((foreign,),), foreign_shape=(1, *shape) if as_row else None))
             continue
         layer, part = match.groups()
         if family.fused_experts is not None:
