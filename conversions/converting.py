@@ -8,10 +8,10 @@ or not at all.
 Every tensor is planned first (`hf_moe.interop`: the family's config mapping and tensor names), then streamed: one
 source tensor, or one expert of one, at a time, into shards whose headers are written up front, so peak memory is
 about one tensor, never the model. Output appears complete or not at all (`conversions.output`). An export writes the
-per-expert layout and `architectures` transformers 5 saves for the family, and anything the family cannot express
-is refused before anything is written, naming the field and the families that could take it. An FP8 source
-(`quantization_config` `quant_method: "fp8"`) is dequantized as it is read and written unquantized, in its compute
-dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
+expert layout (per expert, or fused for Mistral 4 and Granite) and `architectures` transformers 5 saves for the
+family, and anything the family cannot express is refused before anything is written, naming the field and the
+families that could take it. An FP8 source (`quantization_config` `quant_method: "fp8"`) is dequantized as it is read
+and written unquantized, in its compute dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from hf_moe import HfMoeConfig
 from hf_moe.checkpoint_files import CheckpointError, SafetensorsReader
 from hf_moe.interop import (
     FAMILIES,
+    WRAPPERS,
     ForeignCheckpoint,
     checkpoint_model_type,
     export_config,
@@ -92,6 +93,11 @@ def _check_hf_moe_tensors(path: Path, reader: SafetensorsReader, expected: dict[
 
 
 def _target(source: _Source, to: str) -> str:
+    if to in WRAPPERS:
+        families = ", ".join(sorted({family for _, family in WRAPPERS[to].text_models}))
+        raise ConvertError(f"to={to!r}: hf-moe writes a language model, not a {to} checkpoint with its vision tower; "
+                           f"export the language model as its family ({families}, or to='auto'), and keep the "
+                           "original checkpoint for the vision tower.")
     if to not in TARGETS:
         raise ConvertError(f"to={to!r} is invalid: expected one of {', '.join(TARGETS)}.")
     if to != "auto":
@@ -109,7 +115,8 @@ def _dtype(name: str) -> torch.dtype | None:
 
 
 def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[PlannedTensor]:
-    """Every output tensor with a producer that reads the source lazily (one expert at a time for expert tensors)."""
+    """Every output tensor with a producer that reads the source lazily (one expert at a time for expert tensors,
+    written per expert or fused)."""
     expected = expected_shapes(source.config)
 
     def out_dtype(hf_name: str) -> torch.dtype:

@@ -11,10 +11,9 @@ from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hf_moe import HfMoeConfig
-from hf_moe.attention import HfMoeRMSNorm, HfMoeRotaryEmbedding
+from hf_moe.attention import HfMoeRMSNorm, HfMoeRotaryEmbedding, causal_masks
 from hf_moe.modeling_hf_moe import HfMoeDecoderLayer
 
 from .safetensors_io import SafetensorsReader
@@ -54,15 +53,12 @@ class LayerwiseModel:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.eval()
 
-    def positions(self, hidden_states: torch.Tensor) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
-        """The causal mask and rotary embeddings every layer of an unpadded batch shares."""
+    def apply(self, layer: HfMoeDecoderLayer, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`layer` on an unpadded batch `[B, S, H]`: positions 0..S-1 and the causal mask of the layer's type."""
         position_ids = torch.arange(hidden_states.shape[1]).unsqueeze(0)
-        mask_function = (create_causal_mask if self.config.sliding_window is None
-                         else create_sliding_window_causal_mask)
-        mask = mask_function(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
-                             past_key_values=None, position_ids=position_ids)
-        return ({"attention_mask": mask, "position_ids": position_ids},
-                self.rotary(hidden_states, position_ids=position_ids))
+        masks = causal_masks(self.config, hidden_states, None, None, position_ids)
+        return layer(hidden_states, attention_mask=masks[layer.attention_type], position_ids=position_ids,
+                     position_embeddings=self.rotary(hidden_states, position_ids=position_ids))
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         norm = HfMoeRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
@@ -85,11 +81,7 @@ class LayerwiseModel:
             if i in collect:
                 hook = layer.mlp.register_forward_pre_hook(
                     lambda _m, args, inputs=inputs: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
-            outputs = []
-            for chunk in hidden_states.split(sequences_per_step):
-                kwargs, position_embeddings = self.positions(chunk)
-                outputs.append(layer(chunk, position_embeddings=position_embeddings, **kwargs))
-            hidden_states = torch.cat(outputs)
+            hidden_states = torch.cat([self.apply(layer, chunk) for chunk in hidden_states.split(sequences_per_step)])
             if hook is not None:
                 hook.remove()
                 on_mlp_inputs(i, torch.cat(inputs))

@@ -42,12 +42,10 @@ def verify_upcycle(source: DenseSource | str | Path, output: str | Path, *, expe
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, moe.config.vocab_size, (batch_size, seq_len), generator=generator)
     h_dense, h_moe = dense.embed(ids), moe.embed(ids)
-    kwargs_d, pos_d = dense.positions(h_dense)
-    kwargs_m, pos_m = moe.positions(h_moe)
     layer_rel = []
     for i in tqdm(range(moe.config.num_hidden_layers), desc="verifying layers", disable=not progress):
-        h_dense = dense.layer(i)(h_dense, position_embeddings=pos_d, **kwargs_d)
-        h_moe = moe.layer(i)(h_moe, position_embeddings=pos_m, **kwargs_m)
+        h_dense = dense.apply(dense.layer(i), h_dense)
+        h_moe = moe.apply(moe.layer(i), h_moe)
         layer_rel.append(_rel(h_moe, h_dense))
     logits_dense, logits_moe = dense.logits(h_dense), moe.logits(h_moe)
     return VerifyResult(

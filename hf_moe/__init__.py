@@ -15,6 +15,7 @@ from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. a
 from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig
 from .interop import InteropError, MoeFamily, register_family
+from .linear_attention import GatedDeltaNet, GatedDeltaNetSizes
 from .modeling_hf_moe import (
     HfMoeForCausalLM,
     HfMoeForSequenceClassification,
@@ -59,6 +60,8 @@ __all__ = [
     "ROUTER_CLASSES",
     "ExpertChoiceRouter",
     "FakeBalancedRouter",
+    "GatedDeltaNet",
+    "GatedDeltaNetSizes",
     "HashRouter",
     "InteropError",
     "MoeFamily",

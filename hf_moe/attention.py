@@ -1,7 +1,7 @@
 """Attention, RoPE and RMSNorm of the hf-moe decoder: Llama's, with the biases (Llama / Qwen2), q/k norm per head
 (Qwen3) or over the whole projection (OLMoE), before RoPE or after it (Hunyuan-MoE), partial rotary (GLM-4-MoE),
-RoPE on adjacent pairs (ERNIE-4.5) and sliding window (Mistral) the config selects; attention kernels come from
-transformers' attention interface."""
+RoPE on adjacent pairs (ERNIE-4.5), sliding window on every layer (Mistral) or on some (`layer_types`: Qwen2,
+GPT-OSS) and attention sinks (GPT-OSS) the config selects; attention kernels and masks come from transformers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -91,19 +92,119 @@ def inference_sdpa_backends(implementation: str, states: torch.Tensor) -> contex
     return sdpa_kernel(_SHAPE_STABLE_SDPA)
 
 
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+"""transformers' mask function of each attention type `HfMoeConfig.layer_types` names."""
+
+
+def causal_masks(
+    config: HfMoeConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | dict | None,
+    past_key_values: Cache | None,
+    position_ids: torch.Tensor | None,
+    **mask_kwargs,
+) -> dict[str, torch.Tensor | None]:
+    """The mask of each attention type among the config's layers, as transformers' models build them (the padding
+    mask, the cache's length and, for sliding layers, the window): `{layer type: mask}`. A dict (the masks `generate`
+    prepared for a static cache) is returned as it is."""
+    if isinstance(attention_mask, dict):
+        return attention_mask
+    return {
+        kind: MASK_FUNCTIONS[kind](config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, position_ids=position_ids, **mask_kwargs)
+        for kind in dict.fromkeys(config.attention_layer_types)
+    }
+
+
+def masks_for_generate(
+    config: HfMoeConfig,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    past_key_values: Cache | None,
+    position_ids: torch.Tensor | None = None,
+    or_mask_function: Callable | None = None,
+    and_mask_function: Callable | None = None,
+    block_sequence_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | dict[str, torch.Tensor | None] | None:
+    """`causal_masks` as `generate` asks for them (`HfMoeForCausalLM.create_masks_for_generate`): the one mask of a
+    model whose layers share one attention type (a tensor, which a CUDA-graph decode step takes as an input), else
+    `{layer type: mask}`; the arguments of transformers' mask functions only."""
+    masks = causal_masks(config, inputs_embeds, attention_mask, past_key_values, position_ids,
+                         or_mask_function=or_mask_function, and_mask_function=and_mask_function,
+                         block_sequence_ids=block_sequence_ids)
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+def sink_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    sinks: torch.Tensor,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with a sink (GPT-OSS): each head's softmax over a query's scores has one more column, the head's
+    learned logit `sinks[h]`, whose value is zero, so the weights over the keys sum to less than 1. Written out
+    (scores, softmax in float32, weighted sum): no SDPA backend takes a sink (docs/decisions/attention-sinks.md).
+    The query heads of one key/value head are multiplied with it as one block of rows, never with copies of it.
+
+    `attention_mask` is transformers' additive (eager) or boolean (sdpa) mask `[B, 1 or heads, Q, K]`, or None,
+    which transformers passes to SDPA for its top-left causal mask (key j seen by query i iff j ≤ i; a single query
+    sees every key). Returns (output `[B, Q, heads, v_dim]`, weights over the keys `[B, heads, Q, K]`)."""
+    batch, heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    scores = torch.matmul(query.reshape(batch, kv_heads, groups * q_len, -1), key.transpose(-1, -2)) * scaling
+    scores = scores.view(batch, kv_heads, groups, q_len, kv_len)
+    if attention_mask is None and q_len > 1:
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril()
+    if attention_mask is not None:
+        if attention_mask.dim() == 4:  # [B, 1 or heads, Q, K] → broadcastable over [B, kv_heads, groups, Q, K]
+            attention_mask = attention_mask.unflatten(1, (-1, groups) if attention_mask.shape[1] > 1 else (1, 1))
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    sink = sinks.to(scores.dtype).view(1, kv_heads, groups, 1, 1).expand(batch, -1, -1, q_len, 1)
+    weights = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+    weights = F.dropout(weights, p=dropout, training=module.training).to(value.dtype)
+    output = torch.matmul(weights.reshape(batch, kv_heads, groups * q_len, kv_len), value)
+    return output.view(batch, heads, q_len, -1).transpose(1, 2), weights.reshape(batch, heads, q_len, kv_len)
+
+
+SINK_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+"""Attention implementations that run a model with sinks: hf-moe's `sink_attention_forward` for eager and sdpa,
+transformers' flex attention (which takes them as `s_aux`; not on the CPU)."""
+
+
 def attend(
     module: nn.Module,
     query_states: torch.Tensor,
     key_states: torch.Tensor,
     value_states: torch.Tensor,
     attention_mask: torch.Tensor | None,
+    sinks: torch.Tensor | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of `[B, heads, S, ·]` queries, keys and values through transformers' attention interface (the kernel
     `module.config._attn_implementation` names), with the module's `scaling` and, in training, its
-    `attention_dropout`: (output `[B, S, heads · v_dim]`, attention weights or None)."""
+    `attention_dropout`: (output `[B, S, heads · v_dim]`, attention weights or None). With `sinks` (one logit per
+    head), eager and sdpa run `sink_attention_forward`, flex attention gets them as `s_aux`; other kernels are
+    refused (transformers' flash-attention wrapper drops a sink its kernel does not take)."""
     implementation = module.config._attn_implementation
     attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    if sinks is not None:
+        if implementation not in SINK_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation={implementation!r} cannot run attention sinks "
+                             f"(HfMoeConfig.attention_sinks=True): expected one of {SINK_IMPLEMENTATIONS}.")
+        if implementation == "flex_attention":
+            kwargs["s_aux"] = sinks
+        else:
+            attention_interface, kwargs["sinks"] = sink_attention_forward, sinks
     with inference_sdpa_backends(implementation, query_states):
         attn_output, attn_weights = attention_interface(
             module,
@@ -120,8 +221,8 @@ def attend(
 
 class HfMoeAttention(nn.Module):
     """Grouped-query attention with RoPE (possibly partial, possibly on adjacent pairs), optional biases (Llama /
-    Qwen2), q/k norm per head before RoPE (Qwen3) or after it (Hunyuan-MoE) or per projection (OLMoE), sliding
-    window."""
+    Qwen2), q/k norm per head before RoPE (Qwen3) or after it (Hunyuan-MoE) or per projection (OLMoE), a sliding
+    window when the layer's type is `"sliding_attention"`, optional sinks (`sinks [heads]`, GPT-OSS's name)."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -133,7 +234,8 @@ class HfMoeAttention(nn.Module):
         self.scaling = self.head_dim**-0.5 if scale is None else scale
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        self.sliding_window = config.sliding_window
+        sliding = config.attention_layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
         self.rope_interleave = config.rope_interleave  # read once: a config attribute costs µs of host time per read
         qkv_bias = config.attention_bias or config.qkv_bias
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=qkv_bias)
@@ -151,6 +253,7 @@ class HfMoeAttention(nn.Module):
             k_width = self.head_dim if per_head else config.num_key_value_heads * self.head_dim
             self.q_norm = HfMoeRMSNorm(q_width, eps=config.rms_norm_eps)
             self.k_norm = HfMoeRMSNorm(k_width, eps=config.rms_norm_eps)
+        self.sinks = nn.Parameter(torch.empty(config.num_attention_heads)) if config.attention_sinks else None
 
     def forward(
         self,
@@ -180,7 +283,9 @@ class HfMoeAttention(nn.Module):
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
-        attn_output, attn_weights = attend(
-            self, query_states, key_states, value_states, attention_mask, sliding_window=self.sliding_window, **kwargs
-        )
+        sinks = self.sinks
+        if hasattr(sinks, "to_local"):  # sharded by head under transformers' tensor parallelism (a DTensor)
+            sinks = sinks.to_local()
+        attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, sinks,
+                                           sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(attn_output), attn_weights

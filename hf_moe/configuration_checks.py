@@ -1,4 +1,4 @@
-"""The checks of `HfMoeConfig`'s fields by feature (routing, product keys, multi-head latent attention), apart from
+"""The checks of `HfMoeConfig`'s fields by feature (routing, product keys, norms, attention), apart from
 the config class so that it stays short enough to read. Each `validate_*(config, fail)` calls
 `fail(field, value, expected)` for the first bad field it finds; the config turns that into the error."""
 
@@ -15,6 +15,10 @@ ROUTER_AUX_LOSS_TYPES = ("switch", "sequence", "none")
 ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
 PRODUCT_KEY_QUERY_NORMS = ("layer_norm", "batch_norm", "none")
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+QK_NORM_SCOPES = ("head", "projection")
+QK_NORM_ORDERS = ("before_rope", "after_rope")
+NORM_PLACEMENTS = ("pre", "post")
 Fail = Callable[[str, Any, str], None]
 
 
@@ -123,18 +127,64 @@ def validate_product_key(config: Any, fail: Fail) -> None:
             fail(field, value, f"{allowed!r} with router_type='product_key'")
 
 
+def validate_norms(config: Any, fail: Fail) -> None:
+    """Where the layer's RMSNorms sit (`norm_placement`) and what q/k norm normalises, and when (`qk_norm_scope`,
+    `qk_norm_order`)."""
+    if config.norm_placement not in NORM_PLACEMENTS:
+        fail("norm_placement", config.norm_placement, f"one of {NORM_PLACEMENTS}")
+    if config.qk_norm_scope not in QK_NORM_SCOPES:
+        fail("qk_norm_scope", config.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
+    if config.qk_norm_scope != "head" and not config.qk_norm:
+        fail("qk_norm_scope", config.qk_norm_scope, "'head' (the default) unless qk_norm=True")
+    if config.qk_norm_order not in QK_NORM_ORDERS:
+        fail("qk_norm_order", config.qk_norm_order, f"one of {QK_NORM_ORDERS}")
+    if config.qk_norm_order == "after_rope" and (not config.qk_norm or config.qk_norm_scope != "head"):
+        fail("qk_norm_order", config.qk_norm_order, "'before_rope' (the default) unless qk_norm=True with "
+             "qk_norm_scope='head'")
+    if config.qk_norm_order == "after_rope" and config.rope_interleave:
+        # RoPE on adjacent pairs leaves a head's dimensions regrouped as halves, which a norm weight would not fit.
+        fail("qk_norm_order", config.qk_norm_order, "'before_rope' with rope_interleave=True")
+
+
+def validate_layer_types(config: Any, fail: Fail) -> None:
+    """`layer_types`: None, or one known attention type per layer; sliding layers need a `sliding_window`."""
+    types = config.layer_types
+    if types is None:
+        return
+    if not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers:
+        fail("layer_types", types, f"None or a list of num_hidden_layers={config.num_hidden_layers} attention types "
+             f"(each one of {ATTENTION_LAYER_TYPES})")
+    bad = [t for t in types if t not in ATTENTION_LAYER_TYPES]
+    if bad:
+        fail("layer_types", types, f"one of {ATTENTION_LAYER_TYPES} per layer (bad: {bad[0]!r})")
+    if "sliding_attention" in types and config.sliding_window is None:
+        fail("layer_types", types, "no 'sliding_attention' layer unless sliding_window is set")
+
+
 LATENT_DIMS = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 """The widths that only multi-head latent attention has (besides `kv_lora_rank`, which selects it)."""
 
 
 def validate_mla(config: Any, fail: Fail) -> None:
     """The multi-head latent attention fields of `config` (whose integer fields were already checked): none set
-    without `kv_lora_rank`, all widths set with it, and the rest of the attention consistent with it."""
+    without `kv_lora_rank`, all widths set with it, and the rest of the attention consistent with it, Llama 4's
+    query temperature (`rope_parameters["llama_4_scaling_beta"]`) included, which only MLA reads."""
+    rope = config.rope_parameters or {}
     if config.kv_lora_rank is None:
         for field in LATENT_DIMS:
             if getattr(config, field):
                 fail(field, getattr(config, field), "unset unless kv_lora_rank is set (multi-head latent attention)")
+        if "llama_4_scaling_beta" in rope:
+            fail("rope_parameters['llama_4_scaling_beta']", rope["llama_4_scaling_beta"],
+                 "unset unless kv_lora_rank is set (only multi-head latent attention reads it)")
         return
+    if "llama_4_scaling_beta" in rope:
+        beta, original = rope["llama_4_scaling_beta"], rope.get("original_max_position_embeddings")
+        if not is_finite_number(beta):
+            fail("rope_parameters['llama_4_scaling_beta']", beta, "a finite number")
+        if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+            fail("rope_parameters['original_max_position_embeddings']", original,
+                 "a positive integer with llama_4_scaling_beta (the context past which the queries are scaled)")
     for field in LATENT_DIMS[1:]:
         if getattr(config, field) is None:
             fail(field, None, "a positive integer when kv_lora_rank is set (multi-head latent attention)")
@@ -146,7 +196,7 @@ def validate_mla(config: Any, fail: Fail) -> None:
     if config.num_key_value_heads != config.num_attention_heads:
         fail("num_key_value_heads", config.num_key_value_heads, f"num_attention_heads={config.num_attention_heads} "
              "with multi-head latent attention (every head expands its own keys and values from the latent)")
-    for field in ("qkv_bias", "qk_norm", "sliding_window"):
+    for field in ("qkv_bias", "qk_norm", "sliding_window", "attention_sinks"):
         if getattr(config, field):
             fail(field, getattr(config, field), "off with multi-head latent attention (kv_lora_rank set)")
     if config.attention_multiplier is not None:
@@ -156,3 +206,31 @@ def validate_mla(config: Any, fail: Fail) -> None:
     if factor != 1.0:
         fail("rope_parameters['partial_rotary_factor']", factor,
              "1.0 with multi-head latent attention (qk_rope_head_dim is the rotated width)")
+
+
+SPARSE_ATTENTION_DIMS = ("index_topk", "index_n_heads", "index_head_dim")
+"""The sizes of DeepSeek sparse attention's lightning indexer (`hf_moe.sparse_attention`), set together."""
+
+
+def validate_sparse_attention(config: Any, fail: Fail) -> None:
+    """The DeepSeek sparse attention fields of `config` (whose multi-head latent attention fields were checked): all
+    unset, or all positive integers on multi-head latent attention with a query latent, the indexer's head at least
+    as wide as the RoPE part it rotates."""
+    if not isinstance(config.indexer_rope_interleave, bool):
+        fail("indexer_rope_interleave", config.indexer_rope_interleave, "True or False")
+    if config.index_topk is None:
+        for field in (*SPARSE_ATTENTION_DIMS[1:], "indexer_rope_interleave"):
+            if getattr(config, field):
+                fail(field, getattr(config, field), "unset unless index_topk is set (DeepSeek sparse attention)")
+        return
+    for field in SPARSE_ATTENTION_DIMS:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            fail(field, value, "a positive integer with DeepSeek sparse attention (index_topk set)")
+    if config.kv_lora_rank is None or config.q_lora_rank is None:
+        field = "kv_lora_rank" if config.kv_lora_rank is None else "q_lora_rank"
+        fail(field, None, "a positive integer with index_topk set: the indexer ranks keys for multi-head latent "
+             "attention and projects its queries from the query latent")
+    if config.index_head_dim < config.qk_rope_head_dim:
+        fail("index_head_dim", config.index_head_dim,
+             f"at least qk_rope_head_dim={config.qk_rope_head_dim} (RoPE rotates that many of its dimensions)")

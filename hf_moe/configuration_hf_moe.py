@@ -13,11 +13,14 @@ from typing import Any
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 
-from .configuration_checks import is_finite_number, validate_mla, validate_routing
-
-QK_NORM_SCOPES = ("head", "projection")
-QK_NORM_ORDERS = ("before_rope", "after_rope")
-NORM_PLACEMENTS = ("pre", "post")
+from .configuration_checks import (
+    is_finite_number,
+    validate_layer_types,
+    validate_mla,
+    validate_norms,
+    validate_routing,
+    validate_sparse_attention,
+)
 
 
 def _invalid(field: str, value: Any, expected: str) -> ValueError:
@@ -56,10 +59,18 @@ class HfMoeConfig(PretrainedConfig):
         qk_norm_order (`str`): when the per-head `qk_norm` applies: `"before_rope"` (default; Qwen3, GLM-4-MoE) or
             `"after_rope"`, on the rotated queries and keys (Hunyuan-MoE). The two differ unless both dimensions of
             every rotated pair have the same norm weight.
-        sliding_window (`int`, *optional*): attention window for every layer (Mistral); `None` = full causal.
+        sliding_window (`int`, *optional*): attention window of the sliding layers (Mistral); `None` = full causal.
+        layer_types (`list[str]`, *optional*): each layer's attention, `"full_attention"` (causal over everything)
+            or `"sliding_attention"` (within `sliding_window`), as transformers' Qwen2 / GPT-OSS configs name them;
+            `None` (default): every layer slides when `sliding_window` is set, none otherwise.
+        attention_sinks (`bool`): a learned logit per head (`sinks [num_attention_heads]`, GPT-OSS) joins each query's
+            softmax as one more column, whose value is zero: the attention weights over the keys may sum to less
+            than 1 (docs/decisions/attention-sinks.md).
         rope_parameters (`dict`, *optional*): transformers' RoPE parameters (`rope_type`, `rope_theta`, scaling).
             `partial_rotary_factor` in (0, 1] rotates only the first `int(head_dim·factor)` dimensions of each head
-            and passes the rest through unchanged (GLM-4-MoE uses 0.5).
+            and passes the rest through unchanged (GLM-4-MoE uses 0.5). `llama_4_scaling_beta` β (with
+            `original_max_position_embeddings` L; multi-head latent attention only, Mistral-Small-4) multiplies the
+            queries at position p by Llama 4's temperature `1 + β·ln(1 + ⌊p / L⌋)`.
         rope_interleave (`bool`): RoPE rotates adjacent pairs `(x0, x1), (x2, x3), …` (ERNIE-4.5's and DeepSeek's
             checkpoints) instead of the two halves of the rotated dimensions.
         kv_lora_rank (`int`, *optional*): set, the attention is multi-head latent attention (DeepSeek-V2/V3,
@@ -67,11 +78,14 @@ class HfMoeConfig(PretrainedConfig):
             expanded; then `head_dim` is the rotary width. With it: `qk_nope_head_dim`, `qk_rope_head_dim`,
             `v_head_dim` (required), a head's query/key width without and with RoPE and its value width;
             `q_lora_rank`, queries through a normed latent of that width (`None`: one `q_proj`).
+        index_topk (`int`, *optional*): set (with `kv_lora_rank` and `q_lora_rank`), DeepSeek sparse attention
+            (`hf_moe.sparse_attention`; DeepSeek-V3.2, GLM-5): a lightning indexer of `index_n_heads` heads of
+            `index_head_dim` (required with it) ranks the earlier tokens and each query attends to its `index_topk`
+            best only; `indexer_rope_interleave` rotates the indexer's adjacent pairs (GLM-5) instead of halves.
         attention_multiplier (`float`, *optional*): the attention's softmax scale; `None` (default) is
             `head_dim**-0.5` (Granite sets it, e.g. `1/head_dim`). Not with multi-head latent attention.
         embedding_multiplier (`float`): multiplies the input embeddings, those passed as `inputs_embeds` too (Granite).
-        residual_multiplier (`float`): multiplies the attention's and the MLP's outputs before each is added to the
-            residual stream (Granite).
+        residual_multiplier (`float`): multiplies each sublayer's output before the residual add (Granite).
         logits_scaling (`float`): the causal LM's logits are divided by it (Granite).
         norm_placement (`str`): where a layer's RMSNorms sit: `"pre"` (default; Llama), on the attention's and the
             MLP's inputs (`input_layernorm`, `post_attention_layernorm`); `"post"` (OLMo-2, FlexOlmo), on their
@@ -131,10 +145,10 @@ class HfMoeConfig(PretrainedConfig):
     model_type = "hf_moe"
     keys_to_ignore_at_inference = ["past_key_values"]
 
-    # transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")`): attention shards by head, every
-    # SwiGLU MLP (dense, shared experts, each routed expert) by its intermediate dimension, and each of them
-    # all-reduces its output. The router and `shared_expert_gate` stay replicated: they read the replicated residual
-    # stream and every rank needs their whole output. `q_norm`/`k_norm` see only this rank's heads, so their
+    # transformers' tensor parallelism (`from_pretrained(..., tp_plan="auto")`): attention shards by head (its sinks
+    # too), every SwiGLU MLP (dense, shared experts, each routed expert) by its intermediate dimension, and each of
+    # them all-reduces its output. The router and `shared_expert_gate` stay replicated: they read the replicated
+    # residual stream and every rank needs their whole output. `q_norm`/`k_norm` see only this rank's heads, so their
     # gradients are summed over the ranks; so are those of MLA's shared RoPE key, which skips the sharded `kv_b_proj`.
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
@@ -146,6 +160,7 @@ class HfMoeConfig(PretrainedConfig):
         "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
         "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.self_attn.sinks": "colwise",
         "layers.*.mlp.gate_proj": "colwise",
         "layers.*.mlp.up_proj": "colwise",
         "layers.*.mlp.down_proj": "rowwise",
@@ -181,12 +196,18 @@ class HfMoeConfig(PretrainedConfig):
     qk_norm_scope: str = "head"
     qk_norm_order: str = "before_rope"
     sliding_window: int | None = None
+    layer_types: list[str] | None = None
+    attention_sinks: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int | None = None
     qk_nope_head_dim: int | None = None
     qk_rope_head_dim: int | None = None
     v_head_dim: int | None = None
     rope_interleave: bool = False
+    index_topk: int | None = None
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    indexer_rope_interleave: bool = False
     attention_multiplier: float | None = None
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
@@ -243,6 +264,11 @@ class HfMoeConfig(PretrainedConfig):
             self.head_dim = self.qk_rope_head_dim  # MLA: the rotary width, as transformers' DeepseekV3Config has it
         if self.rope_parameters is not None and not isinstance(self.rope_parameters, dict):
             raise _invalid("rope_parameters", self.rope_parameters, "None or a dict such as {'rope_type': 'default'}")
+        if self.layer_types is not None and not isinstance(self.layer_types, (list, tuple)):
+            # checked before transformers' post-init, which would read a string as a list of characters
+            raise _invalid("layer_types", self.layer_types, "None or a list of attention types, one per layer")
+        if isinstance(self.layer_types, tuple):
+            self.layer_types = list(self.layer_types)  # as config.json gives it back
         super().__post_init__(**kwargs)
         self._validate()
         # Resolved here (as LlamaConfig does), so code reading `config.head_dim` (cache sizing, transformers' tests,
@@ -254,6 +280,14 @@ class HfMoeConfig(PretrainedConfig):
     def is_mla(self) -> bool:
         """Whether the attention is multi-head latent attention (`kv_lora_rank` is set)."""
         return self.kv_lora_rank is not None
+
+    @property
+    def attention_layer_types(self) -> list[str]:
+        """Each layer's attention type: `layer_types`, or (when None) `"sliding_attention"` on every layer if
+        `sliding_window` is set and `"full_attention"` otherwise."""
+        if self.layer_types is not None:
+            return list(self.layer_types)
+        return ["full_attention" if self.sliding_window is None else "sliding_attention"] * self.num_hidden_layers
 
     @property
     def moe_layer_indices(self) -> list[int]:
@@ -302,7 +336,8 @@ class HfMoeConfig(PretrainedConfig):
         if not is_finite_number(self.attention_dropout) or not 0.0 <= self.attention_dropout < 1.0:
             fail("attention_dropout", self.attention_dropout, "a probability in [0, 1) (a number, not a string)")
         for field in ("use_cache", "tie_word_embeddings", "attention_bias", "qkv_bias", "qk_norm",
-                      "shared_expert_gate", "output_router_logits", "rope_interleave", "gated_experts"):
+                      "shared_expert_gate", "output_router_logits", "rope_interleave", "gated_experts",
+                      "attention_sinks"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, getattr(self, field), "True or False")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
@@ -329,21 +364,10 @@ class HfMoeConfig(PretrainedConfig):
         scale = self.attention_multiplier
         if scale is not None and (not is_finite_number(scale) or scale <= 0):
             fail("attention_multiplier", scale, "a positive finite number or None")
-        if self.norm_placement not in NORM_PLACEMENTS:
-            fail("norm_placement", self.norm_placement, f"one of {NORM_PLACEMENTS}")
-        if self.qk_norm_scope not in QK_NORM_SCOPES:
-            fail("qk_norm_scope", self.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
-        if self.qk_norm_scope != "head" and not self.qk_norm:
-            fail("qk_norm_scope", self.qk_norm_scope, "'head' (the default) unless qk_norm=True")
-        if self.qk_norm_order not in QK_NORM_ORDERS:
-            fail("qk_norm_order", self.qk_norm_order, f"one of {QK_NORM_ORDERS}")
-        if self.qk_norm_order == "after_rope" and (not self.qk_norm or self.qk_norm_scope != "head"):
-            fail("qk_norm_order", self.qk_norm_order, "'before_rope' (the default) unless qk_norm=True with "
-                 "qk_norm_scope='head'")
-        if self.qk_norm_order == "after_rope" and self.rope_interleave:
-            # RoPE on adjacent pairs leaves a head's dimensions regrouped as halves, which a norm weight would not fit.
-            fail("qk_norm_order", self.qk_norm_order, "'before_rope' with rope_interleave=True")
+        validate_norms(self, fail)
+        validate_layer_types(self, fail)
         validate_mla(self, fail)
+        validate_sparse_attention(self, fail)
         self._validate_partial_rotary(fail)
         if self.shared_expert_gate and self.shared_expert_size == 0:
             fail("shared_expert_gate", True, "False when there is no shared expert (num_shared_experts=0)")

@@ -1,7 +1,7 @@
 """The hf-moe decoder: a Llama/Mistral/Qwen2/Qwen3-compatible transformer whose MLPs may be mixtures of experts.
 
-Attention, RoPE and RMSNorm (`hf_moe.attention`), masks and the KV cache come from transformers; the MoE block is
-`hf_moe.moe.block.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
+Attention, RoPE, RMSNorm and each layer type's mask (`hf_moe.attention`) and the KV cache come from transformers; the
+MoE block is `hf_moe.moe.block.HfMoeSparseMoeBlock`, whose experts use transformers' experts-implementation interface.
 """
 
 from __future__ import annotations
@@ -14,13 +14,19 @@ from torch import nn
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import CompileConfig, GenerationMixin
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .attention import HfMoeAttention, HfMoeRMSNorm, HfMoeRotaryEmbedding, inference_sdpa_backends
+from .attention import (
+    HfMoeAttention,
+    HfMoeRMSNorm,
+    HfMoeRotaryEmbedding,
+    causal_masks,
+    inference_sdpa_backends,
+    masks_for_generate,
+)
 from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig, decode_graphs
 from .mla import HfMoeMultiHeadLatentAttention
@@ -34,11 +40,13 @@ from .moe.router.topk import HfMoeRouter
 
 
 class HfMoeDecoderLayer(GradientCheckpointingLayer):
-    """Decoder layer: attention, then a dense MLP or an MoE block, each a residual branch `x + m·f(norm(x))`
-    (`norm_placement="pre"`) or `x + m·norm(f(x))` (`"post"`), `m` the `residual_multiplier`."""
+    """Decoder layer: attention (of `attention_type`, which picks the layer's mask), then a dense MLP or an MoE
+    block, each a residual branch `x + m·f(norm(x))` (`norm_placement="pre"`) or `x + m·norm(f(x))` (`"post"`), `m`
+    the `residual_multiplier`."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
+        self.attention_type = config.attention_layer_types[layer_idx]
         attention = HfMoeMultiHeadLatentAttention if config.is_mla else HfMoeAttention
         self.self_attn = attention(config, layer_idx)
         if layer_idx in config.moe_layer_indices:
@@ -171,6 +179,13 @@ class HfMoePreTrainedModel(PreTrainedModel):
             init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, HfMoeRouter):
             module.initialize(std)
+        elif isinstance(module, HfMoeAttention) and module.sinks is not None:
+            init.normal_(module.sinks, mean=0.0, std=std)
+
+    @property
+    def supports_context_parallel(self) -> bool:
+        """transformers' rule, and no attention sinks: context parallelism runs SDPA, which has none."""
+        return super().supports_context_parallel and not self.config.attention_sinks
 
 
 def _refuse_partial_moe_load(model: nn.Module, info: dict, path) -> None:
@@ -190,7 +205,7 @@ def _refuse_partial_moe_load(model: nn.Module, info: dict, path) -> None:
 
 def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
     """Flat `[B·S]` bool mask of real tokens of the current step from a 2D padding mask, else `None`."""
-    if attention_mask is None or attention_mask.dim() != 2:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
         return None
     return attention_mask[:, -seq_len:].bool().reshape(-1)
 
@@ -235,14 +250,7 @@ class HfMoeModel(HfMoePreTrainedModel):
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
-        )
+        masks = causal_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
         token_mask = _token_mask(attention_mask, inputs_embeds.shape[1])
 
         multiplier = self.embedding_multiplier
@@ -252,7 +260,7 @@ class HfMoeModel(HfMoePreTrainedModel):
             for layer in self.layers:
                 hidden_states = layer(
                     hidden_states,
-                    attention_mask=causal_mask,
+                    attention_mask=masks[layer.attention_type],
                     position_ids=position_ids,
                     past_key_values=past_key_values,
                     position_embeddings=position_embeddings,
@@ -350,6 +358,9 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         return output if return_dict else output.to_tuple()
+
+    # generate's masks for a static cache are forward's (transformers' own function cannot read layer_types=None)
+    create_masks_for_generate = staticmethod(masks_for_generate)
 
     def get_compiled_call(self, compile_config: CompileConfig | None) -> Callable:
         """transformers' compiled forward for static-cache decoding, or with `compile_config=CUDAGraphConfig()` the

@@ -1,4 +1,7 @@
-"""SDPA backend choice of the hf-moe attention on CUDA (skipped without a GPU)."""
+"""SDPA backend choice of the hf-moe attention on CUDA, attention sinks and mixed full / sliding layers on CUDA's
+kernels (skipped without a GPU)."""
+
+import copy
 
 import pytest
 import torch
@@ -6,7 +9,7 @@ import torch.nn.functional as F
 
 from hf_moe import HfMoeForCausalLM
 
-from .conftest import tiny_config
+from .conftest import assert_rel_close, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -74,3 +77,39 @@ def test_cuda_rms_norm_is_one_fused_operator_with_float64_outputs_and_gradients(
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     for got, want in ((out, expected), (wide.grad[..., :256], x64.grad), (norm.weight.grad, w64.grad)):
         assert ((got.double() - want).norm() / want.norm()).item() < tol
+
+
+@pytest.mark.parametrize("attn_implementation,dtype,tol", [
+    ("sdpa", torch.bfloat16, 5e-2), ("sdpa", torch.float32, 1e-4), ("eager", torch.float32, 1e-4),
+    ("flex_attention", torch.float32, 1e-4),
+])
+def test_cuda_sinks_with_mixed_layers_equal_the_float64_model(attn_implementation, dtype, tol):
+    """A left-padded batch through a model with sinks, a sliding and a full layer: hf-moe's sink softmax (eager,
+    sdpa) and transformers' flex attention with `s_aux` on CUDA compute the float64 CPU model's logits; in float32 a
+    static cache decodes the same tokens and logits as the dynamic one."""
+    torch.manual_seed(0)
+    config = tiny_config(hidden_size=64, head_dim=16, attention_sinks=True, attention_bias=True, sliding_window=3,
+                         layer_types=["sliding_attention", "full_attention"], attn_implementation="eager")
+    reference = HfMoeForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in reference.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)
+    model = copy.deepcopy(reference).to("cuda", dtype)
+    model.set_attn_implementation(attn_implementation)
+    reference.double()
+    ids = torch.randint(1, config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        want = reference(ids, attention_mask=mask).logits
+        got = model(ids.cuda(), attention_mask=mask.cuda()).logits.cpu()
+    assert_rel_close(got[0, 2:], want[0, 2:], tol, "left-padded row")
+    assert_rel_close(got[1], want[1], tol, "unpadded row")
+    if attn_implementation == "flex_attention" or dtype != torch.float32:  # bf16 greedy may rightly flip a near-tie
+        return
+    kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    dynamic = model.generate(ids.cuda(), **kwargs)
+    static = model.generate(ids.cuda(), cache_implementation="static", disable_compile=True, **kwargs)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert_rel_close(torch.stack(static.logits), torch.stack(dynamic.logits), 1e-5, "static vs dynamic cache")

@@ -76,6 +76,15 @@ BAD_FIELDS = [
     (dict(shared_expert_gate=1, num_shared_experts=1), "shared_expert_gate", "True or False"),
     (dict(output_router_logits=1), "output_router_logits", "True or False"),
     (dict(rope_parameters="linear"), "rope_parameters", "None or a dict"),
+    (dict(layer_types=["full_attention"]), "layer_types", "list of num_hidden_layers=2 attention types"),
+    (dict(layer_types=["full_attention", "chunked_attention"], sliding_window=4), "layer_types",
+     "(bad: 'chunked_attention')"),
+    (dict(layer_types=["sliding_attention", "full_attention"]), "layer_types", "unless sliding_window is set"),
+    (dict(layer_types="sliding_attention", sliding_window=4), "layer_types", "list of attention types"),
+    (dict(attention_sinks=1), "attention_sinks", "True or False"),
+    (dict(attention_sinks=True, kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4,
+          num_key_value_heads=4),
+     "attention_sinks", "off with multi-head latent attention"),
 ]
 
 
@@ -95,6 +104,13 @@ def test_partial_rotary_factor_is_validated(factor, expected):
     with pytest.raises(ValueError, match=r"partial_rotary_factor'\]=" + repr(factor)[:3]) as info:
         tiny_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": factor})
     assert expected in str(info.value)
+
+
+def test_layer_types_default_to_today_s_sliding_window_rule():
+    assert tiny_config().attention_layer_types == ["full_attention"] * 2
+    assert tiny_config(sliding_window=4).attention_layer_types == ["sliding_attention"] * 2
+    mixed = ["full_attention", "sliding_attention"]
+    assert tiny_config(sliding_window=4, layer_types=mixed).attention_layer_types == mixed
 
 
 def test_moe_layer_selection():

@@ -15,6 +15,7 @@ pytestmark = requires_cuda
 CONFIGS = {
     "topk": {},
     "shared_expert": {"num_shared_experts": 1, "shared_expert_gate": True},
+    "sinks": {"attention_sinks": True, "attention_bias": True},  # GPT-OSS's attention on full layers
     "product_key": {"router_type": "product_key", "num_experts": 49, "num_experts_per_tok": 5,
                     "moe_intermediate_size": 1, "gated_experts": False, "hidden_act": "relu2"},
     "mla": {"num_key_value_heads": 4, "kv_lora_rank": 12, "q_lora_rank": 10, "qk_rope_head_dim": 4, "v_head_dim": 6,

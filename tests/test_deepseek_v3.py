@@ -206,6 +206,12 @@ def test_mla_model_saves_and_loads_back(tmp_path):
          "num_attention_heads=4"),
         ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "num_key_value_heads": 4,
           "qk_norm": True}, "qk_norm", "off with multi-head latent attention"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "llama_4_scaling_beta": 0.1,
+                              "original_max_position_embeddings": 4}}, r"rope_parameters\['llama_4_scaling_beta'\]",
+         "unset unless kv_lora_rank"),
+        ({"kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8, "num_key_value_heads": 4,
+          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "llama_4_scaling_beta": 0.1}},
+         r"rope_parameters\['original_max_position_embeddings'\]", "a positive integer with llama_4_scaling_beta"),
     ],
 )
 def test_bad_mla_field_is_refused_with_a_clear_error(overrides, field, expected):

@@ -296,10 +296,12 @@ def test_float8_tensors_without_quantization_config_are_refused(saved, tmp_path)
 
 
 @pytest.mark.parametrize("name,refused", [("deepseek-v3", None), ("deepseek-r1", None),
-                                          ("glm-4.7", "quant_method='modelopt'")])
+                                          ("glm-4.7", "quant_method='modelopt'"),
+                                          ("deepseek-v3.2", "scale_fmt='ue8m0'")])
 def test_released_quantization_configs(tmp_path, name, refused):
     """DeepSeek-V3's and R1's own config.json, FP8 `quantization_config` included, map to an unquantized
-    bfloat16 HfMoeConfig; GLM-4.7's NVFP4 (modelopt) release is refused naming its method."""
+    bfloat16 HfMoeConfig; GLM-4.7's NVFP4 (modelopt) release is refused naming its method, DeepSeek-V3.2's FP8 one
+    naming its `scale_fmt`."""
     (tmp_path / "config.json").write_text((CONFIGS / f"{name}.json").read_text())
     config = AutoConfig.from_pretrained(tmp_path)
     family = FAMILIES[config.model_type]

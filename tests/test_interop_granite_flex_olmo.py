@@ -9,7 +9,7 @@ import pytest
 from hf_moe import HfMoeForCausalLM
 from hf_moe.interop import InteropError
 
-from .test_interop import export_by_auto
+from .test_interop_exports import export_by_auto
 
 GRANITE = dict(embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=6.0, tie_word_embeddings=True)
 FLEX_OLMO = dict(norm_placement="post", qk_norm=True, qk_norm_scope="projection", head_dim=16, norm_topk_prob=False)

@@ -1,7 +1,8 @@
 """The config.json files of released MoE checkpoints (`tests/data/configs/`, sources in its SOURCES.md) import: each
 is read by transformers' own class and mapped to an `HfMoeConfig`, and a tiny model of the same config (every size
 shrunk, every ratio and feature flag kept: groups, partial rotary, q/k norm, shared experts, dense first layers, MLA
-ranks, YaRN) computes, loaded by hf-moe, the logits transformers' class computes from the same random weights.
+ranks, YaRN, sparse attention) computes, loaded by hf-moe, the logits transformers' class computes from the same random
+weights.
 
 A `quantization_config` (DeepSeek-R1's FP8, GLM-4.7's NVFP4) is dropped here: these tests are about the
 architecture; FP8 checkpoints and these configs' quantization are tested in `tests/test_interop_fp8.py`."""
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.hunyuan_v1_moe.modeling_hunyuan_v1_moe import HunYuanMoEV1RotaryEmbedding
 
+from conversions import convert
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRotaryEmbedding
 from hf_moe.interop import FAMILIES, InteropError, to_hf_moe_config
@@ -29,7 +31,7 @@ VOCAB = 64
 # field → its tiny value; ratios that matter are kept by `shrink` below.
 _TINY = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
          "max_position_embeddings": 64, "q_lora_rank": 12, "kv_lora_rank": 10, "qk_nope_head_dim": 8,
-         "qk_rope_head_dim": 4, "v_head_dim": 6}
+         "qk_rope_head_dim": 4, "v_head_dim": 6, "index_topk": 4, "index_n_heads": 4, "index_head_dim": 8}
 _EXPERT_COUNTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 _TOP_K = ("num_experts_per_tok", "moe_k", "moe_topk")
 _PER_LAYER = ("moe_topk", "moe_intermediate_size", "num_shared_expert")  # Hunyuan's lists, one entry per layer
@@ -55,7 +57,8 @@ def top_k(config: dict) -> int:
 def shrink(config: dict) -> dict:
     """A tiny config with the same features: sizes shrunk, while dense first layers, group-limited routing (fewer
     groups kept than exist), GQA versus MHA, shared experts' width relative to a routed expert, the rotated share of a
-    head and YaRN's factor are kept."""
+    head, YaRN's factor and a sparse attention indexer's selection (4 of the test batch's 11 keys; the rotated half of
+    its head) are kept."""
     tiny = dict(config)
     tiny.update({k: v for k, v in _TINY.items() if tiny.get(k) is not None})
     dense = 1 if config.get("first_k_dense_replace") or config.get("moe_layer_start_index") else 0
@@ -79,6 +82,8 @@ def shrink(config: dict) -> dict:
             tiny["rotary_dim"] = 16 * config["rotary_dim"] // config["head_dim"]
         if "attention_head_dim" in config:
             tiny["attention_head_dim"] = 16
+    if "expert_hidden_dim" in config:  # Hy3's second name for the routed experts' width
+        tiny["expert_hidden_dim"] = tiny["moe_intermediate_size"]
     if "org_vocab_size" in config:
         tiny["org_vocab_size"] = VOCAB
     if config.get("shared_expert_intermediate_size"):
@@ -164,6 +169,12 @@ def test_tiny_model_of_real_config_computes_what_transformers_computes(tmp_path,
     ("hunyuan-a13b", {"use_cla": True}, "use_cla=True"),
     ("hunyuan-a13b", {"moe_drop_tokens": True}, "moe_drop_tokens=True"),
     ("hunyuan-a13b", {"attention_head_dim": 64}, "attention_head_dim=64"),
+    ("deepseek-v3.2", {"indexer_rope_interleave": True}, "indexer_rope_interleave=True"),
+    ("glm-5.1", {"rope_interleave": False}, "rope_interleave=False"),
+    ("glm-5.1", {"index_topk_freq": 4, "index_skip_topk_offset": 3},
+     "indexer_types=\\['full', 'full', 'full', 'shared'"),
+    ("hy3", {"first_k_dense_replace": 3}, "first_k_dense_replace=3"),
+    ("hy3", {"moe_router_use_sigmoid": False}, "moe_router_use_sigmoid=False"),
 ])
 def test_real_config_saying_other_than_transformers_computes_is_refused(tmp_path, name, changes, named):
     """The checkpoint's own fields that transformers' class does not read are still checked against what it
@@ -204,3 +215,19 @@ def test_hunyuan_ntk_alpha_rope_is_plain_rope_over_the_stretched_base(tmp_path):
         gap = max((e - g).abs().max().item() for e, g in zip(reference(x, positions), ours(x, positions), strict=True))
         fixed = within or reference.rope_type != "dynamic"  # 5.23 names it "ntk_alpha" and never recomputes it
         assert (gap < 1e-6) == fixed, f"positions {positions.tolist()}: cos/sin differ by {gap}"
+
+
+def test_an_hf_moe_model_of_hy3_shape_exports_by_auto_to_dots1(tmp_path):
+    """Hy3's release (one dense layer, then MoE; no attention bias) is also a dots.llm1 model: an hf-moe checkpoint of
+    it goes to dots1 by `--to auto` (registered earlier), whose class computes the same logits, while the Hy3 folder
+    itself keeps its family."""
+    config = AutoConfig.from_pretrained(write(shrink(real_config("hy3")), tmp_path / "config"))
+    reference = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize(reference)
+    reference.save_pretrained(tmp_path / "hy3")
+    assert convert(tmp_path / "hy3", tmp_path / "same", to="auto", progress=False).target_type == "hy_v3"
+    convert(tmp_path / "hy3", tmp_path / "hf", progress=False)
+    assert convert(tmp_path / "hf", tmp_path / "dots1", to="auto", progress=False).target_type == "dots1"
+    ids, mask = batch()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "dots1")
+    assert_rel_close(logits(exported, ids, mask), logits(reference.eval(), ids, mask), 1e-5, "hy3 as dots1")

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -37,9 +38,12 @@ def run_tensor_parallel(tmp_path, config) -> tuple[torch.Tensor, list[dict]]:
 
 
 def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
-    # The vocabulary divides by the ranks: transformers 5.17 gathers a colwise lm_head only in equal chunks.
+    # The vocabulary divides by the ranks: transformers 5.17 gathers a colwise lm_head only in equal chunks. The
+    # attention sinks are sharded by head with the heads.
     config = tiny_config(first_k_dense=1, num_hidden_layers=3, num_shared_experts=1, shared_expert_gate=True,
-                         qk_norm=True, attention_bias=True, router_aux_loss_coef=0.05, vocab_size=96)
+                         qk_norm=True, attention_bias=True, router_aux_loss_coef=0.05, vocab_size=96,
+                         attention_sinks=True, sliding_window=5,
+                         layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     batch, ranks = run_tensor_parallel(tmp_path, config)
 
     reference = HfMoeForCausalLM.from_pretrained(tmp_path / "model")
@@ -80,9 +84,13 @@ def test_tp_plan_auto_shards_experts_and_equals_one_process(tmp_path):
         assert torch.equal(saved[name], tensor), f"saved under TP: {name} differs from the checkpoint"
 
 
-def test_tp_plan_auto_shards_multi_head_latent_attention_by_head_and_equals_one_process(tmp_path):
+@pytest.mark.parametrize("sparse", [{}, dict(index_topk=3, index_n_heads=4, index_head_dim=8)],
+                         ids=["mla", "sparse_attention"])
+def test_tp_plan_auto_shards_multi_head_latent_attention_by_head_and_equals_one_process(tmp_path, sparse):
+    """MLA sharded by head, and with a lightning indexer (replicated, without gradients, as in one process) keeping 3
+    of the 12 keys."""
     config = tiny_config(num_hidden_layers=1, vocab_size=96, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10,
-                         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, rope_interleave=True)
+                         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=8, rope_interleave=True, **sparse)
     batch, ranks = run_tensor_parallel(tmp_path, config)
     reference = HfMoeForCausalLM.from_pretrained(tmp_path / "model").train()
     reference.set_experts_implementation("eager")
@@ -94,4 +102,7 @@ def test_tp_plan_auto_shards_multi_head_latent_attention_by_head_and_equals_one_
         got = tp["eager"]
         assert_rel_close(got["logits"], out.logits.detach(), 1e-5, f"logits, rank {r}")
         for name, param in reference.named_parameters():  # the latent projections' and norms' gradients are whole
+            if param.grad is None:  # the indexer's
+                assert ".indexer." in name and name not in got["grads"], name
+                continue
             assert_rel_close(got["grads"][name], param.grad, 1e-5, f"grad of {name}, rank {r}")

@@ -4,7 +4,8 @@
 
 Loads WORKDIR/model with transformers' own tensor parallelism (`tp_plan="auto"`), then for each experts
 implementation runs WORKDIR/batch.pt forward and backward in training mode (labels, load-balancing and z losses);
-writes each parameter's layout and local shard, the logits, the loss and the whole gradients (DTensors gathered) to
+writes each parameter's layout and local shard, the logits, the loss and the whole gradients (DTensors gathered; none
+for parameters without one, as a sparse attention indexer) to
 WORKDIR/tp<rank>.pt, and saves the model back to WORKDIR/saved.
 """
 
@@ -46,7 +47,7 @@ def main(workdir: str) -> None:
         result[implementation] = {
             "logits": out.logits.detach().clone(),
             "loss": out.loss.detach().clone(),
-            "grads": {n: whole(p.grad) for n, p in model.named_parameters()},
+            "grads": {n: whole(p.grad) for n, p in model.named_parameters() if p.grad is not None},
         }
     model.save_pretrained(os.path.join(workdir, "saved"))
     torch.save(result, os.path.join(workdir, f"tp{rank}.pt"))

@@ -1,5 +1,6 @@
 """A foreign checkpoint folder: its family, its config read by transformers' own class, the equivalent `HfMoeConfig`,
-and reading hf-moe tensors (or one rank's expert rows of them) out of its files, FP8 ones dequantized (`fp8`)."""
+and reading hf-moe tensors (or one rank's expert rows of them) out of its files, FP8 ones dequantized (`fp8`). A
+vision-language checkpoint around a family's language model (`wrappers`) is read as that language model."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from ..configuration_hf_moe import HfMoeConfig
 from .family import FAMILIES, InteropError, MoeFamily
 from .fp8 import FLOAT_DTYPES, Fp8Blocks, compute_dtype, fp8_blocks, read_dequantized, scale_pairs
 from .plan import TensorPlan, check_against, tensor_plans
+from .wrappers import WRAPPERS, LanguageModelTensors
 
 # config.json fields that tell a loader where to find code, not what the model computes: `auto_map` names the
 # checkpoint's own classes for `trust_remote_code`; hf-moe reads the config with transformers' class, as AutoConfig
@@ -25,14 +27,20 @@ _LOADER_FIELDS = frozenset({"auto_map"})
 
 
 def checkpoint_model_type(path: str | os.PathLike) -> str | None:
-    """The `model_type` in a local folder's config.json (None when it is no local folder with one)."""
+    """The `model_type` hf-moe reads a local folder as (None when it is no local folder with a config.json): its
+    config.json's, or for a vision-language checkpoint around a family's language model (`wrappers.WRAPPERS`), that
+    family's; refuses such a checkpoint whose text model is no family's."""
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         return None
     try:
-        return json.loads(config_path.read_text()).get("model_type")
+        config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise InteropError(f"{config_path} is not valid JSON ({err}).") from err
+    wrapper = WRAPPERS.get(config.get("model_type"))
+    if wrapper is None:
+        return config.get("model_type")
+    return wrapper.family_type((config.get("text_config") or {}).get("model_type"))
 
 
 def unhandled_fields(family: MoeFamily, cfg: PretrainedConfig) -> dict[str, Any]:
@@ -72,7 +80,7 @@ class ForeignCheckpoint:
     path: Path
     family: MoeFamily
     config: PretrainedConfig
-    reader: SafetensorsReader
+    reader: SafetensorsReader | LanguageModelTensors
     blocks: Fp8Blocks | None = None
     scales: dict[str, str] = field(default_factory=dict)
 
@@ -83,9 +91,12 @@ class ForeignCheckpoint:
             raise InteropError(f"{path}: model_type={model_type!r} is not a family hf-moe imports; supported: "
                                f"{', '.join(sorted(FAMILIES))}.")
         config = AutoConfig.from_pretrained(path)
-        blocks = fp8_blocks(config)
         reader = SafetensorsReader(path)
-        return cls(Path(path), FAMILIES[model_type], config, reader, blocks, scale_pairs(blocks, reader.tensors, path))
+        family = FAMILIES[model_type]
+        if config.model_type in WRAPPERS:  # a vision-language checkpoint: its language model
+            family, config, reader = WRAPPERS[config.model_type].language_model(config, reader)
+        blocks = fp8_blocks(config)
+        return cls(Path(path), family, config, reader, blocks, scale_pairs(blocks, reader.tensors, path))
 
     def hf_moe_config(self, **overrides: Any) -> HfMoeConfig:
         return to_hf_moe_config(self.family, self.config, **overrides)
@@ -97,7 +108,7 @@ class ForeignCheckpoint:
         family = self.family
         if any(f".{family.fused_moe_module}.{family.experts}." in name for name in fused):
             family = replace(family, moe_module=family.fused_moe_module)  # a state dict saved as transformers holds it
-        plans = tensor_plans(family, expected, config.moe_layer_indices, fused)
+        plans = tensor_plans(family, expected, config.moe_layer_indices, have)
         ignored = (lambda name: self.family.ignored(self.config, name)) if self.family.ignored else (lambda name: False)
         check_against(plans, self.family, have, str(self.path), config.tie_word_embeddings, ignored)
         wanted = {name for plan in plans for name in plan.foreign_names}

@@ -63,9 +63,10 @@ class MoeFamily:
     expert_bias_as_row: bool = False
     """The expert bias is saved as one `[1, E]` row (ERNIE-4.5's, one row per expert group) rather than `[E]`."""
     fused_experts: tuple[str, str] | None = None
-    """The family saves its routed experts fused only, as these two tensors of the MoE module, `[E, 2I, H]` (each
-    expert's gate rows, then its up rows) and `[E, H, I]` (Granite's `input_linear.weight`, `output_linear.weight`):
-    they are read and written so, never per expert."""
+    """transformers saves this family's routed experts fused, as these two tensors of the MoE module: `[E, 2I, H]`
+    (each expert's gate rows, then its up rows) and `[E, H, I]` (Mistral 4's `experts.gate_up_proj` /
+    `experts.down_proj`, Granite's `input_linear.weight` / `output_linear.weight`). An export writes them so; an
+    import reads them so wherever a checkpoint has these names, per expert otherwise (`fused_names`)."""
     shared_expert_names: ExpertNames = ExpertNames()
     """The shared experts' projections; `gate == up` names one tensor holding both, the gate's rows first (Granite's
     `input_linear`)."""
@@ -81,6 +82,13 @@ class MoeFamily:
     def foreign_config(self, **kwargs: Any) -> PretrainedConfig:
         """The family's transformers config class built from `kwargs` (validated by transformers)."""
         return AutoConfig.for_model(self.model_type, **kwargs)
+
+    def fused_names(self, layer: int) -> tuple[str, str]:
+        """The foreign names of MoE layer `layer`'s fused routed experts `[E, 2I, H]`, `[E, H, I]`: `fused_experts`,
+        else transformers' in-memory `{experts}.gate_up_proj` / `{experts}.down_proj`, which any family imports."""
+        gate_up, down = self.fused_experts or (f"{self.experts}.gate_up_proj", f"{self.experts}.down_proj")
+        prefix = f"model.layers.{layer}.{self.moe_module}."
+        return prefix + gate_up, prefix + down
 
     def foreign_name(self, name: str, moe_layers: set[int]) -> str:
         """The foreign name of the hf-moe tensor `name` (the routed experts excluded: see `hf_moe.interop.plan`)."""
@@ -136,11 +144,12 @@ COMMON_HANDLED = frozenset(COMMON_FIELDS) | {"rope_parameters", "rope_scaling", 
 
 
 def common_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    """The fields every family shares, plus RoPE and the resolved `head_dim`."""
+    """The fields every family shares, plus RoPE and the resolved `head_dim`. Llama 4's query temperature
+    (`rope_parameters["llama_4_scaling_beta"]`) is left out: only the families whose class reads it map it."""
     fields = {name: getattr(cfg, name) for name in COMMON_FIELDS if name != "attention_dropout"}
     fields["attention_dropout"] = getattr(cfg, "attention_dropout", 0.0)  # ERNIE-4.5 has none: it never drops
     fields["head_dim"] = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    rope = dict(cfg.rope_parameters or {})
+    rope = {k: v for k, v in (cfg.rope_parameters or {}).items() if k != "llama_4_scaling_beta"}
     if "partial_rotary_factor" not in rope and getattr(cfg, "partial_rotary_factor", None) is not None:
         rope["partial_rotary_factor"] = cfg.partial_rotary_factor  # versions that keep it beside rope_parameters
     fields["rope_parameters"] = rope
@@ -161,6 +170,28 @@ def refuse(family: str, field_name: str, value: Any, why: str) -> InteropError:
     return InteropError(f"{family}: {field_name}={value!r} cannot be expressed exactly: {why}.")
 
 
+def attention_layers_to_hf_moe(family: str, layer_types: list[str], sliding_window: int | None) -> dict[str, Any]:
+    """`sliding_window` and `layer_types` of an hf-moe config from a foreign config's per-layer attention types (as
+    its class resolved them) and window: `layer_types` only where the layers mix full and sliding attention, no
+    window where no layer slides."""
+    types = list(layer_types)
+    unknown = [t for t in types if t not in ("full_attention", "sliding_attention")]
+    if unknown:
+        raise refuse(family, "layer_types", types,
+                     f"hf-moe's layers attend to everything or within a sliding window (not {unknown[0]!r})")
+    if "sliding_attention" not in types:
+        return {"sliding_window": None, "layer_types": None}
+    if not sliding_window:
+        raise refuse(family, "sliding_window", sliding_window,
+                     f"layer_types={types} names sliding layers, whose mask a window of {sliding_window!r} empties")
+    return {"sliding_window": sliding_window, "layer_types": types if "full_attention" in types else None}
+
+
+def sliding_layers(cfg: HfMoeConfig) -> list[int]:
+    """The indices of an hf-moe config's sliding-window layers."""
+    return [i for i, kind in enumerate(cfg.attention_layer_types) if kind == "sliding_attention"]
+
+
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
@@ -176,6 +207,24 @@ def dense_and_moe_layers(cfg: HfMoeConfig) -> tuple[list[int], list[int]]:
     """(dense layer indices, MoE layer indices) of an hf-moe config."""
     moe = cfg.moe_layer_indices
     return [i for i in range(cfg.num_hidden_layers) if i not in moe], moe
+
+
+def moe_layers_from_types(family: str, cfg: PretrainedConfig, class_name: str) -> list[int]:
+    """The MoE layers of a config that names each layer's MLP (`mlp_layer_types`, `"sparse"` or `"dense"`); a
+    `first_k_dense_replace` beside it (the authors' field, which transformers' class ignores) must name the same."""
+    moe = [i for i, kind in enumerate(cfg.mlp_layer_types) if kind == "sparse"]
+    first_dense = getattr(cfg, "first_k_dense_replace", None)
+    if first_dense is not None and moe != list(range(first_dense, cfg.num_hidden_layers)):
+        raise refuse(family, "first_k_dense_replace", first_dense,
+                     f"transformers' {class_name} ignores it and takes its MoE layers from mlp_layer_types="
+                     f"{cfg.mlp_layer_types}, so the checkpoint's own code and transformers' disagree")
+    return moe
+
+
+def mlp_layer_types(cfg: HfMoeConfig) -> list[str]:
+    """An hf-moe config's MoE layers as `mlp_layer_types` (`"sparse"` / `"dense"` per layer)."""
+    moe = set(cfg.moe_layer_indices)
+    return ["sparse" if i in moe else "dense" for i in range(cfg.num_hidden_layers)]
 
 
 MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -304,12 +353,14 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
     grouped = cfg.n_group is not None and cfg.topk_group < cfg.n_group  # a group limit that keeps every group is none
     sig = {name: getattr(cfg, name) for name in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-        "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "qk_norm", "router_type",
+        "hidden_act", "rms_norm_eps", "tie_word_embeddings", "sliding_window", "attention_sinks", "qk_norm",
+        "router_type",
         "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
         "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-        "v_head_dim", "rope_interleave", "embedding_multiplier", "residual_multiplier", "logits_scaling",
-        "norm_placement")}
+        "v_head_dim", "rope_interleave", "index_topk", "index_n_heads", "index_head_dim", "indexer_rope_interleave",
+        "embedding_multiplier", "residual_multiplier", "logits_scaling", "norm_placement")}
     sig.update(
+        sliding_window=cfg.sliding_window if sliding_layers(cfg) else None, layer_types=cfg.attention_layer_types,
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
         qkv_bias=cfg.attention_bias or cfg.qkv_bias, o_proj_bias=cfg.attention_bias,
         qk_norm_scope=cfg.qk_norm_scope if cfg.qk_norm else None,

@@ -8,7 +8,7 @@ streaming conversion either way.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .family import InteropError, MoeFamily
@@ -43,10 +43,11 @@ class TensorPlan:
 
 
 def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_layers: Iterable[int],
-                 fused: set[str] = frozenset()) -> list[TensorPlan]:
-    """The plan of every hf-moe tensor in `expected` (name → full shape). Routed experts are read from the per-expert
-    layout transformers 5 saves, or from the fused tensor when its foreign name is in `fused` or the family saves
-    only fused ones (`MoeFamily.fused_experts`)."""
+                 stored: Collection[str] | None = None) -> list[TensorPlan]:
+    """The plan of every hf-moe tensor in `expected` (name → full shape). Routed experts are read fused where the
+    checkpoint's tensor names `stored` (an import) include the family's fused names (`MoeFamily.fused_names`), else
+    from the per-expert layout transformers 5 saves; without `stored` (an export) they are planned as the family
+    saves them: fused when it names `fused_experts`, else per expert."""
     moe = set(moe_layers)
     plans = []
     for name, shape in expected.items():
@@ -61,15 +62,12 @@ def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_la
             plans.append(TensorPlan(name, shape, ((foreign,),), foreign_shape=(1, *shape) if as_row else None))
             continue
         layer, part = match.groups()
-        if family.fused_experts is not None:
-            stored = family.fused_experts[part == "down_proj"]
-            plans.append(TensorPlan(name, shape, ((f"model.layers.{layer}.{family.moe_module}.{stored}",),),
-                                    experts=True))
+        fused = family.fused_names(int(layer))[part == "down_proj"]
+        read_fused = family.fused_experts is not None if stored is None else fused in stored
+        if read_fused:
+            plans.append(TensorPlan(name, shape, ((fused,),), experts=True))
             continue
         prefix = f"model.layers.{layer}.{family.moe_module}.{family.experts}."
-        if prefix + part in fused:
-            plans.append(TensorPlan(name, shape, ((prefix + part,),), experts=True))
-            continue
         names = family.expert_names
         projections = (names.gate, names.up) if part == "gate_up_proj" else (names.down,)
         sources = tuple(tuple(f"{prefix}{e}.{p}.weight" for p in projections) for e in range(shape[0]))

@@ -3,9 +3,11 @@ sliding window on the layers from `max_window_layers` on) with DeepSeek-V3's MoE
 layers dense, then MoE layers with sigmoid scores, an expert bias (`e_score_correction_bias`) for selection only,
 group-limited top-k, routed scaling and `n_shared_experts` ungated shared experts.
 
-Its rotary embedding rotates every dimension of a head (a `partial_rotary_factor` is refused), and hf-moe imports
-the sliding window when it covers every layer or none. The released checkpoints' config.json also names
-`scoring_func`, which transformers' class does not read (it always scores with a sigmoid): any other value is refused.
+Its rotary embedding rotates every dimension of a head (a `partial_rotary_factor` is refused). The layers' attention
+types are the `layer_types` transformers' class resolves (from `max_window_layers` unless given); an export writes
+them and the `max_window_layers` that gives them, so it takes models whose sliding layers are the last ones. The
+released checkpoints' config.json also names `scoring_func`, which transformers' class does not read (it always scores
+with a sigmoid): any other value is refused.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ..family import (
     COMMON_HANDLED,
     DEEPSEEK_MOE_HANDLED,
     MoeFamily,
+    attention_layers_to_hf_moe,
     common_from_hf_moe,
     common_to_hf_moe,
     deepseek_moe_from_hf_moe,
@@ -28,22 +31,12 @@ from ..family import (
     require_deepseek_routing,
     require_dense_then_moe,
     require_rotary_factor,
+    sliding_layers,
 )
 
 _FULL_ROTARY = "Dots1's attention rotates every dimension of a head"
 # rednote's own config.json fields that transformers' class does not read: the value its code takes as given.
 _ASSUMED = {"scoring_func": "sigmoid"}
-
-
-def _sliding_window(cfg: PretrainedConfig) -> int | None:
-    types = set(cfg.layer_types)
-    if cfg.sliding_window is None or types == {"full_attention"}:
-        return None
-    if types != {"sliding_attention"}:
-        raise refuse("dots1", "layer_types", cfg.layer_types,
-                     "the layers mix full and sliding attention (max_window_layers between 0 and num_hidden_layers); "
-                     "hf-moe applies one sliding_window to every layer or to none")
-    return cfg.sliding_window
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
@@ -55,7 +48,7 @@ def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
         **deepseek_moe_to_hf_moe(cfg),
         "attention_bias": cfg.attention_bias,
         "qk_norm": True,
-        "sliding_window": _sliding_window(cfg),
+        **attention_layers_to_hf_moe("dots1", cfg.layer_types, cfg.sliding_window),
     }
 
 
@@ -74,15 +67,21 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
                      "Dots1's attention_bias puts a bias on o_proj too (glm4_moe and solar_open take q/k/v biases "
                      "alone)")
     require_rotary_factor("dots1", cfg.rope_parameters, _FULL_ROTARY)
-    window = cfg.sliding_window
+    sliding = sliding_layers(cfg)
+    first_sliding = cfg.num_hidden_layers - len(sliding)
+    if sliding != list(range(first_sliding, cfg.num_hidden_layers)):
+        raise refuse("dots1", "layer_types", cfg.attention_layer_types,
+                     "Dots1's sliding layers are the ones from max_window_layers on (qwen2_moe's are the even ones "
+                     "below its max_window_layers)")
     moe_fields = deepseek_moe_from_hf_moe(cfg, "dots1")
     moe_fields.pop("num_nextn_predict_layers")  # Dots1 has no multi-token-prediction layers
     return {
         **common_from_hf_moe(cfg),
         **moe_fields,
         "attention_bias": cfg.attention_bias,
-        "sliding_window": window,
-        "max_window_layers": 0 if window is not None else cfg.num_hidden_layers,
+        "sliding_window": cfg.sliding_window if sliding else None,
+        "max_window_layers": first_sliding,
+        "layer_types": cfg.attention_layer_types,
     }
 
 

@@ -27,8 +27,9 @@ from ..family import (
     common_to_hf_moe,
     deepseek_moe_from_hf_moe,
     deepseek_moe_to_hf_moe,
-    dense_and_moe_layers,
     mla_fields,
+    mlp_layer_types,
+    moe_layers_from_types,
     refuse,
     refuse_unread,
     require_deepseek_routing,
@@ -42,12 +43,7 @@ _ASSUMED = {"scoring_func": "sigmoid", "topk_method": "noaux_tc"}
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     refuse_unread("glm4_moe_lite", cfg, _ASSUMED)
-    moe = [i for i, kind in enumerate(cfg.mlp_layer_types) if kind == "sparse"]
-    first_dense = getattr(cfg, "first_k_dense_replace", None)
-    if first_dense is not None and moe != list(range(first_dense, cfg.num_hidden_layers)):
-        raise refuse("glm4_moe_lite", "first_k_dense_replace", first_dense,
-                     f"transformers' Glm4MoeLite ignores it and takes its MoE layers from mlp_layer_types="
-                     f"{cfg.mlp_layer_types}, so the checkpoint's own code and transformers' disagree")
+    moe = moe_layers_from_types("glm4_moe_lite", cfg, "Glm4MoeLite")
     fields = common_to_hf_moe(cfg)
     require_rotary_factor("glm4_moe_lite", fields["rope_parameters"], _FULL_ROTARY)
     return {**fields, **mla_fields(cfg), **deepseek_moe_to_hf_moe(cfg), "first_k_dense": 0, "moe_layers": moe}
@@ -60,7 +56,6 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
                      "qwen2_moe, qwen3_moe, olmoe, glm4_moe, dots1, solar_open or minimax_m2)")
     require_deepseek_routing(cfg, "glm4_moe_lite")
     require_rotary_factor("glm4_moe_lite", cfg.rope_parameters, _FULL_ROTARY)
-    _, moe = dense_and_moe_layers(cfg)
     fields = common_from_hf_moe(cfg)
     fields.pop("head_dim")  # Glm4MoeLite's head_dim is qk_rope_head_dim
     moe_fields = deepseek_moe_from_hf_moe(cfg, "glm4_moe_lite")
@@ -70,7 +65,7 @@ def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
         **fields,
         **mla_fields(cfg),
         **moe_fields,
-        "mlp_layer_types": ["sparse" if i in moe else "dense" for i in range(cfg.num_hidden_layers)],
+        "mlp_layer_types": mlp_layer_types(cfg),
     }
 
 

@@ -2,8 +2,10 @@
 `decoder_sparse_step` and `mlp_only_layers`. Qwen2-MoE adds q/k/v biases and one shared expert scaled by a sigmoid
 gate; Qwen3-MoE adds per-head q/k RMSNorm and has no shared expert.
 
-Qwen2-MoE's sliding window applies to the layers from `max_window_layers` on when `use_sliding_window`: hf-moe
-imports it when it covers every layer or none (`sliding_window=0` with `use_sliding_window=False` is no window).
+Qwen2-MoE's layers attend as the `layer_types` transformers' class resolves: unless given, with `use_sliding_window`
+the even layers below `max_window_layers` slide (transformers 5's rule) and the others attend to everything; an export
+writes them and the `max_window_layers` that gives them. Qwen3-MoE's window, with `use_sliding_window`, is every
+layer's.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from ...configuration_hf_moe import HfMoeConfig
 from ..family import (
     COMMON_HANDLED,
     MoeFamily,
+    attention_layers_to_hf_moe,
     common_from_hf_moe,
     common_to_hf_moe,
     dense_and_moe_layers,
     refuse,
+    sliding_layers,
 )
 
 _MOE_FIELDS = frozenset({"intermediate_size", "moe_intermediate_size", "num_experts", "norm_topk_prob",
@@ -32,18 +36,7 @@ def _moe_layers(cfg: PretrainedConfig) -> list[int]:
     return [i for i in range(cfg.num_hidden_layers) if i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0]
 
 
-def _sliding_window(family: str, cfg: PretrainedConfig) -> int | None:
-    if not getattr(cfg, "use_sliding_window", False):
-        return None
-    types = list(getattr(cfg, "layer_types", None) or ["sliding_attention"] * cfg.num_hidden_layers)
-    if "full_attention" in types:
-        raise refuse(family, "max_window_layers", getattr(cfg, "max_window_layers", None),
-                     f"with use_sliding_window=True the layers mix full and sliding attention ({types}); hf-moe "
-                     "applies one sliding_window to every layer (max_window_layers=0) or to none")
-    return cfg.sliding_window
-
-
-def _common(family: str, cfg: PretrainedConfig) -> dict[str, Any]:
+def _common(cfg: PretrainedConfig) -> dict[str, Any]:
     return {
         **common_to_hf_moe(cfg),
         "intermediate_size": cfg.intermediate_size,
@@ -51,13 +44,11 @@ def _common(family: str, cfg: PretrainedConfig) -> dict[str, Any]:
         "num_experts": cfg.num_experts,
         "norm_topk_prob": cfg.norm_topk_prob,
         "moe_layers": _moe_layers(cfg),
-        "sliding_window": _sliding_window(family, cfg),
     }
 
 
 def _common_back(cfg: HfMoeConfig) -> dict[str, Any]:
     dense, _ = dense_and_moe_layers(cfg)
-    window = cfg.sliding_window
     return {
         **common_from_hf_moe(cfg),
         "intermediate_size": cfg.intermediate_size,
@@ -66,9 +57,6 @@ def _common_back(cfg: HfMoeConfig) -> dict[str, Any]:
         "norm_topk_prob": cfg.norm_topk_prob,
         "decoder_sparse_step": 1,
         "mlp_only_layers": dense,
-        "use_sliding_window": window is not None,
-        "sliding_window": window,
-        "max_window_layers": 0,
     }
 
 
@@ -77,7 +65,8 @@ def qwen2_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
     if not shared:
         raise refuse("qwen2_moe", "shared_expert_intermediate_size", shared,
                      "a zero-width shared expert (Qwen3-MoE is the family without one)")
-    return {**_common("qwen2_moe", cfg), "qkv_bias": getattr(cfg, "qkv_bias", True), "num_shared_experts": 1,
+    return {**_common(cfg), **attention_layers_to_hf_moe("qwen2_moe", cfg.layer_types, cfg.sliding_window),
+            "qkv_bias": getattr(cfg, "qkv_bias", True), "num_shared_experts": 1,
             "shared_expert_intermediate_size": shared, "shared_expert_gate": True}
 
 
@@ -87,16 +76,27 @@ def qwen2_from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
                      cfg.shared_expert_gate if cfg.shared_expert_size else cfg.num_shared_experts,
                      "Qwen2-MoE has exactly one shared expert scaled by a sigmoid gate (export a model without shared "
                      "experts to qwen3_moe or mixtral, ungated shared experts to glm4_moe)")
+    sliding = sliding_layers(cfg)
+    window_layers = sliding[-1] + 1 if sliding else 0
+    if sliding != list(range(0, window_layers, 2)):
+        raise refuse("qwen2_moe", "layer_types", cfg.attention_layer_types,
+                     "Qwen2-MoE's sliding layers are the even ones below max_window_layers (dots1's are the ones from "
+                     "its max_window_layers on)")
     return {**_common_back(cfg), "qkv_bias": cfg.qkv_bias or cfg.attention_bias,
-            "shared_expert_intermediate_size": cfg.shared_expert_size}
+            "shared_expert_intermediate_size": cfg.shared_expert_size, "use_sliding_window": bool(sliding),
+            "sliding_window": cfg.sliding_window if sliding else None, "max_window_layers": window_layers,
+            "layer_types": cfg.attention_layer_types}
 
 
 def qwen3_to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    return {**_common("qwen3_moe", cfg), "attention_bias": cfg.attention_bias, "qk_norm": True}
+    return {**_common(cfg), "sliding_window": cfg.sliding_window, "attention_bias": cfg.attention_bias,
+            "qk_norm": True}
 
 
 def qwen3_from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
-    return {**_common_back(cfg), "attention_bias": cfg.attention_bias}
+    window = cfg.sliding_window
+    return {**_common_back(cfg), "use_sliding_window": window is not None, "sliding_window": window,
+            "max_window_layers": 0, "attention_bias": cfg.attention_bias}
 
 
 QWEN2_MOE = MoeFamily(

@@ -5,9 +5,11 @@ Each head's logits are two halves of N; expert `i·N + j` scores `s(i, j) = log_
 log_softmax(half₂)[j]`, so its probability is `p₁[i]·p₂[j]` and the N² probabilities sum to 1. The k best experts
 are found exactly from 2N + k² scores, never the N² of them: if `(i, j)` is among the k best pairs, i is among the
 k best of half 1 (otherwise the k rows ranked above it, each paired with j, would already be k better pairs), and j
-likewise; so the k best of the k² sums of the halves' top-k are the global k best.
+likewise; so the k best of the k² sums of the halves' top-k are the global k best. The log-softmax of a half
+subtracts one constant from all its logits, so the router ranks the pairs by the sums of the halves' logits: the same
+order, without the log-probabilities' rounding and without writing them.
 
-The order is a total one: pairs rank by the exact sum of their two float32 half log-probabilities, formed in float64
+The order is a total one: pairs rank by the exact sum of their two float32 half scores, formed in float64
 (exact whenever neither is more than 2²⁸ times the other in magnitude), and ties go to the lower expert index, in the
 halves (lower i / j) and in the merge (lower i·N + j). The argument above, and the kernel's sharper pruning (the
 pair of half ranks (a, b) is dominated by (a+1)(b+1) − 1 pairs, so only those with (a+1)(b+1) ≤ k are candidates),
@@ -32,7 +34,8 @@ from .topk import HfMoeRouter, top_k_lower_index_first
 
 
 def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`log_probs [..., 2, N]` (each half's log-probabilities) → `(index [..., k] int64, score [..., k])`: the k
+    """`log_probs [..., 2, N]` (each half's log-probabilities, or its logits: they rank alike, see the module
+    docstring) → `(index [..., k] int64, score [..., k])`: the k
     largest `log_probs[0, i] + log_probs[1, j]` over all N² pairs, as expert `i·N + j`, best first, ties to the lower
     expert, ranked by exact (float64) sums (see the module docstring). Differentiable in `score` (one gather of the
     two keys from the inputs and their sum, in the inputs' dtype). On CUDA with Triton (float32, `min(k, N)` ≤ 64)
@@ -64,13 +67,21 @@ def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
 
 
 class ProductKeyStatistics:
-    """A product-key router's statistics, computed when its [`RouterOutput`] is read, from the halves'
-    log-probabilities `[T, heads, 2, N]` (their probabilities computed once, for the aux loss and the entropy)."""
+    """A product-key router's statistics, computed when its [`RouterOutput`] is read, from the halves' logits
+    `[T, heads, 2, N]` (their log-probabilities and probabilities computed once, for the aux loss and the entropy,
+    and only when a statistic is read)."""
 
-    def __init__(self, router: ProductKeyRouter, log_probs: torch.Tensor) -> None:
+    def __init__(self, router: ProductKeyRouter, halves: torch.Tensor) -> None:
         self.router = router
-        self.log_probs = log_probs
+        self.halves = halves
+        self._log_probs: torch.Tensor | None = None
         self._probs: torch.Tensor | None = None
+
+    @property
+    def log_probs(self) -> torch.Tensor:
+        if self._log_probs is None:
+            self._log_probs = self.halves.log_softmax(dim=-1)
+        return self._log_probs
 
     @property
     def probs(self) -> torch.Tensor:
@@ -147,10 +158,14 @@ class ProductKeyRouter(HfMoeRouter):
     ) -> RouterOutput:
         num_tokens = hidden_states.shape[0]
         logits = self.compute_logits(hidden_states)
-        log_probs = logits.view(num_tokens, self.num_heads, 2, self.num_keys).log_softmax(dim=-1)
-        top_k_index, score = product_key_top_k(log_probs, self.top_k)  # [T, heads, k]
-        # renormalised over the head's k: exp(s) / Σ exp(s) is a softmax of the scores (one operator, not three)
-        weights = score.softmax(dim=-1) if self.norm_topk_prob else score.exp()
+        halves = logits.view(num_tokens, self.num_heads, 2, self.num_keys)
+        # A half's log-softmax subtracts one constant from all its logits, so the logits rank the pairs as the
+        # log-probabilities do (exactly, without their rounding) and no [T, heads·2N] log-probabilities are written.
+        top_k_index, score = product_key_top_k(halves, self.top_k)  # [T, heads, k]: l₁[i] + l₂[j]
+        if self.norm_topk_prob:  # p₁p₂ renormalised over the head's k: a softmax of the logit sums
+            weights = score.softmax(dim=-1)
+        else:  # p₁p₂ = exp(l₁[i] + l₂[j] − lse₁ − lse₂)
+            weights = (score - halves.logsumexp(dim=-1).sum(dim=-1, keepdim=True)).exp()
         if self.scaling != 1.0:
             weights = weights * self.scaling
         top_k_index, weights = top_k_index.flatten(1), weights.flatten(1)
@@ -159,7 +174,7 @@ class ProductKeyRouter(HfMoeRouter):
             top_k_index=top_k_index,
             top_k_weights=weights.to(hidden_states.dtype),
             token_mask=token_mask,
-            statistics=ProductKeyStatistics(self, log_probs),
+            statistics=ProductKeyStatistics(self, halves),
         )
 
     def aux_loss(self, probs: torch.Tensor, counts: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
