@@ -65,6 +65,29 @@ def test_fused_expert_tensors_load_like_per_expert_ones(saved, tmp_path, model_t
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "fused"), ids), logits(reference, ids), 1e-5)
 
 
+def test_a_family_saved_fused_imports_per_expert_tensors_too(saved, tmp_path):
+    """Mistral 4's class saves its experts fused (`MoeFamily.fused_experts`); the same experts split into the
+    per-expert layout (`experts.{e}.{gate,up,down}_proj.weight`, transformers' other families') load the same model."""
+    folder, reference = saved["mistral4"]
+    split = {}
+    for name, value in tensors(folder).items():
+        experts = name.rsplit(".", 1)[0]
+        if name.endswith(".experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(zip(*value.chunk(2, dim=1), strict=True)):
+                split[f"{experts}.{e}.gate_proj.weight"] = gate.clone()
+                split[f"{experts}.{e}.up_proj.weight"] = up.clone()
+        elif name.endswith(".experts.down_proj"):
+            split.update({f"{experts}.{e}.down_proj.weight": down.clone() for e, down in enumerate(value)})
+        else:
+            split[name] = value
+    assert any(".experts.0.gate_proj.weight" in name for name in split)
+    shutil.copytree(folder, tmp_path / "per_expert")
+    save_file(split, tmp_path / "per_expert" / "model.safetensors")
+    ids, mask = batch()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "per_expert")
+    assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, "mistral4 per expert")
+
+
 def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, tmp_path):
     """Two gloo ranks, each reading its half of the experts (per-expert and fused tensors), compute the one-process
     logits of every family."""
