@@ -8,10 +8,10 @@ or not at all.
 Every tensor is planned first (`hf_moe.interop`: the family's config mapping and tensor names), then streamed: one
 source tensor, or one expert of one, at a time, into shards whose headers are written up front, so peak memory is
 about one tensor, never the model. Output appears complete or not at all (`conversions.output`). An export writes the
-expert layout (per expert, or fused for Mistral 4) and `architectures` transformers 5 saves for the family, and
-anything the family cannot express is refused before anything is written, naming the field and the families that
-could take it. An FP8 source (`quantization_config` `quant_method: "fp8"`) is dequantized as it is read and written
-unquantized, in its compute dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
+expert layout (per expert, or fused for Mistral 4 and Granite) and `architectures` transformers 5 saves for the
+family, and anything the family cannot express is refused before anything is written, naming the field and the
+families that could take it. An FP8 source (`quantization_config` `quant_method: "fp8"`) is dequantized as it is read
+and written unquantized, in its compute dtype or `dtype`, without `quantization_config`; re-quantizing is not done.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from hf_moe.interop import (
     ForeignCheckpoint,
     checkpoint_model_type,
     export_config,
-    export_plans,
     export_sources,
     families_for,
+    tensor_plans,
 )
 
 from .convert_types import ConvertError, ConvertResult
@@ -115,8 +115,8 @@ def _dtype(name: str) -> torch.dtype | None:
 
 
 def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[PlannedTensor]:
-    """Every output tensor with a producer that reads the source lazily (one expert at a time for expert tensors
-    written per expert; a fused one, which families saved fused get, one layer's experts at a time)."""
+    """Every output tensor with a producer that reads the source lazily (one expert at a time for expert tensors,
+    written per expert or fused)."""
     expected = expected_shapes(source.config)
 
     def out_dtype(hf_name: str) -> torch.dtype:
@@ -130,15 +130,18 @@ def _planned(source: _Source, target: str, dtype: torch.dtype | None) -> list[Pl
                               experts(name, shape[0]) if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
                               else whole(lambda name=name: source.read(name).to(out_dtype(name))))
                 for name, shape in expected.items()]
-    plans = export_plans(FAMILIES[target], expected, source.config.moe_layer_indices)
-    planned = []
-    for foreign, shape, hf_name, expert, rows in export_sources(plans):
-        if expert is None:
-            produce = whole(lambda n=hf_name, s=shape: source.read(n).to(out_dtype(n)).reshape(s))
-        else:
-            produce = whole(lambda n=hf_name, e=expert, r=rows: source.read(n, e, e + 1)[0, r].to(out_dtype(n)))
-        planned.append(PlannedTensor(foreign, tuple(shape), out_dtype(hf_name), produce))
-    return planned
+
+    def block(hf_name: str, expert: int | None, rows: slice | None, shape: tuple[int, ...]) -> torch.Tensor:
+        """One block of rows (see `export_sources`) of a foreign tensor of `shape`."""
+        value = source.read(hf_name) if expert is None else source.read(hf_name, expert, expert + 1)
+        return (value if rows is None else value[0, rows]).to(out_dtype(hf_name)).reshape(-1, *shape[1:])
+
+    def blocks(parts: list[tuple], shape: tuple[int, ...]) -> Callable[[], Iterator[torch.Tensor]]:
+        return lambda: (block(*part, shape) for part in parts)
+
+    plans = tensor_plans(FAMILIES[target], expected, source.config.moe_layer_indices)
+    return [PlannedTensor(foreign, tuple(shape), out_dtype(parts[0][0]), blocks(parts, tuple(shape)))
+            for foreign, shape, parts in export_sources(plans)]
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, to: str = "hf_moe", *, dtype: str = "auto",

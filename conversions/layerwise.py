@@ -41,7 +41,8 @@ class LayerwiseModel:
         return tensor.float()
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(input_ids, self._tensor("model.embed_tokens.weight"))
+        embeddings = nn.functional.embedding(input_ids, self._tensor("model.embed_tokens.weight"))
+        return embeddings * self.config.embedding_multiplier
 
     def layer(self, index: int) -> HfMoeDecoderLayer:
         """Decoder layer `index` with its weights loaded (float32)."""
@@ -63,7 +64,7 @@ class LayerwiseModel:
         norm = HfMoeRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.weight.data = self._tensor("model.norm.weight")
         head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        return nn.functional.linear(norm(hidden_states), self._tensor(head))
+        return nn.functional.linear(norm(hidden_states), self._tensor(head)) / self.config.logits_scaling
 
     @torch.no_grad()
     def run_layers(self, hidden_states: torch.Tensor, stop: int, collect: Collection[int] = (),

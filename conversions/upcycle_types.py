@@ -25,7 +25,8 @@ SUPPORTED_TEXT = ("llama (LlamaForCausalLM), mistral (MistralForCausalLM), qwen2
 FUNCTION_PRESERVING_TOLERANCE = 1e-5
 CONVERT_TARGETS = ("hf_moe", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe", "deepseek_v3", "dots1",
                    "solar_open", "glm4_moe_lite", "minimax_m2", "deepseek_v2", "ernie4_5_moe", "hunyuan_v1_moe",
-                   "hy_v3", "mistral4", "deepseek_v32", "glm_moe_dsa", "auto")
+                   "hy_v3", "mistral4", "deepseek_v32", "glm_moe_dsa", "granitemoe", "granitemoeshared", "flex_olmo",
+                   "auto")
 """`hf-moe convert --to` choices (named here so `--help` needs no torch; `conversions.converting.TARGETS` adds families
 registered at run time)."""
 

@@ -17,12 +17,12 @@ from .decode_graphs import CUDAGraphConfig
 from .interop import InteropError, MoeFamily, register_family
 from .linear_attention import GatedDeltaNet, GatedDeltaNetSizes
 from .modeling_hf_moe import (
-    HfMoeCausalLMOutputWithPast,
     HfMoeForCausalLM,
     HfMoeForSequenceClassification,
     HfMoeModel,
     HfMoePreTrainedModel,
 )
+from .modeling_outputs import HfMoeCausalLMOutputWithPast
 from .moe.block import HfMoeSparseMoeBlock, moe_blocks, record_routing
 from .moe.capacity import expert_capacity
 from .moe.cuda_graphs import capture_moe_cuda_graphs, release_moe_cuda_graphs

@@ -230,7 +230,8 @@ class HfMoeAttention(nn.Module):
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
         self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        scale = config.attention_multiplier  # Granite's; else Llama's
+        self.scaling = self.head_dim**-0.5 if scale is None else scale
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         sliding = config.attention_layer_types[layer_idx] == "sliding_attention"

@@ -1,4 +1,4 @@
-"""The checks of `HfMoeConfig`'s fields by feature (routing, product keys, multi-head latent attention), apart from
+"""The checks of `HfMoeConfig`'s fields by feature (routing, product keys, norms, attention), apart from
 the config class so that it stays short enough to read. Each `validate_*(config, fail)` calls
 `fail(field, value, expected)` for the first bad field it finds; the config turns that into the error."""
 
@@ -16,6 +16,9 @@ ROUTER_GROUP_SCORES = ("top2_sum", "max")
 LEARNED_TOKEN_CHOICE_ROUTERS = ("topk", "switch")
 PRODUCT_KEY_QUERY_NORMS = ("layer_norm", "batch_norm", "none")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+QK_NORM_SCOPES = ("head", "projection")
+QK_NORM_ORDERS = ("before_rope", "after_rope")
+NORM_PLACEMENTS = ("pre", "post")
 Fail = Callable[[str, Any, str], None]
 
 
@@ -124,6 +127,25 @@ def validate_product_key(config: Any, fail: Fail) -> None:
             fail(field, value, f"{allowed!r} with router_type='product_key'")
 
 
+def validate_norms(config: Any, fail: Fail) -> None:
+    """Where the layer's RMSNorms sit (`norm_placement`) and what q/k norm normalises, and when (`qk_norm_scope`,
+    `qk_norm_order`)."""
+    if config.norm_placement not in NORM_PLACEMENTS:
+        fail("norm_placement", config.norm_placement, f"one of {NORM_PLACEMENTS}")
+    if config.qk_norm_scope not in QK_NORM_SCOPES:
+        fail("qk_norm_scope", config.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
+    if config.qk_norm_scope != "head" and not config.qk_norm:
+        fail("qk_norm_scope", config.qk_norm_scope, "'head' (the default) unless qk_norm=True")
+    if config.qk_norm_order not in QK_NORM_ORDERS:
+        fail("qk_norm_order", config.qk_norm_order, f"one of {QK_NORM_ORDERS}")
+    if config.qk_norm_order == "after_rope" and (not config.qk_norm or config.qk_norm_scope != "head"):
+        fail("qk_norm_order", config.qk_norm_order, "'before_rope' (the default) unless qk_norm=True with "
+             "qk_norm_scope='head'")
+    if config.qk_norm_order == "after_rope" and config.rope_interleave:
+        # RoPE on adjacent pairs leaves a head's dimensions regrouped as halves, which a norm weight would not fit.
+        fail("qk_norm_order", config.qk_norm_order, "'before_rope' with rope_interleave=True")
+
+
 def validate_layer_types(config: Any, fail: Fail) -> None:
     """`layer_types`: None, or one known attention type per layer; sliding layers need a `sliding_window`."""
     types = config.layer_types
@@ -177,6 +199,9 @@ def validate_mla(config: Any, fail: Fail) -> None:
     for field in ("qkv_bias", "qk_norm", "sliding_window", "attention_sinks"):
         if getattr(config, field):
             fail(field, getattr(config, field), "off with multi-head latent attention (kv_lora_rank set)")
+    if config.attention_multiplier is not None:
+        fail("attention_multiplier", config.attention_multiplier, "None with multi-head latent attention (its "
+             "softmax scale is the query/key width's inverse square root times YaRN's mscale)")
     factor = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
     if factor != 1.0:
         fail("rope_parameters['partial_rotary_factor']", factor,

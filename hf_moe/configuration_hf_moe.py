@@ -17,12 +17,10 @@ from .configuration_checks import (
     is_finite_number,
     validate_layer_types,
     validate_mla,
+    validate_norms,
     validate_routing,
     validate_sparse_attention,
 )
-
-QK_NORM_SCOPES = ("head", "projection")
-QK_NORM_ORDERS = ("before_rope", "after_rope")
 
 
 def _invalid(field: str, value: Any, expected: str) -> ValueError:
@@ -84,6 +82,14 @@ class HfMoeConfig(PretrainedConfig):
             (`hf_moe.sparse_attention`; DeepSeek-V3.2, GLM-5): a lightning indexer of `index_n_heads` heads of
             `index_head_dim` (required with it) ranks the earlier tokens and each query attends to its `index_topk`
             best only; `indexer_rope_interleave` rotates the indexer's adjacent pairs (GLM-5) instead of halves.
+        attention_multiplier (`float`, *optional*): the attention's softmax scale; `None` (default) is
+            `head_dim**-0.5` (Granite sets it, e.g. `1/head_dim`). Not with multi-head latent attention.
+        embedding_multiplier (`float`): multiplies the input embeddings, those passed as `inputs_embeds` too (Granite).
+        residual_multiplier (`float`): multiplies each sublayer's output before the residual add (Granite).
+        logits_scaling (`float`): the causal LM's logits are divided by it (Granite).
+        norm_placement (`str`): where a layer's RMSNorms sit: `"pre"` (default; Llama), on the attention's and the
+            MLP's inputs (`input_layernorm`, `post_attention_layernorm`); `"post"` (OLMo-2, FlexOlmo), on their
+            outputs before each residual add (`post_attention_layernorm`, `post_feedforward_layernorm`).
 
     Routing (docs/routing.md; the defaults are the plain softmax top-k, dropless router with the switch loss):
 
@@ -202,6 +208,11 @@ class HfMoeConfig(PretrainedConfig):
     index_n_heads: int | None = None
     index_head_dim: int | None = None
     indexer_rope_interleave: bool = False
+    attention_multiplier: float | None = None
+    embedding_multiplier: float = 1.0
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
+    norm_placement: str = "pre"
     attention_dropout: float = 0.0
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -315,7 +326,8 @@ class HfMoeConfig(PretrainedConfig):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 fail(field, value, "a positive integer or None")
-        for field in ("rms_norm_eps", "initializer_range"):
+        for field in ("rms_norm_eps", "initializer_range", "embedding_multiplier", "residual_multiplier",
+                      "logits_scaling"):
             if not is_finite_number(getattr(self, field)) or getattr(self, field) <= 0:
                 fail(field, getattr(self, field), "a positive finite number")
         for field in ("router_aux_loss_coef", "router_z_loss_coef"):
@@ -349,18 +361,10 @@ class HfMoeConfig(PretrainedConfig):
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 fail("moe_layers", self.moe_layers,
                      f"distinct layer indices in [0, {self.num_hidden_layers}) (bad: {bad or 'duplicates'})")
-        if self.qk_norm_scope not in QK_NORM_SCOPES:
-            fail("qk_norm_scope", self.qk_norm_scope, f"one of {QK_NORM_SCOPES}")
-        if self.qk_norm_scope != "head" and not self.qk_norm:
-            fail("qk_norm_scope", self.qk_norm_scope, "'head' (the default) unless qk_norm=True")
-        if self.qk_norm_order not in QK_NORM_ORDERS:
-            fail("qk_norm_order", self.qk_norm_order, f"one of {QK_NORM_ORDERS}")
-        if self.qk_norm_order == "after_rope" and (not self.qk_norm or self.qk_norm_scope != "head"):
-            fail("qk_norm_order", self.qk_norm_order, "'before_rope' (the default) unless qk_norm=True with "
-                 "qk_norm_scope='head'")
-        if self.qk_norm_order == "after_rope" and self.rope_interleave:
-            # RoPE on adjacent pairs leaves a head's dimensions regrouped as halves, which a norm weight would not fit.
-            fail("qk_norm_order", self.qk_norm_order, "'before_rope' with rope_interleave=True")
+        scale = self.attention_multiplier
+        if scale is not None and (not is_finite_number(scale) or scale <= 0):
+            fail("attention_multiplier", scale, "a positive finite number or None")
+        validate_norms(self, fail)
         validate_layer_types(self, fail)
         validate_mla(self, fail)
         validate_sparse_attention(self, fail)

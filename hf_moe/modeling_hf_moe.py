@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +15,6 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import CompileConfig, GenerationMixin
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
-from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -32,38 +30,19 @@ from .attention import (
 from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig, decode_graphs
 from .mla import HfMoeMultiHeadLatentAttention
+from .modeling_outputs import HfMoeCausalLMOutputWithPast, HfMoeModelOutputWithPast
 from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
 from .moe.mlp import HfMoeMLP
 from .moe.router.losses import router_loss_weight
 from .moe.router.topk import HfMoeRouter
-from .moe.types import RouterOutput
-
-
-@dataclass
-class HfMoeModelOutputWithPast(MoeModelOutputWithPast):
-    """Base-model output plus each MoE layer's [`RouterOutput`] (`router_outputs`, one per MoE layer)."""
-
-    router_outputs: tuple[RouterOutput, ...] | None = None
-
-
-@dataclass
-class HfMoeCausalLMOutputWithPast(MoeCausalLMOutputWithPast):
-    """Causal-LM output. `aux_loss` is the load-balancing loss and `z_loss` the router z-loss, each averaged
-    over MoE layers and unscaled, reported when labels are given or `output_router_logits`; `loss` includes
-    `router_aux_loss_coef·aux_loss + router_z_loss_coef·z_loss` when labels are given. `router_metrics` (with
-    `output_router_metrics=True`) holds one dict of 0-dim / [E] tensors per MoE layer, still on the device (see
-    `hf_moe.router_metrics`)."""
-
-    z_loss: torch.FloatTensor | None = None
-    router_outputs: tuple[RouterOutput, ...] | None = None
-    router_metrics: tuple[dict[str, torch.Tensor], ...] | None = None
 
 
 class HfMoeDecoderLayer(GradientCheckpointingLayer):
-    """Pre-norm decoder layer: attention (of `attention_type`, which picks the layer's mask), then a dense MLP or an
-    MoE block."""
+    """Decoder layer: attention (of `attention_type`, which picks the layer's mask), then a dense MLP or an MoE
+    block, each a residual branch `x + m·f(norm(x))` (`norm_placement="pre"`) or `x + m·norm(f(x))` (`"post"`), `m`
+    the `residual_multiplier`."""
 
     def __init__(self, config: HfMoeConfig, layer_idx: int) -> None:
         super().__init__()
@@ -74,8 +53,13 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
             self.mlp = HfMoeSparseMoeBlock(config, layer_idx)
         else:
             self.mlp = HfMoeMLP(config, config.intermediate_size)
-        self.input_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm_after = config.norm_placement == "post"
         self.post_attention_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if self.norm_after:  # post_attention_layernorm on the attention's output, this one on the MLP's
+            self.post_feedforward_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:  # this one on the attention's input, post_attention_layernorm on the MLP's
+            self.input_layernorm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.residual_multiplier = config.residual_multiplier
 
     def forward(
         self,
@@ -90,17 +74,26 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states),
+            hidden_states if self.norm_after else self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
             **kwargs,
         )
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states), token_mask, input_ids)
-        return residual + hidden_states
+        if self.norm_after:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = residual = self.add_residual(residual, hidden_states)
+        if not self.norm_after:
+            hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states, token_mask, input_ids)
+        if self.norm_after:
+            hidden_states = self.post_feedforward_layernorm(hidden_states)
+        return self.add_residual(residual, hidden_states)
+
+    def add_residual(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """`residual + residual_multiplier · update`; a multiplier of 1 costs no multiplication."""
+        return residual + (update if self.residual_multiplier == 1.0 else update * self.residual_multiplier)
 
 
 class HfMoePreTrainedModel(PreTrainedModel):
@@ -228,6 +221,7 @@ class HfMoeModel(HfMoePreTrainedModel):
         self.layers = nn.ModuleList([HfMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = HfMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = HfMoeRotaryEmbedding(config=config)
+        self.embedding_multiplier = config.embedding_multiplier
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -259,7 +253,8 @@ class HfMoeModel(HfMoePreTrainedModel):
         masks = causal_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
         token_mask = _token_mask(attention_mask, inputs_embeds.shape[1])
 
-        hidden_states = inputs_embeds
+        multiplier = self.embedding_multiplier
+        hidden_states = inputs_embeds if multiplier == 1.0 else inputs_embeds * multiplier
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         with inference_sdpa_backends(self.config._attn_implementation, hidden_states):
             for layer in self.layers:
@@ -288,6 +283,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         self.model = HfMoeModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logits_scaling = config.logits_scaling
         self.post_init()
 
     def forward(
@@ -328,6 +324,8 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
+        if self.logits_scaling != 1.0:
+            logits = logits / self.logits_scaling
 
         # The router losses are reported with a loss or with router logits (as Mixtral's and Qwen3-MoE's are), so the
         # first element of an output tuple is the loss when labels are given and the logits otherwise.

@@ -84,6 +84,12 @@ FAMILIES = {  # test case → its transformers config (of `model_type` where the
                      rope_parameters={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4,
                                       "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0,
                                       "llama_4_scaling_beta": 0.1}),  # queries scaled past position 4
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                       attention_multiplier=0.125, logits_scaling=6.0, attention_bias=True),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, embedding_multiplier=6.0,
+                             residual_multiplier=0.5, attention_multiplier=0.0625, logits_scaling=3.0,
+                             shared_intermediate_size=24, tie_word_embeddings=True),
+    "flex_olmo": dict(num_experts=4, num_experts_per_tok=2, head_dim=16, norm_topk_prob=True),
 }
 
 

@@ -166,3 +166,24 @@ def test_exported_model_equals_eager(shapes):
     assert torch.equal(routing.top_k_index, want_routing.top_k_index)
     assert_rel_close(routing.top_k_weights, want_routing.top_k_weights, 1e-5, "top_k_weights")
     assert_rel_close(routing.z_loss, want_routing.z_loss, 1e-5, "z_loss")
+
+
+def test_granite_multipliers_and_post_norms_compile_fullgraph_as_eager():
+    """Granite's multipliers (embeddings, residual branches, attention scale, logits) and FlexOlmo's norms after each
+    sublayer: static-cache generation, its decode steps compiled with fullgraph=True, computes the logits of eager
+    generation with a dynamic cache."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                         attention_multiplier=0.125, logits_scaling=6.0,
+                                         norm_placement="post")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 6))
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(ids, **kwargs)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    static = model.generate(ids, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert "_compiled_call" in model.__dict__, "generate did not compile the forward"
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for step, (got, want) in enumerate(zip(static.logits, dynamic.logits, strict=True)):
+        assert_rel_close(got, want, 1e-5, f"logits of step {step}")

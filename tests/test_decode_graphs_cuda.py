@@ -20,6 +20,9 @@ CONFIGS = {
                     "moe_intermediate_size": 1, "gated_experts": False, "hidden_act": "relu2"},
     "mla": {"num_key_value_heads": 4, "kv_lora_rank": 12, "q_lora_rank": 10, "qk_rope_head_dim": 4, "v_head_dim": 6,
             "qk_nope_head_dim": 8},
+    "granite_post_norm": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.125,
+                          "logits_scaling": 6.0, "norm_placement": "post", "qk_norm": True,
+                          "qk_norm_scope": "projection"},
 }
 LOGITS_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 

@@ -1,11 +1,11 @@
 """Foreign MoE checkpoints (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe, deepseek_v3, dots1, solar_open,
-glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe, hy_v3, mistral4, deepseek_v32, glm_moe_dsa) in
-and out, against transformers' own classes: tiny random models built and saved by transformers (the cases are in
-`interop_cases.py`), every weight and buffer randomised so that a wrong mapping shows; direct loading, expert-parallel
-loading, conversion both ways and every
-refusal. DeepSeek-V2 has two cases: group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with
-greedy routing (which ignores the groups its config names); DeepSeek-V3.2 two: an indexer that keeps 4 of the test
-sequences' 11 keys per query, and one that keeps them all."""
+glm4_moe_lite, minimax_m2, deepseek_v2, ernie4_5_moe, hunyuan_v1_moe, hy_v3, mistral4, deepseek_v32, glm_moe_dsa,
+granitemoe, granitemoeshared, flex_olmo) in and out, against transformers' own classes: tiny random models built and
+saved by transformers (the cases are in `interop_cases.py`), every weight and buffer randomised so that a wrong mapping
+shows; direct loading, expert-parallel loading, conversion both ways and every refusal. DeepSeek-V2 has two cases:
+group-limited greedy with a q latent and YaRN, and V2-Lite's plain q_proj with greedy routing (which ignores the
+groups its config names); DeepSeek-V3.2 two: an indexer that keeps 4 of the test sequences' 11 keys per query, and one
+that keeps them all."""
 
 import json
 import os
@@ -63,6 +63,29 @@ def test_fused_expert_tensors_load_like_per_expert_ones(saved, tmp_path, model_t
         assert "model.layers.1.mlp.experts.gate_up_proj" in f.keys()  # noqa: SIM118
     ids, _ = batch()
     assert_rel_close(logits(HfMoeForCausalLM.from_pretrained(tmp_path / "fused"), ids), logits(reference, ids), 1e-5)
+
+
+def test_a_family_saved_fused_imports_per_expert_tensors_too(saved, tmp_path):
+    """Mistral 4's class saves its experts fused (`MoeFamily.fused_experts`); the same experts split into the
+    per-expert layout (`experts.{e}.{gate,up,down}_proj.weight`, transformers' other families') load the same model."""
+    folder, reference = saved["mistral4"]
+    split = {}
+    for name, value in tensors(folder).items():
+        experts = name.rsplit(".", 1)[0]
+        if name.endswith(".experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(zip(*value.chunk(2, dim=1), strict=True)):
+                split[f"{experts}.{e}.gate_proj.weight"] = gate.clone()
+                split[f"{experts}.{e}.up_proj.weight"] = up.clone()
+        elif name.endswith(".experts.down_proj"):
+            split.update({f"{experts}.{e}.down_proj.weight": down.clone() for e, down in enumerate(value)})
+        else:
+            split[name] = value
+    assert any(".experts.0.gate_proj.weight" in name for name in split)
+    shutil.copytree(folder, tmp_path / "per_expert")
+    save_file(split, tmp_path / "per_expert" / "model.safetensors")
+    ids, mask = batch()
+    model = HfMoeForCausalLM.from_pretrained(tmp_path / "per_expert")
+    assert_rel_close(logits(model, ids, mask), logits(reference, ids, mask), 1e-5, "mistral4 per expert")
 
 
 def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, tmp_path):
@@ -132,6 +155,9 @@ def test_expert_parallel_load_of_foreign_checkpoints_equals_one_process(saved, t
                                       "partial_rotary_factor": 0.5, "llama_4_scaling_beta": 0.1,
                                       "original_max_position_embeddings": 4}},
      "rope_parameters['partial_rotary_factor']=0.5"),
+    ("granitemoe", {"mlp_bias": True}, "mlp_bias"),
+    ("granitemoeshared", {"residual_multiplier": -0.5}, "residual_multiplier=-0.5"),
+    ("flex_olmo", {"clip_qkv": 8.0}, "clip_qkv"),
 ])
 def test_foreign_configs_hf_moe_cannot_express_are_refused(saved, tmp_path, model_type, changes, named):
     edit_config(saved[model_type][0], tmp_path / "edited", **changes)
@@ -233,6 +259,10 @@ def test_convert_both_ways_is_exact(saved, tmp_path, model_type):
     ("deepseek_v3", "mistral4", "scoring_func"),
     ("deepseek_v2", "mistral4", "group_score"),
     ("mistral4", "deepseek_v2", "norm_topk_prob"),
+    ("granitemoe", "mixtral", "embedding_multiplier"),
+    ("mixtral", "granitemoe", "sliding_window"),
+    ("granitemoeshared", "granitemoe", "shared_expert_size"),
+    ("olmoe", "flex_olmo", "norm_placement"),
 ])
 def test_exports_a_family_cannot_express_are_refused_and_write_nothing(saved, tmp_path, model_type, to, named):
     with pytest.raises(InteropError, match=rf"{named}=.*Families that express this model exactly: {model_type}"):

@@ -47,8 +47,14 @@ def test_save_and_reload_with_auto_gives_identical_logits(tmp_path, tie):
         assert torch.equal(a, b), name
 
 
+# Granite's multipliers (its 1/head_dim attention scale) and FlexOlmo's norms after each sublayer
+SCALED_POST_NORM = {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.125,
+                    "logits_scaling": 6.0, "norm_placement": "post"}
+
+
 @pytest.mark.parametrize("overrides", [{}, {"sliding_window": 4}, {"qk_norm": True, "qkv_bias": True},
-                                       {"qk_norm": True, "qk_norm_order": "after_rope"}, {"rope_interleave": True}])
+                                       {"qk_norm": True, "qk_norm_order": "after_rope"}, {"rope_interleave": True},
+                                       SCALED_POST_NORM])
 def test_greedy_generate_with_cache_equals_full_forward_without_cache(overrides):
     model = make_model(**overrides)
     ids = torch.randint(0, 97, (2, 5))
@@ -123,8 +129,9 @@ def test_experts_with_no_tokens_and_all_tokens_on_one_expert():
         assert_rel_close(outs[impl], outs["eager"], 1e-5, impl)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    model = make_model(num_shared_experts=1).train()
+@pytest.mark.parametrize("overrides", [{}, SCALED_POST_NORM])
+def test_gradient_checkpointing_gives_the_same_gradients(overrides):
+    model = make_model(num_shared_experts=1, **overrides).train()
     ids = torch.randint(0, 97, (2, 10))
     _, ref = _loss_and_grads(model, ids)
     model.gradient_checkpointing_enable()

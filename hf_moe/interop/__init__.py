@@ -1,6 +1,6 @@
 """Foreign MoE checkpoints in and out: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, GLM-4-MoE, DeepSeek-V3, dots.llm1, Solar
-Open, GLM-4-MoE-Lite, MiniMax-M2, DeepSeek-V2, ERNIE-4.5-MoE, Hunyuan-MoE-V1, Hy3, Mistral 4, DeepSeek-V3.2 and
-GLM-MoE-DSA (GLM-5), exactly or not at all.
+Open, GLM-4-MoE-Lite, MiniMax-M2, DeepSeek-V2, ERNIE-4.5-MoE, Hunyuan-MoE-V1, Hy3, Mistral 4, DeepSeek-V3.2,
+GLM-MoE-DSA (GLM-5), Granite MoE (with and without its shared MLP) and FlexOlmo, exactly or not at all.
 
     model = HfMoeForCausalLM.from_pretrained("./Qwen3-30B-A3B")             # a transformers checkpoint folder
     model = HfMoeForCausalLM.from_pretrained("./Mixtral-8x7B", expert_parallel_size=8)   # this rank's experts only
@@ -29,9 +29,12 @@ How a family is added (the contract; `families/mixtral.py` is the shortest examp
    `shared_expert_gate.weight` become the family's `router`, `expert_bias`, `shared_experts`, `shared_expert_gate`.
    Routed experts are read from the per-expert layout transformers 5 saves
    (`{moe_module}.{experts}.{e}.{gate|up|down}.weight`, names from `expert_names`) or from fused
-   `{experts}.gate_up_proj [E, 2I, H]` / `{experts}.down_proj [E, H, I]`, and exported per expert (fused where
-   transformers saves the family so, `saves_fused_experts`). `ignored` names
-   foreign tensors the family's own class does not load either (GLM's multi-token-prediction layers).
+   `{experts}.gate_up_proj [E, 2I, H]` / `{experts}.down_proj [E, H, I]`, and exported per expert. A family whose
+   class saves them fused (Mistral 4, Granite) names its two fused tensors in `fused_experts`: exports write them so,
+   imports read them so wherever a checkpoint has them. Shared experts may sit on the decoder layer instead
+   (`shared_experts_in_layer`) and have their own projection names (`shared_expert_names`; one name for gate and
+   up: one tensor, gate rows first). `ignored` names foreign tensors the family's own class does not load either
+   (GLM's multi-token-prediction layers).
 5. Tests: add the family's tiny transformers config to `tests/test_interop.py::FAMILIES`; every check there (logits,
    cached generate, both conversions, bit-exact round trip, refusals, expert-parallel load) then covers it.
 
@@ -69,7 +72,7 @@ from .family import (
     register_family,
     signature,
 )
-from .plan import TensorPlan, export_plans, export_sources, tensor_plans
+from .plan import TensorPlan, export_sources, tensor_plans
 from .wrappers import WRAPPERS, VlmWrapper
 
 for _family in BUILTIN_FAMILIES:
@@ -90,7 +93,6 @@ __all__ = [
     "common_to_hf_moe",
     "differences",
     "export_config",
-    "export_plans",
     "export_sources",
     "families_for",
     "refuse",

@@ -108,7 +108,7 @@ class ForeignCheckpoint:
         family = self.family
         if any(f".{family.fused_moe_module}.{family.experts}." in name for name in fused):
             family = replace(family, moe_module=family.fused_moe_module)  # a state dict saved as transformers holds it
-        plans = tensor_plans(family, expected, config.moe_layer_indices, fused)
+        plans = tensor_plans(family, expected, config.moe_layer_indices, have)
         ignored = (lambda name: self.family.ignored(self.config, name)) if self.family.ignored else (lambda name: False)
         check_against(plans, self.family, have, str(self.path), config.tie_word_embeddings, ignored)
         wanted = {name for plan in plans for name in plan.foreign_names}
@@ -131,8 +131,12 @@ class ForeignCheckpoint:
         only experts `[start, end)` when given. FP8 tensors are dequantized here, one tensor or one expert at a time,
         each cast to `dtype` before the next is read, so the float32 values of more than one are never held."""
         name = plan.sources[0][0]
-        if not plan.experts or (not plan.per_expert and name not in self.scales):
-            value = self._get(name, start, end) if plan.experts else self._get(name).reshape(plan.shape)
+        if not plan.experts:
+            value = self._get(name)
+            value = (value if plan.rows is None else value[plan.rows[0] : plan.rows[1]]).reshape(plan.shape)
+            return value if dtype is None else value.to(dtype)
+        if not plan.per_expert and name not in self.scales:
+            value = self._get(name, start, end)
             return value if dtype is None else value.to(dtype)
         experts = range(plan.shape[0])[slice(start, end)]
         stored = torch.float32 if name in self.scales else self.reader.tensors[name].dtype

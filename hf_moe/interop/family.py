@@ -60,11 +60,19 @@ class MoeFamily:
     expert_names: ExpertNames = ExpertNames()
     shared_experts: str = "shared_experts"
     shared_expert_gate: str = "shared_expert_gate.weight"
-    saves_fused_experts: bool = False
-    """transformers saves this family's routed experts as its model holds them, fused (`experts.gate_up_proj
-    [E, 2I, H]`, `experts.down_proj [E, H, I]`; Mistral 4 has no per-expert conversion): an export writes them so."""
     expert_bias_as_row: bool = False
     """The expert bias is saved as one `[1, E]` row (ERNIE-4.5's, one row per expert group) rather than `[E]`."""
+    fused_experts: tuple[str, str] | None = None
+    """transformers saves this family's routed experts fused, as these two tensors of the MoE module: `[E, 2I, H]`
+    (each expert's gate rows, then its up rows) and `[E, H, I]` (Mistral 4's `experts.gate_up_proj` /
+    `experts.down_proj`, Granite's `input_linear.weight` / `output_linear.weight`). An export writes them so; an
+    import reads them so wherever a checkpoint has these names, per expert otherwise (`fused_names`)."""
+    shared_expert_names: ExpertNames = ExpertNames()
+    """The shared experts' projections; `gate == up` names one tensor holding both, the gate's rows first (Granite's
+    `input_linear`)."""
+    shared_experts_in_layer: bool = False
+    """The shared experts are a module of the decoder layer (`model.layers.{i}.{shared_experts}`, Granite's
+    `shared_mlp`) rather than of the MoE module."""
     renames: tuple[tuple[str, str], ...] = ()
     """Extra `(hf-moe regex, foreign replacement)` pairs applied with `re.sub` to every hf-moe name outside the
     routed experts, after the MoE-block names above (e.g. attention projections named otherwise)."""
@@ -75,8 +83,20 @@ class MoeFamily:
         """The family's transformers config class built from `kwargs` (validated by transformers)."""
         return AutoConfig.for_model(self.model_type, **kwargs)
 
+    def fused_names(self, layer: int) -> tuple[str, str]:
+        """The foreign names of MoE layer `layer`'s fused routed experts `[E, 2I, H]`, `[E, H, I]`: `fused_experts`,
+        else transformers' in-memory `{experts}.gate_up_proj` / `{experts}.down_proj`, which any family imports."""
+        gate_up, down = self.fused_experts or (f"{self.experts}.gate_up_proj", f"{self.experts}.down_proj")
+        prefix = f"model.layers.{layer}.{self.moe_module}."
+        return prefix + gate_up, prefix + down
+
     def foreign_name(self, name: str, moe_layers: set[int]) -> str:
         """The foreign name of the hf-moe tensor `name` (the routed experts excluded: see `hf_moe.interop.plan`)."""
+        return self.foreign_rows(name, moe_layers)[0]
+
+    def foreign_rows(self, name: str, moe_layers: set[int]) -> tuple[str, int, int]:
+        """`(foreign name, k, n)`: the hf-moe tensor `name` is the k-th of `n` equal blocks of rows of that foreign
+        tensor, `n = 1` being all of it (the routed experts excluded: see `hf_moe.interop.plan`)."""
         match = _MOE_PART.fullmatch(name)
         if match and int(match.group(1)) in moe_layers:
             layer, part = match.group(1), match.group(2)
@@ -84,15 +104,22 @@ class MoeFamily:
             for ours, theirs in (("router.weight", self.router), ("router.expert_bias", self.expert_bias),
                                  ("shared_expert_gate.weight", self.shared_expert_gate)):
                 if part == ours:
-                    return prefix + theirs
-            if part.startswith("shared_experts."):
-                return prefix + self.shared_experts + part[len("shared_experts"):]
+                    return prefix + theirs, 0, 1
+            shared = _SHARED_PROJECTION.fullmatch(part)
+            if shared:
+                names, projection = self.shared_expert_names, shared.group(1)
+                theirs = {"gate_proj": names.gate, "up_proj": names.up, "down_proj": names.down}[projection]
+                where = f"model.layers.{layer}." if self.shared_experts_in_layer else prefix
+                stacked = names.gate == names.up and projection != "down_proj"
+                block, blocks = (int(projection == "up_proj"), 2) if stacked else (0, 1)
+                return f"{where}{self.shared_experts}.{theirs}.weight", block, blocks
         for pattern, replacement in self.renames:
             name = re.sub(pattern, replacement, name)
-        return name
+        return name, 0, 1
 
 
 _MOE_PART = re.compile(r"model\.layers\.(\d+)\.mlp\.(.+)")
+_SHARED_PROJECTION = re.compile(r"shared_experts\.(gate_proj|up_proj|down_proj)\.weight")
 
 FAMILIES: dict[str, MoeFamily] = {}
 """transformers `model_type` → [`MoeFamily`]: the foreign families hf-moe imports and exports."""
@@ -330,7 +357,8 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         "router_type",
         "num_experts", "num_experts_per_tok", "scoring_func", "routed_scaling_factor", "use_expert_bias",
         "drop_tokens", "shared_expert_gate", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-        "v_head_dim", "rope_interleave", "index_topk", "index_n_heads", "index_head_dim", "indexer_rope_interleave")}
+        "v_head_dim", "rope_interleave", "index_topk", "index_n_heads", "index_head_dim", "indexer_rope_interleave",
+        "embedding_multiplier", "residual_multiplier", "logits_scaling", "norm_placement")}
     sig.update(
         sliding_window=cfg.sliding_window if sliding_layers(cfg) else None, layer_types=cfg.attention_layer_types,
         rope_parameters={"partial_rotary_factor": 1.0, **(cfg.rope_parameters or {})},
@@ -342,6 +370,8 @@ def signature(cfg: HfMoeConfig) -> dict[str, Any]:
         shared_expert_size=cfg.shared_expert_size, norm_topk_prob=renormalised,
         n_group=cfg.n_group if grouped else None, topk_group=cfg.topk_group if grouped else None,
         group_score=cfg.group_score if grouped else None,
+        # the softmax scale grouped-query attention uses (MLA's own is fixed by its widths and RoPE)
+        attention_multiplier=None if cfg.is_mla else cfg.attention_multiplier or cfg.head_dim**-0.5,
     )
     return sig
 

@@ -8,13 +8,15 @@ streaming conversion either way.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from .family import InteropError, MoeFamily
 
 _EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)")
 _RECOMPUTED = (".rotary_emb.inv_freq",)  # buffers older checkpoints carry; the model recomputes them
+ExportBlock = tuple[str, int | None, slice | None]
+"""Rows of a foreign tensor an export writes: (hf-moe name, expert or None, rows of that expert or None)."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,8 @@ class TensorPlan:
     `sources[e]` are the foreign tensors of expert `e` concatenated along their dim 0 (`per_expert`: gate then up
     for `gate_up_proj`, down for `down_proj`); otherwise `sources == ((name,),)`, one foreign tensor of the same
     shape (the routed experts' fused tensor when `experts`, read by expert rows), or of `foreign_shape` when set:
-    the same values in another shape (ERNIE-4.5's `[1, E]` expert bias)."""
+    the same values in another shape (ERNIE-4.5's `[1, E]` expert bias), or with `rows = (a, b)` those rows of it
+    (Granite's shared MLP holds the gate's rows, then the up projection's)."""
 
     name: str
     shape: tuple[int, ...]
@@ -32,6 +35,7 @@ class TensorPlan:
     experts: bool = False
     per_expert: bool = False
     foreign_shape: tuple[int, ...] | None = None
+    rows: tuple[int, int] | None = None
 
     @property
     def foreign_names(self) -> list[str]:
@@ -39,39 +43,36 @@ class TensorPlan:
 
 
 def tensor_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]], moe_layers: Iterable[int],
-                 fused: set[str] = frozenset()) -> list[TensorPlan]:
-    """The plan of every hf-moe tensor in `expected` (name → full shape). Routed experts are read from the per-expert
-    layout transformers 5 saves, or from the fused tensor when its foreign name is in `fused`."""
+                 stored: Collection[str] | None = None) -> list[TensorPlan]:
+    """The plan of every hf-moe tensor in `expected` (name → full shape). Routed experts are read fused where the
+    checkpoint's tensor names `stored` (an import) include the family's fused names (`MoeFamily.fused_names`), else
+    from the per-expert layout transformers 5 saves; without `stored` (an export) they are planned as the family
+    saves them: fused when it names `fused_experts`, else per expert."""
     moe = set(moe_layers)
     plans = []
     for name, shape in expected.items():
         match = _EXPERTS.fullmatch(name)
         if match is None:
+            foreign, block, blocks = family.foreign_rows(name, moe)
+            if blocks > 1:  # rows of a foreign tensor stacking several hf-moe tensors
+                plans.append(TensorPlan(name, shape, ((foreign,),), foreign_shape=(blocks * shape[0], *shape[1:]),
+                                        rows=(block * shape[0], (block + 1) * shape[0])))
+                continue
             as_row = family.expert_bias_as_row and name.endswith(".router.expert_bias")
-            plans.append(TensorPlan(name, shape, ((family.foreign_name(name, moe),),),
-                                    foreign_shape=(1, *shape) if as_row else None))
+            plans.append(TensorPlan(name, shape, ((foreign,),), foreign_shape=(1, *shape) if as_row else None))
             continue
         layer, part = match.groups()
-        prefix = f"model.layers.{layer}.{family.moe_module}.{family.experts}."
-        if prefix + part in fused:
-            plans.append(TensorPlan(name, shape, ((prefix + part,),), experts=True))
+        fused = family.fused_names(int(layer))[part == "down_proj"]
+        read_fused = family.fused_experts is not None if stored is None else fused in stored
+        if read_fused:
+            plans.append(TensorPlan(name, shape, ((fused,),), experts=True))
             continue
+        prefix = f"model.layers.{layer}.{family.moe_module}.{family.experts}."
         names = family.expert_names
         projections = (names.gate, names.up) if part == "gate_up_proj" else (names.down,)
         sources = tuple(tuple(f"{prefix}{e}.{p}.weight" for p in projections) for e in range(shape[0]))
         plans.append(TensorPlan(name, shape, sources, experts=True, per_expert=True))
     return plans
-
-
-def export_plans(family: MoeFamily, expected: dict[str, tuple[int, ...]],
-                 moe_layers: Iterable[int]) -> list[TensorPlan]:
-    """The plans of an export to `family`: routed experts in the per-expert layout, or fused where transformers saves
-    the family's experts so (`saves_fused_experts`)."""
-    fused = set()
-    if family.saves_fused_experts:
-        fused = {f"model.layers.{m[1]}.{family.moe_module}.{family.experts}.{m[2]}"
-                 for m in map(_EXPERTS.fullmatch, expected) if m is not None}
-    return tensor_plans(family, expected, moe_layers, fused)
 
 
 def part_shape(plan: TensorPlan) -> tuple[int, ...]:
@@ -102,16 +103,22 @@ def check_against(plans: list[TensorPlan], family: MoeFamily, have: dict[str, tu
         raise InteropError(f"{where}: tensor shapes disagree with config.json: {wrong[:4]}.")
 
 
-def export_sources(plans: list[TensorPlan]) -> list[tuple[str, tuple[int, ...], str, int | None, slice | None]]:
-    """For every foreign tensor an export writes, in order: (foreign name, its shape, hf-moe name, expert or None,
-    rows of that expert or None). Experts are written per expert, or whole where the plan reads them fused."""
-    out = []
+def export_sources(plans: list[TensorPlan]) -> list[tuple[str, tuple[int, ...], list[ExportBlock]]]:
+    """For every foreign tensor an export writes, in order: (foreign name, its shape, its blocks of rows in order).
+    A block `(hf-moe name, expert, rows)` is that whole hf-moe tensor (`expert` None), one expert's `[1, ...]` slice
+    of it (a fused expert tensor, one block per expert) or that expert's `rows` (the per-expert layout); a foreign
+    tensor holding several hf-moe tensors' rows (`TensorPlan.rows`) has a block for each."""
+    out: dict[str, tuple[tuple[int, ...], list[tuple[int, ExportBlock]]]] = {}
     for plan in plans:
-        if not plan.per_expert:
-            out.append((plan.sources[0][0], part_shape(plan), plan.name, None, None))
-            continue
-        rows = plan.shape[1] // len(plan.sources[0])
-        for e, parts in enumerate(plan.sources):
-            out += [(name, part_shape(plan), plan.name, e, slice(j * rows, (j + 1) * rows))
-                    for j, name in enumerate(parts)]
-    return out
+        if not plan.experts:
+            first_row = plan.rows[0] if plan.rows else 0
+            out.setdefault(plan.sources[0][0], (part_shape(plan), []))[1].append((first_row, (plan.name, None, None)))
+        elif not plan.per_expert:
+            out[plan.sources[0][0]] = (plan.shape, [(e, (plan.name, e, None)) for e in range(plan.shape[0])])
+        else:
+            rows = plan.shape[1] // len(plan.sources[0])
+            for e, parts in enumerate(plan.sources):
+                for j, name in enumerate(parts):
+                    out[name] = (part_shape(plan), [(0, (plan.name, e, slice(j * rows, (j + 1) * rows)))])
+    return [(name, shape, [block for _, block in sorted(blocks, key=lambda b: b[0])])
+            for name, (shape, blocks) in out.items()]

@@ -147,5 +147,5 @@ MISTRAL4 = MoeFamily(
         "qk_head_dim", "rope_interleave", "attention_bias", "pretraining_tp", "intermediate_size",
         "moe_intermediate_size", "n_routed_experts", "first_k_dense_replace", "n_shared_experts", "n_group",
         "topk_group", "norm_topk_prob", "routed_scaling_factor"},
-    saves_fused_experts=True,
+    fused_experts=("experts.gate_up_proj", "experts.down_proj"),
 )
