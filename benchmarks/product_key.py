@@ -279,7 +279,7 @@ def selection_part(tokens: int, reps: int, device: str, out: ResultFile, top_k: 
     n = int(math.isqrt(EXPERTS))
     for heads, keys, k in ((1, n, top_k), (1, 512, top_k), (8, n, 8)):  # FlashMoE's, the large, PEER's selections
         log_probs = torch.randn(tokens, heads, 2, keys, device=device).log_softmax(-1)
-        experts, _ = product_key_pairs(log_probs, k)
+        experts, _, _ = product_key_pairs(log_probs, k)
         want, _ = product_key_top_k(log_probs.cpu(), k)
         row = {"part": "selection", "tokens": tokens, "heads": heads, "keys": keys, "top_k": k,
                "kernel_ms": round(median_and_min(lambda lp=log_probs, k=k: product_key_pairs(lp, k), device, reps)[0]

@@ -28,14 +28,17 @@ ACTS = {"silu": F.silu, "relu": torch.relu, "relu2": lambda h: torch.relu(h) ** 
 
 def _pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The selection kernel's `(experts, keys)` on the CPU, its key positions (`i`, `N + j`) checked against its
-    experts `i·N + j`."""
+    experts `i·N + j` and its scores against the float32 sum of the inputs at those positions."""
     from hf_moe.moe.kernels.product_key_top_k import product_key_pairs
 
     n = log_probs.shape[-1]
-    experts, keys = (t.cpu() for t in product_key_pairs(log_probs.to(DEVICE), k))
-    assert keys.shape == (*experts.shape[:-1], 2, k)
+    experts, keys, scores = (t.cpu() for t in product_key_pairs(log_probs.to(DEVICE), k))
+    assert keys.shape == (*experts.shape[:-1], 2, k) and scores.shape == experts.shape
     assert ((keys[..., 0, :] < n) & (keys[..., 1, :] >= n)).all()
     assert torch.equal(keys[..., 0, :] * n + keys[..., 1, :] - n, experts)
+    rows = log_probs.flatten(-2)
+    want = rows.gather(-1, keys[..., 0, :]) + rows.gather(-1, keys[..., 1, :])
+    assert torch.equal(scores, want)
     return experts, keys
 
 
@@ -97,6 +100,27 @@ def test_pairs_kernel_ranks_by_exact_sums(n, k):
             want = brute_force(log_probs[t, h], k)[0]
             assert torch.equal(experts[t, h], want), (t, h)
             assert not torch.equal(brute_force(log_probs[t, h], k, torch.float32)[0], want)
+
+
+@pytest.mark.parametrize("n,k,heads", [(16, 8, 3), (128, 64, 1)])
+def test_kernel_scores_and_their_gradients_equal_the_gather(n, k, heads):
+    """The router's kernel path (experts and scores from the kernel, the scores' gradient scattered to the keys)
+    against the torch path's gather and sum: the same experts, equal scores, equal gradients of the logits (float64
+    weights of the scores, so the scattered sums are compared at float32 rounding)."""
+    from hf_moe.moe.router.product_key import _KernelScores, product_key_top_k
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, heads, 2, n)
+    weights = torch.randn(5, heads, k)
+    got_logits = logits.clone().to(DEVICE).requires_grad_()
+    index, score = _KernelScores.apply(got_logits, k)
+    (score * weights.to(DEVICE)).sum().backward()
+    want_logits = logits.clone().requires_grad_()
+    want_index, want_score = product_key_top_k(want_logits, k)
+    (want_score * weights).sum().backward()
+    assert torch.equal(index.cpu(), want_index) and torch.equal(score.detach().cpu(), want_score.detach())
+    torch.testing.assert_close(got_logits.grad.cpu(), want_logits.grad, rtol=1e-6, atol=1e-6)
+    assert want_logits.grad.count_nonzero() > 0
 
 
 @pytest.mark.parametrize("act", list(ACTS))

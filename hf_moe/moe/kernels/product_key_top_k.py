@@ -16,8 +16,9 @@ than 2²⁸ times the other in magnitude, or one is 0): the pruning in step 2 is
 strictly below the pairs that dominate it, which exact sums with ties to the lower expert guarantee and rounded
 float32 sums do not (two different sums can round to one, and the tie rule may then put the dominated pair
 first). The torch path of `hf_moe.moe.router.product_key` ranks by the same float64 sums, so both choose the same
-experts. NaN log-probabilities rank as −∞, so every output slot is written with an index in range. The selection is
-not differentiable; the caller gathers the chosen scores from the log-probabilities with torch ops.
+experts. NaN log-probabilities rank as −∞, so every output slot is written with an index in range. The kernel also
+writes each chosen pair's score (its two inputs added in float32); it is not differentiable: the caller's backward
+scatters the scores' gradients to the keys' positions.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def _candidate(pairs_ptr, slots, value_ptr, index_ptr, num_keys, NUM_PAIRS: tl.c
 
 @triton.jit
 def _product_key_pairs_kernel(
-    log_probs_ptr, pairs_ptr, value_ptr, index_ptr, expert_ptr, key_ptr, num_keys,
+    log_probs_ptr, pairs_ptr, value_ptr, index_ptr, expert_ptr, key_ptr, score_ptr, num_keys,
     TOP_K: tl.constexpr, CANDIDATES: tl.constexpr, NUM_PAIRS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
@@ -134,9 +135,13 @@ def _product_key_pairs_kernel(
         rank = tl.sum(beaten_by, axis=1)
         keep = (slots < NUM_PAIRS) & (rank < TOP_K)
         first = experts // num_keys
+        second = experts - first * num_keys + num_keys
+        # the score as the caller's gather would sum it: the two keys' inputs added in float32 (NaN stays NaN)
+        score = tl.load(base + first, mask=keep, other=0.0) + tl.load(base + second, mask=keep, other=0.0)
         tl.store(expert_ptr + row * TOP_K + rank, experts, mask=keep)
         tl.store(key_ptr + row * 2 * TOP_K + rank, first, mask=keep)
-        tl.store(key_ptr + (row * 2 + 1) * TOP_K + rank, experts - first * num_keys + num_keys, mask=keep)
+        tl.store(key_ptr + (row * 2 + 1) * TOP_K + rank, second, mask=keep)
+        tl.store(score_ptr + row * TOP_K + rank, score, mask=keep)
 
 
 def serves(log_probs: torch.Tensor, k: int) -> bool:
@@ -144,14 +149,17 @@ def serves(log_probs: torch.Tensor, k: int) -> bool:
     return log_probs.dtype == torch.float32 and min(k, log_probs.shape[-1]) <= MAX_CANDIDATES
 
 
-def _product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`log_probs [..., 2, N]` float32 → `(experts [..., k], keys [..., 2, k])` int64: the k best pairs (see
-    `hf_moe.moe.router.product_key.product_key_top_k`), best first, as experts `i·N + j` and as the positions of
-    their two keys in the flattened `[..., 2·N]` row (`i`, then `N + j`), which one gather reads."""
+def _product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`log_probs [..., 2, N]` float32 → `(experts [..., k], keys [..., 2, k])` int64 and `scores [..., k]`
+    float32: the k best pairs (see `hf_moe.moe.router.product_key.product_key_top_k`), best first, as experts
+    `i·N + j`, as the positions of their two keys in the flattened `[..., 2·N]` row (`i`, then `N + j`, where a
+    backward scatters), and their scores `log_probs[i] + log_probs[N + j]` (a float32 addition, as a gather and a
+    sum would give)."""
     num_keys = log_probs.shape[-1]
     rows = log_probs.contiguous().view(-1, 2, num_keys)
     experts = torch.empty(rows.shape[0], k, dtype=torch.int64, device=log_probs.device)
     keys = torch.empty(rows.shape[0], 2, k, dtype=torch.int64, device=log_probs.device)
+    scores = torch.empty(rows.shape[0], k, dtype=torch.float32, device=log_probs.device)
     candidates = min(k, num_keys)
     if rows.shape[0]:
         pairs = candidate_pairs(k, candidates, log_probs.device)
@@ -160,20 +168,20 @@ def _product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, t
         indices = torch.empty(rows.shape[0], 2, candidates, dtype=torch.int32, device=log_probs.device)
         block_p = triton.next_power_of_2(num_pairs)
         _product_key_pairs_kernel[(rows.shape[0],)](
-            rows, pairs, values, indices, experts, keys, num_keys,
+            rows, pairs, values, indices, experts, keys, scores, num_keys,
             TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
             BLOCK_K=max(2, triton.next_power_of_2(candidates)),
             BLOCK_N=max(2, min(MAX_CHUNK, triton.next_power_of_2(num_keys))),
             BLOCK_P=max(2, min(_BLOCK_PAIRS, block_p)), BLOCK_Q=max(2, min(_BLOCK_PAIRS, block_p)), num_warps=1,
         )
     batch = log_probs.shape[:-2]
-    return experts.view(*batch, k), keys.view(*batch, 2, k)
+    return experts.view(*batch, k), keys.view(*batch, 2, k), scores.view(*batch, k)
 
 
-def _fake(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fake(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch = log_probs.shape[:-2]
-    return (log_probs.new_empty((*batch, k), dtype=torch.int64), log_probs.new_empty((*batch, 2, k),
-                                                                                      dtype=torch.int64))
+    return (log_probs.new_empty((*batch, k), dtype=torch.int64),
+            log_probs.new_empty((*batch, 2, k), dtype=torch.int64), log_probs.new_empty((*batch, k)))
 
 
 product_key_pairs = register_kernel_op("product_key_pairs", _product_key_pairs, _fake)

@@ -37,16 +37,40 @@ def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     """`log_probs [..., 2, N]` (each half's log-probabilities, or its logits: they rank alike, see the module
     docstring) → `(index [..., k] int64, score [..., k])`: the k
     largest `log_probs[0, i] + log_probs[1, j]` over all N² pairs, as expert `i·N + j`, best first, ties to the lower
-    expert, ranked by exact (float64) sums (see the module docstring). Differentiable in `score` (one gather of the
-    two keys from the inputs and their sum, in the inputs' dtype). On CUDA with Triton (float32, `min(k, N)` ≤ 64)
-    the selection is one kernel (`hf_moe.moe.kernels.product_key_top_k`) that ranks each half and about k·ln k
-    candidate pairs; elsewhere torch ops on `[..., k, k]`; both choose the same experts."""
+    expert, ranked by exact (float64) sums (see the module docstring). Differentiable in `score` (the two keys'
+    inputs added in their dtype; its gradient goes to those two positions). On CUDA with Triton (float32, `min(k, N)`
+    ≤ 64) the selection and the scores are one kernel (`hf_moe.moe.kernels.product_key_top_k`) that ranks each half
+    and about k·ln k candidate pairs; elsewhere torch ops on `[..., k, k]` and a gather; both choose the same experts
+    and give the same scores."""
     if kernels.HAS_TRITON and log_probs.is_cuda and kernels.product_key_top_k.serves(log_probs, k):
-        index, keys = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
-    else:
-        index, keys = _pairs_torch(log_probs.detach(), k)
+        if torch.is_grad_enabled() and log_probs.requires_grad:
+            return _KernelScores.apply(log_probs, k)
+        index, _, score = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
+        return index, score
+    index, keys = _pairs_torch(log_probs.detach(), k)
     score = log_probs.flatten(-2).gather(-1, keys.flatten(-2)).unflatten(-1, (2, k)).sum(dim=-2)
     return index, score
+
+
+class _KernelScores(torch.autograd.Function):
+    """The selection kernel's experts and scores, with the scores' backward: each score's gradient added at its two
+    keys' positions (what a gather's backward does), so no gather and sum run in forward."""
+
+    @staticmethod
+    def forward(ctx, log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, keys, score = kernels.product_key_top_k.product_key_pairs(log_probs.detach(), k)
+        ctx.save_for_backward(keys)
+        ctx.num_keys = log_probs.shape[-1]
+        ctx.mark_non_differentiable(index)
+        return index, score
+
+    @staticmethod
+    def backward(ctx, _grad_index: torch.Tensor | None, grad_score: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keys,) = ctx.saved_tensors
+        rows = keys.flatten(-2)  # [..., 2k]: the positions i and N + j in each flattened [..., 2N] row
+        grad = grad_score.new_zeros(*keys.shape[:-2], 2 * ctx.num_keys)
+        grad.scatter_add_(-1, rows, grad_score.unsqueeze(-2).expand(keys.shape).flatten(-2))
+        return grad.unflatten(-1, (2, ctx.num_keys)), None
 
 
 def _pairs_torch(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
