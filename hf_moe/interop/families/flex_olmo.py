@@ -13,30 +13,15 @@ from transformers import PretrainedConfig
 
 from ...configuration_hf_moe import HfMoeConfig
 from ..family import COMMON_HANDLED, MoeFamily, common_from_hf_moe, common_to_hf_moe
+from .olmoe import MOE_HANDLED, moe_fields_from_hf_moe, moe_fields_to_hf_moe
 
 
 def to_hf_moe(cfg: PretrainedConfig) -> dict[str, Any]:
-    return {
-        **common_to_hf_moe(cfg),
-        "intermediate_size": cfg.intermediate_size,
-        "moe_intermediate_size": cfg.intermediate_size,
-        "num_experts": cfg.num_experts,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "attention_bias": cfg.attention_bias,
-        "qk_norm": True,
-        "qk_norm_scope": "projection",
-        "norm_placement": "post",
-    }
+    return {**common_to_hf_moe(cfg), **moe_fields_to_hf_moe(cfg), "norm_placement": "post"}
 
 
 def from_hf_moe(cfg: HfMoeConfig) -> dict[str, Any]:
-    return {
-        **common_from_hf_moe(cfg),
-        "intermediate_size": cfg.moe_intermediate_size,
-        "num_experts": cfg.num_experts,
-        "norm_topk_prob": cfg.norm_topk_prob,
-        "attention_bias": cfg.attention_bias,
-    }
+    return {**common_from_hf_moe(cfg), **moe_fields_from_hf_moe(cfg)}
 
 
 FLEX_OLMO = MoeFamily(
@@ -44,5 +29,5 @@ FLEX_OLMO = MoeFamily(
     architecture="FlexOlmoForCausalLM",
     to_hf_moe=to_hf_moe,
     from_hf_moe=from_hf_moe,
-    handled_fields=COMMON_HANDLED | {"intermediate_size", "num_experts", "norm_topk_prob", "attention_bias"},
+    handled_fields=COMMON_HANDLED | MOE_HANDLED,
 )
