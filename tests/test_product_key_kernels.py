@@ -105,8 +105,8 @@ def test_pairs_kernel_ranks_by_exact_sums(n, k):
 @pytest.mark.parametrize("n,k,heads", [(16, 8, 3), (128, 64, 1)])
 def test_kernel_scores_and_their_gradients_equal_the_gather(n, k, heads):
     """The router's kernel path (experts and scores from the kernel, the scores' gradient scattered to the keys)
-    against the torch path's gather and sum: the same experts, equal scores, equal gradients of the logits (float64
-    weights of the scores, so the scattered sums are compared at float32 rounding)."""
+    against the torch path's gather and sum: the same experts, equal scores, equal gradients of the logits (random
+    weights of the scores; the scattered sums may add in another order, so they are compared at float32 rounding)."""
     from hf_moe.moe.router.product_key import _KernelScores, product_key_top_k
 
     torch.manual_seed(0)
