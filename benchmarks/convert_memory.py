@@ -24,7 +24,14 @@ import tempfile
 from pathlib import Path
 
 from .record import ResultFile
-from .rss import print_table, report_step, run_child, save_in_memory_shards, streaming_against_naive
+from .rss import (
+    parse_or_run_child,
+    print_table,
+    run_child,
+    save_in_memory_shards,
+    streaming_against_naive,
+    suite_parser,
+)
 
 SHARD_BYTES = 10**9
 
@@ -35,7 +42,8 @@ def generate(path: Path, args: argparse.Namespace) -> None:
     from safetensors.torch import save_file
     from transformers import Qwen3MoeConfig
 
-    H, I, E, heads, kv, d = args.hidden, args.moe_intermediate, args.experts, args.hidden // 128, 4, 128
+    H, I, E, heads, d = args.hidden, args.moe_intermediate, args.experts, args.hidden // 128, 128
+    kv = min(4, heads)  # a divisor of the heads (hidden 256 has 2)
     config = Qwen3MoeConfig(vocab_size=args.vocab, hidden_size=H, intermediate_size=4 * H, moe_intermediate_size=I,
                             num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=kv,
                             head_dim=d, num_experts=E, num_experts_per_tok=args.top_k, norm_topk_prob=True)
@@ -109,30 +117,16 @@ def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
     convert(src, out, "hf_moe", max_shard_size=args.max_shard_size, progress=False)
 
 
-def child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> None:
-    import conversions.converting  # noqa: F401  (imports torch and transformers before the baseline is taken)
-
-    step = {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode]
-    report_step(mode, lambda: step(src, out, args), out)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=1024)
+    import conversions.converting  # noqa: F401  (a child imports torch and transformers before its baseline)
+
+    parser = suite_parser(__doc__, hidden=1024, layers=16, max_shard_size="1GB")
     parser.add_argument("--moe-intermediate", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--experts", type=int, default=40)
     parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--max-shard-size", default="1GB")
-    parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.hidden < 128 or args.hidden % 128:
-        parser.error(f"--hidden {args.hidden}: expected a multiple of 128 (the attention heads are 128 wide)")
-    if args.child:
-        mode, src, out = args.child
-        child(mode, Path(src), Path(out), args)
+    steps = {"naive": naive, "streaming": streaming, "generate": lambda src, out, a: generate(out, a)}
+    args = parse_or_run_child(parser, steps)
+    if args is None:
         return
     argv = sys.argv[1:]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

@@ -7,6 +7,7 @@ so one step's peak RSS cannot hide another's; the child prints one JSON line tha
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import subprocess
@@ -44,6 +45,35 @@ def report_step(mode: str, step: Callable[[], object], out: Path) -> None:
     written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(json.dumps({"mode": mode, "peak_rss": peak_rss(), "baseline_rss": baseline, "seconds": seconds,
                       "bytes_written": written}))
+
+
+Step = Callable[[Path, Path, argparse.Namespace], None]
+
+
+def suite_parser(description: str, *, hidden: int, layers: int, max_shard_size: str) -> argparse.ArgumentParser:
+    """The arguments every converter-memory suite takes (its own shape arguments are added by the suite)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=hidden)
+    parser.add_argument("--layers", type=int, default=layers)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--max-shard-size", default=max_shard_size)
+    parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
+    parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_or_run_child(parser: argparse.ArgumentParser, steps: dict[str, Step]) -> argparse.Namespace | None:
+    """The suite's arguments; or, when this process is a child (`--child MODE SRC OUT`), run step MODE, print its
+    row (`report_step`) and return None."""
+    args = parser.parse_args()
+    if args.hidden < 128 or args.hidden % 128:
+        parser.error(f"--hidden {args.hidden}: expected a multiple of 128 (the attention heads are 128 wide)")
+    if not args.child:
+        return args
+    mode, src, out = args.child
+    src, out = Path(src), Path(out)
+    report_step(mode, lambda: steps[mode](src, out, args), out)
+    return None
 
 
 def run_child(suite: str, mode: str, src: Path, out: Path, argv: list[str]) -> dict[str, Any]:

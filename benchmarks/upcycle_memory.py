@@ -22,7 +22,14 @@ import tempfile
 from pathlib import Path
 
 from .record import ResultFile
-from .rss import print_table, report_step, run_child, save_in_memory_shards, streaming_against_naive
+from .rss import (
+    parse_or_run_child,
+    print_table,
+    run_child,
+    save_in_memory_shards,
+    streaming_against_naive,
+    suite_parser,
+)
 
 
 def generate(path: Path, args: argparse.Namespace) -> None:
@@ -109,31 +116,17 @@ def streaming(src: Path, out: Path, args: argparse.Namespace) -> None:
                                     max_shard_size=args.max_shard_size, progress=False))
 
 
-def child(mode: str, src: Path, out: Path, args: argparse.Namespace) -> None:
-    import conversions  # noqa: F401  (imports torch and transformers before the baseline is taken)
-
-    step = {"naive": naive, "streaming": streaming, "generate": lambda s, o, a: generate(o, a)}[mode]
-    report_step(mode, lambda: step(src, out, args), out)
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
+    import conversions  # noqa: F401  (a child imports torch and transformers before its baseline)
+
+    parser = suite_parser(__doc__, hidden=2048, layers=20, max_shard_size="2GB")
     parser.add_argument("--intermediate", type=int, default=5632)
-    parser.add_argument("--layers", type=int, default=20)
-    parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--moe-layers", default="every-other")
-    parser.add_argument("--max-shard-size", default="2GB")
-    parser.add_argument("--workdir", default=None, help="where to put the checkpoints (default: a temp folder)")
-    parser.add_argument("--child", nargs=3, metavar=("MODE", "SRC", "OUT"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.hidden < 128 or args.hidden % 128:
-        parser.error(f"--hidden {args.hidden}: expected a multiple of 128 (the attention heads are 128 wide)")
-    if args.child:
-        mode, src, out = args.child
-        child(mode, Path(src), Path(out), args)
+    steps = {"naive": naive, "streaming": streaming, "generate": lambda src, out, a: generate(out, a)}
+    args = parse_or_run_child(parser, steps)
+    if args is None:
         return
     argv = sys.argv[1:]
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
