@@ -88,19 +88,25 @@ def gpu_work(fn, device: str) -> dict:
             "gpu_ms": round(sum(e.self_device_time_total for e in events) / 1e3, 3)}
 
 
-def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, backward: bool = True) -> dict:
+def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, backward: bool = True,
+            graph_steps: bool = False) -> dict:
     """Forward (no grad) and forward+backward median ms (`timing.timed_rounds`: each call from an idle device, timed
     with CUDA events), the median host ms to issue each call, the kernels each call launches and their summed GPU
-    time, and the peak memory (MiB) of each above what was allocated."""
+    time, and the peak memory (MiB) of each above what was allocated. `graph_steps`: the module replays
+    torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new step (a training step reads the
+    forward's outputs, which the next replay would overwrite)."""
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    step = torch.compiler.cudagraph_mark_step_begin if graph_steps else lambda: None
 
     def forward():
+        step()
         with torch.no_grad():
             return first(module(x))
 
     grad = torch.randn_like(x)
 
     def train():
+        step()
         first(module(x.requires_grad_(True))).backward(grad)
         x.grad = None
 
@@ -230,7 +236,8 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
             with torch.no_grad():
                 module(x)
             first_call_s = round(time.perf_counter() - started, 1)
-            rows.append(dict(measure(name, module, x, reps, device), first_call_s=first_call_s))
+            rows.append(dict(measure(name, module, x, reps, device, graph_steps=mode == "reduce-overhead"),
+                             first_call_s=first_call_s))
     for r in rows:
         r.update(part="peer", tokens=tokens, experts=experts, heads=heads, per_head=per_head)
         print(r, flush=True)
