@@ -2,23 +2,23 @@
 
 One program per row (token, head), never by repeated maxima:
 
-1. Halves. Each key is packed into one int64 that orders keys best first (larger log-probability, ties to the
-   lower index), and a bitonic top-k (`tl.topk`, N·log² c compare-exchanges rather than N² comparisons) keeps each
-   half's c = min(k, N) best, stored sorted to a per-row scratch buffer.
+1. Halves. Each key is packed into one int64 that orders keys best first (larger logit, ties to the lower index),
+   and a bitonic top-k (`tl.topk`, N·log² c compare-exchanges rather than N² comparisons) keeps each half's
+   c = min(k, N) best, sorted, in registers.
 2. Merge. With both halves sorted, the pair of ranks (a, b) has the (a+1)(b+1) − 1 pairs (a' ≤ a, b' ≤ b) ranked
    above it, so it can be among the k best only if (a+1)(b+1) ≤ k: about k·ln k candidates instead of k². They
-   come from a small device table of rank pairs ([`candidate_pairs`]); each candidate's rank is the number of
-   candidates that beat it (larger sum, or an equal sum at a lower expert `i·N + j`), counted over tiles, and the
-   candidates of rank < k are stored at output position rank.
+   come from a small device table of rank pairs ([`candidate_pairs`]), read from the halves with `tl.gather`; each
+   candidate's rank is the number of candidates that beat it (larger sum, or an equal sum at a lower expert
+   `i·N + j`), counted over tiles, and the candidates of rank < k are stored at output position rank.
 
-The sums are formed in float64, where the sum of two float32 log-probabilities is exact (whenever neither is more
-than 2²⁸ times the other in magnitude, or one is 0): the pruning in step 2 is exact only when every pair ranks
-strictly below the pairs that dominate it, which exact sums with ties to the lower expert guarantee and rounded
-float32 sums do not (two different sums can round to one, and the tie rule may then put the dominated pair
-first). The torch path of `hf_moe.moe.router.product_key` ranks by the same float64 sums, so both choose the same
-experts. NaN log-probabilities rank as −∞, so every output slot is written with an index in range. The kernel also
-writes each chosen pair's score (its two inputs added in float32); it is not differentiable: the caller's backward
-scatters the scores' gradients to the keys' positions.
+The sums are formed in float64, where the sum of two float32 inputs is exact (whenever neither is more than 2²⁸
+times the other in magnitude, or one is 0): the pruning in step 2 is exact only when every pair ranks strictly below
+the pairs that dominate it, which exact sums with ties to the lower expert guarantee and rounded float32 sums do
+not (two different sums can round to one, and the tie rule may then put the dominated pair first). The torch path
+of `hf_moe.moe.router.product_key` ranks by the same float64 sums, so both choose the same experts. NaN inputs rank
+as −∞, so every output slot is written with an index in range. The kernel also writes each chosen pair's score (its
+two inputs added in float32); it is not differentiable: the caller's backward scatters the scores' gradients to the
+keys' positions.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ MAX_CANDIDATES = 64
 MAX_CHUNK = 512
 """Keys of a half held at once by the halves' top-k; longer halves are merged chunk by chunk."""
 
-# Candidates ranked per tile side in the merge. A row's work is small and bound by latency (the scratch round trip,
-# the barrier), so one warp per row keeps the most rows in flight; at one warp 32 × 32 tiles fit its registers
+# Candidates ranked per tile side in the merge. A row's work is small and bound by latency, so one warp per row
+# keeps the most rows in flight; at one warp 32 × 32 tiles fit its registers
 # (docs/decisions/product-key-kernels.md).
 _BLOCK_PAIRS = 32
 
@@ -76,59 +76,48 @@ def _half_keys(log_probs_ptr, cols, num_keys):
 
 
 @triton.jit
-def _select_halves(log_probs_ptr, value_ptr, index_ptr, num_keys,
-                   CANDIDATES: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Store each half's CANDIDATES best keys (value float32, index int32) at positions 0..CANDIDATES−1, best first.
-
-    Bitonic top-BLOCK_K (`tl.topk`) of each `BLOCK_N` chunk of the keys, merged into the running best: the
-    elementwise max of a descending and an ascending sorted run is a bitonic run holding the BLOCK_K best of both,
-    which one bitonic merge sorts. Keys are distinct, so the order is total and exact."""
-    best = tl.topk(_half_keys(log_probs_ptr, tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
-    for start in range(BLOCK_N, num_keys, BLOCK_N):
-        chunk = tl.topk(_half_keys(log_probs_ptr, start + tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
-        best = tl.bitonic_merge(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+def _decode(best):
+    """Keys of `_half_keys` → (float64 value, int64 index)."""
     ordered = (best >> 32).to(tl.int32)
-    values = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True)
-    indices = 0x7FFFFFFF - (best & 0x7FFFFFFF).to(tl.int32)
-    positions = tl.arange(0, 2)[:, None] * CANDIDATES + tl.arange(0, BLOCK_K)[None, :]
-    keep = tl.arange(0, BLOCK_K)[None, :] < CANDIDATES
-    tl.store(value_ptr + positions, values, mask=keep)
-    tl.store(index_ptr + positions, indices, mask=keep)
+    values = tl.where(ordered < 0, ordered ^ 0x7FFFFFFF, ordered).to(tl.float32, bitcast=True).to(tl.float64)
+    return values, (0x7FFFFFFF - (best & 0x7FFFFFFF)).to(tl.int64)
 
 
 @triton.jit
-def _candidate(pairs_ptr, slots, value_ptr, index_ptr, num_keys, NUM_PAIRS: tl.constexpr, CANDIDATES: tl.constexpr):
-    """The candidates at `slots` of the pair table: (float64 sum, int64 expert); past the end (−∞, 2⁶²), which
-    never beats a candidate."""
+def _candidates(pairs_ptr, slots, v1, i1, v2, i2, num_keys, NUM_PAIRS: tl.constexpr):
+    """The candidates at `slots` of the pair table, read from the halves in registers: (float64 sum, int64 expert);
+    past the end (−∞, 2⁶²), which never beats a candidate."""
     valid = slots < NUM_PAIRS
     a = tl.load(pairs_ptr + slots, mask=valid, other=0)
     b = tl.load(pairs_ptr + NUM_PAIRS + slots, mask=valid, other=0)
-    sums = tl.load(value_ptr + a).to(tl.float64) + tl.load(value_ptr + CANDIDATES + b).to(tl.float64)
-    experts = tl.load(index_ptr + a).to(tl.int64) * num_keys + tl.load(index_ptr + CANDIDATES + b).to(tl.int64)
+    sums = tl.gather(v1, a, 0) + tl.gather(v2, b, 0)
+    experts = tl.gather(i1, a, 0) * num_keys + tl.gather(i2, b, 0)
     sums = tl.where(valid & (sums == sums), sums, float("-inf"))
     return sums, tl.where(valid, experts, 2**62)
 
 
 @triton.jit
 def _product_key_pairs_kernel(
-    log_probs_ptr, pairs_ptr, value_ptr, index_ptr, expert_ptr, key_ptr, score_ptr, num_keys,
-    TOP_K: tl.constexpr, CANDIDATES: tl.constexpr, NUM_PAIRS: tl.constexpr,
+    log_probs_ptr, pairs_ptr, expert_ptr, key_ptr, score_ptr, num_keys,
+    TOP_K: tl.constexpr, NUM_PAIRS: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = log_probs_ptr + row * 2 * num_keys
-    values = value_ptr + row * 2 * CANDIDATES
-    indices = index_ptr + row * 2 * CANDIDATES
-    _select_halves(base, values, indices, num_keys, CANDIDATES, BLOCK_K, BLOCK_N)
-    tl.debug_barrier()  # the halves' stores, made by all threads, are read back by all threads below
+    best = tl.topk(_half_keys(base, tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
+    for start in range(BLOCK_N, num_keys, BLOCK_N):
+        chunk = tl.topk(_half_keys(base, start + tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
+        best = tl.bitonic_merge(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
+    first_half = tl.arange(0, 2)[:, None] == 0  # the halves' keys are negative or not: sum, not max, picks a row
+    v1, i1 = _decode(tl.sum(tl.where(first_half, best, 0), axis=0))
+    v2, i2 = _decode(tl.sum(tl.where(first_half, 0, best), axis=0))
     for start in range(0, NUM_PAIRS, BLOCK_P):
         slots = start + tl.arange(0, BLOCK_P)
-        sums, experts = _candidate(pairs_ptr, slots, values, indices, num_keys, NUM_PAIRS, CANDIDATES)
+        sums, experts = _candidates(pairs_ptr, slots, v1, i1, v2, i2, num_keys, NUM_PAIRS)
         beaten_by = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.int32)
         for other_start in range(0, NUM_PAIRS, BLOCK_Q):
             others = other_start + tl.arange(0, BLOCK_Q)
-            other_sums, other_experts = _candidate(pairs_ptr, others, values, indices, num_keys, NUM_PAIRS,
-                                                   CANDIDATES)
+            other_sums, other_experts = _candidates(pairs_ptr, others, v1, i1, v2, i2, num_keys, NUM_PAIRS)
             beats = (other_sums[None, :] > sums[:, None]) | (
                 (other_sums[None, :] == sums[:, None]) & (other_experts[None, :] < experts[:, None]))
             beaten_by += beats.to(tl.int32)
@@ -136,7 +125,6 @@ def _product_key_pairs_kernel(
         keep = (slots < NUM_PAIRS) & (rank < TOP_K)
         first = experts // num_keys
         second = experts - first * num_keys + num_keys
-        # the score as the caller's gather would sum it: the two keys' inputs added in float32 (NaN stays NaN)
         score = tl.load(base + first, mask=keep, other=0.0) + tl.load(base + second, mask=keep, other=0.0)
         tl.store(expert_ptr + row * TOP_K + rank, experts, mask=keep)
         tl.store(key_ptr + row * 2 * TOP_K + rank, first, mask=keep)
@@ -164,12 +152,9 @@ def _product_key_pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     if rows.shape[0]:
         pairs = candidate_pairs(k, candidates, log_probs.device)
         num_pairs = pairs.shape[1]
-        values = torch.empty(rows.shape[0], 2, candidates, dtype=torch.float32, device=log_probs.device)
-        indices = torch.empty(rows.shape[0], 2, candidates, dtype=torch.int32, device=log_probs.device)
         block_p = triton.next_power_of_2(num_pairs)
         _product_key_pairs_kernel[(rows.shape[0],)](
-            rows, pairs, values, indices, experts, keys, scores, num_keys,
-            TOP_K=k, CANDIDATES=candidates, NUM_PAIRS=num_pairs,
+            rows, pairs, experts, keys, scores, num_keys, TOP_K=k, NUM_PAIRS=num_pairs,
             BLOCK_K=max(2, triton.next_power_of_2(candidates)),
             BLOCK_N=max(2, min(MAX_CHUNK, triton.next_power_of_2(num_keys))),
             BLOCK_P=max(2, min(_BLOCK_PAIRS, block_p)), BLOCK_Q=max(2, min(_BLOCK_PAIRS, block_p)), num_warps=1,
