@@ -75,15 +75,15 @@ def print_summary(summary: list[tuple[str, float | None, dict]], cpu: bool) -> N
             cells = [f"{tf(r, 'fwdbwd_tflops')} / {tf(r, 'fwdbwd_b2b_tflops')}" if r else "-"
                      for r in (res["hf-moe"], res.get("peer_grouped_mm"), res.get("hf-moe_without_quack"))]
             print(f"| {key} | {' | '.join(cells)} |")
-    sort_rows = _cases(summary, "hf-moe_counting_sort")
+    sort_rows = _cases(summary, "hf-moe_torch_sort")
     if sort_rows:
         print("\n| case | hf-moe block TFLOP/s fwd / fwd+bwd / fwd+bwd back to back: counting sort | torch's sort | "
               "fwd+bwd ratio |")
         print("| --- | --- | --- | --- |")
         for key, res in sort_rows:
             cells = [" / ".join(tf(r, k) for k in ("fwd_tflops", "fwdbwd_tflops", "fwdbwd_b2b_tflops"))
-                     for r in (res["hf-moe_counting_sort"], res["hf-moe"])]
-            print(f"| {key} | {cells[0]} | {cells[1]} | {ratio(res['hf-moe'], res['hf-moe_counting_sort'])} |")
+                     for r in (res["hf-moe"], res["hf-moe_torch_sort"])]
+            print(f"| {key} | {cells[0]} | {cells[1]} | {ratio(res['hf-moe_torch_sort'], res['hf-moe'])} |")
     quack_rows = _cases(summary, "hf-moe_without_quack")
     if quack_rows:
         print("\n| case | hf-moe block fwd+bwd TFLOP/s, quack weight gradients / torch's | ratio |")

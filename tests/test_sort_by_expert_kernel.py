@@ -247,7 +247,7 @@ def test_the_rule_counts_past_the_one_launch_limit(kernel_calls, counting_calls)
 
 
 def test_without_counting_many_pairs_go_to_torch_sort(kernel_calls, counting_calls):
-    """The counting sort is opt-in (`counting=True`, the plan's `counting_sort`) until measured on a GPU."""
+    """Without `counting` (the plan's `counting_sort=False`) pairs past the one-launch kernel go to torch's sort."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 13, (TRITON_SORT_ONE_LAUNCH_MAX_PAIRS // 4 + 1, 4), generator=gen)
     got = sort_by_expert(ids.to(DEVICE), 13, triton=True)
