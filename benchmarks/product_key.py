@@ -14,6 +14,8 @@ Parts (each row printed and written to the results file):
   `product_key_heads=8`, k 8, no query norm and no shared expert, holding PEER's weights (its query projection
   folded into the keys); with `--compile MODES` both under `torch.compile` in each mode as well (`first_call_s`:
   the first forward, compile included; `reduce-overhead` replays CUDA graphs, which a fixed-shape user can do);
+  with `--graphs` both training steps replayed from CUDA graphs as well: hf-moe's `capture_moe_cuda_graphs`,
+  PEER under `torch.cuda.make_graphed_callables` (forward timed with gradients on, as captured);
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
 - `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
@@ -28,9 +30,10 @@ float32 comparison is the kernel check.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,10 +46,11 @@ import torch
 from torch import nn
 
 from conversions import flash_moe_block_state_dict, flash_moe_config_fields
-from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, product_key_top_k
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs, product_key_top_k, release_moe_cuda_graphs
 
+from .module_timing import add_gpu_work, measure
 from .record import ResultFile
-from .timing import median_and_min, timed_rounds
+from .timing import median_and_min
 
 HIDDEN, SHARED, EXPERTS, TOP_K = 1024, 4096, 16384, 64
 
@@ -73,65 +77,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
 
 
-def gpu_work(fn, device: str) -> dict:
-    """What one call of `fn` runs on the GPU (torch.profiler, CUDA activity): `kernels` launched and `gpu_ms`, the sum
-    of their durations. Against the timed ms it tells how much of a call the GPU waits for the host."""
-    if device != "cuda":
-        return {}
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    return {"kernels": sum(e.count for e in events),
-            "gpu_ms": round(sum(e.self_device_time_total for e in events) / 1e3, 3)}
-
-
-def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, backward: bool = True,
-            graph_steps: bool = False) -> dict:
-    """Forward (no grad) and forward+backward median ms (`timing.timed_rounds`: each call from an idle device, timed
-    with CUDA events), the median host ms to issue each call, the kernels each call launches and their summed GPU
-    time, and the peak memory (MiB) of each above what was allocated. `graph_steps`: the module replays
-    torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new step (a training step reads the
-    forward's outputs, which the next replay would overwrite)."""
-    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
-    step = torch.compiler.cudagraph_mark_step_begin if graph_steps else lambda: None
-
-    def forward():
-        step()
-        with torch.no_grad():
-            return first(module(x))
-
-    grad = torch.randn_like(x)
-
-    def train():
-        step()
-        first(module(x.requires_grad_(True))).backward(grad)
-        x.grad = None
-
-    row = {"module": name}
-    for what, fn in (("fwd", forward), ("fwd_bwd", train)) if backward else (("fwd", forward),):
-        try:
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                fn()
-                torch.cuda.synchronize()
-                row[f"{what}_peak_mib"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
-            runs = timed_rounds({what: fn}, device, reps)[what]
-            row[f"{what}_ms"] = round(statistics.median(d for d, _ in runs) * 1e3, 3)
-            row[f"{what}_host_ms"] = round(statistics.median(h for _, h in runs) * 1e3, 3)
-            row.update({f"{what}_{key}": value for key, value in gpu_work(fn, device).items()})
-        except Exception as error:  # a peer that cannot run a part: recorded, the suite goes on
-            row[f"{what}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-            traceback.print_exc(limit=2)
-        module.zero_grad(set_to_none=True)
-    return row
-
-
 def hf_block(fields: dict, device: str, dtype: torch.dtype) -> HfMoeSparseMoeBlock:
     config = HfMoeConfig(num_hidden_layers=1, num_attention_heads=8, vocab_size=128, intermediate_size=SHARED,
                          **fields)
@@ -155,7 +100,7 @@ def flash_part(tokens: int, experts: int, reps: int, device: str, with_flash: bo
     fields = flash_moe_config_fields(hidden, shared, "silu", experts, top_k, norm_topk_prob=False)
     block = hf_block(fields, device, torch.bfloat16).train()
     x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
-    rows = []
+    rows, work = [], []
     if with_flash:
         from flash_moe.modules.flash_moe import FlashMoE, FlashMoEConfig
 
@@ -165,7 +110,7 @@ def flash_part(tokens: int, experts: int, reps: int, device: str, with_flash: bo
         block.load_state_dict(flash_moe_block_state_dict(flash.state_dict()))
         with torch.no_grad():
             y_flash = flash(x)[0]
-        rows.append(measure("flash_moe", flash, x, reps, device))
+        rows.append(measure("flash_moe", flash, x, reps, device, work))
     else:
         with torch.no_grad():
             block.experts.up_proj.normal_(0, hidden**-0.5)
@@ -176,7 +121,8 @@ def flash_part(tokens: int, experts: int, reps: int, device: str, with_flash: bo
         reference = hf_block(fields, device, torch.float32).train()
         reference.load_state_dict(block.state_dict())
         y_ref = torch_path(reference, x.float())
-    row = measure("hf_moe", block, x, reps, device)
+    row = measure("hf_moe", block, x, reps, device, work)
+    add_gpu_work(work, device)
     row["rel_err_vs_fp32"] = rel_err(y_hf, y_ref)
     if with_flash:
         row["rel_err_vs_flash"] = rel_err(y_hf, y_flash)
@@ -201,7 +147,7 @@ def torch_path(block: HfMoeSparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
 
 
 def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN, experts: int = EXPERTS,
-              heads: int = 8, per_head: int = 8, compile_modes: tuple[str, ...] = ()) -> None:
+              heads: int = 8, per_head: int = 8, compile_modes: tuple[str, ...] = (), graphs: bool = False) -> None:
     from PEER_pytorch import PEER
 
     peer = PEER(hidden, heads=heads, num_experts=experts, num_experts_per_head=per_head, non_competing_scores=False,
@@ -223,7 +169,9 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
     x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
     with torch.no_grad():
         y_peer, y_hf = peer(x), block(x)
-    rows = [measure("peer_pytorch", peer, x, reps, device), measure("hf_moe_peer_config", block, x, reps, device)]
+    work = []
+    rows = [measure("peer_pytorch", peer, x, reps, device, work),
+            measure("hf_moe_peer_config", block, x, reps, device, work)]
     rows[1]["rel_err_vs_peer"] = rel_err(y_hf, y_peer)
     # each under torch.compile too: a peer's best configuration counts (first call = compile time); "reduce-overhead"
     # replays CUDA graphs, so a host-bound module is timed by its GPU work
@@ -236,12 +184,38 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
             with torch.no_grad():
                 module(x)
             first_call_s = round(time.perf_counter() - started, 1)
-            rows.append(dict(measure(name, module, x, reps, device, graph_steps=mode == "reduce-overhead"),
+            rows.append(dict(measure(name, module, x, reps, device, work, graph_steps=mode == "reduce-overhead"),
                              first_call_s=first_call_s))
+    graphed = graphed_rows(peer, block, x, reps, device, work) if graphs else []
+    add_gpu_work(work, device)
+    rows += [row for row, _ in graphed]
+    for _, module in graphed:
+        if isinstance(module, HfMoeSparseMoeBlock):
+            release_moe_cuda_graphs(module)
     for r in rows:
         r.update(part="peer", tokens=tokens, experts=experts, heads=heads, per_head=per_head)
         print(r, flush=True)
         out.write(r)
+
+
+def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, reps: int, device: str,
+                 work: list) -> list[tuple[dict, nn.Module]]:
+    """Copies of both modules with their training steps captured in CUDA graphs at this shape (what a fixed-shape
+    user of either can do): hf-moe's `capture_moe_cuda_graphs`, PEER under `torch.cuda.make_graphed_callables`;
+    each row with the captured copy (release its graphs after profiling)."""
+    sample = x.detach().clone().requires_grad_(True)
+    captures = (("peer_pytorch_graphed", lambda m: torch.cuda.make_graphed_callables(m, (sample,))),
+                ("hf_moe_peer_config_graphed", lambda m: capture_moe_cuda_graphs(m, 1, x.shape[1])))
+    rows = []
+    for (name, capture), module in zip(captures, (peer, block)):
+        try:
+            module = capture(copy.deepcopy(module))
+        except Exception as error:
+            rows.append(({"module": name, "capture_error": f"{type(error).__name__}: {str(error)[:300]}"}, None))
+            traceback.print_exc(limit=2)
+            continue
+        rows.append((measure(name, module, sample, reps, device, work, forward_grad=True), module))
+    return rows
 
 
 class SwiGLU(nn.Module):
@@ -260,7 +234,9 @@ def dense_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int
     inter = shared + 64 * math.ceil(2 * top_k / 3 / 64)
     mlp = SwiGLU(hidden, inter).to(device=device, dtype=torch.bfloat16)
     x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
-    row = measure("dense_swiglu", mlp, x, reps, device)
+    work = []
+    row = measure("dense_swiglu", mlp, x, reps, device, work)
+    add_gpu_work(work, device)
     row.update(part="dense", tokens=tokens, intermediate=inter)
     print(row, flush=True)
     out.write(row)
@@ -308,8 +284,11 @@ def main() -> int:
     parser.add_argument("--compile", nargs="?", const="default", default="",
                         help="peer part: also both modules under torch.compile, in these modes (comma-separated; "
                              "no value: the default mode), e.g. default,reduce-overhead")
+    parser.add_argument("--graphs", action="store_true",
+                        help="peer part: also both training steps replayed from CUDA graphs (GPU)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (checks the suite itself, e.g. on CPU)")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/...)")
+    parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # run this one step (a child process)
     args = parser.parse_args()
     add_peers(Path(args.peers))
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -322,34 +301,47 @@ def main() -> int:
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
           flush=True)
     started = time.monotonic()
-    plan = []  # in --parts order, each part at every --tokens before the next part
+    plan = {}  # in --parts order, each part at every --tokens before the next part
     for part in parts:
         for t in tokens if part != "adamw" else ():
             if part == "flash":
-                plan.append(lambda t=t: flash_part(t, experts, args.reps, args.device, True, out, **shape))
+                plan[f"flash:{t}"] = lambda t=t: flash_part(t, experts, args.reps, args.device, True, out, **shape)
             elif part == "large":
-                plan.append(lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out, **shape))
+                plan[f"large:{t}"] = lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out,
+                                                            **shape)
             elif part == "peer":
                 small = {"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {}
-                plan.append(lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
-                                                  compile_modes=compile_modes, **small))
+                plan[f"peer:{t}"] = lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
+                                                          compile_modes=compile_modes, graphs=args.graphs, **small)
             elif part == "dense":
-                plan.append(lambda t=t: dense_part(t, args.reps, args.device, out, **shape))
+                plan[f"dense:{t}"] = lambda t=t: dense_part(t, args.reps, args.device, out, **shape)
             elif part == "selection":
-                plan.append(lambda t=t: selection_part(t, args.reps, args.device, out,
-                                                       top_k=shape.get("top_k", TOP_K)))
+                plan[f"selection:{t}"] = lambda t=t: selection_part(t, args.reps, args.device, out,
+                                                                    top_k=shape.get("top_k", TOP_K))
         if part == "adamw":
             for e in (experts, large):
-                plan.append(lambda e=e: adamw_part(e, args.reps, args.device, out, hidden=shape.get("hidden", HIDDEN)))
+                plan[f"adamw:{e}"] = lambda e=e: adamw_part(e, args.reps, args.device, out,
+                                                            hidden=shape.get("hidden", HIDDEN))
     with ResultFile(__name__, args.out) as out:
-        for step in plan:
+        if args.step is not None:  # a child: one step
+            plan[args.step]()
+            return 0
+        for label, step in plan.items():
             if time.monotonic() - started > args.budget_s:
                 print(f"budget of {args.budget_s} s spent: skipping the remaining parts", flush=True)
                 break
+            # On a GPU each step runs in a process of its own: a step's profiling (torch.profiler) would make every
+            # later launch of the process slower, and a peer's failure cannot leave the CUDA context broken.
+            if args.device == "cuda":
+                done = subprocess.run([sys.executable, "-m", "benchmarks", "product-key", *sys.argv[1:], "--step",
+                                       label, "--out", str(out.path)], check=False)
+                if done.returncode:
+                    print(f"step {label} failed (exit status {done.returncode})", flush=True)
+                continue
             try:
                 step()
             except Exception:
                 traceback.print_exc()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+        if args.device == "cuda":
+            print(f"results: {out.path}", flush=True)
     return 0

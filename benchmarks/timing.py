@@ -147,6 +147,25 @@ def triton_ms(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median")
 
 
+def gpu_work(fn: Callable[[], object], device: str) -> dict:
+    """What one call of `fn` runs on the GPU (torch.profiler, CUDA activity, after one call outside it): `kernels`
+    launched and `gpu_ms`, the sum of their durations; against the timed ms it tells how much of a call the GPU
+    waits for the host. Call it after a process's timings: the profiler leaves CUPTI attached, and every later
+    launch costs more host time."""
+    if device != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    return {"kernels": sum(e.count for e in events),
+            "gpu_ms": round(sum(e.self_device_time_total for e in events) / 1e3, 3)}
+
+
 def ratio(numerator: float, denominator: float, digits: int = 2) -> str:
     """`numerator / denominator` written as a factor, e.g. `1.27×` (> 1: the denominator is faster)."""
     return f"{numerator / denominator:.{digits}f}×"
