@@ -219,6 +219,46 @@ def test_experts_kernel_table_gradients_for_long_runs_singletons_and_wide_rows(t
         assert torch.equal(g, h), f"{name}: the op and the eager path differ"
 
 
+@pytest.mark.parametrize("hidden", [24, 200])
+def test_experts_kernel_table_gradients_when_a_few_experts_take_most_pairs(hidden):
+    """A collapsed router: most pairs on expert 0 and many on expert 3 (runs past the kernel's long-run length, which
+    the long-run kernel sums in tiles over column slices — two slices at H 200), the rest short runs and sentinels;
+    against float64, deterministic, and the op equal to the eager path."""
+    from hf_moe.moe.kernels.product_key_experts import _LONG_RUN, product_key_experts, product_key_experts_op
+
+    torch.manual_seed(0)
+    tokens, experts, top_k = 700, 6, 2
+    index = torch.randint(0, experts, (tokens, top_k))
+    index[torch.rand(tokens, top_k) < 0.6] = 0
+    index[:, 1][torch.rand(tokens) < 0.5] = 3
+    index[5, 0], index[9, 1] = experts, experts + 1
+    counts = torch.bincount(index.flatten(), minlength=experts + 2)
+    assert counts[0] >= _LONG_RUN and counts[3] >= _LONG_RUN and counts[1] < _LONG_RUN
+    index = index.to(DEVICE)
+    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
+    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
+    weights = torch.rand(tokens, top_k, device=DEVICE, requires_grad=True)
+    grad = torch.randn(tokens, hidden, device=DEVICE)
+    leaves = (x, up, down, weights)
+    got = torch.autograd.grad(product_key_experts(x, up, down, index, weights, "silu"), leaves, grad)
+    again = torch.autograd.grad(product_key_experts(x, up, down, index, weights, "silu"), leaves, grad)
+    via_op = torch.autograd.grad(product_key_experts_op(x, up, down, index, weights, "silu")[0], leaves, grad)
+    real = (index < experts).cpu()
+    ref = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    i = index.cpu().clamp(max=experts - 1)
+    coeff = F.silu(torch.einsum("tkh,th->tk", ref[1][i], ref[0])) * ref[3] * real
+    want = torch.autograd.grad(torch.einsum("tk,tkh->th", coeff, ref[2][i]), ref, grad.double().cpu())
+    for name, g, w, h, a in zip(("x", "up", "down", "weights"), got, want, via_op, again):
+        err = ((g.double().cpu() - w).norm() / w.norm()).item()
+        assert err < 1e-5, f"{name}: relative error {err:.2e}"
+        for other in (h, a):
+            assert torch.equal(g, other), f"{name}: not bit-identical across calls and paths"
+    for e in (0, 3):  # the long runs' rows in particular
+        err = ((got[1][e].double().cpu() - want[1][e]).norm() / want[1][e].norm()).item()
+        assert err < 1e-5, f"up row of expert {e}: relative error {err:.2e}"
+
+
 @requires_cuda
 def test_cuda_bf16_weight_gradients_are_the_float32_ones_rounded():
     """The weights' gradient does not depend on their values: with bf16 weights it is, bit for bit, the float32

@@ -14,8 +14,10 @@ are read as float32, so the caller casts and masks nothing.
   weights and pre-activations and writes the sort keys; then `grad_x = Σ grad_pre · up[e]`), expert-centric for
   the tables: the (token, slot) pairs are sorted by expert (stable, on the device); each program looks at a few
   sorted positions in turn, and for each that starts an expert's run it finds the run's end, sums the run's
-  contributions in sorted order and writes the expert's two rows. Rows of experts without tokens stay zero. No
-  atomics: results are deterministic. No host sync anywhere; the sort is the only host op between the kernels.
+  contributions in sorted order and writes the expert's two rows; long runs go to a second kernel that splits their
+  columns over programs and sums them in tiles of pairs. Rows of experts without tokens stay zero. Every row is
+  summed by one program in a fixed order (the only atomic lists the long runs): results are deterministic. No host
+  sync anywhere.
 - In eager mode the launchers run without the custom ops' dispatch (an `autograd.Function` when gradients are
   needed); while torch.compile or torch.export trace, the custom ops with their registered autograd.
 """
@@ -30,6 +32,10 @@ ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
 # sorted positions per table-backward program: most positions start no run, and a program per position would be
 # mostly programs that exit at once; a few per program keep far more programs than the GPU holds at a time
 _POSITIONS_PER_PROGRAM = 8
+# runs of at least `_LONG_RUN` (token, slot) pairs of one expert get their table gradients from programs that each
+# take one slice of `_LONG_RUN_COLUMNS` columns and sum `_LONG_RUN_ROWS` pairs at a time: a router that sends most
+# tokens to a few experts would otherwise leave a few programs summing most pairs one by one
+_LONG_RUN, _LONG_RUN_COLUMNS, _LONG_RUN_ROWS = 256, 128, 32
 # warps of the token-centric programs: their [k, BLOCK_H] tiles of gathered rows are memory-bound, and fewer warps
 # keep more programs (more rows in flight) per SM; measured best: 2 in forward, 1 in the input backward, whose first
 # pass also writes the sort keys and gradients (docs/decisions/product-key-kernels.md)
@@ -152,10 +158,33 @@ def _input_backward_kernel(
 
 
 @triton.jit
+def _store_run_gradients(
+    x_ptr, grad_out_ptr, order_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr, start, end, row,
+    cols, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr,
+):
+    """One expert's two table-gradient rows over the columns `cols`: its run's pairs (sorted positions
+    `start..end`) summed in sorted order."""
+    col_ok = cols < hidden
+    grad_up = tl.zeros(cols.shape, dtype=tl.float32)
+    grad_down = tl.zeros(cols.shape, dtype=tl.float32)
+    for position in range(start, end):
+        pair = tl.load(order_ptr + position)
+        token = pair // TOP_K
+        grad_pre = tl.load(grad_pre_ptr + pair)
+        coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
+        x = tl.load(x_ptr + token * hidden + cols, mask=col_ok, other=0.0).to(tl.float32)
+        g = tl.load(grad_out_ptr + token * hidden + cols, mask=col_ok, other=0.0).to(tl.float32)
+        grad_up += grad_pre * x
+        grad_down += coeff * g
+    tl.store(grad_up_ptr + row + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
 def _table_backward_kernel(
     x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr,
-    num_pairs, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_H: tl.constexpr,
-    POSITIONS: tl.constexpr, BLOCK_SCAN: tl.constexpr,
+    long_runs_ptr, num_pairs, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_H: tl.constexpr, POSITIONS: tl.constexpr, BLOCK_SCAN: tl.constexpr, LONG_RUN: tl.constexpr,
 ):
     first = tl.program_id(0) * POSITIONS
     for start in range(first, tl.minimum(first + POSITIONS, num_pairs)):
@@ -170,23 +199,50 @@ def _table_backward_kernel(
                 ahead = tl.load(sorted_expert_ptr + end + scan, mask=end + scan < num_pairs, other=num_experts)
                 step = tl.min(tl.where(ahead == expert, BLOCK_SCAN, scan))
                 end += step
-            row = expert.to(tl.int64) * hidden
-            cols = tl.arange(0, BLOCK_H)
-            for col in range(0, hidden, BLOCK_H):
-                col_ok = col + cols < hidden
-                grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
-                grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
-                for position in range(start, end):
-                    pair = tl.load(order_ptr + position)
-                    token = pair // TOP_K
-                    grad_pre = tl.load(grad_pre_ptr + pair)
-                    coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
-                    x = tl.load(x_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
-                    g = tl.load(grad_out_ptr + token * hidden + col + cols, mask=col_ok, other=0.0).to(tl.float32)
-                    grad_up += grad_pre * x
-                    grad_down += coeff * g
-                tl.store(grad_up_ptr + row + col + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
-                tl.store(grad_down_ptr + row + col + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
+            if end - start >= LONG_RUN:  # listed for the long-run kernel, which splits its columns over programs
+                slot = tl.atomic_add(long_runs_ptr, 1)
+                tl.store(long_runs_ptr + 1 + 2 * slot, start)
+                tl.store(long_runs_ptr + 2 + 2 * slot, end)
+            else:
+                row = expert.to(tl.int64) * hidden
+                for col in range(0, hidden, BLOCK_H):
+                    _store_run_gradients(x_ptr, grad_out_ptr, order_ptr, pre_ptr, weight_ptr, grad_pre_ptr,
+                                         grad_up_ptr, grad_down_ptr, start, end, row, col + tl.arange(0, BLOCK_H),
+                                         hidden, TOP_K, ACT)
+
+
+@triton.jit
+def _long_run_table_backward_kernel(
+    x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr,
+    long_runs_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """The listed long runs (program axis 0, strided) × column slices (axis 1): a run's pairs `ROWS` at a time as
+    `[ROWS, BLOCK_H]` tiles, each tile summed over its rows, the tiles in sorted order."""
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    rows = tl.arange(0, ROWS)
+    for run in range(tl.program_id(0), tl.load(long_runs_ptr), tl.num_programs(0)):
+        start = tl.load(long_runs_ptr + 1 + 2 * run)
+        end = tl.load(long_runs_ptr + 2 + 2 * run)
+        row = tl.load(sorted_expert_ptr + start).to(tl.int64) * hidden
+        grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
+        grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for first in range(start, end, ROWS):
+            row_ok = first + rows < end
+            pair = tl.load(order_ptr + first + rows, mask=row_ok, other=0)
+            token = (pair // TOP_K).to(tl.int64)
+            grad_pre = tl.load(grad_pre_ptr + pair, mask=row_ok, other=0.0)
+            coeff = tl.where(row_ok, _act(tl.load(pre_ptr + pair, mask=row_ok, other=0.0), ACT)
+                             * tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32), 0.0)
+            tile_ok = row_ok[:, None] & col_ok[None, :]
+            offsets = token[:, None] * hidden + cols[None, :]
+            x = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+            g = tl.load(grad_out_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
+            grad_up += tl.sum(grad_pre[:, None] * x, axis=0)
+            grad_down += tl.sum(coeff[:, None] * g, axis=0)
+        tl.store(grad_up_ptr + row + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _blocks(top_k: int, hidden: int) -> tuple[int, int]:
@@ -257,14 +313,24 @@ def _experts_backward(
         num_warps=_BACKWARD_WARPS,
     )
     # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
-    # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows
+    # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows;
+    # runs of LONG_RUN pairs or more (a router that sends many tokens to few experts) are listed instead and summed by
+    # programs that each take one slice of the columns, so that one serial run does not hold back the whole backward
     num_pairs = num_tokens * top_k
     sorted_expert, order = torch.sort(keys.view(-1), stable=True)
+    max_long_runs = num_pairs // _LONG_RUN
+    long_runs = torch.zeros(1 + 2 * max_long_runs, dtype=torch.int32, device=x.device)  # [count, (start, end)...]
     _table_backward_kernel[(triton.cdiv(num_pairs, _POSITIONS_PER_PROGRAM),)](
-        x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, num_pairs, up.shape[0], hidden,
-        TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024), POSITIONS=_POSITIONS_PER_PROGRAM,
-        BLOCK_SCAN=64,
+        x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, long_runs, num_pairs,
+        up.shape[0], hidden, TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
+        POSITIONS=_POSITIONS_PER_PROGRAM, BLOCK_SCAN=64, LONG_RUN=_LONG_RUN,
     )
+    if max_long_runs:
+        slice_h = min(triton.next_power_of_2(hidden), _LONG_RUN_COLUMNS)
+        _long_run_table_backward_kernel[(min(max_long_runs, 1024), triton.cdiv(hidden, slice_h))](
+            x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, long_runs, hidden,
+            TOP_K=top_k, ACT=code, ROWS=_LONG_RUN_ROWS, BLOCK_H=slice_h,
+        )
     return grad_x, grad_up, grad_down, grad_weights
 
 
