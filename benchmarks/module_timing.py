@@ -70,3 +70,27 @@ def add_gpu_work(work: list, device: str) -> None:
         except Exception as error:
             row[f"{what}_profile_error"] = f"{type(error).__name__}: {str(error)[:200]}"
     work.clear()
+
+
+class InferenceGraph(nn.Module):
+    """`module`'s no-grad forward at the shape of `x`, captured in a CUDA graph; a call copies its input into the
+    graph's and replays it (the graph's output buffer is returned, overwritten by the next call)."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        self.static_x = x.detach().clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():  # warm-up outside the capture (lazy inits, autotuning)
+            for _ in range(3):
+                module(self.static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            out = module(self.static_x)
+        self.static_out = out[0] if isinstance(out, tuple) else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.static_x.copy_(x)
+        self.graph.replay()
+        return self.static_out

@@ -14,8 +14,9 @@ Parts (each row printed and written to the results file):
   `product_key_heads=8`, k 8, no query norm and no shared expert, holding PEER's weights (its query projection
   folded into the keys); with `--compile MODES` both under `torch.compile` in each mode as well (`first_call_s`:
   the first forward, compile included; `reduce-overhead` replays CUDA graphs, which a fixed-shape user can do);
-  with `--graphs` both training steps replayed from CUDA graphs as well: hf-moe's `capture_moe_cuda_graphs`,
-  PEER under `torch.cuda.make_graphed_callables` (forward timed with gradients on, as captured);
+  with `--graphs` both replayed from CUDA graphs as well: the training step under `torch.cuda.make_graphed_callables`
+  (forward timed with gradients on, as captured), hf-moe's `capture_moe_cuda_graphs`, and the no-grad forward
+  under `torch.cuda.graph`;
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
 - `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
@@ -48,7 +49,7 @@ from torch import nn
 from conversions import flash_moe_block_state_dict, flash_moe_config_fields
 from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs, product_key_top_k, release_moe_cuda_graphs
 
-from .module_timing import add_gpu_work, measure
+from .module_timing import InferenceGraph, add_gpu_work, measure
 from .record import ResultFile
 from .timing import median_and_min
 
@@ -199,22 +200,27 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
 
 
 def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, reps: int, device: str,
-                 work: list) -> list[tuple[dict, nn.Module]]:
-    """Copies of both modules with their training steps captured in CUDA graphs at this shape (what a fixed-shape
-    user of either can do): hf-moe's `capture_moe_cuda_graphs`, PEER under `torch.cuda.make_graphed_callables`;
-    each row with the captured copy (release its graphs after profiling)."""
+                 work: list) -> list[tuple[dict, nn.Module | None]]:
+    """Copies of both modules replayed from CUDA graphs captured at this shape (what a fixed-shape user of either can
+    do): the training step under `torch.cuda.make_graphed_callables` (both modules), hf-moe's own
+    `capture_moe_cuda_graphs` (which also computes the router statistics a model reads), and the no-grad forward
+    under `torch.cuda.graph` (serving); each row with its module (release hf-moe's graphs after profiling)."""
     sample = x.detach().clone().requires_grad_(True)
-    captures = (("peer_pytorch_graphed", lambda m: torch.cuda.make_graphed_callables(m, (sample,))),
-                ("hf_moe_peer_config_graphed", lambda m: capture_moe_cuda_graphs(m, 1, x.shape[1])))
+    training = lambda m: torch.cuda.make_graphed_callables(m, (sample,))  # noqa: E731
+    captures = (("peer_pytorch_graphed", peer, training, True), ("hf_moe_peer_config_graphed", block, training, True),
+                ("hf_moe_peer_config_captured", block, lambda m: capture_moe_cuda_graphs(m, 1, x.shape[1]), True),
+                ("peer_pytorch_inference_graph", peer, lambda m: InferenceGraph(m, x), False),
+                ("hf_moe_peer_config_inference_graph", block, lambda m: InferenceGraph(m, x), False))
     rows = []
-    for (name, capture), module in zip(captures, (peer, block)):
+    for name, module, capture, train in captures:
         try:
             module = capture(copy.deepcopy(module))
         except Exception as error:
             rows.append(({"module": name, "capture_error": f"{type(error).__name__}: {str(error)[:300]}"}, None))
             traceback.print_exc(limit=2)
             continue
-        rows.append((measure(name, module, sample, reps, device, work, forward_grad=True), module))
+        rows.append((measure(name, module, sample if train else x, reps, device, work, backward=train,
+                             forward_grad=train), module))
     return rows
 
 
