@@ -15,39 +15,15 @@ gathers. `python examples/product_key_memory.py --help` for the knobs.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import sysconfig
 import time
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from stdlib_corpus import build_corpus, to_blocks, train_tokenizer  # examples/stdlib_corpus.py
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 import hf_moe
 from hf_moe.integrations import MoETrainerCallback
-
-
-def corpus(max_bytes: int) -> tuple[list[str], list[str]]:
-    """The standard library's modules as text; every tenth file is held out."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    train, heldout, size = [], [], 0
-    for i, path in enumerate(files):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        (heldout if i % 10 == 0 else train).append(text)
-        size += len(text)
-        if size >= max_bytes:
-            break
-    return train, heldout
-
-
-def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_size: int) -> torch.Tensor:
-    ids = []
-    for text in texts:
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(ids) // block_size
-    return torch.tensor(ids[: n * block_size]).view(n, block_size)
 
 
 def memory_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) -> hf_moe.HfMoeConfig:
@@ -102,13 +78,10 @@ def main() -> None:
     model_dir = os.path.join(args.output_dir, "model")
 
     print("1/4 corpus and tokenizer")
-    train_texts, heldout_texts = corpus(args.corpus_bytes)
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(train_texts, vocab_size=args.vocab_size, min_frequency=2,
-                            special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    train_blocks = tokenize(tokenizer, train_texts, args.block_size)
-    heldout_blocks = tokenize(tokenizer, heldout_texts, args.block_size)[:64]
+    train_texts, heldout_texts = build_corpus(args.corpus_bytes)
+    tokenizer = train_tokenizer(train_texts, args.vocab_size)
+    train_blocks = to_blocks(tokenizer, train_texts, args.block_size)
+    heldout_blocks = to_blocks(tokenizer, heldout_texts, args.block_size)[:64]
 
     print("2/4 a decoder with product-key memory layers")
     model = hf_moe.HfMoeForCausalLM(memory_config(args, tokenizer))

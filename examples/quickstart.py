@@ -16,18 +16,15 @@ Run: `make demo`, or `python examples/quickstart.py --help` for the knobs.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
-import sysconfig
 import time
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from stdlib_corpus import build_corpus, to_blocks, train_tokenizer  # examples/stdlib_corpus.py
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -36,37 +33,6 @@ from transformers import (
 import hf_moe  # noqa: F401  (registers model_type "hf_moe" with the Auto classes)
 from conversions import UpcycleConfig, upcycle
 from hf_moe.integrations import MoETrainerCallback
-
-
-def build_corpus(max_bytes: int) -> tuple[list[str], list[str]]:
-    """The standard library's modules as text; every tenth file is held out."""
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
-    train, heldout, size = [], [], 0
-    for i, path in enumerate(files):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        (heldout if i % 10 == 0 else train).append(text)
-        size += len(text)
-        if size >= max_bytes:
-            break
-    return train, heldout
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str) -> PreTrainedTokenizerFast:
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=["<|endoftext|>"],
-                            show_progress=False)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tokenizer.save_pretrained(out_dir)
-    return tokenizer
-
-
-def to_blocks(tokenizer: PreTrainedTokenizerFast, texts: list[str], block_size: int) -> torch.Tensor:
-    ids = []
-    for text in texts:
-        ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
-    n = len(ids) // block_size
-    return torch.tensor(ids[: n * block_size]).view(n, block_size)
 
 
 class LossCurve(TrainerCallback):
