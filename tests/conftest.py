@@ -42,6 +42,10 @@ if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("trito
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
     _interpreter._patch_lang_tensor = _patched
+    if os.environ.get("HF_MOE_TRITON_RECORD"):  # tests/triton_aot.py: compile what the interpreter ran, for sm_90
+        from .triton_aot import record
+
+        record(os.environ["HF_MOE_TRITON_RECORD"])
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
