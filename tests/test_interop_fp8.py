@@ -8,6 +8,7 @@ class holding the float64-dequantized weights; hf-moe's direct load, expert-para
 or write exactly that.
 """
 
+import copy
 import json
 import os
 import shutil
@@ -227,8 +228,14 @@ def test_auto_dtype_is_the_checkpoints_compute_dtype_never_float8(saved, tmp_pat
         assert [written[n].dtype for n in quantized] == [torch.bfloat16] * 2, name
         assert written["model.norm.weight"].dtype == torch.float32, "stored float32, written as stored"
         assert json.loads((tmp_path / f"{name}-hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    # the reference with every weight rounded to bfloat16 as torch rounds it: the same function, whatever the seed
+    # (against the unrounded weights a near-tie in the router can flip with the rounding and move the logits by 3%)
+    rounded = copy.deepcopy(reference)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.to(torch.bfloat16))
     ids, mask = batch()
-    assert_rel_close(logits(model.float(), ids, mask), logits(reference, ids, mask), 2e-2, "bfloat16 weights")
+    assert_rel_close(logits(model.float(), ids, mask), logits(rounded, ids, mask), 1e-4, "bfloat16 weights")
 
 
 @pytest.mark.parametrize("case", ["qwen3_moe", "minimax_m2"])
