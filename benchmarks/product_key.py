@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from conversions import flash_moe_block_state_dict, flash_moe_config_fields
-from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs, product_key_top_k, release_moe_cuda_graphs
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs, product_key_top_k
 
 from .module_timing import InferenceGraph, add_gpu_work, measure
 from .record import ResultFile
@@ -187,12 +187,9 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
             first_call_s = round(time.perf_counter() - started, 1)
             rows.append(dict(measure(name, module, x, reps, device, work, graph_steps=mode == "reduce-overhead"),
                              first_call_s=first_call_s))
-    graphed = graphed_rows(peer, block, x, reps, device, work) if graphs else []
+    if graphs:  # the captured copies live in `work`'s calls until their profiling
+        rows += graphed_rows(peer, block, x, reps, device, work)
     add_gpu_work(work, device)
-    rows += [row for row, _ in graphed]
-    for _, module in graphed:
-        if isinstance(module, HfMoeSparseMoeBlock):
-            release_moe_cuda_graphs(module)
     for r in rows:
         r.update(part="peer", tokens=tokens, experts=experts, heads=heads, per_head=per_head)
         print(r, flush=True)
@@ -200,11 +197,11 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
 
 
 def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, reps: int, device: str,
-                 work: list) -> list[tuple[dict, nn.Module | None]]:
+                 work: list) -> list[dict]:
     """Copies of both modules replayed from CUDA graphs captured at this shape (what a fixed-shape user of either can
     do): the training step under `torch.cuda.make_graphed_callables` (both modules), hf-moe's own
     `capture_moe_cuda_graphs` (which also computes the router statistics a model reads), and the no-grad forward
-    under `torch.cuda.graph` (serving); each row with its module (release hf-moe's graphs after profiling)."""
+    under `torch.cuda.graph` (serving)."""
     sample = x.detach().clone().requires_grad_(True)
     training = lambda m: torch.cuda.make_graphed_callables(m, (sample,))  # noqa: E731
     captures = (("peer_pytorch_graphed", peer, training, True), ("hf_moe_peer_config_graphed", block, training, True),
@@ -216,11 +213,11 @@ def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, r
         try:
             module = capture(copy.deepcopy(module))
         except Exception as error:
-            rows.append(({"module": name, "capture_error": f"{type(error).__name__}: {str(error)[:300]}"}, None))
+            rows.append({"module": name, "capture_error": f"{type(error).__name__}: {str(error)[:300]}"})
             traceback.print_exc(limit=2)
             continue
-        rows.append((measure(name, module, sample if train else x, reps, device, work, backward=train,
-                             forward_grad=train), module))
+        rows.append(measure(name, module, sample if train else x, reps, device, work, backward=train,
+                            forward_grad=train))
     return rows
 
 
