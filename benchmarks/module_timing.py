@@ -13,14 +13,15 @@ from .timing import gpu_work, timed_rounds
 
 
 def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, work: list,
-            backward: bool = True, graph_steps: bool = False, forward_grad: bool = False) -> dict:
+            backward: bool = True, graph_steps: bool = False, forward_grad: bool = False,
+            profiled: bool = True) -> dict:
     """Forward (no grad) and forward+backward median ms (`timing.timed_rounds`: each call from an idle device, timed
     with CUDA events), the median host ms to issue each call and the peak memory (MiB) of each above what was
     allocated; each call goes to `work` for [`add_gpu_work`], which the part runs after all its timings.
     `graph_steps`: the module replays torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new
     step (a training step reads the forward's outputs, which the next replay would overwrite) with its gradients
     unset (the last replay's gradients are its outputs). `forward_grad`: the forward runs with gradients on (CUDA
-    graphs of a training step replay only there)."""
+    graphs of a training step replay only there). `profiled=False`: no call goes to `work`."""
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     step = torch.compiler.cudagraph_mark_step_begin if graph_steps else lambda: None
 
@@ -52,7 +53,8 @@ def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: st
             runs = timed_rounds({what: fn}, device, reps)[what]
             row[f"{what}_ms"] = round(statistics.median(d for d, _ in runs) * 1e3, 3)
             row[f"{what}_host_ms"] = round(statistics.median(h for _, h in runs) * 1e3, 3)
-            work.append((row, what, fn))
+            if profiled:
+                work.append((row, what, fn))
         except Exception as error:  # a peer that cannot run a part: recorded, the suite goes on
             row[f"{what}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
             traceback.print_exc(limit=2)

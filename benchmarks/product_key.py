@@ -201,7 +201,8 @@ def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, r
     """Copies of both modules replayed from CUDA graphs captured at this shape (what a fixed-shape user of either can
     do): the training step under `torch.cuda.make_graphed_callables` (both modules), hf-moe's own
     `capture_moe_cuda_graphs` (which also computes the router statistics a model reads), and the no-grad forward
-    under `torch.cuda.graph` (serving)."""
+    under `torch.cuda.graph` (serving; not profiled: its kernels are the eager forward's, and torch.profiler over
+    its replays hit an illegal memory access on an H100 once, for both modules)."""
     sample = x.detach().clone().requires_grad_(True)
     training = lambda m: torch.cuda.make_graphed_callables(m, (sample,))  # noqa: E731
     captures = (("peer_pytorch_graphed", peer, training, True), ("hf_moe_peer_config_graphed", block, training, True),
@@ -217,7 +218,7 @@ def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, r
             traceback.print_exc(limit=2)
             continue
         rows.append(measure(name, module, sample if train else x, reps, device, work, backward=train,
-                            forward_grad=train))
+                            forward_grad=train, profiled=train))
     return rows
 
 

@@ -44,7 +44,7 @@ def _pairs(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 @pytest.mark.parametrize("n,k,levels", [(5, 3, 3), (6, 8, 2), (4, 16, 2), (16, 8, 1000), (64, 64, 1000),
                                           (5, 1, 2), (7, 13, 2), (100, 64, 1000), (128, 64, 3), (300, 64, 3),
-                                          (512, 64, 1000), (600, 64, 1000)])
+                                          (512, 64, 1000), (600, 64, 1000), (128, 8, 2), (600, 4, 2)])
 def test_pairs_kernel_equals_brute_force(n, k, levels):
     """Brute force over all N² float64 sums (exact for float32 halves), ties to the lower expert; several heads;
     the torch path chooses the same pairs."""

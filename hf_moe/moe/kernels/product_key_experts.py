@@ -36,10 +36,10 @@ _POSITIONS_PER_PROGRAM = 8
 # take one slice of `_LONG_RUN_COLUMNS` columns and sum `_LONG_RUN_ROWS` pairs at a time: a router that sends most
 # tokens to a few experts would otherwise leave a few programs summing most pairs one by one
 _LONG_RUN, _LONG_RUN_COLUMNS, _LONG_RUN_ROWS = 256, 128, 32
-# warps of the token-centric programs: their [k, BLOCK_H] tiles of gathered rows are memory-bound, and fewer warps
-# keep more programs (more rows in flight) per SM; measured best: 2 in forward, 1 in the input backward, whose first
-# pass also writes the sort keys and gradients (docs/decisions/product-key-kernels.md)
-_FORWARD_WARPS, _BACKWARD_WARPS = 2, 1
+# (warps, elements of a [k, BLOCK_H] tile) of each token-centric kernel, measured per kernel (H100, k 64, H 1024;
+# docs/decisions/product-key-kernels.md): the row dots reduce within a row and hide the gathers' latency best with
+# more warps; the combine reduces across the slots, which one warp does without shared memory
+_DOTS_SHAPE, _COMBINE_SHAPE, _INPUT_BACKWARD_SHAPE = (4, 4096), (1, 2048), (8, 4096)
 
 
 @triton.jit
@@ -245,9 +245,12 @@ def _long_run_table_backward_kernel(
         tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
-def _blocks(top_k: int, hidden: int) -> tuple[int, int]:
+def _launch(top_k: int, hidden: int, shape: tuple[int, int]) -> dict:
+    """A token-centric kernel's block sizes and warps for `shape` = (warps, tile elements)."""
     block_k = max(2, triton.next_power_of_2(top_k))
-    return block_k, max(16, min(triton.next_power_of_2(hidden), 4096 // block_k))
+    warps, elements = shape
+    return dict(BLOCK_K=block_k, BLOCK_H=max(16, min(triton.next_power_of_2(hidden), elements // block_k)),
+                num_warps=warps)
 
 
 def _experts_forward(
@@ -262,16 +265,15 @@ def _experts_forward(
     out = torch.empty_like(x)
     pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     if num_tokens:
-        block_k, block_h = _blocks(top_k, hidden)
         index = index.contiguous()
         coeff = torch.empty_like(pre)
         _pre_activation_kernel[(num_tokens,)](
             x, up.contiguous(), index, weights.contiguous(), pre, coeff, up.shape[0],
-            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_FORWARD_WARPS,
+            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], **_launch(top_k, hidden, _DOTS_SHAPE),
         )
         _combine_kernel[(num_tokens,)](
-            down.contiguous(), index, coeff, out, up.shape[0], hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
-            num_warps=_FORWARD_WARPS,
+            down.contiguous(), index, coeff, out, up.shape[0], hidden, TOP_K=top_k,
+            **_launch(top_k, hidden, _COMBINE_SHAPE),
         )
     return out, pre
 
@@ -302,15 +304,13 @@ def _experts_backward(
     grad_pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     # the sort keys (written by the input kernel): every sentinel as E, so all of them sort last
     keys = torch.empty(num_tokens, top_k, dtype=torch.int32 if up.shape[0] < 2**31 else torch.int64, device=x.device)
-    block_k, block_h = _blocks(top_k, hidden)
     code = ACTIVATIONS[act]
     _input_backward_kernel[(num_tokens,)](
         grad_out, down, index, weights, pre, grad_weights, grad_pre, keys, up.shape[0], hidden,
-        TOP_K=top_k, ACT=code, BLOCK_K=block_k, BLOCK_H=block_h, num_warps=_BACKWARD_WARPS,
+        TOP_K=top_k, ACT=code, **_launch(top_k, hidden, _INPUT_BACKWARD_SHAPE),
     )
     _combine_kernel[(num_tokens,)](
-        up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, BLOCK_K=block_k, BLOCK_H=block_h,
-        num_warps=_BACKWARD_WARPS,
+        up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _COMBINE_SHAPE),
     )
     # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
     # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows;

@@ -3,8 +3,9 @@
 One program per row (token, head), never by repeated maxima:
 
 1. Halves. Each key is packed into one int64 that orders keys best first (larger logit, ties to the lower index),
-   and a bitonic top-k (`tl.topk`, N·log² c compare-exchanges rather than N² comparisons) keeps each half's
-   c = min(k, N) best, sorted, in registers.
+   and each half's c = min(k, N) best are kept, sorted, in registers: by c maxima in turn for c ≤ 8 (each a warp
+   reduction; fewer instructions than a sort), else by a bitonic top-k (`tl.topk`, N·log² c compare-exchanges rather
+   than N² comparisons).
 2. Merge. With both halves sorted, the pair of ranks (a, b) has the (a+1)(b+1) − 1 pairs (a' ≤ a, b' ≤ b) ranked
    above it, so it can be among the k best only if (a+1)(b+1) ≤ k: about k·ln k candidates instead of k². They
    come from a small device table of rank pairs ([`candidate_pairs`]), read from the halves with `tl.gather`; each
@@ -39,6 +40,9 @@ MAX_CHUNK = 512
 # keeps the most rows in flight; at one warp 32 × 32 tiles fit its registers
 # (docs/decisions/product-key-kernels.md).
 _BLOCK_PAIRS = 32
+# Largest c whose halves are selected by c maxima in turn rather than sorted (faster up to c 8, slower from 16;
+# docs/decisions/product-key-kernels.md).
+_ITERATED_MAXIMA: tl.constexpr = tl.constexpr(8)
 
 _PAIRS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
@@ -76,6 +80,21 @@ def _half_keys(log_probs_ptr, cols, num_keys):
 
 
 @triton.jit
+def _top(keys, BLOCK_K: tl.constexpr):
+    """`[2, BLOCK_K]`: the largest keys of each row of `keys [2, BLOCK_N]` (distinct within a row), largest first."""
+    if BLOCK_K <= _ITERATED_MAXIMA:
+        best = tl.full([2, BLOCK_K], -(2**63), tl.int64)
+        ranks = tl.arange(0, BLOCK_K)[None, :]
+        for rank in tl.static_range(BLOCK_K):
+            top = tl.max(keys, axis=1)[:, None]
+            best = tl.where(ranks == rank, top, best)
+            keys = tl.where(keys == top, -(2**63), keys)
+        return best
+    else:
+        return tl.topk(keys, BLOCK_K)
+
+
+@triton.jit
 def _decode(best):
     """Keys of `_half_keys` → (float64 value, int64 index)."""
     ordered = (best >> 32).to(tl.int32)
@@ -104,9 +123,9 @@ def _product_key_pairs_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     base = log_probs_ptr + row * 2 * num_keys
-    best = tl.topk(_half_keys(base, tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
+    best = _top(_half_keys(base, tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
     for start in range(BLOCK_N, num_keys, BLOCK_N):
-        chunk = tl.topk(_half_keys(base, start + tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
+        chunk = _top(_half_keys(base, start + tl.arange(0, BLOCK_N), num_keys), BLOCK_K)
         best = tl.bitonic_merge(tl.maximum(best, tl.flip(chunk, 1)), descending=True)
     first_half = tl.arange(0, 2)[:, None] == 0  # the halves' keys are negative or not: sum, not max, picks a row
     v1, i1 = _decode(tl.sum(tl.where(first_half, best, 0), axis=0))
