@@ -38,8 +38,11 @@ _POSITIONS_PER_PROGRAM = 8
 _LONG_RUN, _LONG_RUN_COLUMNS, _LONG_RUN_ROWS = 256, 128, 32
 # (warps, elements of a [k, BLOCK_H] tile) of each token-centric kernel, measured per kernel (H100, k 64, H 1024;
 # docs/decisions/product-key-kernels.md): the row dots reduce within a row and hide the gathers' latency best with
-# more warps; the combine reduces across the slots, which one warp does without shared memory
-_DOTS_SHAPE, _COMBINE_SHAPE, _INPUT_BACKWARD_SHAPE = (4, 4096), (1, 2048), (8, 4096)
+# more warps; the combine reduces across the slots, which one warp does without shared memory, on short row pieces
+# while its table fits in L2 and on whole 128-byte lines of each row when the rows come from HBM
+_DOTS_SHAPE, _INPUT_BACKWARD_SHAPE = (4, 4096), (8, 4096)
+_COMBINE_SHAPE, _COMBINE_FROM_HBM_SHAPE = (1, 2048), (1, 4096)
+_L2_BYTES: dict[torch.device, int] = {}
 
 
 @triton.jit
@@ -245,6 +248,17 @@ def _long_run_table_backward_kernel(
         tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
+def _combine_shape(table: torch.Tensor) -> tuple[int, int]:
+    """The combine's (warps, tile elements) for rows of `table`: see `_COMBINE_SHAPE` (off CUDA, under Triton's
+    interpreter, the L2 one)."""
+    if not table.is_cuda:
+        return _COMBINE_SHAPE
+    l2_bytes = _L2_BYTES.get(table.device)
+    if l2_bytes is None:
+        l2_bytes = _L2_BYTES[table.device] = torch.cuda.get_device_properties(table.device).L2_cache_size
+    return _COMBINE_SHAPE if table.numel() * table.element_size() <= l2_bytes else _COMBINE_FROM_HBM_SHAPE
+
+
 def _launch(top_k: int, hidden: int, shape: tuple[int, int]) -> dict:
     """A token-centric kernel's block sizes and warps for `shape` = (warps, tile elements)."""
     block_k = max(2, triton.next_power_of_2(top_k))
@@ -271,9 +285,9 @@ def _experts_forward(
             x, up.contiguous(), index, weights.contiguous(), pre, coeff, up.shape[0],
             hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], **_launch(top_k, hidden, _DOTS_SHAPE),
         )
+        down = down.contiguous()
         _combine_kernel[(num_tokens,)](
-            down.contiguous(), index, coeff, out, up.shape[0], hidden, TOP_K=top_k,
-            **_launch(top_k, hidden, _COMBINE_SHAPE),
+            down, index, coeff, out, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _combine_shape(down)),
         )
     return out, pre
 
@@ -310,7 +324,7 @@ def _experts_backward(
         TOP_K=top_k, ACT=code, **_launch(top_k, hidden, _INPUT_BACKWARD_SHAPE),
     )
     _combine_kernel[(num_tokens,)](
-        up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _COMBINE_SHAPE),
+        up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _combine_shape(up)),
     )
     # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
     # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows;
