@@ -16,7 +16,8 @@ Parts (each row printed and written to the results file):
   the first forward, compile included; `reduce-overhead` replays CUDA graphs, which a fixed-shape user can do);
   with `--graphs` both replayed from CUDA graphs as well: the training step under `torch.cuda.make_graphed_callables`
   (forward timed with gradients on, as captured), hf-moe's `capture_moe_cuda_graphs`, and the no-grad forward
-  under `torch.cuda.graph`;
+  under `torch.cuda.graph` (`--graphs` in the `flash` and `large` parts: hf-moe's training step and forward the same
+  way; FlashMoE's forward synchronises with the host and cannot be captured);
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
 - `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
@@ -97,7 +98,7 @@ def init_flash(module: nn.Module, hidden: int) -> None:
 
 
 def flash_part(tokens: int, experts: int, reps: int, device: str, with_flash: bool, out: ResultFile,
-               hidden: int = HIDDEN, shared: int = SHARED, top_k: int = TOP_K) -> None:
+               hidden: int = HIDDEN, shared: int = SHARED, top_k: int = TOP_K, graphs: bool = False) -> None:
     fields = flash_moe_config_fields(hidden, shared, "silu", experts, top_k, norm_topk_prob=False)
     block = hf_block(fields, device, torch.bfloat16).train()
     x = torch.randn(1, tokens, hidden, device=device, dtype=torch.bfloat16)
@@ -123,12 +124,14 @@ def flash_part(tokens: int, experts: int, reps: int, device: str, with_flash: bo
         reference.load_state_dict(block.state_dict())
         y_ref = torch_path(reference, x.float())
     row = measure("hf_moe", block, x, reps, device, work)
-    add_gpu_work(work, device)
     row["rel_err_vs_fp32"] = rel_err(y_hf, y_ref)
     if with_flash:
         row["rel_err_vs_flash"] = rel_err(y_hf, y_flash)
         rows[0]["rel_err_vs_fp32"] = rel_err(y_flash, y_ref)
     rows.append(row)
+    if graphs:  # hf-moe only: FlashMoE's forward synchronises with the host, which a capture cannot hold
+        rows += graphed_rows({"hf_moe": block}, x, reps, device, work)
+    add_gpu_work(work, device)
     for r in rows:
         r.update(part="flash" if experts == EXPERTS else "large", tokens=tokens, experts=experts, top_k=top_k)
         print(r, flush=True)
@@ -188,7 +191,8 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
             rows.append(dict(measure(name, module, x, reps, device, work, graph_steps=mode == "reduce-overhead"),
                              first_call_s=first_call_s))
     if graphs:  # the captured copies live in `work`'s calls until their profiling
-        rows += graphed_rows(peer, block, x, reps, device, work)
+        rows += graphed_rows({"peer_pytorch": peer, "hf_moe_peer_config": block}, x, reps, device, work,
+                             captured="hf_moe_peer_config")
     add_gpu_work(work, device)
     for r in rows:
         r.update(part="peer", tokens=tokens, experts=experts, heads=heads, per_head=per_head)
@@ -196,19 +200,22 @@ def peer_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int 
         out.write(r)
 
 
-def graphed_rows(peer: nn.Module, block: HfMoeSparseMoeBlock, x: torch.Tensor, reps: int, device: str,
-                 work: list) -> list[dict]:
-    """Copies of both modules replayed from CUDA graphs captured at this shape (what a fixed-shape user of either can
-    do): the training step under `torch.cuda.make_graphed_callables` (both modules), hf-moe's own
-    `capture_moe_cuda_graphs` (which also computes the router statistics a model reads), and the no-grad forward
-    under `torch.cuda.graph` (serving; not profiled: its kernels are the eager forward's, and torch.profiler over
-    its replays hit an illegal memory access on an H100 once, for both modules)."""
+def graphed_rows(modules: dict[str, nn.Module], x: torch.Tensor, reps: int, device: str, work: list,
+                 captured: str | None = None) -> list[dict]:
+    """Copies of `modules` (row name prefix → module) replayed from CUDA graphs captured at this shape (what a
+    fixed-shape user of either can do): the training step under `torch.cuda.make_graphed_callables`, and the no-grad
+    forward under `torch.cuda.graph` (serving; not profiled: its kernels are the eager forward's, and torch.profiler
+    over its replays hit an illegal memory access on an H100 once, for both modules); `captured` (an hf-moe block's
+    name) also under hf-moe's own `capture_moe_cuda_graphs`, which also computes the router statistics a model
+    reads."""
     sample = x.detach().clone().requires_grad_(True)
     training = lambda m: torch.cuda.make_graphed_callables(m, (sample,))  # noqa: E731
-    captures = (("peer_pytorch_graphed", peer, training, True), ("hf_moe_peer_config_graphed", block, training, True),
-                ("hf_moe_peer_config_captured", block, lambda m: capture_moe_cuda_graphs(m, 1, x.shape[1]), True),
-                ("peer_pytorch_inference_graph", peer, lambda m: InferenceGraph(m, x), False),
-                ("hf_moe_peer_config_inference_graph", block, lambda m: InferenceGraph(m, x), False))
+    captures = [(f"{name}_graphed", module, training, True) for name, module in modules.items()]
+    if captured is not None:
+        captures.append((f"{captured}_captured", modules[captured],
+                         lambda m: capture_moe_cuda_graphs(m, 1, x.shape[1]), True))
+    captures += [(f"{name}_inference_graph", module, lambda m: InferenceGraph(m, x), False)
+                 for name, module in modules.items()]
     rows = []
     for name, module, capture, train in captures:
         try:
@@ -289,7 +296,8 @@ def main() -> int:
                         help="peer part: also both modules under torch.compile, in these modes (comma-separated; "
                              "no value: the default mode), e.g. default,reduce-overhead")
     parser.add_argument("--graphs", action="store_true",
-                        help="peer part: also both training steps replayed from CUDA graphs (GPU)")
+                        help="peer, flash and large parts: also replayed from CUDA graphs (GPU): both modules of "
+                             "the peer part, hf-moe in the others")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (checks the suite itself, e.g. on CPU)")
     parser.add_argument("--out", default=None, help="results file (default benchmarks/results/...)")
     parser.add_argument("--step", default=None, help=argparse.SUPPRESS)  # run this one step (a child process)
@@ -309,10 +317,11 @@ def main() -> int:
     for part in parts:
         for t in tokens if part != "adamw" else ():
             if part == "flash":
-                plan[f"flash:{t}"] = lambda t=t: flash_part(t, experts, args.reps, args.device, True, out, **shape)
+                plan[f"flash:{t}"] = lambda t=t: flash_part(t, experts, args.reps, args.device, True, out,
+                                                            graphs=args.graphs, **shape)
             elif part == "large":
                 plan[f"large:{t}"] = lambda t=t: flash_part(t, large, args.reps, args.device, args.large_flash, out,
-                                                            **shape)
+                                                            graphs=args.graphs, **shape)
             elif part == "peer":
                 small = {"hidden": 64, "heads": 2, "per_head": 2} if args.smoke else {}
                 plan[f"peer:{t}"] = lambda t=t: peer_part(t, args.reps, args.device, out, experts=experts,
