@@ -5,36 +5,34 @@
 Sentinel slots (`e ≥ E`) contribute nothing and get zero gradients; the routing weights come in any float dtype and
 are read as float32, so the caller casts and masks nothing.
 
-- Forward, token-centric in two passes (one program per token each): the token's k rows of `up` are dotted with x
-  in `[k, BLOCK_H]` tiles (k rows in flight at once), giving the pre-activations `[T, k]` (float32, kept for
-  backward) and the coefficients `w · act(pre)`; then the k rows of `down` are summed into the output with those
-  coefficients, tile by tile. The gathered rows are never written to memory. Two passes rather than one so that
-  each reads one table: the rows a pass touches then stay in L2 for the other tokens that read them.
+- Forward, token-centric in two passes (one program per token each): the token's k rows of `up` dotted with x in
+  `[k, BLOCK_H]` tiles give the pre-activations `[T, k]` (float32, kept for backward) and the coefficients
+  `w · act(pre)`; then the k rows of `down` are summed into the output with those coefficients. Gathered rows are
+  never written to memory, and each pass reads one table, whose touched rows then stay in L2 for other tokens.
 - Backward, token-centric for the inputs in the same two passes (`g·down[e]` gives the gradients of the routing
   weights and pre-activations and writes the sort keys; then `grad_x = Σ grad_pre · up[e]`), expert-centric for
-  the tables: the (token, slot) pairs are sorted by expert (stable, on the device); each program looks at a few
-  sorted positions in turn, and for each that starts an expert's run it finds the run's end, sums the run's
-  contributions in sorted order and writes the expert's two rows; long runs go to a second kernel that splits their
-  columns over programs and sums them in tiles of pairs. Rows of experts without tokens stay zero. Every row is
-  summed by one program in a fixed order (the only atomic lists the long runs): results are deterministic. No host
-  sync anywhere.
+  the tables: the (token, slot) pairs sorted by expert (stable, on the device), the first sorted position of each
+  expert's run sums the run in sorted order and writes the expert's two rows; long runs go to a second kernel that
+  splits their columns over programs. Rows of experts without tokens stay zero. Every row is summed by one program
+  in a fixed order (the only atomic lists the long runs): deterministic, and no host sync anywhere.
 - In eager mode the launchers run without the custom ops' dispatch (an `autograd.Function` when gradients are
   needed); while torch.compile or torch.export trace, the custom ops with their registered autograd.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
-# sorted positions per table-backward program: most positions start no run, and a program per position would be
-# mostly programs that exit at once; a few per program keep far more programs than the GPU holds at a time
+# sorted positions per table-backward program: most start no run, and a few per program keep far more programs
+# than the GPU holds at a time (one per position would be mostly programs that exit at once)
 _POSITIONS_PER_PROGRAM = 8
-# runs of at least `_LONG_RUN` (token, slot) pairs of one expert get their table gradients from programs that each
-# take one slice of `_LONG_RUN_COLUMNS` columns and sum `_LONG_RUN_ROWS` pairs at a time: a router that sends most
-# tokens to a few experts would otherwise leave a few programs summing most pairs one by one
+# runs of ≥ `_LONG_RUN` pairs of one expert are summed by programs that each take `_LONG_RUN_COLUMNS` columns and
+# `_LONG_RUN_ROWS` pairs at a time: a router sending most tokens to few experts would leave a few serial programs
 _LONG_RUN, _LONG_RUN_COLUMNS, _LONG_RUN_ROWS = 256, 128, 32
 # (warps, elements of a [k, BLOCK_H] tile) of each token-centric kernel, measured per kernel (H100, k 64, H 1024;
 # docs/decisions/product-key-kernels.md): the row dots reduce within a row and hide the gathers' latency best with
@@ -42,7 +40,6 @@ _LONG_RUN, _LONG_RUN_COLUMNS, _LONG_RUN_ROWS = 256, 128, 32
 # while its table fits in L2 and on whole 128-byte lines of each row when the rows come from HBM
 _DOTS_SHAPE, _INPUT_BACKWARD_SHAPE = (4, 4096), (8, 4096)
 _COMBINE_SHAPE, _COMBINE_FROM_HBM_SHAPE = (1, 2048), (1, 4096)
-_L2_BYTES: dict[torch.device, int] = {}
 
 
 @triton.jit
@@ -248,23 +245,22 @@ def _long_run_table_backward_kernel(
         tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size
+
+
 def _combine_shape(table: torch.Tensor) -> tuple[int, int]:
-    """The combine's (warps, tile elements) for rows of `table`: see `_COMBINE_SHAPE` (off CUDA, under Triton's
-    interpreter, the L2 one)."""
-    if not table.is_cuda:
-        return _COMBINE_SHAPE
-    l2_bytes = _L2_BYTES.get(table.device)
-    if l2_bytes is None:
-        l2_bytes = _L2_BYTES[table.device] = torch.cuda.get_device_properties(table.device).L2_cache_size
-    return _COMBINE_SHAPE if table.numel() * table.element_size() <= l2_bytes else _COMBINE_FROM_HBM_SHAPE
+    """The combine's (warps, tile elements) for rows of `table` (see `_COMBINE_SHAPE`; off CUDA the L2 one)."""
+    in_l2 = not table.is_cuda or table.numel() * table.element_size() <= _l2_bytes(table.device)
+    return _COMBINE_SHAPE if in_l2 else _COMBINE_FROM_HBM_SHAPE
 
 
 def _launch(top_k: int, hidden: int, shape: tuple[int, int]) -> dict:
     """A token-centric kernel's block sizes and warps for `shape` = (warps, tile elements)."""
     block_k = max(2, triton.next_power_of_2(top_k))
-    warps, elements = shape
-    return dict(BLOCK_K=block_k, BLOCK_H=max(16, min(triton.next_power_of_2(hidden), elements // block_k)),
-                num_warps=warps)
+    block_h = max(16, min(triton.next_power_of_2(hidden), shape[1] // block_k))
+    return dict(BLOCK_K=block_k, BLOCK_H=block_h, num_warps=shape[0])
 
 
 def _experts_forward(
@@ -273,22 +269,16 @@ def _experts_forward(
     """`x [T, H]`, tables `up`, `down [E, H]`, `index [T, k]` (entries ≥ E are sentinel slots, which contribute
     nothing), `weights [T, k]` (any float dtype, read as float32) → `(out [T, H]` in x's dtype, `pre [T, k]`
     float32 pre-activations, kept for backward`)`."""
-    num_tokens, hidden = x.shape
-    top_k = index.shape[1]
-    x = x.contiguous()
+    (num_tokens, hidden), top_k = x.shape, index.shape[1]
+    x, up, down, index, weights = (t.contiguous() for t in (x, up, down, index, weights))
     out = torch.empty_like(x)
     pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
     if num_tokens:
-        index = index.contiguous()
         coeff = torch.empty_like(pre)
-        _pre_activation_kernel[(num_tokens,)](
-            x, up.contiguous(), index, weights.contiguous(), pre, coeff, up.shape[0],
-            hidden, TOP_K=top_k, ACT=ACTIVATIONS[act], **_launch(top_k, hidden, _DOTS_SHAPE),
-        )
-        down = down.contiguous()
-        _combine_kernel[(num_tokens,)](
-            down, index, coeff, out, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _combine_shape(down)),
-        )
+        _pre_activation_kernel[(num_tokens,)](x, up, index, weights, pre, coeff, up.shape[0], hidden, TOP_K=top_k,
+                                              ACT=ACTIVATIONS[act], **_launch(top_k, hidden, _DOTS_SHAPE))
+        _combine_kernel[(num_tokens,)](down, index, coeff, out, up.shape[0], hidden, TOP_K=top_k,
+                                       **_launch(top_k, hidden, _combine_shape(down)))
     return out, pre
 
 
@@ -326,10 +316,7 @@ def _experts_backward(
     _combine_kernel[(num_tokens,)](
         up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _combine_shape(up)),
     )
-    # expert-centric table gradients: pairs sorted by expert (stable); each program looks at a few sorted positions
-    # and, for each one that starts an expert's run, sums the run's pairs in sorted order and writes the expert's rows;
-    # runs of LONG_RUN pairs or more (a router that sends many tokens to few experts) are listed instead and summed by
-    # programs that each take one slice of the columns, so that one serial run does not hold back the whole backward
+    # expert-centric table gradients (module docstring); long runs listed for the second kernel
     num_pairs = num_tokens * top_k
     sorted_expert, order = torch.sort(keys.view(-1), stable=True)
     max_long_runs = num_pairs // _LONG_RUN
