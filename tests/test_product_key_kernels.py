@@ -1,7 +1,7 @@
 """The product-key Triton kernels against float64 maths: the two-half top-k + merge against brute force over all
 N² pairs (float64 sums, ties included), the singleton experts' forward and backward against a float64 einsum,
 determinism, no host sync, the whole block on CUDA bf16 against the float64 loop of `test_product_key`,
-torch.compile and opcheck.
+torch.compile and opcheck (the table gradients' runs and segments: `test_product_key_tables`).
 
 Runs on a CUDA device; on the CPU only under Triton's interpreter (`TRITON_INTERPRET=1` with Triton installed), and
 skips otherwise (the CI suite has no Triton).
@@ -187,76 +187,6 @@ def test_experts_kernel_skips_sentinel_slots_and_reads_half_precision_weights():
     torch.testing.assert_close(grad_weights[real], want[3][real].bfloat16().double(), rtol=1e-2, atol=1e-3)
     with torch.no_grad():
         assert torch.equal(product_key_experts(x, up, down, index, weights, "silu"), out)
-
-
-@pytest.mark.parametrize("tokens,hidden,experts,top_k", [(100, 8, 2, 2), (3, 20, 500, 4), (4, 1100, 3, 2)])
-def test_experts_kernel_table_gradients_for_long_runs_singletons_and_wide_rows(tokens, hidden, experts, top_k):
-    """The table gradients against float64 where the expert-sorted runs are longer than the kernel's 64-position
-    scan for a run's end (T·k ≫ E), where nearly every run is one pair (E ≫ T·k), and where a row spans two
-    column tiles (H > 1024); sentinel slots (E and above) among them get nothing. The custom op (what
-    torch.compile traces) and the eager path give the same bits."""
-    from hf_moe.moe.kernels.product_key_experts import product_key_experts, product_key_experts_op
-
-    torch.manual_seed(0)
-    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
-    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
-    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
-    index = torch.randint(0, experts, (tokens, top_k), device=DEVICE)
-    index[1, 0], index[2, top_k - 1] = experts, experts + 2
-    weights = torch.rand(tokens, top_k, device=DEVICE, requires_grad=True)
-    grad = torch.randn(tokens, hidden, device=DEVICE)
-    leaves = (x, up, down, weights)
-    got = torch.autograd.grad(product_key_experts(x, up, down, index, weights, "relu2"), leaves, grad)
-    via_op = torch.autograd.grad(product_key_experts_op(x, up, down, index, weights, "relu2")[0], leaves, grad)
-    real = (index < experts).cpu()
-    ref = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    i = index.cpu().clamp(max=experts - 1)
-    coeff = torch.relu(torch.einsum("tkh,th->tk", ref[1][i], ref[0])) ** 2 * ref[3] * real
-    want = torch.autograd.grad(torch.einsum("tk,tkh->th", coeff, ref[2][i]), ref, grad.double().cpu())
-    for name, g, w, h in zip(("x", "up", "down", "weights"), got, want, via_op):
-        err = ((g.double().cpu() - w).norm() / w.norm()).item()
-        assert err < 1e-5, f"{name}: relative error {err:.2e}"
-        assert torch.equal(g, h), f"{name}: the op and the eager path differ"
-
-
-@pytest.mark.parametrize("hidden", [24, 200])
-def test_experts_kernel_table_gradients_when_a_few_experts_take_most_pairs(hidden):
-    """A collapsed router: most pairs on expert 0 and many on expert 3 (runs past the kernel's long-run length, which
-    the long-run kernel sums in tiles over column slices — two slices at H 200), the rest short runs and sentinels;
-    against float64, deterministic, and the op equal to the eager path."""
-    from hf_moe.moe.kernels.product_key_experts import _LONG_RUN, product_key_experts, product_key_experts_op
-
-    torch.manual_seed(0)
-    tokens, experts, top_k = 700, 6, 2
-    index = torch.randint(0, experts, (tokens, top_k))
-    index[torch.rand(tokens, top_k) < 0.6] = 0
-    index[:, 1][torch.rand(tokens) < 0.5] = 3
-    index[5, 0], index[9, 1] = experts, experts + 1
-    counts = torch.bincount(index.flatten(), minlength=experts + 2)
-    assert counts[0] >= _LONG_RUN and counts[3] >= _LONG_RUN and counts[1] < _LONG_RUN
-    index = index.to(DEVICE)
-    x = torch.randn(tokens, hidden, device=DEVICE, requires_grad=True)
-    up = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
-    down = (torch.randn(experts, hidden) * hidden**-0.5).to(DEVICE).requires_grad_()
-    weights = torch.rand(tokens, top_k, device=DEVICE, requires_grad=True)
-    grad = torch.randn(tokens, hidden, device=DEVICE)
-    leaves = (x, up, down, weights)
-    got = torch.autograd.grad(product_key_experts(x, up, down, index, weights, "silu"), leaves, grad)
-    again = torch.autograd.grad(product_key_experts(x, up, down, index, weights, "silu"), leaves, grad)
-    via_op = torch.autograd.grad(product_key_experts_op(x, up, down, index, weights, "silu")[0], leaves, grad)
-    real = (index < experts).cpu()
-    ref = [t.detach().double().cpu().requires_grad_() for t in leaves]
-    i = index.cpu().clamp(max=experts - 1)
-    coeff = F.silu(torch.einsum("tkh,th->tk", ref[1][i], ref[0])) * ref[3] * real
-    want = torch.autograd.grad(torch.einsum("tk,tkh->th", coeff, ref[2][i]), ref, grad.double().cpu())
-    for name, g, w, h, a in zip(("x", "up", "down", "weights"), got, want, via_op, again):
-        err = ((g.double().cpu() - w).norm() / w.norm()).item()
-        assert err < 1e-5, f"{name}: relative error {err:.2e}"
-        for other in (h, a):
-            assert torch.equal(g, other), f"{name}: not bit-identical across calls and paths"
-    for e in (0, 3):  # the long runs' rows in particular
-        err = ((got[1][e].double().cpu() - want[1][e]).norm() / want[1][e].norm()).item()
-        assert err < 1e-5, f"up row of expert {e}: relative error {err:.2e}"
 
 
 @requires_cuda

@@ -7,10 +7,10 @@
 - `sort_by_expert`: the (token, slot) pairs ordered by expert: one launch for few pairs (decode), a counting sort in
   two launches for many;
 - `softmax_top_k`: the router's softmax → top-k → renormalisation and its backward;
-- `product_key_top_k`: product-key routing's exact selection (each half's top-k by ranks, then the pairs of ranks
-  that can still be in the top k);
-- `product_key_experts`: the singleton experts of product-key layers (token-centric forward, expert-sorted
-  backward), a torch custom op;
+- `product_key_top_k`: product-key routing's exact selection (each half's top-k by maxima or a bitonic top-k, then
+  the pairs of ranks that can still be in the top k);
+- `product_key_experts`: the singleton experts of product-key layers (token-centric forward and input backward), a
+  torch custom op; `product_key_tables`: its table gradients (expert-sorted, deterministic);
 - `quack_gemm`: the experts' weight gradients with quack-kernels' grouped GEMM (optional; imports quack, not Triton,
   and only when called).
 

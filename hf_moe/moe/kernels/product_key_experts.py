@@ -10,11 +10,8 @@ are read as float32, so the caller casts and masks nothing.
   `w · act(pre)`; then the k rows of `down` are summed into the output with those coefficients. Gathered rows are
   never written to memory, and each pass reads one table, whose touched rows then stay in L2 for other tokens.
 - Backward, token-centric for the inputs in the same two passes (`g·down[e]` gives the gradients of the routing
-  weights and pre-activations and writes the sort keys; then `grad_x = Σ grad_pre · up[e]`), expert-centric for
-  the tables: the (token, slot) pairs sorted by expert (stable, on the device), the first sorted position of each
-  expert's run sums the run in sorted order and writes the expert's two rows; long runs go to a second kernel that
-  splits their columns over programs. Rows of experts without tokens stay zero. Every row is summed by one program
-  in a fixed order (the only atomic lists the long runs): deterministic, and no host sync anywhere.
+  weights and pre-activations and writes the sort keys and coefficients; then `grad_x = Σ grad_pre · up[e]`),
+  expert-centric and deterministic for the tables (`product_key_tables`). No host sync anywhere.
 - In eager mode the launchers run without the custom ops' dispatch (an `autograd.Function` when gradients are
   needed); while torch.compile or torch.export trace, the custom ops with their registered autograd.
 """
@@ -27,13 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .product_key_tables import table_gradients
+
 ACTIVATIONS = {"silu": 0, "swish": 0, "relu": 1, "relu2": 2}
-# sorted positions per table-backward program: most start no run, and a few per program keep far more programs
-# than the GPU holds at a time (one per position would be mostly programs that exit at once)
-_POSITIONS_PER_PROGRAM = 8
-# runs of ≥ `_LONG_RUN` pairs of one expert are summed by programs that each take `_LONG_RUN_COLUMNS` columns and
-# `_LONG_RUN_ROWS` pairs at a time: a router sending most tokens to few experts would leave a few serial programs
-_LONG_RUN, _LONG_RUN_COLUMNS, _LONG_RUN_ROWS = 256, 128, 32
 # (warps, elements of a [k, BLOCK_H] tile) of each token-centric kernel, measured per kernel (H100, k 64, H 1024;
 # docs/decisions/product-key-kernels.md): the row dots reduce within a row and hide the gathers' latency best with
 # more warps; the combine reduces across the slots, which one warp does without shared memory, on short row pieces
@@ -138,11 +131,12 @@ def _combine_kernel(
 
 @triton.jit
 def _input_backward_kernel(
-    grad_out_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_weight_ptr, grad_pre_ptr, key_ptr, num_experts,
-    hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    grad_out_ptr, down_ptr, index_ptr, weight_ptr, pre_ptr, grad_weight_ptr, grad_pre_ptr, key_ptr, coeff_ptr,
+    num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """Input backward, pass 1: the gradients of the routing weights and pre-activations from `g · down[e]`, and the
-    table backward's sort keys."""
+    table gradients' sort keys and coefficients `w · act(pre)`."""
     token = tl.program_id(0).to(tl.int64)
     slots, slot_ok, experts, live, weights = _token_slots(index_ptr, weight_ptr, token, num_experts, TOP_K, BLOCK_K)
     # the table backward's sort keys: the experts, every sentinel as num_experts (fits the key dtype)
@@ -151,98 +145,12 @@ def _input_backward_kernel(
     pre = tl.load(pre_ptr + token * TOP_K + slots, mask=slot_ok, other=0.0)
     grad_act = _rows_dot(down_ptr, experts, live, grad_out_ptr + token * hidden, hidden, BLOCK_K,
                          BLOCK_H)  # g · down[e]
-    grad_weight = tl.where(live, grad_act * _act(pre, ACT), 0.0)
+    act = _act(pre, ACT)
+    grad_weight = tl.where(live, grad_act * act, 0.0)
     tl.store(grad_weight_ptr + token * TOP_K + slots, grad_weight.to(grad_weight_ptr.dtype.element_ty), mask=slot_ok)
+    tl.store(coeff_ptr + token * TOP_K + slots, tl.where(live, act * weights, 0.0), mask=slot_ok)
     grad_pre = tl.where(live, grad_act * weights * _act_grad(pre, ACT), 0.0)
     tl.store(grad_pre_ptr + token * TOP_K + slots, grad_pre, mask=slot_ok)
-
-
-@triton.jit
-def _store_run_gradients(
-    x_ptr, grad_out_ptr, order_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr, start, end, row,
-    cols, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr,
-):
-    """One expert's two table-gradient rows over the columns `cols`: its run's pairs (sorted positions
-    `start..end`) summed in sorted order."""
-    col_ok = cols < hidden
-    grad_up = tl.zeros(cols.shape, dtype=tl.float32)
-    grad_down = tl.zeros(cols.shape, dtype=tl.float32)
-    for position in range(start, end):
-        pair = tl.load(order_ptr + position)
-        token = pair // TOP_K
-        grad_pre = tl.load(grad_pre_ptr + pair)
-        coeff = _act(tl.load(pre_ptr + pair), ACT) * tl.load(weight_ptr + pair).to(tl.float32)
-        x = tl.load(x_ptr + token * hidden + cols, mask=col_ok, other=0.0).to(tl.float32)
-        g = tl.load(grad_out_ptr + token * hidden + cols, mask=col_ok, other=0.0).to(tl.float32)
-        grad_up += grad_pre * x
-        grad_down += coeff * g
-    tl.store(grad_up_ptr + row + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
-    tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
-
-
-@triton.jit
-def _table_backward_kernel(
-    x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr,
-    long_runs_ptr, num_pairs, num_experts, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr,
-    BLOCK_H: tl.constexpr, POSITIONS: tl.constexpr, BLOCK_SCAN: tl.constexpr, LONG_RUN: tl.constexpr,
-):
-    first = tl.program_id(0) * POSITIONS
-    for start in range(first, tl.minimum(first + POSITIONS, num_pairs)):
-        expert = tl.load(sorted_expert_ptr + start)
-        previous = tl.load(sorted_expert_ptr + start - 1, mask=start > 0, other=-1)
-        # the first position of an expert's run owns the run; the others (and the sentinels' positions) do nothing
-        if (expert < num_experts) & (expert != previous):
-            scan = tl.arange(0, BLOCK_SCAN)
-            end = start + 1
-            step = tl.full([], BLOCK_SCAN, tl.int32)
-            while step == BLOCK_SCAN:  # the run ends at the first position of another expert (or at num_pairs)
-                ahead = tl.load(sorted_expert_ptr + end + scan, mask=end + scan < num_pairs, other=num_experts)
-                step = tl.min(tl.where(ahead == expert, BLOCK_SCAN, scan))
-                end += step
-            if end - start >= LONG_RUN:  # listed for the long-run kernel, which splits its columns over programs
-                slot = tl.atomic_add(long_runs_ptr, 1)
-                tl.store(long_runs_ptr + 1 + 2 * slot, start)
-                tl.store(long_runs_ptr + 2 + 2 * slot, end)
-            else:
-                row = expert.to(tl.int64) * hidden
-                for col in range(0, hidden, BLOCK_H):
-                    _store_run_gradients(x_ptr, grad_out_ptr, order_ptr, pre_ptr, weight_ptr, grad_pre_ptr,
-                                         grad_up_ptr, grad_down_ptr, start, end, row, col + tl.arange(0, BLOCK_H),
-                                         hidden, TOP_K, ACT)
-
-
-@triton.jit
-def _long_run_table_backward_kernel(
-    x_ptr, grad_out_ptr, order_ptr, sorted_expert_ptr, pre_ptr, weight_ptr, grad_pre_ptr, grad_up_ptr, grad_down_ptr,
-    long_runs_ptr, hidden: tl.constexpr, TOP_K: tl.constexpr, ACT: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-):
-    """The listed long runs (program axis 0, strided) × column slices (axis 1): a run's pairs `ROWS` at a time as
-    `[ROWS, BLOCK_H]` tiles, each tile summed over its rows, the tiles in sorted order."""
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < hidden
-    rows = tl.arange(0, ROWS)
-    for run in range(tl.program_id(0), tl.load(long_runs_ptr), tl.num_programs(0)):
-        start = tl.load(long_runs_ptr + 1 + 2 * run)
-        end = tl.load(long_runs_ptr + 2 + 2 * run)
-        row = tl.load(sorted_expert_ptr + start).to(tl.int64) * hidden
-        grad_up = tl.zeros([BLOCK_H], dtype=tl.float32)
-        grad_down = tl.zeros([BLOCK_H], dtype=tl.float32)
-        for first in range(start, end, ROWS):
-            row_ok = first + rows < end
-            pair = tl.load(order_ptr + first + rows, mask=row_ok, other=0)
-            token = (pair // TOP_K).to(tl.int64)
-            grad_pre = tl.load(grad_pre_ptr + pair, mask=row_ok, other=0.0)
-            coeff = tl.where(row_ok, _act(tl.load(pre_ptr + pair, mask=row_ok, other=0.0), ACT)
-                             * tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32), 0.0)
-            tile_ok = row_ok[:, None] & col_ok[None, :]
-            offsets = token[:, None] * hidden + cols[None, :]
-            x = tl.load(x_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-            g = tl.load(grad_out_ptr + offsets, mask=tile_ok, other=0.0).to(tl.float32)
-            grad_up += tl.sum(grad_pre[:, None] * x, axis=0)
-            grad_down += tl.sum(coeff[:, None] * g, axis=0)
-        tl.store(grad_up_ptr + row + cols, grad_up.to(grad_up_ptr.dtype.element_ty), mask=col_ok)
-        tl.store(grad_down_ptr + row + cols, grad_down.to(grad_down_ptr.dtype.element_ty), mask=col_ok)
 
 
 @functools.cache
@@ -302,36 +210,19 @@ def _experts_backward(
     index, weights = index.contiguous(), weights.contiguous()
     grad_x = torch.empty_like(x)
     grad_weights = torch.empty_like(weights)
-    grad_up, grad_down = torch.zeros_like(up), torch.zeros_like(down)
     if not num_tokens:
-        return grad_x, grad_up, grad_down, grad_weights
-    grad_pre = torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device)
+        return grad_x, torch.zeros_like(up), torch.zeros_like(down), grad_weights
+    grad_pre, coeff = (torch.empty(num_tokens, top_k, dtype=torch.float32, device=x.device) for _ in range(2))
     # the sort keys (written by the input kernel): every sentinel as E, so all of them sort last
     keys = torch.empty(num_tokens, top_k, dtype=torch.int32 if up.shape[0] < 2**31 else torch.int64, device=x.device)
-    code = ACTIVATIONS[act]
     _input_backward_kernel[(num_tokens,)](
-        grad_out, down, index, weights, pre, grad_weights, grad_pre, keys, up.shape[0], hidden,
-        TOP_K=top_k, ACT=code, **_launch(top_k, hidden, _INPUT_BACKWARD_SHAPE),
+        grad_out, down, index, weights, pre, grad_weights, grad_pre, keys, coeff, up.shape[0], hidden,
+        TOP_K=top_k, ACT=ACTIVATIONS[act], **_launch(top_k, hidden, _INPUT_BACKWARD_SHAPE),
     )
     _combine_kernel[(num_tokens,)](
         up, index, grad_pre, grad_x, up.shape[0], hidden, TOP_K=top_k, **_launch(top_k, hidden, _combine_shape(up)),
     )
-    # expert-centric table gradients (module docstring); long runs listed for the second kernel
-    num_pairs = num_tokens * top_k
-    sorted_expert, order = torch.sort(keys.view(-1), stable=True)
-    max_long_runs = num_pairs // _LONG_RUN
-    long_runs = torch.zeros(1 + 2 * max_long_runs, dtype=torch.int32, device=x.device)  # [count, (start, end)...]
-    _table_backward_kernel[(triton.cdiv(num_pairs, _POSITIONS_PER_PROGRAM),)](
-        x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, long_runs, num_pairs,
-        up.shape[0], hidden, TOP_K=top_k, ACT=code, BLOCK_H=min(triton.next_power_of_2(hidden), 1024),
-        POSITIONS=_POSITIONS_PER_PROGRAM, BLOCK_SCAN=64, LONG_RUN=_LONG_RUN,
-    )
-    if max_long_runs:
-        slice_h = min(triton.next_power_of_2(hidden), _LONG_RUN_COLUMNS)
-        _long_run_table_backward_kernel[(min(max_long_runs, 1024), triton.cdiv(hidden, slice_h))](
-            x, grad_out, order, sorted_expert, pre, weights, grad_pre, grad_up, grad_down, long_runs, hidden,
-            TOP_K=top_k, ACT=code, ROWS=_LONG_RUN_ROWS, BLOCK_H=slice_h,
-        )
+    grad_up, grad_down = table_gradients(x, grad_out, keys, grad_pre, coeff, up)
     return grad_x, grad_up, grad_down, grad_weights
 
 

@@ -189,7 +189,7 @@ class ProductKeyRouter(HfMoeRouter):
         if self.norm_topk_prob:  # p₁p₂ renormalised over the head's k: a softmax of the logit sums
             weights = score.softmax(dim=-1)
         else:  # p₁p₂ = exp(l₁[i] + l₂[j] − lse₁ − lse₂), each half's lse read off its log-softmax at key 0: one
-            # fused kernel where torch's logsumexp issues about nine (the forward is host-bound at a few thousand tokens)
+            # fused kernel where torch's logsumexp issues about nine (the forward is host-bound at some 1000s of tokens)
             lse = (halves[..., :1] - halves.log_softmax(dim=-1)[..., :1]).sum(dim=(-2, -1))
             weights = (score - lse[..., None]).exp()
         if self.scaling != 1.0:
