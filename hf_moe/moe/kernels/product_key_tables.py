@@ -124,8 +124,8 @@ def _segments_kernel(
         run = tl.load(list_ptr + segments_at + 2 * segment)
         i = tl.load(list_ptr + segments_at + 2 * segment + 1)
         entry = list_ptr + runs_at + 4 * run
-        expert, run_start, run_end, first_partial = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2), tl.load(
-            entry + 3)
+        expert, run_start, run_end = tl.load(entry), tl.load(entry + 1), tl.load(entry + 2)
+        first_partial = tl.load(entry + 3)
         start = run_start + i * SEGMENT
         grad_up, grad_down = _pair_sums(x_ptr, grad_out_ptr, order_ptr, grad_pre_ptr, coeff_ptr, start,
                                         tl.minimum(run_end, start + SEGMENT), cols, col_ok, hidden, TOP_K, ROWS)
