@@ -9,19 +9,18 @@ import traceback
 import torch
 from torch import nn
 
-from .timing import gpu_work, timed_rounds
+from .timing import capture, gpu_work, timed_rounds
 
 
-def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, work: list,
-            backward: bool = True, graph_steps: bool = False, forward_grad: bool = False,
-            profiled: bool = True) -> dict:
+def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: str, work: list | None,
+            backward: bool = True, graph_steps: bool = False, forward_grad: bool = False) -> dict:
     """Forward (no grad) and forward+backward median ms (`timing.timed_rounds`: each call from an idle device, timed
     with CUDA events), the median host ms to issue each call and the peak memory (MiB) of each above what was
-    allocated; each call goes to `work` for [`add_gpu_work`], which the part runs after all its timings.
-    `graph_steps`: the module replays torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new
+    allocated; each call goes to `work` (None: not profiled) for [`add_gpu_work`], which the part runs after all
+    its timings. `graph_steps`: the module replays torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new
     step (a training step reads the forward's outputs, which the next replay would overwrite) with its gradients
     unset (the last replay's gradients are its outputs). `forward_grad`: the forward runs with gradients on (CUDA
-    graphs of a training step replay only there). `profiled=False`: no call goes to `work`."""
+    graphs of a training step replay only there)."""
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     step = torch.compiler.cudagraph_mark_step_begin if graph_steps else lambda: None
 
@@ -53,7 +52,7 @@ def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: st
             runs = timed_rounds({what: fn}, device, reps)[what]
             row[f"{what}_ms"] = round(statistics.median(d for d, _ in runs) * 1e3, 3)
             row[f"{what}_host_ms"] = round(statistics.median(h for _, h in runs) * 1e3, 3)
-            if profiled:
+            if work is not None:
                 work.append((row, what, fn))
         except Exception as error:  # a peer that cannot run a part: recorded, the suite goes on
             row[f"{what}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
@@ -81,15 +80,12 @@ class InferenceGraph(nn.Module):
     def __init__(self, module: nn.Module, x: torch.Tensor) -> None:
         super().__init__()
         self.static_x = x.detach().clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), torch.no_grad():  # warm-up outside the capture (lazy inits, autotuning)
-            for _ in range(3):
-                module(self.static_x)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            out = module(self.static_x)
+
+        @torch.no_grad()
+        def forward_once():
+            return module(self.static_x)
+
+        self.graph, out = capture(forward_once)
         self.static_out = out[0] if isinstance(out, tuple) else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

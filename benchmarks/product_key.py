@@ -224,8 +224,8 @@ def graphed_rows(modules: dict[str, nn.Module], x: torch.Tensor, reps: int, devi
             rows.append({"module": name, "capture_error": f"{type(error).__name__}: {str(error)[:300]}"})
             traceback.print_exc(limit=2)
             continue
-        rows.append(measure(name, module, sample if train else x, reps, device, work, backward=train,
-                            forward_grad=train, profiled=train))
+        rows.append(measure(name, module, sample if train else x, reps, device, work if train else None,
+                            backward=train, forward_grad=train))
     return rows
 
 

@@ -126,8 +126,9 @@ def host_us(fn: Callable[[], object], device: str, calls: int, repeats: int) -> 
     return statistics.median(times), min(times)
 
 
-def cuda_graph_seconds(fn: Callable[[], object], reps: int) -> float:
-    """Median seconds per replay of `fn` captured in a CUDA graph (after three warm-up calls on a side stream)."""
+def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured in a CUDA graph after three warm-up calls on a side stream (lazy inits, autotuning): the graph
+    and what the captured call returned (its buffers, which every replay rewrites)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -136,8 +137,13 @@ def cuda_graph_seconds(fn: Callable[[], object], reps: int) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return median_and_min(graph.replay, "cuda", reps)[0]
+        out = fn()
+    return graph, out
+
+
+def cuda_graph_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Median seconds per replay of `fn` captured in a CUDA graph ([`capture`])."""
+    return median_and_min(capture(fn)[0].replay, "cuda", reps)[0]
 
 
 def triton_ms(fn: Callable[[], object]) -> float:
