@@ -45,6 +45,7 @@ from .moe.router.unlearned import FakeBalancedRouter, HashRouter
 from .moe.types import RouterOutput
 from .parallel.balancing import update_expert_bias
 from .parallel.fsdp import fully_shard_moe
+from .row_sparse_adamw import RowSparseAdamW, row_sparse_parameters
 
 __version__ = "0.1.0"
 
@@ -78,6 +79,7 @@ __all__ = [
     "HfMoeSparseMoeBlock",
     "LIGER_AVAILABLE",
     "RouterOutput",
+    "RowSparseAdamW",
     "SwitchRouter",
     "capacity_padded_experts_forward",
     "expert_capacity",
@@ -93,6 +95,7 @@ __all__ = [
     "register_router",
     "router_metrics",
     "router_z_loss",
+    "row_sparse_parameters",
     "sequence_load_balancing_loss",
     "update_expert_bias",
 ]

@@ -180,6 +180,17 @@ def _checkpoint_as_all_experts(experts: nn.Module, mesh: DeviceMesh, num_experts
     experts.register_load_state_dict_pre_hook(to_local)
 
 
+def local_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole rows (slices along dim 0) of `tensor` this process holds, sharing its storage: a DTensor's local
+    shard when it is sharded along dim 0 (FSDP2's layout) or replicated; any other tensor itself."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if not all(p.is_replicate() or (p.is_shard() and p.dim == 0) for p in tensor.placements):
+        raise ValueError(f"whole rows on each process need a DTensor sharded along dim 0 or replicated; got "
+                         f"placements {tensor.placements}")
+    return tensor.to_local()
+
+
 def checkpoint_optimizer_as_all_experts(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Optimizer state-dict hooks: the state of each expert weight is saved as all E experts (as the weight itself
     is by `fully_shard_moe`) and loaded back from that view, so distributed checkpoints resume at another W or P.

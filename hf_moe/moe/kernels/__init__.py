@@ -1,4 +1,5 @@
-"""Triton kernels of the routed experts and the router (CUDA only), one module per fused operation:
+"""Triton kernels of the routed experts, the router and the row-sparse optimizer (CUDA only), one module per fused
+operation:
 
 - `gather`: row gather and deterministic gather-sum (the experts' and dispatchers' row movements);
 - `swiglu`: SwiGLU with the routing weight, forward and backward;
@@ -11,6 +12,7 @@
   the pairs of ranks that can still be in the top k);
 - `product_key_experts`: the singleton experts of product-key layers (token-centric forward and input backward), a
   torch custom op; `product_key_tables`: its table gradients (expert-sorted, deterministic);
+- `row_sparse_adamw`: AdamW over the rows of a table that have a gradient (`hf_moe.RowSparseAdamW`);
 - `quack_gemm`: the experts' weight gradients with quack-kernels' grouped GEMM (optional; imports quack, not Triton,
   and only when called).
 
@@ -28,7 +30,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
 
 _KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "sort_by_expert", "softmax_top_k",
-                   "product_key_top_k", "product_key_experts", "quack_gemm")
+                   "product_key_top_k", "product_key_experts", "row_sparse_adamw", "quack_gemm")
 
 PRODUCT_KEY_ACTIVATIONS = ("silu", "swish", "relu", "relu2")
 """The activations `product_key_experts` computes (others run the torch path)."""
