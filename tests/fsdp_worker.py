@@ -13,7 +13,8 @@ accelerate's distributed checkpoint to WORKDIR/state and one standard checkpoint
 mixed-precision step at P = 2 (loss, and the dtypes of weights and optimizer state).
 MODE `resume` (W = 2): P = 2 and P = 1, each loads WORKDIR/state and takes one more step; then, at each P, LoRA
 on attention and experts takes two steps and saves one adapter to WORKDIR/adapter<P>. Last, P = 2 sharded by
-`fully_shard_moe` alone (no accelerate) takes STEPS steps from WORKDIR/model.
+`fully_shard_moe` alone (no accelerate) takes STEPS steps from WORKDIR/model, and with skewed routing and
+`RowSparseAdamW` on the experts (sharded along their rows) STEPS more.
 """
 
 import os
@@ -28,7 +29,7 @@ from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState
 from accelerate.utils import DistributedType  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
-from hf_moe import HfMoeForCausalLM, HfMoeRouter, moe_blocks  # noqa: E402
+from hf_moe import HfMoeForCausalLM, HfMoeRouter, RowSparseAdamW, moe_blocks  # noqa: E402
 from hf_moe.parallel import finish_gradients, fully_shard_moe, save_expert_parallel  # noqa: E402
 from tests.worker_cases import local_rows, skew_routing, to_cpu  # noqa: E402
 
@@ -141,7 +142,26 @@ def resume(workdir: str) -> dict:
     result["plain"] = {"sharded_layers": sum(type(m).__name__ == "FSDPHfMoeDecoderLayer" for m in model.modules())}
     for _ in range(STEPS):
         step(model, optimizer, accelerator, local_rows(batch), result["plain"])
+    result["row_sparse"] = row_sparse(workdir, accelerator, local_rows(batch))
     return result
+
+
+def row_sparse(workdir: str, accelerator: Accelerator, ids: torch.Tensor) -> dict:
+    """RowSparseAdamW built on the unsharded model with the experts row-sparse, then `fully_shard_moe` (no EP: each
+    expert weight sharded along its rows over both ranks); every token routed to experts 0 and 1."""
+    skew_routing()
+    model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), dtype=torch.float64)
+    model = model.to(accelerator.device).train()
+    tables = [p for n, p in model.named_parameters() if ".experts." in n]
+    optimizer = RowSparseAdamW(model.parameters(), lr=LR, row_sparse=tables)
+    fully_shard_moe(model, optimizer=optimizer)
+    record = {"placements": sorted({str(p.placements) for group in optimizer.row_sparse_groups
+                                    for p in group["params"]})}
+    for _ in range(STEPS):
+        step(model, optimizer, accelerator, ids, record)
+    record["full"] = full_state(model)
+    HfMoeRouter.forward = ROUTER_FORWARD
+    return record
 
 
 def lora(workdir: str, ep_size: int, accelerator: Accelerator, ids: torch.Tensor) -> dict:

@@ -3,7 +3,8 @@ launchers as two "nodes", at P = 2 and P = 4 (skewed routing, activation checkpo
 on the whole batch, with clipping active; their shards tile the model; accelerate's distributed checkpoint saved at
 W = 4, P = 2 resumes at W = 2 with P = 2 and P = 1 to the same next step; the standard checkpoint loads in one
 process; a LoRA adapter on attention and experts trained under FSDP2 + EP loads in one process with the same logits;
-bf16 mixed precision keeps float32 master weights and optimizer state."""
+bf16 mixed precision keeps float32 master weights and optimizer state; RowSparseAdamW on experts sharded along their
+rows steps as in one process."""
 
 import os
 import socket
@@ -14,7 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hf_moe import HfMoeForCausalLM, HfMoeRouter
+from hf_moe import HfMoeForCausalLM, HfMoeRouter, RowSparseAdamW
 
 from . import fsdp_worker
 from .conftest import FLOAT64_TOL, assert_rel_close, rel_err, tiny_config
@@ -46,11 +47,13 @@ def launch(world: int, mode: str, workdir, nodes: int = 1) -> list[dict]:
     return [torch.load(workdir / f"{mode}{r}.pt") for r in range(world)]
 
 
-def reference_run(model: HfMoeForCausalLM, batch: torch.Tensor, steps: int) -> dict:
-    """One process on the whole batch: logits and clip norm per step, parameters after each step."""
+def reference_run(model: HfMoeForCausalLM, batch: torch.Tensor, steps: int, row_sparse: bool = False) -> dict:
+    """One process on the whole batch: logits and clip norm per step, parameters after each step (`row_sparse`:
+    RowSparseAdamW with the experts row-sparse)."""
     model = model.double().train()
     model.set_experts_implementation("eager")  # transformers' grouped_mm has no float64 kernel on CPU
-    optimizer = torch.optim.AdamW(model.parameters(), lr=fsdp_worker.LR)
+    tables = [p for n, p in model.named_parameters() if ".experts." in n] if row_sparse else []
+    optimizer = RowSparseAdamW(model.parameters(), lr=fsdp_worker.LR, row_sparse=tables)
     run = {"logits": [], "norms": [], "params": []}
     for _ in range(steps):
         out = model(batch, labels=batch)
@@ -147,3 +150,14 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
     assert all(r[4]["checkpointed"] == 3 for r in train), "accelerate's activation checkpointing wraps the 3 layers"
     calls = [r[4]["expert_calls"] for r in train]  # ranks 1..3 receive no token, yet run their experts module
     assert len(set(calls)) == 1 and calls[0] >= 2 * steps, f"experts module calls per rank: {calls}"
+
+    # RowSparseAdamW under FSDP2 (experts sharded along their rows): experts 2.. get no token, so no gradient, and
+    # keep their weights, where AdamW's weight decay would move them
+    start = dict(HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64).named_parameters())
+    ref = reference_run(HfMoeForCausalLM.from_pretrained(tmp_path / "model"), batch, steps, row_sparse=True)
+    assert all(r["row_sparse"]["placements"] == ["(Shard(dim=0),)"] for r in resumed), resumed[0]["row_sparse"]
+    check_steps([r["row_sparse"] for r in resumed], ref, 0, "W=2 RowSparseAdamW")
+    check_params(resumed[0]["row_sparse"]["full"], ref["params"][steps - 1], "W=2 RowSparseAdamW")
+    for name, value in ref["params"][steps - 1].items():
+        if ".experts." in name:
+            assert torch.equal(value[2:], start[name][2:]) and not torch.equal(value[:2], start[name][:2]), name
