@@ -20,7 +20,8 @@ Parts (each row printed and written to the results file):
   way; FlashMoE's forward synchronises with the host and cannot be captured);
 - `dense`: a SwiGLU MLP with the active parameters of the FlashMoE layer (intermediate 4096 + 2k/3, rounded up to
   64);
-- `adamw`: one fused AdamW step on the two tables at E = 16,384 and 262,144 (is a row-sparse update worth it?);
+- `adamw`: one optimizer step on the two tables at E = 16,384, 262,144 and 1,048,576 after a batch of each `--tokens`
+  routed uniformly (k 64): torch's fused AdamW against `hf_moe.RowSparseAdamW` (only the touched rows step);
 - `selection`: the selection kernel alone (`hf_moe::product_key_pairs`) on random log-probabilities at one head,
   k 64, N = 128 and 512, and at PEER's 8 heads, k 8, N 128; its pairs checked equal to the torch path's (run on
   the CPU).
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 from conversions import flash_moe_block_state_dict, flash_moe_config_fields
-from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, capture_moe_cuda_graphs, product_key_top_k
+from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock, RowSparseAdamW, capture_moe_cuda_graphs, product_key_top_k
 
 from .module_timing import InferenceGraph, add_gpu_work, measure
 from .record import ResultFile
@@ -253,16 +254,28 @@ def dense_part(tokens: int, reps: int, device: str, out: ResultFile, hidden: int
     out.write(row)
 
 
-def adamw_part(experts: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN) -> None:
-    tables = [nn.Parameter(torch.randn(experts, hidden, device=device, dtype=torch.bfloat16)) for _ in range(2)]
-    for t in tables:
-        t.grad = torch.randn_like(t)
-    optimizer = torch.optim.AdamW(tables, lr=1e-4, fused=device == "cuda")
-    optimizer.step()
-    row = {"part": "adamw", "experts": experts, "step_ms": round(median_and_min(optimizer.step, device, reps)[0] * 1e3,
-                                                                     3),
-           "state_mib": round(sum(s.numel() * s.element_size() for st in optimizer.state.values()
-                                  for s in st.values() if torch.is_tensor(s)) / 2**20, 1)}
+def adamw_part(experts: int, tokens: int, reps: int, device: str, out: ResultFile, hidden: int = HIDDEN,
+               top_k: int = TOP_K) -> None:
+    """One optimizer step on the two `[E, H]` tables after a batch of `tokens` routed uniformly to k experts each:
+    torch's AdamW (fused on CUDA, its fastest) against `RowSparseAdamW`, which steps only the touched rows."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    touched = torch.zeros(experts, dtype=torch.bool, device=device)
+    touched[torch.randint(0, experts, (tokens * top_k,), device=device, generator=gen)] = True
+    optimizers = {}
+    for name in ("adamw", "row_sparse"):
+        tables = [nn.Parameter(torch.randn(experts, hidden, device=device, dtype=torch.bfloat16)) for _ in range(2)]
+        for t in tables:
+            t.grad = torch.randn_like(t) * touched[:, None]
+        optimizers[name] = (torch.optim.AdamW(tables, lr=1e-4, fused=device == "cuda") if name == "adamw" else
+                            RowSparseAdamW(tables, lr=1e-4, row_sparse=tables))
+        optimizers[name].step()
+    ms = {name: median_and_min(opt.step, device, reps)[0] * 1e3 for name, opt in optimizers.items()}
+    state = optimizers["adamw"].state.values()
+    row = {"part": "adamw", "experts": experts, "tokens": tokens, "touched": round(touched.float().mean().item(), 3),
+           "adamw_ms": round(ms["adamw"], 3), "row_sparse_ms": round(ms["row_sparse"], 3),
+           "speedup": round(ms["adamw"] / ms["row_sparse"], 2),
+           "state_mib": round(sum(s.numel() * s.element_size() for st in state for s in st.values()
+                                  if torch.is_tensor(s)) / 2**20, 1)}
     print(row, flush=True)
     out.write(row)
 
@@ -307,7 +320,7 @@ def main() -> int:
     compile_modes = tuple(filter(None, args.compile.split(",")))
     parts = args.parts.split(",")
     shape = dict(hidden=64, shared=128, top_k=4) if args.smoke else {}
-    experts, large = (64, 256) if args.smoke else (EXPERTS, 512 * 512)
+    experts, large, huge = (64, 256, 1024) if args.smoke else (EXPERTS, 512 * 512, 1024 * 1024)
     if args.smoke:
         tokens = [8]
     print(f"torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}",
@@ -315,7 +328,7 @@ def main() -> int:
     started = time.monotonic()
     plan = {}  # in --parts order, each part at every --tokens before the next part
     for part in parts:
-        for t in tokens if part != "adamw" else ():
+        for t in tokens:
             if part == "flash":
                 plan[f"flash:{t}"] = lambda t=t: flash_part(t, experts, args.reps, args.device, True, out,
                                                             graphs=args.graphs, **shape)
@@ -328,13 +341,14 @@ def main() -> int:
                                                           compile_modes=compile_modes, graphs=args.graphs, **small)
             elif part == "dense":
                 plan[f"dense:{t}"] = lambda t=t: dense_part(t, args.reps, args.device, out, **shape)
+            elif part == "adamw":
+                for e in (experts, large, huge):
+                    plan[f"adamw:{e}:{t}"] = lambda e=e, t=t: adamw_part(e, t, args.reps, args.device, out,
+                                                                         hidden=shape.get("hidden", HIDDEN),
+                                                                         top_k=shape.get("top_k", TOP_K))
             elif part == "selection":
                 plan[f"selection:{t}"] = lambda t=t: selection_part(t, args.reps, args.device, out,
                                                                     top_k=shape.get("top_k", TOP_K))
-        if part == "adamw":
-            for e in (experts, large):
-                plan[f"adamw:{e}"] = lambda e=e: adamw_part(e, args.reps, args.device, out,
-                                                            hidden=shape.get("hidden", HIDDEN))
     with ResultFile(__name__, args.out) as out:
         if args.step is not None:  # a child: one step
             plan[args.step]()
