@@ -4,7 +4,8 @@
 2. Configure a decoder whose MLP on every other layer is a product-key memory layer: N² singleton experts (two
    `[N², H]` tables: `y += w · act(up[e]·x) · down[e]`), routed by multi-head product keys (PEER: each head picks its
    k best of the N² experts from two halves of N keys), next to a shared SwiGLU branch.
-3. Train it with the `Trainer` and `MoETrainerCallback` (router metrics over the N² experts in the logs).
+3. Train it with the `Trainer` and `MoETrainerCallback` (router metrics over the N² experts in the logs);
+   `--optimizer row-sparse` steps the tables with `hf_moe.RowSparseAdamW` (only the rows a step's batch reached).
 4. Report the held-out loss and how many table rows the held-out text reads; save, reload with
    `AutoModelForCausalLM` and generate.
 
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=("adamw", "row-sparse"), default="adamw",
+                        help="row-sparse: hf_moe.RowSparseAdamW steps only the table rows a step's batch reached "
+                             "(pays when batch tokens × k is not many times the experts)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     start = time.time()
@@ -102,7 +106,11 @@ def main() -> None:
         use_cpu=not torch.cuda.is_available(), dataloader_drop_last=True, seed=args.seed,
     )
     data = [{"input_ids": b, "labels": b} for b in steps_blocks]
-    Trainer(model=model, args=training_args, train_dataset=data, callbacks=[MoETrainerCallback()]).train()
+    optimizer = None  # the Trainer's AdamW
+    if args.optimizer == "row-sparse":
+        optimizer = (hf_moe.RowSparseAdamW, {"lr": args.lr, "row_sparse": hf_moe.row_sparse_parameters(model)})
+    Trainer(model=model, args=training_args, train_dataset=data, callbacks=[MoETrainerCallback()],
+            optimizer_cls_and_kwargs=optimizer).train()
 
     print("4/4 held-out loss, table use, save, reload, generate")
     loss, used = heldout(model, heldout_blocks, args.batch_size)

@@ -198,7 +198,8 @@ def test_trainer_lora_fine_tunes_a_foreign_checkpoint_and_exports_it_back(tiny_m
 def test_product_key_memory_trains_reloads_and_generates(tmp_path):
     out = run_example("product_key_memory.py", "--output-dir", str(tmp_path), "--corpus-bytes", "200000",
                       "--vocab-size", "400", "--block-size", "32", "--hidden-size", "32", "--layers", "2", "--keys",
-                      "8", "--heads", "2", "--top-k", "2", "--shared", "32", "--steps", "6", "--batch-size", "4")
+                      "8", "--heads", "2", "--top-k", "2", "--shared", "32", "--steps", "6", "--batch-size", "4",
+                      "--optimizer", "row-sparse")
     assert "moe/max_load" in out, "router metrics must appear in the Trainer's logs"
     assert "(identical)" in out and "greedy sample" in out
     config = json.loads((tmp_path / "model" / "config.json").read_text())
