@@ -84,3 +84,45 @@ def test_table_gradients_when_a_few_experts_take_most_pairs(hidden, segment, mon
     for e in (0, 3):  # the long runs' rows in particular
         err = ((got[1][e].double().cpu() - want[1][e]).norm() / want[1][e].norm()).item()
         assert err < 1e-5, f"up row of expert {e}: relative error {err:.2e}"
+
+
+@pytest.mark.skipif(CUDA, reason="orders the interpreter's programs; a GPU orders them itself")
+def test_table_gradients_do_not_depend_on_the_order_programs_finish(monkeypatch):
+    """Under Triton's interpreter programs run one after another in grid order, so the segment that finishes last is
+    always the run's last one. Run every launch's programs in reverse and in a shuffled order too: whichever segment
+    arrives last must add the same partials in the same order, so the gradients are bit-identical."""
+    from triton.runtime import interpreter
+
+    from hf_moe.moe.kernels import product_key_tables
+
+    monkeypatch.setattr(product_key_tables, "_SEGMENT", 256)
+    torch.manual_seed(1)
+    tokens, experts, top_k, hidden = 700, 6, 2, 200
+    keys = torch.randint(0, experts, (tokens, top_k), dtype=torch.int32)
+    keys[torch.rand(tokens, top_k) < 0.6] = 0  # expert 0: a run of 3+ segments
+    keys[3, 1] = experts  # a sentinel
+    inputs = (torch.randn(tokens, hidden), torch.randn(tokens, hidden), keys, torch.randn(tokens, top_k),
+              torch.randn(tokens, top_k), torch.empty(experts, hidden))
+    builder = interpreter.interpreter_builder
+    set_grid_idx = builder.set_grid_idx
+    orders: dict[tuple[str, int], list[int]] = {}  # (order, programs) → the program run at each step
+
+    def gradients(order: str) -> tuple[torch.Tensor, ...]:
+        def remapped(x: int, y: int, z: int) -> None:
+            nx, ny, nz = builder.grid_dim
+            n = nx * ny * nz
+            if (order, n) not in orders:
+                orders[order, n] = {"natural": list(range(n)), "reversed": list(range(n))[::-1],
+                                    "shuffled": torch.randperm(n, generator=torch.Generator().manual_seed(n)).tolist()
+                                    }[order]
+            j = orders[order, n][(x * ny + y) * nz + z]
+            set_grid_idx(j // (ny * nz), (j // nz) % ny, j % nz)
+
+        monkeypatch.setattr(builder, "set_grid_idx", remapped)
+        return product_key_tables.table_gradients(*inputs)
+
+    natural = gradients("natural")
+    assert (keys == 0).sum() > 2 * 256
+    for order in ("reversed", "shuffled"):
+        for name, a, b in zip(("up", "down"), gradients(order), natural):
+            assert torch.equal(a, b), f"{name}: programs run {order} change the gradient"
