@@ -7,6 +7,9 @@ is trained from scratch three ways for the same steps and batches, and its held-
 - `product_key`: every MLP a product-key layer: a shared SwiGLU of intermediate I plus N² singleton experts, top-k;
 - `peer`: the same with `heads` product-key heads of k/heads experts each (PEER's multi-head form).
 
+`--optimizers adamw,row_sparse` trains each product-key model a second time with `hf_moe.RowSparseAdamW` on its
+tables (lazy Adam: only the rows a step's batch reached move), the same batches and initialisation.
+
     python -m benchmarks product-key-quality --steps 600
 """
 
@@ -22,7 +25,7 @@ import time
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from hf_moe import HfMoeConfig, HfMoeForCausalLM
+from hf_moe import HfMoeConfig, HfMoeForCausalLM, RowSparseAdamW, row_sparse_parameters
 
 from .record import ResultFile
 
@@ -80,6 +83,8 @@ def main() -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
+    parser.add_argument("--kinds", default="dense,product_key,peer")
+    parser.add_argument("--optimizers", default="adamw", help="adamw and/or row_sparse (product-key models)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -87,10 +92,14 @@ def main() -> int:
     heldout = heldout[:128].to(args.device)
     print(f"{train.shape[0]} train blocks, {heldout.shape[0]} held-out blocks of {args.block}", flush=True)
     with ResultFile(__name__, args.out) as out:
-        for kind in ("dense", "product_key", "peer"):
+        runs = [(kind, name) for kind in args.kinds.split(",") for name in args.optimizers.split(",")
+                if kind != "dense" or name == "adamw"]
+        for kind, name in runs:
             torch.manual_seed(0)
             model = build(kind, args).to(args.device).train()
-            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+            tables = row_sparse_parameters(model) if name == "row_sparse" else []
+            optimizer = RowSparseAdamW(model.parameters(), lr=args.lr, weight_decay=0.0, row_sparse=tables)
+            touched = []
             order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
             started = time.perf_counter()
             for step in range(args.steps):
@@ -98,6 +107,8 @@ def main() -> int:
                 batch = train[rows].to(args.device)
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
+                if tables:
+                    touched.append(tables[0].grad.flatten(1).ne(0).any(dim=1).float().mean().item())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if args.device == "cuda":
@@ -107,7 +118,8 @@ def main() -> int:
             with torch.no_grad():
                 losses = [model(input_ids=b, labels=b).loss.item() for b in heldout.split(args.batch)]
             total = sum(p.numel() for p in model.parameters())
-            row = {"model": kind, "heldout_loss": round(sum(losses) / len(losses), 4),
+            row = {"model": kind, "optimizer": name, "heldout_loss": round(sum(losses) / len(losses), 4),
+                   "touched_rows": round(sum(touched) / len(touched), 3) if touched else None,
                    "train_loss_last": round(loss.item(), 4), "params_m": round(total / 1e6, 2),
                    "tokens": args.steps * args.batch * args.block, "train_s": round(seconds, 1)}
             print(row, flush=True)

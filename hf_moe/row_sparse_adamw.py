@@ -49,7 +49,7 @@ class RowSparseAdamW(torch.optim.AdamW):
     The `row_sparse` parameters move to param groups of their own (after the group each came from, with its options
     and `"row_sparse": True`); a group passed with `"row_sparse": True` is row-sparse as a whole. The flag stays with
     the groups when their parameters are replaced (`hf_moe.fully_shard_moe(model, accelerator, optimizer)`) and when
-    a checkpoint is loaded. A row-sparse row is updated with AdamW's formula (bias correction at the optimizer's step
+    a checkpoint is loaded. A row-sparse row is updated with AdamW's formula (bias correction at the table's step
     count) when touched and not at all otherwise: its moments do not decay and no weight decay applies while no batch
     reaches it (lazy Adam). The state has AdamW's keys (`step`, `exp_avg`, `exp_avg_sq`). On CUDA a Triton kernel
     updates the touched rows in place (an untouched row costs one read of its gradient); elsewhere torch ops over
