@@ -152,17 +152,39 @@ class RowSparseAdamW(torch.optim.AdamW):
 
 def step_touched_rows(
     param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int, gather: bool | None = None,
 ) -> None:
-    """[`RowSparseAdamW`]'s row update with torch ops (CPU, and CUDA without the kernel): AdamW over the whole table
-    in float32 (float64 for float64 tables), written back where a row's gradient has a nonzero entry. No host sync."""
-    touched = grad.ne(0).reshape(grad.shape[0], -1).any(dim=1).view(-1, *([1] * (param.dim() - 1)))
+    """[`RowSparseAdamW`]'s row update with torch ops (CPU, and CUDA without the kernel), in float32 (float64 for
+    float64 tables). With `gather` (default: on the CPU, where finding the touched rows waits for nothing) the
+    touched rows are gathered, updated and written back, or all updated in place when every row is touched;
+    otherwise the whole table is updated and the touched rows kept with a `where`, without a host sync. All three
+    give the same bits."""
+    touched = grad.ne(0).reshape(grad.shape[0], -1).any(dim=1)
+    hyper = (lr, beta1, beta2, eps, weight_decay, step)
     compute = torch.promote_types(param.dtype, torch.float32)
-    g, m, v, p = (t.to(compute) for t in (grad, exp_avg, exp_avg_sq, param))
-    new_p = p * (1 - lr * weight_decay)
-    new_m = m.lerp(g, 1 - beta1)
-    new_v = v * beta2 + (1 - beta2) * g * g
-    denom = new_v.sqrt() / math.sqrt(1 - beta2**step) + eps
-    new_p = new_p.addcdiv(new_m, denom, value=-lr / (1 - beta1**step))
-    for target, new, old in ((param, new_p, p), (exp_avg, new_m, m), (exp_avg_sq, new_v, v)):
-        target.copy_(torch.where(touched, new, old))
+    tensors, targets = (param, grad, exp_avg, exp_avg_sq), (param, exp_avg, exp_avg_sq)
+    if not (param.device.type == "cpu" if gather is None else gather):
+        keep = touched.view(-1, *([1] * (param.dim() - 1)))
+        for target, new in zip(targets, _adamw_(*(t.to(compute, copy=True) for t in tensors), *hyper)):
+            target.copy_(torch.where(keep, new, target))
+        return
+    rows = touched.nonzero().squeeze(1)
+    if rows.numel() == param.shape[0] and param.dtype == compute:
+        _adamw_(param, grad.to(compute), exp_avg, exp_avg_sq, *hyper)
+        return
+    for target, new in zip(targets, _adamw_(*(t.index_select(0, rows).to(compute) for t in tensors), *hyper)):
+        target.index_copy_(0, rows, new.to(target.dtype))
+
+
+def _adamw_(
+    param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step in place on `(param, exp_avg, exp_avg_sq)` (float32 or float64), torch's single-tensor AdamW's
+    operations in its order; returns them."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+    return param, exp_avg, exp_avg_sq
