@@ -17,10 +17,12 @@ def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: st
     """Forward (no grad) and forward+backward median ms (`timing.timed_rounds`: each call from an idle device, timed
     with CUDA events), the median host ms to issue each call and the peak memory (MiB) of each above what was
     allocated; each call goes to `work` (None: not profiled) for [`add_gpu_work`], which the part runs after all
-    its timings. `graph_steps`: the module replays torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new
-    step (a training step reads the forward's outputs, which the next replay would overwrite) with its gradients
-    unset (the last replay's gradients are its outputs). `forward_grad`: the forward runs with gradients on (CUDA
-    graphs of a training step replay only there)."""
+    its timings. A training step starts with the module's gradients unset, as after a loop's `optimizer.zero_grad()`
+    (otherwise autograd adds each step's gradients into the last ones: a pass over every weight, 1.5 GiB per table of
+    a product-key layer at E 262,144, that only gradient accumulation's later micro-batches pay). `graph_steps`: the
+    module replays torch.compile's CUDA graphs (`reduce-overhead`), so each call starts a new step (a training step
+    reads the forward's outputs, which the next replay would overwrite). `forward_grad`: the forward runs with
+    gradients on (CUDA graphs of a training step replay only there)."""
     first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
     step = torch.compiler.cudagraph_mark_step_begin if graph_steps else lambda: None
 
@@ -33,8 +35,7 @@ def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: st
 
     def train():
         step()
-        if graph_steps:
-            module.zero_grad(set_to_none=True)
+        module.zero_grad(set_to_none=True)
         first(module(x.requires_grad_(True))).backward(grad)
         x.grad = None
 
