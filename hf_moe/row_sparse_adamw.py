@@ -52,8 +52,9 @@ class RowSparseAdamW(torch.optim.AdamW):
     a checkpoint is loaded. A row-sparse row is updated with AdamW's formula (bias correction at the table's step
     count) when touched and not at all otherwise: its moments do not decay and no weight decay applies while no batch
     reaches it (lazy Adam). The state has AdamW's keys (`step`, `exp_avg`, `exp_avg_sq`). On CUDA a Triton kernel
-    updates the touched rows in place (an untouched row costs one read of its gradient); elsewhere torch ops over
-    the whole table. `amsgrad`, `maximize`, `capturable` and `differentiable` are refused for row-sparse groups.
+    updates the touched rows in place (an untouched row costs one read of its gradient); on the CPU torch ops update
+    the touched rows only ([`step_touched_rows`]). `amsgrad`, `maximize`, `capturable` and `differentiable` are
+    refused for row-sparse groups.
     """
 
     def __init__(
