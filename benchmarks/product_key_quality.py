@@ -65,6 +65,7 @@ def build(kind: str, args: argparse.Namespace) -> HfMoeForCausalLM:
     return HfMoeForCausalLM(HfMoeConfig(
         **common, intermediate_size=args.shared, router_type="product_key", num_experts=args.keys**2,
         num_experts_per_tok=args.top_k // heads, product_key_heads=heads, norm_topk_prob=kind == "peer",
+        product_key_query_norm=args.query_norm,
         moe_intermediate_size=1, gated_experts=False, num_shared_experts=1, shared_expert_intermediate_size=args.shared,
     ))
 
@@ -84,6 +85,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
     parser.add_argument("--kinds", default="dense,product_key,peer")
+    parser.add_argument("--query-norm", default="layer_norm", help="product_key_query_norm of the product-key models")
     parser.add_argument("--optimizers", default="adamw", help="adamw and/or row_sparse (product-key models)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=None)
@@ -97,8 +99,9 @@ def main() -> int:
         for kind, name in runs:
             torch.manual_seed(0)
             model = build(kind, args).to(args.device).train()
-            tables = row_sparse_parameters(model) if name == "row_sparse" else []
-            optimizer = RowSparseAdamW(model.parameters(), lr=args.lr, weight_decay=0.0, row_sparse=tables)
+            tables = row_sparse_parameters(model)  # the first layer's: how many rows a step touches
+            optimizer = RowSparseAdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
+                                       row_sparse=tables if name == "row_sparse" else [])
             touched = []
             order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
             started = time.perf_counter()
@@ -108,7 +111,7 @@ def main() -> int:
                 loss = model(input_ids=batch, labels=batch).loss
                 loss.backward()
                 if tables:
-                    touched.append(tables[0].grad.flatten(1).ne(0).any(dim=1).float().mean().item())
+                    touched.append(tables[0].grad.flatten(1).ne(0).any(dim=1).float().mean())  # read at the end
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if args.device == "cuda":
@@ -118,8 +121,9 @@ def main() -> int:
             with torch.no_grad():
                 losses = [model(input_ids=b, labels=b).loss.item() for b in heldout.split(args.batch)]
             total = sum(p.numel() for p in model.parameters())
-            row = {"model": kind, "optimizer": name, "heldout_loss": round(sum(losses) / len(losses), 4),
-                   "touched_rows": round(sum(touched) / len(touched), 3) if touched else None,
+            row = {"model": kind, "optimizer": name, "query_norm": args.query_norm if kind != "dense" else None,
+                   "heldout_loss": round(sum(losses) / len(losses), 4),
+                   "touched_rows": round(torch.stack(touched).mean().item(), 3) if touched else None,
                    "train_loss_last": round(loss.item(), 4), "params_m": round(total / 1e6, 2),
                    "tokens": args.steps * args.batch * args.block, "train_s": round(seconds, 1)}
             print(row, flush=True)
