@@ -22,7 +22,8 @@ from .moe.experts.module import base_layer, input_projection
 from .moe.router.product_key import ProductKeyRouter
 from .parallel.fsdp import local_rows
 
-_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+# AdamW options the row update does not implement; `fused` also lets a GradScaler hand the optimizer scaled gradients
+_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable", "fused")
 
 
 def row_sparse_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -53,8 +54,8 @@ class RowSparseAdamW(torch.optim.AdamW):
     count) when touched and not at all otherwise: its moments do not decay and no weight decay applies while no batch
     reaches it (lazy Adam). The state has AdamW's keys (`step`, `exp_avg`, `exp_avg_sq`). On CUDA a Triton kernel
     updates the touched rows in place (an untouched row costs one read of its gradient); on the CPU torch ops update
-    the touched rows only ([`step_touched_rows`]). `amsgrad`, `maximize`, `capturable` and `differentiable` are
-    refused for row-sparse groups.
+    the touched rows only ([`step_touched_rows`]). `amsgrad`, `maximize`, `capturable`, `differentiable` and `fused`
+    are refused for row-sparse groups.
     """
 
     def __init__(

@@ -181,6 +181,8 @@ def test_bad_input_is_refused_with_the_value():
         RowSparseAdamW([table], row_sparse=[other])
     with pytest.raises(ValueError, match="amsgrad=True"):
         RowSparseAdamW([table], amsgrad=True, row_sparse=[table])
+    with pytest.raises(ValueError, match="fused=True"):  # a GradScaler would hand it scaled gradients
+        RowSparseAdamW([{"params": [table], "fused": True}], row_sparse=[table])
     with pytest.raises(ValueError, match="scalar"):
         scalar = torch.nn.Parameter(torch.tensor(1.0))
         RowSparseAdamW([scalar], row_sparse=[scalar])
