@@ -91,7 +91,7 @@ class RowSparseAdamW(torch.optim.AdamW):
             on = [name for name in _UNSUPPORTED if group[name]]
             if on:
                 raise ValueError(f"RowSparseAdamW does not support {', '.join(f'{n}=True' for n in on)} for row-sparse "
-                                 "parameters; use torch.optim.AdamW for those options")
+                                 "parameters: leave the option off, or set it only in param groups of dense parameters")
             scalars = [p for p in group["params"] if p.dim() == 0]
             if scalars:
                 raise ValueError(f"row-sparse parameters need a dimension of rows; got {len(scalars)} scalar(s)")
