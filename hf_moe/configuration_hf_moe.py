@@ -139,7 +139,10 @@ class HfMoeConfig(PretrainedConfig):
             experts of the same pool; a token combines `heads·k` experts.
         product_key_query_norm (`str`): what normalises the router input: `"layer_norm"` (default, per token,
             no affine: routing never depends on the other tokens of the batch), `"batch_norm"` (BatchNorm1d
-            without affine, as FlashMoE: batch statistics in training, running statistics in eval) or `"none"`.
+            without affine, as FlashMoE: batch statistics in training, running statistics in eval),
+            `"running_norm"` (BatchNorm's running statistics in training too, each training batch updating them
+            after it is routed: per token, and BatchNorm's buffers, so checkpoints interchange with `"batch_norm"`)
+            or `"none"`.
     """
 
     model_type = "hf_moe"

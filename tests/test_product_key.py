@@ -208,6 +208,32 @@ def test_flash_moe_weights_give_flash_moe_outputs():
     assert not block.train().router.is_causal and block.eval().router.is_causal
 
 
+def test_running_norm_routes_each_token_alone_and_updates_batchnorm_statistics():
+    """`running_norm`: in training each batch is standardised with the running statistics from before it (a token's
+    output does not depend on its batch) and then updates them as BatchNorm's momentum rule, in float64 here; in
+    eval it is torch's BatchNorm in eval mode (the same buffers load into a `batch_norm` block)."""
+    torch.manual_seed(0)
+    block = _block(_config(product_key_query_norm="running_norm")).train()
+    assert block.router.is_causal
+    x = torch.randn(6, 16, dtype=torch.float64)
+    stats = {k: v.clone() for k, v in block.router.norm.state_dict().items()}
+    whole = block(x)
+    updated = {k: v.clone() for k, v in block.router.norm.state_dict().items()}
+    block.router.norm.load_state_dict(stats)
+    torch.testing.assert_close(whole[:2], block(x[:2]), rtol=1e-12, atol=1e-12)
+    m = block.router.norm.momentum
+    torch.testing.assert_close(updated["running_mean"], (1 - m) * stats["running_mean"] + m * x.mean(0))
+    torch.testing.assert_close(updated["running_var"], (1 - m) * stats["running_var"] + m * x.var(0, correction=1))
+    assert updated["num_batches_tracked"] == stats["num_batches_tracked"] + 1
+    reference = _block(_config(product_key_query_norm="batch_norm"))
+    reference.load_state_dict(block.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(block.eval()(x), reference.eval()(x), rtol=1e-12, atol=1e-12)
+        before = block.router.norm.running_var.clone()
+        block.train()(x[:1])  # one token: no variance to take, the statistics stay
+    assert torch.equal(block.router.norm.running_var, before)
+
+
 def test_routing_is_batch_independent_by_default():
     torch.manual_seed(0)
     block = _block(_config()).train()

@@ -151,8 +151,10 @@ class ProductKeyRouter(HfMoeRouter):
         self.num_heads = config.product_key_heads
         super().__init__(config, layer_idx)
         norm = config.product_key_query_norm
-        self.norm = nn.BatchNorm1d(config.hidden_size, affine=False) if norm == "batch_norm" else None
+        batch_statistics = norm in ("batch_norm", "running_norm")  # both keep BatchNorm's buffers
+        self.norm = nn.BatchNorm1d(config.hidden_size, affine=False) if batch_statistics else None
         self.layer_norm_query = norm == "layer_norm"
+        self.running_norm = norm == "running_norm"
         self.scaling = config.routed_scaling_factor  # read once: a config attribute costs µs of host time per read
 
     @property
@@ -162,15 +164,33 @@ class ProductKeyRouter(HfMoeRouter):
     @property
     def is_causal(self) -> bool:
         """Batch statistics (BatchNorm in training) mix the tokens of the batch; everything else is per token."""
-        return not (self.norm is not None and self.training)
+        return not (self.norm is not None and self.training and not self.running_norm)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`W·norm(x)` in float32 (as [`HfMoeRouter.compute_logits`], after the query normalisation)."""
-        if self.norm is not None:
+        if self.running_norm:
+            hidden_states = self.standardise(hidden_states)
+        elif self.norm is not None:
             hidden_states = self.norm(hidden_states)
         elif self.layer_norm_query:
             hidden_states = F.layer_norm(hidden_states, hidden_states.shape[-1:])
         return super().compute_logits(hidden_states)
+
+    def standardise(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """`product_key_query_norm="running_norm"`: each feature standardised with the BatchNorm buffers' running
+        mean and variance, in training too, so a token's routing never depends on the rest of its batch; a training
+        batch of two or more tokens then updates the statistics (BatchNorm's momentum and unbiased variance),
+        without gradient."""
+        norm = self.norm
+        mean, var = norm.running_mean, norm.running_var
+        if self.training and hidden_states.shape[0] > 1:
+            mean, var = mean.clone(), var.clone()  # this batch is normalised with the statistics before it
+            with torch.no_grad():
+                batch = hidden_states.detach().to(mean.dtype)
+                norm.running_mean.lerp_(batch.mean(dim=0), norm.momentum)
+                norm.running_var.lerp_(batch.var(dim=0), norm.momentum)
+                norm.num_batches_tracked.add_(1)
+        return F.batch_norm(hidden_states, mean, var, training=False, eps=norm.eps)
 
     def forward(
         self,
