@@ -137,12 +137,9 @@ class HfMoeConfig(PretrainedConfig):
     Args:
         product_key_heads (`int`): independent product-key heads (PEER), each choosing `num_experts_per_tok`
             experts of the same pool; a token combines `heads·k` experts.
-        product_key_query_norm (`str`): what normalises the router input: `"layer_norm"` (default, per token,
-            no affine: routing never depends on the other tokens of the batch), `"batch_norm"` (BatchNorm1d
-            without affine, as FlashMoE: batch statistics in training, running statistics in eval),
-            `"running_norm"` (BatchNorm's running statistics in training too, each training batch updating them
-            after it is routed: per token, and BatchNorm's buffers, so checkpoints interchange with `"batch_norm"`)
-            or `"none"`.
+        product_key_query_norm (`str`): the router input's normalisation: `"layer_norm"` (default, per token, no
+            affine), `"batch_norm"` (BatchNorm1d without affine, as FlashMoE: batch statistics in training),
+            `"running_norm"` (BatchNorm's running statistics in training too: per token) or `"none"`.
     """
 
     model_type = "hf_moe"
