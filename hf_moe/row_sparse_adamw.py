@@ -19,6 +19,7 @@ from torch import nn
 from .moe import kernels
 from .moe.block import moe_blocks
 from .moe.experts.module import base_layer, input_projection
+from .moe.ops import triton_serves
 from .moe.router.product_key import ProductKeyRouter
 from .parallel.fsdp import local_rows
 
@@ -146,7 +147,7 @@ class RowSparseAdamW(torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         hyper = (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]),
                  int(state["step"].item()))
-        if kernels.HAS_TRITON and param.is_cuda and kernels.row_sparse_adamw.serves(*tensors):
+        if triton_serves(tensors[0]) and kernels.row_sparse_adamw.serves(*tensors):
             kernels.row_sparse_adamw.row_sparse_adamw(*tensors, *hyper)
         else:
             step_touched_rows(*tensors, *hyper)
