@@ -30,7 +30,7 @@ from accelerate.utils import DistributedType  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
 
 from hf_moe import HfMoeForCausalLM, HfMoeRouter, RowSparseAdamW, moe_blocks  # noqa: E402
-from hf_moe.parallel import finish_gradients, fully_shard_moe, save_expert_parallel  # noqa: E402
+from hf_moe.parallel import finish_gradients, fsdp, fully_shard_moe, save_expert_parallel  # noqa: E402
 from tests.worker_cases import local_rows, skew_routing, to_cpu  # noqa: E402
 
 LR, MAX_NORM, STEPS = 1e-3, 0.5, 3
@@ -161,6 +161,15 @@ def row_sparse(workdir: str, accelerator: Accelerator, ids: torch.Tensor) -> dic
         step(model, optimizer, accelerator, ids, record)
     record["full"] = full_state(model)
     HfMoeRouter.forward = ROUTER_FORWARD
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    columns = distribute_tensor(torch.zeros(4, 4), init_device_mesh(accelerator.device.type, (2,)), [Shard(1)])
+    try:
+        fsdp.local_rows(columns)
+        record["columns_refused"] = ""
+    except ValueError as error:
+        record["columns_refused"] = str(error)
     return record
 
 

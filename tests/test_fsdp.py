@@ -156,6 +156,8 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
     start = dict(HfMoeForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float64).named_parameters())
     ref = reference_run(HfMoeForCausalLM.from_pretrained(tmp_path / "model"), batch, steps, row_sparse=True)
     assert all(r["row_sparse"]["placements"] == ["(Shard(dim=0),)"] for r in resumed), resumed[0]["row_sparse"]
+    assert "sharded along dim 0 or replicated; got placements (Shard(dim=1),)" in resumed[0]["row_sparse"][
+        "columns_refused"], "a DTensor sharded by columns has no whole rows to step"
     check_steps([r["row_sparse"] for r in resumed], ref, 0, "W=2 RowSparseAdamW")
     check_params(resumed[0]["row_sparse"]["full"], ref["params"][steps - 1], "W=2 RowSparseAdamW")
     for name, value in ref["params"][steps - 1].items():
