@@ -85,6 +85,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--corpus-bytes", type=int, default=6_000_000)
     parser.add_argument("--kinds", default="dense,product_key,peer")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
     parser.add_argument("--query-norm", default="layer_norm", help="product_key_query_norm of the product-key models")
     parser.add_argument("--optimizers", default="adamw", help="adamw and/or row_sparse (product-key models)")
     parser.add_argument("--device", default="cuda")
@@ -97,13 +98,13 @@ def main() -> int:
         runs = [(kind, name) for kind in args.kinds.split(",") for name in args.optimizers.split(",")
                 if kind != "dense" or name == "adamw"]
         for kind, name in runs:
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             model = build(kind, args).to(args.device).train()
             tables = row_sparse_parameters(model)  # the first layer's: how many rows a step touches
             optimizer = RowSparseAdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
                                        row_sparse=tables if name == "row_sparse" else [])
             touched = []
-            order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
+            order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.seed))
             started = time.perf_counter()
             for step in range(args.steps):
                 rows = order[(step * args.batch + torch.arange(args.batch)) % train.shape[0]]
@@ -121,7 +122,7 @@ def main() -> int:
             with torch.no_grad():
                 losses = [model(input_ids=b, labels=b).loss.item() for b in heldout.split(args.batch)]
             total = sum(p.numel() for p in model.parameters())
-            row = {"model": kind, "optimizer": name, "query_norm": args.query_norm if kind != "dense" else None,
+            row = {"model": kind, "optimizer": name, "seed": args.seed, "query_norm": args.query_norm if kind != "dense" else None,
                    "heldout_loss": round(sum(losses) / len(losses), 4),
                    "touched_rows": round(torch.stack(touched).mean().item(), 3) if touched else None,
                    "train_loss_last": round(loss.item(), 4), "params_m": round(total / 1e6, 2),
