@@ -6,6 +6,7 @@
    k best of the N² experts from two halves of N keys), next to a shared SwiGLU branch.
 3. Train it with the `Trainer` and `MoETrainerCallback` (router metrics over the N² experts in the logs);
    `--optimizer row-sparse` steps the tables with `hf_moe.RowSparseAdamW` (only the rows a step's batch reached).
+   `--query-norm running_norm` standardises the router query with running statistics, per token.
 4. Report the held-out loss and how many table rows the held-out text reads; save, reload with
    `AutoModelForCausalLM` and generate.
 
@@ -36,6 +37,7 @@ def memory_config(args: argparse.Namespace, tokenizer: PreTrainedTokenizerFast) 
         moe_layer_freq=2,  # layers 0, 2, ...: product-key memory; the others keep their dense MLP
         router_type="product_key", num_experts=args.keys**2, num_experts_per_tok=args.top_k,
         product_key_heads=args.heads, norm_topk_prob=True,  # PEER: a softmax over each head's k key scores
+        product_key_query_norm=args.query_norm,
         gated_experts=False, moe_intermediate_size=1, hidden_act="silu",  # singleton experts
         num_shared_experts=1, shared_expert_intermediate_size=args.shared,  # the dense branch beside the memory
     )
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--query-norm", choices=("layer_norm", "running_norm", "batch_norm", "none"),
+                        default="layer_norm", help="what normalises the router's query (docs/product_key.md)")
     parser.add_argument("--optimizer", choices=("adamw", "row-sparse"), default="adamw",
                         help="row-sparse: hf_moe.RowSparseAdamW steps only the table rows a step's batch reached "
                              "(pays when batch tokens × k is not many times the experts)")

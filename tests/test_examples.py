@@ -199,11 +199,12 @@ def test_product_key_memory_trains_reloads_and_generates(tmp_path):
     out = run_example("product_key_memory.py", "--output-dir", str(tmp_path), "--corpus-bytes", "200000",
                       "--vocab-size", "400", "--block-size", "32", "--hidden-size", "32", "--layers", "2", "--keys",
                       "8", "--heads", "2", "--top-k", "2", "--shared", "32", "--steps", "6", "--batch-size", "4",
-                      "--optimizer", "row-sparse")
+                      "--optimizer", "row-sparse", "--query-norm", "running_norm")
     assert "moe/max_load" in out, "router metrics must appear in the Trainer's logs"
     assert "(identical)" in out and "greedy sample" in out
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["router_type"] == "product_key" and config["num_experts"] == 64
     assert config["product_key_heads"] == 2 and config["gated_experts"] is False
+    assert config["product_key_query_norm"] == "running_norm"  # its running statistics reload: "(identical)" above
     share = float(out.split("table rows read by the held-out text: layer 0 ")[1].split("%")[0])
     assert 0 < share <= 100
