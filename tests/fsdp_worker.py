@@ -27,7 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from accelerate import Accelerator, FullyShardedDataParallelPlugin, PartialState  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy  # noqa: E402
+from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
 
 from hf_moe import HfMoeForCausalLM, HfMoeRouter, RowSparseAdamW, moe_blocks  # noqa: E402
 from hf_moe.parallel import finish_gradients, fsdp, fully_shard_moe, save_expert_parallel  # noqa: E402
@@ -148,7 +150,8 @@ def resume(workdir: str) -> dict:
 
 def row_sparse(workdir: str, accelerator: Accelerator, ids: torch.Tensor) -> dict:
     """RowSparseAdamW built on the unsharded model with the experts row-sparse, then `fully_shard_moe` (no EP: each
-    expert weight sharded along its rows over both ranks); every token routed to experts 0 and 1."""
+    expert weight sharded along its rows over both ranks); every token routed to experts 0 and 1. Also what
+    `local_rows` says of a DTensor sharded by columns."""
     skew_routing()
     model = HfMoeForCausalLM.from_pretrained(os.path.join(workdir, "model"), dtype=torch.float64)
     model = model.to(accelerator.device).train()
@@ -161,9 +164,6 @@ def row_sparse(workdir: str, accelerator: Accelerator, ids: torch.Tensor) -> dic
         step(model, optimizer, accelerator, ids, record)
     record["full"] = full_state(model)
     HfMoeRouter.forward = ROUTER_FORWARD
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
     columns = distribute_tensor(torch.zeros(4, 4), init_device_mesh(accelerator.device.type, (2,)), [Shard(1)])
     try:
         fsdp.local_rows(columns)
