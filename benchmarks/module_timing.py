@@ -44,6 +44,7 @@ def measure(name: str, module: nn.Module, x: torch.Tensor, reps: int, device: st
         try:
             fn()
             if device == "cuda":
+                module.zero_grad(set_to_none=True)  # the peak of a step includes the gradients it allocates
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
