@@ -234,6 +234,30 @@ def test_running_norm_routes_each_token_alone_and_updates_batchnorm_statistics()
     assert torch.equal(block.router.norm.running_var, before)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_running_norm_under_gradient_checkpointing_routes_as_the_forward_did(reentrant):
+    """A checkpoint recomputes the router in backward, after the batch moved the running statistics: the recompute
+    must standardise as the forward did (gradients equal a run without checkpointing, where routing would otherwise
+    change) and the statistics move once. A second, different batch still updates them."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(
+        router_type="product_key", num_experts=49, num_experts_per_tok=5, moe_intermediate_size=1,
+        gated_experts=False, hidden_act="relu2", moe_layers=[1], product_key_query_norm="running_norm"))
+    with torch.no_grad():
+        model.model.layers[1].mlp.router.weight.normal_()
+        model.model.layers[1].mlp.router.norm.running_var.uniform_(0.2, 3.0)  # far from the batches' statistics
+    checkpointed, plain = copy.deepcopy(model).train(), model.train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    for ids in torch.randint(1, 97, (2, 2, 12)):
+        for m in (checkpointed, plain):  # the language-model loss alone (reentrant checkpoints drop side outputs)
+            F.cross_entropy(m(ids).logits.flatten(0, 1), ids.flatten()).backward()
+    for (name, a), b in zip(checkpointed.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    norms = [m.model.layers[1].mlp.router.norm for m in (checkpointed, plain)]
+    assert norms[0].num_batches_tracked == norms[1].num_batches_tracked == 2
+    torch.testing.assert_close(norms[0].running_var, norms[1].running_var, rtol=0, atol=0)
+
+
 def test_routing_is_batch_independent_by_default():
     torch.manual_seed(0)
     block = _block(_config()).train()

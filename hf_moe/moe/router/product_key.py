@@ -155,6 +155,10 @@ class ProductKeyRouter(HfMoeRouter):
         self.norm = nn.BatchNorm1d(config.hidden_size, affine=False) if batch_statistics else None
         self.layer_norm_query = norm == "layer_norm"
         self.running_norm = norm == "running_norm"
+        if self.running_norm:  # the last training batch's (mean, var) and the (mean, var) it was standardised with
+            self.register_buffer("last_batch_statistics", torch.full((2, config.hidden_size), math.nan),
+                                 persistent=False)
+            self.register_buffer("last_used_statistics", torch.ones(2, config.hidden_size), persistent=False)
         self.scaling = config.routed_scaling_factor  # read once: a config attribute costs µs of host time per read
 
     @property
@@ -176,20 +180,36 @@ class ProductKeyRouter(HfMoeRouter):
             hidden_states = F.layer_norm(hidden_states, hidden_states.shape[-1:])
         return super().compute_logits(hidden_states)
 
+    def initialize(self, std: float) -> None:
+        super().initialize(std)
+        if self.running_norm:
+            nn.init.constant_(self.last_batch_statistics, math.nan)  # equal to no batch
+            nn.init.ones_(self.last_used_statistics)
+
     def standardise(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """`product_key_query_norm="running_norm"`: each feature standardised with the BatchNorm buffers' running
         mean and variance, in training too, so a token's routing never depends on the rest of its batch; a training
         batch of two or more tokens then updates the statistics (BatchNorm's momentum and unbiased variance),
-        without gradient."""
+        without gradient.
+
+        A gradient checkpoint recomputes the forward in backward, after the statistics moved: the recomputed
+        routing would differ from the forward's and the gradients be wrong. So a training batch whose statistics
+        equal the last one's bit for bit is that batch again: it is standardised with what the last one used and
+        updates nothing (device-side selects, no host sync). Feeding one batch twice in a row counts it once."""
         norm = self.norm
         mean, var = norm.running_mean, norm.running_var
         if self.training and hidden_states.shape[0] > 1:
-            mean, var = mean.clone(), var.clone()  # this batch is normalised with the statistics before it
             with torch.no_grad():
                 batch = hidden_states.detach().to(mean.dtype)
-                norm.running_mean.lerp_(batch.mean(dim=0), norm.momentum)
-                norm.running_var.lerp_(batch.var(dim=0), norm.momentum)
-                norm.num_batches_tracked.add_(1)
+                seen = torch.stack([batch.mean(dim=0), batch.var(dim=0)])
+                again = (seen == self.last_batch_statistics).all()
+                used = torch.where(again, self.last_used_statistics, torch.stack([mean, var]))
+                mean, var = used  # this batch is standardised with the statistics before it
+                self.last_batch_statistics.copy_(seen)
+                self.last_used_statistics.copy_(used)
+                for buffer, batch_value in zip((norm.running_mean, norm.running_var), seen):
+                    buffer.copy_(torch.where(again, buffer, buffer.lerp(batch_value, norm.momentum)))
+                norm.num_batches_tracked.add_((~again).to(norm.num_batches_tracked.dtype))
         return F.batch_norm(hidden_states, mean, var, training=False, eps=norm.eps)
 
     def forward(
