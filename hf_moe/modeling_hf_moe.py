@@ -31,11 +31,11 @@ from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig, decode_graphs
 from .mla import HfMoeMultiHeadLatentAttention
 from .modeling_outputs import HfMoeCausalLMOutputWithPast, HfMoeModelOutputWithPast
-from .moe.block import HfMoeSparseMoeBlock, RoutingRecord
+from .moe.block import HfMoeSparseMoeBlock, RoutingRecord, moe_blocks
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
 from .moe.mlp import HfMoeMLP
-from .moe.router.losses import router_loss_weight
+from .moe.router.losses import check_router_loss_gradient, router_loss_weight
 from .moe.router.topk import HfMoeRouter
 
 
@@ -340,6 +340,8 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             if aux_loss is not None:
                 scale = router_loss_weight(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
                 router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
+                if self.training and (self.config.router_aux_loss_coef or self.config.router_z_loss_coef):
+                    check_router_loss_gradient(router_loss, loss, moe_blocks(self))
                 loss = loss + router_loss.to(loss.device) * (scale.to(loss.device) if torch.is_tensor(scale) else scale)
 
         output = HfMoeCausalLMOutputWithPast(

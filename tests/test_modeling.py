@@ -141,6 +141,23 @@ def test_gradient_checkpointing_gives_the_same_gradients(overrides):
     assert any("router" in n for n in grads), "router must receive gradient through the aux loss and combine"
 
 
+def test_reentrant_gradient_checkpointing_that_would_drop_the_router_losses_is_refused():
+    """Reentrant checkpointing runs each layer without gradient and recomputes it in backward, where its router outputs
+    are not collected: the router losses would add to the loss and train nothing. Refused with the fix named; without
+    router losses (both coefficients 0) it trains as without checkpointing."""
+    ids = torch.randint(0, 97, (2, 10))
+    model = make_model().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        model(ids, labels=ids)
+    model = make_model(router_aux_loss_coef=0.0, router_z_loss_coef=0.0).train()
+    _, ref = _loss_and_grads(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _, grads = _loss_and_grads(model, ids)
+    for name in ref:
+        assert_rel_close(grads[name], ref[name], 1e-5, name)
+
+
 def test_a_few_optimizer_steps_reduce_the_loss():
     model = make_model().train()
     ids = torch.randint(0, 97, (4, 16))

@@ -7,9 +7,10 @@ differentiable sum over ranks) that `hf_moe.parallel` supplies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 Reduction = Callable[[torch.Tensor], torch.Tensor]
 """`reduce(t)`: the differentiable sum of `t` over the ranks that share a loss."""
@@ -155,3 +156,17 @@ def router_loss_weight(
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(targets.device)
     return targets.ne(-100).sum() / num_items_in_batch
+
+
+def check_router_loss_gradient(router_loss: torch.Tensor, loss: torch.Tensor, blocks: Iterable[nn.Module]) -> None:
+    """Refuse a router loss without a gradient while the model and the routers of its MoE `blocks` train.
+    Reentrant gradient checkpointing does that: it runs each layer without gradient and recomputes it in backward,
+    where the router outputs the layer reported are not collected again, so the load-balancing and z losses would
+    add to the loss's value and train nothing."""
+    trained = (p.requires_grad for block in blocks for p in block.router.parameters())
+    if loss.requires_grad and not router_loss.requires_grad and any(trained):
+        raise ValueError(
+            "the router losses have no gradient while the routers train: most likely the model runs with reentrant "
+            "gradient checkpointing (use_reentrant=True), which recomputes each layer in backward without its router "
+            "outputs. Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}, or set "
+            "router_aux_loss_coef and router_z_loss_coef to 0.")
