@@ -108,6 +108,12 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache generate compiles with fullgraph=True (tests/test_compile.py)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """transformers' method, non-reentrant unless asked otherwise (reentrant drops the router losses' gradient)."""
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(options, **kwargs)
+
     _can_record_outputs = {
         "router_logits": OutputRecorder(RoutingRecord, index=0),
         "router_outputs": OutputRecorder(RoutingRecord, index=1),
@@ -126,8 +132,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
         A local checkpoint folder of another MoE family (`hf_moe.interop.FAMILIES`: Mixtral, Qwen-MoE, DeepSeek, GLM,
         ...) loads directly: its config is mapped field by field and its tensors renamed and fused on the fly, so the
         model computes what the family's transformers class computes, or `InteropError` names what hf-moe cannot
-        express. A folder of any other model type is refused (`InteropError`), never loaded into a config it does not
-        describe."""
+        express. A folder of any other model type is refused (`InteropError`)."""
         from .interop import FAMILIES, InteropError, checkpoint_model_type
 
         config = kwargs.get("config")
@@ -164,8 +169,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
 
     def get_correct_experts_implementation(self, requested_experts: str | None, *args, **kwargs) -> str:
         # hf-moe's own experts implementations are the fastest on every device (docs/decisions/experts-kernels.md,
-        # docs/product_key.md), so they are the default; any implementation registered with transformers can still be
-        # requested by name.
+        # docs/product_key.md): the default; any implementation registered with transformers can be requested by name.
         if requested_experts is None:  # product keys: many tiny experts, computed token by token
             return "hf_moe_gathered" if self.config.router_type == "product_key" else "hf_moe_grouped"
         return super().get_correct_experts_implementation(requested_experts, *args, **kwargs)
@@ -199,8 +203,7 @@ def _refuse_partial_moe_load(model: nn.Module, info: dict, path) -> None:
             f"{path}: the checkpoint does not match this model's MoE layers: missing {missing[:4]}"
             f"{' …' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' …' if len(unexpected) > 4 else ''}. "
             "Loading it would leave those weights randomly initialised. Is it a checkpoint of another architecture "
-            "(convert it first) or of another config (num_experts, moe_layers)?"
-        )
+            "(convert it first) or of another config (num_experts, moe_layers)?")
 
 
 def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
