@@ -109,11 +109,6 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache generate compiles with fullgraph=True (tests/test_compile.py)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
-        """transformers' method, non-reentrant unless asked otherwise (reentrant drops the router losses' gradient)."""
-        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        super().gradient_checkpointing_enable(options, **kwargs)
-
     _can_record_outputs = {
         "router_logits": OutputRecorder(RoutingRecord, index=0),
         "router_outputs": OutputRecorder(RoutingRecord, index=1),
@@ -121,6 +116,11 @@ class HfMoePreTrainedModel(PreTrainedModel):
         "attentions": [OutputRecorder(HfMoeAttention, index=1),
                        OutputRecorder(HfMoeMultiHeadLatentAttention, index=1)],
     }
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """transformers' method, non-reentrant unless asked otherwise (reentrant drops the router losses' gradient)."""
+        options = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        super().gradient_checkpointing_enable(options, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, expert_parallel_size: int | None = None,
