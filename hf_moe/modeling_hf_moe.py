@@ -108,7 +108,6 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache generate compiles with fullgraph=True (tests/test_compile.py)
-
     _can_record_outputs = {
         "router_logits": OutputRecorder(RoutingRecord, index=0),
         "router_outputs": OutputRecorder(RoutingRecord, index=1),
