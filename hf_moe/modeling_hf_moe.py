@@ -343,7 +343,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
                 scale = router_loss_weight(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
                 router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
                 if self.training and (self.config.router_aux_loss_coef or self.config.router_z_loss_coef):
-                    check_router_loss_gradient(router_loss, loss, moe_blocks(self))
+                    check_router_loss_gradient(router_loss, loss, lambda: moe_blocks(self))
                 loss = loss + router_loss.to(loss.device) * (scale.to(loss.device) if torch.is_tensor(scale) else scale)
 
         output = HfMoeCausalLMOutputWithPast(

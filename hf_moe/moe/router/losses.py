@@ -158,13 +158,17 @@ def router_loss_weight(
     return targets.ne(-100).sum() / num_items_in_batch
 
 
-def check_router_loss_gradient(router_loss: torch.Tensor, loss: torch.Tensor, blocks: Iterable[nn.Module]) -> None:
-    """Refuse a router loss without a gradient while the model and the routers of its MoE `blocks` train.
-    Reentrant gradient checkpointing does that: it runs each layer without gradient and recomputes it in backward,
+def check_router_loss_gradient(
+    router_loss: torch.Tensor, loss: torch.Tensor, blocks: Callable[[], Iterable[nn.Module]]
+) -> None:
+    """Refuse a router loss without a gradient while the model trains and a router of its MoE `blocks()` has
+    trainable parameters (the blocks are looked up only then: a healthy step pays no walk over the modules).
+    Reentrant gradient checkpointing causes it: it runs each layer without gradient and recomputes it in backward,
     where the router outputs the layer reported are not collected again, so the load-balancing and z losses would
     add to the loss's value and train nothing."""
-    trained = (p.requires_grad for block in blocks for p in block.router.parameters())
-    if loss.requires_grad and not router_loss.requires_grad and any(trained):
+    if not loss.requires_grad or router_loss.requires_grad:
+        return
+    if any(p.requires_grad for block in blocks() for p in block.router.parameters()):
         raise ValueError(
             "the router losses have no gradient while the routers train: most likely the model runs with reentrant "
             "gradient checkpointing (use_reentrant=True), which recomputes each layer in backward without its router "
