@@ -101,8 +101,8 @@ def main() -> int:
             torch.manual_seed(args.seed)
             model = build(kind, args).to(args.device).train()
             tables = row_sparse_parameters(model)  # the first layer's: how many rows a step touches
-            optimizer = RowSparseAdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
-                                       row_sparse=tables if name == "row_sparse" else [])
+            optimizer = (RowSparseAdamW(model.parameters(), lr=args.lr, weight_decay=0.0, row_sparse=tables)
+                         if name == "row_sparse" else torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0))
             touched = []
             order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(args.seed))
             started = time.perf_counter()
