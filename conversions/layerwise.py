@@ -57,8 +57,9 @@ class LayerwiseModel:
         """`layer` on an unpadded batch `[B, S, H]`: positions 0..S-1 and the causal mask of the layer's type."""
         position_ids = torch.arange(hidden_states.shape[1]).unsqueeze(0)
         masks = causal_masks(self.config, hidden_states, None, None, position_ids)
-        return layer(hidden_states, attention_mask=masks[layer.attention_type], position_ids=position_ids,
-                     position_embeddings=self.rotary(hidden_states, position_ids=position_ids))
+        output, _ = layer(hidden_states, attention_mask=masks[layer.attention_type], position_ids=position_ids,
+                          position_embeddings=self.rotary(hidden_states, position_ids=position_ids))
+        return output  # a layer returns (output, its MoE block's routing)
 
     def logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         norm = HfMoeRMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)

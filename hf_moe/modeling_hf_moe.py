@@ -31,12 +31,13 @@ from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig, decode_graphs
 from .mla import HfMoeMultiHeadLatentAttention
 from .modeling_outputs import HfMoeCausalLMOutputWithPast, HfMoeModelOutputWithPast
-from .moe.block import HfMoeSparseMoeBlock, RoutingRecord, moe_blocks
+from .moe.block import HfMoeSparseMoeBlock, moe_blocks, token_mask
 from .moe.experts import HfMoeExperts
 from .moe.metrics import compute_router_metrics
 from .moe.mlp import HfMoeMLP
 from .moe.router.losses import check_router_loss_gradient, router_loss_weight
 from .moe.router.topk import HfMoeRouter
+from .moe.types import RouterOutput
 
 
 class HfMoeDecoderLayer(GradientCheckpointingLayer):
@@ -71,7 +72,8 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         token_mask: torch.Tensor | None = None,
         input_ids: torch.LongTensor | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, RouterOutput | None]:
+        """The layer's output and its MoE block's routing (`None` for a dense layer)."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states if self.norm_after else self.input_layernorm(hidden_states),
@@ -86,10 +88,10 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states = residual = self.add_residual(residual, hidden_states)
         if not self.norm_after:
             hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states, token_mask, input_ids)
+        hidden_states, routing = self.mlp(hidden_states, token_mask, input_ids, output_routing=True)
         if self.norm_after:
             hidden_states = self.post_feedforward_layernorm(hidden_states)
-        return self.add_residual(residual, hidden_states)
+        return self.add_residual(residual, hidden_states), routing
 
     def add_residual(self, residual: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """`residual + residual_multiplier · update`; a multiplier of 1 costs no multiplication."""
@@ -108,9 +110,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache generate compiles with fullgraph=True (tests/test_compile.py)
-    _can_record_outputs = {
-        "router_logits": OutputRecorder(RoutingRecord, index=0),
-        "router_outputs": OutputRecorder(RoutingRecord, index=1),
+    _can_record_outputs = {  # the routing is collected by the model's forward, which needs no hooks
         "hidden_states": HfMoeDecoderLayer,
         "attentions": [OutputRecorder(HfMoeAttention, index=1),
                        OutputRecorder(HfMoeMultiHeadLatentAttention, index=1)],
@@ -167,8 +167,7 @@ class HfMoePreTrainedModel(PreTrainedModel):
         return True
 
     def get_correct_experts_implementation(self, requested_experts: str | None, *args, **kwargs) -> str:
-        # hf-moe's own experts implementations are the fastest on every device (docs/decisions/experts-kernels.md,
-        # docs/product_key.md): the default; any implementation registered with transformers can be requested by name.
+        # hf-moe's own implementations are the default (fastest: docs/decisions/experts-kernels.md); any other by name
         if requested_experts is None:  # product keys: many tiny experts, computed token by token
             return "hf_moe_gathered" if self.config.router_type == "product_key" else "hf_moe_grouped"
         return super().get_correct_experts_implementation(requested_experts, *args, **kwargs)
@@ -205,13 +204,6 @@ def _refuse_partial_moe_load(model: nn.Module, info: dict, path) -> None:
             "(convert it first) or of another config (num_experts, moe_layers)?")
 
 
-def _token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
-    """Flat `[B·S]` bool mask of real tokens of the current step from a 2D padding mask, else `None`."""
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        return None
-    return attention_mask[:, -seq_len:].bool().reshape(-1)
-
-
 class HfMoeModel(HfMoePreTrainedModel):
     """The bare decoder: embeddings → layers → final norm."""
 
@@ -237,11 +229,13 @@ class HfMoeModel(HfMoePreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
+        output_router_outputs: bool = False,
         **kwargs,
     ) -> HfMoeModelOutputWithPast:
-        """Hidden states (`output_hidden_states`), attention weights (`output_attentions`), router logits
-        (`output_router_logits`) and each MoE layer's [`RouterOutput`] (`output_router_outputs`) are recorded by
-        transformers' output hooks (`_can_record_outputs`), not returned by the layers."""
+        """Hidden states (`output_hidden_states`) and attention weights (`output_attentions`) are recorded by
+        transformers' output hooks (`_can_record_outputs`); each MoE layer's router logits (`output_router_logits`)
+        and [`RouterOutput`] (`output_router_outputs`) are collected from the blocks."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
@@ -253,26 +247,33 @@ class HfMoeModel(HfMoePreTrainedModel):
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
         masks = causal_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
-        token_mask = _token_mask(attention_mask, inputs_embeds.shape[1])
+        tokens = token_mask(attention_mask, inputs_embeds.shape[1])
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        routings = [] if output_router_logits or output_router_outputs else None
 
         multiplier = self.embedding_multiplier
         hidden_states = inputs_embeds if multiplier == 1.0 else inputs_embeds * multiplier
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         with inference_sdpa_backends(self.config._attn_implementation, hidden_states):
             for layer in self.layers:
-                hidden_states = layer(
+                hidden_states, routing = layer(
                     hidden_states,
                     attention_mask=masks[layer.attention_type],
                     position_ids=position_ids,
                     past_key_values=past_key_values,
                     position_embeddings=position_embeddings,
-                    token_mask=token_mask,
+                    token_mask=tokens,
                     input_ids=input_ids,
                     **kwargs,
                 )
+                if routings is not None and routing is not None:
+                    routings.append(routing)
         return HfMoeModelOutputWithPast(
             last_hidden_state=self.norm(hidden_states),
             past_key_values=past_key_values if use_cache else None,
+            router_logits=tuple(r.logits for r in routings) if output_router_logits else None,
+            router_outputs=tuple(routings) if output_router_outputs else None,
         )
 
 
@@ -317,8 +318,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
-            # the router losses and metrics come from them; recording installs output hooks on every layer, which
-            # inference that reads neither (generate) should not pay for
+            # the router losses and metrics come from them; inference that reads neither (generate) collects none
             output_router_outputs=labels is not None or output_router_logits or output_router_metrics,
             return_dict=True,
             **kwargs,

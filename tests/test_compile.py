@@ -67,7 +67,7 @@ def test_compiled_model_training_step_equals_eager(output_router_logits):
     compiled_model = copy.deepcopy(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     torch._dynamo.reset()
-    compiled = torch.compile(compiled_model)
+    compiled = torch.compile(compiled_model, fullgraph=True)  # its first call: no eager forward before it
     got = compiled(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
     want = model(input_ids=ids, labels=ids, output_router_logits=output_router_logits)
     got.loss.backward()
@@ -78,6 +78,30 @@ def test_compiled_model_training_step_equals_eager(output_router_logits):
         assert_rel_close(got.aux_loss, want.aux_loss, 1e-5, "aux_loss")
         assert len(got.router_logits) == len(want.router_logits) == 1
         assert_rel_close(got.router_logits[0], want.router_logits[0], 1e-5, "router_logits")
+    for (name, param), compiled_param in zip(model.named_parameters(), compiled_model.parameters()):
+        assert param.grad is not None and compiled_param.grad is not None, name
+        assert_rel_close(compiled_param.grad, param.grad, 1e-5, name)
+
+
+def test_layers_compiled_one_by_one_train_as_eager():
+    """Each decoder layer compiled on its own with `fullgraph=True` (as FSDP2 recipes compile one unit per layer),
+    the model around them eager: the routing reaches the router losses through no hook, so nothing breaks a layer's
+    graph, and two training steps give eager's losses and gradients."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=2, router_aux_loss_coef=0.1)).train()
+    compiled_model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    for layer in compiled_model.model.layers:
+        layer.compile(fullgraph=True)
+    for step in range(2):
+        ids = torch.randint(0, model.config.vocab_size, (2, 9))
+        got = compiled_model(input_ids=ids, labels=ids, output_router_logits=True)
+        want = model(input_ids=ids, labels=ids, output_router_logits=True)
+        got.loss.backward()
+        want.loss.backward()
+        assert_rel_close(got.loss, want.loss, 1e-5, f"loss, step {step}")
+        assert_rel_close(got.aux_loss, want.aux_loss, 1e-5, f"aux_loss, step {step}")
+        assert len(got.router_logits) == len(want.router_logits) == 2
     for (name, param), compiled_param in zip(model.named_parameters(), compiled_model.parameters()):
         assert param.grad is not None and compiled_param.grad is not None, name
         assert_rel_close(compiled_param.grad, param.grad, 1e-5, name)
@@ -107,8 +131,6 @@ def _train_with_callback(tmp_path, torch_compile: bool, steps: int = 3) -> tuple
                              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
                              torch_compile=torch_compile)
     if torch_compile:
-        with torch.no_grad():
-            model.eval()(input_ids=data[0]["input_ids"][None], labels=data[0]["labels"][None])
         torch._dynamo.reset()
         counters.clear()
     trainer = Trainer(model=model, args=args, train_dataset=data)
@@ -119,8 +141,7 @@ def _train_with_callback(tmp_path, torch_compile: bool, steps: int = 3) -> tuple
 
 def test_trainer_with_torch_compile_and_callback_trains_without_graph_breaks(tmp_path):
     """The callback records every layer's routing through a hook that torch.compile traces: no graph break, and the
-    logged router metrics are the eager run's. (transformers installs its output-recording hooks in the first
-    forward that records, which no compiled trace can contain: a lock, new hook handles; one eager forward first.)"""
+    logged router metrics are the eager run's. The model never ran eagerly before its first compiled step."""
     trainer, before, model = _train_with_callback(tmp_path, torch_compile=True)
     assert trainer.model_wrapped is not model, "the Trainer did not compile the model"
     assert not counters["graph_break"], dict(counters["graph_break"])

@@ -144,12 +144,12 @@ def test_compiled_expert_parallel_model_breaks_at_the_dispatcher_and_equals_eage
     for rank in range(2):
         result = torch.load(tmp_path / f"compile{rank}.pt")
         eager, compiled = result["eager"], result["compiled"]
-        # one break per MoE block, at the dispatcher; in the frames that resume after it, transformers'
-        # output-recording hooks read a ContextVar, which torch.compile cannot trace either
+        # every break is at a dispatcher (explain also lists the first one as met in the model's layer loop, which
+        # dynamo then leaves to compile layer by layer); none at an output hook's ContextVar, which the frames
+        # resuming after a break could not trace while the model recorded its routing through hooks
         reasons = result["reasons"]
-        at_dispatcher = [r for r in reasons if "AllToAllDispatcher.__call__" in r]
-        assert len(at_dispatcher) == result["moe_blocks"] == 2, reasons
-        assert all("AllToAllDispatcher.__call__" in r or "ContextVar" in r for r in reasons), reasons
+        assert len(reasons) >= result["moe_blocks"] == 2, reasons
+        assert all("AllToAllDispatcher.__call__" in r for r in reasons), reasons
         assert_rel_close(compiled["logits"], eager["logits"], 1e-5, "logits")
         assert_rel_close(compiled["loss"], eager["loss"], 1e-5, "loss")
         assert compiled["grads"].keys() == eager["grads"].keys()

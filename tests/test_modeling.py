@@ -246,7 +246,7 @@ def test_base_model_honours_return_dict_false_and_records_outputs_on_request():
     assert len(full.hidden_states) == 4
     assert torch.equal(full.hidden_states[0], base.embed_tokens(ids))
     for i in (1, 2):
-        assert torch.equal(full.hidden_states[i], seen[i - 1])
+        assert torch.equal(full.hidden_states[i], seen[i - 1][0])  # a layer returns (output, routing)
     assert torch.equal(full.hidden_states[3], full.last_hidden_state)
     # one router output per MoE layer (layer 0 is dense), and the logits are theirs
     assert len(full.router_outputs) == 2 and len(full.router_logits) == 2

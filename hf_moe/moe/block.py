@@ -37,9 +37,9 @@ class BlockGraphs(Protocol):
 
 
 class RoutingRecord(nn.Module):
-    """Where a block's routing is recorded: transformers' output recorders (`output_router_logits`,
-    `output_router_outputs`) and [`record_routing`] hook this module, which sees the block's [`RouterOutput`] whether
-    the block ran eagerly or replayed CUDA graphs. Returns `(router logits, routing)`."""
+    """Where a block's routing can be observed: [`record_routing`] and the Trainer callback hook this module, which
+    sees the block's [`RouterOutput`] whether the block ran eagerly or replayed CUDA graphs. Returns `(router logits,
+    routing)`."""
 
     def forward(self, routing: RouterOutput) -> tuple[torch.Tensor, RouterOutput]:
         return routing.logits, routing
@@ -50,7 +50,9 @@ class HfMoeSparseMoeBlock(nn.Module):
 
     The router decides, the dispatcher runs the experts and combines their outputs (`LocalDispatcher` in one process;
     `hf_moe.parallel` installs an all-to-all one with `set_dispatcher`), the shared experts add their dense output.
-    The router's decisions are recorded through `self.routing` (see [`record_routing`]).
+    The router's decisions go through `self.routing` (see [`record_routing`]) and, with `output_routing=True`, back to
+    the caller: the model collects its layers' routing from their outputs, with no hook (torch.compile traces a block
+    or a layer compiled on its own as it traces the whole model, and FSDP2 sees the routing's tensors as outputs).
     """
 
     def __init__(self, config: HfMoeConfig, layer_idx: int | None = None) -> None:
@@ -80,15 +82,16 @@ class HfMoeSparseMoeBlock(nn.Module):
         hidden_states: torch.Tensor,
         token_mask: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_routing: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, RouterOutput]:
         """`token_mask` `[B·S]` marks real tokens, `input_ids` `[B, S]` are the token ids (routers that route by
-        token id read them)."""
+        token id read them); `output_routing=True` returns `(output, routing)`."""
         if self.cuda_graphs is not None and self.cuda_graphs.serves(self, hidden_states, token_mask):
             out, routing = self.cuda_graphs(hidden_states, token_mask)
         else:
             out, routing = self.compute(hidden_states, token_mask, input_ids)
         self.routing(routing)
-        return out
+        return (out, routing) if output_routing else out
 
     def compute(
         self,
@@ -115,6 +118,13 @@ class HfMoeSparseMoeBlock(nn.Module):
         if shared is not None:
             out = out + shared
         return out.view(shape), routing
+
+
+def token_mask(attention_mask: torch.Tensor | None, seq_len: int) -> torch.Tensor | None:
+    """Flat `[B·S]` bool mask of the real tokens of the current step from a 2D padding mask, else `None`."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    return attention_mask[:, -seq_len:].bool().reshape(-1)
 
 
 def moe_blocks(model: nn.Module) -> list[HfMoeSparseMoeBlock]:

@@ -19,8 +19,9 @@ class HfMoeMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
         self.act_fn = ACT2FN[config.hidden_act]
 
-    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None,
-                input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """`token_mask` and `input_ids` are what an MoE block routes with; a dense MLP takes and ignores them, so a
-        decoder layer calls either kind the same way."""
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
+                output_routing: bool = False) -> torch.Tensor | tuple[torch.Tensor, None]:
+        """`token_mask` and `input_ids` are what an MoE block routes with; a dense MLP ignores them and, asked for its
+        routing (`output_routing`), returns `(output, None)`, so a decoder layer calls either kind the same way."""
+        out = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return (out, None) if output_routing else out
