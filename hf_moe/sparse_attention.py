@@ -6,8 +6,9 @@ latent (`wq_b`). Keys: one per token, `k_norm(wk(x))` (a LayerNorm). RoPE rotate
 dimensions of both, the two halves of them or adjacent pairs (`indexer_rope_interleave`). The score of key `t` for
 query `s` is `Σ_h w_h(s)·relu(q_h(s)·k(t)/√index_head_dim)`, with the per-token head weights
 `w(s) = weights_proj(x_s)/√index_n_heads`, all in float32. Keys the attention mask hides score -inf; each query keeps
-the `index_topk` best keys, whose mask entries are left as they are, and every other key is masked. With at most
-`index_topk` keys, every key is kept and the mask is the attention's own.
+the `index_topk` best keys, of tied scores (ReLUs at 0 tie often) the lower-index ones, whatever the number of keys, so
+a static cache's unwritten slots change nothing; the kept keys' mask entries are left as they are, every other key is
+masked. With at most `index_topk` keys, every key is kept and the mask is the attention's own.
 
 As in transformers' DeepSeek-V3.2 and GLM-MoE-DSA, the indexer runs without gradients: the language-model loss trains
 the attention through the selection, never the indexer (DeepSeek trains it with a separate loss, not implemented
@@ -23,6 +24,7 @@ from torch.nn import functional as F
 
 from .attention import apply_partial_rotary_pos_emb
 from .configuration_hf_moe import HfMoeConfig
+from .top_k import top_k_lower_index_first
 
 INDEXER_NORM_EPS = 1e-6
 """Epsilon of the indexer's key LayerNorm, fixed in DeepSeek's and GLM's code whatever the config says."""
@@ -104,7 +106,7 @@ class HfMoeLightningIndexer(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask
-        selected = scores.topk(self.topk, dim=-1).indices
+        selected = top_k_lower_index_first(scores, self.topk)[1]
         kept = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, selected, True).unsqueeze(1)
         if attention_mask.dtype == torch.bool:
             return attention_mask & kept

@@ -14,9 +14,10 @@ from hf_moe.interop import FAMILIES as REGISTERED
 
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+# 16 indexer heads: a key seldom scores exactly 0, a tie transformers' CPU top-k breaks otherwise than hf-moe
 DSA = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
            routed_scaling_factor=2.5, num_key_value_heads=4, q_lora_rank=12, kv_lora_rank=10, qk_nope_head_dim=8,
-           qk_rope_head_dim=4, v_head_dim=6, index_n_heads=8, index_head_dim=8)
+           qk_rope_head_dim=4, v_head_dim=6, index_n_heads=16, index_head_dim=8)
 FAMILIES = {  # test case → its transformers config (of `model_type` where the case is not named after one)
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_hidden_layers=3,

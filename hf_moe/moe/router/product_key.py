@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...configuration_hf_moe import HfMoeConfig
+from ...top_k import top_k_lower_index_first
 from .. import kernels
 from ..types import RouterOutput
 from .losses import expert_counts, router_z_loss, switch_loss_from_sums
 from .registry import register_router
-from .topk import HfMoeRouter, top_k_lower_index_first
+from .topk import HfMoeRouter
 
 
 def product_key_top_k(log_probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The token-choice top-k router [`HfMoeRouter`] (the base class of the other routers) and [`SwitchRouter`].
 
-Also the parts only they use: the float32-accumulated router GEMM, the tie rule of top-k, and the choice of the
-fused softmax → top-k kernel (docs/routing.md).
+Also the parts only they use: the float32-accumulated router GEMM and the choice of the fused softmax → top-k
+kernel (docs/routing.md).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ...configuration_hf_moe import HfMoeConfig
+from ...top_k import top_k_lower_index_first
 from .. import kernels
 from ..capacity import drop_over_capacity, expert_capacity
 from ..types import RouterOutput, assigned_slots
@@ -65,20 +66,6 @@ def _half_operands_float32_logits(x: torch.Tensor, weight: torch.Tensor) -> torc
     else:
         logits = _float32_accumulated_mm(flat, weight)
     return logits if x.dim() == 2 else logits.view(*x.shape[:-1], weight.shape[0])
-
-
-def top_k_lower_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.topk(k)` over the last dim, with exactly tied scores going to the lower expert index on every device.
-
-    Upcycling with granularity G gives the G experts of a virtual group identical router rows, so their scores are
-    bitwise equal, and two groups can tie as well: top-k must then take whole groups, which the lower-index rule
-    does (the fused kernel follows it too). CUDA's radix-select top-k takes tied values in index order; the CPU's
-    does not (it picked experts 3 and 5 of the scores `[a, a, b, b, b, b]`, b > a), so there a stable sort decides.
-    """
-    if scores.is_cuda:
-        return scores.topk(k, dim=-1)
-    values, index = scores.sort(dim=-1, descending=True, stable=True)
-    return values[..., :k].contiguous(), index[..., :k].contiguous()  # laid out as topk's results
 
 
 @register_router("topk")
