@@ -15,6 +15,8 @@ def top_k_lower_index_first(scores: torch.Tensor, k: int) -> tuple[torch.Tensor,
     CUDA's top-k keeps, of the values equal to the k-th, the first ones in index order, so it is used as it is. The
     CPU's does not: it picked experts 3 and 5 of the scores `[a, a, b, b, b, b]` (b > a), and which of a row's tied
     keys it keeps changes with the row's length, so there a stable descending sort decides. Values come best first.
+    Of +0 and −0, CUDA's radix select keeps +0 first while the CPU's sort ties them; callers whose scores may hold −0
+    and must not depend on it add +0 first.
     """
     if scores.is_cuda:
         return scores.topk(k, dim=-1)
