@@ -43,7 +43,8 @@ def test_capacity_is_exact_for_decimal_factors():
                                               min_capacity=0), 100, training=True) == 11
     assert hf_moe.expert_capacity(tiny_config(num_experts=8, num_experts_per_tok=2, capacity_factor=1.1,
                                               min_capacity=0), 200, training=True) == 55
-    factors = ["0.1", "0.3", "0.7", "1.1", "1.2", "1.25", "1.3", "1.7", "2.3", "3.3"]
+    factors = ["0.1", "0.3", "0.7", "1.1", "1.2", "1.25", "1.3", "1.7", "2.3", "3.3", "2.675", "0.30000000000000004",
+               "0.012345", "1.0000000000000002", "20.5"]
     for experts, top_k in [(3, 1), (6, 2), (8, 2), (10, 1), (10, 3)]:
         for train_factor, eval_factor in zip(factors, reversed(factors)):
             for min_capacity in (0, 4):

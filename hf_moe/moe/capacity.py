@@ -7,19 +7,29 @@ weight 0, so the token keeps only its residual (and its other experts).
 
 from __future__ import annotations
 
-from fractions import Fraction
+import math
 
 import torch
 
 from ..configuration_hf_moe import HfMoeConfig
 
 
-# torch.compile cannot trace repr/Fraction: it calls this once per compiled graph and folds the result
-@torch.compiler.assume_constant_result
-def _capacity_factor_ratio(config: HfMoeConfig, training: bool) -> tuple[int, int]:
-    """The capacity factor as the fraction of the shortest decimal that round-trips to it (`1.1` → 11/10)."""
-    exact = Fraction(repr(float(config.capacity_factor if training else config.eval_capacity_factor)))
-    return exact.numerator, exact.denominator
+def _decimal_ratio(factor: float) -> tuple[int, int]:
+    """`factor` as the fraction of the shortest decimal that round-trips to it, as `repr` writes it (`1.1` → 11/10):
+    at the fewest decimal places (fewer than zero: tens, hundreds, ...), the decimal nearest the float's exact value
+    `a / b`. Integer arithmetic on a constant, which torch.compile folds (it traces neither `repr` nor `Fraction`)."""
+    a, b = factor.as_integer_ratio()
+    if a == 0:
+        return 0, 1
+    leading = math.floor(math.log10(abs(factor)))  # the leading digit's place, give or take one
+    for places in range(-leading - 1, 19 - leading):
+        scale, unit = 10 ** max(places, 0), 10 ** max(-places, 0)
+        nearest, rest = divmod(a * scale, b * unit)  # a·scale / (b·unit), rounded half to even as repr does
+        nearest += 2 * rest > b * unit or (2 * rest == b * unit and nearest % 2 == 1)
+        if nearest * unit / scale == factor:
+            common = math.gcd(nearest * unit, scale)
+            return nearest * unit // common, scale // common
+    return a, b
 
 
 def expert_capacity(config: HfMoeConfig, num_tokens: int, training: bool) -> int:
@@ -31,7 +41,7 @@ def expert_capacity(config: HfMoeConfig, num_tokens: int, training: bool) -> int
     round-trips to it (`repr`), i.e. the number the user wrote: `1.1` is 11/10, not the binary double just
     above it. Float arithmetic overshoots exact multiples: `ceil(100·1·1.1/10)` gives 12 instead of 11.
     """
-    numerator, denominator = _capacity_factor_ratio(config, training)
+    numerator, denominator = _decimal_ratio(config.capacity_factor if training else config.eval_capacity_factor)
     # integer ceil-division keeps a symbolic `num_tokens` (torch.compile dynamic shapes) symbolic
     wanted = -(-num_tokens * config.num_experts_per_tok * numerator // (config.num_experts * denominator))
     return min(num_tokens, max(config.min_capacity, wanted))
