@@ -102,16 +102,24 @@ def causal_masks(
     attention_mask: torch.Tensor | dict | None,
     past_key_values: Cache | None,
     position_ids: torch.Tensor | None,
+    causal_only: bool = False,
     **mask_kwargs,
 ) -> dict[str, torch.Tensor | None]:
     """The mask of each attention type among the config's layers, as transformers' models build them (the padding
     mask, the cache's length and, for sliding layers, the window): `{layer type: mask}`. A dict (the masks `generate`
-    prepared for a static cache) is returned as it is."""
+    prepared for a static cache) is returned as it is.
+
+    `causal_only`: the caller was given no padding mask, cache or positions, so each query sees the keys up to its
+    own. SDPA's full-attention layers then get None, SDPA's built-in causal mask, as transformers' masks give in eager
+    code; under torch.compile (torch < 2.14) they would materialise the `[S, S]` mask, which SDPA's kernels run about
+    3× slower (docs/decisions/compile.md)."""
     if isinstance(attention_mask, dict):
         return attention_mask
+    sdpa_causal = causal_only and config._attn_implementation == "sdpa"
     return {
-        kind: MASK_FUNCTIONS[kind](config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                   past_key_values=past_key_values, position_ids=position_ids, **mask_kwargs)
+        kind: None if sdpa_causal and kind == "full_attention" else MASK_FUNCTIONS[kind](
+            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+            past_key_values=past_key_values, position_ids=position_ids, **mask_kwargs)
         for kind in dict.fromkeys(config.attention_layer_types)
     }
 

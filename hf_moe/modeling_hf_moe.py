@@ -240,13 +240,14 @@ class HfMoeModel(HfMoePreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        causal_only = attention_mask is None and past_key_values is None and position_ids is None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device).unsqueeze(0) + past_seen
 
-        masks = causal_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids)
+        masks = causal_masks(self.config, inputs_embeds, attention_mask, past_key_values, position_ids, causal_only)
         tokens = token_mask(attention_mask, inputs_embeds.shape[1])
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, Trainer, TrainingArguments
+from transformers import CompileConfig, DynamicCache, Trainer, TrainingArguments
 
 from hf_moe import HfMoeForCausalLM
 from hf_moe.integrations import MoETrainerCallback
@@ -81,6 +81,38 @@ def test_compiled_model_training_step_equals_eager(output_router_logits):
     for (name, param), compiled_param in zip(model.named_parameters(), compiled_model.parameters()):
         assert param.grad is not None and compiled_param.grad is not None, name
         assert_rel_close(compiled_param.grad, param.grad, 1e-5, name)
+
+
+@pytest.mark.parametrize("given", ["nothing", "padding_mask", "position_ids", "cache"])
+def test_compiled_model_gives_sdpa_its_causal_flag_unless_something_else_masks(given):
+    """Given no padding mask, cache or positions, the compiled forward calls SDPA with `is_causal=True` and no mask,
+    as eager code does (transformers 5.17's masks skip it there but materialise it under torch.compile, which SDPA's
+    kernels run ~3× slower on a GPU); given any of them, the mask transformers builds (a padding mask applied). Same
+    loss as eager."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=1)).train()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    inputs = {"padding_mask": {"attention_mask": torch.ones_like(ids)},
+              "position_ids": {"position_ids": torch.arange(9).expand(2, -1)},
+              "cache": {"past_key_values": DynamicCache(config=model.config), "use_cache": True},
+              "nothing": {}}[given]
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=capture, fullgraph=True)(input_ids=ids, labels=ids, **copy.deepcopy(inputs))
+    want = model(input_ids=ids, labels=ids, **inputs)
+    assert_rel_close(got.loss, want.loss, 1e-6, "loss")
+    calls = [node for g in graphs for node in g.graph.nodes if "scaled_dot_product_attention" in str(node.target)]
+    assert len(calls) == 1, [str(n.target) for g in graphs for n in g.graph.nodes]
+    if given == "nothing":
+        assert calls[0].kwargs.get("is_causal") is True and calls[0].kwargs.get("attn_mask") is None
+    elif given == "padding_mask":  # its values cannot be read while tracing: it is applied
+        assert calls[0].kwargs.get("is_causal") is False and calls[0].kwargs.get("attn_mask") is not None
 
 
 def test_layers_compiled_one_by_one_train_as_eager():
