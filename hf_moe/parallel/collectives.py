@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from .weight_grad_queue import WeightGradQueue
 
@@ -50,14 +51,15 @@ class _AllToAll(torch.autograd.Function):
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over a process group; the gradient of every rank's copy of the sum flows back to every input."""
+    """Sum over a process group; the gradient of every rank's copy of the sum flows back to every input. A
+    functional collective (a new tensor, no in-place write), so torch.compile traces it, backward included: torch
+    2.11 traced the in-place `dist.all_reduce` of a backward without summing (the global aux loss's gradient was
+    one rank's)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
         ctx.group = group
-        out = x.clone()
-        dist.all_reduce(out, group=group)
-        return out
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
