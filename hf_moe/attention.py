@@ -111,8 +111,8 @@ def causal_masks(
 
     `causal_only`: the caller was given no padding mask, cache or positions, so each query sees the keys up to its
     own. SDPA's full-attention layers then get None, SDPA's built-in causal mask, as transformers' masks give in eager
-    code; under torch.compile (torch < 2.14) they would materialise the `[S, S]` mask, which SDPA's kernels run about
-    3× slower (docs/decisions/compile.md)."""
+    code; under torch.compile (torch < 2.14) they would materialise the `[S, S]` mask, which SDPA's kernels apply
+    over the whole square instead of skipping the masked half (docs/decisions/compile.md)."""
     if isinstance(attention_mask, dict):
         return attention_mask
     sdpa_causal = causal_only and config._attn_implementation == "sdpa"

@@ -52,9 +52,8 @@ class _AllToAll(torch.autograd.Function):
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over a process group; the gradient of every rank's copy of the sum flows back to every input. A
-    functional collective (a new tensor, no in-place write), so torch.compile traces it, backward included: torch
-    2.11 traced the in-place `dist.all_reduce` of a backward without summing (the global aux loss's gradient was
-    one rank's)."""
+    functional collective (a new tensor, no in-place write): torch 2.11 compiles an in-place `dist.all_reduce` in
+    a backward without its sum (docs/decisions/compile.md)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
