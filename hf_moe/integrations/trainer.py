@@ -146,7 +146,7 @@ class MoETrainerCallback(TrainerCallback):
         # backward, without this hook), so the backward check is for eager mode, where torch.compile could not trace it.
         def hook(module: RoutingRecord, inputs, output) -> None:
             if block.training and (torch.compiler.is_compiling() or not _in_backward()):
-                stats.add(output[1])
+                stats.add(output)
 
         return hook
 

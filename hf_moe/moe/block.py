@@ -38,11 +38,10 @@ class BlockGraphs(Protocol):
 
 class RoutingRecord(nn.Module):
     """Where a block's routing can be observed: [`record_routing`] and the Trainer callback hook this module, which
-    sees the block's [`RouterOutput`] whether the block ran eagerly or replayed CUDA graphs. Returns `(router logits,
-    routing)`."""
+    sees the block's [`RouterOutput`] whether the block ran eagerly or replayed CUDA graphs. Returns it as it is."""
 
-    def forward(self, routing: RouterOutput) -> tuple[torch.Tensor, RouterOutput]:
-        return routing.logits, routing
+    def forward(self, routing: RouterOutput) -> RouterOutput:
+        return routing
 
 
 class HfMoeSparseMoeBlock(nn.Module):
@@ -147,7 +146,7 @@ def record_routing(model: nn.Module) -> Iterator[list[RouterOutput]]:
         routings[0].top_k_index
     """
     recorded: list[RouterOutput] = []
-    hooks = [block.routing.register_forward_hook(lambda module, args, output: recorded.append(output[1]))
+    hooks = [block.routing.register_forward_hook(lambda module, args, output: recorded.append(output))
              for block in moe_blocks(model)]
     try:
         yield recorded
