@@ -29,7 +29,7 @@ from torch import nn
 from transformers.cache_utils import StaticLayer
 from transformers.generation.configuration_utils import CompileConfig
 
-from .moe.cuda_graphs import parameter_state
+from .moe.cuda_graphs import graph_owned_cublas_workspaces, parameter_state
 
 # Outputs recorded by hooks (attentions, hidden states, router outputs): a graph replays kernels, not hooks.
 _RECORDED_OUTPUTS = ("output_attentions", "output_hidden_states", "output_router_logits", "output_router_metrics")
@@ -167,7 +167,8 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with graph_owned_cublas_workspaces(), torch.cuda.graph(graph, stream=self.stream,
+                                                                   capture_error_mode="thread_local"):
                 static_output = self.model(**inputs, **others)
         except RuntimeError as error:  # the step waits for the GPU somewhere (e.g. float32 experts looping on the host)
             cause = error.__context__ if isinstance(error.__context__, RuntimeError) else error

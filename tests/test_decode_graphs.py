@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
 from hf_moe.decode_graphs import CapturedStep, DecodeGraphs, decode_graphs
+from hf_moe.moe import cuda_graphs
 
 from .conftest import tiny_config
 
@@ -199,3 +200,62 @@ def test_a_step_that_cannot_be_captured_warns_once_and_decodes_eagerly(monkeypat
     model.weight = torch.nn.Parameter(torch.ones(1, 1))
     graphs.for_generate(CUDAGraphConfig())
     assert graphs.uncapturable is None  # new parameters: capturing is tried again
+
+
+class _RecordingCapture:
+    """Stands in for `torch.cuda.graph`: records where the capture begins and ends."""
+
+    events: list = []
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs = kwargs
+
+    def __enter__(self):
+        self.events.append(("begin", self.kwargs.get("capture_error_mode")))
+
+    def __exit__(self, *exc):
+        self.events.append("end")
+        return False
+
+
+def test_decode_captures_own_their_cublas_workspace(monkeypatch):
+    """cuBLAS's workspace table is cleared after the eager step and before the capture (the graph allocates its
+    workspace in its own pool instead of using the one the eager step made, which torch.compile's CUDA graphs free
+    when they clear the table: the replay then wrote to freed memory, an illegal address on an H100) and again after
+    it (eager matmuls do not share the graph's memory)."""
+    events = _RecordingCapture.events = []
+    model = torch.nn.Linear(1, 1).eval()
+
+    def forward(input_ids, **kwargs):
+        events.append("step")
+        return CausalLMOutputWithPast(logits=input_ids.float() * 2)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", _RecordingCapture)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)
+    step = DecodeGraphs(model).for_generate(CUDAGraphConfig())
+    step(input_ids=torch.tensor([[3]]), past_key_values=static_cache())
+    assert events == ["step", "clear", ("begin", "thread_local"), "step", "end", "clear"]
+
+
+def test_training_captures_own_their_cublas_workspace(monkeypatch):
+    """The same rule for `capture_moe_cuda_graphs`: around each capture `make_graphed_callables` makes."""
+    events = _RecordingCapture.events = []
+    monkeypatch.setattr(cuda_graphs, "_CUDA_GRAPH", _RecordingCapture)
+    monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)
+    with cuda_graphs._thread_local_capture():
+        for graph in ("forward", "backward"):
+            with torch.cuda.graph(graph, pool=None):
+                events.append(graph)
+    assert torch.cuda.graph is cuda_graphs._CUDA_GRAPH
+    assert events == ["clear", ("begin", "thread_local"), "forward", "end", "clear"] + [
+        "clear", ("begin", "thread_local"), "backward", "end", "clear"]

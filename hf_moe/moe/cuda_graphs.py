@@ -120,15 +120,42 @@ def parameter_state(module: nn.Module) -> tuple[tuple[int, int, bool], ...]:
 
 
 @contextlib.contextmanager
-def _thread_local_capture():
-    """Captures in thread-local mode: `make_graphed_callables` captures in global mode, where a CUDA call from any
-    other thread (NCCL's watchdog querying its events, under torch.distributed) invalidates the capture."""
-    original = torch.cuda.graph
-    torch.cuda.graph = functools.partial(original, capture_error_mode="thread_local")
+def graph_owned_cublas_workspaces():
+    """Around a capture: the graph's cuBLAS workspace allocated in the graph's own memory. cuBLAS keeps one workspace
+    per handle and stream, allocated on first use; a graph captured on a stream whose workspace existed before (the
+    warm-up steps made it) writes to memory the workspace table owns, which anything that clears the table frees —
+    torch.compile's CUDA graphs clear it around each of their captures — and the graph's replays then write to freed
+    memory (an illegal address once the allocator hands it back to the driver). Cleared before the capture, the
+    workspace is allocated in the graph's pool and lives as long as the graph; cleared after, eager matmuls do not
+    share the graph's memory. (torch's own CUDA-graph trees do the same; a CPU-only torch has no table.)"""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+    clear()
     try:
         yield
     finally:
-        torch.cuda.graph = original
+        clear()
+
+
+_CUDA_GRAPH = torch.cuda.graph
+
+
+@contextlib.contextmanager
+def _capture(*args, **kwargs):
+    """`torch.cuda.graph` in thread-local mode, with the graph's own cuBLAS workspace."""
+    with graph_owned_cublas_workspaces(), _CUDA_GRAPH(*args, **{**kwargs, "capture_error_mode": "thread_local"}):
+        yield
+
+
+@contextlib.contextmanager
+def _thread_local_capture():
+    """Captures in thread-local mode: `make_graphed_callables` captures in global mode, where a CUDA call from any
+    other thread (NCCL's watchdog querying its events, under torch.distributed) invalidates the capture; and with
+    [`graph_owned_cublas_workspaces`] around each capture."""
+    torch.cuda.graph = _capture
+    try:
+        yield
+    finally:
+        torch.cuda.graph = _CUDA_GRAPH
 
 
 def capture_moe_cuda_graphs(
