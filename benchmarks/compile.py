@@ -9,9 +9,10 @@ timed, that the two compute the same function (bf16 on the GPU; float32 with `--
 
 - `train`: forward + backward of 4 × 2048 tokens, eager and `torch.compile(model)`, tokens/s, first-call seconds,
   peak memory;
-- `generate`: 128 new tokens (greedy), dynamic cache eager and static cache compiled, at batch 16 and 1; for hf-moe
-  also static cache with `compile_config=hf_moe.CUDAGraphConfig()` (the eager step replayed from CUDA graphs, no
-  compile: `_graphs` rows);
+- `generate`: 128 new tokens (greedy), dynamic cache eager (`cache_implementation="dynamic"`) and static cache
+  compiled, at batch 16 and 1; for hf-moe also static cache with `compile_config=hf_moe.CUDAGraphConfig()` (the eager
+  step replayed from CUDA graphs, no compile: `_graphs` rows) and a plain `generate` (`_default` rows: hf-moe's
+  default, CUDA-graph decoding where `hf_moe.decode_graphs.default_graph_decoding` allows);
 - `decode`: eager dynamic-cache greedy decoding, ms per step at each `--batches` size (`--new-tokens` per call,
   `--reps` rounds alternating the models; with `--tiny` the CPU's host time per step, which eager decoding at
   batch 1 is bound by on a GPU too);
@@ -149,16 +150,18 @@ def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict]
         model.eval()
     for batch in batches:
         ids = torch.randint(0, vocab, (batch, 64), device=device, generator=torch.Generator(device).manual_seed(2))
-        for cache in ("dynamic", "static", "graphs"):
+        for cache in ("dynamic", "default", "static", "graphs"):
             kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            if cache != "dynamic":
+            if cache == "dynamic":  # eager steps (hf-moe's default decodes from CUDA graphs: the "default" rows)
+                kwargs["cache_implementation"] = "dynamic"
+            if cache in ("static", "graphs"):
                 kwargs["cache_implementation"] = "static"  # transformers compiles the decode step on CUDA
             if cache == "graphs":  # hf-moe's eager decode step replayed from CUDA graphs instead
                 kwargs["compile_config"] = CUDAGraphConfig()
             first = {}
             for name, model in models.items():
                 what = f"generate_bs{batch}_{name}_{cache}"
-                if cache == "graphs" and not isinstance(model, HfMoeForCausalLM):
+                if cache in ("default", "graphs") and not isinstance(model, HfMoeForCausalLM):
                     continue
                 if past(deadline, what, record):
                     continue
@@ -172,7 +175,7 @@ def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict]
                     seconds = seconds_per_call(lambda: model.generate(ids, **kwargs), 1, device)
                     row = {"what": what, "tokens_per_s": batch * new_tokens / seconds, "s": seconds,
                            "first_call_s": first_s, "compiled": "_compiled_call" in model.__dict__}
-                    if cache == "graphs":  # 1: every call replayed the first call's graph
+                    if cache in ("default", "graphs"):  # 1: every call replayed the first call's graph
                         row["graphs_captured"] = len(decode_graphs(model).graphs)
                 except Exception as e:  # noqa: BLE001
                     row = error_row(what, e)
@@ -188,7 +191,7 @@ def decode(models: dict, new_tokens: int, device: str, record: Callable[[dict], 
     (`new_tokens` − 1), so the prompt's prefill cancels; the median over `reps` rounds that alternate the models,
     after a warm-up of both calls (at bs1 this is host time: the GPU work of a step is far shorter)."""
     vocab = next(iter(models.values())).config.vocab_size
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, cache_implementation="dynamic")
     for batch in batches:
         if past(deadline, f"decode_bs{batch}", record):
             continue

@@ -13,6 +13,8 @@ returns [`DecodeGraphs.step`] instead of a compiled forward. Elsewhere (CPU, a d
 as transformers does with any compile config it cannot use. A replay runs the step's kernels and nothing else: no
 Python, so no module hooks (`record_routing`, user hooks), and no cache whose state lives on the host (sliding
 windows, offloading), which decode eagerly.
+
+A plain `generate` call that asks for no cache (see [`default_graph_decoding`]) decodes this way by default on a GPU.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.cache_utils import StaticLayer
-from transformers.generation.configuration_utils import CompileConfig
+from transformers.generation.configuration_utils import CompileConfig, GenerationConfig
 
+from .moe.block import moe_blocks
 from .moe.cuda_graphs import graph_owned_cublas_workspaces, parameter_state
+from .moe.dispatch import LocalDispatcher
 
 # Outputs recorded by hooks (attentions, hidden states, router outputs): a graph replays kernels, not hooks.
 _RECORDED_OUTPUTS = ("output_attentions", "output_hidden_states", "output_router_logits", "output_router_metrics")
@@ -191,3 +195,73 @@ def decode_graphs(model: nn.Module) -> DecodeGraphs:
     if graphs is None:
         graphs = _GRAPHS[model] = DecodeGraphs(model)
     return graphs
+
+
+# generate() settings under which the cache outlives the call, the step is not one token of one sequence, or the
+# user chose how to decode: the call keeps transformers' default (a dynamic cache, eager steps).
+_CHOSEN_SETTINGS = ("cache_implementation", "compile_config", "disable_compile", "return_dict_in_generate",
+                    "prompt_lookup_num_tokens", "assistant_early_exit", "custom_generate", "assistant_model",
+                    "past_key_values", "synced_gpus", "negative_prompt_ids", "guidance_scale")
+_DEFAULT_CACHE_SHARE = 0.5  # of the GPU memory free at the call: a static cache above it keeps the dynamic cache
+
+
+def default_graph_decoding(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> str | None:
+    """Why a `generate(*args, **kwargs)` call of `model` keeps transformers' dynamic cache and eager steps, or None:
+    it then decodes from CUDA graphs (`cache_implementation="static"`, `compile_config=CUDAGraphConfig()`).
+
+    Eager decoding of a few sequences is host time (hundreds of small kernels a step); a static cache replayed from
+    CUDA graphs decodes the same tokens several times faster at the cost of one capture. It is the default only where
+    nothing changes for the caller: a bf16/fp16 model in eval mode on one CUDA device, its experts local and its
+    attention sdpa or eager over full (not sliding) layers, no cache, compile or decoding strategy asked for (num_beams
+    1, no assistant, no guidance), no cache handed back (`return_dict_in_generate`), no outputs recorded by hooks, and a
+    static cache for the whole `max_length` that fits in half the free GPU memory. `cache_implementation="dynamic"` or
+    `disable_compile=True` keep the eager default."""
+    user_config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+    configs = [c for c in (user_config, model.generation_config) if isinstance(c, GenerationConfig)]
+
+    def settings(name: str) -> list[Any]:
+        return ([kwargs[name]] if name in kwargs else []) + [getattr(c, name, None) for c in configs]
+
+    for name in _CHOSEN_SETTINGS:
+        if any(value is not None and value is not False and not (name == "guidance_scale" and value == 1)
+               for value in settings(name)):
+            return f"generate() was given {name}"
+    if any(value not in (None, 1) for name in ("num_beams", "num_return_sequences") for value in settings(name)):
+        return "generate() asks for several sequences per prompt"
+    if any(value is False for value in settings("use_cache")):
+        return "generate() was given use_cache=False"
+    config = model.config
+    if any(getattr(config, name, False) or any(settings(name)) for name in _RECORDED_OUTPUTS):
+        return "generate() records outputs through hooks, which a replay does not run"
+    if model.training:
+        return "the model is in training mode"
+    if set(config.attention_layer_types) != {"full_attention"} or getattr(config, "index_topk", None) is not None:
+        return "the model has sliding-window or sparse attention layers, whose caches a replay cannot advance"
+    if config._attn_implementation not in ("sdpa", "eager"):
+        return f"attn_implementation={config._attn_implementation!r} (graphed decoding runs sdpa and eager)"
+    if not all(type(block.dispatcher) is LocalDispatcher for block in moe_blocks(model)):
+        return "the experts are distributed (expert parallelism)"
+    parameters = list(model.parameters())
+    if any(type(p) is not nn.Parameter or p.dtype not in (torch.bfloat16, torch.float16) for p in parameters):
+        return "the model's parameters are not all bf16/fp16 tensors (distributed, quantized or float32)"
+    devices = {p.device for p in parameters} | {b.device for b in model.buffers()}
+    if len(devices) != 1 or next(iter(devices)).type != "cuda":
+        return "the model is not on one CUDA device"
+    device = next(iter(devices))
+    inputs = args[0] if args else kwargs.get("inputs", kwargs.get("input_ids", kwargs.get("inputs_embeds")))
+    batch, prompt = inputs.shape[:2] if isinstance(inputs, torch.Tensor) and inputs.dim() > 1 else (1, 0)
+    new_tokens = next((v for v in settings("max_new_tokens") if v is not None), None)
+    max_length = prompt + new_tokens if new_tokens is not None else next((v for v in settings("max_length") if v), 20)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if _static_cache_bytes(config, batch, max_length, parameters[0].element_size()) > _DEFAULT_CACHE_SHARE * free:
+        return f"a static cache of {batch} × {max_length} tokens would take more than half the free GPU memory"
+    return None
+
+
+def _static_cache_bytes(config: Any, batch: int, max_length: int, element_size: int) -> int:
+    """The memory of a static cache of `batch` sequences of `max_length` tokens over every layer."""
+    if getattr(config, "kv_lora_rank", None):  # multi-head latent attention caches the latent and the rotary key
+        per_token = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        per_token = 2 * config.num_key_value_heads * config.head_dim
+    return config.num_hidden_layers * batch * max_length * per_token * element_size

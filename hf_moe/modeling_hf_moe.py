@@ -28,7 +28,7 @@ from .attention import (
     masks_for_generate,
 )
 from .configuration_hf_moe import HfMoeConfig
-from .decode_graphs import CUDAGraphConfig, decode_graphs
+from .decode_graphs import CUDAGraphConfig, decode_graphs, default_graph_decoding
 from .mla import HfMoeMultiHeadLatentAttention
 from .modeling_outputs import HfMoeCausalLMOutputWithPast, HfMoeModelOutputWithPast
 from .moe.block import HfMoeSparseMoeBlock, moe_blocks, token_mask
@@ -375,16 +375,16 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
         return super().get_compiled_call(compile_config)
 
     def generate(self, *args, **kwargs):
-        """transformers' `generate`, refused for routers that are not causal (expert choice): they pick tokens
-        across the whole batch and sequence, which incremental decoding cannot reproduce."""
+        """transformers' `generate`; from CUDA graphs where `default_graph_decoding` allows. Refused for acausal
+        routers (expert choice: routing across the batch and sequence, which cached decoding cannot reproduce)."""
         acausal = sorted({type(m).__name__ for m in self.modules() if isinstance(m, HfMoeRouter) and not m.is_causal})
         if acausal:
-            raise ValueError(
-                f"generate() is not supported with router_type={self.config.router_type!r} ({', '.join(acausal)}): "
-                "each expert picks its tokens across the whole batch, so routing is not causal and cached decoding "
-                "would compute a different function than training. Use a token-choice router_type (e.g. 'topk') "
-                "for models meant to generate."
-            )
+            raise ValueError(f"generate() is not supported with router_type={self.config.router_type!r} "
+                             f"({', '.join(acausal)}): each expert picks its tokens across the whole batch, so "
+                             "routing is not causal and cached decoding would compute a different function than "
+                             "training. Use a token-choice router_type (e.g. 'topk') for models meant to generate.")
+        if default_graph_decoding(self, args, kwargs) is None:
+            kwargs.update(cache_implementation="static", compile_config=CUDAGraphConfig())
         return super().generate(*args, **kwargs)
 
 

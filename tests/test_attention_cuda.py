@@ -30,7 +30,8 @@ def test_cuda_eager_inference_attention_leaves_cudnn_out_and_training_keeps_it(m
     with torch.no_grad():
         first_token = model(ids).logits[:, -1].argmax(-1)
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
-    out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                         cache_implementation="dynamic")
     assert seen and not any(seen), seen
     assert torch.equal(out[:, 7], first_token)
     seen.clear()
@@ -109,7 +110,7 @@ def test_cuda_sinks_with_mixed_layers_equal_the_float64_model(attn_implementatio
         return
     kwargs = dict(attention_mask=mask.cuda(), max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0,
                   return_dict_in_generate=True, output_logits=True)
-    dynamic = model.generate(ids.cuda(), **kwargs)
+    dynamic = model.generate(ids.cuda(), cache_implementation="dynamic", **kwargs)
     static = model.generate(ids.cuda(), cache_implementation="static", disable_compile=True, **kwargs)
     assert torch.equal(static.sequences, dynamic.sequences)
     assert_rel_close(torch.stack(static.logits), torch.stack(dynamic.logits), 1e-5, "static vs dynamic cache")

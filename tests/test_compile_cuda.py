@@ -127,7 +127,7 @@ def test_cuda_compiled_static_cache_generate_equals_dynamic_cache():
     torch.manual_seed(0)
     model = HfMoeForCausalLM(cuda_config()).to("cuda", torch.bfloat16).eval()
     ids = torch.randint(0, 256, (4, 12), device="cuda")
-    dynamic = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    dynamic = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="dynamic")
     torch._dynamo.reset()
     static = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, cache_implementation="static")
     assert any("compiled" in key for key in model.__dict__), "generate did not compile the forward"

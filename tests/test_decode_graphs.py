@@ -9,12 +9,19 @@ import weakref
 
 import pytest
 import torch
-from transformers import StaticCache
+from transformers import DynamicCache, GenerationConfig, GenerationMixin, StaticCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
-from hf_moe.decode_graphs import CapturedStep, DecodeGraphs, decode_graphs
+from hf_moe import CUDAGraphConfig, HfMoeForCausalLM, modeling_hf_moe, moe_blocks
+from hf_moe.decode_graphs import (
+    CapturedStep,
+    DecodeGraphs,
+    _static_cache_bytes,
+    decode_graphs,
+    default_graph_decoding,
+)
 from hf_moe.moe import cuda_graphs
+from hf_moe.moe.dispatch import LocalDispatcher
 
 from .conftest import tiny_config
 
@@ -200,6 +207,98 @@ def test_a_step_that_cannot_be_captured_warns_once_and_decodes_eagerly(monkeypat
     model.weight = torch.nn.Parameter(torch.ones(1, 1))
     graphs.for_generate(CUDAGraphConfig())
     assert graphs.uncapturable is None  # new parameters: capturing is tried again
+
+
+def bf16_model(**overrides) -> HfMoeForCausalLM:
+    torch.manual_seed(0)
+    return HfMoeForCausalLM(tiny_config(**overrides)).to(torch.bfloat16).eval()
+
+
+IDS = torch.ones(2, 5, dtype=torch.long)
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({}, "not on one CUDA device"),  # every other condition holds: on a GPU this call would decode from graphs
+    ({"guidance_scale": 1.0}, "not on one CUDA device"),
+    ({"cache_implementation": "dynamic"}, "was given cache_implementation"),
+    ({"generation_config": GenerationConfig(cache_implementation="offloaded")}, "was given cache_implementation"),
+    ({"disable_compile": True}, "was given disable_compile"),
+    ({"compile_config": CUDAGraphConfig()}, "was given compile_config"),
+    ({"return_dict_in_generate": True}, "was given return_dict_in_generate"),
+    ({"past_key_values": DynamicCache()}, "was given past_key_values"),
+    ({"assistant_model": object()}, "was given assistant_model"),
+    ({"guidance_scale": 1.5}, "was given guidance_scale"),
+    ({"num_beams": 2}, "several sequences per prompt"),
+    ({"num_return_sequences": 3}, "several sequences per prompt"),
+    ({"use_cache": False}, "use_cache=False"),
+    ({"output_attentions": True}, "records outputs"),
+])
+def test_plain_generate_calls_default_to_graphs_unless_the_call_chooses(kwargs, reason):
+    assert reason in default_graph_decoding(bf16_model(), (IDS,), kwargs)
+
+
+def _remote(model):
+    class RemoteDispatcher(LocalDispatcher):  # stands in for expert parallelism's all-to-all
+        pass
+    for block in moe_blocks(model):
+        block.set_dispatcher(RemoteDispatcher())
+    return model
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    (lambda m: m.train(), "training mode"),
+    (lambda m: m.float(), "not all bf16/fp16"),
+    (lambda m: setattr(m.config, "output_router_logits", True), "records outputs"),
+    (lambda m: setattr(m.generation_config, "cache_implementation", "dynamic"), "was given cache_implementation"),
+    (lambda m: setattr(m.config, "_attn_implementation", "flex_attention"), "attn_implementation='flex_attention'"),
+    (_remote, "expert parallelism"),
+])
+def test_models_graphs_cannot_serve_keep_the_dynamic_cache(change, reason):
+    model = bf16_model()
+    change(model)
+    assert reason in default_graph_decoding(model, (IDS,), {})
+
+
+def test_sliding_window_models_keep_the_dynamic_cache():
+    assert "sliding-window" in default_graph_decoding(bf16_model(sliding_window=4), (IDS,), {})
+
+
+MLA = {"num_key_value_heads": 4, "kv_lora_rank": 12, "q_lora_rank": 10, "qk_rope_head_dim": 4, "v_head_dim": 6,
+       "qk_nope_head_dim": 8}
+
+
+@pytest.mark.parametrize("overrides", [{}, MLA], ids=["gqa", "mla"])
+def test_static_cache_estimate_is_the_cache_generate_allocates(overrides):
+    model = bf16_model(**overrides)
+    out = model.generate(IDS, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static",
+                         return_dict_in_generate=True)
+    cache = out.past_key_values
+    length = cache.layers[0].keys.shape[-2]  # the tokens transformers allocates per sequence
+    assert 5 + 3 - 1 <= length <= 5 + 3
+    allocated = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+    assert _static_cache_bytes(model.config, 2, length, 2) == allocated
+
+
+@pytest.mark.parametrize("reason", [None, "not on one CUDA device"])
+def test_generate_asks_transformers_for_graphs_exactly_when_allowed(monkeypatch, reason):
+    seen = {}
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    original = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    monkeypatch.setattr(modeling_hf_moe, "default_graph_decoding", lambda model, args, kwargs: reason)
+    model = tiny_model()
+    got = model.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if reason is None:
+        assert seen["cache_implementation"] == "static" and isinstance(seen["compile_config"], CUDAGraphConfig)
+    else:
+        assert "cache_implementation" not in seen and "compile_config" not in seen
+    monkeypatch.setattr(GenerationMixin, "generate", original)
+    assert torch.equal(got, model.generate(IDS, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                                           cache_implementation="dynamic"))  # on the CPU the static cache is eager
 
 
 class _RecordingCapture:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
-from hf_moe.decode_graphs import CapturedStep, decode_graphs
+from hf_moe.decode_graphs import CapturedStep, decode_graphs, default_graph_decoding
 
 from .conftest import requires_cuda, tiny_config
 
@@ -125,3 +125,20 @@ def test_steps_a_replay_cannot_serve_decode_eagerly(overrides):
     ids = torch.randint(1, model.config.vocab_size, (1, 6), device="cuda")
     assert_same_generation(greedy(model, ids, graphs=True), greedy(model, ids), torch.bfloat16)
     assert not decode_graphs(model).graphs
+
+
+@pytest.mark.parametrize("case", ["topk", "mla"])
+def test_plain_generate_decodes_from_graphs_by_default(case):
+    """A generate call that asks for no cache decodes from CUDA graphs (the same tokens as the eager static-cache
+    steps); `cache_implementation="dynamic"` keeps eager decoding."""
+    model = cuda_model(torch.bfloat16, **CONFIGS[case])
+    ids = torch.randint(1, model.config.vocab_size, (2, 6), device="cuda")
+    kwargs = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert default_graph_decoding(model, (ids,), kwargs) is None
+    plain = model.generate(ids, **kwargs)
+    assert captured(model) == [True]
+    assert torch.equal(plain, model.generate(ids, cache_implementation="static", disable_compile=True, **kwargs))
+    decode_graphs(model).graphs.clear()
+    model.generate(ids, cache_implementation="dynamic", **kwargs)
+    assert not decode_graphs(model).graphs
+

@@ -150,7 +150,7 @@ def test_cuda_generate_runs_the_decode_kernels_and_matches_the_grouped_gemms(mon
     prompt = torch.randint(0, config.vocab_size, (2, 9), device="cuda")
     calls = _decode_calls(monkeypatch)
     with torch.no_grad():
-        sequences = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        sequences = model.generate(prompt, max_new_tokens=6, do_sample=False, cache_implementation="dynamic")
     assert len(calls) >= 6 * config.num_hidden_layers  # the prefill and five single-token steps
     with torch.no_grad():
         fast = model(sequences).logits.float()
