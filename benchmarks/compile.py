@@ -8,7 +8,8 @@ from transformers' one (`benchmarks/compile_models.py`); the row `logits_rel_err
 timed, that the two compute the same function (bf16 on the GPU; float32 with `--tiny`).
 
 - `train`: forward + backward of 4 × 2048 tokens, eager and `torch.compile(model)`, tokens/s, first-call seconds,
-  peak memory;
+  peak memory; transformers' model also compiled with flex attention (`--peer-attention`), its fastest compiled
+  configuration in the GPU image, which the training target compares with;
 - `generate`: 128 new tokens (greedy), dynamic cache eager (`cache_implementation="dynamic"`) and static cache
   compiled, at batch 16 and 1; for hf-moe also static cache with `compile_config=hf_moe.CUDAGraphConfig()` (the eager
   step replayed from CUDA graphs, no compile: `_graphs` rows) and a plain `generate` (`_default` rows: hf-moe's
@@ -57,6 +58,7 @@ from hf_moe.decode_graphs import decode_graphs
 
 from .compile_models import SHAPES, TINY, build_models, logits_check, with_llama_norms
 from .compile_report import check_failed, summary
+from .kernel_profile import profile_train
 from .record import ResultFile
 from .timing import median_and_min, synchronize
 
@@ -109,36 +111,44 @@ def release(device: str) -> None:
 
 
 def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict], None],
-          modes: tuple[str, ...] = ("eager", "compiled"), deadline: float = float("inf")) -> None:
+          modes: tuple[str, ...] = ("eager", "compiled"), deadline: float = float("inf"),
+          peer_attention: tuple[str, ...] = ()) -> None:
+    """Training steps of every model in every mode; transformers' model also compiled with each attention kernel of
+    `peer_attention` (rows `train_transformers-<kernel>_compiled`): its fastest compiled configuration counts."""
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (4, seq), device=device, generator=torch.Generator(device).manual_seed(1))
-    for name, model in models.items():
+    cases = [(name, model, mode, None) for name, model in models.items() for mode in modes]
+    if "transformers" in models and "compiled" in modes:
+        cases += [("transformers", models["transformers"], "compiled", attention) for attention in peer_attention]
+    for name, model, mode, attention in cases:
+        what = f"train_{name}{f'-{attention}' if attention else ''}_{mode}"
+        if past(deadline, what, record):
+            continue
         model.train()
-        for mode in modes:
-            what = f"train_{name}_{mode}"
-            if past(deadline, what, record):
-                continue
-            run = torch.compile(model) if mode == "compiled" else model
+        default_attention = model.config._attn_implementation
+        model.set_attn_implementation(attention or default_attention)
+        run = torch.compile(model) if mode == "compiled" else model
 
-            def step():
-                run(input_ids=ids, labels=ids).loss.backward()
-                model.zero_grad(set_to_none=True)
+        def step():
+            run(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
 
-            try:
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                first = first_call_seconds(step, device)
-                step()
-                seconds = seconds_per_call(step, reps, device)
-                row = {"what": what, "tokens_per_s": ids.numel() / seconds, "ms": seconds * 1e3, "first_call_s": first}
-                if device == "cuda":
-                    row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            except Exception as e:  # noqa: BLE001 - report and go on with the other cases
-                row = error_row(what, e)
-            record(row)
-            del run
-            release(device)
+        try:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            first = first_call_seconds(step, device)
+            step()
+            seconds = seconds_per_call(step, reps, device)
+            row = {"what": what, "tokens_per_s": ids.numel() / seconds, "ms": seconds * 1e3, "first_call_s": first}
+            if device == "cuda":
+                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        except Exception as e:  # noqa: BLE001 - report and go on with the other cases
+            row = error_row(what, e)
+        record(row)
+        del run
+        model.set_attn_implementation(default_attention)
         model.eval()
+        release(device)
 
 
 def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict], None],
@@ -303,7 +313,8 @@ def capture_in_subprocess(record: Callable[[dict], None]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="capture,train,generate", help="comma list of capture, train, generate, decode")
+    ap.add_argument("--parts", default="capture,train,generate",
+                    help="comma list of capture, train, generate, decode, profile (GPU kernel time by kind)")
     ap.add_argument("--shape", default="qwen3", choices=sorted(SHAPES), help="the layers' shape (default qwen3)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 qwen3, 2 mixtral)")
     ap.add_argument("--reps", type=int, default=5)
@@ -315,6 +326,10 @@ def main() -> None:
                          "eight-operator RMSNorm instead of torch's fused one)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
+    ap.add_argument("--peer-attention", default=None,
+                    help="comma list of attention kernels transformers' model is also trained compiled with (its "
+                         "fastest compiled row is the one hf-moe is compared with); default flex_attention on the GPU "
+                         "(no flex backward on the CPU), '' for none")
     ap.add_argument("--tiny", action="store_true", help="a tiny model on the CPU in float32 (a smoke run)")
     ap.add_argument("--out", default=None, help="results .jsonl (default: benchmarks/results/compile-<time>.jsonl)")
     a = ap.parse_args()
@@ -327,6 +342,7 @@ def main() -> None:
     shape = (TINY if a.tiny else SHAPES)[a.shape]
     layers = a.layers or shape["layers"]
     seq = a.seq or (128 if a.tiny else 2048)
+    peer_attention = a.peer_attention if a.peer_attention is not None else "" if a.tiny else "flex_attention"
     import transformers
 
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
@@ -349,7 +365,7 @@ def main() -> None:
                 continue
             if part == "capture" and device == "cuda":  # in a subprocess: a failed capture breaks the process
                 capture_in_subprocess(record)
-            elif part in ("train", "generate", "decode"):
+            elif part in ("train", "generate", "decode", "profile"):
                 if models is None:
                     built = time.perf_counter()
                     models = build_models(shape, layers, device, dtype)
@@ -363,13 +379,16 @@ def main() -> None:
                     models = {name: models[name] for name in names}
                 batches = tuple(int(b) for b in a.batches.split(","))
                 if part == "train":
-                    train(models, a.reps, seq, device, record, tuple(a.modes.split(",")), deadline)
+                    train(models, a.reps, seq, device, record, tuple(a.modes.split(",")), deadline,
+                          tuple(x for x in peer_attention.split(",") if x))
+                elif part == "profile" and device == "cuda":
+                    profile_train(models, seq, record, tuple(x for x in peer_attention.split(",") if x))
                 elif part == "decode":
                     decode(models, a.new_tokens, device, record, batches, a.reps, deadline)
-                else:
+                elif part == "generate":
                     generate(models, a.new_tokens, device, record, batches, deadline)
             else:
-                raise SystemExit(f"unknown part {part!r}; expected capture, train, generate or decode")
+                raise SystemExit(f"unknown part {part!r}; expected capture, train, generate, decode or profile")
             print(f"[{part} done at {time.perf_counter() - start:.0f} s]", flush=True)
     summary(rows)
     if check_failed(rows):

@@ -1,0 +1,73 @@
+"""`python -m benchmarks compile --parts profile`: where a compiled training step's GPU time goes, hf-moe against
+transformers' model (default attention and each `--peer-attention` kernel), kernels summed by kind; and how much of
+the step the GPU sits idle between kernels (a host-bound step shows here, a GPU-bound one does not)."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+# (substring of a kernel's name, kind), first match wins; names as torch.profiler reports them on Hopper
+KINDS = (
+    ("cudnn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("flex_attention", "attention"),
+    ("nvjet", "dense GEMM (cuBLAS)"), ("_grouped_mm", "routed GEMM"), ("gate_up_swiglu", "routed GEMM"),
+    ("quack", "routed GEMM"), ("cutlass", "routed GEMM"), ("gemm", "routed GEMM"),
+    ("gather", "expert glue"), ("swiglu_bwd", "expert glue"), ("sort", "expert glue"), ("top_k", "router"),
+    ("triton_", "inductor"),
+)
+
+
+def kind(name: str) -> str:
+    lower = name.lower()
+    return next((k for key, k in KINDS if key in lower), "other")
+
+
+def summarize(kernels: list[tuple[float, float, str]]) -> dict:
+    """(start µs, end µs, name) of a step's kernels: ms by kind, their sum, the time at least one kernel ran (busy),
+    the first start to last end (span), and span − busy (idle: the GPU waited for the host)."""
+    by_kind: collections.Counter = collections.Counter()
+    busy, end = 0.0, None
+    for start, stop, name in sorted(kernels):
+        by_kind[kind(name)] += (stop - start) / 1e3
+        busy += max(0.0, stop - (start if end is None else max(start, end))) / 1e3
+        end = stop if end is None else max(end, stop)
+    span = (max(k[1] for k in kernels) - min(k[0] for k in kernels)) / 1e3 if kernels else 0.0
+    return {"kernel_ms": {k: round(v, 3) for k, v in by_kind.most_common()},
+            "kernels_ms": round(sum(by_kind.values()), 3), "busy_ms": round(busy, 3), "span_ms": round(span, 3),
+            "idle_ms": round(span - busy, 3)}
+
+
+def profile_step(step: Callable[[], None]) -> dict:
+    """One profiled `step` (after the caller's warm-up), summarized."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return summarize([(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                      if e.device_type == torch.autograd.DeviceType.CUDA])
+
+
+def profile_train(models: dict, seq: int, record: Callable[[dict], None], peer_attention: tuple[str, ...]) -> None:
+    """Rows `profile_<model>[-<attention>]_compiled`: a compiled training step of 4 × `seq` tokens, profiled."""
+    vocab = next(iter(models.values())).config.vocab_size
+    ids = torch.randint(0, vocab, (4, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    cases = [(name, None) for name in models] + [("transformers", a) for a in peer_attention if "transformers" in models]
+    for name, attention in cases:
+        model = models[name].train()
+        default_attention = model.config._attn_implementation
+        model.set_attn_implementation(attention or default_attention)
+        torch._dynamo.reset()
+        run = torch.compile(model)
+
+        def step():
+            run(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        for _ in range(3):
+            step()
+        record({"what": f"profile_{name}{f'-{attention}' if attention else ''}_compiled", **profile_step(step)})
+        del run
+        model.set_attn_implementation(default_attention)
+        model.eval()
