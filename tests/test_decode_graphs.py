@@ -160,6 +160,23 @@ def test_graphs_of_replaced_parameters_or_buffers_are_dropped(stand_in):
         assert not graphs.graphs
 
 
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+def fake_cuda_capture(monkeypatch, model, forward, graph) -> None:
+    """`model` runs `forward`, every step is served, and the CUDA parts of a capture are stand-ins (`graph` for
+    `torch.cuda.graph`), so `DecodeGraphs._capture` runs on the CPU."""
+    monkeypatch.setattr(model, "forward", forward)
+    monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+
 def test_a_step_that_cannot_be_captured_warns_once_and_decodes_eagerly(monkeypatch):
     """The capture fails (as a step that waits for the GPU does): the step's eager result is returned, the warning
     names the first cause, and no later step tries again until the parameters change."""
@@ -183,17 +200,7 @@ def test_a_step_that_cannot_be_captured_warns_once_and_decodes_eagerly(monkeypat
         def __exit__(self, *exc):
             return False
 
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(model, "forward", forward)
-    monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    fake_cuda_capture(monkeypatch, model, forward, FailingCapture)
     graphs = DecodeGraphs(model)
     step = graphs.for_generate(CUDAGraphConfig())
     cache = static_cache()
@@ -329,17 +336,7 @@ def test_decode_captures_own_their_cublas_workspace(monkeypatch):
         events.append("step")
         return CausalLMOutputWithPast(logits=input_ids.float() * 2)
 
-    class Stream:
-        def wait_stream(self, other):
-            pass
-
-    monkeypatch.setattr(model, "forward", forward)
-    monkeypatch.setattr(DecodeGraphs, "_serves", lambda self, tensors, others: True)
-    monkeypatch.setattr(torch.cuda, "Stream", Stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
-    monkeypatch.setattr(torch.cuda, "graph", _RecordingCapture)
+    fake_cuda_capture(monkeypatch, model, forward, _RecordingCapture)
     monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: events.append("clear"), raising=False)
     step = DecodeGraphs(model).for_generate(CUDAGraphConfig())
     step(input_ids=torch.tensor([[3]]), past_key_values=static_cache())
