@@ -163,3 +163,35 @@ def test_fsdp2_with_expert_parallelism_equals_one_process(tmp_path, monkeypatch)
     for name, value in ref["params"][steps - 1].items():
         if ".experts." in name:
             assert torch.equal(value[2:], start[name][2:]) and not torch.equal(value[:2], start[name][:2]), name
+
+
+@pytest.mark.parametrize(("ep_size", "edp_size", "num_experts"), [(2, 2, 8), (2, 3, 8), (3, 4, 9), (4, 2, 8)])
+def test_all_experts_view_places_each_ranks_shard_at_its_experts(ep_size, edp_size, num_experts):
+    """The view checkpoints read: on every rank of the W = P × D layout its FSDP shard (torch.chunk of the E/P experts
+    of its EP rank over its expert-data-parallel group) sits at those experts' offset in the all-experts tensor. One
+    process with torch's fake process group for each rank in turn (layout arithmetic, no communication)."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from hf_moe.parallel import fsdp
+    from hf_moe.parallel.groups import ExpertParallelGroups
+
+    world = ep_size * edp_size
+    for rank in range(world):
+        dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+        try:
+            groups = ExpertParallelGroups(None, None, ep_size, rank % ep_size, edp_size, rank // ep_size, world)
+            mesh = fsdp._expert_mesh(groups, "cpu")
+            mine = torch.arange(num_experts).chunk(ep_size)[groups.ep_rank].chunk(edp_size)
+            shard = mine[groups.edp_rank] if groups.edp_rank < len(mine) else torch.empty(0, dtype=torch.long)
+            local = DTensor.from_local(shard[:, None].float(), mesh["edp"], [Shard(0)], run_check=False,
+                                       shape=(num_experts // ep_size, 1), stride=(1, 1))
+            view = fsdp._all_experts_view(local, mesh, num_experts)
+            shape, offset = compute_local_shape_and_global_offset(view.shape, view.device_mesh, view.placements)
+            assert view.shape == (num_experts, 1) and torch.equal(view.to_local(), local.to_local())
+            assert shape[0] == len(shard) and (not len(shard) or offset[0] == shard[0]), (rank, shape, offset)
+        finally:
+            fsdp._expert_mesh.cache_clear()
+            dist.destroy_process_group()

@@ -3,7 +3,7 @@
 W ranks = P × D. Non-expert weights (attention, norms, routers, shared experts, embeddings, head) are sharded over
 all W ranks: one FSDP group per decoder layer and one for the rest (the root). Each rank's E/P experts are sharded
 over its expert-data-parallel group (the D ranks holding the same experts), one FSDP group per MoE layer, on the
-`edp` dimension of a 2-D `(ep, edp)` device mesh. The experts are sharded before `accelerator.prepare`, which
+`edp` dimension of a 2-D `(edp, ep)` device mesh. The experts are sharded before `accelerator.prepare`, which
 shards the rest as for any model and leaves already-sharded modules alone (docs/decisions/fsdp2.md).
 
 Gradient maths is unchanged from expert parallelism over DDP: every gradient is ∇ of the mean of the W ranks'
@@ -12,7 +12,7 @@ ranks of its EP group; FSDP averages it over the D replicas, and `finish_gradien
 gradient divide factor is not used: with one rank per group, D = 1, torch 2.13 applies it twice.)
 
 Checkpoints see every expert weight, and its optimizer state, as one tensor of all E experts: a DTensor over the
-`(ep, edp)` mesh, sharded first over the EP ranks and then over the expert-data-parallel ranks. So torch's
+`(edp, ep)` mesh, sharded first over the EP ranks and then over the expert-data-parallel ranks. So torch's
 distributed checkpoint (accelerate's `save_state` / `load_state`) resumes at another W or P, and a full state dict
 (`accelerator.get_state_dict`) holds every expert.
 """
@@ -27,6 +27,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor.placement_types import _StridedShard  # FSDP2's own placement for an inner split
 
 from ..moe.block import moe_blocks
 from ..moe.experts import base_layer
@@ -123,10 +124,11 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 @functools.cache
 def _expert_mesh(groups: ExpertParallelGroups, device_type: str) -> DeviceMesh:
-    """The `(ep, edp)` device mesh of the W = P × D layout: `mesh[ep_rank, edp_rank]` is global rank
-    `edp_rank·P + ep_rank`. Collective on first use."""
-    ranks = torch.arange(groups.world_size).view(groups.edp_size, groups.ep_size).t()
-    return DeviceMesh(device_type, ranks, mesh_dim_names=("ep", "edp"))
+    """The `(edp, ep)` device mesh of the W = P × D layout: `mesh[edp_rank, ep_rank]` is global rank
+    `edp_rank·P + ep_rank`, in row-major order (torch 2.11's DTensor refuses to gather over mesh dimensions whose
+    ranks are not). Collective on first use."""
+    ranks = torch.arange(groups.world_size).view(groups.edp_size, groups.ep_size)
+    return DeviceMesh(device_type, ranks, mesh_dim_names=("edp", "ep"))
 
 
 def _float32_master_weights(model: nn.Module) -> None:
@@ -139,9 +141,12 @@ def _float32_master_weights(model: nn.Module) -> None:
 
 def _all_experts_view(local: DTensor, mesh: DeviceMesh, num_experts: int) -> DTensor:
     """`local` (this rank's experts, sharded over its expert-data-parallel group) seen as the tensor of all experts,
-    sharing its storage."""
+    sharing its storage. Each EP rank holds E/P consecutive experts (the outer split of dim 0, mesh dim `ep`), which
+    FSDP splits over the expert-data-parallel group (the inner split, mesh dim `edp`, which comes first in the mesh):
+    torch writes that inner split as `_StridedShard(0, split_factor=P)`, as FSDP2 does for tensor-parallel weights."""
     shape = (num_experts, *local.shape[1:])
-    return DTensor.from_local(local.to_local(), mesh, [Shard(0), Shard(0)], run_check=False, shape=shape,
+    placements = [_StridedShard(0, split_factor=mesh.size(1)), Shard(0)]
+    return DTensor.from_local(local.to_local(), mesh, placements, run_check=False, shape=shape,
                               stride=torch.empty(shape, device="meta").stride())
 
 
