@@ -13,7 +13,7 @@ from transformers import (
 
 from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. after a plain `import hf_moe`)
 from .configuration_hf_moe import HfMoeConfig
-from .decode_graphs import CUDAGraphConfig
+from .decode_graphs import CUDAGraphConfig, default_graph_decoding
 from .interop import InteropError, MoeFamily, register_family
 from .linear_attention import GatedDeltaNet, GatedDeltaNetSizes
 from .modeling_hf_moe import (
@@ -56,6 +56,7 @@ AutoModelForSequenceClassification.register(HfMoeConfig, HfMoeForSequenceClassif
 
 __all__ = [
     "CUDAGraphConfig",
+    "default_graph_decoding",
     "capture_moe_cuda_graphs",
     "release_moe_cuda_graphs",
     "ROUTER_CLASSES",
