@@ -21,14 +21,10 @@ timed, that the two compute the same function (bf16 on the GPU; float32 with `--
   piece by piece (router, sort, experts, whole block, in global and thread-local capture mode), with the full error
   of each capture that fails.
 
-`first_call_s` is the first call's seconds. Compiled training: the dynamo + inductor compile of forward and backward and
-the step itself. Static-cache generate: the whole generate whose decode step transformers compiles (and captures in CUDA
-graphs), once per batch size. Dynamic-cache generate: the same full generate as the timed one, run to reach steady
-state: it builds what a process makes once per shape, e.g. cuDNN's SDPA execution plan for every new KV length where
-SDPA picks cuDNN (~63 ms each on an H200 with torch 2.11; hf-moe's eager inference leaves cuDNN out, see
-docs/decisions/decode-attention.md). Such a process-wide cost is paid by whichever model first meets the shape, so
-this first_call_s is no comparison of the models. Every model's generate is warmed up before any is timed, so each
-timed call is steady state and none finds caches filled for it by the other model's timed call.
+`first_call_s`: compiled training, the compile and the step; static-cache generate, the whole generate whose decode
+step transformers compiles; dynamic-cache generate, a warm-up that builds what a process makes once per shape (e.g.
+cuDNN's SDPA plan per KV length, docs/decisions/decode-attention.md), paid by whichever model meets the shape first,
+so no comparison of the models. Every model's generate is warmed up before any is timed.
 
     python -m benchmarks compile                          # every part, qwen3 shape (nothing starts after --budget-s)
     python -m benchmarks compile --shape mixtral --parts train,generate
@@ -44,54 +40,21 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import subprocess
-import sys
 import time
-import traceback
 from collections.abc import Callable
 
 import torch
 
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
 from hf_moe.decode_graphs import decode_graphs
+from hf_moe.moe.experts.plan import override_plan
 
-from .compile_models import SHAPES, TINY, build_models, logits_check, with_llama_norms
+from .compile_capture import capture_in_subprocess
+from .compile_models import PLAN_VARIANTS, SHAPES, TINY, build_models, logits_check, with_llama_norms
 from .compile_report import check_failed, summary
 from .kernel_profile import profile_train
-from .record import ResultFile
-from .timing import median_and_min, synchronize
-
-DSV3 = (7168, 2048, 256, 8)  # hidden, moe intermediate, experts, top-k
-
-
-def seconds_per_call(fn, reps: int, device: str = "cuda") -> float:
-    """Median device seconds of `fn` over `reps` calls, each timed alone."""
-    return median_and_min(fn, device, reps, warmup=0)[0]
-
-
-def first_call_seconds(fn, device: str) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-def error_row(what: str, e: BaseException) -> dict:
-    """The error and the one it replaced, if any: a capture that fails inside reports CUDA's "operation failed due
-    to a previous error during capture" from `capture_end`, which hides the error that invalidated the capture."""
-    try:
-        synchronize("cuda" if torch.cuda.is_available() else "cpu")
-    except Exception:  # noqa: BLE001 - a failed capture may leave an error behind
-        pass
-    row = {"what": what, "error": f"{type(e).__name__}: {e}"[:300],
-           "where": "".join(traceback.format_tb(e.__traceback__)[-2:])[-500:]}
-    cause = e.__cause__ or e.__context__
-    if cause is not None:
-        row["cause"] = f"{type(cause).__name__}: {cause}"[:400]
-        row["cause_where"] = "".join(traceback.format_tb(cause.__traceback__)[-3:])[-900:]
-    return row
+from .record import ResultFile, error_row
+from .timing import first_call_seconds, seconds_per_call
 
 
 def past(deadline: float, what: str, record: Callable[[dict], None]) -> bool:
@@ -129,8 +92,11 @@ def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict
         model.set_attn_implementation(attention or default_attention)
         run = torch.compile(model) if mode == "compiled" else model
 
+        plan = PLAN_VARIANTS.get(name, {})
+
         def step():
-            run(input_ids=ids, labels=ids).loss.backward()
+            with override_plan(**plan):
+                run(input_ids=ids, labels=ids).loss.backward()
             model.zero_grad(set_to_none=True)
 
         try:
@@ -220,97 +186,6 @@ def decode(models: dict, new_tokens: int, device: str, record: Callable[[dict], 
                     "batch": batch, "new_tokens": new_tokens, "reps": reps})
 
 
-def capture(record: Callable[[dict], None]) -> None:
-    """Capture a DeepSeek-V3-shaped block's decode step, and each of its pieces alone, in CUDA graphs."""
-    from hf_moe import HfMoeConfig, HfMoeSparseMoeBlock
-    from hf_moe.moe.experts.grouped import grouped_experts_forward, sort_by_expert
-
-    hidden, inter, experts, top_k = DSV3
-    cfg = HfMoeConfig(hidden_size=hidden, moe_intermediate_size=inter, intermediate_size=inter, num_experts=experts,
-                      num_experts_per_tok=top_k, norm_topk_prob=True, num_hidden_layers=1, num_attention_heads=16,
-                      num_key_value_heads=16, vocab_size=128)
-    cfg._experts_implementation = "hf_moe_grouped"  # a model sets it; a block built alone must be told
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        block = HfMoeSparseMoeBlock(cfg).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in block.parameters():
-            p.normal_(0, 0.02)
-    x = torch.randn(1, 64, hidden, device="cuda", dtype=torch.bfloat16)
-    x2d = x.view(-1, hidden)
-    with torch.no_grad():
-        routing = block.router(x2d)
-    pieces = {
-        "router": lambda: block.router(x2d),
-        "sort_by_expert": lambda: sort_by_expert(routing.top_k_index, experts),
-        "experts": lambda: grouped_experts_forward(block.experts, x2d, routing.top_k_index, routing.top_k_weights),
-        "block": lambda: block(x),
-    }
-    def capture_fails_then_block():
-        """A capture that fails inside (a host sync), then the block: the failed capture leaves the process's
-        capture state broken, so the block's capture fails although nothing in it syncs."""
-        try:
-            with torch.cuda.graph(torch.cuda.CUDAGraph()):
-                x2d.sum().item()
-        except Exception:  # noqa: BLE001 - expected
-            pass
-        return block(x)
-
-    for mode in ("global", "thread_local"):
-        for name, fn in pieces.items():
-            what = f"capture_dsv3_decode_{name}_{mode}"
-            try:
-                with torch.no_grad():
-                    eager = fn()
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        for _ in range(3):
-                            fn()
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, capture_error_mode=mode):
-                        captured = fn()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    first = eager if isinstance(eager, torch.Tensor) else eager[0] if isinstance(eager, tuple) \
-                        else eager.top_k_weights
-                    again = captured if isinstance(captured, torch.Tensor) else captured[0] \
-                        if isinstance(captured, tuple) else captured.top_k_weights
-                    row = {"what": what, "ok": True, "replay_ms": seconds_per_call(graph.replay, 20) * 1e3,
-                           "eager_ms": seconds_per_call(fn, 20) * 1e3,
-                           "replay_equals_eager": bool(torch.equal(first, again))}
-                    del graph
-            except Exception as e:  # noqa: BLE001 - the point: which piece fails, and why
-                row = error_row(what, e)
-            record(row)
-    # last: it breaks the process's capture state (and the RNG's), which is why `main` runs this part in a subprocess
-    what = "capture_dsv3_decode_block_after_a_failed_capture"
-    try:
-        with torch.no_grad():
-            block(x)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                capture_fails_then_block()
-        record({"what": what, "ok": True})
-    except Exception as e:  # noqa: BLE001
-        record(error_row(what, e))
-    del block
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def capture_in_subprocess(record: Callable[[dict], None]) -> None:
-    code = ("import json, torch; from benchmarks.compile import capture; "
-            "capture(lambda row: print('ROW ' + json.dumps(row), flush=True))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    for line in done.stdout.splitlines():
-        if line.startswith("ROW "):
-            record(json.loads(line[4:]))
-    if done.returncode:
-        record({"what": "capture_subprocess", "error": done.stderr[-1500:]})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="capture,train,generate",
@@ -323,7 +198,8 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no part or case after this many seconds")
     ap.add_argument("--models", default="hf-moe,transformers",
                     help="comma list of hf-moe, transformers, hf-moe-llama-norm (hf-moe with transformers' "
-                         "eight-operator RMSNorm instead of torch's fused one)")
+                         "eight-operator RMSNorm instead of torch's fused one), hf-moe-no-quack (training: the "
+                         "weight gradients on torch's grouped GEMM where quack is installed)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--peer-attention", default=None,
@@ -334,8 +210,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results .jsonl (default: benchmarks/results/compile-<time>.jsonl)")
     a = ap.parse_args()
     names = a.models.split(",")
-    if not names or set(names) - {"hf-moe", "transformers", "hf-moe-llama-norm"}:
-        raise SystemExit(f"--models {a.models!r}: expected a comma list of hf-moe, transformers, hf-moe-llama-norm")
+    known = {"hf-moe", "transformers", "hf-moe-llama-norm", *PLAN_VARIANTS}
+    if not names or set(names) - known:
+        raise SystemExit(f"--models {a.models!r}: expected a comma list of {', '.join(sorted(known))}")
     device, dtype = ("cpu", torch.float32) if a.tiny else ("cuda", torch.bfloat16)
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("python -m benchmarks compile needs a CUDA device (or --tiny: a CPU smoke run)")
@@ -376,6 +253,7 @@ def main() -> None:
                         record(error_row("logits_rel_err", e))
                     if "hf-moe-llama-norm" in names:
                         models["hf-moe-llama-norm"] = with_llama_norms(models["hf-moe"])
+                    models.update({name: models["hf-moe"] for name in PLAN_VARIANTS if name in names})
                     models = {name: models[name] for name in names}
                 batches = tuple(int(b) for b in a.batches.split(","))
                 if part == "train":

@@ -7,9 +7,14 @@ decision record under `docs/decisions/`.
 from __future__ import annotations
 
 import json
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO
+
+import torch
+
+from .timing import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -46,3 +51,19 @@ class ResultFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def error_row(what: str, e: BaseException) -> dict:
+    """The error and the one it replaced, if any: a capture that fails inside reports CUDA's "operation failed due
+    to a previous error during capture" from `capture_end`, which hides the error that invalidated the capture."""
+    try:
+        synchronize("cuda" if torch.cuda.is_available() else "cpu")
+    except Exception:  # noqa: BLE001 - a failed capture may leave an error behind
+        pass
+    row = {"what": what, "error": f"{type(e).__name__}: {e}"[:300],
+           "where": "".join(traceback.format_tb(e.__traceback__)[-2:])[-500:]}
+    cause = e.__cause__ or e.__context__
+    if cause is not None:
+        row["cause"] = f"{type(cause).__name__}: {cause}"[:400]
+        row["cause_where"] = "".join(traceback.format_tb(cause.__traceback__)[-3:])[-900:]
+    return row

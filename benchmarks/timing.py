@@ -126,7 +126,7 @@ def host_us(fn: Callable[[], object], device: str, calls: int, repeats: int) -> 
     return statistics.median(times), min(times)
 
 
-def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
+def capture(fn: Callable[[], object], capture_error_mode: str = "global") -> tuple[torch.cuda.CUDAGraph, object]:
     """`fn` captured in a CUDA graph after three warm-up calls on a side stream (lazy inits, autotuning): the graph
     and what the captured call returned (its buffers, which every replay rewrites)."""
     stream = torch.cuda.Stream()
@@ -136,7 +136,7 @@ def capture(fn: Callable[[], object]) -> tuple[torch.cuda.CUDAGraph, object]:
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode=capture_error_mode):
         out = fn()
     return graph, out
 
@@ -175,3 +175,16 @@ def gpu_work(fn: Callable[[], object], device: str) -> dict:
 def ratio(numerator: float, denominator: float, digits: int = 2) -> str:
     """`numerator / denominator` written as a factor, e.g. `1.27×` (> 1: the denominator is faster)."""
     return f"{numerator / denominator:.{digits}f}×"
+
+
+def seconds_per_call(fn, reps: int, device: str = "cuda") -> float:
+    """Median device seconds of `fn` over `reps` calls, each timed alone."""
+    return median_and_min(fn, device, reps, warmup=0)[0]
+
+
+def first_call_seconds(fn, device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start

@@ -88,3 +88,19 @@ def test_kernel_profile_sums_by_kind_and_finds_the_idle_gpu():
     assert got["kernel_ms"] == {"attention": 1.0, "dense GEMM (cuBLAS)": 1.0, "routed GEMM": 0.6, "inductor": 0.5,
                                 "expert glue": 0.4}
     assert (got["kernels_ms"], got["busy_ms"], got["span_ms"], got["idle_ms"]) == (3.5, 3.0, 4.0, 1.0)
+
+
+def test_plan_variants_train_the_same_model_under_their_plan(monkeypatch):
+    import contextlib
+
+    import benchmarks.compile as bench
+
+    models = build_models(TINY["qwen3"], 1, "cpu", torch.float32)
+    plans = []
+    monkeypatch.setattr(bench, "override_plan", lambda **plan: plans.append(plan) or contextlib.nullcontext())
+    monkeypatch.setattr(bench, "seconds_per_call", lambda step, reps, device: 1.0)
+    rows: list[dict] = []
+    bench.train({"hf-moe": models["hf-moe"], "hf-moe-no-quack": models["hf-moe"]}, 1, 8, "cpu", rows.append,
+                ("eager",))
+    assert [r["what"] for r in rows] == ["train_hf-moe_eager", "train_hf-moe-no-quack_eager"]
+    assert plans == [{}, {}, {"quack": False}, {"quack": False}]  # first call and warm-up step of each
