@@ -10,6 +10,10 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from hf_moe.moe.experts.plan import override_plan
+
+from .compile_models import PLAN_VARIANTS
+
 # (substring of a kernel's name, kind), first match wins; names as torch.profiler reports them on Hopper
 KINDS = (
     ("cudnn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("flex_attention", "attention"),
@@ -61,8 +65,11 @@ def profile_train(models: dict, seq: int, record: Callable[[dict], None], peer_a
         torch._dynamo.reset()
         run = torch.compile(model)
 
+        plan = PLAN_VARIANTS.get(name, {})
+
         def step():
-            run(input_ids=ids, labels=ids).loss.backward()
+            with override_plan(**plan):
+                run(input_ids=ids, labels=ids).loss.backward()
             model.zero_grad(set_to_none=True)
 
         for _ in range(3):
