@@ -47,10 +47,19 @@ import torch
 
 from hf_moe import CUDAGraphConfig, HfMoeForCausalLM
 from hf_moe.decode_graphs import decode_graphs
-from hf_moe.moe.experts.plan import override_plan
 
 from .compile_capture import capture_in_subprocess
-from .compile_models import PLAN_VARIANTS, SHAPES, TINY, build_models, logits_check, with_llama_norms
+from .compile_models import (
+    PLAN_VARIANTS,
+    SHAPES,
+    TINY,
+    build_models,
+    case_name,
+    logits_check,
+    training_cases,
+    training_step,
+    with_llama_norms,
+)
 from .compile_report import check_failed, summary
 from .kernel_profile import profile_train
 from .record import ResultFile, error_row
@@ -80,40 +89,28 @@ def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict
     `peer_attention` (rows `train_transformers-<kernel>_compiled`): its fastest compiled configuration counts."""
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (4, seq), device=device, generator=torch.Generator(device).manual_seed(1))
-    cases = [(name, model, mode, None) for name, model in models.items() for mode in modes]
-    if "transformers" in models and "compiled" in modes:
-        cases += [("transformers", models["transformers"], "compiled", attention) for attention in peer_attention]
-    for name, model, mode, attention in cases:
-        what = f"train_{name}{f'-{attention}' if attention else ''}_{mode}"
+    cases = [(name, None, mode) for name in models for mode in modes]
+    if "compiled" in modes:
+        cases += [(name, attention, "compiled") for name, attention in training_cases(models, peer_attention)
+                  if attention]
+    for name, attention, mode in cases:
+        what = f"train_{case_name(name, attention)}_{mode}"
         if past(deadline, what, record):
             continue
-        model.train()
-        default_attention = model.config._attn_implementation
-        model.set_attn_implementation(attention or default_attention)
-        run = torch.compile(model) if mode == "compiled" else model
-
-        plan = PLAN_VARIANTS.get(name, {})
-
-        def step():
-            with override_plan(**plan):
-                run(input_ids=ids, labels=ids).loss.backward()
-            model.zero_grad(set_to_none=True)
-
-        try:
-            if device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            first = first_call_seconds(step, device)
-            step()
-            seconds = seconds_per_call(step, reps, device)
-            row = {"what": what, "tokens_per_s": ids.numel() / seconds, "ms": seconds * 1e3, "first_call_s": first}
-            if device == "cuda":
-                row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        except Exception as e:  # noqa: BLE001 - report and go on with the other cases
-            row = error_row(what, e)
-        record(row)
-        del run
-        model.set_attn_implementation(default_attention)
-        model.eval()
+        with training_step(models, name, ids, attention, compiled=mode == "compiled") as step:
+            try:
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                first = first_call_seconds(step, device)
+                step()
+                seconds = seconds_per_call(step, reps, device)
+                row = {"what": what, "tokens_per_s": ids.numel() / seconds, "ms": seconds * 1e3,
+                       "first_call_s": first}
+                if device == "cuda":
+                    row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            except Exception as e:  # noqa: BLE001 - report and go on with the other cases
+                row = error_row(what, e)
+            record(row)
         release(device)
 
 

@@ -9,7 +9,9 @@ GPU this adds the time to write and read the weights once (a few GB).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
+from collections.abc import Callable, Iterator
 from copy import deepcopy
 
 import torch
@@ -19,6 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRMSNorm
 from hf_moe.interop import FAMILIES
+from hf_moe.moe.experts.plan import override_plan
 
 # `model_type` + the family's transformers config fields; `layers`: the default number of decoder layers.
 SHAPES = {
@@ -90,3 +93,36 @@ def logits_check(models: dict[str, torch.nn.Module], device: str) -> dict:
     tol = LOGITS_TOLERANCE[dtype]
     return {"what": "logits_rel_err", "value": err, "tolerance": tol, "dtype": str(dtype).removeprefix("torch."),
             "ok": err <= tol}
+
+
+def training_cases(models: dict, peer_attention: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """(model name, attention kernel or None for the model's own): every model, then transformers' model with each
+    kernel of `peer_attention` (its fastest configuration is the one hf-moe is compared with)."""
+    return [(name, None) for name in models] + [("transformers", a) for a in peer_attention if "transformers" in models]
+
+
+def case_name(name: str, attention: str | None) -> str:
+    return f"{name}-{attention}" if attention else name
+
+
+@contextlib.contextmanager
+def training_step(models: dict, name: str, ids: torch.Tensor, attention: str | None = None,
+                  compiled: bool = True) -> Iterator[Callable[[], None]]:
+    """A training step of `models[name]` on `ids` (labels = inputs), compiled or eager, with `attention` as its
+    attention kernel and, for a plan variant, its experts plan; the model's attention and eval mode come back after."""
+    model = models[name].train()
+    default_attention = model.config._attn_implementation
+    model.set_attn_implementation(attention or default_attention)
+    run = torch.compile(model) if compiled else model
+    plan = PLAN_VARIANTS.get(name, {})
+
+    def step() -> None:
+        with override_plan(**plan):
+            run(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    try:
+        yield step
+    finally:
+        model.set_attn_implementation(default_attention)
+        model.eval()

@@ -10,9 +10,7 @@ from collections.abc import Callable
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_moe.moe.experts.plan import override_plan
-
-from .compile_models import PLAN_VARIANTS
+from .compile_models import case_name, training_cases, training_step
 
 # (substring of a kernel's name, kind), first match wins; names as torch.profiler reports them on Hopper
 KINDS = (
@@ -57,24 +55,9 @@ def profile_train(models: dict, seq: int, record: Callable[[dict], None], peer_a
     """Rows `profile_<model>[-<attention>]_compiled`: a compiled training step of 4 × `seq` tokens, profiled."""
     vocab = next(iter(models.values())).config.vocab_size
     ids = torch.randint(0, vocab, (4, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    cases = [(name, None) for name in models] + [("transformers", a) for a in peer_attention if "transformers" in models]
-    for name, attention in cases:
-        model = models[name].train()
-        default_attention = model.config._attn_implementation
-        model.set_attn_implementation(attention or default_attention)
+    for name, attention in training_cases(models, peer_attention):
         torch._dynamo.reset()
-        run = torch.compile(model)
-
-        plan = PLAN_VARIANTS.get(name, {})
-
-        def step():
-            with override_plan(**plan):
-                run(input_ids=ids, labels=ids).loss.backward()
-            model.zero_grad(set_to_none=True)
-
-        for _ in range(3):
-            step()
-        record({"what": f"profile_{name}{f'-{attention}' if attention else ''}_compiled", **profile_step(step)})
-        del run
-        model.set_attn_implementation(default_attention)
-        model.eval()
+        with training_step(models, name, ids, attention) as step:
+            for _ in range(3):
+                step()
+            record({"what": f"profile_{case_name(name, attention)}_compiled", **profile_step(step)})

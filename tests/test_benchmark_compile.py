@@ -94,10 +94,12 @@ def test_plan_variants_train_the_same_model_under_their_plan(monkeypatch):
     import contextlib
 
     import benchmarks.compile as bench
+    import benchmarks.compile_models as compile_models
 
     models = build_models(TINY["qwen3"], 1, "cpu", torch.float32)
     plans = []
-    monkeypatch.setattr(bench, "override_plan", lambda **plan: plans.append(plan) or contextlib.nullcontext())
+    monkeypatch.setattr(compile_models, "override_plan",
+                        lambda **plan: plans.append(plan) or contextlib.nullcontext())
     monkeypatch.setattr(bench, "seconds_per_call", lambda step, reps, device: 1.0)
     rows: list[dict] = []
     bench.train({"hf-moe": models["hf-moe"], "hf-moe-no-quack": models["hf-moe"]}, 1, 8, "cpu", rows.append,
