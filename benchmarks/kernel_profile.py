@@ -17,9 +17,12 @@ KINDS = (
     ("cudnn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("flex_attention", "attention"),
     ("nvjet", "dense GEMM (cuBLAS)"), ("_grouped_mm", "routed GEMM"), ("gate_up_swiglu", "routed GEMM"),
     ("quack", "routed GEMM"), ("cutlass", "routed GEMM"), ("gemm", "routed GEMM"),
-    ("gather", "expert glue"), ("swiglu_bwd", "expert glue"), ("sort", "expert glue"), ("top_k", "router"),
+    ("cross_entropy", "loss"), ("gather", "expert glue"), ("swiglu_bwd", "expert glue"), ("sort", "expert glue"),
+    ("top_k", "router"),
     ("triton_", "inductor"),
 )
+# kernels listed by name in a profile row, the largest first
+TOP_KERNELS = 30
 
 
 def kind(name: str) -> str:
@@ -27,19 +30,25 @@ def kind(name: str) -> str:
     return next((k for key, k in KINDS if key in lower), "other")
 
 
-def summarize(kernels: list[tuple[float, float, str]]) -> dict:
+def summarize(kernels: list[tuple[float, float, str]], top: int = TOP_KERNELS) -> dict:
     """(start µs, end µs, name) of a step's kernels: ms by kind, their sum, the time at least one kernel ran (busy),
-    the first start to last end (span), and span − busy (idle: the GPU waited for the host)."""
+    the first start to last end (span), span − busy (idle: the GPU waited for the host), and the `top` kernel names
+    (first 80 characters) by summed ms with their launch counts."""
     by_kind: collections.Counter = collections.Counter()
+    by_name: collections.Counter = collections.Counter()
+    launches: collections.Counter = collections.Counter()
     busy, end = 0.0, None
     for start, stop, name in sorted(kernels):
         by_kind[kind(name)] += (stop - start) / 1e3
+        by_name[name[:80]] += (stop - start) / 1e3
+        launches[name[:80]] += 1
         busy += max(0.0, stop - (start if end is None else max(start, end))) / 1e3
         end = stop if end is None else max(end, stop)
     span = (max(k[1] for k in kernels) - min(k[0] for k in kernels)) / 1e3 if kernels else 0.0
     return {"kernel_ms": {k: round(v, 3) for k, v in by_kind.most_common()},
             "kernels_ms": round(sum(by_kind.values()), 3), "busy_ms": round(busy, 3), "span_ms": round(span, 3),
-            "idle_ms": round(span - busy, 3)}
+            "idle_ms": round(span - busy, 3),
+            "top_kernels": [[name, round(ms, 3), launches[name]] for name, ms in by_name.most_common(top)]}
 
 
 def profile_step(step: Callable[[], None]) -> dict:

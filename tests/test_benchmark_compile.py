@@ -83,11 +83,15 @@ def test_kernel_profile_sums_by_kind_and_finds_the_idle_gpu():
         (500, 1500, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"),  # overlaps the first: busy counts it once
         (2000, 2600, "_grouped_mm_kernel"), (2600, 3000, "_gather_rows_kernel"),
         (3500, 4000, "triton_red_fused__log_softmax__log_softmax_backward_data__to_copy"),
+        (4000, 4300, "_grouped_mm_kernel"),
     ]
     got = summarize(kernels)
-    assert got["kernel_ms"] == {"attention": 1.0, "dense GEMM (cuBLAS)": 1.0, "routed GEMM": 0.6, "inductor": 0.5,
+    assert got["kernel_ms"] == {"attention": 1.0, "dense GEMM (cuBLAS)": 1.0, "routed GEMM": 0.9, "inductor": 0.5,
                                 "expert glue": 0.4}
-    assert (got["kernels_ms"], got["busy_ms"], got["span_ms"], got["idle_ms"]) == (3.5, 3.0, 4.0, 1.0)
+    assert (got["kernels_ms"], got["busy_ms"], got["span_ms"], got["idle_ms"]) == (3.8, 3.3, 4.3, 1.0)
+    assert got["top_kernels"][0][0].startswith("cudnn_generated") and len(got["top_kernels"][0][0]) == 80
+    assert got["top_kernels"][2] == ["_grouped_mm_kernel", 0.9, 2]  # summed over its launches
+    assert len(summarize(kernels, top=2)["top_kernels"]) == 2
 
 
 def test_plan_variants_train_the_same_model_under_their_plan(monkeypatch):
