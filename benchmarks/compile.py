@@ -196,7 +196,9 @@ def main() -> None:
     ap.add_argument("--models", default="hf-moe,transformers",
                     help="comma list of hf-moe, transformers, hf-moe-llama-norm (hf-moe with transformers' "
                          "eight-operator RMSNorm instead of torch's fused one), hf-moe-no-quack (training: the "
-                         "weight gradients on torch's grouped GEMM where quack is installed)")
+                         "weight gradients on torch's grouped GEMM where quack is installed), "
+                         "hf-moe-unfused-swiglu-backward (training: the down input-gradient GEMM and the SwiGLU "
+                         "backward as two kernels)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--peer-attention", default=None,

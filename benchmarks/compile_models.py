@@ -41,7 +41,11 @@ TINY = {  # --tiny: CPU smoke runs of the same architectures
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512),
 }
 # hf-moe variants that are `models["hf-moe"]` run under an experts plan override (`override_plan`): an A/B in one run.
-PLAN_VARIANTS = {"hf-moe-no-quack": {"quack": False}}  # the weight gradients on torch's grouped GEMM, not quack's
+PLAN_VARIANTS = {
+    "hf-moe-no-quack": {"quack": False},  # the weight gradients on torch's grouped GEMM, not quack's
+    # the down input-gradient GEMM and the SwiGLU backward as two kernels, not one fused
+    "hf-moe-unfused-swiglu-backward": {"fused_swiglu_backward": False},
+}
 # Relative L2 error of the logits the two models may differ by: float32 is the same function up to rounding; bfloat16
 # runs other kernels in other orders (a wrong weight would give an error near 1).
 LOGITS_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 5e-2}

@@ -58,7 +58,8 @@ def summary(rows: list[dict]) -> None:
     print("| --- | --- | --- | --- |")
     peers = sorted({r["what"][len("train_"):-len("_compiled")] for r in rows
                     if r["what"].startswith("train_transformers-") and r["what"].endswith("_compiled")})
-    for name in ("transformers", *peers, "hf-moe", "hf-moe-llama-norm", "hf-moe-no-quack"):
+    for name in ("transformers", *peers, "hf-moe", "hf-moe-llama-norm", "hf-moe-no-quack",
+                 "hf-moe-unfused-swiglu-backward"):
         e, c = tps(f"train_{name}_eager"), tps(f"train_{name}_compiled")
         if name != "transformers" and name != "hf-moe" and not (e or c):
             continue

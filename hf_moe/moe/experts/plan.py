@@ -68,6 +68,11 @@ class ExpertsPlan:
     """The down projection's GEMMs (forward, and the gradient of its input in backward)."""
     fused_gate_up_swiglu: bool
     """The gate/up GEMM computes SwiGLU and the routing weight in its epilogue (Triton, stored weight layout)."""
+    fused_swiglu_backward: bool
+    """Backward runs the down projection's input-gradient GEMM with the SwiGLU backward (and the routing weight's
+    gradient) in its epilogue, one Triton kernel (`grouped_gemm.down_swiglu_backward`): where `down_gemm` is "triton"
+    and SwiGLU runs in Triton. Where the kernel does not support the operands (TMA alignment, decided at launch) it
+    runs the two kernels `fused_swiglu_backward=False` runs."""
     triton_rows: bool
     """Gather and gather-sum (combine) run as Triton kernels (`hf_moe.moe.ops`), else torch ops."""
     triton_sort: bool
@@ -175,10 +180,12 @@ def plan_experts(
     params = (gate_up_proj, down_proj)
     grad = torch.is_grad_enabled()
     gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton)
+    down_gemm = _gemm(num_rows, num_experts, down_proj.shape[-1], hidden, grouped, triton)
     plan = ExpertsPlan(
         gate_up_gemm=gate_up_gemm,
-        down_gemm=_gemm(num_rows, num_experts, down_proj.shape[-1], hidden, grouped, triton),
+        down_gemm=down_gemm,
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
+        fused_swiglu_backward=swiglu and down_gemm == "triton",
         triton_rows=triton,
         triton_sort=triton,
         counting_sort=triton and bool(_setting("counting_sort")),
