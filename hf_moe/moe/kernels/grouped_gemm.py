@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .library import register_kernel_op
-from .swiglu import _swiglu_backward, swiglu_forward
+from .swiglu import swiglu_backward, swiglu_forward
 
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -317,7 +317,7 @@ def _down_swiglu_backward(
     num_col_blocks = _num_col_blocks(inter)
     if not (supports(grad_y, down_proj) and gate_up.dtype == grad_y.dtype):
         grad_act = _grouped_mm(grad_y, down_proj, offsets)
-        grad_gate_up, grad_weight, act = _swiglu_backward(gate_up, weight, grad_act, offsets, recompute_act, in_place)
+        grad_gate_up, grad_weight, act = swiglu_backward(gate_up, weight, grad_act, offsets, recompute_act, in_place)
         return grad_gate_up, torch.nn.functional.pad(grad_weight[None], (0, 0, 0, num_col_blocks - 1)), act
     num_experts, K, _ = down_proj.shape
     grad_gate_up = gate_up if in_place else torch.empty_like(gate_up)
