@@ -339,7 +339,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)  # hf_moe.loss unless user-set
             if aux_loss is not None:
                 scale = router_loss_weight(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
                 router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
