@@ -76,8 +76,12 @@ def _inputs(batch, seq, vocab, dtype, ignored=0.0, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [97, 4096 + 37])
 def test_loss_and_gradient_match_float64(dtype, vocab):
-    """One partial block (97) and a full block then a partial one (4133), with ignored rows, mean reduction."""
-    _check(*_inputs(2, 5, vocab, dtype, ignored=0.3))
+    """One partial block (97) and a full block then a partial one (4133), with ignored rows, mean reduction. The
+    first sequence's last logit is the largest, so its last block's max exceeds the first's (the running sum is
+    rescaled)."""
+    logits, labels = _inputs(2, 5, vocab, dtype, ignored=0.3)
+    logits[0, :, -1] += 20
+    _check(logits, labels)
 
 
 @requires_kernels
