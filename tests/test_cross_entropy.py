@@ -99,6 +99,8 @@ def test_shift_labels_are_used_as_given():
     shift_labels[0, 1] = -100
     _check(logits, labels, shift_labels=shift_labels)
     _check(logits, labels, shift_labels=shift_labels, num_items_in_batch=9)
+    strided = torch.randint(0, 130, (1, 10), device=DEVICE)[:, ::2]  # flattens to a view of stride 2
+    _check(logits[:1], labels[:1], shift_labels=strided)
 
 
 @requires_kernels

@@ -84,6 +84,7 @@ def _forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> t
     `target [N]`."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    target = target.contiguous()
     num_rows, vocab_size = logits.shape
     loss = torch.empty(num_rows, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(loss)
@@ -106,6 +107,7 @@ def _backward(
     """`grad_logits [N, V]` (contiguous, the logits' dtype) of the per-row loss with upstream `grad_loss [N]`."""
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    target = target.contiguous()
     num_rows, vocab_size = logits.shape
     grad_logits = torch.empty(num_rows, vocab_size, device=logits.device, dtype=logits.dtype)
     if num_rows:
