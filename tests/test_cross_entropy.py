@@ -11,6 +11,7 @@ transformers' loss at bf16 tolerance.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -158,15 +159,41 @@ def test_ops_pass_opcheck():
 
 @requires_kernels
 def test_compiled_loss_equals_eager():
-    """fullgraph: the loss traces as the two ops, with the reductions around them, and computes what eager does
-    (on the CPU under the interpreter through aot_eager: inductor would compile the ops' CPU fallback nowhere)."""
+    """fullgraph: the loss traces as the two ops, with the reductions around them, and computes what eager does up
+    to the order of the reductions' sums (on the CPU under the interpreter through aot_eager: inductor would compile
+    the ops' CPU fallback nowhere)."""
     logits, labels = _inputs(2, 6, 300, torch.bfloat16, ignored=0.2, seed=5)
     compiled = torch.compile(fused_causal_lm_loss, fullgraph=True, backend="inductor" if CUDA else "aot_eager")
     for kwargs in ({}, {"num_items_in_batch": torch.tensor(10, device=DEVICE)}):
         torch._dynamo.reset()
         loss, grad = _loss_and_grad(compiled, logits, labels, **kwargs)
         want_loss, want_grad = _loss_and_grad(fused_causal_lm_loss, logits, labels, **kwargs)
-        assert torch.equal(loss, want_loss) and torch.equal(grad, want_grad)
+        assert rel_err(loss, want_loss) <= 1e-6 and rel_err(grad, want_grad) <= 1e-2  # one bf16 rounding
+
+
+def _no_fallback(*args, **kwargs):
+    raise AssertionError("causal_lm_loss fell back to transformers' ForCausalLMLoss")
+
+
+@requires_kernels
+def test_model_trains_on_the_fused_loss(monkeypatch):
+    """The model's `loss_function` runs the kernels (here on the CPU under the interpreter, as if Triton served it),
+    and its loss and gradients equal those of transformers' `ForCausalLMLoss` (float32)."""
+    monkeypatch.setattr(hf_moe.loss, "triton_serves", lambda tensor: True)
+    monkeypatch.setattr(hf_moe.loss, "ForCausalLMLoss", _no_fallback)
+    torch.manual_seed(0)
+    fused = HfMoeForCausalLM(tiny_config()).to(DEVICE)
+    reference = copy.deepcopy(fused)
+    reference.loss_type = "ForCausalLM"
+    ids = torch.randint(0, 97, (2, 9), device=DEVICE)
+    labels = ids.masked_fill(torch.rand(ids.shape, device=DEVICE) < 0.2, -100)
+    results = []
+    for model in (fused, reference):
+        out = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7, device=DEVICE))
+        out.loss.backward()
+        results.append({"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters()}})
+    for key in results[1]:
+        assert rel_err(results[0][key], results[1][key]) <= 1e-5, (key, rel_err(results[0][key], results[1][key]))
 
 
 def test_model_loss_is_transformers_loss_off_cuda():
@@ -224,24 +251,30 @@ def test_cuda_switch_selects_the_path(monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("compiled", [False, True])
-def test_cuda_model_training_step_matches_transformers_loss(compiled):
-    """bf16 model, fused loss (eager or compiled) against the same model with transformers' `ForCausalLMLoss`:
-    loss and every gradient at bf16 tolerance, and the fused path really ran."""
-    from .test_compile_cuda import BF16_TOL, cuda_config
+def test_cuda_model_training_step_matches_transformers_loss(compiled, monkeypatch):
+    """The bf16 model's loss and gradients with the fused loss (eager, or compiled) are no further from a float32
+    reference with transformers' `ForCausalLMLoss` than the bf16 model with transformers' loss is (within a factor
+    of 2 and a floor). The fused path must run: its fallback raises."""
+    from .test_compile_cuda import cuda_config
 
+    monkeypatch.setattr(hf_moe.loss, "ForCausalLMLoss", _no_fallback)
     torch.manual_seed(0)
-    model = HfMoeForCausalLM(cuda_config(router_aux_loss_coef=0.01)).to("cuda", torch.bfloat16).train()
+    reference = HfMoeForCausalLM(cuda_config(router_aux_loss_coef=0.01)).to("cuda").train()
+    reference.loss_type = "ForCausalLM"
+    baseline = copy.deepcopy(reference).to(torch.bfloat16)
+    fused = copy.deepcopy(baseline)
+    fused.loss_type = "HfMoeForCausalLM"
     ids = torch.randint(0, 256, (2, 128), device="cuda")
     labels = ids.masked_fill(torch.rand(ids.shape, device="cuda") < 0.1, -100)
+    torch._dynamo.reset()
     results = {}
-    for loss_type in ("HfMoeForCausalLM", "ForCausalLM"):
-        model.zero_grad(set_to_none=True)
-        model.loss_type = loss_type
-        torch._dynamo.reset()
-        run = torch.compile(model) if compiled and loss_type == "HfMoeForCausalLM" else model
+    for name, model in (("reference", reference), ("baseline", baseline), ("fused", fused)):
+        run = torch.compile(model) if compiled and name == "fused" else model
         out = run(input_ids=ids, labels=labels, num_items_in_batch=(labels[:, 1:] != -100).sum())
         out.loss.backward()
-        results[loss_type] = {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
-    fused, want = results["HfMoeForCausalLM"], results["ForCausalLM"]
+        results[name] = {"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters()}}
+    want = results["reference"]
     for key in want:
-        assert rel_err(fused[key], want[key]) <= BF16_TOL, (key, rel_err(fused[key], want[key]))
+        fused_err, baseline_err = rel_err(results["fused"][key], want[key]), rel_err(results["baseline"][key],
+                                                                                     want[key])
+        assert fused_err <= max(2 * baseline_err, 1e-2), (key, fused_err, baseline_err)
