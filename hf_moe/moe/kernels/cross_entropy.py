@@ -97,8 +97,8 @@ def _forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> t
 
 
 def _forward_fake(logits, target, ignore_index):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32), logits.new_empty(logits.shape[0],
-                                                                                     dtype=torch.float32)
+    num_rows = logits.shape[0]
+    return logits.new_empty(num_rows, dtype=torch.float32), logits.new_empty(num_rows, dtype=torch.float32)
 
 
 def _backward(
@@ -145,8 +145,8 @@ class _CrossEntropy(torch.autograd.Function):
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Per-row cross-entropy `logsumexp(logits[i]) - logits[i, target[i]]` (float32 `[N]`, 0 where
-    `target[i] == ignore_index`) of `logits [N, V]` (bf16, fp16 or fp32; last dim contiguous, any row stride)
-    against `target [N]`, differentiable in the logits."""
+    `target[i] == ignore_index`) of `logits [N, V]` (bf16, fp16 or fp32; read in place at any row stride when the
+    last dim is contiguous, copied otherwise) against `target [N]`, differentiable in the logits."""
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"cross_entropy_rows: logits must be [N, V] and target [N]; got logits "
                          f"{tuple(logits.shape)} and target {tuple(target.shape)}")
