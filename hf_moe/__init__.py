@@ -1,8 +1,7 @@
 """hf-moe: Mixture-of-Experts models as first-class citizens of 🤗 transformers.
 
 `import hf_moe` registers `HfMoeConfig` (`model_type="hf_moe"`) and its models with transformers' Auto
-classes, so `AutoModelForCausalLM.from_pretrained` loads hf-moe checkpoints, and `HfMoeForCausalLM`'s loss
-(`hf_moe.loss.causal_lm_loss`, fused on CUDA) with transformers' `LOSS_MAPPING`.
+classes, so `AutoModelForCausalLM.from_pretrained` loads hf-moe checkpoints.
 """
 
 from transformers import (
@@ -11,14 +10,12 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
 )
-from transformers.loss.loss_utils import LOSS_MAPPING
 
 from . import parallel  # noqa: F401  (`hf_moe.parallel.finish_gradients` etc. after a plain `import hf_moe`)
 from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig, default_graph_decoding
 from .interop import InteropError, MoeFamily, register_family
 from .linear_attention import GatedDeltaNet, GatedDeltaNetSizes
-from .loss import causal_lm_loss
 from .modeling_hf_moe import (
     HfMoeForCausalLM,
     HfMoeForSequenceClassification,
@@ -56,8 +53,6 @@ AutoConfig.register(HfMoeConfig.model_type, HfMoeConfig, exist_ok=True)
 AutoModel.register(HfMoeConfig, HfMoeModel, exist_ok=True)
 AutoModelForCausalLM.register(HfMoeConfig, HfMoeForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HfMoeConfig, HfMoeForSequenceClassification, exist_ok=True)
-# transformers resolves a model's `loss_type` from its class name through LOSS_MAPPING (`hf_moe.loss`)
-LOSS_MAPPING[HfMoeForCausalLM.__name__] = causal_lm_loss
 
 __all__ = [
     "CUDAGraphConfig",

@@ -6,16 +6,16 @@ computes the same loss (same arguments, shift, `ignore_index`, mean or sum over 
 float32 copy of the logits, one read forward, one read and one write backward, and no host sync. Elsewhere (CPU, no
 Triton, other dtypes, or `FUSED_CROSS_ENTROPY = False`) it is transformers' function itself.
 
-`import hf_moe` registers it in transformers' `LOSS_MAPPING` as `"HfMoeForCausalLM"`, the class's name, which
-transformers resolves to the model's `loss_type` and then `loss_function`. So a user's `model.loss_function = f` still
-wins, and `model.loss_type = "ForCausalLM"` selects transformers' own function for that model.
+[`FusedCausalLMLoss`] makes it [`HfMoeForCausalLM`]'s `loss_function` wherever transformers would pick
+`ForCausalLMLoss` (the model's `loss_type` stays `"ForCausalLM"`, which the Trainer reads to count
+`num_items_in_batch` over the shifted labels); a `loss_function` the user sets still wins.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from .moe import kernels
 from .moe.ops import triton_serves
@@ -23,6 +23,24 @@ from .moe.ops import triton_serves
 FUSED_CROSS_ENTROPY = True
 """Whether [`causal_lm_loss`] uses the fused Triton cross-entropy where it can; set `hf_moe.loss.FUSED_CROSS_ENTROPY
 = False` to run transformers' `ForCausalLMLoss` everywhere (an A/B switch; torch.compile recompiles on a change)."""
+
+
+class FusedCausalLMLoss:
+    """Mixin for a `PreTrainedModel` (listed before it): `loss_function` is [`causal_lm_loss`] where transformers'
+    would be `ForCausalLMLoss` (for `loss_type="ForCausalLM"`, and as its fallback for an unknown one); one set by
+    the user (`model.loss_function = f`) or another `loss_type`'s is kept."""
+
+    @property
+    def loss_function(self):
+        if hasattr(self, "_loss_function"):
+            return self._loss_function
+        # transformers' choice, written out: torch.compile traces neither super().loss_function nor its fget
+        loss_function = LOSS_MAPPING.get(getattr(self, "loss_type", None), ForCausalLMLoss)
+        return causal_lm_loss if loss_function is ForCausalLMLoss else loss_function
+
+    @loss_function.setter
+    def loss_function(self, value) -> None:
+        self._loss_function = value
 
 
 def causal_lm_loss(

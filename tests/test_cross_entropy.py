@@ -4,9 +4,10 @@ Kernel tests run on a CUDA device, or on the CPU under Triton's interpreter (`TR
 installed), and skip otherwise: loss and logits gradient against `F.cross_entropy` in float64 with transformers'
 shift and reductions, for a vocabulary that is not a multiple of the block, ignored rows, every row ignored, an int or
 tensor `num_items_in_batch`, `shift_labels`, a strided row layout, an upstream gradient other than 1, bf16 and fp32.
-CPU tests (CI): `HfMoeForCausalLM`'s loss is transformers' `ForCausalLMLoss` off CUDA, and a user's `loss_function`
-or `loss_type` wins. CUDA tests: torch.compile(fullgraph=True) equals eager, and the model's training step equals
-transformers' loss at bf16 tolerance.
+CPU tests (CI): `HfMoeForCausalLM`'s loss is transformers' `ForCausalLMLoss` off CUDA, its `loss_type` stays the one
+the Trainer counts shifted labels for, and a user's `loss_function` or another `loss_type` wins. CUDA tests:
+torch.compile(fullgraph=True) equals eager, and the model's training step equals transformers' loss at bf16
+tolerance.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import os
 import pytest
 import torch
 from torch import nn
-from transformers.loss.loss_utils import ForCausalLMLoss
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaskedLMLoss
 
 import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
 from hf_moe.loss import causal_lm_loss, fused_causal_lm_loss
 
-from .conftest import rel_err, requires_cuda, tiny_config
+from .conftest import count_calls, rel_err, requires_cuda, tiny_config
 
 CUDA = torch.cuda.is_available()
 requires_kernels = pytest.mark.skipif(
@@ -171,20 +172,18 @@ def test_compiled_loss_equals_eager():
         assert rel_err(loss, want_loss) <= 1e-6 and rel_err(grad, want_grad) <= 1e-2  # one bf16 rounding
 
 
-def _no_fallback(*args, **kwargs):
-    raise AssertionError("causal_lm_loss fell back to transformers' ForCausalLMLoss")
-
-
 @requires_kernels
 def test_model_trains_on_the_fused_loss(monkeypatch):
     """The model's `loss_function` runs the kernels (here on the CPU under the interpreter, as if Triton served it),
     and its loss and gradients equal those of transformers' `ForCausalLMLoss` (float32)."""
+    from hf_moe.moe.kernels import cross_entropy
+
     monkeypatch.setattr(hf_moe.loss, "triton_serves", lambda tensor: True)
-    monkeypatch.setattr(hf_moe.loss, "ForCausalLMLoss", _no_fallback)
+    calls = count_calls(monkeypatch, cross_entropy, "cross_entropy_rows")
     torch.manual_seed(0)
     fused = HfMoeForCausalLM(tiny_config()).to(DEVICE)
     reference = copy.deepcopy(fused)
-    reference.loss_type = "ForCausalLM"
+    reference.loss_function = ForCausalLMLoss
     ids = torch.randint(0, 97, (2, 9), device=DEVICE)
     labels = ids.masked_fill(torch.rand(ids.shape, device=DEVICE) < 0.2, -100)
     results = []
@@ -194,12 +193,14 @@ def test_model_trains_on_the_fused_loss(monkeypatch):
         results.append({"loss": out.loss.detach(), **{n: p.grad for n, p in model.named_parameters()}})
     for key in results[1]:
         assert rel_err(results[0][key], results[1][key]) <= 1e-5, (key, rel_err(results[0][key], results[1][key]))
+    assert calls == [1]
 
 
 def test_model_loss_is_transformers_loss_off_cuda():
     torch.manual_seed(0)
     model = HfMoeForCausalLM(tiny_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.0))
-    assert model.loss_type == "HfMoeForCausalLM" and model.loss_function is causal_lm_loss
+    # the Trainer counts num_items_in_batch over labels[..., 1:] for models whose loss_type maps to ForCausalLMLoss
+    assert LOSS_MAPPING[model.loss_type] is ForCausalLMLoss and model.loss_function is causal_lm_loss
     ids = torch.randint(0, 97, (2, 9))
     labels = ids.clone()
     labels[0, :3] = -100
@@ -209,7 +210,7 @@ def test_model_loss_is_transformers_loss_off_cuda():
     assert torch.equal(out.loss, ForCausalLMLoss(out.logits, labels, 97, num_items_in_batch=torch.tensor(11)))
 
 
-def test_user_loss_function_and_loss_type_are_honoured(monkeypatch):
+def test_user_loss_function_and_loss_type_are_honoured():
     model = HfMoeForCausalLM(tiny_config(router_aux_loss_coef=0.0, router_z_loss_coef=0.0))
     ids = torch.randint(0, 97, (1, 7))
     calls = []
@@ -221,8 +222,23 @@ def test_user_loss_function_and_loss_type_are_honoured(monkeypatch):
     model.loss_function = mine
     assert model(input_ids=ids, labels=ids).loss.item() == 42.0 and calls == [97]
     other = HfMoeForCausalLM(tiny_config())
-    other.loss_type = "ForCausalLM"
-    assert other.loss_function is ForCausalLMLoss
+    other.loss_type = "ForMaskedLM"
+    assert other.loss_function is ForMaskedLMLoss
+
+
+@pytest.mark.parametrize("choice", ["default", "user", "loss_type"])
+def test_each_loss_choice_compiles_fullgraph(choice):
+    """The `loss_function` property traces (transformers' choice is written out, not called through super())."""
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config())
+    if choice == "user":
+        model.loss_function = ForCausalLMLoss
+    elif choice == "loss_type":
+        model.loss_type = "ForMaskedLM"
+    ids = torch.randint(0, 97, (2, 9))
+    torch._dynamo.reset()
+    loss = torch.compile(model, fullgraph=True, backend="aot_eager")(input_ids=ids, labels=ids).loss
+    assert torch.allclose(loss, model(input_ids=ids, labels=ids).loss, rtol=1e-5)
 
 
 def test_fallback_and_switch_and_bad_vocab(monkeypatch):
@@ -254,16 +270,18 @@ def test_cuda_switch_selects_the_path(monkeypatch):
 def test_cuda_model_training_step_matches_transformers_loss(compiled, monkeypatch):
     """The bf16 model's loss and gradients with the fused loss (eager, or compiled) are no further from a float32
     reference with transformers' `ForCausalLMLoss` than the bf16 model with transformers' loss is (within a factor
-    of 2 and a floor). The fused path must run: its fallback raises."""
+    of 2 and a floor), and the fused kernels ran."""
+    from hf_moe.moe.kernels import cross_entropy
+
     from .test_compile_cuda import cuda_config
 
-    monkeypatch.setattr(hf_moe.loss, "ForCausalLMLoss", _no_fallback)
+    calls = count_calls(monkeypatch, cross_entropy, "cross_entropy_rows")
     torch.manual_seed(0)
     reference = HfMoeForCausalLM(cuda_config(router_aux_loss_coef=0.01)).to("cuda").train()
-    reference.loss_type = "ForCausalLM"
-    baseline = copy.deepcopy(reference).to(torch.bfloat16)
-    fused = copy.deepcopy(baseline)
-    fused.loss_type = "HfMoeForCausalLM"
+    fused = copy.deepcopy(reference).to(torch.bfloat16)
+    baseline = copy.deepcopy(fused)
+    reference.loss_function = baseline.loss_function = ForCausalLMLoss
+    assert fused.loss_function is causal_lm_loss
     ids = torch.randint(0, 256, (2, 128), device="cuda")
     labels = ids.masked_fill(torch.rand(ids.shape, device="cuda") < 0.1, -100)
     torch._dynamo.reset()
@@ -278,3 +296,4 @@ def test_cuda_model_training_step_matches_transformers_loss(compiled, monkeypatc
         fused_err, baseline_err = rel_err(results["fused"][key], want[key]), rel_err(results["baseline"][key],
                                                                                      want[key])
         assert fused_err <= max(2 * baseline_err, 1e-2), (key, fused_err, baseline_err)
+    assert calls == [1]
