@@ -29,6 +29,7 @@ from .attention import (
 )
 from .configuration_hf_moe import HfMoeConfig
 from .decode_graphs import CUDAGraphConfig, decode_graphs, default_graph_decoding
+from .loss import FusedCausalLMLoss
 from .mla import HfMoeMultiHeadLatentAttention
 from .modeling_outputs import HfMoeCausalLMOutputWithPast, HfMoeModelOutputWithPast
 from .moe.block import HfMoeSparseMoeBlock, moe_blocks, token_mask
@@ -77,11 +78,8 @@ class HfMoeDecoderLayer(GradientCheckpointingLayer):
         residual = hidden_states
         hidden_states, _ = self.self_attn(
             hidden_states if self.norm_after else self.input_layernorm(hidden_states),
-            position_embeddings=position_embeddings,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            **kwargs,
+            position_embeddings=position_embeddings, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, **kwargs,
         )
         if self.norm_after:
             hidden_states = self.post_attention_layernorm(hidden_states)
@@ -278,7 +276,7 @@ class HfMoeModel(HfMoePreTrainedModel):
         )
 
 
-class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
+class HfMoeForCausalLM(FusedCausalLMLoss, HfMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
@@ -339,7 +337,7 @@ class HfMoeForCausalLM(HfMoePreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)  # fused on CUDA (FusedCausalLMLoss)
             if aux_loss is not None:
                 scale = router_loss_weight(labels, kwargs.get("shift_labels"), kwargs.get("num_items_in_batch"))
                 router_loss = self.config.router_aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss
