@@ -50,9 +50,9 @@ from hf_moe.decode_graphs import decode_graphs
 
 from .compile_capture import capture_in_subprocess
 from .compile_models import (
-    PLAN_VARIANTS,
     SHAPES,
     TINY,
+    VARIANTS,
     build_models,
     case_name,
     logits_check,
@@ -198,7 +198,8 @@ def main() -> None:
                          "eight-operator RMSNorm instead of torch's fused one), hf-moe-no-quack (training: the "
                          "weight gradients on torch's grouped GEMM where quack is installed), "
                          "hf-moe-unfused-swiglu-backward (training: the down input-gradient GEMM and the SwiGLU "
-                         "backward as two kernels)")
+                         "backward as two kernels), hf-moe-unfused-loss (training: transformers' cross-entropy "
+                         "instead of the fused one)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--peer-attention", default=None,
@@ -209,7 +210,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="results .jsonl (default: benchmarks/results/compile-<time>.jsonl)")
     a = ap.parse_args()
     names = a.models.split(",")
-    known = {"hf-moe", "transformers", "hf-moe-llama-norm", *PLAN_VARIANTS}
+    known = {"hf-moe", "transformers", "hf-moe-llama-norm", *VARIANTS}
     if not names or set(names) - known:
         raise SystemExit(f"--models {a.models!r}: expected a comma list of {', '.join(sorted(known))}")
     device, dtype = ("cpu", torch.float32) if a.tiny else ("cuda", torch.bfloat16)
@@ -252,7 +253,7 @@ def main() -> None:
                         record(error_row("logits_rel_err", e))
                     if "hf-moe-llama-norm" in names:
                         models["hf-moe-llama-norm"] = with_llama_norms(models["hf-moe"])
-                    models.update({name: models["hf-moe"] for name in PLAN_VARIANTS if name in names})
+                    models.update({name: models["hf-moe"] for name in VARIANTS if name in names})
                     models = {name: models[name] for name in names}
                 batches = tuple(int(b) for b in a.batches.split(","))
                 if part == "train":

@@ -13,11 +13,13 @@ import contextlib
 import tempfile
 from collections.abc import Callable, Iterator
 from copy import deepcopy
+from unittest import mock
 
 import torch
 import transformers
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRMSNorm
 from hf_moe.interop import FAMILIES
@@ -40,11 +42,14 @@ TINY = {  # --tiny: CPU smoke runs of the same architectures
     "mixtral": dict(SHAPES["mixtral"], hidden_size=64, intermediate_size=96, num_local_experts=4,
                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512),
 }
-# hf-moe variants that are `models["hf-moe"]` run under an experts plan override (`override_plan`): an A/B in one run.
-PLAN_VARIANTS = {
-    "hf-moe-no-quack": {"quack": False},  # the weight gradients on torch's grouped GEMM, not quack's
+# hf-moe variants: `models["hf-moe"]` trained inside a context that changes one thing, an A/B in one run.
+VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    # the weight gradients on torch's grouped GEMM, not quack's
+    "hf-moe-no-quack": lambda: override_plan(quack=False),
     # the down input-gradient GEMM and the SwiGLU backward as two kernels, not one fused
-    "hf-moe-unfused-swiglu-backward": {"fused_swiglu_backward": False},
+    "hf-moe-unfused-swiglu-backward": lambda: override_plan(fused_swiglu_backward=False),
+    # transformers' ForCausalLMLoss (a float32 copy of the logits, inductor's kernels), not the fused cross-entropy
+    "hf-moe-unfused-loss": lambda: mock.patch.object(hf_moe.loss, "FUSED_CROSS_ENTROPY", False),
 }
 # Relative L2 error of the logits the two models may differ by: float32 is the same function up to rounding; bfloat16
 # runs other kernels in other orders (a wrong weight would give an error near 1).
@@ -113,15 +118,16 @@ def case_name(name: str, attention: str | None) -> str:
 def training_step(models: dict, name: str, ids: torch.Tensor, attention: str | None = None,
                   compiled: bool = True) -> Iterator[Callable[[], None]]:
     """A training step of `models[name]` on `ids` (labels = inputs), compiled or eager, with `attention` as its
-    attention kernel and, for a plan variant, its experts plan; the model's attention and eval mode come back after."""
+    attention kernel and, for a variant (`VARIANTS`), inside its context; the model's attention and eval mode come
+    back after."""
     model = models[name].train()
     default_attention = model.config._attn_implementation
     model.set_attn_implementation(attention or default_attention)
     run = torch.compile(model) if compiled else model
-    plan = PLAN_VARIANTS.get(name, {})
+    variant = VARIANTS.get(name, contextlib.nullcontext)
 
     def step() -> None:
-        with override_plan(**plan):
+        with variant():
             run(input_ids=ids, labels=ids).loss.backward()
         model.zero_grad(set_to_none=True)
 

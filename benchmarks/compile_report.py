@@ -56,10 +56,10 @@ def summary(rows: list[dict]) -> None:
 
     print("\n| case | eager tok/s | compiled tok/s | compiled / eager |")
     print("| --- | --- | --- | --- |")
-    peers = sorted({r["what"][len("train_"):-len("_compiled")] for r in rows
-                    if r["what"].startswith("train_transformers-") and r["what"].endswith("_compiled")})
-    for name in ("transformers", *peers, "hf-moe", "hf-moe-llama-norm", "hf-moe-no-quack",
-                 "hf-moe-unfused-swiglu-backward"):
+    trained = [r["what"][len("train_"):].rpartition("_")[0] for r in rows if r["what"].startswith("train_")]
+    peers = sorted({name for name in trained if name.startswith("transformers-")})
+    variants = sorted({name for name in trained if name.startswith("hf-moe-")})
+    for name in ("transformers", *peers, "hf-moe", *variants):
         e, c = tps(f"train_{name}_eager"), tps(f"train_{name}_compiled")
         if name != "transformers" and name != "hf-moe" and not (e or c):
             continue

@@ -102,11 +102,11 @@ def test_plan_variants_train_the_same_model_under_their_plan(monkeypatch):
 
     models = build_models(TINY["qwen3"], 1, "cpu", torch.float32)
     plans = []
-    monkeypatch.setattr(compile_models, "override_plan",
-                        lambda **plan: plans.append(plan) or contextlib.nullcontext())
+    monkeypatch.setitem(compile_models.VARIANTS, "hf-moe-no-quack",
+                        lambda: plans.append("no-quack") or contextlib.nullcontext())
     monkeypatch.setattr(bench, "seconds_per_call", lambda step, reps, device: 1.0)
     rows: list[dict] = []
     bench.train({"hf-moe": models["hf-moe"], "hf-moe-no-quack": models["hf-moe"]}, 1, 8, "cpu", rows.append,
                 ("eager",))
     assert [r["what"] for r in rows] == ["train_hf-moe_eager", "train_hf-moe-no-quack_eager"]
-    assert plans == [{}, {}, {"quack": False}, {"quack": False}]  # first call and warm-up step of each
+    assert plans == ["no-quack", "no-quack"]  # the variant's first call and warm-up step, not hf-moe's
