@@ -151,11 +151,13 @@ def test_cuda_down_swiglu_backward_matches_float64_loop_and_the_unfused_kernels(
 @requires_tma
 def test_cuda_fused_swiglu_backward_gives_the_gradients_of_the_two_kernels(monkeypatch):
     """The experts' eager training step (in-place backward, skewed routing with idle experts and dropped slots) with
-    the fused down input gradient + SwiGLU backward, and with `override_plan(fused_swiglu_backward=False)`: the same
+    the fused down input gradient + SwiGLU backward (`FUSED_SWIGLU_BACKWARD` set), and without: the same
     output and, up to rounding, the same gradients; the override runs the two kernels."""
+    from hf_moe.moe.experts import plan
     from hf_moe.moe.experts.plan import override_plan
     from hf_moe.moe.kernels import grouped_gemm
 
+    monkeypatch.setattr(plan, "FUSED_SWIGLU_BACKWARD", True)
     calls = []
     fused_kernel = grouped_gemm.down_swiglu_backward
     monkeypatch.setattr(grouped_gemm, "down_swiglu_backward", lambda *args: calls.append(1) or fused_kernel(*args))
@@ -180,9 +182,11 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
     """Where the plan chooses them, forward and backward take the Triton GEMMs (the gate/up one fused with
     SwiGLU) and agree with the same path on torch's grouped GEMM; above `own_gemm_rows_per_expert` they are not
     called."""
+    from hf_moe.moe.experts import plan
     from hf_moe.moe.experts.plan import override_plan
     from hf_moe.moe.kernels import grouped_gemm
 
+    monkeypatch.setattr(plan, "FUSED_SWIGLU_BACKWARD", True)
     calls = []
 
     def counting(name, kernel):
