@@ -23,7 +23,6 @@ import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRMSNorm
 from hf_moe.interop import FAMILIES
-from hf_moe.moe.experts import plan as experts_plan
 from hf_moe.moe.experts.plan import override_plan
 
 # `model_type` + the family's transformers config fields; `layers`: the default number of decoder layers.
@@ -47,8 +46,6 @@ TINY = {  # --tiny: CPU smoke runs of the same architectures
 VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     # the weight gradients on torch's grouped GEMM, not quack's
     "hf-moe-no-quack": lambda: override_plan(quack=False),
-    # the down input-gradient GEMM with the SwiGLU backward in its epilogue, one kernel instead of two
-    "hf-moe-fused-swiglu-backward": lambda: mock.patch.object(experts_plan, "FUSED_SWIGLU_BACKWARD", True),
     # transformers' ForCausalLMLoss (a float32 copy of the logits, inductor's kernels), not the fused cross-entropy
     "hf-moe-unfused-loss": lambda: mock.patch.object(hf_moe.loss, "FUSED_CROSS_ENTROPY", False),
 }

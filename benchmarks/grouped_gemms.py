@@ -2,9 +2,8 @@
 
 For each shape it builds the step's operands on one routing (rows sorted by expert) and times, side by side:
 forward gate/up (hf-moe: fused with SwiGLU and the routing weight; torch: `grouped_mm` plus hf-moe's SwiGLU kernel),
-forward down, the two input-gradient GEMMs (and the down one with the SwiGLU backward in its epilogue, against
-hf-moe's two unfused launches), and the two weight-gradient GEMMs (torch's only: hf-moe has no kernel of its own
-there). It prints milliseconds, TFLOP/s and the torch / hf-moe ratio, and checks that both agree.
+forward down, the two input-gradient GEMMs, and the two weight-gradient GEMMs (torch's only: hf-moe has no kernel
+of its own there). It prints milliseconds, TFLOP/s and the torch / hf-moe ratio, and checks that both agree.
 With `--step` it times instead the experts' whole eager training step (`hf_moe_grouped`, forward and
 forward+backward) with the Triton GEMMs forced on and off, interleaved round by round on one routing: the number
 that decides where `hf_moe_grouped` uses them (`_own_gemm`). With `--block` it times the whole MoE block's training
@@ -62,7 +61,6 @@ def run_shape(name: str, tokens: int) -> list[dict]:
     act = torch.randn(rows, inter, **bf16)
     grad_y = torch.randn(rows, hidden, **bf16)
     grad_gate_up = torch.randn(rows, 2 * inter, **bf16)
-    gate_up = torch.randn(rows, 2 * inter, **bf16)
 
     def torch_gate_up():
         gate_up = torch_grouped_mm(x, gate_up_proj.transpose(1, 2), offs=offsets)
@@ -80,13 +78,6 @@ def run_shape(name: str, tokens: int) -> list[dict]:
         "input grad, down": (
             lambda: grouped_gemm.grouped_mm(grad_y, down_proj, offsets),
             lambda: torch_grouped_mm(grad_y, down_proj, offs=offsets), rows * hidden * inter,
-        ),
-        # hf-moe's fused kernel against its own two launches (the GEMM above, then the SwiGLU backward kernel)
-        "input grad, down (+SwiGLU bwd; baseline: hf-moe unfused)": (
-            lambda: grouped_gemm.down_swiglu_backward(grad_y, down_proj, gate_up, weight, offsets, True)[0],
-            lambda: swiglu.swiglu_backward(gate_up, weight, grouped_gemm.grouped_mm(grad_y, down_proj, offsets),
-                                           offsets, True)[0],
-            rows * hidden * inter,
         ),
         "input grad, gate/up": (
             lambda: grouped_gemm.grouped_mm(grad_gate_up, gate_up_proj, offsets),

@@ -15,8 +15,8 @@ from .conftest import rel_err, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 BF16_TOL = 3e-2
-TRAIN_OPS = ("softmax_top_k", "gather_rows", "gate_up_swiglu", "grouped_mm", "gather_sum",
-             "down_swiglu_backward", "softmax_top_k_backward")
+TRAIN_OPS = ("softmax_top_k", "gather_rows", "gate_up_swiglu", "grouped_mm", "gather_sum", "swiglu_backward",
+             "softmax_top_k_backward")
 
 
 def cuda_config(**overrides):

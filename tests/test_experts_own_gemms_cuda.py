@@ -1,6 +1,5 @@
 """hf-moe's own persistent grouped GEMMs (CUDA, Hopper or newer: TMA) against a float64 loop and torch's
-grouped GEMMs: both weight layouts, the fused gate/up + SwiGLU, the fused down input gradient + SwiGLU backward, no
-host sync, determinism.
+grouped GEMMs: both weight layouts, the fused gate/up + SwiGLU, no host sync, determinism.
 
 They skip without a GPU with TMA (sm90+) and run on the device machine
 (`python -m pytest tests/test_experts_own_gemms_cuda.py`).
@@ -94,99 +93,15 @@ def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(mo
     torch.testing.assert_close(act[:num_valid], unfused[:num_valid], rtol=1e-2, atol=1e-3)
 
 
-def check_down_swiglu_backward(counts: list[int], in_place: bool, device: str = "cuda",
-                               dtype: torch.dtype = torch.bfloat16) -> None:
-    """`down_swiglu_backward` (the down input-gradient GEMM with the SwiGLU backward in its epilogue) against a
-    float64 loop and against the two kernels it fuses, on expert row counts `counts`, both weight layouts. The 5
-    dropped rows past offsets[-1] are NaN in every input: no output row before offsets[-1] may read them, the
-    routing weight's gradient is 0 there, and in place they stay unwritten."""
-    from hf_moe.moe.kernels import grouped_gemm, swiglu
-
-    torch.manual_seed(0)
-    hidden, inter = 72, 296  # K ends in a partial block; three column blocks, the last partial; I·2 bytes % 16 == 0
-    offsets = torch.tensor(counts).cumsum(0).to(device=device, dtype=torch.int32)
-    num_valid = int(offsets[-1])
-    valid = slice(0, num_valid)
-    grad_y = torch.randn(num_valid + 5, hidden, device=device, dtype=dtype)
-    gate_up = torch.randn(num_valid + 5, 2 * inter, device=device, dtype=dtype)
-    grad_y[num_valid:], gate_up[num_valid:] = float("nan"), float("nan")
-    weight = torch.rand(num_valid + 5, device=device)
-    stored = torch.randn(len(counts), hidden, inter, device=device, dtype=dtype) / hidden**0.5
-    grad_act = _loop_grouped_mm(grad_y, stored, offsets)[valid]
-    gate, up = gate_up[valid].double().cpu().chunk(2, dim=-1)
-    w, sig = weight[valid].double().cpu()[:, None], torch.sigmoid(gate)
-    want = (torch.cat([grad_act * w * up * sig * (1 + gate * (1 - sig)), grad_act * w * gate * sig], dim=-1),
-            (grad_act * gate * sig * up).sum(-1), gate * sig * up * w)
-    unfused = swiglu.swiglu_backward(gate_up, weight, grouped_gemm.grouped_mm(grad_y, stored, offsets), offsets, True)
-    transposed = stored.transpose(1, 2).contiguous().transpose(1, 2)  # [E, H, I] stored as [E, I, H] (K-major)
-    for down_proj in (stored, transposed):
-        assert grouped_gemm.supports(grad_y, down_proj)
-        buffer = gate_up.clone()
-        got = grouped_gemm.down_swiglu_backward(grad_y, down_proj, buffer, weight, offsets, True, in_place)
-        assert (got[0].data_ptr() == buffer.data_ptr()) == in_place
-        if in_place:
-            assert buffer[num_valid:].isnan().all(), "wrote a dropped row"
-        assert torch.equal(got[1][num_valid:], torch.zeros_like(got[1][num_valid:]))
-        for name, g, w_, u in zip(("grad_gate_up", "grad_weight", "act"), got, want, unfused):
-            assert torch.isfinite(g[valid]).all(), name
-            assert rel_err(g[valid].double().cpu(), w_) < 1e-2, (name, rel_err(g[valid].double().cpu(), w_))
-            # the same results as the two kernels, up to rounding (bf16: one unit in the last place is 0.4 %)
-            assert rel_err(g[valid].double(), u[valid].double()) < 2e-3, (name, rel_err(g[valid].double(),
-                                                                                      u[valid].double()))
-        if not in_place:
-            again = grouped_gemm.down_swiglu_backward(grad_y, down_proj, gate_up, weight, offsets, False)
-            assert again[2] is None and torch.equal(again[0][valid], got[0][valid]) and torch.equal(again[1], got[1])
-
-
-@requires_tma
-@pytest.mark.parametrize("in_place", [False, True])
-@pytest.mark.parametrize("programs", [None, 1, 3])
-@pytest.mark.parametrize("counts", OFFSET_CASES)
-def test_cuda_down_swiglu_backward_matches_float64_loop_and_the_unfused_kernels(monkeypatch, counts, programs,
-                                                                                in_place):
-    _limit_programs(monkeypatch, programs)
-    check_down_swiglu_backward(counts, in_place)
-
-
-@requires_tma
-def test_cuda_fused_swiglu_backward_gives_the_gradients_of_the_two_kernels(monkeypatch):
-    """The experts' eager training step (in-place backward, skewed routing with idle experts and dropped slots) with
-    the fused down input gradient + SwiGLU backward (`FUSED_SWIGLU_BACKWARD` set), and without: the same
-    output and, up to rounding, the same gradients; the override runs the two kernels."""
-    from hf_moe.moe.experts import plan
-    from hf_moe.moe.experts.plan import override_plan
-    from hf_moe.moe.kernels import grouped_gemm
-
-    monkeypatch.setattr(plan, "FUSED_SWIGLU_BACKWARD", True)
-    calls = []
-    fused_kernel = grouped_gemm.down_swiglu_backward
-    monkeypatch.setattr(grouped_gemm, "down_swiglu_backward", lambda *args: calls.append(1) or fused_kernel(*args))
-    experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
-    index, weights = make_routing(700, 16, 4, "skewed", device="cuda", dtype=torch.bfloat16)
-    x = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16)
-    with override_plan(own_gemm_min_multiply_adds=0):
-        fused = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
-        assert len(calls) == 1
-        with override_plan(fused_swiglu_backward=False):
-            unfused = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
-        assert len(calls) == 1
-    assert torch.equal(fused[0], unfused[0])
-    for name, f, u in zip(NAMES[1:], fused[1:], unfused[1:]):
-        assert torch.isfinite(f).all(), name
-        assert rel_err(f, u) < 5e-3, (name, rel_err(f, u))
-
-
 @requires_tma
 @pytest.mark.parametrize("kind", ["uniform", "skewed"])
 def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypatch, kind):
     """Where the plan chooses them, forward and backward take the Triton GEMMs (the gate/up one fused with
     SwiGLU) and agree with the same path on torch's grouped GEMM; above `own_gemm_rows_per_expert` they are not
     called."""
-    from hf_moe.moe.experts import plan
     from hf_moe.moe.experts.plan import override_plan
     from hf_moe.moe.kernels import grouped_gemm
 
-    monkeypatch.setattr(plan, "FUSED_SWIGLU_BACKWARD", True)
     calls = []
 
     def counting(name, kernel):
@@ -196,14 +111,14 @@ def test_cuda_own_gemms_serve_few_rows_per_expert_and_match_torch_gemms(monkeypa
 
         return call
 
-    for name in ("grouped_mm", "gate_up_swiglu", "down_swiglu_backward"):
+    for name in ("grouped_mm", "gate_up_swiglu"):
         monkeypatch.setattr(grouped_gemm, name, counting(name, getattr(grouped_gemm, name)))
     experts = make_experts(256, 384, 16, 4, dtype=torch.bfloat16, device="cuda")
     index, weights = make_routing(700, 16, 4, kind, device="cuda", dtype=torch.bfloat16)
     x = torch.randn(700, 256, device="cuda", dtype=torch.bfloat16)
     with override_plan(own_gemm_min_multiply_adds=0):  # these test experts are small
         own = forward_and_grads(grouped_experts_forward, experts, x, index, weights)
-    assert calls == ["gate_up_swiglu", "grouped_mm", "down_swiglu_backward", "grouped_mm"], calls
+    assert calls == ["gate_up_swiglu", "grouped_mm", "grouped_mm", "grouped_mm"], calls
     calls.clear()
     with override_plan(own_gemm_min_multiply_adds=0, own_gemm_rows_per_expert=700 * 4 // 16 - 1):
         torch_gemms = forward_and_grads(grouped_experts_forward, experts, x, index, weights)

@@ -77,31 +77,3 @@ def test_override_plan_forces_fields_inside_the_block_only():
     with pytest.raises(ValueError, match="unknown names \\['decodes'\\]"):
         with override_plan(decodes=True):
             pass
-
-
-def test_fused_swiglu_backward_is_planned_where_the_down_gemm_is_triton_and_swiglu_runs_in_triton(monkeypatch):
-    """With `FUSED_SWIGLU_BACKWARD` set, the down projection's input-gradient GEMM takes the SwiGLU backward into its
-    epilogue only where both would run in Triton: never on the CPU; with the own down GEMM and SiLU experts; not with
-    torch's down GEMM or another activation; and `override_plan(fused_swiglu_backward=False)` restores the two
-    kernels. Unset (the default), never."""
-    from hf_moe.moe.experts import plan
-    from hf_moe.moe.experts.plan import override_plan, plan_experts
-
-    def fused(rows=12, act="silu"):
-        experts = SimpleNamespace(config=SimpleNamespace(hidden_act=act), gate_up_proj=torch.empty(3, 8, 6),
-                                  down_proj=torch.empty(3, 6, 4))
-        return plan_experts(experts, torch.empty(1, 6), torch.empty(1, 2), rows).fused_swiglu_backward
-
-    own = dict(triton=True, grouped_mm=True, own_gemm_rows_per_expert=4, own_gemm_min_multiply_adds=0)
-    with override_plan(**own):
-        assert not fused()  # the default: off
-    monkeypatch.setattr(plan, "FUSED_SWIGLU_BACKWARD", True)
-    assert not fused()  # CPU: neither Triton nor torch's grouped GEMM
-    with override_plan(**own):
-        assert fused()
-        assert not fused(rows=13)  # torch's grouped GEMM for the down projection
-        assert not fused(act="gelu")  # SwiGLU kernels serve SiLU only
-        with override_plan(fused_swiglu_backward=False):
-            assert not fused()
-    with override_plan(triton=False, grouped_mm=True, own_gemm_min_multiply_adds=0):
-        assert not fused()

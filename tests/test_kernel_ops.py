@@ -78,11 +78,6 @@ def test_grouped_gemm_ops_pass_opcheck():
     gate_up_proj = torch.randn(experts, 2 * inter, hidden, device=DEVICE, dtype=dtype) / hidden**0.5
     _opcheck("grouped_mm", x, gate_up_proj.transpose(1, 2), offsets)
     _opcheck("gate_up_swiglu", x, gate_up_proj, torch.rand(rows, device=DEVICE), offsets)
-    down_proj = torch.randn(experts, hidden, inter, device=DEVICE, dtype=dtype) / inter**0.5
-    gate_up = torch.randn(rows, 2 * inter, device=DEVICE, dtype=dtype)
-    for recompute in (True, False):
-        _opcheck("down_swiglu_backward", torch.randn(rows, hidden, device=DEVICE, dtype=dtype), down_proj, gate_up,
-                 torch.rand(rows, device=DEVICE), offsets, recompute)
 
 
 def test_decode_op_has_the_shape_of_its_output_under_fake_tensors():

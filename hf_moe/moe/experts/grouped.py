@@ -210,15 +210,14 @@ class _GateUpFunction(torch.autograd.Function):
 class _DownFunction(torch.autograd.Function):
     """Project `act` down and sum each token's k rows (combine). Differentiated w.r.t. `gate_up` through SwiGLU and
     the routing weight: `act` comes from `_GateUpFunction` and is not kept; backward recomputes it, fused into the
-    SwiGLU backward kernel (itself fused into the epilogue of the input-gradient GEMM with
-    `plan.fused_swiglu_backward`). `weight` holds `top_k_weights`' values in row order; `top_k_weights` is an input so
+    SwiGLU backward kernel. `weight` holds `top_k_weights`' values in row order; `top_k_weights` is an input so
     that its gradient flows.
 
     With `plan.in_place_backward` (CUDA, SiLU, eager mode) the SwiGLU backward writes the gate/up gradient over the
-    saved gate/up projection, which nothing needs afterwards (and, unfused, the recomputed activation over its
-    incoming gradient): that `[S, 2I]` would otherwise stay allocated next to its gradient and the down projection's
-    weight gradient. The price: a second backward through the same graph (`retain_graph=True`) raises instead of
-    running. torch.compile traces the out-of-place version and leaves buffer reuse to its own memory planner.
+    saved gate/up projection, which nothing needs afterwards (and the recomputed activation over its incoming
+    gradient): that `[S, 2I]` would otherwise stay allocated next to its gradient and the down projection's weight
+    gradient. The price: a second backward through the same graph (`retain_graph=True`) raises instead of running.
+    torch.compile traces the out-of-place version and leaves buffer reuse to its own memory planner.
     """
 
     @staticmethod
@@ -255,20 +254,14 @@ class _DownFunction(torch.autograd.Function):
         need_weights, need_down = ctx.needs_input_grad[2:4]
         plan: ExpertsPlan = ctx.plan
         grad_y = gather_rows(grad_out.to(down_proj.dtype).contiguous(), token, offsets, triton=plan.triton_rows)
-        if plan.fused_swiglu_backward:  # one kernel: the GEMM's output `grad_act` never reaches memory
-            grad_gate_up, grad_weight, act = kernels.grouped_gemm.down_swiglu_backward(
-                grad_y, down_proj, gate_up, weight, offsets, need_down, plan.in_place_backward
-            )
-        else:
-            grad_act = _grouped_mm(grad_y, down_proj, offsets, plan.down_gemm)
-            grad_gate_up, grad_weight, act = _gated_act_backward(
-                gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down,
-                triton=plan.triton_swiglu, in_place=plan.in_place_backward, traced=plan.traced, gated=plan.gated,
-            )
-            del grad_act
+        grad_act = _grouped_mm(grad_y, down_proj, offsets, plan.down_gemm)
+        grad_gate_up, grad_weight, act = _gated_act_backward(
+            gate_up, weight, grad_act, offsets, ctx.act_fn, ctx.fused_silu, recompute_out=need_down,
+            triton=plan.triton_swiglu, in_place=plan.in_place_backward, traced=plan.traced, gated=plan.gated,
+        )
         if plan.in_place_backward:  # a second backward would read gradients as the gate/up projection
             ctx.gate_up_consumed = True
-        del gate_up
+        del gate_up, grad_act
         grad_top_k_weights = grad_down_proj = None
         if need_weights:
             position = by_token.reshape(-1)

@@ -48,10 +48,6 @@ DECODE_ROWS_PER_EXPERT = 32
 # training pairs on CUDA: fewer host ops before the first GEMM than torch's sort, same order, no slower on the
 # GPU (docs/decisions/sort-by-expert.md). `override_plan(counting_sort=False)` switches back to torch's sort.
 COUNTING_SORT = True
-# The down projection's input-gradient GEMM with the SwiGLU backward in its epilogue (one kernel) in place of the two
-# kernels: off, as it took more GPU time than the two at the Qwen3-30B-A3B shape on an H100
-# (docs/decisions/own-grouped-gemms.md). Setting it takes the kernel wherever it applies.
-FUSED_SWIGLU_BACKWARD = False
 
 _HAS_TORCH_GROUPED_MM = hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
 
@@ -72,11 +68,6 @@ class ExpertsPlan:
     """The down projection's GEMMs (forward, and the gradient of its input in backward)."""
     fused_gate_up_swiglu: bool
     """The gate/up GEMM computes SwiGLU and the routing weight in its epilogue (Triton, stored weight layout)."""
-    fused_swiglu_backward: bool
-    """Backward runs the down projection's input-gradient GEMM with the SwiGLU backward (and the routing weight's
-    gradient) in its epilogue, one Triton kernel (`grouped_gemm.down_swiglu_backward`): where `down_gemm` is "triton"
-    and SwiGLU runs in Triton, if `FUSED_SWIGLU_BACKWARD` is set. Where the kernel does not support the operands (TMA
-    alignment, decided at launch) it runs the two kernels `fused_swiglu_backward=False` runs."""
     triton_rows: bool
     """Gather and gather-sum (combine) run as Triton kernels (`hf_moe.moe.ops`), else torch ops."""
     triton_sort: bool
@@ -184,12 +175,10 @@ def plan_experts(
     params = (gate_up_proj, down_proj)
     grad = torch.is_grad_enabled()
     gate_up_gemm = _gemm(num_rows, num_experts, hidden, two_inter, grouped, triton)
-    down_gemm = _gemm(num_rows, num_experts, down_proj.shape[-1], hidden, grouped, triton)
     plan = ExpertsPlan(
         gate_up_gemm=gate_up_gemm,
-        down_gemm=down_gemm,
+        down_gemm=_gemm(num_rows, num_experts, down_proj.shape[-1], hidden, grouped, triton),
         fused_gate_up_swiglu=swiglu and gate_up_gemm == "triton" and gate_up_proj.stride(2) == 1,
-        fused_swiglu_backward=FUSED_SWIGLU_BACKWARD and swiglu and down_gemm == "triton",
         triton_rows=triton,
         triton_sort=triton,
         counting_sort=triton and bool(_setting("counting_sort")),

@@ -1,6 +1,5 @@
-"""Grouped GEMMs over rows sorted by expert, in Triton with TMA loads (Hopper and newer): the gate/up GEMM with
-SwiGLU and the routing weight in its epilogue, and the down projection's input-gradient GEMM with the SwiGLU
-backward in its epilogue (its `[S, I]` output never reaches memory).
+"""Grouped GEMMs over rows sorted by expert, in Triton with TMA loads (Hopper and newer), and the gate/up GEMM with
+SwiGLU and the routing weight in its epilogue.
 
 torch's grouped GEMM runs one tile configuration for every shape. With few rows per expert these kernels take less
 GPU time, and the gate/up GEMM with SwiGLU fused in saves the activation kernel's read of the `[S, 2I]` projection;
@@ -29,7 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .library import register_kernel_op
-from .swiglu import swiglu_backward, swiglu_forward
+from .swiglu import swiglu_forward
 
 _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -37,14 +36,9 @@ _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 128, 256, 64, 8, 3
 # The fused gate/up kernel keeps two accumulators (gate and up), so each covers half the columns.
 _SWIGLU_BLOCK_N = 128
-# The down projection's input-gradient GEMM with the SwiGLU backward in its epilogue holds one accumulator next to
-# the gate and up tiles it loads there: three float32 [BLOCK_M, BLOCK_N] tiles, as many registers as the gate/up
-# kernel's two accumulators plus its epilogue at BLOCK_N 128; at 256 they would spill.
-_SWIGLU_BWD_BLOCK_N = 128
 # Software-pipeline the loop over a program's tiles together with the K loop, so the next tile's first loads are
-# issued during this tile's epilogue. Not in the fused kernels: with their register-heavy epilogues that ran slower
-# in the gate/up one, and the SwiGLU backward's epilogue holds as much.
-_FLATTEN, _SWIGLU_FLATTEN, _SWIGLU_BWD_FLATTEN = True, False, False
+# issued during this tile's epilogue. Not in the gate/up kernel: with its two accumulators that ran slower.
+_FLATTEN, _SWIGLU_FLATTEN = True, False
 
 
 @triton.jit
@@ -134,67 +128,6 @@ def _gate_up_swiglu_kernel(
         act = g * tl.sigmoid(g) * up.to(tl.float32) * weight[:, None]
         act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :]
         tl.store(act_ptrs, act.to(act_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _down_swiglu_backward_kernel(
-    grad_y_desc, w_desc, gate_up_ptr, weight_ptr, grad_gate_up_ptr, act_ptr, partials_ptr, offsets_ptr,
-    num_experts, num_rows, inter, K,
-    B_K_MAJOR: tl.constexpr, WRITE_ACT: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLATTEN: tl.constexpr,
-):
-    starts, ends, tiles, cum_tiles = _tile_table(offsets_ptr, num_experts, BLOCK_E, BLOCK_M)
-    num_col_blocks = tl.cdiv(inter, BLOCK_N)
-    num_work = tl.sum(tiles) * num_col_blocks
-    for work in tl.range(tl.program_id(0), num_work, tl.num_programs(0), flatten=FLATTEN):
-        expert, row0, row_end, col0 = _locate_work(
-            work, num_col_blocks, starts, ends, tiles, cum_tiles, BLOCK_E, BLOCK_M, BLOCK_N
-        )
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            a = grad_y_desc.load([row0, k])
-            if B_K_MAJOR:
-                b = w_desc.load([expert, col0, k]).reshape(BLOCK_N, BLOCK_K).T
-            else:
-                b = w_desc.load([expert, k, col0]).reshape(BLOCK_K, BLOCK_N)
-            acc = tl.dot(a, b, acc)
-        # The SwiGLU backward of this tile, as `swiglu._swiglu_bwd_kernel` computes it. Loads are masked to the
-        # tile's own rows and columns: each element of gate_up is read and then overwritten (in place) by this
-        # program alone, and rows of the next expert or past offsets[-1] (never written) are not read.
-        rows = row0 + tl.arange(0, BLOCK_M)
-        cols = col0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < row_end
-        mask = row_ok[:, None] & (cols < inter)[None, :]
-        gu_offs = rows.to(tl.int64)[:, None] * (2 * inter) + cols[None, :]
-        gate = tl.load(gate_up_ptr + gu_offs, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(gate_up_ptr + gu_offs + inter, mask=mask, other=0.0).to(tl.float32)
-        weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        # Rounded as the unfused GEMM stores it, so that both paths give the same gradients.
-        grad = acc.to(grad_gate_up_ptr.dtype.element_ty).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
-        act = silu * up
-        # Per row, this column block's share of the routing weight's gradient; where() keeps the unstored rows'
-        # values (another expert's gradient rows, which may not be finite) out of it.
-        row_share = tl.sum(tl.where(mask, grad * act, 0.0), axis=1)
-        grad_act = grad * weight[:, None]
-        grad_gate = grad_act * up * sig * (1.0 + gate * (1.0 - sig))
-        grad_up = grad_act * silu
-        tl.store(grad_gate_up_ptr + gu_offs, grad_gate.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
-        tl.store(grad_gate_up_ptr + gu_offs + inter, grad_up.to(grad_gate_up_ptr.dtype.element_ty), mask=mask)
-        if WRITE_ACT:
-            act_ptrs = act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :]
-            tl.store(act_ptrs, (act * weight[:, None]).to(act_ptr.dtype.element_ty), mask=mask)
-        col_block = (col0 // BLOCK_N).to(tl.int64)
-        tl.store(partials_ptr + col_block * num_rows + rows, row_share, mask=row_ok)
-    # Rows past offsets[-1] (dropped slots) get a zero routing-weight gradient, as from the unfused kernel.
-    num_valid = tl.load(offsets_ptr + num_experts - 1)
-    for start in tl.range(num_valid + tl.program_id(0) * BLOCK_M, num_rows, tl.num_programs(0) * BLOCK_M):
-        rows = start + tl.arange(0, BLOCK_M)
-        ptrs = partials_ptr + rows
-        for _ in range(0, num_col_blocks):
-            tl.store(ptrs, tl.zeros([BLOCK_M], tl.float32), mask=rows < num_rows)
-            ptrs += num_rows
 
 
 def _aligned(t: torch.Tensor, contiguous_dim: int) -> bool:
@@ -295,94 +228,3 @@ def _gate_up_swiglu_fake(x, gate_up_proj, weight, offsets):
 
 
 gate_up_swiglu = register_kernel_op("gate_up_swiglu", _gate_up_swiglu, _gate_up_swiglu_fake)
-
-
-def _num_col_blocks(inter: int) -> int:
-    return triton.cdiv(inter, _SWIGLU_BWD_BLOCK_N)
-
-
-def _down_swiglu_backward(
-    grad_y: torch.Tensor,
-    down_proj: torch.Tensor,
-    gate_up: torch.Tensor,
-    weight: torch.Tensor,
-    offsets: torch.Tensor,
-    recompute_act: bool,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """[`down_swiglu_backward`]'s launch, with the routing weight's gradient as float32 partial sums
-    `[cdiv(I, _SWIGLU_BWD_BLOCK_N), S]` over column blocks (summed by the caller: no atomics, deterministic)."""
-    gate_up, weight = gate_up.contiguous(), weight.contiguous()
-    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    num_col_blocks = _num_col_blocks(inter)
-    if not (supports(grad_y, down_proj) and gate_up.dtype == grad_y.dtype):
-        grad_act = _grouped_mm(grad_y, down_proj, offsets)
-        grad_gate_up, grad_weight, act = swiglu_backward(gate_up, weight, grad_act, offsets, recompute_act, in_place)
-        return grad_gate_up, torch.nn.functional.pad(grad_weight[None], (0, 0, 0, num_col_blocks - 1)), act
-    num_experts, K, _ = down_proj.shape
-    grad_gate_up = gate_up if in_place else torch.empty_like(gate_up)
-    act = gate_up.new_empty(num_rows, inter) if recompute_act else grad_gate_up  # not written without it
-    partials = torch.empty(num_col_blocks, num_rows, device=gate_up.device, dtype=torch.float32)
-    grad_y_desc = TensorDescriptor(grad_y, [num_rows, K], [grad_y.stride(0), 1], [_BLOCK_M, _BLOCK_K])
-    k_major = down_proj.stride(1) == 1
-    if k_major:
-        w_desc = _weight_descriptor(down_proj.transpose(1, 2), [1, _SWIGLU_BWD_BLOCK_N, _BLOCK_K])
-    else:
-        w_desc = _weight_descriptor(down_proj, [1, _BLOCK_K, _SWIGLU_BWD_BLOCK_N])
-    _down_swiglu_backward_kernel[_grid(gate_up.device, num_rows, num_experts, num_col_blocks)](
-        grad_y_desc, w_desc, gate_up, weight, grad_gate_up, act, partials, offsets, num_experts, num_rows, inter, K,
-        B_K_MAJOR=k_major, WRITE_ACT=recompute_act, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=_BLOCK_M,
-        BLOCK_N=_SWIGLU_BWD_BLOCK_N, BLOCK_K=_BLOCK_K, FLATTEN=_SWIGLU_BWD_FLATTEN, num_warps=_NUM_WARPS,
-        num_stages=_NUM_STAGES,
-    )
-    return grad_gate_up, partials, act if recompute_act else None
-
-
-def _down_swiglu_backward_new(
-    grad_y: torch.Tensor, down_proj: torch.Tensor, gate_up: torch.Tensor, weight: torch.Tensor,
-    offsets: torch.Tensor, recompute_act: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    grad_gate_up, partials, act = _down_swiglu_backward(grad_y, down_proj, gate_up, weight, offsets, recompute_act)
-    return grad_gate_up, partials, gate_up.new_empty(0, gate_up.shape[1] // 2) if act is None else act
-
-
-def _down_swiglu_backward_fake(grad_y, down_proj, gate_up, weight, offsets, recompute_act):
-    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-    return (torch.empty_like(gate_up), gate_up.new_empty(_num_col_blocks(inter), num_rows, dtype=torch.float32),
-            gate_up.new_empty(num_rows if recompute_act else 0, inter))
-
-
-_down_swiglu_backward_op = register_kernel_op(
-    "down_swiglu_backward", _down_swiglu_backward_new, _down_swiglu_backward_fake
-)
-
-
-def down_swiglu_backward(
-    grad_y: torch.Tensor,
-    down_proj: torch.Tensor,
-    gate_up: torch.Tensor,
-    weight: torch.Tensor,
-    offsets: torch.Tensor,
-    recompute_act: bool,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The experts' backward from the down projection's output gradient to the gate/up projection, in one kernel:
-    `grad_act = grouped_mm(grad_y [S, H], down_proj [E, H, I])` with the SwiGLU backward in its epilogue
-    (`swiglu.swiglu_backward(gate_up, weight, grad_act, offsets, recompute_act)`, whose outputs it returns: the
-    gradients w.r.t. `gate_up [S, 2I]` and `weight` (float32, 0 on rows past `offsets[-1]`), and the activation
-    `weight · silu(gate) ⊙ up [S, I]` when `recompute_act`); `grad_act` never reaches memory. `down_proj` is the
-    stored `[E, H, I]` weight (row-major, or K-major when stored transposed). Where `supports(grad_y, down_proj)`
-    is false, runs `grouped_mm` and the SwiGLU backward kernel instead.
-
-    `in_place` writes the `gate_up` gradient over `gate_up` (each element is read, then written, by one program);
-    eager mode only (torch.compile traces the functional op `hf_moe::down_swiglu_backward`).
-    """
-    if in_place and torch.compiler.is_compiling():
-        raise ValueError("down_swiglu_backward: in_place=True cannot be traced by torch.compile; pass in_place=False")
-    if in_place:
-        grad_gate_up, partials, act = _down_swiglu_backward(grad_y, down_proj, gate_up, weight, offsets,
-                                                            recompute_act, in_place=True)
-    else:
-        grad_gate_up, partials, act = _down_swiglu_backward_op(grad_y, down_proj, gate_up, weight, offsets,
-                                                               recompute_act)
-    return grad_gate_up, partials.sum(0), act if recompute_act else None
