@@ -44,7 +44,9 @@ def test_router_loss_weight_is_the_configured_one_over_two_processes(tmp_path):
     out = str(tmp_path / "aux")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(os.path.dirname(__file__), "trainer_worker.py"), out, "2", "2"]
-    subprocess.run(cmd, check=True, timeout=300, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, timeout=300, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]  # the workers' tracebacks
     ranks = [torch.load(f"{out}.{r}.pt") for r in range(2)]
     for got_0, got_1 in zip(ranks[0]["grads"], ranks[1]["grads"]):
         torch.testing.assert_close(got_0, got_1)  # DDP made the gradients equal
