@@ -17,8 +17,7 @@ KINDS = (
     ("cudnn", "attention"), ("flash", "attention"), ("fmha", "attention"), ("flex_attention", "attention"),
     ("nvjet", "dense GEMM (cuBLAS)"), ("_grouped_mm", "routed GEMM"), ("gate_up_swiglu", "routed GEMM"),
     ("quack", "routed GEMM"), ("cutlass", "routed GEMM"), ("gemm", "routed GEMM"), ("cross_entropy", "loss"),
-    ("gather", "expert glue"), ("swiglu_bwd", "expert glue"),
-    ("sort", "expert glue"), ("top_k", "router"),
+    ("gather", "expert glue"), ("swiglu_bwd", "expert glue"), ("sort", "expert glue"), ("top_k", "router"),
     ("triton_", "inductor"),
 )
 # kernels listed by name in a profile row, the largest first
