@@ -50,29 +50,23 @@ def causal_lm_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     ignore_index: int = -100,
     shift_labels: torch.Tensor | None = None,
+    fused: bool | None = None,
     **kwargs,
 ) -> torch.Tensor:
     """transformers' `ForCausalLMLoss`: the cross-entropy of `logits [..., V]` against `labels` shifted left by one
     (or `shift_labels` as given), `ignore_index` rows left out; the mean over the other rows, or their sum divided by
-    `num_items_in_batch` when given (an int or a tensor). Float32. Fused on CUDA (module docstring)."""
+    `num_items_in_batch` when given (an int or a tensor). Float32.
+
+    `fused=None` runs the Triton kernels where they serve the logits (CUDA, a supported dtype, `FUSED_CROSS_ENTROPY`
+    set) and transformers' function elsewhere; `fused=True` runs the kernels wherever the tensors are (CUDA, or the
+    CPU under Triton's interpreter). On the kernels the reductions are torch ops on the per-row losses, so dividing by
+    a count or a tensor `num_items_in_batch` never reads a value on the host."""
     if logits.shape[-1] != vocab_size:
         raise ValueError(f"causal_lm_loss: logits have {logits.shape[-1]} columns but vocab_size={vocab_size}")
-    if not (FUSED_CROSS_ENTROPY and triton_serves(logits) and logits.dtype in kernels.CROSS_ENTROPY_DTYPES):
+    if fused is None:
+        fused = FUSED_CROSS_ENTROPY and triton_serves(logits) and logits.dtype in kernels.CROSS_ENTROPY_DTYPES
+    if not fused:
         return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels, **kwargs)
-    return fused_causal_lm_loss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels)
-
-
-def fused_causal_lm_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    vocab_size: int,
-    num_items_in_batch: torch.Tensor | int | None = None,
-    ignore_index: int = -100,
-    shift_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[`causal_lm_loss`] on the Triton kernels, wherever the tensors are (CUDA, or the CPU under Triton's
-    interpreter). The reductions are torch ops on the per-row losses, so dividing by a count or a tensor
-    `num_items_in_batch` never reads a value on the host."""
     if shift_labels is None:
         shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.reshape(-1).to(logits.device)

@@ -13,6 +13,7 @@ tolerance.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 
@@ -23,7 +24,7 @@ from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss, ForMaske
 
 import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
-from hf_moe.loss import causal_lm_loss, fused_causal_lm_loss
+from hf_moe.loss import causal_lm_loss
 
 from .conftest import count_calls, rel_err, requires_cuda, tiny_config
 
@@ -33,6 +34,7 @@ requires_kernels = pytest.mark.skipif(
     reason="needs Triton and a CUDA device (or TRITON_INTERPRET=1)",
 )
 DEVICE = "cuda" if CUDA else "cpu"
+fused_causal_lm_loss = functools.partial(causal_lm_loss, fused=True)  # the kernels, on the CPU too (interpreter)
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 """Relative error against float64: float32 arithmetic, and for bf16 the gradient's rounding to bf16."""
 
