@@ -119,6 +119,19 @@ def _backward(
     return grad_logits
 
 
+def _backward_traced(
+    logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, grad_loss: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """The backward kernel's result in torch ops, for torch.compile: one pointwise pass over `[N, V]` that inductor
+    fuses with whatever else adds into the logits' gradient (in a model, the zero gradient of the logits it
+    returns), which a custom op's kernel cannot take in: that sum would be one more read and write of `[N, V]`."""
+    active = (target != ignore_index)[:, None]
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    probs = torch.exp(logits.float() - lse[:, None])
+    grad = grad_loss[:, None] * (probs - (cols == target[:, None]).float())
+    return torch.where(active, grad, 0.0).to(logits.dtype)
+
+
 _forward_op = register_kernel_op("cross_entropy_forward", _forward, _forward_fake)
 _backward_op = register_kernel_op(
     "cross_entropy_backward", _backward,
@@ -140,7 +153,8 @@ class _CrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
         logits, target, lse = ctx.saved_tensors
-        return _backward_op(logits, target, lse, grad_loss, ctx.ignore_index), None, None
+        backward = _backward_traced if torch.compiler.is_compiling() else _backward_op
+        return backward(logits, target, lse, grad_loss, ctx.ignore_index), None, None
 
 
 def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
