@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_rope_utils import dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaRMSNorm,
@@ -23,6 +24,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_hf_moe import HfMoeConfig
+from .moe.kernels.library import register_kernel_op
 
 
 class HfMoeRMSNorm(LlamaRMSNorm):
@@ -38,7 +40,35 @@ class HfMoeRMSNorm(LlamaRMSNorm):
         return F.rms_norm(hidden_states, self.weight.shape, self.weight, self.variance_epsilon)
 
 
+def _rotary_cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's RoPE cosines and sines `[..., 2·len(inv_freq)]` of `position_ids`, computed in float32 (each angle is
+    one product, as in Llama's) and scaled, then rounded to `dtype`."""
+    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device, torch.float32)
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
+def _rotary_cos_sin_fake(position_ids, inv_freq, scaling, dtype):
+    shape = (*position_ids.shape, 2 * inv_freq.shape[-1])
+    return position_ids.new_empty(shape, dtype=dtype), position_ids.new_empty(shape, dtype=dtype)
+
+
+# One opaque node under torch.compile: its `[B, S, D]` outputs are computed once per forward and read by every
+# layer. As plain operators, inductor fuses them into each layer's q/k norm and RoPE kernels and evaluates the
+# cosines and sines again for every head, in forward and in backward (docs/decisions/compile.md, "RoPE's cosines
+# under compile").
+rotary_cos_sin = register_kernel_op("rotary_cos_sin", _rotary_cos_sin, _rotary_cos_sin_fake)
+
+
 class HfMoeRotaryEmbedding(LlamaRotaryEmbedding):
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama's `(cos, sin)` in `x`'s dtype, from the custom op `hf_moe::rotary_cos_sin` (see above)."""
+        return rotary_cos_sin(position_ids, self.inv_freq, float(self.attention_scaling), x.dtype)
+
     @staticmethod
     def compute_default_rope_parameters(config: HfMoeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
         """Llama's inverse frequencies over the `config.rotary_dim` rotated dimensions of a head (all of them unless

@@ -115,6 +115,34 @@ def test_compiled_model_gives_sdpa_its_causal_flag_unless_something_else_masks(g
         assert calls[0].kwargs.get("is_causal") is False and calls[0].kwargs.get("attn_mask") is not None
 
 
+def test_compiled_model_computes_rope_once_as_one_op():
+    """RoPE's cosines and sines reach the compiled graph as one `hf_moe::rotary_cos_sin` node and no `cos`/`sin`
+    operator, so inductor cannot fuse their evaluation into every layer's kernels (once per head, forward and
+    backward); the training step equals eager."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    torch.manual_seed(0)
+    model = HfMoeForCausalLM(tiny_config(num_hidden_layers=2)).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    graphs = []
+
+    def keep(graph_module, _inputs):
+        graphs.append(graph_module.graph)
+        return make_boxed_func(graph_module.forward)
+
+    torch._dynamo.reset()
+    compiled = copy.deepcopy(model)
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    torch.compile(compiled, backend=backend, fullgraph=True)(input_ids=ids, labels=ids).loss.backward()
+    model(input_ids=ids, labels=ids).loss.backward()
+    targets = [str(node.target) for graph in graphs for node in graph.nodes if node.op == "call_function"]
+    assert targets.count("hf_moe.rotary_cos_sin.default") == 1, targets
+    assert not [t for t in targets if t in ("aten.cos.default", "aten.sin.default")], targets
+    for (name, param), compiled_param in zip(model.named_parameters(), compiled.parameters()):
+        assert_rel_close(compiled_param.grad, param.grad, 1e-5, name)
+
+
 def test_layers_compiled_one_by_one_train_as_eager():
     """Each decoder layer compiled on its own with `fullgraph=True` (as FSDP2 recipes compile one unit per layer),
     the model around them eager: the routing reaches the router losses through no hook, so nothing breaks a layer's

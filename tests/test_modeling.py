@@ -333,6 +333,39 @@ def test_rope_on_adjacent_pairs_of_a_partial_rotary_head_equals_ernies_rotation(
     assert torch.equal(ours_q[..., 8:], q[..., 8:]), "the dimensions past the rotary ones pass through"
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default"},
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "default", "partial_rotary_factor": 0.5},
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_cos_sin_equal_llamas(rope, dtype):
+    """hf-moe's RoPE (one custom op) gives exactly the cosines and sines of transformers' `LlamaRotaryEmbedding` on
+    the same module, for each RoPE type (a dynamic one past its original length too, where it updates its
+    frequencies first) and dtype."""
+    import copy
+
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from hf_moe.attention import HfMoeRotaryEmbedding
+
+    config = tiny_config(head_dim=16, max_position_embeddings=64,
+                         rope_parameters={"rope_theta": 1000.0, **rope})
+    ours = HfMoeRotaryEmbedding(config)
+    theirs = copy.deepcopy(ours)
+    x = torch.zeros(1, dtype=dtype)
+    for positions in (torch.arange(7)[None].expand(2, -1), torch.arange(200)[None] * 3):
+        got = ours(x, positions)
+        want = LlamaRotaryEmbedding.forward(theirs, x, positions)
+        assert torch.equal(ours.inv_freq, theirs.inv_freq)
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "cohere2_moe"])
 def test_loading_a_model_type_hf_moe_does_not_import_is_refused_by_name(tmp_path, model_type):
     """A dense checkpoint, or an MoE one of a family hf-moe does not import, is refused naming its model_type and
