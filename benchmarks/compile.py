@@ -197,7 +197,8 @@ def main() -> None:
                     help="comma list of hf-moe, transformers, hf-moe-llama-norm (hf-moe with transformers' "
                          "eight-operator RMSNorm instead of torch's fused one), hf-moe-no-quack (training: the "
                          "weight gradients on torch's grouped GEMM where quack is installed), "
-                         "hf-moe-unfused-loss (training: transformers' cross-entropy instead of the fused one)")
+                         "hf-moe-unfused-loss (training: transformers' cross-entropy instead of the fused one), "
+                         "hf-moe-llama-rope (RoPE's cosines from Llama's operators instead of one custom op)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--peer-attention", default=None,

@@ -17,11 +17,11 @@ from unittest import mock
 
 import torch
 import transformers
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
 import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
-from hf_moe.attention import HfMoeRMSNorm
+from hf_moe.attention import HfMoeRMSNorm, HfMoeRotaryEmbedding
 from hf_moe.interop import FAMILIES
 from hf_moe.moe.experts.plan import override_plan
 
@@ -48,6 +48,8 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "hf-moe-no-quack": lambda: override_plan(quack=False),
     # transformers' ForCausalLMLoss (a float32 copy of the logits, inductor's kernels), not the fused cross-entropy
     "hf-moe-unfused-loss": lambda: mock.patch.object(hf_moe.loss, "FUSED_CROSS_ENTROPY", False),
+    # RoPE's cosines from Llama's operators, which inductor fuses into every layer, not hf-moe's one custom op
+    "hf-moe-llama-rope": lambda: mock.patch.object(HfMoeRotaryEmbedding, "forward", LlamaRotaryEmbedding.forward),
 }
 # Relative L2 error of the logits the two models may differ by: float32 is the same function up to rounding; bfloat16
 # runs other kernels in other orders (a wrong weight would give an error near 1).

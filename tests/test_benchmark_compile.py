@@ -110,3 +110,23 @@ def test_plan_variants_train_the_same_model_under_their_plan(monkeypatch):
                 ("eager",))
     assert [r["what"] for r in rows] == ["train_hf-moe_eager", "train_hf-moe-no-quack_eager"]
     assert plans == ["no-quack", "no-quack"]  # the variant's first call and warm-up step, not hf-moe's
+
+
+def test_llama_rope_variant_takes_rope_from_llamas_operators(monkeypatch):
+    """`hf-moe-llama-rope` computes RoPE's cosines with Llama's operators instead of hf-moe's custom op, to the same
+    logits (the A/B of that op in one run)."""
+    import hf_moe.attention
+    from benchmarks.compile_models import VARIANTS
+
+    from .conftest import count_calls
+
+    model = build_models(TINY["qwen3"], 1, "cpu", torch.float32)["hf-moe"].eval()
+    calls = count_calls(monkeypatch, hf_moe.attention, "rotary_cos_sin")
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        assert len(calls) == 1
+        with VARIANTS["hf-moe-llama-rope"]():
+            got = model(input_ids=ids).logits
+    assert len(calls) == 1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
