@@ -58,7 +58,7 @@ def _rotary_cos_sin_fake(position_ids, inv_freq, scaling, dtype):
 # One opaque node under torch.compile: its `[B, S, D]` outputs are computed once per forward and read by every
 # layer. As plain operators, inductor fuses them into each layer's q/k norm and RoPE kernels and evaluates the
 # cosines and sines again for every head, in forward and in backward (docs/decisions/compile.md, "RoPE's cosines
-# under compile").
+# and the loss's backward under compile").
 rotary_cos_sin = register_kernel_op("rotary_cos_sin", _rotary_cos_sin, _rotary_cos_sin_fake)
 
 

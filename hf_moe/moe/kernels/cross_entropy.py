@@ -3,7 +3,9 @@
 `F.cross_entropy(logits.float(), ...)` (transformers' `ForCausalLMLoss`) writes a float32 copy of `[N, V]` logits
 and reads it twice forward and again backward. Here forward reads the bf16/fp16/fp32 logits once (online max and
 sum of exponentials in float32 over blocks of the vocabulary) and keeps one float32 per row, the log-sum-exp;
-backward reads them once more and writes the gradient in their dtype. One program handles one row.
+backward reads them once more and writes the gradient in their dtype. One program handles one row. Under
+torch.compile the backward is the same formula in torch ops, which inductor fuses with any other gradient that adds
+into the logits (a model's returned logits: their zero gradient).
 
 Rows whose target is `ignore_index` have loss 0 and gradient 0 (their logits are not read backward). A target
 outside `[0, V)` that is not `ignore_index` gives a NaN loss, which needs no host sync to report (torch raises a

@@ -61,7 +61,7 @@ def _gather_rows_into(src: torch.Tensor, index: torch.Tensor, offsets: torch.Ten
     if src.stride(1) != 1 or out.stride(1) != 1:
         raise ValueError(f"gather_rows: columns must be contiguous; got strides {src.stride()} and {out.stride()}")
     # 4 rows × 512 columns per program: more programs in flight than with 1024 columns, which a copy bound by
-    # memory latency needs (docs/decisions/compile.md, "Smaller pieces")
+    # memory latency needs (docs/decisions/compile.md, "RoPE's cosines and the loss's backward under compile")
     block_r, block_h = 4, min(512, triton.next_power_of_2(hidden))
     grid = (triton.cdiv(index.numel(), block_r), triton.cdiv(hidden, block_h))
     _gather_rows_kernel[grid](
