@@ -100,3 +100,20 @@ def _fresh_seed():
     torch.manual_seed(seed)
     print(f"HF_MOE_TEST_SEED={seed}")
     yield
+
+
+def aot_graph_backend() -> tuple[object, dict[str, list]]:
+    """A torch.compile backend that runs AOT autograd's forward and backward graphs as they are and keeps them:
+    `graphs["forward"]` and `graphs["backward"]`, one `torch.fx.Graph` per compiled graph."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+
+    def keep(kind: str):
+        def compiler(graph_module, _inputs):
+            graphs[kind].append(graph_module.graph)
+            return make_boxed_func(graph_module.forward)
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")), graphs

@@ -13,7 +13,7 @@ from hf_moe import HfMoeForCausalLM
 from hf_moe.integrations import MoETrainerCallback
 from hf_moe.moe.block import HfMoeSparseMoeBlock
 
-from .conftest import assert_rel_close, tiny_config
+from .conftest import aot_graph_backend, assert_rel_close, tiny_config
 
 BLOCK_CASES = {
     "dropless": {},
@@ -119,24 +119,16 @@ def test_compiled_model_computes_rope_once_as_one_op():
     """RoPE's cosines and sines reach the compiled graph as one `hf_moe::rotary_cos_sin` node and no `cos`/`sin`
     operator, so inductor cannot fuse their evaluation into every layer's kernels (once per head, forward and
     backward); the training step equals eager."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
     torch.manual_seed(0)
     model = HfMoeForCausalLM(tiny_config(num_hidden_layers=2)).train()
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
-    graphs = []
-
-    def keep(graph_module, _inputs):
-        graphs.append(graph_module.graph)
-        return make_boxed_func(graph_module.forward)
-
+    backend, graphs = aot_graph_backend()
     torch._dynamo.reset()
     compiled = copy.deepcopy(model)
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep)
     torch.compile(compiled, backend=backend, fullgraph=True)(input_ids=ids, labels=ids).loss.backward()
     model(input_ids=ids, labels=ids).loss.backward()
-    targets = [str(node.target) for graph in graphs for node in graph.nodes if node.op == "call_function"]
+    targets = [str(node.target) for graph in graphs["forward"] + graphs["backward"] for node in graph.nodes
+               if node.op == "call_function"]
     assert targets.count("hf_moe.rotary_cos_sin.default") == 1, targets
     assert not [t for t in targets if t in ("aten.cos.default", "aten.sin.default")], targets
     for (name, param), compiled_param in zip(model.named_parameters(), compiled.parameters()):

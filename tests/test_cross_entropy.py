@@ -26,7 +26,7 @@ import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
 from hf_moe.loss import causal_lm_loss
 
-from .conftest import count_calls, rel_err, requires_cuda, tiny_config
+from .conftest import aot_graph_backend, count_calls, rel_err, requires_cuda, tiny_config
 
 CUDA = torch.cuda.is_available()
 requires_kernels = pytest.mark.skipif(
@@ -179,23 +179,13 @@ def test_compiled_backward_is_traced_for_fusion():
     """Under torch.compile the backward is torch ops, not the backward kernel's op, so that inductor fuses it with
     the other gradients that add into the logits (a model's returned logits); the forward stays the kernel. The
     result is checked against float64 with the gradient of the returned logits added."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    graphs = {}
-
-    def keep(kind):
-        def compiler(gm, _inputs):
-            graphs[kind] = str(gm.graph)
-            return make_boxed_func(gm.forward)
-        return compiler
+    backend, graphs = aot_graph_backend()
 
     def loss_and_logits(logits, labels):
         return fused_causal_lm_loss(logits, labels, logits.shape[-1]), logits * 1
 
     torch._dynamo.reset()
-    compiled = torch.compile(loss_and_logits, fullgraph=True,
-                             backend=aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward")))
+    compiled = torch.compile(loss_and_logits, fullgraph=True, backend=backend)
     logits, labels = _inputs(2, 6, 300, torch.float32, ignored=0.2, seed=6)
     extra = torch.randn(logits.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     grads = []
@@ -205,8 +195,9 @@ def test_compiled_backward_is_traced_for_fusion():
         torch.autograd.backward((loss, out), (torch.tensor(1.0, dtype=loss.dtype, device=DEVICE),
                                               extra.to(out.dtype)))
         grads.append(x.grad)
-    assert "cross_entropy_forward" in graphs["forward"]
-    assert "cross_entropy_backward" not in graphs["backward"] and "exp" in graphs["backward"]
+    forward, backward = (str(graphs[kind][0]) for kind in ("forward", "backward"))
+    assert "cross_entropy_forward" in forward
+    assert "cross_entropy_backward" not in backward and "exp" in backward
     assert rel_err(grads[0], grads[1]) <= 1e-5
 
 
