@@ -70,12 +70,16 @@ def test_cuda_own_grouped_mm_matches_float64_loop(monkeypatch, counts, layout, p
 
 
 @requires_tma
+@pytest.mark.parametrize("one_acc_max_k", [4096, 0])  # one accumulator (default at these widths), two
 @pytest.mark.parametrize("programs", [None, 1, 3])
 @pytest.mark.parametrize("counts", OFFSET_CASES)
-def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(monkeypatch, counts, programs):
+def test_cuda_own_gate_up_swiglu_matches_float64_loop_and_the_unfused_kernels(
+    monkeypatch, counts, programs, one_acc_max_k
+):
     from hf_moe.moe.kernels import grouped_gemm, swiglu
 
     _limit_programs(monkeypatch, programs)
+    monkeypatch.setattr(grouped_gemm, "ONE_ACCUMULATOR_MAX_K", one_acc_max_k)
     hidden, inter = 72, 300  # three column blocks, the last partial
     offsets = torch.tensor(counts).cumsum(0).to(device="cuda", dtype=torch.int32)
     num_valid = int(offsets[-1])

@@ -34,11 +34,16 @@ _torch_grouped_mm = getattr(torch.nn.functional, "grouped_mm", None) or getattr(
 
 # Tiles chosen on an H200 at the Qwen3-30B-A3B, DeepSeek-V3 and Mixtral shapes (docs/decisions/own-grouped-gemms.md).
 _BLOCK_M, _BLOCK_N, _BLOCK_K, _NUM_WARPS, _NUM_STAGES = 128, 256, 64, 8, 3
-# The fused gate/up kernel keeps two accumulators (gate and up), so each covers half the columns.
+# The fused gate/up kernel's tile: BLOCK_M rows × _SWIGLU_BLOCK_N activation columns.
 _SWIGLU_BLOCK_N = 128
+ONE_ACCUMULATOR_MAX_K = 4096
+"""With up to this many inputs the fused gate/up kernel keeps the gate's and the up projection's columns in one
+accumulator `[BLOCK_M, 2 · _SWIGLU_BLOCK_N]` (one load of both weight row blocks, one more pipeline stage, the tile
+loop pipelined too); with more (DeepSeek-V3's 7168, where reading the weights bounds the kernel) two accumulators
+ran faster. docs/decisions/own-grouped-gemms.md §5."""
 # Software-pipeline the loop over a program's tiles together with the K loop, so the next tile's first loads are
-# issued during this tile's epilogue. Not in the gate/up kernel: with its two accumulators that ran slower.
-_FLATTEN, _SWIGLU_FLATTEN = True, False
+# issued during this tile's epilogue (in the gate/up kernel only with one accumulator: with two it ran slower).
+_FLATTEN = True
 
 
 @triton.jit
@@ -98,28 +103,36 @@ def _grouped_mm_kernel(
 def _gate_up_swiglu_kernel(
     x_desc, w_desc, gate_up_ptr, act_ptr, weight_ptr, offsets_ptr, num_experts, inter, K,
     BLOCK_E: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    FLATTEN: tl.constexpr,
+    ONE_ACC: tl.constexpr,
 ):
     starts, ends, tiles, cum_tiles = _tile_table(offsets_ptr, num_experts, BLOCK_E, BLOCK_M)
     num_col_blocks = tl.cdiv(inter, BLOCK_N)
     num_work = tl.sum(tiles) * num_col_blocks
-    for work in tl.range(tl.program_id(0), num_work, tl.num_programs(0), flatten=FLATTEN):
+    dtype = gate_up_ptr.dtype.element_ty
+    for work in tl.range(tl.program_id(0), num_work, tl.num_programs(0), flatten=ONE_ACC):
         expert, row0, row_end, col0 = _locate_work(
             work, num_col_blocks, starts, ends, tiles, cum_tiles, BLOCK_E, BLOCK_M, BLOCK_N
         )
-        gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            x = x_desc.load([row0, k])
-            gate = tl.dot(x, w_desc.load([expert, col0, k]).reshape(BLOCK_N, BLOCK_K).T, gate)
-            up = tl.dot(x, w_desc.load([expert, inter + col0, k]).reshape(BLOCK_N, BLOCK_K).T, up)
+        # The weight is read as [E, 2, I, H]: index 0 the gate's rows, 1 the up projection's. Each is rounded to the
+        # stored dtype first: the activation is then the one backward recomputes from the saved gate/up.
+        if ONE_ACC:  # columns [0, BLOCK_N) of the accumulator the gate's, [BLOCK_N, 2·BLOCK_N) the up projection's
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                w = w_desc.load([expert, 0, col0, k]).reshape(2 * BLOCK_N, BLOCK_K)
+                acc = tl.dot(x_desc.load([row0, k]), w.T, acc)
+            gate, up = tl.split(tl.permute(acc.to(dtype).reshape(BLOCK_M, 2, BLOCK_N), (0, 2, 1)))
+        else:
+            gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(0, K, BLOCK_K):
+                x = x_desc.load([row0, k])
+                gate = tl.dot(x, w_desc.load([expert, 0, col0, k]).reshape(BLOCK_N, BLOCK_K).T, gate)
+                up = tl.dot(x, w_desc.load([expert, 1, col0, k]).reshape(BLOCK_N, BLOCK_K).T, up)
+            gate, up = gate.to(dtype), up.to(dtype)
         rows = row0 + tl.arange(0, BLOCK_M)
         cols = col0 + tl.arange(0, BLOCK_N)
         row_ok = rows < row_end
         mask = row_ok[:, None] & (cols < inter)[None, :]
-        # Round to the stored dtype first: the activation is then the one backward recomputes from the saved gate/up.
-        gate = gate.to(gate_up_ptr.dtype.element_ty)
-        up = up.to(gate_up_ptr.dtype.element_ty)
         gate_up_ptrs = gate_up_ptr + rows.to(tl.int64)[:, None] * (2 * inter) + cols[None, :]
         tl.store(gate_up_ptrs, gate, mask=mask)
         tl.store(gate_up_ptrs + inter, up, mask=mask)
@@ -213,11 +226,12 @@ def _gate_up_swiglu(
     gate_up = x.new_empty(num_rows, two_inter)
     act = x.new_empty(num_rows, inter)
     x_desc = TensorDescriptor(x, [num_rows, K], [x.stride(0), 1], [_BLOCK_M, _BLOCK_K])
-    w_desc = _weight_descriptor(gate_up_proj, [1, _SWIGLU_BLOCK_N, _BLOCK_K])
+    one_acc = K <= ONE_ACCUMULATOR_MAX_K
+    w_desc = _weight_descriptor(gate_up_proj.unflatten(1, (2, inter)), [1, 1 + one_acc, _SWIGLU_BLOCK_N, _BLOCK_K])
     _gate_up_swiglu_kernel[_grid(x.device, num_rows, num_experts, triton.cdiv(inter, _SWIGLU_BLOCK_N))](
         x_desc, w_desc, gate_up, act, weight, offsets, num_experts, inter, K,
         BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_M=_BLOCK_M, BLOCK_N=_SWIGLU_BLOCK_N, BLOCK_K=_BLOCK_K,
-        FLATTEN=_SWIGLU_FLATTEN, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        ONE_ACC=one_acc, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES + one_acc,
     )
     return gate_up, act
 
