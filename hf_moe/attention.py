@@ -24,7 +24,14 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from .configuration_hf_moe import HfMoeConfig
+from .moe import kernels
 from .moe.kernels.library import register_kernel_op
+from .moe.ops import triton_serves
+
+FUSED_NORM_ROPE = True
+"""Whether q/k norm per head followed by RoPE (Qwen3's) runs as one Triton kernel each way on CUDA
+(`hf_moe.moe.kernels.norm_rope`); False: torch's operators everywhere (an A/B switch; torch.compile recompiles on a
+change)."""
 
 
 class HfMoeRMSNorm(LlamaRMSNorm):
@@ -291,6 +298,11 @@ class HfMoeAttention(nn.Module):
             k_width = self.head_dim if per_head else config.num_key_value_heads * self.head_dim
             self.q_norm = HfMoeRMSNorm(q_width, eps=config.rms_norm_eps)
             self.k_norm = HfMoeRMSNorm(k_width, eps=config.rms_norm_eps)
+        # the norm-then-RoPE pattern the fused kernel computes: per head, Llama's RoPE on every dimension
+        self.norm_rope_fusable = (
+            self.qk_norm_per_head and not self.rope_interleave and config.rotary_dim == self.head_dim
+            and self.head_dim & (self.head_dim - 1) == 0
+        )
         self.sinks = nn.Parameter(torch.empty(config.num_attention_heads)) if config.attention_sinks else None
 
     def forward(
@@ -301,23 +313,9 @@ class HfMoeAttention(nn.Module):
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states, key_states = self.q_proj(hidden_states), self.k_proj(hidden_states)
-        if self.qk_norm_per_projection:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
-        if self.qk_norm_per_head:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
-        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query_states, key_states = self.queries_keys(hidden_states, *position_embeddings)
         value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-
-        cos, sin = position_embeddings
-        query_states, key_states = apply_partial_rotary_pos_emb(
-            query_states, key_states, cos, sin, self.rope_interleave
-        )
-        if self.qk_norm_after_rope:
-            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
         if past_key_values is not None:
             key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
 
@@ -327,3 +325,38 @@ class HfMoeAttention(nn.Module):
         attn_output, attn_weights = attend(self, query_states, key_states, value_states, attention_mask, sinks,
                                            sliding_window=self.sliding_window, **kwargs)
         return self.o_proj(attn_output), attn_weights
+
+    def queries_keys(
+        self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys `[B, heads, S, D]`: projected, normed and rotated as the config says."""
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query_states, key_states = self.q_proj(hidden_states), self.k_proj(hidden_states)
+        if self.fuses_norm_rope(query_states, cos):
+            q_norm, k_norm, norm_rope = self.q_norm, self.k_norm, kernels.norm_rope.norm_rope
+            query_states = norm_rope(query_states.view(hidden_shape), q_norm.weight, cos, sin, q_norm.variance_epsilon)
+            key_states = norm_rope(key_states.view(hidden_shape), k_norm.weight, cos, sin, k_norm.variance_epsilon)
+            return query_states.transpose(1, 2), key_states.transpose(1, 2)
+        if self.qk_norm_per_projection:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.view(hidden_shape), key_states.view(hidden_shape)
+        if self.qk_norm_per_head:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        query_states, key_states = query_states.transpose(1, 2), key_states.transpose(1, 2)
+        query_states, key_states = apply_partial_rotary_pos_emb(
+            query_states, key_states, cos, sin, self.rope_interleave
+        )
+        if self.qk_norm_after_rope:
+            query_states, key_states = self.q_norm(query_states), self.k_norm(key_states)
+        return query_states, key_states
+
+    def fuses_norm_rope(self, states: torch.Tensor, cos: torch.Tensor) -> bool:
+        """Whether the q/k norm and RoPE run as one kernel (`hf_moe.moe.kernels.norm_rope`): the pattern it computes,
+        on CUDA with Triton, plain weights (not a tensor-parallel DTensor) in the states' dtype, `[B, S, D]` cos."""
+        if not (FUSED_NORM_ROPE and self.norm_rope_fusable and triton_serves(states) and cos.dim() == 3):
+            return False
+        q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
+        return (
+            q_weight.dtype == k_weight.dtype == states.dtype
+            and not hasattr(q_weight, "to_local") and not hasattr(k_weight, "to_local")
+        )

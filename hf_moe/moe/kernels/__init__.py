@@ -1,5 +1,5 @@
-"""Triton kernels of the routed experts, the router, the row-sparse optimizer and the language-model loss (CUDA
-only), one module per fused operation:
+"""Triton kernels of the routed experts, the router, the row-sparse optimizer, the language-model loss and the
+attention's q/k norm (CUDA only), one module per fused operation:
 
 - `gather`: row gather and deterministic gather-sum (the experts' and dispatchers' row movements);
 - `swiglu`: SwiGLU with the routing weight, forward and backward;
@@ -14,6 +14,7 @@ only), one module per fused operation:
   torch custom op; `product_key_tables`: its table gradients (expert-sorted, deterministic);
 - `cross_entropy`: the causal-LM loss's cross-entropy over the vocabulary and its backward, reading the logits in
   their own dtype (`hf_moe.loss`);
+- `norm_rope`: per-head RMSNorm followed by RoPE (Qwen3's q/k norm) and its backward (`hf_moe.attention`);
 - `row_sparse_adamw`: AdamW over the rows of a table that have a gradient (`hf_moe.RowSparseAdamW`);
 - `quack_gemm`: the experts' weight gradients with quack-kernels' grouped GEMM (optional; imports quack, not Triton,
   and only when called).
@@ -34,7 +35,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 """Whether Triton is installed (found without importing it)."""
 
 _KERNEL_MODULES = ("gather", "swiglu", "grouped_gemm", "decode", "sort_by_expert", "softmax_top_k",
-                   "product_key_top_k", "product_key_experts", "row_sparse_adamw", "quack_gemm", "cross_entropy")
+                   "product_key_top_k", "product_key_experts", "row_sparse_adamw", "quack_gemm", "cross_entropy",
+                   "norm_rope")
 
 CROSS_ENTROPY_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 """The logits dtypes `cross_entropy` reads (others run the torch path)."""
