@@ -198,7 +198,9 @@ def main() -> None:
                          "eight-operator RMSNorm instead of torch's fused one), hf-moe-no-quack (training: the "
                          "weight gradients on torch's grouped GEMM where quack is installed), "
                          "hf-moe-unfused-loss (training: transformers' cross-entropy instead of the fused one), "
-                         "hf-moe-llama-rope (RoPE's cosines from Llama's operators instead of one custom op)")
+                         "hf-moe-llama-rope (RoPE's cosines from Llama's operators instead of one custom op), "
+                         "hf-moe-unfused-norm-rope (q/k norm and RoPE from torch's operators instead of one kernel), "
+                         "hf-moe-two-acc (the fused gate/up kernel with two accumulators at every width)")
     ap.add_argument("--modes", default="eager,compiled", help="training modes: comma list of eager, compiled")
     ap.add_argument("--batches", default="16,1", help="generate batch sizes")
     ap.add_argument("--peer-attention", default=None,

@@ -19,6 +19,7 @@ import torch
 import transformers
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
+import hf_moe.attention
 import hf_moe.loss
 from hf_moe import HfMoeForCausalLM
 from hf_moe.attention import HfMoeRMSNorm, HfMoeRotaryEmbedding
@@ -50,6 +51,10 @@ VARIANTS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
     "hf-moe-unfused-loss": lambda: mock.patch.object(hf_moe.loss, "FUSED_CROSS_ENTROPY", False),
     # RoPE's cosines from Llama's operators, which inductor fuses into every layer, not hf-moe's one custom op
     "hf-moe-llama-rope": lambda: mock.patch.object(HfMoeRotaryEmbedding, "forward", LlamaRotaryEmbedding.forward),
+    # q/k norm and RoPE from torch's operators (inductor's kernels under compile), not hf-moe's fused kernel
+    "hf-moe-unfused-norm-rope": lambda: mock.patch.object(hf_moe.attention, "FUSED_NORM_ROPE", False),
+    # the fused gate/up + SwiGLU kernel with two accumulators at every width (one accumulator up to 4096 inputs)
+    "hf-moe-two-acc": lambda: mock.patch("hf_moe.moe.kernels.grouped_gemm.ONE_ACCUMULATOR_MAX_K", 0),
 }
 # Relative L2 error of the logits the two models may differ by: float32 is the same function up to rounding; bfloat16
 # runs other kernels in other orders (a wrong weight would give an error near 1).

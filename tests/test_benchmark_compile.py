@@ -130,3 +130,25 @@ def test_llama_rope_variant_takes_rope_from_llamas_operators(monkeypatch):
             got = model(input_ids=ids).logits
     assert len(calls) == 1
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_kernel_variants_switch_their_kernel_off():
+    """`hf-moe-unfused-norm-rope` turns the fused q/k norm + RoPE off (torch's operators in every layer) and
+    `hf-moe-two-acc` the fused gate/up kernel's single accumulator, each only inside its block."""
+    import importlib.util
+
+    import hf_moe.attention
+    from benchmarks.compile_models import VARIANTS
+
+    config = TINY["qwen3"]
+    attention = build_models(config, 1, "cpu", torch.float32)["hf-moe"].model.layers[0].self_attn
+    assert attention.norm_rope_fusable and hf_moe.attention.FUSED_NORM_ROPE
+    with VARIANTS["hf-moe-unfused-norm-rope"]():
+        assert not hf_moe.attention.FUSED_NORM_ROPE
+    assert hf_moe.attention.FUSED_NORM_ROPE
+    if importlib.util.find_spec("triton") is not None:
+        from hf_moe.moe.kernels import grouped_gemm
+
+        with VARIANTS["hf-moe-two-acc"]():
+            assert grouped_gemm.ONE_ACCUMULATOR_MAX_K == 0
+        assert grouped_gemm.ONE_ACCUMULATOR_MAX_K == 4096
