@@ -6,8 +6,8 @@ installed), and skip otherwise: output, input gradient and weight gradient again
 `apply_rotary_pos_emb` in float64, for cosines shared by the batch or per sequence, an upstream gradient laid out as
 SDPA returns it (`[B, H, S, D]` memory), a row count that is not a multiple of the block, fp32 and bf16. CPU tests
 (CI): which attention layers take the kernel. CUDA tests: the model's training step with the kernel equals the one
-with torch's operators (forward, every parameter's gradient), eager and compiled, and the compiled graph calls the
-two ops once per layer each.
+with torch's operators (forward, every parameter's gradient; float32), eager and compiled, and the compiled graph
+calls the two ops once per layer each.
 """
 
 from __future__ import annotations
@@ -118,20 +118,21 @@ def _training_step(model, ids):
 @requires_cuda
 @pytest.mark.parametrize("compiled", [False, True])
 def test_cuda_model_with_the_kernel_equals_torch_ops(compiled):
+    # float32: the two paths then differ by rounding only, too little to change any token's experts
     torch.manual_seed(0)
     config = tiny_config(qk_norm=True, head_dim=64, num_attention_heads=4, num_key_value_heads=2)
-    model = HfMoeForCausalLM(config).cuda().to(torch.bfloat16)
+    model = HfMoeForCausalLM(config).cuda()
     ids = torch.randint(0, config.vocab_size, (2, 24), device="cuda")
-    assert all(layer.self_attn.fuses_norm_rope(torch.ones(1, device="cuda", dtype=torch.bfloat16),
-                                               torch.ones(1, 1, 64)) for layer in model.model.layers)
+    assert all(layer.self_attn.fuses_norm_rope(torch.ones(1, device="cuda"), torch.ones(1, 1, 64))
+               for layer in model.model.layers)
     run = torch.compile(model) if compiled else model
     logits, grads = _training_step(run, ids)
     with mock.patch.object(hf_moe.attention, "FUSED_NORM_ROPE", False):
         ref_logits, ref_grads = _training_step(run, ids)
-    assert rel_err(logits, ref_logits) < 2e-2
+    assert rel_err(logits, ref_logits) < 1e-4
     assert grads.keys() == ref_grads.keys()
     for name, grad in grads.items():
-        assert rel_err(grad, ref_grads[name]) < 5e-2, name
+        assert rel_err(grad, ref_grads[name]) < 1e-3, name
 
 
 @requires_cuda
