@@ -1,10 +1,11 @@
 """Per-head RMSNorm followed by RoPE (Qwen3's q/k norm), forward and backward, one pass over the heads each way.
 
 Forward reads a head's row once (rounding once, to the input's dtype, after RoPE); backward reads the row and its
-gradient once and writes the input's gradient, and sums the weight's gradient per block of rows (a float32
-`[blocks, D]` that torch reduces). Under torch.compile both are custom ops: inductor's kernels for the same
-operators re-read and write the normalised rows between the norm's backward and RoPE's, and their weight-gradient
-reduction (docs/decisions/compile.md, "q/k norm and RoPE in one kernel").
+gradient once and writes the input's gradient, and sums the weight's gradient per 128 rows (a float32 `[blocks, D]`
+that torch reduces). A head is handled as its two halves, the pairs `rotate_half` rotates, so no value is loaded
+twice. Under torch.compile both are custom ops: inductor's kernels for the same operators re-read and write the
+normalised rows between the norm's backward and RoPE's, and reduce the weight's gradient apart
+(docs/decisions/compile.md, "q/k norm and RoPE in one kernel").
 
 Rows are the `[B, S, H]` heads of `x [B, S, H, D]` (any strides, the last one 1); `cos, sin [B or 1, S, D]` are
 Llama's (`rotate_half` pairs the two halves of a head), broadcast over the heads.
@@ -18,7 +19,10 @@ import triton.language as tl
 
 from .library import register_kernel_op
 
-_BLOCK_R = 32  # heads per program
+# Rows (heads) per block: 8 keep forward at 56 and backward at 72 registers per thread on sm_90 (tests/triton_aot.py;
+# 32 rows took all 255), so many blocks per SM keep loads in flight. Backward walks _CHUNKS blocks per program,
+# summing the weight's gradient in registers: 128 rows per float32 partial row.
+_BLOCK_R, _CHUNKS = 8, 16
 
 
 @triton.jit
@@ -35,53 +39,69 @@ def _norm_rope_fwd_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, num_rows, heads, seq, eps,
     xs_b, xs_s, xs_h, cs_b, cs_s, D: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # Each head as its two halves (lo, hi), the pairs RoPE rotates: out_lo = n_lo·cos_lo − n_hi·sin_lo and
+    # out_hi = n_hi·cos_hi + n_lo·sin_hi, n = x·r·w the normed row.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = (rows < num_rows)[:, None]
-    cols = tl.arange(0, D)
-    partner = (cols + D // 2) % D  # rotate_half: column d takes -x[d + D/2] (first half) or x[d - D/2]
-    sign = tl.where(cols < D // 2, -1.0, 1.0)
+    lo = tl.arange(0, D // 2)[None, :]
+    hi = lo + D // 2
     x_off, b, s = _row_offsets(rows, heads, seq, xs_b, xs_s, xs_h)
+    x_ptrs = x_ptr + x_off[:, None]
     c_off = (b * cs_b + s * cs_s)[:, None]
-    x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    x_p = tl.load(x_ptr + x_off[:, None] + partner[None, :], mask=ok, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-    w = tl.load(w_ptr + cols).to(tl.float32)[None, :]
-    w_p = tl.load(w_ptr + partner).to(tl.float32)[None, :]
-    cos = tl.load(cos_ptr + c_off + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + c_off + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    out = x * r * w * cos + sign[None, :] * (x_p * r * w_p) * sin
-    out_off = rows[:, None] * D + cols[None, :]
-    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=ok)
+    x_lo = tl.load(x_ptrs + lo, mask=ok, other=0.0).to(tl.float32)
+    x_hi = tl.load(x_ptrs + hi, mask=ok, other=0.0).to(tl.float32)
+    r = tl.rsqrt((tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1)) / D + eps)[:, None]
+    n_lo = x_lo * r * tl.load(w_ptr + lo).to(tl.float32)
+    n_hi = x_hi * r * tl.load(w_ptr + hi).to(tl.float32)
+    cos_lo = tl.load(cos_ptr + c_off + lo, mask=ok, other=0.0).to(tl.float32)
+    cos_hi = tl.load(cos_ptr + c_off + hi, mask=ok, other=0.0).to(tl.float32)
+    sin_lo = tl.load(sin_ptr + c_off + lo, mask=ok, other=0.0).to(tl.float32)
+    sin_hi = tl.load(sin_ptr + c_off + hi, mask=ok, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + rows[:, None] * D
+    tl.store(out_ptrs + lo, (n_lo * cos_lo - n_hi * sin_lo).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptrs + hi, (n_hi * cos_hi + n_lo * sin_hi).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def _norm_rope_bwd_kernel(
     x_ptr, w_ptr, cos_ptr, sin_ptr, g_ptr, dx_ptr, dw_ptr, num_rows, heads, seq, eps,
-    xs_b, xs_s, xs_h, cs_b, cs_s, gs_b, gs_s, gs_h, D: tl.constexpr, BLOCK_R: tl.constexpr,
+    xs_b, xs_s, xs_h, cs_b, cs_s, gs_b, gs_s, gs_h, D: tl.constexpr, BLOCK_R: tl.constexpr, CHUNKS: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    ok = (rows < num_rows)[:, None]
-    cols = tl.arange(0, D)
-    partner = (cols + D // 2) % D
-    # RoPE's transpose: d(out)/d(n) sends g[d]·cos[d] to n[d] and ±g[p]·sin[p] to n[d], p = partner(d), with +
-    # for the first half (n[d] enters out[p] as +n[d]·sin[p]) and − for the second (as −n[d]·sin[p])
-    sign = tl.where(cols < D // 2, 1.0, -1.0)
-    x_off, b, s = _row_offsets(rows, heads, seq, xs_b, xs_s, xs_h)
-    g_off, _, _ = _row_offsets(rows, heads, seq, gs_b, gs_s, gs_h)
-    c_off = (b * cs_b + s * cs_s)[:, None]
-    g = tl.load(g_ptr + g_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    g_p = tl.load(g_ptr + g_off[:, None] + partner[None, :], mask=ok, other=0.0).to(tl.float32)
-    cos = tl.load(cos_ptr + c_off + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    sin_p = tl.load(sin_ptr + c_off + partner[None, :], mask=ok, other=0.0).to(tl.float32)
-    grad_n = g * cos + sign[None, :] * g_p * sin_p  # gradient of the normed row n = x·r·w
-    x = tl.load(x_ptr + x_off[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    r = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None]
-    x_hat = x * r
-    w = tl.load(w_ptr + cols).to(tl.float32)[None, :]
-    grad_hat = grad_n * w
-    dx = r * (grad_hat - x_hat * (tl.sum(grad_hat * x_hat, axis=1) / D)[:, None])
-    tl.store(dx_ptr + rows[:, None] * D + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=ok)
-    tl.store(dw_ptr + tl.program_id(0) * D + cols, tl.sum(grad_n * x_hat, axis=0))
+    lo = tl.arange(0, D // 2)[None, :]
+    hi = lo + D // 2
+    w_lo = tl.load(w_ptr + lo).to(tl.float32)
+    w_hi = tl.load(w_ptr + hi).to(tl.float32)
+    grad_w_lo = tl.zeros([D // 2], dtype=tl.float32)
+    grad_w_hi = tl.zeros([D // 2], dtype=tl.float32)
+    for chunk in range(CHUNKS):
+        rows = (tl.program_id(0).to(tl.int64) * CHUNKS + chunk) * BLOCK_R + tl.arange(0, BLOCK_R)
+        ok = (rows < num_rows)[:, None]
+        x_off, b, s = _row_offsets(rows, heads, seq, xs_b, xs_s, xs_h)
+        g_off, _, _ = _row_offsets(rows, heads, seq, gs_b, gs_s, gs_h)
+        x_ptrs, g_ptrs = x_ptr + x_off[:, None], g_ptr + g_off[:, None]
+        c_off = (b * cs_b + s * cs_s)[:, None]
+        # RoPE's transpose: the gradient of the normed row is (g_lo·cos_lo + g_hi·sin_hi, g_hi·cos_hi − g_lo·sin_lo)
+        g_lo = tl.load(g_ptrs + lo, mask=ok, other=0.0).to(tl.float32)
+        g_hi = tl.load(g_ptrs + hi, mask=ok, other=0.0).to(tl.float32)
+        grad_lo = (g_lo * tl.load(cos_ptr + c_off + lo, mask=ok, other=0.0).to(tl.float32)
+                   + g_hi * tl.load(sin_ptr + c_off + hi, mask=ok, other=0.0).to(tl.float32))
+        grad_hi = (g_hi * tl.load(cos_ptr + c_off + hi, mask=ok, other=0.0).to(tl.float32)
+                   - g_lo * tl.load(sin_ptr + c_off + lo, mask=ok, other=0.0).to(tl.float32))
+        # the norm's backward: n = x̂·w with x̂ = x·r, dx = r·(dx̂ − x̂·mean(dx̂·x̂)), dx̂ = dn·w, dw = Σ dn·x̂
+        x_lo = tl.load(x_ptrs + lo, mask=ok, other=0.0).to(tl.float32)
+        x_hi = tl.load(x_ptrs + hi, mask=ok, other=0.0).to(tl.float32)
+        r = tl.rsqrt((tl.sum(x_lo * x_lo, axis=1) + tl.sum(x_hi * x_hi, axis=1)) / D + eps)[:, None]
+        x_lo, x_hi = x_lo * r, x_hi * r
+        d_lo, d_hi = grad_lo * w_lo, grad_hi * w_hi
+        mean = ((tl.sum(d_lo * x_lo, axis=1) + tl.sum(d_hi * x_hi, axis=1)) / D)[:, None]
+        dx_ptrs = dx_ptr + rows[:, None] * D
+        tl.store(dx_ptrs + lo, (r * (d_lo - x_lo * mean)).to(dx_ptr.dtype.element_ty), mask=ok)
+        tl.store(dx_ptrs + hi, (r * (d_hi - x_hi * mean)).to(dx_ptr.dtype.element_ty), mask=ok)
+        grad_w_lo += tl.sum(grad_lo * x_lo, axis=0)
+        grad_w_hi += tl.sum(grad_hi * x_hi, axis=0)
+    dw_ptrs = dw_ptr + tl.program_id(0) * D + tl.arange(0, D // 2)
+    tl.store(dw_ptrs, grad_w_lo)
+    tl.store(dw_ptrs + D // 2, grad_w_hi)
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor) -> None:
@@ -120,14 +140,14 @@ def _backward(
     cos, sin = cos.contiguous(), sin.contiguous()
     batch, seq, heads, dim = x.shape
     num_rows = batch * seq * heads
-    blocks = triton.cdiv(num_rows, _BLOCK_R)
+    blocks = triton.cdiv(num_rows, _BLOCK_R * _CHUNKS)
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     partial = torch.empty(blocks, dim, device=x.device, dtype=torch.float32)
     if num_rows:
         _norm_rope_bwd_kernel[(blocks,)](
             x, weight, cos, sin, grad, grad_x, partial, num_rows, heads, seq, eps,
             x.stride(0), x.stride(1), x.stride(2), *_broadcast_strides(cos),
-            grad.stride(0), grad.stride(1), grad.stride(2), D=dim, BLOCK_R=_BLOCK_R,
+            grad.stride(0), grad.stride(1), grad.stride(2), D=dim, BLOCK_R=_BLOCK_R, CHUNKS=_CHUNKS,
         )
     return grad_x, partial.sum(0)
 
