@@ -4,10 +4,10 @@
 Kernel tests run on a CUDA device, or on the CPU under Triton's interpreter (`TRITON_INTERPRET=1` with Triton
 installed), and skip otherwise: output, input gradient and weight gradient against transformers' `LlamaRMSNorm` and
 `apply_rotary_pos_emb` in float64, for cosines shared by the batch or per sequence, an upstream gradient laid out as
-SDPA returns it (`[B, H, S, D]` memory), a row count that is not a multiple of the block, fp32 and bf16. CPU tests
-(CI): which attention layers take the kernel. CUDA tests: the model's training step with the kernel equals the one
-with torch's operators (forward, every parameter's gradient; float32), eager and compiled, and the compiled graph
-calls the two ops once per layer each.
+SDPA returns it (`[B, H, S, D]` memory), a row count that is not a multiple of the block, fp32 and bf16; the same
+under torch.compile(fullgraph=True). CPU tests (CI): which attention layers take the kernel. CUDA tests: the model's
+training step with the kernel equals the one with torch's operators (forward, every parameter's gradient; float32),
+eager and compiled, and the compiled graph calls the two ops once per layer each.
 """
 
 from __future__ import annotations
@@ -74,6 +74,31 @@ def test_norm_rope_matches_float64_llama_norm_and_rope(dtype, cos_batch):
     assert rel_err(out, ref) < TOL[dtype]
     assert rel_err(x_.grad, x64.grad) < TOL[dtype]
     assert rel_err(w_.grad, norm.weight.grad) < TOL[dtype]
+
+
+@requires_kernels
+def test_norm_rope_compiled_fullgraph_equals_eager():
+    """Traced, the autograd.Function's forward and backward are the two custom ops (their fake shapes and dtypes are
+    what the launchers return), with no graph break."""
+    from hf_moe.moe.kernels.norm_rope import norm_rope
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 32, device=DEVICE, requires_grad=True)
+    weight = (1 + 0.3 * torch.randn(32, device=DEVICE)).requires_grad_()
+    cos, sin = _cos_sin(1, 5, 32, torch.float32)
+    grad = torch.randn(2, 3, 5, 32, device=DEVICE)
+
+    def queries(x, weight):
+        return norm_rope(x, weight, cos, sin, 1e-6).transpose(1, 2)
+
+    want = queries(x, weight)
+    want_grads = torch.autograd.grad(want, (x, weight), grad)
+    torch._dynamo.reset()
+    got = torch.compile(queries, fullgraph=True)(x, weight)
+    got_grads = torch.autograd.grad(got, (x, weight), grad)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
 
 
 @requires_kernels
