@@ -116,8 +116,7 @@ def _broadcast_strides(cos: torch.Tensor) -> tuple[int, int]:
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
-    """`rope(rms_norm(x) · weight)` as a contiguous `[B, S, H, D]` in `x`'s dtype."""
-    _check(x, cos)
+    """`rope(rms_norm(x) · weight)` as a contiguous `[B, S, H, D]` in `x`'s dtype (shapes checked by `norm_rope`)."""
     cos, sin = cos.contiguous(), sin.contiguous()
     batch, seq, heads, dim = x.shape
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
