@@ -19,10 +19,12 @@ import triton.language as tl
 
 from .library import register_kernel_op
 
-# Rows (heads) per block: 8 keep forward at 56 and backward at 72 registers per thread on sm_90 (tests/triton_aot.py;
-# 32 rows took all 255), so many blocks per SM keep loads in flight. Backward walks _CHUNKS blocks per program,
-# summing the weight's gradient in registers: 128 rows per float32 partial row.
-_BLOCK_R, _CHUNKS = 8, 16
+# Launch shapes (rows = heads per block): few registers per thread, so many blocks per SM keep loads in flight.
+# Backward walks _BWD_CHUNKS blocks per program, summing the weight's gradient in registers: 128 rows per float32
+# partial row. An H100 sweep of rows, chunks and warps put these within the sweep's noise of its best
+# (docs/decisions/compile.md, "q/k norm and RoPE in one kernel").
+_FWD_ROWS, _FWD_WARPS = 8, 4
+_BWD_ROWS, _BWD_CHUNKS, _BWD_WARPS = 8, 16, 4
 
 
 @triton.jit
@@ -71,8 +73,9 @@ def _norm_rope_bwd_kernel(
     hi = lo + D // 2
     w_lo = tl.load(w_ptr + lo).to(tl.float32)
     w_hi = tl.load(w_ptr + hi).to(tl.float32)
-    grad_w_lo = tl.zeros([D // 2], dtype=tl.float32)
-    grad_w_hi = tl.zeros([D // 2], dtype=tl.float32)
+    # the weight's gradient per element of the block, summed over rows once at the end (no reduction per chunk)
+    grad_w_lo = tl.zeros([BLOCK_R, D // 2], dtype=tl.float32)
+    grad_w_hi = tl.zeros([BLOCK_R, D // 2], dtype=tl.float32)
     for chunk in range(CHUNKS):
         rows = (tl.program_id(0).to(tl.int64) * CHUNKS + chunk) * BLOCK_R + tl.arange(0, BLOCK_R)
         ok = (rows < num_rows)[:, None]
@@ -97,11 +100,11 @@ def _norm_rope_bwd_kernel(
         dx_ptrs = dx_ptr + rows[:, None] * D
         tl.store(dx_ptrs + lo, (r * (d_lo - x_lo * mean)).to(dx_ptr.dtype.element_ty), mask=ok)
         tl.store(dx_ptrs + hi, (r * (d_hi - x_hi * mean)).to(dx_ptr.dtype.element_ty), mask=ok)
-        grad_w_lo += tl.sum(grad_lo * x_lo, axis=0)
-        grad_w_hi += tl.sum(grad_hi * x_hi, axis=0)
+        grad_w_lo += grad_lo * x_lo
+        grad_w_hi += grad_hi * x_hi
     dw_ptrs = dw_ptr + tl.program_id(0) * D + tl.arange(0, D // 2)
-    tl.store(dw_ptrs, grad_w_lo)
-    tl.store(dw_ptrs + D // 2, grad_w_hi)
+    tl.store(dw_ptrs, tl.sum(grad_w_lo, axis=0))
+    tl.store(dw_ptrs + D // 2, tl.sum(grad_w_hi, axis=0))
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor) -> None:
@@ -122,9 +125,9 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torc
     out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     num_rows = batch * seq * heads
     if num_rows:
-        _norm_rope_fwd_kernel[(triton.cdiv(num_rows, _BLOCK_R),)](
+        _norm_rope_fwd_kernel[(triton.cdiv(num_rows, _FWD_ROWS),)](
             x, weight, cos, sin, out, num_rows, heads, seq, eps, x.stride(0), x.stride(1), x.stride(2),
-            *_broadcast_strides(cos), D=dim, BLOCK_R=_BLOCK_R,
+            *_broadcast_strides(cos), D=dim, BLOCK_R=_FWD_ROWS, num_warps=_FWD_WARPS,
         )
     return out
 
@@ -139,14 +142,15 @@ def _backward(
     cos, sin = cos.contiguous(), sin.contiguous()
     batch, seq, heads, dim = x.shape
     num_rows = batch * seq * heads
-    blocks = triton.cdiv(num_rows, _BLOCK_R * _CHUNKS)
+    blocks = triton.cdiv(num_rows, _BWD_ROWS * _BWD_CHUNKS)
     grad_x = torch.empty(x.shape, device=x.device, dtype=x.dtype)
     partial = torch.empty(blocks, dim, device=x.device, dtype=torch.float32)
     if num_rows:
         _norm_rope_bwd_kernel[(blocks,)](
             x, weight, cos, sin, grad, grad_x, partial, num_rows, heads, seq, eps,
             x.stride(0), x.stride(1), x.stride(2), *_broadcast_strides(cos),
-            grad.stride(0), grad.stride(1), grad.stride(2), D=dim, BLOCK_R=_BLOCK_R, CHUNKS=_CHUNKS,
+            grad.stride(0), grad.stride(1), grad.stride(2), D=dim,
+            BLOCK_R=_BWD_ROWS, CHUNKS=_BWD_CHUNKS, num_warps=_BWD_WARPS,
         )
     return grad_x, partial.sum(0)
 
