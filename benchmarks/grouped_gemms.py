@@ -199,6 +199,7 @@ def main() -> None:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--step", action="store_true", help="the experts' whole step with and without the Triton GEMMs")
     mode.add_argument("--block", action="store_true", help="the MoE block's step, eager and graphed, the same way")
+    ap.add_argument("--out", default=None, help="append the rows to this JSONL file (default: benchmarks/results/)")
     a = ap.parse_args()
     import triton
 
@@ -207,7 +208,7 @@ def main() -> None:
     print(json.dumps(env))
     torch.manual_seed(0)
     results = []
-    with ResultFile(__name__) as out:
+    with ResultFile(__name__, a.out) as out:
         out.write({"what": "env", **env})
         for name in a.shapes.split(","):
             for tokens in [int(t) for t in a.tokens.split(",")] if a.tokens else [SHAPES[name][4]]:
