@@ -52,11 +52,20 @@ def _cos_sin(batch, seq, dim, dtype):
 @requires_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cos_batch", [1, 3])
-def test_norm_rope_matches_float64_llama_norm_and_rope(dtype, cos_batch):
+@pytest.mark.parametrize(
+    "launch",  # (forward rows, warps; backward rows, chunks, warps): the defaults and two other shapes
+    [None, (4, 1, 32, 4, 4), (32, 8, 4, 2, 1)],
+)
+def test_norm_rope_matches_float64_llama_norm_and_rope(monkeypatch, dtype, cos_batch, launch):
+    from hf_moe.moe.kernels import norm_rope as module
     from hf_moe.moe.kernels.norm_rope import norm_rope
 
+    if launch is not None:
+        names = ("_FWD_ROWS", "_FWD_WARPS", "_BWD_ROWS", "_BWD_CHUNKS", "_BWD_WARPS")
+        for name, value in zip(names, launch):
+            monkeypatch.setattr(module, name, value)
     torch.manual_seed(0)
-    batch, seq, heads, dim = 3, 7, 5, 32  # 105 rows: not a multiple of the 32-row block
+    batch, seq, heads, dim = 3, 7, 5, 32  # 105 rows: no multiple of any block's rows
     x = (torch.randn(batch, seq, heads * dim, device=DEVICE) * 3).to(dtype).view(batch, seq, heads, dim)
     weight = (1 + 0.3 * torch.randn(dim, device=DEVICE)).to(dtype)
     cos, sin = _cos_sin(cos_batch, seq, dim, dtype)
