@@ -120,6 +120,14 @@ def test_norm_rope_rejects_bad_shapes():
         norm_rope(x, torch.ones(24, device=DEVICE), cos, cos, 1e-6)
     with pytest.raises(ValueError, match=r"cos/sin \[B or 1, S, D\]"):
         norm_rope(x[..., :16], torch.ones(16, device=DEVICE), cos, cos, 1e-6)
+    x, weight = x[..., :16], torch.ones(16, device=DEVICE)
+    cos = cos[..., :16]
+    for bad_cos, bad_sin in [(cos[:, :2], cos[:, :2]),  # shorter than the sequence: read past its end
+                             (cos.expand(3, -1, -1), cos.expand(3, -1, -1)),  # neither 1 nor the batch
+                             (cos, cos[:, :2])]:  # sin not cos's shape
+        with pytest.raises(ValueError, match=r"cos/sin \[B or 1, S, D\]"):
+            norm_rope(x, weight, bad_cos, bad_sin, 1e-6)
+    norm_rope(x, weight, cos.expand(2, -1, -1), cos.expand(2, -1, -1), 1e-6)  # per sequence: accepted
 
 
 @pytest.mark.parametrize(

@@ -107,10 +107,17 @@ def _norm_rope_bwd_kernel(
     tl.store(dw_ptrs + D // 2, tl.sum(grad_w_hi, axis=0))
 
 
-def _check(x: torch.Tensor, cos: torch.Tensor) -> None:
-    if x.dim() != 4 or x.stride(-1) != 1 or cos.dim() != 3 or cos.shape[-1] != x.shape[-1]:
+def _check(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """The kernels read `cos`/`sin` at `(b or 0, s)` for every row of `x`: any other shape would read past them."""
+    batch, seq, dim = (*x.shape[:2], x.shape[-1]) if x.dim() == 4 else (None, None, None)
+    if (x.dim() != 4 or x.stride(-1) != 1 or cos.shape != sin.shape or cos.dim() != 3
+            or cos.shape[0] not in (1, batch) or cos.shape[1:] != (seq, dim)):
         raise ValueError(f"norm_rope: x must be [B, S, H, D] with a contiguous last dim and cos/sin [B or 1, S, D]; "
-                         f"got x {tuple(x.shape)} (strides {x.stride()}) and cos {tuple(cos.shape)}")
+                         f"got x {tuple(x.shape)} (strides {x.stride()}), cos {tuple(cos.shape)} and sin "
+                         f"{tuple(sin.shape)}")
+    if weight.shape != (dim,) or dim & (dim - 1):
+        raise ValueError(f"norm_rope: weight must be [D] with D = {dim} a power of two; got weight "
+                         f"{tuple(weight.shape)}")
 
 
 def _broadcast_strides(cos: torch.Tensor) -> tuple[int, int]:
@@ -181,8 +188,5 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     """`apply_rotary_pos_emb(rms_norm(x, eps) · weight)` per head (float32 inside, one rounding to `x`'s dtype) of
     `x [B, S, H, D]` with Llama's `cos, sin [B or 1, S, D]`: a contiguous `[B, S, H, D]`, differentiable in `x` and
     `weight`. `weight [D]` has `x`'s dtype; D is a power of two."""
-    _check(x, cos)
-    if weight.shape != (x.shape[-1],) or x.shape[-1] & (x.shape[-1] - 1):
-        raise ValueError(f"norm_rope: weight must be [D] with D = {x.shape[-1]} a power of two; got weight "
-                         f"{tuple(weight.shape)}")
+    _check(x, weight, cos, sin)
     return _NormRope.apply(x, weight, cos, sin, eps)
