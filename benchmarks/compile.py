@@ -9,7 +9,9 @@ timed, that the two compute the same function (bf16 on the GPU; float32 with `--
 
 - `train`: forward + backward of 4 × 2048 tokens, eager and `torch.compile(model)`, tokens/s, first-call seconds,
   peak memory; transformers' model also compiled with flex attention (`--peer-attention`), its fastest compiled
-  configuration in the GPU image, which the training target compares with;
+  configuration in the GPU image, which the training target compares with; then hf-moe and that fastest
+  configuration compiled at once and timed against each other, steps alternating and back to back
+  (`train-alternating_*`, `train-back-to-back_*` rows: the same drift on both);
 - `generate`: 128 new tokens (greedy), dynamic cache eager (`cache_implementation="dynamic"`) and static cache
   compiled, at batch 16 and 1; for hf-moe also static cache with `compile_config=hf_moe.CUDAGraphConfig()` (the eager
   step replayed from CUDA graphs, no compile: `_graphs` rows) and a plain `generate` (`_default` rows: hf-moe's
@@ -39,6 +41,7 @@ benchmarks/results/compile-<time>.jsonl, or to `--out` (a .jsonl path). Exits 1 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import time
 from collections.abc import Callable
@@ -63,7 +66,10 @@ from .compile_models import (
 from .compile_report import check_failed, summary
 from .kernel_profile import profile_train
 from .record import ResultFile, error_row
-from .timing import first_call_seconds, seconds_per_call
+from .timing import device_times, first_call_seconds, ms_per_call, seconds_per_call
+
+# steps timed as one in the back-to-back rows: enough that one step's launch and sync are a small part
+BACK_TO_BACK = 8
 
 
 def past(deadline: float, what: str, record: Callable[[dict], None]) -> bool:
@@ -112,6 +118,47 @@ def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict
                 row = error_row(what, e)
             record(row)
         release(device)
+
+
+def fastest_peer(rows: list[dict]) -> str | None:
+    """The attention kernel of transformers' fastest compiled training row (None: its default)."""
+    timed = [r for r in rows if r["what"].startswith("train_transformers") and r["what"].endswith("_compiled")
+             and r.get("tokens_per_s")]
+    if not timed:
+        return None
+    best = max(timed, key=lambda r: r["tokens_per_s"])["what"]
+    return best[len("train_transformers"):-len("_compiled")].removeprefix("-") or None
+
+
+def head_to_head(models: dict, reps: int, seq: int, device: str, record: Callable[[dict], None],
+                 peer_attention: str | None, deadline: float = float("inf")) -> None:
+    """hf-moe and transformers' model (with `peer_attention`, its fastest compiled configuration), both compiled at
+    once and timed against each other: in `reps` rounds that alternate them, each step from an idle device
+    (`train-alternating_<case>_compiled`), then `BACK_TO_BACK` steps timed as one, their launches overlapping the
+    device's work as in a training loop (`train-back-to-back_<case>_compiled`). Drift of clocks and temperature, which
+    the one-case-after-another rows of `train` can put on one model only, falls on both alike here."""
+    cases = {"hf-moe": ("hf-moe", None), case_name("transformers", peer_attention): ("transformers", peer_attention)}
+    if past(deadline, "train-alternating", record):
+        return
+    vocab = models["hf-moe"].config.vocab_size
+    ids = torch.randint(0, vocab, (4, seq), device=device, generator=torch.Generator(device).manual_seed(1))
+    try:
+        with contextlib.ExitStack() as stack:
+            steps = {case: stack.enter_context(training_step(models, name, ids, attention))
+                     for case, (name, attention) in cases.items()}
+            seconds, _ = device_times(steps, device, reps, warmup=2)
+            back_ms = {case: ms_per_call(step, BACK_TO_BACK, device) for case, step in steps.items()}
+    except Exception as e:  # noqa: BLE001 - report and go on with the other parts
+        record(error_row("train-alternating", e))
+        return
+    finally:
+        release(device)
+    for case in cases:
+        record({"what": f"train-alternating_{case}_compiled", "tokens_per_s": ids.numel() / seconds[case],
+                "ms": seconds[case] * 1e3, "reps": reps})
+    for case in cases:
+        record({"what": f"train-back-to-back_{case}_compiled", "tokens_per_s": ids.numel() * 1e3 / back_ms[case],
+                "ms": back_ms[case], "steps": BACK_TO_BACK})
 
 
 def generate(models: dict, new_tokens: int, device: str, record: Callable[[dict], None],
@@ -258,8 +305,11 @@ def main() -> None:
                     models = {name: models[name] for name in names}
                 batches = tuple(int(b) for b in a.batches.split(","))
                 if part == "train":
-                    train(models, a.reps, seq, device, record, tuple(a.modes.split(",")), deadline,
+                    modes = tuple(a.modes.split(","))
+                    train(models, a.reps, seq, device, record, modes, deadline,
                           tuple(x for x in peer_attention.split(",") if x))
+                    if "compiled" in modes and {"hf-moe", "transformers"} <= set(models):
+                        head_to_head(models, a.reps, seq, device, record, fastest_peer(rows), deadline)
                 elif part == "profile" and device == "cuda":
                     profile_train(models, seq, record, tuple(x for x in peer_attention.split(",") if x))
                 elif part == "decode":

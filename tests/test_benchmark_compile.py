@@ -35,10 +35,15 @@ def test_target_lines():
             "train_transformers-flex_attention_compiled": 100.0, "train_transformers_eager": 200.0,
             "generate_bs16_hf-moe_static": 140.0, "generate_bs16_transformers_static": 100.0,
             "generate_bs1_hf-moe_static": 300.0, "generate_bs1_hf-moe_dynamic": 100.0,
-            "generate_bs1_hf-moe_default": 200.0}
+            "generate_bs1_hf-moe_default": 200.0, "train-alternating_hf-moe_compiled": 125.0,
+            "train-alternating_transformers-flex_attention_compiled": 100.0}
     lines = target_lines({what: {"tokens_per_s": tps} for what, tps in rows.items()})
     assert lines == [  # training against transformers' fastest compiled row (flex), not its default or eager one
         "target compiled training hf-moe / transformers' fastest compiled >= 1.3: measured 1.3 (met)",
+        "target compiled training, steps alternating, hf-moe / transformers' fastest compiled >= 1.3: measured 1.25 "
+        "(not met)",
+        "target compiled training, steps back to back, hf-moe / transformers' fastest compiled >= 1.3: measured - "
+        "(not measured)",
         "target compiled generate bs16 hf-moe / transformers >= 1.5: measured 1.4 (not met)",
         "target compiled generate bs1 hf-moe / transformers >= 1.0: measured - (not measured)",
         "target hf-moe generate bs1 compiled / plain generate (no compile) <= 2.0: measured 1.5 (met)",
@@ -62,6 +67,43 @@ def test_training_part_trains_transformers_with_each_peer_attention_compiled(mon
     assert [r["what"] for r in rows] == ["train_hf-moe_eager", "train_hf-moe_compiled", "train_transformers_eager",
                                          "train_transformers_compiled", "train_transformers-eager_compiled"]
     assert seen[-3:] == ["sdpa", "sdpa", "eager"] and all("error" not in r for r in rows)
+    assert models["transformers"].config._attn_implementation == "sdpa"
+
+
+def test_fastest_peer_is_the_attention_of_transformers_fastest_compiled_row():
+    from benchmarks.compile import fastest_peer
+
+    rows = [{"what": "train_transformers_compiled", "tokens_per_s": 100.0},
+            {"what": "train_transformers-flex_attention_compiled", "tokens_per_s": 110.0},
+            {"what": "train_transformers_eager", "tokens_per_s": 200.0},
+            {"what": "train_hf-moe_compiled", "tokens_per_s": 300.0},
+            {"what": "train_transformers-eager_compiled", "error": "no"}]
+    assert fastest_peer(rows) == "flex_attention"
+    rows[0]["tokens_per_s"] = 120.0
+    assert fastest_peer(rows) is None and fastest_peer([]) is None
+
+
+def test_head_to_head_alternates_the_two_compiled_steps(monkeypatch):
+    """Both models are compiled at once (the peer with its fastest attention), timed in rounds that alternate them and
+    back to back, and get their attention back."""
+    import benchmarks.compile as bench
+
+    models = build_models(TINY["qwen3"], 1, "cpu", torch.float32)
+    compiled, order = [], []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda m, args, name=name: order.append(
+            (name, m.config._attn_implementation)))
+    rows: list[dict] = []
+    bench.head_to_head(models, 2, 8, "cpu", rows.append, "eager")
+    assert [r["what"] for r in rows] == [
+        "train-alternating_hf-moe_compiled", "train-alternating_transformers-eager_compiled",
+        "train-back-to-back_hf-moe_compiled", "train-back-to-back_transformers-eager_compiled"]
+    assert compiled == [models["hf-moe"], models["transformers"]]
+    # 2 warm-up rounds and 2 timed ones alternate the models; then each model's back-to-back steps
+    assert order == [("hf-moe", "sdpa"), ("transformers", "eager")] * 4 + \
+        [("hf-moe", "sdpa")] * bench.BACK_TO_BACK + [("transformers", "eager")] * bench.BACK_TO_BACK
+    assert all(r["tokens_per_s"] > 0 for r in rows)
     assert models["transformers"].config._attn_implementation == "sdpa"
 
 
