@@ -1,4 +1,5 @@
-"""One results file per run: `benchmarks/results/<suite>-<UTC timestamp>.jsonl`, one JSON object a line.
+"""One results file per run: `benchmarks/results/<suite>-<UTC timestamp>.jsonl`, one JSON object a line (in the
+folder `HF_MOE_RESULTS` names instead, where set: e.g. the folder a remote machine sends back).
 
 The folder is ignored by git: raw results are the lab's, and any number a document relies on is quoted in its
 decision record under `docs/decisions/`.
@@ -7,6 +8,7 @@ decision record under `docs/decisions/`.
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +19,11 @@ import torch
 from .timing import synchronize
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_folder() -> Path:
+    """Where runs write their results: `HF_MOE_RESULTS` if set, else `RESULTS`."""
+    return Path(os.environ["HF_MOE_RESULTS"]) if os.environ.get("HF_MOE_RESULTS") else RESULTS
 
 
 def suite_name(module: str) -> str:
@@ -30,7 +37,7 @@ class ResultFile:
 
     def __init__(self, module: str, path: str | Path | None = None) -> None:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        self.path = Path(path) if path else RESULTS / f"{suite_name(module)}-{stamp}.jsonl"
+        self.path = Path(path) if path else results_folder() / f"{suite_name(module)}-{stamp}.jsonl"
         self._file: IO[str] | None = None
 
     def write(self, row: dict) -> None:
