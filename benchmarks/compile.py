@@ -134,9 +134,10 @@ def head_to_head(models: dict, reps: int, seq: int, device: str, record: Callabl
                  peer_attention: str | None, deadline: float = float("inf")) -> None:
     """hf-moe and transformers' model (with `peer_attention`, its fastest compiled configuration), both compiled at
     once and timed against each other: in `reps` rounds that alternate them, each step from an idle device
-    (`train-alternating_<case>_compiled`), then `BACK_TO_BACK` steps timed as one, their launches overlapping the
-    device's work as in a training loop (`train-back-to-back_<case>_compiled`). Drift of clocks and temperature, which
-    the one-case-after-another rows of `train` can put on one model only, falls on both alike here."""
+    (`train-alternating_<case>_compiled`, with `host_ms`: the host's time to issue the step), then `BACK_TO_BACK`
+    steps timed as one, their launches overlapping the device's work as in a training loop
+    (`train-back-to-back_<case>_compiled`). Drift of clocks and temperature, which the one-case-after-another rows of
+    `train` can put on one model only, falls on both alike here."""
     cases = {"hf-moe": ("hf-moe", None), case_name("transformers", peer_attention): ("transformers", peer_attention)}
     if past(deadline, "train-alternating", record):
         return
@@ -146,7 +147,7 @@ def head_to_head(models: dict, reps: int, seq: int, device: str, record: Callabl
         with contextlib.ExitStack() as stack:
             steps = {case: stack.enter_context(training_step(models, name, ids, attention))
                      for case, (name, attention) in cases.items()}
-            seconds, _ = device_times(steps, device, reps, warmup=2)
+            seconds, host_seconds = device_times(steps, device, reps, warmup=2)
             back_ms = {case: ms_per_call(step, BACK_TO_BACK, device) for case, step in steps.items()}
     except Exception as e:  # noqa: BLE001 - report and go on with the other parts
         record(error_row("train-alternating", e))
@@ -155,7 +156,7 @@ def head_to_head(models: dict, reps: int, seq: int, device: str, record: Callabl
         release(device)
     for case in cases:
         record({"what": f"train-alternating_{case}_compiled", "tokens_per_s": ids.numel() / seconds[case],
-                "ms": seconds[case] * 1e3, "reps": reps})
+                "ms": seconds[case] * 1e3, "host_ms": host_seconds[case] * 1e3, "reps": reps})
     for case in cases:
         record({"what": f"train-back-to-back_{case}_compiled", "tokens_per_s": ids.numel() * 1e3 / back_ms[case],
                 "ms": back_ms[case], "steps": BACK_TO_BACK})

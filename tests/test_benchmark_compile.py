@@ -103,7 +103,7 @@ def test_head_to_head_alternates_the_two_compiled_steps(monkeypatch):
     # 2 warm-up rounds and 2 timed ones alternate the models; then each model's back-to-back steps
     assert order == [("hf-moe", "sdpa"), ("transformers", "eager")] * 4 + \
         [("hf-moe", "sdpa")] * bench.BACK_TO_BACK + [("transformers", "eager")] * bench.BACK_TO_BACK
-    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert all(r["tokens_per_s"] > 0 for r in rows) and all(r["host_ms"] > 0 for r in rows[:2])
     assert models["transformers"].config._attn_implementation == "sdpa"
 
 
