@@ -234,7 +234,7 @@ def decode(models: dict, new_tokens: int, device: str, record: Callable[[dict], 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="capture,train,generate",
-                    help="comma list of capture, train, generate, decode, profile (GPU kernel time by kind)")
+                    help="comma list of capture, train, generate, decode, profile (GPU kernel time by kind, idle gaps)")
     ap.add_argument("--shape", default="qwen3", choices=sorted(SHAPES), help="the layers' shape (default qwen3)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 qwen3, 2 mixtral)")
     ap.add_argument("--reps", type=int, default=5)

@@ -134,6 +134,14 @@ def test_kernel_profile_sums_by_kind_and_finds_the_idle_gpu():
     assert got["top_kernels"][0][0].startswith("cudnn_generated") and len(got["top_kernels"][0][0]) == 80
     assert got["top_kernels"][2] == ["_grouped_mm_kernel", 0.9, 2]  # summed over its launches
     assert len(summarize(kernels, top=2)["top_kernels"]) == 2
+    # the waits, longest first, between the kernel that ended last and the next one to start
+    assert got["longest_gaps"] == [
+        [0.5, "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT", "_grouped_mm_kernel"],
+        [0.5, "_gather_rows_kernel", "triton_red_fused__log_softmax__log_softmax_backward_data__to"],
+    ]
+    two = summarize(kernels, steps=2)  # the same kernels as two steps: everything per step
+    assert (two["busy_ms"], two["idle_ms"], two["steps"], two["kernel_ms"]["attention"]) == (1.65, 0.5, 2, 0.5)
+    assert two["top_kernels"][2] == ["_grouped_mm_kernel", 0.45, 1]
 
 
 def test_plan_variants_train_the_same_model_under_their_plan(monkeypatch):
