@@ -63,7 +63,7 @@ from .compile_models import (
     training_step,
     with_llama_norms,
 )
-from .compile_report import check_failed, summary
+from .compile_report import check_failed, fastest, summary
 from .kernel_profile import profile_train
 from .record import ResultFile, error_row
 from .timing import device_times, first_call_seconds, ms_per_call, seconds_per_call
@@ -122,12 +122,8 @@ def train(models: dict, reps: int, seq: int, device: str, record: Callable[[dict
 
 def fastest_peer(rows: list[dict]) -> str | None:
     """The attention kernel of transformers' fastest compiled training row (None: its default)."""
-    timed = [r for r in rows if r["what"].startswith("train_transformers") and r["what"].endswith("_compiled")
-             and r.get("tokens_per_s")]
-    if not timed:
-        return None
-    best = max(timed, key=lambda r: r["tokens_per_s"])["what"]
-    return best[len("train_transformers"):-len("_compiled")].removeprefix("-") or None
+    best = fastest({r["what"]: r for r in rows}, "train_transformers*_compiled")
+    return best and best["what"][len("train_transformers"):-len("_compiled")].removeprefix("-") or None
 
 
 def head_to_head(models: dict, reps: int, seq: int, device: str, record: Callable[[dict], None],

@@ -25,11 +25,16 @@ TARGETS = (
 _COMPARE = {">=": operator.ge, "<=": operator.le}
 
 
+def fastest(by: dict[str, dict], what: str) -> dict | None:
+    """The timed row named `what`; for a name with `*`, the one with the most tokens/s of those it matches."""
+    rows = [r for w, r in by.items() if fnmatch.fnmatchcase(w, what)] if "*" in what else [by.get(what, {})]
+    return max((r for r in rows if r.get("tokens_per_s")), key=lambda r: r["tokens_per_s"], default=None)
+
+
 def tokens_per_s(by: dict[str, dict], what: str) -> float | None:
-    """The row's tokens/s; for a name with `*`, the highest of the rows it matches."""
-    values = [r.get("tokens_per_s") for w, r in by.items() if fnmatch.fnmatchcase(w, what)] if "*" in what \
-        else [by.get(what, {}).get("tokens_per_s")]
-    return max((v for v in values if v), default=None)
+    """The tokens/s of `fastest(by, what)`."""
+    row = fastest(by, what)
+    return row and row["tokens_per_s"]
 
 
 def ratio(by: dict[str, dict], ours: str, theirs: str) -> float | None:
